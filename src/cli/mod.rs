@@ -1,0 +1,31 @@
+//! Command bodies: each opens what it needs and prints; the work happens in the library.
+
+pub mod bench;
+pub mod keys;
+pub mod sign;
+
+use std::path::Path;
+
+use keybound::config::Config;
+use keybound::keyring::Keyring;
+
+/// Loads the config and opens its token (logged in).
+pub fn open(config: Option<&Path>, sessions: Option<usize>) -> anyhow::Result<Keyring> {
+    let (config, path) = Config::load(config)?;
+    tracing::debug!(config = %path.display(), "config loaded");
+    Ok(Keyring::open(&config.token, config.policy, sessions)?)
+}
+
+/// Logs go to stderr; stdout carries only the command's output.
+pub fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => tracing::Level::WARN,
+        1 => tracing::Level::INFO,
+        _ => tracing::Level::DEBUG,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,138 @@
+//! `keybound.toml`: found by --config, $KEYBOUND_CONFIG, ./keybound.toml or
+//! $XDG_CONFIG_HOME/keybound/keybound.toml; unknown keys refused; errors name the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::policy::Rules;
+use crate::token::pkcs11;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub token: TokenConfig,
+    #[serde(default)]
+    pub policy: Rules,
+}
+
+/// `[token]`, tagged by `backend`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum TokenConfig {
+    Pkcs11(pkcs11::Settings),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "no configuration found; looked at: {}. Copy keybound.example.toml, or run softhsm-setup/setup.sh for a dev token",
+        .tried.join(", ")
+    )]
+    NotFound { tried: Vec<String> },
+    #[error("cannot read config {}: {reason}", .path.display())]
+    Read { path: PathBuf, reason: String },
+    #[error("config {}: {message}", .path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Finds and parses the configuration; returns it with the path it came from.
+    pub fn load(explicit: Option<&Path>) -> Result<(Config, PathBuf), ConfigError> {
+        let path = locate(explicit)?;
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let config = Config::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.clone(),
+            message,
+        })?;
+        Ok((config, path))
+    }
+
+    /// Parses and validates TOML text; the error names the key and the reason.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| one_line(&e))?;
+        match &config.token {
+            TokenConfig::Pkcs11(s) => s.validate()?,
+        }
+        Ok(config)
+    }
+}
+
+/// toml's message with its location, on one line.
+fn one_line(e: &toml::de::Error) -> String {
+    let at = e
+        .span()
+        .map(|s| format!(" (at byte {})", s.start))
+        .unwrap_or_default();
+    format!("{}{at}", e.message().trim())
+}
+
+fn locate(explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let mut tried = Vec::new();
+    match std::env::var_os("KEYBOUND_CONFIG") {
+        Some(p) if !p.is_empty() => return Ok(PathBuf::from(p)),
+        _ => tried.push("$KEYBOUND_CONFIG (unset)".to_string()),
+    }
+    let mut candidates = vec![PathBuf::from("keybound.toml")];
+    let xdg = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    if let Some(dir) = xdg {
+        candidates.push(dir.join("keybound").join("keybound.toml"));
+    }
+    for c in candidates {
+        if c.is_file() {
+            return Ok(c);
+        }
+        tried.push(c.display().to_string());
+    }
+    Err(ConfigError::NotFound { tried })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[token]
+backend = "pkcs11"
+token_label = "t"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        let TokenConfig::Pkcs11(s) = &c.token;
+        assert_eq!(s.pin_env, "KEYBOUND_PIN");
+        assert_eq!(s.rsa_bits, 2048);
+        assert!(!c.policy.danger_allow_imported_keys);
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        Config::parse(include_str!("../keybound.example.toml")).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::parse(&format!("{GOOD}bogus = 1\n")).unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::parse(&GOOD.replace("\"t\"", "7")).unwrap_err();
+        assert!(e.contains("token_label") || e.contains("string"), "{e}");
+        let e = Config::parse(&GOOD.replace("pkcs11", "hsm")).unwrap_err();
+        assert!(e.contains("hsm"), "{e}");
+        let e = Config::parse(&format!("{GOOD}sessions = 0\n")).unwrap_err();
+        assert!(e.contains("token.sessions"), "{e}");
+        let e = Config::parse("[token]\nbackend = \"pkcs11\"\n").unwrap_err();
+        assert!(e.contains("token_label"), "{e}");
+        let e = Config::parse(&format!("{GOOD}[policy]\ndanger = true\n")).unwrap_err();
+        assert!(e.contains("danger"), "{e}");
+    }
+}

@@ -1,0 +1,123 @@
+//! Keys by name, judged by the policy before they may sign: the only way to get a
+//! `SigningKey` is through `Keyring::signing_key`, which refuses keys the policy fails.
+
+use std::sync::Arc;
+
+use crate::config::TokenConfig;
+use crate::jose::{Alg, JwsSignature, PublicKey, ToBeSigned};
+use crate::policy::{self, PolicyError, Rules, Verdict};
+use crate::token::pkcs11::Pkcs11Token;
+use crate::token::{Backend, KeyFacts, KeyInfo, KeyName, Reply, TokenError};
+
+/// Errors of resolving a key for signing.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+/// The configured device and the policy that governs its keys.
+pub struct Keyring {
+    backend: Arc<dyn Backend>,
+    rules: Rules,
+}
+
+/// A key the policy allowed to sign, with its `kid` (RFC 7638 thumbprint).
+#[derive(Clone)]
+pub struct SigningKey {
+    info: KeyInfo,
+    kid: String,
+    backend: Arc<dyn Backend>,
+}
+
+impl Keyring {
+    /// Opens the device named by the config. `sessions` overrides the number of signing
+    /// sessions.
+    pub fn open(
+        token: &TokenConfig,
+        rules: Rules,
+        sessions: Option<usize>,
+    ) -> Result<Keyring, TokenError> {
+        let backend: Arc<dyn Backend> = match token {
+            TokenConfig::Pkcs11(settings) => Arc::new(Pkcs11Token::open(settings, sessions)?),
+        };
+        Ok(Keyring { backend, rules })
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.backend.sessions()
+    }
+
+    /// The facts and the verdict for one key.
+    pub fn audit(&self, key: &KeyInfo) -> Result<(KeyFacts, Verdict), TokenError> {
+        let facts = self.backend.facts(key)?;
+        let verdict = policy::evaluate(&facts, &self.rules);
+        Ok((facts, verdict))
+    }
+
+    /// Finds a key by label or `pkcs11:` URI and checks the policy once.
+    pub fn signing_key(&self, name: &str) -> Result<SigningKey, KeyError> {
+        let info = self.backend.find(&KeyName::parse(name)?)?;
+        self.approve(info)
+    }
+
+    /// Checks the policy for a key already found.
+    pub fn approve(&self, info: KeyInfo) -> Result<SigningKey, KeyError> {
+        let (_, verdict) = self.audit(&info)?;
+        if let Some(refusal) = verdict.refusal(&info.label) {
+            return Err(refusal.into());
+        }
+        Ok(SigningKey {
+            kid: info.public.thumbprint(),
+            info,
+            backend: self.backend.clone(),
+        })
+    }
+}
+
+impl SigningKey {
+    pub fn label(&self) -> &str {
+        &self.info.label
+    }
+
+    pub fn alg(&self) -> Alg {
+        self.info.alg
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn public(&self) -> &PublicKey {
+        &self.info.public
+    }
+
+    pub fn info(&self) -> &KeyInfo {
+        &self.info
+    }
+
+    /// Signs on the device. Blocking.
+    pub fn sign(&self, tbs: ToBeSigned) -> Result<JwsSignature, TokenError> {
+        self.backend.sign(&self.info, tbs)
+    }
+
+    /// The device's raw rate for this key: see `Backend::bench_raw`.
+    pub fn raw_rate(
+        &self,
+        tbs: &ToBeSigned,
+        duration: std::time::Duration,
+    ) -> Result<u64, TokenError> {
+        self.backend.bench_raw(&self.info, tbs, duration)
+    }
+
+    /// Queues a signature; `reply` gets the outcome on a worker thread.
+    pub fn submit(&self, tbs: ToBeSigned, reply: Reply) {
+        self.backend.submit(&self.info, tbs, reply);
+    }
+}

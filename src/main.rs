@@ -1,0 +1,167 @@
+//! The `keybound` command line: parses arguments, loads the config, hands off to `cli::*`.
+#![forbid(unsafe_code)]
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Keep OAuth client keys in hardware: private_key_jwt assertions (RFC 7523) and DPoP proofs
+/// (RFC 9449) signed inside a PKCS#11 token.
+#[derive(Parser)]
+#[command(name = "keybound", version, about, max_term_width = 100)]
+struct Args {
+    /// Config file (else $KEYBOUND_CONFIG, ./keybound.toml, $XDG_CONFIG_HOME/keybound/keybound.toml)
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// More log output on stderr (-v info, -vv debug)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate, list and audit keys on the token
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Print the public JWKS (all keys the policy allows, or the named ones)
+    Jwks {
+        /// Key label or pkcs11: URI; repeatable
+        #[arg(long = "label", value_name = "L")]
+        labels: Vec<String>,
+    },
+    /// Sign a private_key_jwt client assertion (RFC 7523)
+    Assertion {
+        /// Key label or pkcs11: URI
+        #[arg(long)]
+        key: String,
+        /// The OAuth client id (iss and sub)
+        #[arg(long)]
+        client_id: String,
+        /// The aud claim: the token endpoint URL for Okta
+        #[arg(long)]
+        audience: String,
+        /// Seconds until exp (1 to 3600)
+        #[arg(long, default_value_t = keybound::oauth::assertion::DEFAULT_LIFETIME_SECS)]
+        lifetime: u64,
+    },
+    /// Sign a DPoP proof (RFC 9449) for one HTTP request
+    Dpop {
+        /// Key label or pkcs11: URI
+        #[arg(long)]
+        key: String,
+        /// HTTP method of the request (htm)
+        #[arg(long)]
+        method: String,
+        /// Request URL; query and fragment are dropped for htu
+        #[arg(long)]
+        url: String,
+        /// Server-provided nonce (DPoP-Nonce)
+        #[arg(long)]
+        nonce: Option<String>,
+        /// File holding the access token to bind with ath
+        #[arg(long, value_name = "F")]
+        access_token_file: Option<PathBuf>,
+    },
+    /// Decode a compact JWS (argument or stdin) without verifying it
+    Decode {
+        /// The compact JWS; read from stdin when absent
+        jws: Option<String>,
+    },
+    /// Measure signs/s of the raw token and of the full JWS pipeline, and their ratio
+    Bench {
+        /// Key label (default: the first ES256 key the policy allows)
+        #[arg(long)]
+        key: Option<String>,
+        /// Signing sessions (default: from the config or the profile)
+        #[arg(long)]
+        sessions: Option<usize>,
+        /// Total measuring time
+        #[arg(long, default_value_t = 8.0)]
+        seconds: f64,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Generate a sign-only, non-extractable key pair inside the token
+    Generate {
+        #[arg(long)]
+        label: String,
+        #[arg(long, default_value = "ES256", value_parser = ["ES256", "ES384", "RS256", "PS256"])]
+        alg: String,
+    },
+    /// List keys: label, algorithm, kid, policy verdict
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Full attribute report per key; exit status 3 if any audited key fails the policy
+    Audit {
+        /// Key label or pkcs11: URI (default: every key)
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::init_logging(args.verbose);
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let config = args.config.as_deref();
+    match args.command {
+        Command::Decode { jws } => cli::sign::decode(jws),
+        Command::Keys(KeysCommand::Generate { label, alg }) => {
+            cli::keys::generate(config, &label, alg.parse()?)
+        }
+        Command::Keys(KeysCommand::List { json }) => cli::keys::list(config, json),
+        Command::Keys(KeysCommand::Audit { label, json }) => {
+            cli::keys::audit(config, label.as_deref(), json)
+        }
+        Command::Jwks { labels } => cli::keys::jwks(config, &labels),
+        Command::Assertion {
+            key,
+            client_id,
+            audience,
+            lifetime,
+        } => cli::sign::assertion(config, &key, &client_id, &audience, lifetime),
+        Command::Dpop {
+            key,
+            method,
+            url,
+            nonce,
+            access_token_file,
+        } => cli::sign::dpop(
+            config,
+            &key,
+            &method,
+            &url,
+            nonce.as_deref(),
+            access_token_file.as_deref(),
+        ),
+        Command::Bench {
+            key,
+            sessions,
+            seconds,
+            json,
+        } => cli::bench::run(config, key.as_deref(), sessions, seconds, json),
+    }
+}

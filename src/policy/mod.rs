@@ -1,0 +1,239 @@
+//! The non-extractable rules: from the facts a backend reports about a key, a verdict with
+//! reasons. Pure. A key that is or ever was extractable, is not sensitive, or was imported
+//! does not sign.
+
+use serde::{Deserialize, Serialize};
+
+use crate::token::{Fact, KeyFacts};
+
+/// `[policy]` in the config.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rules {
+    /// Relaxes only the imported-key rule; extractable or readable keys stay refused.
+    #[serde(default)]
+    pub danger_allow_imported_keys: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Warn,
+    Fail,
+}
+
+/// One reason, naming the device attribute.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    pub attribute: &'static str,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Pass,
+    Warn,
+    Fail,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub findings: Vec<Finding>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("key '{label}' may not sign: {reasons}")]
+    Refused { label: String, reasons: String },
+}
+
+const REGENERATE: &str = "generate a new key on the device with `keybound keys generate`";
+
+/// Judges a key.
+pub fn evaluate(facts: &KeyFacts, rules: &Rules) -> Verdict {
+    let mut findings = Vec::new();
+    let mut require = |fact: &Fact, want: bool, meaning: &str| match fact.value {
+        Some(v) if v == want => {}
+        Some(v) => findings.push(fail(
+            fact,
+            format!("{}={v}: {meaning}; {REGENERATE}", fact.source),
+        )),
+        None => findings.push(fail(
+            fact,
+            format!(
+                "the token did not report {}, so keybound cannot prove the key stays on the device",
+                fact.source
+            ),
+        )),
+    };
+    require(
+        &facts.extractable,
+        false,
+        "the key can be exported from the device",
+    );
+    require(
+        &facts.never_extractable,
+        true,
+        "the key was extractable at some point, so copies may exist",
+    );
+    require(&facts.sensitive, true, "the private key value can be read");
+    require(
+        &facts.always_sensitive,
+        true,
+        "the private key value was readable at some point",
+    );
+    require(&facts.can_sign, true, "the key is not allowed to sign");
+
+    let origin = &facts.generated_on_device;
+    if origin.value != Some(true) {
+        let what = match origin.value {
+            Some(v) => format!(
+                "{}={v}: the key was imported, so it existed outside the device",
+                origin.source
+            ),
+            None => format!(
+                "the token did not report {}, so the key may have been imported",
+                origin.source
+            ),
+        };
+        findings.push(if rules.danger_allow_imported_keys {
+            Finding {
+                severity: Severity::Warn,
+                attribute: origin.source,
+                message: format!("{what}; allowed by policy.danger_allow_imported_keys"),
+            }
+        } else {
+            fail(
+                origin,
+                format!(
+                    "{what}; {REGENERATE}, or accept the risk with policy.danger_allow_imported_keys = true"
+                ),
+            )
+        });
+    }
+    for usage in facts.other_usages.iter().filter(|f| f.value == Some(true)) {
+        findings.push(Finding {
+            severity: Severity::Warn,
+            attribute: usage.source,
+            message: format!(
+                "{}=true: the key may also be used for more than signing; keybound generates sign-only keys",
+                usage.source
+            ),
+        });
+    }
+    Verdict { findings }
+}
+
+impl Verdict {
+    pub fn outcome(&self) -> Outcome {
+        match self.findings.iter().map(|f| f.severity).max() {
+            None => Outcome::Pass,
+            Some(Severity::Warn) => Outcome::Warn,
+            Some(Severity::Fail) => Outcome::Fail,
+        }
+    }
+
+    pub fn allows_signing(&self) -> bool {
+        self.outcome() != Outcome::Fail
+    }
+
+    /// The refusal for a key that may not sign; `None` if it may.
+    pub fn refusal(&self, label: &str) -> Option<PolicyError> {
+        let reasons: Vec<&str> = self
+            .findings
+            .iter()
+            .filter(|f| f.severity == Severity::Fail)
+            .map(|f| f.message.as_str())
+            .collect();
+        (!reasons.is_empty()).then(|| PolicyError::Refused {
+            label: label.into(),
+            reasons: reasons.join("; "),
+        })
+    }
+}
+
+fn fail(fact: &Fact, message: String) -> Finding {
+    Finding {
+        severity: Severity::Fail,
+        attribute: fact.source,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fact(value: Option<bool>, source: &'static str) -> Fact {
+        Fact { value, source }
+    }
+
+    fn good() -> KeyFacts {
+        KeyFacts {
+            extractable: fact(Some(false), "CKA_EXTRACTABLE"),
+            never_extractable: fact(Some(true), "CKA_NEVER_EXTRACTABLE"),
+            sensitive: fact(Some(true), "CKA_SENSITIVE"),
+            always_sensitive: fact(Some(true), "CKA_ALWAYS_SENSITIVE"),
+            generated_on_device: fact(Some(true), "CKA_LOCAL"),
+            can_sign: fact(Some(true), "CKA_SIGN"),
+            other_usages: vec![fact(Some(false), "CKA_DECRYPT")],
+            attributes: vec![],
+        }
+    }
+
+    #[test]
+    fn a_device_born_sign_only_key_passes() {
+        let v = evaluate(&good(), &Rules::default());
+        assert_eq!(v.outcome(), Outcome::Pass);
+        assert!(v.refusal("k").is_none());
+    }
+
+    #[test]
+    fn extractable_is_refused_even_with_the_danger_switch() {
+        let mut f = good();
+        f.extractable.value = Some(true);
+        f.never_extractable.value = Some(false);
+        let rules = Rules {
+            danger_allow_imported_keys: true,
+        };
+        let v = evaluate(&f, &rules);
+        assert_eq!(v.outcome(), Outcome::Fail);
+        let msg = v.refusal("k").unwrap().to_string();
+        assert!(msg.contains("CKA_EXTRACTABLE=true"), "{msg}");
+        assert!(msg.contains("CKA_NEVER_EXTRACTABLE=false"), "{msg}");
+    }
+
+    #[test]
+    fn imported_keys_need_the_danger_switch() {
+        let mut f = good();
+        f.generated_on_device.value = Some(false);
+        let v = evaluate(&f, &Rules::default());
+        assert_eq!(v.outcome(), Outcome::Fail);
+        assert!(
+            v.refusal("k")
+                .unwrap()
+                .to_string()
+                .contains("CKA_LOCAL=false")
+        );
+        let v = evaluate(
+            &f,
+            &Rules {
+                danger_allow_imported_keys: true,
+            },
+        );
+        assert_eq!(v.outcome(), Outcome::Warn);
+        assert!(v.allows_signing());
+    }
+
+    #[test]
+    fn unreported_facts_fail_and_extra_usages_warn() {
+        let mut f = good();
+        f.sensitive.value = None;
+        assert_eq!(evaluate(&f, &Rules::default()).outcome(), Outcome::Fail);
+        let mut f = good();
+        f.other_usages[0].value = Some(true);
+        assert_eq!(evaluate(&f, &Rules::default()).outcome(), Outcome::Warn);
+    }
+}

@@ -1,0 +1,144 @@
+//! Naming a key: a label, or an RFC 7512 `pkcs11:` URI (`pkcs11:token=keybound-dev;object=dpop`).
+
+use std::fmt;
+
+use super::TokenError;
+
+/// A parsed key name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyName {
+    text: String,
+    label: Option<String>,
+    id: Option<Vec<u8>>,
+    token: Option<String>,
+}
+
+impl KeyName {
+    pub fn parse(text: &str) -> Result<KeyName, TokenError> {
+        let bad = |reason: &str| TokenError::BadKeyName {
+            name: text.into(),
+            reason: reason.into(),
+        };
+        let Some(path) = text.strip_prefix("pkcs11:") else {
+            if text.is_empty() {
+                return Err(bad("it is empty"));
+            }
+            return Ok(KeyName {
+                text: text.into(),
+                label: Some(text.into()),
+                id: None,
+                token: None,
+            });
+        };
+        // RFC 7512 §2.3: path attributes are ';'-separated; query attributes after '?'
+        // (pin-source, module-path) are not honoured: the config decides those.
+        let path = path.split('?').next().unwrap_or_default();
+        let mut name = KeyName {
+            text: text.into(),
+            label: None,
+            id: None,
+            token: None,
+        };
+        for attr in path.split(';').filter(|a| !a.is_empty()) {
+            let (k, v) = attr
+                .split_once('=')
+                .ok_or_else(|| bad(&format!("attribute '{attr}' has no '='")))?;
+            let v = pct_decode(v).ok_or_else(|| bad(&format!("bad %-escape in '{attr}'")))?;
+            match k {
+                "object" => name.label = Some(utf8(v).ok_or_else(|| bad("object is not UTF-8"))?),
+                "token" => name.token = Some(utf8(v).ok_or_else(|| bad("token is not UTF-8"))?),
+                "id" => name.id = Some(v),
+                "type" if utf8(v.clone()).as_deref() == Some("private") => {}
+                "type" => return Err(bad("only type=private names a signing key")),
+                // Further identification of the token or library is accepted and left
+                // to the configuration, which selects exactly one token.
+                "manufacturer"
+                | "model"
+                | "serial"
+                | "library-manufacturer"
+                | "library-description"
+                | "library-version"
+                | "slot-description"
+                | "slot-manufacturer"
+                | "slot-id" => {}
+                other => return Err(bad(&format!("unknown attribute '{other}'"))),
+            }
+        }
+        if name.label.is_none() && name.id.is_none() {
+            return Err(bad("it needs object=<label> or id=<%-encoded CKA_ID>"));
+        }
+        Ok(name)
+    }
+
+    /// Errors if the name pins a token other than the configured one.
+    pub fn check_token(&self, configured: &str) -> Result<(), TokenError> {
+        match &self.token {
+            Some(t) if t != configured => Err(TokenError::OtherToken {
+                name: self.text.clone(),
+                named: t.clone(),
+                configured: configured.into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn matches(&self, label: &str, id: &[u8]) -> bool {
+        self.label.as_deref().is_none_or(|l| l == label)
+            && self.id.as_deref().is_none_or(|i| i == id)
+    }
+}
+
+impl fmt::Display for KeyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "'{}'", self.text)
+    }
+}
+
+fn pct_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+fn utf8(v: Vec<u8>) -> Option<String> {
+    String::from_utf8(v).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_uris() {
+        let n = KeyName::parse("dpop").unwrap();
+        assert!(n.matches("dpop", b"x"));
+        let n = KeyName::parse("pkcs11:token=keybound-dev;object=dp%6Fp;type=private").unwrap();
+        assert!(n.matches("dpop", b"x"));
+        assert!(n.check_token("keybound-dev").is_ok());
+        assert!(n.check_token("other").is_err());
+        let n = KeyName::parse("pkcs11:id=%01%02").unwrap();
+        assert!(n.matches("anything", &[1, 2]));
+        assert!(!n.matches("anything", &[1]));
+        for bad in [
+            "",
+            "pkcs11:",
+            "pkcs11:object",
+            "pkcs11:foo=1",
+            "pkcs11:id=%zz",
+            "pkcs11:object=a;type=public",
+        ] {
+            assert!(KeyName::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

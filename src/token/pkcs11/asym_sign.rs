@@ -1,0 +1,236 @@
+//! Signing: the mechanism per algorithm (from the profile) and the worker threads that each
+//! own one session. A `Session` is `Send` but not `Sync`, so a session lives on exactly one
+//! thread; callers reach the workers through one shared queue and get the answer by callback.
+
+use std::collections::HashMap;
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::ObjectHandle;
+use cryptoki::session::Session;
+
+use super::connection::{Connection, Failure};
+use super::key_management::find_private;
+use crate::jose::{Alg, JwsSignature, RawSignature, ToBeSigned};
+use crate::token::profile::{EcdsaSignatureEncoding, SignMechanism};
+use crate::token::{KeyInfo, Reply, TokenError};
+
+/// The signing workers of one token.
+pub(super) struct Pool {
+    /// Multi-producer multi-consumer: any idle worker takes the next job.
+    jobs: Sender<Job>,
+    workers: usize,
+}
+
+/// Which key a job signs with, without the public key.
+#[derive(Clone)]
+struct KeyRef {
+    id: Vec<u8>,
+    label: String,
+    alg: Alg,
+}
+
+enum Job {
+    Sign {
+        key: KeyRef,
+        tbs: ToBeSigned,
+        reply: Reply,
+    },
+    /// Sign `tbs` over and over until `until`, then report the count.
+    Raw {
+        key: KeyRef,
+        tbs: ToBeSigned,
+        until: Instant,
+        done: mpsc::Sender<Result<u64, TokenError>>,
+    },
+}
+
+impl Pool {
+    pub(super) fn start(conn: Arc<Connection>, workers: usize) -> Pool {
+        let (jobs, queue) = crossbeam_channel::unbounded();
+        for i in 0..workers {
+            let worker = Worker {
+                conn: conn.clone(),
+                session: None,
+                handles: HashMap::new(),
+            };
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("keybound-sign-{i}"))
+                .spawn(move || worker.run(queue));
+            if let Err(e) = spawned {
+                tracing::error!("cannot start signing worker {i}: {e}");
+            }
+        }
+        Pool { jobs, workers }
+    }
+
+    pub(super) fn submit(&self, key: &KeyInfo, tbs: ToBeSigned, reply: Reply) {
+        let job = Job::Sign {
+            key: KeyRef::of(key),
+            tbs,
+            reply,
+        };
+        if let Err(crossbeam_channel::SendError(Job::Sign { reply, .. })) = self.jobs.send(job) {
+            reply(Err(TokenError::WorkersGone));
+        }
+    }
+
+    /// One raw job per worker, all running until the same deadline.
+    pub(super) fn bench_raw(
+        &self,
+        key: &KeyInfo,
+        tbs: &ToBeSigned,
+        duration: Duration,
+    ) -> Result<u64, TokenError> {
+        let (done, results) = mpsc::channel();
+        let until = Instant::now() + duration;
+        for _ in 0..self.workers {
+            let job = Job::Raw {
+                key: KeyRef::of(key),
+                tbs: tbs.clone(),
+                until,
+                done: done.clone(),
+            };
+            self.jobs.send(job).map_err(|_| TokenError::WorkersGone)?;
+        }
+        drop(done);
+        results.iter().try_fold(0, |sum, r| Ok(sum + r?))
+    }
+}
+
+impl KeyRef {
+    fn of(key: &KeyInfo) -> KeyRef {
+        KeyRef {
+            id: key.id.clone(),
+            label: key.label.clone(),
+            alg: key.alg,
+        }
+    }
+}
+
+/// Owns one session (opened on first use, reopened after loss) and a cache of key handles.
+struct Worker {
+    conn: Arc<Connection>,
+    session: Option<Session>,
+    handles: HashMap<Vec<u8>, ObjectHandle>,
+}
+
+impl Worker {
+    fn run(mut self, queue: Receiver<Job>) {
+        for job in queue.iter() {
+            match job {
+                Job::Sign { key, tbs, reply } => reply(self.sign(&key, &tbs)),
+                Job::Raw {
+                    key,
+                    tbs,
+                    until,
+                    done,
+                } => {
+                    // The bench waits for this; if it gave up, there is nobody to tell.
+                    let _ = done.send(self.raw(&key, &tbs, until));
+                }
+            }
+        }
+    }
+
+    fn sign(&mut self, key: &KeyRef, tbs: &ToBeSigned) -> Result<JwsSignature, TokenError> {
+        let raw = self.sign_raw(key, tbs)?;
+        Ok(tbs.alg().to_jws_signature(raw)?)
+    }
+
+    fn raw(&mut self, key: &KeyRef, tbs: &ToBeSigned, until: Instant) -> Result<u64, TokenError> {
+        let mut n = 0;
+        while Instant::now() < until {
+            self.sign_raw(key, tbs)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// One signature; on a lost session or stale handle, one retry on a fresh session.
+    fn sign_raw(&mut self, key: &KeyRef, tbs: &ToBeSigned) -> Result<RawSignature, TokenError> {
+        if tbs.alg() != key.alg {
+            return Err(crate::jose::JoseError::KeyAlgMismatch {
+                alg: tbs.alg(),
+                expected: "a key of that algorithm",
+                found: format!("'{}', a {} key", key.label, key.alg),
+            }
+            .into());
+        }
+        let profile = &self.conn.profile;
+        let mechanism = profile.mechanism(key.alg)?;
+        let ecdsa_der = profile.encoding.ecdsa_signature == EcdsaSignatureEncoding::Der;
+        let mut retried = false;
+        loop {
+            let result = self
+                .ready(key)
+                .and_then(|(session, handle)| device_sign(session, handle, mechanism, tbs));
+            match result {
+                Ok(bytes) => {
+                    return Ok(match mechanism {
+                        _ if key.alg.is_rsa() => RawSignature::Rsa(bytes),
+                        _ if ecdsa_der => RawSignature::EcdsaDer(bytes),
+                        _ => RawSignature::EcdsaFixed(bytes),
+                    });
+                }
+                Err(f) if f.session_lost() && !retried => {
+                    tracing::warn!(key = %key.label, "signing session lost; reopening");
+                    retried = true;
+                    self.session = None;
+                    self.handles.clear();
+                }
+                Err(f) => return Err(f.into()),
+            }
+        }
+    }
+
+    /// This worker's session (logged in) and the key's handle.
+    fn ready(&mut self, key: &KeyRef) -> Result<(&Session, ObjectHandle), Failure> {
+        let session = match self.session.take() {
+            Some(s) => s,
+            None => self.conn.open_session(false)?,
+        };
+        let session = &*self.session.insert(session);
+        let handle = match self.handles.get(&key.id) {
+            Some(h) => *h,
+            None => {
+                let h = find_private(session, &key.id, &key.label)?;
+                self.handles.insert(key.id.clone(), h);
+                h
+            }
+        };
+        Ok((session, handle))
+    }
+}
+
+/// The device call. Exactly the digest goes to prehash mechanisms (SoftHSM truncates
+/// longer input silently); the signing input goes to hash-and-sign ones.
+fn device_sign(
+    session: &Session,
+    key: ObjectHandle,
+    mechanism: SignMechanism,
+    tbs: &ToBeSigned,
+) -> Result<Vec<u8>, Failure> {
+    let pss = PkcsPssParams {
+        hash_alg: MechanismType::SHA256,
+        mgf: PkcsMgfType::MGF1_SHA256,
+        s_len: 32.into(),
+    };
+    let digest = tbs.digest();
+    let (m, data) = match mechanism {
+        SignMechanism::Ecdsa => (Mechanism::Ecdsa, digest.as_bytes().to_vec()),
+        SignMechanism::EcdsaSha256 => (Mechanism::EcdsaSha256, tbs.message().to_vec()),
+        SignMechanism::EcdsaSha384 => (Mechanism::EcdsaSha384, tbs.message().to_vec()),
+        SignMechanism::RsaPkcs => (Mechanism::RsaPkcs, digest.to_digest_info()),
+        SignMechanism::Sha256RsaPkcs => (Mechanism::Sha256RsaPkcs, tbs.message().to_vec()),
+        SignMechanism::RsaPkcsPss => (Mechanism::RsaPkcsPss(pss), digest.as_bytes().to_vec()),
+        SignMechanism::Sha256RsaPkcsPss => {
+            (Mechanism::Sha256RsaPkcsPss(pss), tbs.message().to_vec())
+        }
+    };
+    Ok(session.sign(&m, key, &data)?)
+}

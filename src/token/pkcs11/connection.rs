@@ -1,0 +1,255 @@
+//! Module, token and login: `C_Initialize` with `OS_LOCKING_OK`, the token found by label or
+//! serial (never slot id), one login kept alive by a long-lived session, re-done after loss.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error, RvError};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+
+use super::Settings;
+use super::errors::{ck, session_lost};
+use crate::token::profile::{Profile, Profiles};
+use crate::token::{Pin, TokenDescription, TokenError};
+
+/// A failure inside a PKCS#11 operation: the device's code (maybe worth a retry on a new
+/// session) or keybound's own verdict.
+pub(super) enum Failure {
+    Ck(Error),
+    Token(TokenError),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Ck(e)
+    }
+}
+
+impl From<TokenError> for Failure {
+    fn from(e: TokenError) -> Self {
+        Failure::Token(e)
+    }
+}
+
+impl From<Failure> for TokenError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Ck(e) => ck(e),
+            Failure::Token(e) => e,
+        }
+    }
+}
+
+impl Failure {
+    /// Worth one retry on a fresh session.
+    pub(super) fn session_lost(&self) -> bool {
+        matches!(self, Failure::Ck(e) if session_lost(e))
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Selector {
+    Label(String),
+    Serial(String),
+}
+
+/// One token, logged in. Shared by the management session and the signing workers.
+pub(super) struct Connection {
+    pkcs11: Pkcs11,
+    module: PathBuf,
+    selector: Selector,
+    /// Slot ids can change when a token is re-inserted; re-found on reconnect.
+    slot: Mutex<Slot>,
+    pin: Pin,
+    /// Set once the token rejected the PIN: never try it again, or the token locks.
+    pin_rejected: AtomicBool,
+    /// The management session. Keeping one session open keeps the login alive (closing the
+    /// last session of a process drops it). Never held across a signature.
+    keeper: Mutex<Option<Session>>,
+    pub(super) profile: Profile,
+    pub(super) description: TokenDescription,
+}
+
+impl Connection {
+    pub(super) fn open(settings: &Settings, profiles: &Profiles) -> Result<Connection, TokenError> {
+        let selector = match (&settings.token_serial, &settings.token_label) {
+            (Some(serial), _) => Selector::Serial(serial.clone()),
+            (None, Some(label)) => Selector::Label(label.clone()),
+            (None, None) => return Err(TokenError::NoTokenSelector),
+        };
+        let module = resolve_module(settings, profiles)?;
+        let pkcs11 = Pkcs11::new(&module).map_err(|e| TokenError::ModuleLoad {
+            path: module.clone(),
+            reason: e.to_string(),
+        })?;
+        match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            // Already initialised by this process (C_Initialize is process-global): fine.
+            Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(ck(e)),
+        }
+        let slot = find_slot(&pkcs11, &selector, &module)?;
+        let info = pkcs11.get_token_info(slot).map_err(ck)?;
+        let profile = match &settings.profile {
+            Some(name) => profiles.named(name)?,
+            None => profiles.matching(info.manufacturer_id(), info.model())?,
+        }
+        .clone();
+        let description = TokenDescription {
+            backend: "pkcs11",
+            token_label: info.label().trim().to_string(),
+            manufacturer: info.manufacturer_id().trim().to_string(),
+            model: info.model().trim().to_string(),
+            serial: info.serial_number().trim().to_string(),
+            profile: profile.name.clone(),
+        };
+        tracing::debug!(module = %module.display(), token = %description.token_label,
+            profile = %profile.name, "token found");
+        let conn = Connection {
+            pkcs11,
+            module,
+            selector,
+            slot: Mutex::new(slot),
+            pin: Pin::read(&settings.pin_source())?,
+            pin_rejected: AtomicBool::new(false),
+            keeper: Mutex::new(None),
+            profile,
+            description,
+        };
+        // Log in now, so a wrong PIN is reported at start, not at the first signature.
+        conn.with_session(|_| Ok(()))?;
+        Ok(conn)
+    }
+
+    /// Opens a session on the token and logs it in. `rw` for key generation.
+    pub(super) fn open_session(&self, rw: bool) -> Result<Session, TokenError> {
+        let open = |slot: Slot| {
+            if rw {
+                self.pkcs11.open_rw_session(slot)
+            } else {
+                self.pkcs11.open_ro_session(slot)
+            }
+        };
+        let slot = *self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let session = match open(slot) {
+            Ok(s) => s,
+            Err(Error::Pkcs11(
+                RvError::SlotIdInvalid | RvError::TokenNotPresent | RvError::DeviceRemoved,
+                _,
+            )) => {
+                let slot = find_slot(&self.pkcs11, &self.selector, &self.module).map_err(|e| {
+                    TokenError::Unavailable {
+                        reason: e.to_string(),
+                    }
+                })?;
+                *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = slot;
+                open(slot).map_err(ck)?
+            }
+            Err(e) => return Err(ck(e)),
+        };
+        self.login(&session)?;
+        Ok(session)
+    }
+
+    fn login(&self, session: &Session) -> Result<(), TokenError> {
+        let token = || self.description.token_label.clone();
+        if self.pin_rejected.load(Ordering::Acquire) {
+            return Err(TokenError::PinIncorrect { token: token() });
+        }
+        match session.login(UserType::User, Some(self.pin.secret())) {
+            // One login covers every session of the process.
+            Ok(()) | Err(Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+            Err(Error::Pkcs11(RvError::PinIncorrect, _)) => {
+                self.pin_rejected.store(true, Ordering::Release);
+                Err(TokenError::PinIncorrect { token: token() })
+            }
+            Err(Error::Pkcs11(RvError::PinLocked, _)) => {
+                self.pin_rejected.store(true, Ordering::Release);
+                Err(TokenError::PinLocked { token: token() })
+            }
+            Err(e) => Err(ck(e)),
+        }
+    }
+
+    /// Runs `f` on the management session; reopens it and retries once when it was lost.
+    pub(super) fn with_session<T>(
+        &self,
+        mut f: impl FnMut(&Session) -> Result<T, Failure>,
+    ) -> Result<T, TokenError> {
+        let mut keeper = self.keeper.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut retried = false;
+        loop {
+            let session = match keeper.take() {
+                Some(s) => s,
+                None => self.open_session(true)?,
+            };
+            let result = f(&session);
+            match result {
+                Err(failure) if failure.session_lost() && !retried => {
+                    tracing::warn!(token = %self.description.token_label,
+                        "management session lost; reopening and logging in again");
+                    retried = true;
+                    drop(session);
+                }
+                other => {
+                    *keeper = Some(session);
+                    return other.map_err(TokenError::from);
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Label(l) => write!(f, "labelled '{l}'"),
+            Selector::Serial(s) => write!(f, "with serial '{s}'"),
+        }
+    }
+}
+
+/// `token.module`, else the profile's paths, else every profile's: the first that exists.
+fn resolve_module(settings: &Settings, profiles: &Profiles) -> Result<PathBuf, TokenError> {
+    let tried = match &settings.module {
+        Some(path) => vec![path.clone()],
+        None => profiles.module_paths(settings.profile.as_deref()),
+    };
+    tried
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or(TokenError::ModuleNotFound { tried })
+}
+
+fn find_slot(
+    pkcs11: &Pkcs11,
+    selector: &Selector,
+    module: &std::path::Path,
+) -> Result<Slot, TokenError> {
+    let mut seen = Vec::new();
+    for slot in pkcs11.get_slots_with_token().map_err(ck)? {
+        let Ok(info) = pkcs11.get_token_info(slot) else {
+            continue;
+        };
+        let (label, serial) = (info.label().trim(), info.serial_number().trim());
+        let fits = match selector {
+            Selector::Label(l) => l.trim() == label,
+            Selector::Serial(s) => s.trim() == serial,
+        };
+        if fits && info.token_initialized() {
+            return Ok(slot);
+        }
+        if info.token_initialized() {
+            seen.push(format!("'{label}' (serial {serial})"));
+        }
+    }
+    Err(TokenError::TokenNotFound {
+        wanted: selector.to_string(),
+        module: module.to_path_buf(),
+        seen,
+    })
+}

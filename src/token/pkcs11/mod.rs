@@ -1,0 +1,142 @@
+//! The PKCS#11 backend (cryptoki): any token with a PKCS#11 module. One file per operation
+//! family: `connection` (module, token, login), `key_management` (generate, find, facts),
+//! `asym_sign` (mechanisms and the session-owning signing workers).
+
+mod asym_sign;
+mod connection;
+mod errors;
+mod key_management;
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::profile::Profiles;
+use super::{Backend, KeyFacts, KeyInfo, PinSource, Reply, TokenDescription, TokenError};
+use crate::jose::{Alg, ToBeSigned};
+use asym_sign::Pool;
+use connection::Connection;
+
+/// `[token]` settings for `backend = "pkcs11"` (see keybound.example.toml).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub module: Option<PathBuf>,
+    pub token_label: Option<String>,
+    pub token_serial: Option<String>,
+    #[serde(default = "default_pin_env")]
+    pub pin_env: String,
+    pub pin_file: Option<PathBuf>,
+    pub sessions: Option<usize>,
+    pub profile: Option<String>,
+    pub profiles_dir: Option<PathBuf>,
+    #[serde(default = "default_rsa_bits")]
+    pub rsa_bits: u32,
+}
+
+fn default_pin_env() -> String {
+    "KEYBOUND_PIN".into()
+}
+
+fn default_rsa_bits() -> u32 {
+    2048
+}
+
+impl Settings {
+    /// Checks what TOML types cannot; each message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.token_label.is_none() && self.token_serial.is_none() {
+            return Err("token: set token_label or token_serial".into());
+        }
+        if let Some(n) = self.sessions
+            && !(1..=64).contains(&n)
+        {
+            return Err(format!("token.sessions: {n} is out of range 1 to 64"));
+        }
+        if ![2048, 3072, 4096].contains(&self.rsa_bits) {
+            return Err(format!(
+                "token.rsa_bits: {} is not one of 2048, 3072, 4096",
+                self.rsa_bits
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn pin_source(&self) -> PinSource {
+        match &self.pin_file {
+            Some(path) => PinSource::File(path.clone()),
+            None => PinSource::Env(self.pin_env.clone()),
+        }
+    }
+}
+
+/// A logged-in PKCS#11 token.
+pub struct Pkcs11Token {
+    conn: Arc<Connection>,
+    sessions: usize,
+    rsa_bits: u32,
+    /// Signing workers start on the first signature: listing keys needs none.
+    pool: OnceLock<Pool>,
+}
+
+impl Pkcs11Token {
+    /// Loads the module, finds the token, logs in. `sessions` overrides the configured
+    /// number of signing sessions (for `bench --sessions`).
+    pub fn open(settings: &Settings, sessions: Option<usize>) -> Result<Pkcs11Token, TokenError> {
+        let profiles = Profiles::load(settings.profiles_dir.as_deref())?;
+        let conn = Connection::open(settings, &profiles)?;
+        let limits = conn.profile.sessions;
+        let sessions = sessions
+            .or(settings.sessions)
+            .unwrap_or(limits.default)
+            .clamp(1, limits.max.max(1));
+        Ok(Pkcs11Token {
+            conn: Arc::new(conn),
+            sessions,
+            rsa_bits: settings.rsa_bits,
+            pool: OnceLock::new(),
+        })
+    }
+
+    fn pool(&self) -> &Pool {
+        self.pool
+            .get_or_init(|| Pool::start(self.conn.clone(), self.sessions))
+    }
+}
+
+impl Backend for Pkcs11Token {
+    fn describe(&self) -> TokenDescription {
+        self.conn.description.clone()
+    }
+
+    fn sessions(&self) -> usize {
+        self.sessions
+    }
+
+    fn generate(&self, label: &str, alg: Alg) -> Result<KeyInfo, TokenError> {
+        key_management::generate(&self.conn, label, alg, self.rsa_bits)
+    }
+
+    fn keys(&self) -> Result<Vec<KeyInfo>, TokenError> {
+        key_management::keys(&self.conn)
+    }
+
+    fn facts(&self, key: &KeyInfo) -> Result<KeyFacts, TokenError> {
+        key_management::facts(&self.conn, key)
+    }
+
+    fn submit(&self, key: &KeyInfo, tbs: ToBeSigned, reply: Reply) {
+        self.pool().submit(key, tbs, reply);
+    }
+
+    fn bench_raw(
+        &self,
+        key: &KeyInfo,
+        tbs: &ToBeSigned,
+        duration: Duration,
+    ) -> Result<u64, TokenError> {
+        self.pool().bench_raw(key, tbs, duration)
+    }
+}

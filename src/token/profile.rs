@@ -1,0 +1,301 @@
+//! hsm-profiles: per-token-model data (module paths, mechanisms, encodings, template quirks).
+//! Embedded from `hsm-profiles/`, overridable from a directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::TokenError;
+use crate::jose::Alg;
+
+const EMBEDDED: [(&str, &str); 2] = [
+    (
+        "softhsm2.toml",
+        include_str!("../../hsm-profiles/softhsm2.toml"),
+    ),
+    (
+        "generic.toml",
+        include_str!("../../hsm-profiles/generic.toml"),
+    ),
+];
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub name: String,
+    pub description: String,
+    #[serde(default, rename = "match")]
+    pub match_rule: MatchRule,
+    pub module: ModuleRule,
+    pub sessions: Sessions,
+    #[serde(default)]
+    pub mechanisms: BTreeMap<Alg, SignMechanism>,
+    pub encoding: Encoding,
+    pub template: Template,
+    pub quirks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchRule {
+    pub manufacturer: Option<String>,
+    pub model: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleRule {
+    pub paths: Vec<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sessions {
+    pub default: usize,
+    pub max: usize,
+}
+
+/// How one JWS algorithm is signed on the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SignMechanism {
+    Ecdsa,
+    EcdsaSha256,
+    EcdsaSha384,
+    RsaPkcs,
+    Sha256RsaPkcs,
+    RsaPkcsPss,
+    Sha256RsaPkcsPss,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encoding {
+    pub ec_point: EcPointEncoding,
+    pub ecdsa_signature: EcdsaSignatureEncoding,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EcPointEncoding {
+    Der,
+    Raw,
+    DerOrRaw,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EcdsaSignatureEncoding {
+    Raw,
+    Der,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Template {
+    pub omit: Vec<Usage>,
+}
+
+/// Usage attributes keybound sets to false on generated keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Usage {
+    Encrypt,
+    Decrypt,
+    Wrap,
+    Unwrap,
+    Derive,
+}
+
+/// The profiles known to this run: embedded ones, replaced or extended from a directory.
+#[derive(Clone, Debug)]
+pub struct Profiles(Vec<Profile>);
+
+impl Profiles {
+    pub fn load(dir: Option<&Path>) -> Result<Profiles, TokenError> {
+        let mut profiles = Vec::new();
+        for (file, text) in EMBEDDED {
+            profiles.push(parse(text, file)?);
+        }
+        if let Some(dir) = dir {
+            let entries = std::fs::read_dir(dir).map_err(|e| {
+                TokenError::Profile(format!("cannot read profiles_dir {}: {e}", dir.display()))
+            })?;
+            let mut paths: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            paths.sort();
+            for path in paths {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    TokenError::Profile(format!("cannot read {}: {e}", path.display()))
+                })?;
+                let p = parse(&text, &path.display().to_string())?;
+                profiles.retain(|q| q.name != p.name);
+                profiles.push(p);
+            }
+        }
+        Ok(Profiles(profiles))
+    }
+
+    pub fn named(&self, name: &str) -> Result<&Profile, TokenError> {
+        self.0.iter().find(|p| p.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.0.iter().map(|p| p.name.as_str()).collect();
+            TokenError::Profile(format!(
+                "no profile named '{name}'; known: {}",
+                names.join(", ")
+            ))
+        })
+    }
+
+    /// The profile whose match rule fits the token, else `generic`.
+    pub fn matching(&self, manufacturer: &str, model: &str) -> Result<&Profile, TokenError> {
+        match self
+            .0
+            .iter()
+            .find(|p| p.match_rule.fits(manufacturer, model))
+        {
+            Some(p) => Ok(p),
+            None => self.named("generic"),
+        }
+    }
+
+    /// Module paths of every profile, the named one first: where to look for a module.
+    pub fn module_paths(&self, first: Option<&str>) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = Vec::new();
+        let ordered = self
+            .0
+            .iter()
+            .filter(|p| Some(p.name.as_str()) == first)
+            .chain(self.0.iter().filter(|p| Some(p.name.as_str()) != first));
+        for p in ordered {
+            for path in &p.module.paths {
+                if !out.contains(path) {
+                    out.push(path.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Profile {
+    pub fn mechanism(&self, alg: Alg) -> Result<SignMechanism, TokenError> {
+        self.mechanisms
+            .get(&alg)
+            .copied()
+            .ok_or_else(|| TokenError::AlgUnavailable {
+                alg,
+                profile: self.name.clone(),
+                reason: "the profile lists no mechanism for it".into(),
+            })
+    }
+
+    pub fn omits(&self, usage: Usage) -> bool {
+        self.template.omit.contains(&usage)
+    }
+}
+
+impl MatchRule {
+    fn fits(&self, manufacturer: &str, model: &str) -> bool {
+        if self.manufacturer.is_none() && self.model.is_none() {
+            return false;
+        }
+        let eq = |want: &Option<String>, got: &str| {
+            want.as_deref().is_none_or(|w| w.trim() == got.trim())
+        };
+        eq(&self.manufacturer, manufacturer) && eq(&self.model, model)
+    }
+}
+
+impl SignMechanism {
+    /// Whether the token hashes (true) or signs keybound's software digest (false).
+    pub fn hashes_on_token(self) -> bool {
+        matches!(
+            self,
+            SignMechanism::EcdsaSha256
+                | SignMechanism::EcdsaSha384
+                | SignMechanism::Sha256RsaPkcs
+                | SignMechanism::Sha256RsaPkcsPss
+        )
+    }
+
+    /// Whether this mechanism can make `alg` signatures.
+    pub fn fits(self, alg: Alg) -> bool {
+        matches!(
+            (self, alg),
+            (SignMechanism::Ecdsa, Alg::ES256 | Alg::ES384)
+                | (SignMechanism::EcdsaSha256, Alg::ES256)
+                | (SignMechanism::EcdsaSha384, Alg::ES384)
+                | (
+                    SignMechanism::RsaPkcs | SignMechanism::Sha256RsaPkcs,
+                    Alg::RS256
+                )
+                | (
+                    SignMechanism::RsaPkcsPss | SignMechanism::Sha256RsaPkcsPss,
+                    Alg::PS256
+                )
+        )
+    }
+}
+
+fn parse(text: &str, origin: &str) -> Result<Profile, TokenError> {
+    let p: Profile = toml::from_str(text)
+        .map_err(|e| TokenError::Profile(format!("{origin}: {}", e.message().trim())))?;
+    if let Some((alg, m)) = p.mechanisms.iter().find(|(a, m)| !m.fits(**a)) {
+        return Err(TokenError::Profile(format!(
+            "{origin}: mechanisms.{alg} = {m:?} cannot make {alg} signatures"
+        )));
+    }
+    if p.sessions.default == 0 || p.sessions.default > p.sessions.max {
+        return Err(TokenError::Profile(format!(
+            "{origin}: sessions.default must be between 1 and sessions.max"
+        )));
+    }
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_profiles_parse_and_match() {
+        let p = Profiles::load(None).unwrap();
+        assert_eq!(
+            p.matching("SoftHSM project", "SoftHSM v2      ")
+                .unwrap()
+                .name,
+            "softhsm2"
+        );
+        assert_eq!(p.matching("Acme", "HSM 9000").unwrap().name, "generic");
+        let soft = p.named("softhsm2").unwrap();
+        assert_eq!(soft.mechanism(Alg::ES256).unwrap(), SignMechanism::Ecdsa);
+        assert_eq!(
+            p.module_paths(Some("softhsm2"))[0],
+            PathBuf::from("/usr/lib/softhsm/libsofthsm2.so")
+        );
+    }
+
+    #[test]
+    fn a_directory_overrides_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = include_str!("../../hsm-profiles/softhsm2.toml")
+            .replace("ES384 = \"ecdsa\"\n", "")
+            .replace("description = \"SoftHSM", "description = \"Local SoftHSM");
+        std::fs::write(dir.path().join("local.toml"), text).unwrap();
+        let p = Profiles::load(Some(dir.path())).unwrap();
+        let soft = p.named("softhsm2").unwrap();
+        assert!(soft.description.starts_with("Local"));
+        assert!(soft.mechanism(Alg::ES384).is_err());
+    }
+
+    #[test]
+    fn a_mechanism_for_the_wrong_alg_is_refused() {
+        let text = include_str!("../../hsm-profiles/generic.toml")
+            .replace("RS256 = \"rsa-pkcs\"", "RS256 = \"ecdsa\"");
+        let err = parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("mechanisms.RS256"), "{err}");
+    }
+}
