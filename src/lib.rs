@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod devserver;
 pub mod jose;
 pub mod keyring;
 pub mod oauth;

@@ -72,6 +72,8 @@ enum Command {
         /// The compact JWS; read from stdin when absent
         jws: Option<String>,
     },
+    /// Run a strict Okta-like authorization and resource server on 127.0.0.1 (development only)
+    DevServer(cli::devserver::Args),
     /// Measure signs/s of the raw token and of the full JWS pipeline, and their ratio
     Bench {
         /// Key label (default: the first ES256 key the policy allows)
@@ -157,6 +159,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             nonce.as_deref(),
             access_token_file.as_deref(),
         ),
+        Command::DevServer(dev) => cli::devserver::run(dev),
         Command::Bench {
             key,
             sessions,

@@ -1,6 +1,7 @@
 //! Command bodies: each opens what it needs and prints; the work happens in the library.
 
 pub mod bench;
+pub mod devserver;
 pub mod keys;
 pub mod sign;
 
