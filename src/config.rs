@@ -8,19 +8,26 @@ use serde::Deserialize;
 use crate::policy::Rules;
 use crate::token::pkcs11;
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug)]
 pub struct Config {
     pub token: TokenConfig,
-    #[serde(default)]
     pub policy: Rules,
 }
 
-/// `[token]`, tagged by `backend`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(tag = "backend", rename_all = "lowercase")]
+/// `[token]`, chosen by its `backend` key.
+#[derive(Clone, Debug)]
 pub enum TokenConfig {
     Pkcs11(pkcs11::Settings),
+}
+
+/// The file's shape before `[token]` is resolved by its backend. Parsing in two steps keeps
+/// the full key path (`token.sessions`) in error messages, which a serde-tagged enum loses.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    token: toml::Table,
+    #[serde(default)]
+    policy: Rules,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,21 +60,47 @@ impl Config {
 
     /// Parses and validates TOML text; the error names the key and the reason.
     pub fn parse(text: &str) -> Result<Config, String> {
-        let config: Config = toml::from_str(text).map_err(|e| one_line(&e))?;
-        match &config.token {
-            TokenConfig::Pkcs11(s) => s.validate()?,
-        }
-        Ok(config)
+        let de = toml::Deserializer::parse(text).map_err(|e| one_line(&e, ""))?;
+        let mut raw: RawConfig = serde_path_to_error::deserialize(de)
+            .map_err(|e| one_line(e.inner(), &e.path().to_string()))?;
+        let backend = match raw.token.remove("backend") {
+            Some(toml::Value::String(b)) => b,
+            Some(other) => {
+                return Err(format!(
+                    "token.backend: expected a string, found {}",
+                    other.type_str()
+                ));
+            }
+            None => return Err("token.backend: missing; set backend = \"pkcs11\"".into()),
+        };
+        let token = match backend.as_str() {
+            "pkcs11" => {
+                let settings: pkcs11::Settings =
+                    serde_path_to_error::deserialize(toml::Value::Table(raw.token))
+                        .map_err(|e| one_line(e.inner(), &format!("token.{}", e.path())))?;
+                settings.validate()?;
+                TokenConfig::Pkcs11(settings)
+            }
+            other => {
+                return Err(format!(
+                    "token.backend: unknown backend '{other}'; use \"pkcs11\""
+                ));
+            }
+        };
+        Ok(Config {
+            token,
+            policy: raw.policy,
+        })
     }
 }
 
-/// toml's message with its location, on one line.
-fn one_line(e: &toml::de::Error) -> String {
-    let at = e
-        .span()
-        .map(|s| format!(" (at byte {})", s.start))
-        .unwrap_or_default();
-    format!("{}{at}", e.message().trim())
+/// toml's message on one line, prefixed with the key path where serde knows it.
+fn one_line(e: &toml::de::Error, path: &str) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    match path.trim_end_matches('.') {
+        "" => message,
+        path => format!("{path}: {message}"),
+    }
 }
 
 fn locate(explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
@@ -123,9 +156,11 @@ token_label = "t"
     #[test]
     fn errors_name_the_key() {
         let e = Config::parse(&format!("{GOOD}bogus = 1\n")).unwrap_err();
-        assert!(e.contains("bogus"), "{e}");
+        assert!(e.contains("token") && e.contains("bogus"), "{e}");
         let e = Config::parse(&GOOD.replace("\"t\"", "7")).unwrap_err();
-        assert!(e.contains("token_label") || e.contains("string"), "{e}");
+        assert!(e.starts_with("token.token_label: invalid type"), "{e}");
+        let e = Config::parse(&format!("{GOOD}sessions = \"x\"\n")).unwrap_err();
+        assert!(e.starts_with("token.sessions: invalid type"), "{e}");
         let e = Config::parse(&GOOD.replace("pkcs11", "hsm")).unwrap_err();
         assert!(e.contains("hsm"), "{e}");
         let e = Config::parse(&format!("{GOOD}sessions = 0\n")).unwrap_err();
@@ -133,6 +168,9 @@ token_label = "t"
         let e = Config::parse("[token]\nbackend = \"pkcs11\"\n").unwrap_err();
         assert!(e.contains("token_label"), "{e}");
         let e = Config::parse(&format!("{GOOD}[policy]\ndanger = true\n")).unwrap_err();
-        assert!(e.contains("danger"), "{e}");
+        assert!(e.starts_with("policy.danger: unknown field"), "{e}");
+        let e = Config::parse(&format!("{GOOD}[policy]\ndanger_allow_imported_keys = 1\n"))
+            .unwrap_err();
+        assert!(e.starts_with("policy.danger_allow_imported_keys: "), "{e}");
     }
 }

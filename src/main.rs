@@ -1,6 +1,7 @@
 //! The `keybound` command line: parses arguments, loads the config, hands off to `cli::*`.
 #![forbid(unsafe_code)]
 
+#[macro_use]
 mod cli;
 
 use std::path::PathBuf;
@@ -120,6 +121,14 @@ fn main() -> ExitCode {
     cli::init_logging(args.verbose);
     match run(args) {
         Ok(code) => code,
+        // The reader of stdout went away (`keybound keys list | head -1`): stop quietly,
+        // with the status a shell gives a process killed by SIGPIPE.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::from(141)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)

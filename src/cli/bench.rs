@@ -33,18 +33,24 @@ pub fn run(
     let sessions = sessions.unwrap_or_else(|| keyring.sessions());
     let report = bench::run(&key, sessions, seconds)?;
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        out!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!(
+        out!(
             "key '{}' ({}), {} sessions, {} pipeline callers, {:.1} s measured",
-            report.key, report.alg, report.sessions, report.callers, report.seconds
+            report.key,
+            report.alg,
+            report.sessions,
+            report.callers,
+            report.seconds
         );
-        println!("raw token       {:>10.0} signs/s", report.raw_per_s);
-        println!(
+        out!("raw token       {:>10.0} signs/s", report.raw_per_s);
+        out!(
             "JWS pipeline    {:>10.0} proofs/s   (p50 {} µs, p99 {} µs)",
-            report.pipeline_per_s, report.pipeline_p50_us, report.pipeline_p99_us
+            report.pipeline_per_s,
+            report.pipeline_p50_us,
+            report.pipeline_p99_us
         );
-        println!("pipeline / raw  {:>10.3}", report.ratio);
+        out!("pipeline / raw  {:>10.3}", report.ratio);
     }
     Ok(ExitCode::SUCCESS)
 }

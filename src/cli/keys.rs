@@ -16,7 +16,7 @@ pub fn generate(config: Option<&Path>, label: &str, alg: Alg) -> anyhow::Result<
     if let Some(refusal) = verdict.refusal(&key.label) {
         anyhow::bail!("the token created the key, but it fails the policy: {refusal}");
     }
-    println!(
+    out!(
         "generated {} key '{}' (kid {}) on token '{token}'",
         key.alg,
         key.label,
@@ -41,7 +41,7 @@ pub fn list(config: Option<&Path>, as_json: bool) -> anyhow::Result<ExitCode> {
                 o
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        out!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
     if rows.is_empty() {
@@ -54,9 +54,9 @@ pub fn list(config: Option<&Path>, as_json: bool) -> anyhow::Result<ExitCode> {
         .max()
         .unwrap_or(5)
         .max(5);
-    println!("{:width$}  {:5}  {:43}  POLICY", "LABEL", "ALG", "KID");
+    out!("{:width$}  {:5}  {:43}  POLICY", "LABEL", "ALG", "KID");
     for (k, v) in &rows {
-        println!(
+        out!(
             "{:width$}  {:5}  {:43}  {}",
             k.label,
             k.alg.name(),
@@ -100,15 +100,19 @@ pub fn audit(
                 o
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        out!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!(
+        out!(
             "token '{}': {} {} (serial {}), profile {}",
-            token.token_label, token.manufacturer, token.model, token.serial, token.profile
+            token.token_label,
+            token.manufacturer,
+            token.model,
+            token.serial,
+            token.profile
         );
         for (k, f, v) in &reports {
-            println!();
-            println!(
+            out!();
+            out!(
                 "key '{}'  {}  kid {}  id {}",
                 k.label,
                 k.alg,
@@ -117,16 +121,16 @@ pub fn audit(
             );
             for (name, value) in &f.attributes {
                 let shown = value.map_or("(not reported)".to_string(), |b| b.to_string());
-                println!("  {name:24} {shown}");
+                out!("  {name:24} {shown}");
             }
             for finding in &v.findings {
                 let tag = format!("{:?}", finding.severity).to_uppercase();
-                println!("  {tag}: {}", finding.message);
+                out!("  {tag}: {}", finding.message);
             }
-            println!("  verdict: {}", outcome_name(v.outcome()));
+            out!("  verdict: {}", outcome_name(v.outcome()));
         }
         if reports.is_empty() {
-            println!("no keys on the token");
+            out!("no keys on the token");
         }
     }
     Ok(if failed {
@@ -152,7 +156,7 @@ pub fn jwks(config: Option<&Path>, labels: &[String]) -> anyhow::Result<ExitCode
             entries.push(k.public().jwks_entry(k.kid(), k.alg()));
         }
     }
-    println!(
+    out!(
         "{}",
         serde_json::to_string_pretty(&json!({ "keys": entries }))?
     );

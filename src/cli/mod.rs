@@ -1,5 +1,13 @@
 //! Command bodies: each opens what it needs and prints; the work happens in the library.
 
+/// `println!` that returns the write error (a closed pipe) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 pub mod bench;
 pub mod devserver;
 pub mod keys;

@@ -27,7 +27,7 @@ pub fn assertion(
     )?;
     let key = super::open(config, None)?.signing_key(key)?;
     let jws = oauth::sign(&key, &assertion::header(key.alg(), key.kid()), &claims)?;
-    println!("{jws}");
+    out!("{jws}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -60,7 +60,7 @@ pub fn dpop(
     )?;
     let key = super::open(config, None)?.signing_key(key)?;
     let jws = oauth::sign(&key, &dpop::header(key.alg(), key.public()), &claims)?;
-    println!("{jws}");
+    out!("{jws}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -77,6 +77,6 @@ pub fn decode(jws: Option<String>) -> anyhow::Result<ExitCode> {
     };
     let decoded = jose::decode(&text)?;
     let out = serde_json::json!({ "header": decoded.header, "claims": decoded.claims });
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    out!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
 }
