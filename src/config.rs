@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::oauth::settings::{ClientConfig, ClientSettings};
 use crate::policy::Rules;
 use crate::token::pkcs11;
 
@@ -12,6 +13,8 @@ use crate::token::pkcs11;
 pub struct Config {
     pub token: TokenConfig,
     pub policy: Rules,
+    /// `[[client]]` entries, in file order.
+    pub clients: Vec<ClientConfig>,
 }
 
 /// `[token]`, chosen by its `backend` key.
@@ -28,6 +31,8 @@ struct RawConfig {
     token: toml::Table,
     #[serde(default)]
     policy: Rules,
+    #[serde(default)]
+    client: Vec<ClientSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,10 +92,38 @@ impl Config {
                 ));
             }
         };
+        let mut clients: Vec<ClientConfig> = Vec::new();
+        for (i, c) in raw.client.into_iter().enumerate() {
+            let c = c.validate(&format!("client[{i}]"))?;
+            if clients.iter().any(|d| d.name == c.name) {
+                return Err(format!("client[{i}].name: '{}' is used by another client", c.name));
+            }
+            clients.push(c);
+        }
         Ok(Config {
             token,
             policy: raw.policy,
+            clients,
         })
+    }
+}
+
+impl Config {
+    /// The client named `name`, or the only one when `name` is `None`.
+    pub fn client(&self, name: Option<&str>) -> Result<&ClientConfig, String> {
+        let names = || {
+            let v: Vec<&str> = self.clients.iter().map(|c| c.name.as_str()).collect();
+            if v.is_empty() { "(none)".to_string() } else { v.join(", ") }
+        };
+        match (name, self.clients.as_slice()) {
+            (_, []) => Err("no [[client]] in the config; add one (see keybound.example.toml)".into()),
+            (None, [only]) => Ok(only),
+            (None, _) => Err(format!("several clients are configured; pick one with --client ({})", names())),
+            (Some(n), all) => all
+                .iter()
+                .find(|c| c.name == n)
+                .ok_or_else(|| format!("no client named '{n}'; configured: {}", names())),
+        }
     }
 }
 

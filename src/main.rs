@@ -68,6 +68,20 @@ enum Command {
         #[arg(long, value_name = "F")]
         access_token_file: Option<PathBuf>,
     },
+    /// Get an access token (client_credentials + private_key_jwt + DPoP)
+    Token {
+        /// The [[client]] to use (default: the only one)
+        #[arg(long)]
+        client: Option<String>,
+        /// Print as JSON
+        #[arg(long)]
+        json: bool,
+        /// Print an audit of the connection instead of the token
+        #[arg(long)]
+        check: bool,
+    },
+    /// Call an API with a DPoP-bound token (like curl)
+    Call(cli::oauth::CallArgs),
     /// Decode a compact JWS (argument or stdin) without verifying it
     Decode {
         /// The compact JWS; read from stdin when absent
@@ -168,6 +182,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             nonce.as_deref(),
             access_token_file.as_deref(),
         ),
+        Command::Token {
+            client,
+            json,
+            check,
+        } => cli::oauth::token(config, client.as_deref(), json, check),
+        Command::Call(call) => cli::oauth::call(config, call),
         Command::DevServer(dev) => cli::devserver::run(dev),
         Command::Bench {
             key,

@@ -11,6 +11,7 @@ macro_rules! out {
 pub mod bench;
 pub mod devserver;
 pub mod keys;
+pub mod oauth;
 pub mod sign;
 
 use std::path::Path;

@@ -1,16 +1,28 @@
 //! OAuth on top of JOSE and the token: `private_key_jwt` assertions (RFC 7523) and DPoP
-//! proofs (RFC 9449). Claim builders are pure; `sign` is the one place a JWS meets a key.
+//! proofs (RFC 9449). Claim builders are pure; `sign`/`sign_async` are where a JWS meets a
+//! key; `client` talks to token endpoints and `api` to resource servers.
 
+pub mod api;
 pub mod assertion;
+pub mod cache;
+pub mod client;
 pub mod dpop;
+pub mod http;
+pub mod resilience;
+pub mod response;
+pub mod secret;
+pub mod server;
+pub mod settings;
+pub mod state;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
 use crate::jose::{self, Header, JoseError};
-use crate::keyring::SigningKey;
+use crate::keyring::{KeyError, SigningKey};
 use crate::token::TokenError;
+use self::http::TransportError;
 
 /// Errors of the OAuth layer.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +49,62 @@ pub enum OAuthError {
     Jose(#[from] JoseError),
     #[error(transparent)]
     Token(#[from] TokenError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("{0}")]
+    Config(String),
+    #[error("{url} answered HTTP {status}: {error}{}{}{}",
+        .description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default(),
+        hint_suffix(.error),
+        .skew.map(|s| format!("; measured clock offset to this server: {s:+} s (server minus local)")).unwrap_or_default())]
+    Server {
+        url: String,
+        status: u16,
+        error: String,
+        description: Option<String>,
+        skew: Option<i64>,
+    },
+    #[error("{url} answered HTTP {status}: {body}")]
+    Status { url: String, status: u16, body: String },
+    #[error("{url} answered HTTP {status} with a body keybound cannot read ({reason}): {body}")]
+    Parse {
+        url: String,
+        status: u16,
+        reason: String,
+        body: String,
+    },
+    #[error("{url} answered with a redirect (HTTP {status} to {location}); keybound does not follow redirects on token requests: configure the final URL")]
+    Redirected {
+        url: String,
+        status: u16,
+        location: String,
+    },
+    #[error("{origin} demanded a new DPoP nonce again right after one was supplied; giving up instead of looping")]
+    NonceLoop { origin: String },
+    #[error("the server returned token_type '{token_type}' although DPoP is required: refusing the downgraded token")]
+    Downgrade { token_type: String },
+    #[error("scope guard: the token grants {} outside allowed_scopes ({}); the token was discarded",
+        .extra.join(" "), .allowed.join(" "))]
+    ScopeGuard { extra: Vec<String>, allowed: Vec<String> },
+    #[error("circuit breaker open for {endpoint} after {failures} consecutive failures (last: {last}); next try in {retry_in_secs} s")]
+    BreakerOpen {
+        endpoint: String,
+        failures: u32,
+        retry_in_secs: u64,
+        last: String,
+    },
+    #[error("gave up after {attempts} attempts; last: {last}")]
+    Exhausted { attempts: u32, last: Box<OAuthError> },
+    #[error("the server asked to retry after {secs} s, longer than keybound waits; last: {last}")]
+    RetryTooLate { secs: u64, last: Box<OAuthError> },
+    #[error("refusing to send client '{client}''s access token to {origin}: not in its api_origins ({allowed}); add the origin to api_origins if it is meant")]
+    ForeignOrigin {
+        client: String,
+        origin: String,
+        allowed: String,
+    },
 }
 
 /// Signs header and claims with a policy-approved key: signing input, device, compact form.
@@ -48,6 +116,44 @@ pub fn sign<C: Serialize>(
     let input = jose::signing_input(header, claims)?;
     let signature = key.sign(key.alg().to_be_signed(input.as_bytes()))?;
     Ok(jose::compact(&input, &signature))
+}
+
+/// `sign` for async callers: the device works on a signing thread, the task awaits the
+/// reply; the reactor never blocks on the token.
+pub async fn sign_async<C: Serialize>(
+    key: &SigningKey,
+    header: &Header,
+    claims: &C,
+) -> Result<String, OAuthError> {
+    let input = jose::signing_input(header, claims)?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    key.submit(
+        key.alg().to_be_signed(input.as_bytes()),
+        Box::new(move |result| {
+            // The awaiting task may have been cancelled; then nobody wants the signature.
+            let _ = tx.send(result);
+        }),
+    );
+    let signature = rx.await.map_err(|_| TokenError::WorkersGone)??;
+    Ok(jose::compact(&input, &signature))
+}
+
+impl OAuthError {
+    /// Connect errors, timeouts, 5xx and 429 are worth another attempt.
+    pub fn retryable(&self) -> bool {
+        match self {
+            OAuthError::Transport(t) => t.retryable(),
+            OAuthError::Status { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+}
+
+fn hint_suffix(error: &str) -> String {
+    match response::hint(error) {
+        "" => String::new(),
+        h => format!("; {h}"),
+    }
 }
 
 /// A fresh `jti`: 128 random bits from the OS, base64url (22 characters).

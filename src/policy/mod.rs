@@ -54,8 +54,21 @@ const REGENERATE: &str = "generate a new key on the device with `keybound keys g
 /// Judges a key.
 pub fn evaluate(facts: &KeyFacts, rules: &Rules) -> Verdict {
     let mut findings = Vec::new();
+    // An imported key was, by definition, once outside the device and readable there, so
+    // the token reports it as neither never-extractable nor always-sensitive. Accepting
+    // imported keys accepts exactly that history: it is reported, not refused.
+    let imported_and_allowed =
+        rules.danger_allow_imported_keys && facts.generated_on_device.value == Some(false);
+    let history = [facts.never_extractable.source, facts.always_sensitive.source];
     let mut require = |fact: &Fact, want: bool, meaning: &str| match fact.value {
         Some(v) if v == want => {}
+        Some(v) if imported_and_allowed && history.contains(&fact.source) => {
+            findings.push(Finding {
+                severity: Severity::Warn,
+                attribute: fact.source,
+                message: format!("{}={v}: {meaning} (it was imported)", fact.source),
+            })
+        }
         Some(v) => findings.push(fail(
             fact,
             format!("{}={v}: {meaning}; {REGENERATE}", fact.source),
@@ -208,7 +221,10 @@ mod tests {
     #[test]
     fn imported_keys_need_the_danger_switch() {
         let mut f = good();
+        // What a token reports for a key imported as sensitive and non-extractable.
         f.generated_on_device.value = Some(false);
+        f.never_extractable.value = Some(false);
+        f.always_sensitive.value = Some(false);
         let v = evaluate(&f, &Rules::default());
         assert_eq!(v.outcome(), Outcome::Fail);
         assert!(
@@ -223,8 +239,15 @@ mod tests {
                 danger_allow_imported_keys: true,
             },
         );
-        assert_eq!(v.outcome(), Outcome::Warn);
+        assert_eq!(v.outcome(), Outcome::Warn, "{:?}", v.findings);
         assert!(v.allows_signing());
+        // The switch never covers a key born on the device that was once extractable.
+        let mut f = good();
+        f.never_extractable.value = Some(false);
+        let allow = Rules {
+            danger_allow_imported_keys: true,
+        };
+        assert_eq!(evaluate(&f, &allow).outcome(), Outcome::Fail);
     }
 
     #[test]

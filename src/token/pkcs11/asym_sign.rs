@@ -20,9 +20,10 @@ use crate::token::{KeyInfo, Reply, TokenError};
 
 /// The signing workers of one token.
 pub(super) struct Pool {
-    /// Multi-producer multi-consumer: any idle worker takes the next job.
-    jobs: Sender<Job>,
-    workers: usize,
+    /// Multi-producer multi-consumer: any idle worker takes the next job. `None` once the
+    /// pool is shutting down.
+    jobs: Option<Sender<Job>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Which key a job signs with, without the public key.
@@ -51,6 +52,7 @@ enum Job {
 impl Pool {
     pub(super) fn start(conn: Arc<Connection>, workers: usize) -> Pool {
         let (jobs, queue) = crossbeam_channel::unbounded();
+        let mut handles = Vec::with_capacity(workers);
         for i in 0..workers {
             let worker = Worker {
                 conn: conn.clone(),
@@ -58,14 +60,26 @@ impl Pool {
                 handles: HashMap::new(),
             };
             let queue = queue.clone();
-            let spawned = std::thread::Builder::new()
+            match std::thread::Builder::new()
                 .name(format!("keybound-sign-{i}"))
-                .spawn(move || worker.run(queue));
-            if let Err(e) = spawned {
-                tracing::error!("cannot start signing worker {i}: {e}");
+                .spawn(move || worker.run(queue))
+            {
+                Ok(handle) => handles.push(handle),
+                Err(e) => tracing::error!("cannot start signing worker {i}: {e}"),
             }
         }
-        Pool { jobs, workers }
+        Pool {
+            jobs: Some(jobs),
+            workers: handles,
+        }
+    }
+
+    /// Queues a job; hands it back when the workers are gone.
+    fn send(&self, job: Job) -> Result<(), Box<Job>> {
+        match &self.jobs {
+            Some(jobs) => jobs.send(job).map_err(|e| Box::new(e.0)),
+            None => Err(Box::new(job)),
+        }
     }
 
     pub(super) fn submit(&self, key: &KeyInfo, tbs: ToBeSigned, reply: Reply) {
@@ -74,7 +88,9 @@ impl Pool {
             tbs,
             reply,
         };
-        if let Err(crossbeam_channel::SendError(Job::Sign { reply, .. })) = self.jobs.send(job) {
+        if let Err(job) = self.send(job)
+            && let Job::Sign { reply, .. } = *job
+        {
             reply(Err(TokenError::WorkersGone));
         }
     }
@@ -88,17 +104,31 @@ impl Pool {
     ) -> Result<u64, TokenError> {
         let (done, results) = mpsc::channel();
         let until = Instant::now() + duration;
-        for _ in 0..self.workers {
+        for _ in 0..self.workers.len() {
             let job = Job::Raw {
                 key: KeyRef::of(key),
                 tbs: tbs.clone(),
                 until,
                 done: done.clone(),
             };
-            self.jobs.send(job).map_err(|_| TokenError::WorkersGone)?;
+            self.send(job).map_err(|_| TokenError::WorkersGone)?;
         }
         drop(done);
         results.iter().try_fold(0, |sum, r| Ok(sum + r?))
+    }
+}
+
+/// Closing the queue ends each worker's loop once the queued jobs are done; joining them
+/// means no thread is inside the PKCS#11 module, or still closing its session, when the
+/// process exits (SoftHSM crashes if its globals are torn down under a running call).
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for handle in self.workers.drain(..) {
+            if handle.join().is_err() {
+                tracing::error!("a signing worker panicked");
+            }
+        }
     }
 }
 

@@ -1,0 +1,179 @@
+//! Calling a resource server with a DPoP-bound token (RFC 9449 §7): `Authorization: DPoP`,
+//! a fresh proof with `ath`, the server's own nonce (one retry on `use_dpop_nonce`, as a
+//! 401 or Okta's 400), and `Link: rel="next"` pagination that never leaves the origin.
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
+use url::Url;
+
+use super::client::OAuthClient;
+use super::response::{OktaError, challenges, excerpt, next_link};
+use super::settings::origin;
+use super::state::Role;
+use super::OAuthError;
+
+pub struct ApiRequest {
+    pub method: Method,
+    pub url: Url,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Option<Vec<u8>>,
+}
+
+pub struct ApiResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+    /// HTTP exchanges this call cost, the token fetch excluded.
+    pub round_trips: u32,
+}
+
+impl OAuthClient {
+    /// Sends one request with the client's token and a fresh proof.
+    pub async fn call(&self, request: &ApiRequest) -> Result<ApiResponse, OAuthError> {
+        let origin = origin(&request.url);
+        if !self.config().api_origins.contains(&origin) {
+            return Err(OAuthError::ForeignOrigin {
+                client: self.config().name.clone(),
+                origin,
+                allowed: self.config().api_origins.join(", "),
+            });
+        }
+        let mut nonce_retried = false;
+        let mut token_retried = false;
+        let mut round_trips = 0;
+        loop {
+            let token = self.token().await?;
+            let nonce = self.state().nonce(Role::ResourceServer, &origin);
+            let proof = self
+                .proof(
+                    request.method.as_str(),
+                    request.url.as_str(),
+                    &origin,
+                    nonce.as_deref(),
+                    Some(&token.secret),
+                )
+                .await?;
+            let scheme = if proof.is_some() { "DPoP" } else { "Bearer" };
+            let mut builder = Request::builder()
+                .method(request.method.clone())
+                .uri(request.url.as_str())
+                .header(http::header::ACCEPT, "application/json");
+            for (k, v) in &request.headers {
+                builder = builder.header(k, v);
+            }
+            builder = builder.header(
+                http::header::AUTHORIZATION,
+                format!("{scheme} {}", token.secret.expose()),
+            );
+            if let Some(p) = proof {
+                builder = builder.header("DPoP", p);
+            }
+            let http_request = builder
+                .body(request.body.clone().unwrap_or_default())
+                .map_err(|e| OAuthError::Config(format!("cannot build the request: {e}")))?;
+            round_trips += 1;
+            let response = self.http().send(http_request).await?;
+            let (status, headers) = (response.status(), response.headers().clone());
+            self.observe(&origin, Role::ResourceServer, &headers);
+            tracing::info!(method = %request.method, url = %request.url, status = status.as_u16(),
+                token = %token.secret.redacted(), "API answered");
+            let errors: Vec<String> = challenges(&headers).into_iter().filter_map(|c| c.error).collect();
+            let challenged = matches!(status.as_u16(), 400 | 401);
+            if challenged && errors.iter().any(|e| e == "use_dpop_nonce") {
+                let fresh = self.state().nonce(Role::ResourceServer, &origin);
+                if nonce_retried || fresh.is_none() || fresh == nonce {
+                    return Err(OAuthError::NonceLoop { origin });
+                }
+                nonce_retried = true;
+                continue;
+            }
+            if status == StatusCode::UNAUTHORIZED
+                && errors.iter().any(|e| e == "invalid_token")
+                && !token_retried
+            {
+                // Revoked or expired early: one fresh token, then report whatever comes.
+                token_retried = true;
+                self.invalidate().await;
+                continue;
+            }
+            return Ok(ApiResponse {
+                status,
+                headers,
+                body: response.into_body(),
+                round_trips,
+            });
+        }
+    }
+
+    /// Follows `rel="next"` links from a GET and gathers every page's JSON array.
+    /// Returns the items and the last response (an error status stops the walk).
+    pub async fn paginate(
+        &self,
+        first: ApiRequest,
+    ) -> Result<(Vec<serde_json::Value>, ApiResponse), OAuthError> {
+        let start = origin(&first.url);
+        let mut request = first;
+        let mut items = Vec::new();
+        loop {
+            let response = self.call(&request).await?;
+            if !response.status.is_success() {
+                return Ok((items, response));
+            }
+            let page: Vec<serde_json::Value> =
+                serde_json::from_slice(&response.body).map_err(|e| OAuthError::Parse {
+                    url: request.url.to_string(),
+                    status: response.status.as_u16(),
+                    reason: format!("--paginate needs a JSON array: {e}"),
+                    body: excerpt(&response.body),
+                })?;
+            items.extend(page);
+            let Some(next) = next_link(&response.headers) else {
+                return Ok((items, response));
+            };
+            let next = request.url.join(&next).map_err(|e| {
+                OAuthError::Config(format!("the next link '{next}' is not a URL: {e}"))
+            })?;
+            if origin(&next) != start {
+                return Err(OAuthError::ForeignOrigin {
+                    client: self.config().name.clone(),
+                    origin: origin(&next),
+                    allowed: start,
+                });
+            }
+            request = ApiRequest {
+                url: next,
+                ..request
+            };
+        }
+    }
+}
+
+impl ApiResponse {
+    /// One line for an error status: Okta's errorCode/errorSummary/errorCauses, else the
+    /// `WWW-Authenticate` error, else the body.
+    pub fn error_line(&self) -> String {
+        let mut line = format!("HTTP {}", self.status);
+        if let Ok(okta) = serde_json::from_slice::<OktaError>(&self.body) {
+            line.push_str(&format!(": {} {}", okta.error_code, okta.error_summary));
+            let causes: Vec<&str> = okta.error_causes.iter().map(|c| c.error_summary.as_str()).collect();
+            if !causes.is_empty() {
+                line.push_str(&format!(" (causes: {})", causes.join("; ")));
+            }
+        }
+        for c in challenges(&self.headers) {
+            if let Some(e) = c.error {
+                line.push_str(&format!("; WWW-Authenticate {} error={e}", c.scheme));
+                if let Some(d) = c.error_description {
+                    line.push_str(&format!(" ({d})"));
+                }
+                let hint = super::response::hint(&e);
+                if !hint.is_empty() {
+                    line.push_str(&format!("; {hint}"));
+                }
+            }
+        }
+        if line == format!("HTTP {}", self.status) && !self.body.is_empty() {
+            line.push_str(&format!(": {}", excerpt(&self.body)));
+        }
+        line
+    }
+}

@@ -1,0 +1,160 @@
+//! The in-process token cache: one entry per scope set, refreshed ahead of expiry; callers
+//! that arrive while a fetch is under way wait for it instead of starting their own
+//! (single-flight).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::OAuthError;
+use super::secret::Secret;
+
+/// A token as the server granted it.
+#[derive(Debug)]
+pub struct AccessToken {
+    pub secret: Secret,
+    pub token_type: String,
+    pub expires_in: Option<u64>,
+    /// Granted scopes (the requested ones when the response omitted `scope`).
+    pub scopes: Vec<String>,
+    pub received: Instant,
+    /// HTTP exchanges this token cost, nonce challenges and retries included.
+    pub round_trips: u32,
+}
+
+impl AccessToken {
+    fn expires_at(&self) -> Option<Instant> {
+        self.expires_in.map(|s| self.received + Duration::from_secs(s))
+    }
+
+    /// Still usable `margin` from now.
+    pub fn valid_for(&self, margin: Duration) -> bool {
+        self.expires_at().is_none_or(|e| Instant::now() + margin < e)
+    }
+}
+
+/// One scope set's entry. Its async mutex is held for the whole fetch: holding it is the
+/// single flight, and late callers wait on it for the result.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<AccessToken>>>>;
+
+#[derive(Default)]
+pub struct TokenCache {
+    slots: Mutex<HashMap<Vec<String>, Slot>>,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+}
+
+impl TokenCache {
+    /// The cached token for `scopes` if it is good beyond `refresh_ahead`, else `fetch`'s.
+    /// When a refresh fails but the old token is still valid, the old one is returned.
+    pub async fn get<F, Fut>(
+        &self,
+        scopes: &[String],
+        refresh_ahead: Duration,
+        fetch: F,
+    ) -> Result<Arc<AccessToken>, OAuthError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<AccessToken, OAuthError>>,
+    {
+        let slot = self.slot(scopes);
+        let mut entry = slot.lock().await;
+        if let Some(t) = entry.as_ref().filter(|t| t.valid_for(refresh_ahead)) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(t.clone());
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        match fetch().await {
+            Ok(t) => {
+                let t = Arc::new(t);
+                *entry = Some(t.clone());
+                Ok(t)
+            }
+            Err(e) => match entry.as_ref().filter(|t| t.valid_for(Duration::from_secs(5))) {
+                Some(old) => {
+                    tracing::warn!("token refresh failed, using the still-valid token: {e}");
+                    Ok(old.clone())
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// Forgets the token for `scopes` (the server said it is no longer valid).
+    pub async fn invalidate(&self, scopes: &[String]) {
+        *self.slot(scopes).lock().await = None;
+    }
+
+    fn slot(&self, scopes: &[String]) -> Slot {
+        let mut key = scopes.to_vec();
+        key.sort();
+        key.dedup();
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    fn token(expires_in: u64) -> AccessToken {
+        AccessToken {
+            secret: Secret::new("t".into()),
+            token_type: "DPoP".into(),
+            expires_in: Some(expires_in),
+            scopes: vec![],
+            received: Instant::now(),
+            round_trips: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_fetch() {
+        let cache = Arc::new(TokenCache::default());
+        let fetches = Arc::new(AtomicU32::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (cache, fetches) = (cache.clone(), fetches.clone());
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get(&["a".into()], Duration::from_secs(60), || async {
+                        fetches.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok(token(3600))
+                    })
+                    .await
+                    .map(|_| ())
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.misses.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.hits.load(Ordering::SeqCst), 15);
+    }
+
+    #[tokio::test]
+    async fn refreshes_ahead_of_expiry() {
+        let cache = TokenCache::default();
+        let s = ["a".to_string()];
+        cache.get(&s, Duration::from_secs(60), || async { Ok(token(30)) }).await.unwrap();
+        // 30 s left is inside the 60 s refresh window: fetch again.
+        let t = cache.get(&s, Duration::from_secs(60), || async { Ok(token(3600)) }).await.unwrap();
+        assert_eq!(t.expires_in, Some(3600));
+        // A failed refresh keeps a still-valid token.
+        let t = cache
+            .get(&s, Duration::from_secs(7200), || async { Err(OAuthError::Empty { what: "x" }) })
+            .await
+            .unwrap();
+        assert_eq!(t.expires_in, Some(3600));
+    }
+}

@@ -1,0 +1,433 @@
+//! The token-endpoint client: `client_credentials` with `private_key_jwt` (RFC 7523 §2.2)
+//! and DPoP (RFC 9449 §5). Nonce retry with a fresh assertion, retries with backoff,
+//! circuit breaker, clock offset, downgrade refusal, scope guard, single-flight cache.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, StatusCode};
+use tokio::sync::OnceCell;
+use url::Url;
+
+use super::cache::{AccessToken, TokenCache};
+use super::http::HttpClient;
+use super::resilience::{Breaker, BreakerState, backoff};
+use super::response::{ErrorBody, TokenResponse, excerpt, retry_after, server_time};
+use super::secret::Secret;
+use super::server::AudienceRule;
+use super::settings::{ClientConfig, endpoint_url, origin};
+use super::state::{Role, ServerState};
+use super::{OAuthError, assertion, dpop, sign_async, unix_now};
+use crate::keyring::{Keyring, SigningKey};
+
+/// Longest `Retry-After` keybound waits out; a longer one ends the attempt with its value.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+pub struct OAuthClient {
+    config: ClientConfig,
+    assertion_key: SigningKey,
+    dpop_key: Option<SigningKey>,
+    http: HttpClient,
+    state: Arc<ServerState>,
+    cache: TokenCache,
+    breaker: Breaker,
+    endpoint: OnceCell<Url>,
+    /// HTTP exchanges with the token endpoint, for `--check` and metrics.
+    pub exchanges: AtomicU64,
+}
+
+/// One failed exchange, and how long the server asked us to wait.
+struct Failure {
+    error: OAuthError,
+    retry_after: Option<Duration>,
+}
+
+impl From<OAuthError> for Failure {
+    fn from(error: OAuthError) -> Self {
+        Failure {
+            error,
+            retry_after: None,
+        }
+    }
+}
+
+impl OAuthClient {
+    /// Resolves the client's keys through the policy and checks them against the server.
+    pub fn new(config: ClientConfig, keyring: &Keyring) -> Result<OAuthClient, OAuthError> {
+        let assertion_key = keyring.signing_key(&config.assertion_key)?;
+        let accepted = config.server.assertion_algs();
+        if !accepted.contains(&assertion_key.alg()) {
+            let names: Vec<&str> = accepted.iter().map(|a| a.name()).collect();
+            return Err(OAuthError::Config(format!(
+                "client '{}': key '{}' is {}, which {} does not accept for client assertions (accepted: {})",
+                config.name,
+                assertion_key.label(),
+                assertion_key.alg(),
+                config.server.name(),
+                names.join(", ")
+            )));
+        }
+        let dpop_key = config
+            .dpop_key
+            .as_deref()
+            .map(|k| keyring.signing_key(k))
+            .transpose()?;
+        if let Some(d) = &dpop_key
+            && config.server.requires_distinct_keys()
+            && d.kid() == assertion_key.kid()
+        {
+            return Err(OAuthError::Config(format!(
+                "client '{}': the DPoP key and the assertion key are the same key (kid {}); {} requires two keys",
+                config.name,
+                d.kid(),
+                config.server.name()
+            )));
+        }
+        Ok(OAuthClient {
+            http: HttpClient::new(config.connect_timeout, config.timeout)?,
+            breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
+            endpoint: match &config.token_endpoint {
+                Some(u) => OnceCell::new_with(Some(u.clone())),
+                None => OnceCell::new(),
+            },
+            config,
+            assertion_key,
+            dpop_key,
+            state: Arc::new(ServerState::default()),
+            cache: TokenCache::default(),
+            exchanges: AtomicU64::new(0),
+        })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    pub fn dpop_key(&self) -> Option<&SigningKey> {
+        self.dpop_key.as_ref()
+    }
+
+    pub fn assertion_key(&self) -> &SigningKey {
+        &self.assertion_key
+    }
+
+    pub fn state(&self) -> &ServerState {
+        &self.state
+    }
+
+    pub fn cache(&self) -> &TokenCache {
+        &self.cache
+    }
+
+    pub fn http(&self) -> &HttpClient {
+        &self.http
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// A token for the configured scopes, from the cache when it is fresh.
+    pub async fn token(&self) -> Result<Arc<AccessToken>, OAuthError> {
+        let scopes = self.config.scopes.clone();
+        self.cache
+            .get(&scopes, self.config.refresh_ahead, || self.fetch(&scopes))
+            .await
+    }
+
+    /// Forgets the cached token (an API said it is no longer valid).
+    pub async fn invalidate(&self) {
+        self.cache.invalidate(&self.config.scopes).await;
+    }
+
+    /// The token endpoint: configured, or discovered from the issuer (RFC 8414 §3).
+    pub async fn endpoint(&self) -> Result<&Url, OAuthError> {
+        self.endpoint.get_or_try_init(|| self.discover()).await
+    }
+
+    async fn discover(&self) -> Result<Url, OAuthError> {
+        let Some(issuer) = &self.config.issuer else {
+            return Err(OAuthError::Config("no token_endpoint and no issuer".into()));
+        };
+        let base = issuer.as_str().trim_end_matches('/');
+        let mut last = String::new();
+        for doc in ["oauth-authorization-server", "openid-configuration"] {
+            let url = format!("{base}/.well-known/{doc}");
+            let request = Request::get(&url)
+                .body(Vec::new())
+                .map_err(|e| OAuthError::Config(e.to_string()))?;
+            let response = self.http.send(request).await?;
+            if !response.status().is_success() {
+                last = format!("{url} answered {}", response.status());
+                continue;
+            }
+            let meta: serde_json::Value = serde_json::from_slice(response.body()).map_err(|e| {
+                OAuthError::Config(format!("{url} is not JSON metadata: {e}"))
+            })?;
+            let endpoint = meta["token_endpoint"].as_str().ok_or_else(|| {
+                OAuthError::Config(format!("{url} has no token_endpoint"))
+            })?;
+            return endpoint_url(endpoint).map_err(OAuthError::Config);
+        }
+        Err(OAuthError::Config(format!(
+            "cannot discover the token endpoint of {issuer}: {last}; set token_endpoint"
+        )))
+    }
+
+    /// Fetches a new token: breaker, bounded attempts, backoff with full jitter, Retry-After.
+    async fn fetch(&self, scopes: &[String]) -> Result<AccessToken, OAuthError> {
+        let endpoint = self.endpoint().await?.clone();
+        let started = self.exchanges.load(Ordering::Relaxed);
+        let mut attempt = 0;
+        loop {
+            if let Err(open) = self.breaker.admit() {
+                return Err(OAuthError::BreakerOpen {
+                    endpoint: endpoint.to_string(),
+                    failures: open.failures,
+                    retry_in_secs: open.retry_in.as_secs_f64().ceil() as u64,
+                    last: open.last,
+                });
+            }
+            attempt += 1;
+            match self.exchange(&endpoint, scopes).await {
+                Ok(mut token) => {
+                    self.breaker.success();
+                    token.round_trips =
+                        u32::try_from(self.exchanges.load(Ordering::Relaxed) - started).unwrap_or(u32::MAX);
+                    tracing::info!(client = %self.config.name, token = %token.secret.redacted(),
+                        expires_in = ?token.expires_in, round_trips = token.round_trips, "token received");
+                    return Ok(token);
+                }
+                Err(f) if f.error.retryable() => {
+                    self.breaker.failure(&f.error.to_string());
+                    if attempt >= self.config.max_attempts {
+                        return Err(OAuthError::Exhausted {
+                            attempts: attempt,
+                            last: Box::new(f.error),
+                        });
+                    }
+                    let mut wait = backoff(attempt - 1, self.config.backoff_initial, self.config.backoff_max);
+                    if let Some(asked) = f.retry_after {
+                        if asked > MAX_RETRY_AFTER {
+                            return Err(OAuthError::RetryTooLate {
+                                secs: asked.as_secs(),
+                                last: Box::new(f.error),
+                            });
+                        }
+                        wait = wait.max(asked);
+                    }
+                    tracing::warn!(client = %self.config.name, attempt, wait_ms = wait.as_millis() as u64,
+                        "token request failed, retrying: {}", f.error);
+                    tokio::time::sleep(wait).await;
+                }
+                Err(f) => return Err(f.error),
+            }
+        }
+    }
+
+    /// One token request; a nonce challenge gets exactly one retry, with a new proof carrying
+    /// the nonce and a new assertion (the server consumed the first one's `jti`).
+    async fn exchange(&self, endpoint: &Url, scopes: &[String]) -> Result<AccessToken, Failure> {
+        let origin = origin(endpoint);
+        let mut challenged = false;
+        loop {
+            let nonce = self.state.nonce(Role::AuthorizationServer, &origin);
+            let request = self
+                .token_request(endpoint, &origin, scopes, nonce.as_deref())
+                .await?;
+            self.exchanges.fetch_add(1, Ordering::Relaxed);
+            let response = self.http.send(request).await.map_err(OAuthError::from)?;
+            let (status, headers, body) = (response.status(), response.headers().clone(), response.body());
+            self.observe(&origin, Role::AuthorizationServer, &headers);
+            tracing::info!(client = %self.config.name, status = status.as_u16(), "token endpoint answered");
+            if status.is_success() {
+                let parsed: TokenResponse = serde_json::from_slice(body).map_err(|e| OAuthError::Parse {
+                    url: endpoint.to_string(),
+                    status: status.as_u16(),
+                    reason: e.to_string(),
+                    body: excerpt(body),
+                })?;
+                return Ok(self.accept(parsed, scopes)?);
+            }
+            let error: Option<ErrorBody> = serde_json::from_slice(body).ok();
+            if let Some(e) = &error
+                && e.error == "use_dpop_nonce"
+                && self.dpop_key.is_some()
+            {
+                let fresh = self.state.nonce(Role::AuthorizationServer, &origin);
+                if challenged || fresh.is_none() || fresh == nonce {
+                    return Err(OAuthError::NonceLoop { origin }.into());
+                }
+                challenged = true;
+                tracing::info!(client = %self.config.name, "DPoP nonce challenge; retrying once with the nonce");
+                continue;
+            }
+            let failure = match (error, status) {
+                (_, s) if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+                    OAuthError::Status {
+                        url: endpoint.to_string(),
+                        status: s.as_u16(),
+                        body: excerpt(body),
+                    }
+                }
+                (Some(e), s) => OAuthError::Server {
+                    url: endpoint.to_string(),
+                    status: s.as_u16(),
+                    skew: self.clock_note(&origin, &e),
+                    error: e.error,
+                    description: e.error_description,
+                },
+                (None, s) if s.is_redirection() => OAuthError::Redirected {
+                    url: endpoint.to_string(),
+                    status: s.as_u16(),
+                    location: headers
+                        .get(http::header::LOCATION)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("(none)")
+                        .to_string(),
+                },
+                (None, s) => OAuthError::Parse {
+                    url: endpoint.to_string(),
+                    status: s.as_u16(),
+                    reason: "not an RFC 6749 §5.2 error body".into(),
+                    body: excerpt(body),
+                },
+            };
+            return Err(Failure {
+                error: failure,
+                retry_after: retry_after(&headers),
+            });
+        }
+    }
+
+    async fn token_request(
+        &self,
+        endpoint: &Url,
+        origin: &str,
+        scopes: &[String],
+        nonce: Option<&str>,
+    ) -> Result<Request<Vec<u8>>, OAuthError> {
+        let now = unix_now();
+        let iat = self.state.iat_for(origin, now);
+        let audience = match (&self.config.audience, self.config.server.audience_rule()) {
+            (Some(a), _) => a.clone(),
+            (None, AudienceRule::Issuer) => self
+                .config
+                .issuer
+                .as_ref()
+                .map_or_else(|| endpoint.to_string(), Url::to_string),
+            (None, AudienceRule::TokenEndpoint) => endpoint.to_string(),
+        };
+        let claims = assertion::claims(
+            &self.config.client_id,
+            &audience,
+            self.config.assertion_lifetime,
+            self.config.server.max_assertion_lifetime(),
+            iat,
+            super::new_jti()?,
+        )?;
+        let key = &self.assertion_key;
+        let client_assertion = sign_async(key, &assertion::header(key.alg(), key.kid()), &claims).await?;
+        let mut form = vec![
+            ("grant_type", "client_credentials".to_string()),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_string(),
+            ),
+            ("client_assertion", client_assertion),
+        ];
+        if !scopes.is_empty() {
+            form.push(("scope", scopes.join(" ")));
+        }
+        let body = serde_urlencoded::to_string(&form).map_err(|e| OAuthError::Config(e.to_string()))?;
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(endpoint.as_str())
+            .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(http::header::ACCEPT, "application/json");
+        if let Some(proof) = self.proof("POST", endpoint.as_str(), origin, nonce, None).await? {
+            request = request.header("DPoP", proof);
+        }
+        request
+            .body(body.into_bytes())
+            .map_err(|e| OAuthError::Config(e.to_string()))
+    }
+
+    /// A DPoP proof with this client's key, or `None` when DPoP is off.
+    pub async fn proof(
+        &self,
+        method: &str,
+        url: &str,
+        origin: &str,
+        nonce: Option<&str>,
+        access_token: Option<&Secret>,
+    ) -> Result<Option<String>, OAuthError> {
+        let Some(key) = &self.dpop_key else {
+            return Ok(None);
+        };
+        let claims = dpop::claims(
+            method,
+            url,
+            nonce,
+            access_token.map(Secret::expose),
+            self.state.iat_for(origin, unix_now()),
+            super::new_jti()?,
+        )?;
+        sign_async(key, &dpop::header(key.alg(), key.public()), &claims)
+            .await
+            .map(Some)
+    }
+
+    /// Nonce (any response, 200s included) and clock offset from a response.
+    pub fn observe(&self, origin: &str, role: Role, headers: &http::HeaderMap) {
+        if let Some(n) = headers.get("dpop-nonce").and_then(|v| v.to_str().ok()) {
+            self.state.set_nonce(role, origin, n);
+        }
+        if let Some(t) = server_time(headers) {
+            self.state.observe_clock(origin, t, unix_now());
+        }
+    }
+
+    /// Token response checks: DPoP downgrade, scope guard.
+    fn accept(&self, response: TokenResponse, requested: &[String]) -> Result<AccessToken, OAuthError> {
+        if self.dpop_key.is_some() && !response.token_type.eq_ignore_ascii_case("DPoP") {
+            return Err(OAuthError::Downgrade {
+                token_type: response.token_type,
+            });
+        }
+        let scopes: Vec<String> = match &response.scope {
+            Some(s) => s.split_whitespace().map(str::to_string).collect(),
+            None => requested.to_vec(),
+        };
+        let extra: Vec<String> = scopes
+            .iter()
+            .filter(|s| !self.config.allowed_scopes.contains(s))
+            .cloned()
+            .collect();
+        if !extra.is_empty() {
+            return Err(OAuthError::ScopeGuard {
+                extra,
+                allowed: self.config.allowed_scopes.clone(),
+            });
+        }
+        Ok(AccessToken {
+            secret: Secret::new(response.access_token),
+            token_type: response.token_type,
+            expires_in: response.expires_in,
+            scopes,
+            received: Instant::now(),
+            round_trips: 0,
+        })
+    }
+
+    /// When an error looks like clock trouble, the measured offset to quote.
+    fn clock_note(&self, origin: &str, e: &ErrorBody) -> Option<i64> {
+        let text = format!("{} {}", e.error, e.error_description.as_deref().unwrap_or("")).to_lowercase();
+        let clocky = ["iat", "exp", "expired", "future", "clock", "time", "not yet valid"];
+        clocky
+            .iter()
+            .any(|w| text.contains(w))
+            .then(|| self.state.offset(origin).unwrap_or(0))
+    }
+}

@@ -1,0 +1,230 @@
+//! Reading what servers answer: token responses (RFC 6749 §5.1), error bodies (§5.2) with
+//! hints, Okta API errors, `WWW-Authenticate: DPoP` (RFC 9449 §7.1), `Link` (RFC 8288),
+//! `Retry-After` and `Date` (RFC 9110).
+
+use std::time::{Duration, SystemTime};
+
+use http::HeaderMap;
+use serde::Deserialize;
+
+/// RFC 6749 §5.1.
+#[derive(Debug, Deserialize)]
+pub struct TokenResponse {
+    pub access_token: String,
+    pub token_type: String,
+    pub expires_in: Option<u64>,
+    pub scope: Option<String>,
+}
+
+/// RFC 6749 §5.2.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub error_description: Option<String>,
+}
+
+/// Okta's API error shape.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OktaError {
+    pub error_code: String,
+    pub error_summary: String,
+    #[serde(default)]
+    pub error_causes: Vec<OktaCause>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OktaCause {
+    pub error_summary: String,
+}
+
+/// The parameters of a `WWW-Authenticate: DPoP …` challenge.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Challenge {
+    pub scheme: String,
+    pub error: Option<String>,
+    pub error_description: Option<String>,
+}
+
+/// What to tell a user about a §5.2 error code.
+pub fn hint(error: &str) -> &'static str {
+    match error {
+        "invalid_client" => {
+            "the server did not accept the client assertion: check that the key's kid is registered (paste `keybound jwks` into the app), that client_id is right, and that the assertion audience is the token endpoint URL"
+        }
+        "invalid_dpop_proof" => {
+            "the server rejected the DPoP proof: check htu (the exact token endpoint URL), htm, and the clock (iat)"
+        }
+        "use_dpop_nonce" => "the server demanded a DPoP nonce again right after one was supplied",
+        "invalid_scope" => "a requested scope is not granted to this app: grant it in the server's console, or remove it from scopes",
+        "insufficient_scope" => {
+            "the token lacks a scope the API needs: grant the scope to the app (Okta: Okta API Scopes tab), and for admin APIs give the app an admin role"
+        }
+        "unauthorized_client" => "the app may not use this grant type: enable Client Credentials for it",
+        "invalid_grant" => "the grant was refused",
+        "unsupported_grant_type" => "the server does not support client_credentials for this app",
+        "invalid_token" => "the access token was rejected (expired, revoked, or presented with the wrong scheme)",
+        _ => "",
+    }
+}
+
+/// Parses every `WWW-Authenticate` challenge with the DPoP or Bearer scheme.
+pub fn challenges(headers: &HeaderMap) -> Vec<Challenge> {
+    headers
+        .get_all(http::header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(parse_challenge)
+        .collect()
+}
+
+fn parse_challenge(value: &str) -> Option<Challenge> {
+    let value = value.trim();
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    if !["dpop", "bearer"].contains(&scheme.to_ascii_lowercase().as_str()) {
+        return None;
+    }
+    let mut c = Challenge {
+        scheme: scheme.into(),
+        ..Challenge::default()
+    };
+    for (k, v) in auth_params(rest) {
+        match k.to_ascii_lowercase().as_str() {
+            "error" => c.error = Some(v),
+            "error_description" => c.error_description = Some(v),
+            _ => {}
+        }
+    }
+    Some(c)
+}
+
+/// `k=v, k="quoted, with \"escapes\""` (RFC 9110 §11.2).
+fn auth_params(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
+        if key.trim().is_empty() || chars.next() != Some('=') {
+            return out;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value = std::iter::from_fn(|| chars.next_if(|c| *c != ',')).collect();
+        }
+        out.push((key.trim().to_string(), value.trim().to_string()));
+    }
+}
+
+/// The `rel="next"` target among all `Link` headers.
+pub fn next_link(headers: &HeaderMap) -> Option<String> {
+    for value in headers.get_all(http::header::LINK) {
+        let Ok(value) = value.to_str() else { continue };
+        for link in value.split(',') {
+            let mut parts = link.split(';');
+            let target = parts.next()?.trim();
+            let is_next = parts.any(|p| {
+                let p = p.trim().to_ascii_lowercase();
+                p == "rel=\"next\"" || p == "rel=next"
+            });
+            if is_next {
+                return target
+                    .strip_prefix('<')
+                    .and_then(|t| t.strip_suffix('>'))
+                    .map(str::to_string);
+            }
+        }
+    }
+    None
+}
+
+/// `Retry-After`: delay-seconds or an HTTP-date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(v).ok()?;
+    Some(when.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+/// The server's clock from `Date`, as seconds since the epoch.
+pub fn server_time(headers: &HeaderMap) -> Option<u64> {
+    let v = headers.get(http::header::DATE)?.to_str().ok()?;
+    let t = httpdate::parse_http_date(v).ok()?;
+    t.duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs())
+}
+
+/// A body for an error message: UTF-8, at most 300 characters.
+pub fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    match text.char_indices().nth(300) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn dpop_challenges() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "www-authenticate",
+            HeaderValue::from_static(
+                r#"DPoP error="use_dpop_nonce", error_description="Resource server requires nonce in DPoP proof""#,
+            ),
+        );
+        let c = challenges(&h);
+        assert_eq!(c[0].error.as_deref(), Some("use_dpop_nonce"));
+        assert_eq!(
+            c[0].error_description.as_deref(),
+            Some("Resource server requires nonce in DPoP proof")
+        );
+        let mut h = HeaderMap::new();
+        h.append("www-authenticate", HeaderValue::from_static(r#"DPoP algs="ES256 PS256""#));
+        assert_eq!(challenges(&h)[0].error, None);
+    }
+
+    #[test]
+    fn okta_links() {
+        let mut h = HeaderMap::new();
+        h.append("link", HeaderValue::from_static(r#"<https://o.example/api/v1/users?limit=2>; rel="self""#));
+        h.append(
+            "link",
+            HeaderValue::from_static(r#"<https://o.example/api/v1/users?after=00u2&limit=2>; rel="next""#),
+        );
+        assert_eq!(
+            next_link(&h).as_deref(),
+            Some("https://o.example/api/v1/users?after=00u2&limit=2")
+        );
+        let mut h = HeaderMap::new();
+        h.append("link", HeaderValue::from_static(r#"<https://o.example/a>; rel="self", <https://o.example/b>; rel="next""#));
+        assert_eq!(next_link(&h).as_deref(), Some("https://o.example/b"));
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+    }
+}
