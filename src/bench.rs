@@ -25,10 +25,11 @@ pub struct Report {
     pub pipeline_p99_us: u64,
 }
 
-/// Runs `rounds` rounds of (raw, pipeline), each phase `seconds / (2 * rounds)` long.
+/// Alternates raw and pipeline phases of about half a second each for `seconds` in all:
+/// on a shared machine, noise then lands on both sides alike.
 pub fn run(key: &SigningKey, sessions: usize, seconds: f64) -> Result<Report, OAuthError> {
-    const ROUNDS: u32 = 2;
-    let phase = Duration::from_secs_f64((seconds / f64::from(2 * ROUNDS)).max(0.05));
+    let rounds = (seconds.round() as u32).clamp(1, 600);
+    let phase = Duration::from_secs_f64((seconds / f64::from(2 * rounds)).max(0.05));
     let callers = 2 * sessions;
     // Warm up: sessions opened, logged in, key handles cached, before anything is timed.
     pipeline(key, callers, Duration::from_millis(50))?;
@@ -37,7 +38,7 @@ pub fn run(key: &SigningKey, sessions: usize, seconds: f64) -> Result<Report, OA
         .alg()
         .to_be_signed(b"keybound bench: raw device signature");
     let (mut raw, mut piped, mut latencies) = (0u64, 0u64, Vec::new());
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         raw += key_backend_raw(key, &tbs, phase)?;
         let (n, mut lat) = pipeline(key, callers, phase)?;
         piped += n;
@@ -50,7 +51,7 @@ pub fn run(key: &SigningKey, sessions: usize, seconds: f64) -> Result<Report, OA
             .copied()
             .unwrap_or(0)
     };
-    let measured = phase.as_secs_f64() * f64::from(ROUNDS);
+    let measured = phase.as_secs_f64() * f64::from(rounds);
     let raw_per_s = raw as f64 / measured;
     let pipeline_per_s = piped as f64 / measured;
     Ok(Report {

@@ -133,10 +133,9 @@ impl OAuthClient {
                 OAuthError::Config(format!("the next link '{next}' is not a URL: {e}"))
             })?;
             if origin(&next) != start {
-                return Err(OAuthError::ForeignOrigin {
-                    client: self.config().name.clone(),
-                    origin: origin(&next),
-                    allowed: start,
+                return Err(OAuthError::CrossOriginLink {
+                    from: start,
+                    to: origin(&next),
                 });
             }
             request = ApiRequest {

@@ -201,6 +201,10 @@ impl OAuthClient {
                 }
                 Err(f) if f.error.retryable() => {
                     self.breaker.failure(&f.error.to_string());
+                    if self.breaker.state() == BreakerState::Open {
+                        // This failure opened the breaker: the loop's admit reports it.
+                        continue;
+                    }
                     if attempt >= self.config.max_attempts {
                         return Err(OAuthError::Exhausted {
                             attempts: attempt,

@@ -99,6 +99,8 @@ pub enum OAuthError {
     Exhausted { attempts: u32, last: Box<OAuthError> },
     #[error("the server asked to retry after {secs} s, longer than keybound waits; last: {last}")]
     RetryTooLate { secs: u64, last: Box<OAuthError> },
+    #[error("refusing to follow a next link from {from} to {to}: pagination stays on the origin it started on")]
+    CrossOriginLink { from: String, to: String },
     #[error("refusing to send client '{client}''s access token to {origin}: not in its api_origins ({allowed}); add the origin to api_origins if it is meant")]
     ForeignOrigin {
         client: String,
