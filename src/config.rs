@@ -96,7 +96,10 @@ impl Config {
         for (i, c) in raw.client.into_iter().enumerate() {
             let c = c.validate(&format!("client[{i}]"))?;
             if clients.iter().any(|d| d.name == c.name) {
-                return Err(format!("client[{i}].name: '{}' is used by another client", c.name));
+                return Err(format!(
+                    "client[{i}].name: '{}' is used by another client",
+                    c.name
+                ));
             }
             clients.push(c);
         }
@@ -113,12 +116,21 @@ impl Config {
     pub fn client(&self, name: Option<&str>) -> Result<&ClientConfig, String> {
         let names = || {
             let v: Vec<&str> = self.clients.iter().map(|c| c.name.as_str()).collect();
-            if v.is_empty() { "(none)".to_string() } else { v.join(", ") }
+            if v.is_empty() {
+                "(none)".to_string()
+            } else {
+                v.join(", ")
+            }
         };
         match (name, self.clients.as_slice()) {
-            (_, []) => Err("no [[client]] in the config; add one (see keybound.example.toml)".into()),
+            (_, []) => {
+                Err("no [[client]] in the config; add one (see keybound.example.toml)".into())
+            }
             (None, [only]) => Ok(only),
-            (None, _) => Err(format!("several clients are configured; pick one with --client ({})", names())),
+            (None, _) => Err(format!(
+                "several clients are configured; pick one with --client ({})",
+                names()
+            )),
             (Some(n), all) => all
                 .iter()
                 .find(|c| c.name == n)

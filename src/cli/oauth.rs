@@ -53,7 +53,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-pub fn token(config: Option<&Path>, client: Option<&str>, as_json: bool, check: bool) -> anyhow::Result<ExitCode> {
+pub fn token(
+    config: Option<&Path>,
+    client: Option<&str>,
+    as_json: bool,
+    check: bool,
+) -> anyhow::Result<ExitCode> {
     let client = open_client(config, client)?;
     let token = runtime()?.block_on(client.token())?;
     let jkt = jwt_claims(token.secret.expose())
@@ -64,8 +69,11 @@ pub fn token(config: Option<&Path>, client: Option<&str>, as_json: bool, check: 
     if check {
         let c = client.config();
         let endpoint = runtime()?.block_on(client.endpoint())?.clone();
-        let read_only = !token.scopes.is_empty() && token.scopes.iter().all(|s| s.ends_with(".read"));
-        let key = |k: &keybound::keyring::SigningKey| format!("'{}' {} kid {}", k.label(), k.alg(), k.kid());
+        let read_only =
+            !token.scopes.is_empty() && token.scopes.iter().all(|s| s.ends_with(".read"));
+        let key = |k: &keybound::keyring::SigningKey| {
+            format!("'{}' {} kid {}", k.label(), k.alg(), k.kid())
+        };
         out!("client          {} (server {})", c.name, c.server.name());
         out!("token endpoint  {endpoint}");
         out!("assertion key   {}", key(client.assertion_key()));
@@ -83,12 +91,32 @@ pub fn token(config: Option<&Path>, client: Option<&str>, as_json: bool, check: 
             }
         );
         out!("scopes granted  {scope}");
-        out!("scope guard     pass (allowed: {})", c.allowed_scopes.join(" "));
-        out!("read-only       {}", if read_only { "yes (every scope is *.read)" } else { "no" });
-        out!("expires_in      {}", token.expires_in.map_or("(not given)".into(), |s| format!("{s} s")));
+        out!(
+            "scope guard     pass (allowed: {})",
+            c.allowed_scopes.join(" ")
+        );
+        out!(
+            "read-only       {}",
+            if read_only {
+                "yes (every scope is *.read)"
+            } else {
+                "no"
+            }
+        );
+        out!(
+            "expires_in      {}",
+            token
+                .expires_in
+                .map_or("(not given)".into(), |s| format!("{s} s"))
+        );
         out!("round trips     {}", token.round_trips);
         let offset = client.state().offset(&origin(&endpoint));
-        out!("clock offset    {}", offset.map_or("(no Date header)".into(), |o| format!("{o:+} s (server minus local)")));
+        out!(
+            "clock offset    {}",
+            offset.map_or("(no Date header)".into(), |o| format!(
+                "{o:+} s (server minus local)"
+            ))
+        );
         return Ok(ExitCode::SUCCESS);
     }
     if as_json {
@@ -102,7 +130,12 @@ pub fn token(config: Option<&Path>, client: Option<&str>, as_json: bool, check: 
         out!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         out!("token_type    {}", token.token_type);
-        out!("expires_in    {}", token.expires_in.map_or("(not given)".into(), |s| s.to_string()));
+        out!(
+            "expires_in    {}",
+            token
+                .expires_in
+                .map_or("(not given)".into(), |s| s.to_string())
+        );
         out!("scope         {scope}");
         out!("cnf.jkt       {}", jkt.as_deref().unwrap_or("(none)"));
         out!("access_token  {}", token.secret.expose());
@@ -132,14 +165,20 @@ pub fn call(config: Option<&Path>, args: CallArgs) -> anyhow::Result<ExitCode> {
         if name == http::header::AUTHORIZATION || name.as_str() == "dpop" {
             anyhow::bail!("header '{name}' is set by keybound; do not pass it with -H");
         }
-        headers.push((name, HeaderValue::from_str(value.trim()).context("invalid header value")?));
+        headers.push((
+            name,
+            HeaderValue::from_str(value.trim()).context("invalid header value")?,
+        ));
     }
     let has_type = headers.iter().any(|(n, _)| n == http::header::CONTENT_TYPE);
     if let Some(b) = &body
         && !has_type
         && serde_json::from_slice::<serde_json::Value>(b).is_ok()
     {
-        headers.push((http::header::CONTENT_TYPE, HeaderValue::from_static("application/json")));
+        headers.push((
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        ));
     }
     let request = ApiRequest {
         method,
@@ -164,7 +203,11 @@ pub fn call(config: Option<&Path>, args: CallArgs) -> anyhow::Result<ExitCode> {
         }
         r
     };
-    tracing::info!(status = response.status.as_u16(), round_trips = response.round_trips, "call finished");
+    tracing::info!(
+        status = response.status.as_u16(),
+        round_trips = response.round_trips,
+        "call finished"
+    );
     if response.status.as_u16() >= 400 {
         eprintln!("error: {}", response.error_line());
         return Ok(ExitCode::from(HTTP_ERROR));
@@ -176,12 +219,13 @@ fn read_data(data: &str) -> anyhow::Result<Vec<u8>> {
     match data.strip_prefix('@') {
         Some("-") => {
             let mut b = Vec::new();
-            std::io::stdin().read_to_end(&mut b).context("cannot read the body from stdin")?;
+            std::io::stdin()
+                .read_to_end(&mut b)
+                .context("cannot read the body from stdin")?;
             Ok(b)
         }
-        Some(path) => {
-            std::fs::read(PathBuf::from(path)).with_context(|| format!("cannot read body file {path}"))
-        }
+        Some(path) => std::fs::read(PathBuf::from(path))
+            .with_context(|| format!("cannot read body file {path}")),
         None => Ok(data.as_bytes().to_vec()),
     }
 }

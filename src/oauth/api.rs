@@ -5,11 +5,11 @@
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use url::Url;
 
+use super::OAuthError;
 use super::client::OAuthClient;
 use super::response::{OktaError, challenges, excerpt, next_link};
 use super::settings::origin;
 use super::state::Role;
-use super::OAuthError;
 
 pub struct ApiRequest {
     pub method: Method,
@@ -76,7 +76,10 @@ impl OAuthClient {
             self.observe(&origin, Role::ResourceServer, &headers);
             tracing::info!(method = %request.method, url = %request.url, status = status.as_u16(),
                 token = %token.secret.redacted(), "API answered");
-            let errors: Vec<String> = challenges(&headers).into_iter().filter_map(|c| c.error).collect();
+            let errors: Vec<String> = challenges(&headers)
+                .into_iter()
+                .filter_map(|c| c.error)
+                .collect();
             let challenged = matches!(status.as_u16(), 400 | 401);
             if challenged && errors.iter().any(|e| e == "use_dpop_nonce") {
                 let fresh = self.state().nonce(Role::ResourceServer, &origin);
@@ -153,7 +156,11 @@ impl ApiResponse {
         let mut line = format!("HTTP {}", self.status);
         if let Ok(okta) = serde_json::from_slice::<OktaError>(&self.body) {
             line.push_str(&format!(": {} {}", okta.error_code, okta.error_summary));
-            let causes: Vec<&str> = okta.error_causes.iter().map(|c| c.error_summary.as_str()).collect();
+            let causes: Vec<&str> = okta
+                .error_causes
+                .iter()
+                .map(|c| c.error_summary.as_str())
+                .collect();
             if !causes.is_empty() {
                 line.push_str(&format!(" (causes: {})", causes.join("; ")));
             }

@@ -26,12 +26,14 @@ pub struct AccessToken {
 
 impl AccessToken {
     fn expires_at(&self) -> Option<Instant> {
-        self.expires_in.map(|s| self.received + Duration::from_secs(s))
+        self.expires_in
+            .map(|s| self.received + Duration::from_secs(s))
     }
 
     /// Still usable `margin` from now.
     pub fn valid_for(&self, margin: Duration) -> bool {
-        self.expires_at().is_none_or(|e| Instant::now() + margin < e)
+        self.expires_at()
+            .is_none_or(|e| Instant::now() + margin < e)
     }
 }
 
@@ -72,7 +74,10 @@ impl TokenCache {
                 *entry = Some(t.clone());
                 Ok(t)
             }
-            Err(e) => match entry.as_ref().filter(|t| t.valid_for(Duration::from_secs(5))) {
+            Err(e) => match entry
+                .as_ref()
+                .filter(|t| t.valid_for(Duration::from_secs(5)))
+            {
                 Some(old) => {
                     tracing::warn!("token refresh failed, using the still-valid token: {e}");
                     Ok(old.clone())
@@ -146,13 +151,21 @@ mod tests {
     async fn refreshes_ahead_of_expiry() {
         let cache = TokenCache::default();
         let s = ["a".to_string()];
-        cache.get(&s, Duration::from_secs(60), || async { Ok(token(30)) }).await.unwrap();
+        cache
+            .get(&s, Duration::from_secs(60), || async { Ok(token(30)) })
+            .await
+            .unwrap();
         // 30 s left is inside the 60 s refresh window: fetch again.
-        let t = cache.get(&s, Duration::from_secs(60), || async { Ok(token(3600)) }).await.unwrap();
+        let t = cache
+            .get(&s, Duration::from_secs(60), || async { Ok(token(3600)) })
+            .await
+            .unwrap();
         assert_eq!(t.expires_in, Some(3600));
         // A failed refresh keeps a still-valid token.
         let t = cache
-            .get(&s, Duration::from_secs(7200), || async { Err(OAuthError::Empty { what: "x" }) })
+            .get(&s, Duration::from_secs(7200), || async {
+                Err(OAuthError::Empty { what: "x" })
+            })
             .await
             .unwrap();
         assert_eq!(t.expires_in, Some(3600));

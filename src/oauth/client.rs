@@ -162,12 +162,11 @@ impl OAuthClient {
                 last = format!("{url} answered {}", response.status());
                 continue;
             }
-            let meta: serde_json::Value = serde_json::from_slice(response.body()).map_err(|e| {
-                OAuthError::Config(format!("{url} is not JSON metadata: {e}"))
-            })?;
-            let endpoint = meta["token_endpoint"].as_str().ok_or_else(|| {
-                OAuthError::Config(format!("{url} has no token_endpoint"))
-            })?;
+            let meta: serde_json::Value = serde_json::from_slice(response.body())
+                .map_err(|e| OAuthError::Config(format!("{url} is not JSON metadata: {e}")))?;
+            let endpoint = meta["token_endpoint"]
+                .as_str()
+                .ok_or_else(|| OAuthError::Config(format!("{url} has no token_endpoint")))?;
             return endpoint_url(endpoint).map_err(OAuthError::Config);
         }
         Err(OAuthError::Config(format!(
@@ -194,7 +193,8 @@ impl OAuthClient {
                 Ok(mut token) => {
                     self.breaker.success();
                     token.round_trips =
-                        u32::try_from(self.exchanges.load(Ordering::Relaxed) - started).unwrap_or(u32::MAX);
+                        u32::try_from(self.exchanges.load(Ordering::Relaxed) - started)
+                            .unwrap_or(u32::MAX);
                     tracing::info!(client = %self.config.name, token = %token.secret.redacted(),
                         expires_in = ?token.expires_in, round_trips = token.round_trips, "token received");
                     return Ok(token);
@@ -211,7 +211,11 @@ impl OAuthClient {
                             last: Box::new(f.error),
                         });
                     }
-                    let mut wait = backoff(attempt - 1, self.config.backoff_initial, self.config.backoff_max);
+                    let mut wait = backoff(
+                        attempt - 1,
+                        self.config.backoff_initial,
+                        self.config.backoff_max,
+                    );
                     if let Some(asked) = f.retry_after {
                         if asked > MAX_RETRY_AFTER {
                             return Err(OAuthError::RetryTooLate {
@@ -242,16 +246,21 @@ impl OAuthClient {
                 .await?;
             self.exchanges.fetch_add(1, Ordering::Relaxed);
             let response = self.http.send(request).await.map_err(OAuthError::from)?;
-            let (status, headers, body) = (response.status(), response.headers().clone(), response.body());
+            let (status, headers, body) = (
+                response.status(),
+                response.headers().clone(),
+                response.body(),
+            );
             self.observe(&origin, Role::AuthorizationServer, &headers);
             tracing::info!(client = %self.config.name, status = status.as_u16(), "token endpoint answered");
             if status.is_success() {
-                let parsed: TokenResponse = serde_json::from_slice(body).map_err(|e| OAuthError::Parse {
-                    url: endpoint.to_string(),
-                    status: status.as_u16(),
-                    reason: e.to_string(),
-                    body: excerpt(body),
-                })?;
+                let parsed: TokenResponse =
+                    serde_json::from_slice(body).map_err(|e| OAuthError::Parse {
+                        url: endpoint.to_string(),
+                        status: status.as_u16(),
+                        reason: e.to_string(),
+                        body: excerpt(body),
+                    })?;
                 return Ok(self.accept(parsed, scopes)?);
             }
             let error: Option<ErrorBody> = serde_json::from_slice(body).ok();
@@ -332,7 +341,8 @@ impl OAuthClient {
             super::new_jti()?,
         )?;
         let key = &self.assertion_key;
-        let client_assertion = sign_async(key, &assertion::header(key.alg(), key.kid()), &claims).await?;
+        let client_assertion =
+            sign_async(key, &assertion::header(key.alg(), key.kid()), &claims).await?;
         let mut form = vec![
             ("grant_type", "client_credentials".to_string()),
             (
@@ -344,13 +354,20 @@ impl OAuthClient {
         if !scopes.is_empty() {
             form.push(("scope", scopes.join(" ")));
         }
-        let body = serde_urlencoded::to_string(&form).map_err(|e| OAuthError::Config(e.to_string()))?;
+        let body =
+            serde_urlencoded::to_string(&form).map_err(|e| OAuthError::Config(e.to_string()))?;
         let mut request = Request::builder()
             .method(Method::POST)
             .uri(endpoint.as_str())
-            .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
             .header(http::header::ACCEPT, "application/json");
-        if let Some(proof) = self.proof("POST", endpoint.as_str(), origin, nonce, None).await? {
+        if let Some(proof) = self
+            .proof("POST", endpoint.as_str(), origin, nonce, None)
+            .await?
+        {
             request = request.header("DPoP", proof);
         }
         request
@@ -394,7 +411,11 @@ impl OAuthClient {
     }
 
     /// Token response checks: DPoP downgrade, scope guard.
-    fn accept(&self, response: TokenResponse, requested: &[String]) -> Result<AccessToken, OAuthError> {
+    fn accept(
+        &self,
+        response: TokenResponse,
+        requested: &[String],
+    ) -> Result<AccessToken, OAuthError> {
         if self.dpop_key.is_some() && !response.token_type.eq_ignore_ascii_case("DPoP") {
             return Err(OAuthError::Downgrade {
                 token_type: response.token_type,
@@ -427,8 +448,21 @@ impl OAuthClient {
 
     /// When an error looks like clock trouble, the measured offset to quote.
     fn clock_note(&self, origin: &str, e: &ErrorBody) -> Option<i64> {
-        let text = format!("{} {}", e.error, e.error_description.as_deref().unwrap_or("")).to_lowercase();
-        let clocky = ["iat", "exp", "expired", "future", "clock", "time", "not yet valid"];
+        let text = format!(
+            "{} {}",
+            e.error,
+            e.error_description.as_deref().unwrap_or("")
+        )
+        .to_lowercase();
+        let clocky = [
+            "iat",
+            "exp",
+            "expired",
+            "future",
+            "clock",
+            "time",
+            "not yet valid",
+        ];
         clocky
             .iter()
             .any(|w| text.contains(w))

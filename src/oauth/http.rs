@@ -23,7 +23,10 @@ impl TransportError {
     /// Connect errors and timeouts are worth another attempt; a broken exchange is not
     /// necessarily idempotent, but token requests are, so the caller decides.
     pub fn retryable(&self) -> bool {
-        matches!(self, TransportError::Connect { .. } | TransportError::Timeout { .. })
+        matches!(
+            self,
+            TransportError::Connect { .. } | TransportError::Timeout { .. }
+        )
     }
 }
 
@@ -48,14 +51,18 @@ impl HttpClient {
         Ok(HttpClient { inner, timeout })
     }
 
-    pub async fn send(&self, request: Request<Vec<u8>>) -> Result<Response<Vec<u8>>, TransportError> {
+    pub async fn send(
+        &self,
+        request: Request<Vec<u8>>,
+    ) -> Result<Response<Vec<u8>>, TransportError> {
         let url = request.uri().to_string();
-        let request = reqwest::Request::try_from(request.map(reqwest::Body::from)).map_err(|e| {
-            TransportError::Other {
-                url: url.clone(),
-                reason: e.to_string(),
-            }
-        })?;
+        let request =
+            reqwest::Request::try_from(request.map(reqwest::Body::from)).map_err(|e| {
+                TransportError::Other {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
         let classify = |e: reqwest::Error| {
             if e.is_timeout() {
                 TransportError::Timeout {

@@ -19,10 +19,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use self::http::TransportError;
 use crate::jose::{self, Header, JoseError};
 use crate::keyring::{KeyError, SigningKey};
 use crate::token::TokenError;
-use self::http::TransportError;
 
 /// Errors of the OAuth layer.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +67,11 @@ pub enum OAuthError {
         skew: Option<i64>,
     },
     #[error("{url} answered HTTP {status}: {body}")]
-    Status { url: String, status: u16, body: String },
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
     #[error("{url} answered HTTP {status} with a body keybound cannot read ({reason}): {body}")]
     Parse {
         url: String,
@@ -75,20 +79,31 @@ pub enum OAuthError {
         reason: String,
         body: String,
     },
-    #[error("{url} answered with a redirect (HTTP {status} to {location}); keybound does not follow redirects on token requests: configure the final URL")]
+    #[error(
+        "{url} answered with a redirect (HTTP {status} to {location}); keybound does not follow redirects on token requests: configure the final URL"
+    )]
     Redirected {
         url: String,
         status: u16,
         location: String,
     },
-    #[error("{origin} demanded a new DPoP nonce again right after one was supplied; giving up instead of looping")]
+    #[error(
+        "{origin} demanded a new DPoP nonce again right after one was supplied; giving up instead of looping"
+    )]
     NonceLoop { origin: String },
-    #[error("the server returned token_type '{token_type}' although DPoP is required: refusing the downgraded token")]
+    #[error(
+        "the server returned token_type '{token_type}' although DPoP is required: refusing the downgraded token"
+    )]
     Downgrade { token_type: String },
     #[error("scope guard: the token grants {} outside allowed_scopes ({}); the token was discarded",
         .extra.join(" "), .allowed.join(" "))]
-    ScopeGuard { extra: Vec<String>, allowed: Vec<String> },
-    #[error("circuit breaker open for {endpoint} after {failures} consecutive failures (last: {last}); next try in {retry_in_secs} s")]
+    ScopeGuard {
+        extra: Vec<String>,
+        allowed: Vec<String>,
+    },
+    #[error(
+        "circuit breaker open for {endpoint} after {failures} consecutive failures (last: {last}); next try in {retry_in_secs} s"
+    )]
     BreakerOpen {
         endpoint: String,
         failures: u32,
@@ -96,12 +111,19 @@ pub enum OAuthError {
         last: String,
     },
     #[error("gave up after {attempts} attempts; last: {last}")]
-    Exhausted { attempts: u32, last: Box<OAuthError> },
+    Exhausted {
+        attempts: u32,
+        last: Box<OAuthError>,
+    },
     #[error("the server asked to retry after {secs} s, longer than keybound waits; last: {last}")]
     RetryTooLate { secs: u64, last: Box<OAuthError> },
-    #[error("refusing to follow a next link from {from} to {to}: pagination stays on the origin it started on")]
+    #[error(
+        "refusing to follow a next link from {from} to {to}: pagination stays on the origin it started on"
+    )]
     CrossOriginLink { from: String, to: String },
-    #[error("refusing to send client '{client}''s access token to {origin}: not in its api_origins ({allowed}); add the origin to api_origins if it is meant")]
+    #[error(
+        "refusing to send client '{client}''s access token to {origin}: not in its api_origins ({allowed}); add the origin to api_origins if it is meant"
+    )]
     ForeignOrigin {
         client: String,
         origin: String,

@@ -57,14 +57,20 @@ pub fn hint(error: &str) -> &'static str {
             "the server rejected the DPoP proof: check htu (the exact token endpoint URL), htm, and the clock (iat)"
         }
         "use_dpop_nonce" => "the server demanded a DPoP nonce again right after one was supplied",
-        "invalid_scope" => "a requested scope is not granted to this app: grant it in the server's console, or remove it from scopes",
+        "invalid_scope" => {
+            "a requested scope is not granted to this app: grant it in the server's console, or remove it from scopes"
+        }
         "insufficient_scope" => {
             "the token lacks a scope the API needs: grant the scope to the app (Okta: Okta API Scopes tab), and for admin APIs give the app an admin role"
         }
-        "unauthorized_client" => "the app may not use this grant type: enable Client Credentials for it",
+        "unauthorized_client" => {
+            "the app may not use this grant type: enable Client Credentials for it"
+        }
         "invalid_grant" => "the grant was refused",
         "unsupported_grant_type" => "the server does not support client_credentials for this app",
-        "invalid_token" => "the access token was rejected (expired, revoked, or presented with the wrong scheme)",
+        "invalid_token" => {
+            "the access token was rejected (expired, revoked, or presented with the wrong scheme)"
+        }
         _ => "",
     }
 }
@@ -107,7 +113,8 @@ fn auth_params(s: &str) -> Vec<(String, String)> {
         while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
             chars.next();
         }
-        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
+        let key: String =
+            std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
         if key.trim().is_empty() || chars.next() != Some('=') {
             return out;
         }
@@ -152,7 +159,11 @@ pub fn next_link(headers: &HeaderMap) -> Option<String> {
 
 /// `Retry-After`: delay-seconds or an HTTP-date.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let v = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
@@ -164,7 +175,9 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 pub fn server_time(headers: &HeaderMap) -> Option<u64> {
     let v = headers.get(http::header::DATE)?.to_str().ok()?;
     let t = httpdate::parse_http_date(v).ok()?;
-    t.duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs())
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
 }
 
 /// A body for an error message: UTF-8, at most 300 characters.
@@ -198,24 +211,37 @@ mod tests {
             Some("Resource server requires nonce in DPoP proof")
         );
         let mut h = HeaderMap::new();
-        h.append("www-authenticate", HeaderValue::from_static(r#"DPoP algs="ES256 PS256""#));
+        h.append(
+            "www-authenticate",
+            HeaderValue::from_static(r#"DPoP algs="ES256 PS256""#),
+        );
         assert_eq!(challenges(&h)[0].error, None);
     }
 
     #[test]
     fn okta_links() {
         let mut h = HeaderMap::new();
-        h.append("link", HeaderValue::from_static(r#"<https://o.example/api/v1/users?limit=2>; rel="self""#));
         h.append(
             "link",
-            HeaderValue::from_static(r#"<https://o.example/api/v1/users?after=00u2&limit=2>; rel="next""#),
+            HeaderValue::from_static(r#"<https://o.example/api/v1/users?limit=2>; rel="self""#),
+        );
+        h.append(
+            "link",
+            HeaderValue::from_static(
+                r#"<https://o.example/api/v1/users?after=00u2&limit=2>; rel="next""#,
+            ),
         );
         assert_eq!(
             next_link(&h).as_deref(),
             Some("https://o.example/api/v1/users?after=00u2&limit=2")
         );
         let mut h = HeaderMap::new();
-        h.append("link", HeaderValue::from_static(r#"<https://o.example/a>; rel="self", <https://o.example/b>; rel="next""#));
+        h.append(
+            "link",
+            HeaderValue::from_static(
+                r#"<https://o.example/a>; rel="self", <https://o.example/b>; rel="next""#,
+            ),
+        );
         assert_eq!(next_link(&h).as_deref(), Some("https://o.example/b"));
     }
 
@@ -224,7 +250,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("retry-after", HeaderValue::from_static("3"));
         assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
-        h.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
     }
 }

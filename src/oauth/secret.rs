@@ -23,7 +23,10 @@ impl Secret {
     pub fn redacted(&self) -> String {
         let head: String = self.0.chars().take(6).collect();
         let hash = sha2::Sha256::digest(self.0.as_bytes());
-        format!("{head}…#{:02x}{:02x}{:02x}{:02x}", hash[0], hash[1], hash[2], hash[3])
+        format!(
+            "{head}…#{:02x}{:02x}{:02x}{:02x}",
+            hash[0], hash[1], hash[2], hash[3]
+        )
     }
 }
 

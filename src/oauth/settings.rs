@@ -200,7 +200,11 @@ impl ClientSettings {
                 .map(|o| endpoint_url(o).map(|u| origin(&u)))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|m| err("api_origins", m))?,
-            None => token_endpoint.iter().chain(issuer.iter()).map(origin).collect(),
+            None => token_endpoint
+                .iter()
+                .chain(issuer.iter())
+                .map(origin)
+                .collect(),
         };
         let secs = |key: &str, v: f64| {
             if v.is_finite() && v > 0.0 && v <= 600.0 {
@@ -301,8 +305,10 @@ scopes = ["okta.users.read"]
         assert!(e.starts_with("client[0] ('okta').scopes:"), "{e}");
         let e = settings("assertion_lifetime = 3601").unwrap_err();
         assert!(e.contains(".assertion_lifetime: 3601"), "{e}");
-        let e = settings("server = \"auth0\"\nissuer = \"https://t.auth0.com/\"\nassertion_lifetime = 301")
-            .unwrap_err();
+        let e = settings(
+            "server = \"auth0\"\nissuer = \"https://t.auth0.com/\"\nassertion_lifetime = 301",
+        )
+        .unwrap_err();
         assert!(e.contains("300"), "{e}");
     }
 

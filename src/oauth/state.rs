@@ -63,8 +63,16 @@ mod tests {
         let s = ServerState::default();
         s.set_nonce(Role::AuthorizationServer, "https://o.example", "as");
         s.set_nonce(Role::ResourceServer, "https://o.example", "rs");
-        assert_eq!(s.nonce(Role::AuthorizationServer, "https://o.example").as_deref(), Some("as"));
-        assert_eq!(s.nonce(Role::ResourceServer, "https://o.example").as_deref(), Some("rs"));
+        assert_eq!(
+            s.nonce(Role::AuthorizationServer, "https://o.example")
+                .as_deref(),
+            Some("as")
+        );
+        assert_eq!(
+            s.nonce(Role::ResourceServer, "https://o.example")
+                .as_deref(),
+            Some("rs")
+        );
         assert_eq!(s.nonce(Role::ResourceServer, "https://p.example"), None);
     }
 

@@ -59,7 +59,10 @@ pub fn evaluate(facts: &KeyFacts, rules: &Rules) -> Verdict {
     // imported keys accepts exactly that history: it is reported, not refused.
     let imported_and_allowed =
         rules.danger_allow_imported_keys && facts.generated_on_device.value == Some(false);
-    let history = [facts.never_extractable.source, facts.always_sensitive.source];
+    let history = [
+        facts.never_extractable.source,
+        facts.always_sensitive.source,
+    ];
     let mut require = |fact: &Fact, want: bool, meaning: &str| match fact.value {
         Some(v) if v == want => {}
         Some(v) if imported_and_allowed && history.contains(&fact.source) => {
