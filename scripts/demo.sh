@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # scripts/demo.sh [DIR] — Quickstart (1): install what is needed, build
 # keybound, set up the SoftHSM2 development token in DIR (default:
-# <repo>/.keybound-dev) and sign with it: the JWKS, a private_key_jwt client
-# assertion (RFC 7523) and a DPoP proof (RFC 9449). Then openssl, knowing
-# nothing of keybound, verifies the assertion against the published JWKS.
+# <repo>/.keybound-dev), then run keybound's main job against
+# `keybound dev-server`, a strict Okta-like server on 127.0.0.1: a DPoP-bound
+# access token through client_credentials + private_key_jwt, a paginated user
+# list, one user, a profile update; then show that the same token sent as
+# Bearer, or with a proof from another key, is refused. Finally openssl,
+# knowing nothing of keybound, verifies an assertion and a proof.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,26 +31,108 @@ KEYBOUND_BIN=$keybound "$repo/softhsm-setup/setup.sh" "$dir"
 # shellcheck source=/dev/null
 . "$dir/env"
 
-step "keybound jwks  (the public keys to register with the authorization server)"
-jwks=$("$keybound" jwks)
+work=$(mktemp -d)
+server_pid=
+cleanup() {
+  if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+step "keybound keys list  (both keys generated on the token; policy verdict per key)"
+"$keybound" keys list
+
+step "keybound jwks --label client-auth  (the client's public key, to register with the server)"
+# Only the assertion key is registered; the DPoP key is bound per token (cnf.jkt).
+jwks=$("$keybound" jwks --label client-auth)
+printf '%s\n' "$jwks" > "$work/jwks.json"
 printf '%s\n' "$jwks"
 
-step "keybound assertion --key client-auth ...  (private_key_jwt, RFC 7523)"
-assertion=$("$keybound" assertion --key client-auth --client-id 0oa-dev-client \
-  --audience https://example.okta.com/oauth2/v1/token)
-printf 'compact JWS:\n%s\n\ndecoded:\n' "$assertion"
-printf '%s\n' "$assertion" | "$keybound" decode
+step "keybound dev-server --port 0 --client-id 0oa-keybound-dev --jwks jwks.json &"
+"$keybound" dev-server --port 0 --client-id 0oa-keybound-dev --jwks "$work/jwks.json" \
+  >"$work/server.out" 2>"$work/server.log" &
+server_pid=$!
+base=
+for _ in $(seq 100); do
+  base=$(sed -n 's/^listening on \(http:[^ ]*\).*/\1/p' "$work/server.out" 2>/dev/null | head -n 1)
+  [ -n "$base" ] && break
+  kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log" >&2; die "dev-server exited"; }
+  sleep 0.1
+done
+[ -n "$base" ] || die "dev-server did not report its address"
+cat "$work/server.out"
 
-step "keybound dpop --key dpop --method POST --url ...  (DPoP proof, RFC 9449)"
-proof=$("$keybound" dpop --key dpop --method POST \
-  --url 'https://example.okta.com/oauth2/v1/token?x=1#f')
-printf 'compact JWS:\n%s\n\ndecoded (htu carries neither query nor fragment):\n' "$proof"
-printf '%s\n' "$proof" | "$keybound" decode
+config=$work/keybound.toml
+cat "$KEYBOUND_CONFIG" > "$config"
+cat >> "$config" <<CLIENT
+
+[[client]]
+name = "dev"
+server = "okta"
+token_endpoint = "$base/oauth2/v1/token"
+client_id = "0oa-keybound-dev"
+assertion_key = "client-auth"
+dpop_key = "dpop"
+scopes = ["okta.users.read", "okta.users.manage"]
+allowed_scopes = ["okta.users.read", "okta.users.manage"]
+CLIENT
+export KEYBOUND_CONFIG=$config
+printf '\nclient added to a copy of the dev config:\n'
+sed -n '/\[\[client\]\]/,$p' "$config"
+
+step "keybound token --check  (client_credentials + private_key_jwt + DPoP; the token is not printed)"
+"$keybound" token --check
+
+step "keybound call --paginate '$base/api/v1/users?limit=3'  (follows Link rel=\"next\")"
+users=$("$keybound" call --paginate "$base/api/v1/users?limit=3")
+printf '%s\n' "$users" | python3 -c '
+import json, sys
+for u in json.load(sys.stdin):
+    p = u["profile"]
+    print(u["id"], " ", p["firstName"], p["lastName"], " ", p["email"])'
+id=$(printf '%s\n' "$users" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+
+step "keybound call $base/api/v1/users/$id"
+"$keybound" call "$base/api/v1/users/$id"
+
+step "keybound call -d '{\"profile\":{\"firstName\":\"Ada (updated)\"}}' $base/api/v1/users/$id"
+"$keybound" call -d '{"profile":{"firstName":"Ada (updated)"}}' "$base/api/v1/users/$id" |
+  python3 -c 'import json,sys; print("firstName is now:", json.load(sys.stdin)["profile"]["firstName"])'
+
+# expect_refusal WHAT CURL-ARGS...: the API must answer 401; show its reason.
+expect_refusal() {
+  local what=$1 code
+  shift
+  code=$(curl -sS -o "$work/refused.json" -D "$work/refused.headers" -w '%{http_code}' "$@")
+  [ "$code" = 401 ] || die "$what was not refused (HTTP $code)"
+  printf 'HTTP %s  %s\n' "$code" "$(grep -i '^www-authenticate:' "$work/refused.headers" | tr -d '\r')"
+}
+
+step "A stolen token is useless: the same token sent as Bearer is refused"
+(
+  umask 077
+  "$keybound" token --json |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])' >"$work/token"
+)
+expect_refusal "a Bearer token" -H "Authorization: Bearer $(cat "$work/token")" \
+  "$base/api/v1/users/$id"
+
+step "... and so is the token with a DPoP proof from another key"
+"$keybound" keys list --json | grep -q '"label": "not-the-dpop-key"' ||
+  "$keybound" keys generate --label not-the-dpop-key >/dev/null
+other=$("$keybound" dpop --key not-the-dpop-key --method GET \
+  --url "$base/api/v1/users/$id" --access-token-file "$work/token")
+expect_refusal "a proof from another key" -H "Authorization: DPoP $(cat "$work/token")" \
+  -H "DPoP: $other" "$base/api/v1/users/$id"
+
+assertion=$("$keybound" assertion --key client-auth --client-id 0oa-keybound-dev \
+  --audience "$base/oauth2/v1/token")
+proof=$("$keybound" dpop --key dpop --method POST --url "$base/oauth2/v1/token?x=1#f")
+printf '\na client assertion, decoded:\n'
+printf '%s\n' "$assertion" | "$keybound" decode
 
 step "Independent check: openssl verifies both signatures"
 command -v python3 >/dev/null 2>&1 || die "python3 is needed for this check"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 # python3 (standard library only) turns each candidate JWK into an SPKI PEM
 # and the JWS r||s signature into a DER ECDSA-Sig-Value; openssl verifies.
 # The assertion is checked against the published JWKS (by kid), the DPoP
