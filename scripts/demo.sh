@@ -118,7 +118,8 @@ expect_refusal "a Bearer token" -H "Authorization: Bearer $(cat "$work/token")" 
   "$base/api/v1/users/$id"
 
 step "... and so is the token with a DPoP proof from another key"
-"$keybound" keys list --json | grep -q '"label": "not-the-dpop-key"' ||
+keys=$("$keybound" keys list --json)
+grep -q '"label": "not-the-dpop-key"' <<<"$keys" ||
   "$keybound" keys generate --label not-the-dpop-key >/dev/null
 other=$("$keybound" dpop --key not-the-dpop-key --method GET \
   --url "$base/api/v1/users/$id" --access-token-file "$work/token")
