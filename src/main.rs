@@ -61,8 +61,8 @@ enum Command {
         /// Request URL; query and fragment are dropped for htu
         #[arg(long)]
         url: String,
-        /// Server-provided nonce (DPoP-Nonce)
-        #[arg(long)]
+        /// Server-provided nonce (DPoP-Nonce); may start with '-'
+        #[arg(long, allow_hyphen_values = true)]
         nonce: Option<String>,
         /// File holding the access token to bind with ath
         #[arg(long, value_name = "F")]

@@ -1,10 +1,133 @@
 //! `dev-server`: flags, startup banner, run until Ctrl-C / SIGTERM.
 
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-#[derive(clap::Args)]
-pub struct Args {}
+use anyhow::Context as _;
+use keybound::devserver::{self, DevServer, JwksSource, Settings};
+use url::Url;
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("dev-server is not built yet")
+/// Strict Okta-like authorization and resource server on 127.0.0.1, for development only.
+#[derive(clap::Args)]
+#[command(group(
+    clap::ArgGroup::new("client_jwks").required(true).args(["jwks", "jwks_uri"])
+))]
+pub struct Args {
+    /// Port on 127.0.0.1 (0 picks a free one)
+    #[arg(long, default_value_t = 8089)]
+    port: u16,
+    /// The OAuth client id: iss and sub of the client assertions
+    #[arg(long)]
+    client_id: String,
+    /// The client's public JWKS file, as `keybound jwks` prints it
+    #[arg(long, value_name = "FILE")]
+    jwks: Option<PathBuf>,
+    /// Fetch the client's JWKS from this URL at start and when an unknown kid shows up
+    #[arg(long, value_name = "URL")]
+    jwks_uri: Option<Url>,
+    /// Scopes granted to the client, space-separated
+    #[arg(long, default_value_t = devserver::DEFAULT_SCOPES.join(" "))]
+    scopes: String,
+    /// Access-token lifetime in seconds
+    #[arg(long, value_name = "SECS", default_value_t = devserver::DEFAULT_TOKEN_LIFETIME,
+          value_parser = clap::value_parser!(u64).range(1..=devserver::MAX_TOKEN_LIFETIME))]
+    token_lifetime: u64,
+    /// How many users the users API holds
+    #[arg(long, value_name = "N", default_value_t = devserver::DEFAULT_USERS as u64,
+          value_parser = clap::value_parser!(u64).range(0..=devserver::MAX_USERS as u64))]
+    users: u64,
+    /// Status of the resource server's nonce challenge: 401 (RFC 9449) or 400 (as Okta sends)
+    #[arg(long, value_name = "STATUS", default_value_t = 401,
+          value_parser = clap::value_parser!(u16).range(400..=401))]
+    rs_nonce_status: u16,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let port = args.port;
+    let settings = args.settings()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(port, settings))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+impl Args {
+    fn settings(self) -> anyhow::Result<Settings> {
+        let jwks = match (self.jwks, self.jwks_uri) {
+            (Some(path), None) => JwksSource::File(path),
+            (None, Some(url)) => JwksSource::Uri(url),
+            // clap's required, exclusive group makes exactly one of them present.
+            _ => anyhow::bail!("give exactly one of --jwks FILE and --jwks-uri URL"),
+        };
+        Ok(Settings {
+            granted_scopes: self.scopes.split_whitespace().map(String::from).collect(),
+            token_lifetime: self.token_lifetime,
+            users: usize::try_from(self.users).context("--users is too large")?,
+            rs_nonce_status: self.rs_nonce_status,
+            ..Settings::new(self.client_id, jwks)
+        })
+    }
+}
+
+async fn serve(port: u16, settings: Settings) -> anyhow::Result<()> {
+    // Signal handlers go in before the banner: whoever reads "listening on" may signal at once.
+    let shutdown = shutdown_signal()?;
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+        .await
+        .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+    let server = DevServer::new(listener, settings).await?;
+    banner(&server).context("cannot write the banner to stdout")?;
+    server.serve(shutdown).await?;
+    tracing::info!("dev-server stopped");
+    Ok(())
+}
+
+fn banner(server: &DevServer) -> std::io::Result<()> {
+    let e = server.endpoints();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "keybound dev-server — development only, not an authorization server for production"
+    )?;
+    writeln!(out, "listening on {}", e.issuer)?;
+    writeln!(out, "issuer          {}", e.issuer)?;
+    writeln!(out, "token endpoint  {}", e.token)?;
+    writeln!(out, "jwks            {}", e.jwks)?;
+    writeln!(out, "users api       {}", e.users)?;
+    writeln!(
+        out,
+        "client          {} (granted: {})",
+        server.client_id(),
+        server.granted_scopes().join(" ")
+    )?;
+    out.flush()
+}
+
+/// Completes on Ctrl-C (SIGINT) or SIGTERM.
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}
+
+/// Completes on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    Ok(async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!("cannot wait for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    })
 }

@@ -1,2 +1,409 @@
 //! `keybound dev-server`: a strict Okta-like authorization and resource server for
 //! development and tests. Not an authorization server for production.
+//!
+//! The authorization server (`token_endpoint`) grants `client_credentials` to one client that
+//! authenticates with `private_key_jwt` (RFC 7523, `assertion`) and binds its token with DPoP
+//! (RFC 9449, `dpop`), server nonces included (`nonce`). The resource server (`api`) serves an
+//! in-memory Okta users API (`users`) to DPoP-bound access tokens (`access_token`). Every
+//! signature is checked with RustCrypto in `verify`, independently of keybound's `jose`.
+
+mod access_token;
+mod api;
+mod assertion;
+mod client_keys;
+mod dpop;
+mod nonce;
+mod replay;
+mod token_endpoint;
+mod users;
+mod verify;
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand_core::RngCore as _;
+use serde_json::json;
+use tokio::net::TcpListener;
+use url::Url;
+
+use self::client_keys::ClientKeys;
+use self::nonce::NonceRing;
+use self::replay::ReplayCache;
+use self::verify::SigAlg;
+
+/// Scopes granted to the client unless the settings say otherwise.
+pub const DEFAULT_SCOPES: [&str; 2] = ["okta.users.read", "okta.users.manage"];
+/// Access-token lifetime in seconds (Okta's default for the org authorization server).
+pub const DEFAULT_TOKEN_LIFETIME: u64 = 3600;
+/// Longest access-token lifetime the settings accept (Okta's maximum, one day).
+pub const MAX_TOKEN_LIFETIME: u64 = 86_400;
+/// Generated users unless the settings say otherwise.
+pub const DEFAULT_USERS: usize = 7;
+/// Most users the dev-server generates.
+pub const MAX_USERS: usize = 10_000;
+
+const TOKEN_PATH: &str = "/oauth2/v1/token";
+const KEYS_PATH: &str = "/oauth2/v1/keys";
+const METADATA_PATH: &str = "/.well-known/oauth-authorization-server";
+const USERS_PATH: &str = "/api/v1/users";
+const API_PREFIX: &str = "/api/";
+/// Live `jti` entries per replay cache; beyond this, requests are refused, not forgotten.
+const REPLAY_CAPACITY: usize = 100_000;
+
+/// Where the client's public keys come from.
+#[derive(Clone, Debug)]
+pub enum JwksSource {
+    /// A JWKS file, as `keybound jwks` prints it; read once at start.
+    File(PathBuf),
+    /// A JWKS URL, fetched at start and again when an assertion names an unknown `kid`
+    /// (at most once per 10 s).
+    Uri(Url),
+}
+
+/// What the dev-server accepts and grants.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The one OAuth client: `iss` and `sub` of its client assertions.
+    pub client_id: String,
+    /// The client's registered public keys.
+    pub jwks: JwksSource,
+    /// Scopes the client may request.
+    pub granted_scopes: Vec<String>,
+    /// Access-token lifetime in seconds (1 to 86400).
+    pub token_lifetime: u64,
+    /// How many users the users API holds.
+    pub users: usize,
+    /// Status of the resource server's `use_dpop_nonce` challenge: 401 (RFC 9449 §9) or 400
+    /// (what Okta sends).
+    pub rs_nonce_status: u16,
+}
+
+/// The dev-server's URLs, all under `http://127.0.0.1:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    /// The issuer: `iss` and `aud` of access tokens.
+    pub issuer: String,
+    /// The token endpoint: the `aud` of client assertions and the `htu` of token proofs.
+    pub token: String,
+    /// The access-token signing keys.
+    pub jwks: String,
+    /// RFC 8414 authorization-server metadata.
+    pub metadata: String,
+    /// The users collection of the resource server.
+    pub users: String,
+}
+
+/// Why the dev-server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DevServerError {
+    #[error("the client id is empty; pass the OAuth client id the assertions will name")]
+    EmptyClientId,
+    #[error("no scopes are granted; grant at least one, e.g. okta.users.read")]
+    NoScopes,
+    #[error("scope '{0}' is not a valid scope token (RFC 6749 §3.3)")]
+    BadScope(String),
+    #[error("token lifetime {0} s is out of range: use 1 to {MAX_TOKEN_LIFETIME} seconds")]
+    BadLifetime(u64),
+    #[error("{0} users are too many; the dev-server generates at most {MAX_USERS}")]
+    TooManyUsers(usize),
+    #[error("resource-server nonce status {0} is not supported; use 401 or 400")]
+    BadNonceStatus(u16),
+    #[error("the listener is bound to {0}; the dev-server serves on 127.0.0.1 only")]
+    NotLoopback(SocketAddr),
+    #[error("cannot read the listener's address: {0}")]
+    Listener(std::io::Error),
+    #[error("cannot read the client JWKS file {}: {reason}", .path.display())]
+    JwksRead { path: PathBuf, reason: String },
+    #[error("cannot fetch the client JWKS from {url}: {reason}")]
+    JwksFetch { url: Url, reason: String },
+    #[error("the client JWKS from {origin} is not usable: {reason}")]
+    JwksInvalid { origin: String, reason: String },
+    #[error("cannot build the HTTP client for the JWKS URI: {0}")]
+    HttpClient(String),
+    #[error("the operating system's random number generator failed: {0}")]
+    Random(String),
+    #[error("cannot make the access-token signing key: {0}")]
+    IssuerKey(String),
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A dev-server with its keys loaded and its listener bound, not yet serving. Split from
+/// [`run`] so the CLI can refuse a bad JWKS before it announces anything.
+pub struct DevServer {
+    listener: TcpListener,
+    app: Arc<App>,
+}
+
+/// State shared by all requests.
+struct App {
+    endpoints: Endpoints,
+    client_id: String,
+    granted_scopes: Vec<String>,
+    token_lifetime: i64,
+    rs_nonce_status: StatusCode,
+    client_keys: ClientKeys,
+    issuer: access_token::Issuer,
+    as_nonce: NonceRing,
+    rs_nonce: NonceRing,
+    /// Client-assertion `jti`s, until the assertion's `exp`.
+    assertion_jtis: ReplayCache,
+    /// DPoP proof `jti`s per key thumbprint, until the proof's `iat` leaves the window.
+    proof_jtis: ReplayCache,
+    /// `Mutex`: held for a lookup or an update, never across `.await`.
+    users: Mutex<users::Directory>,
+}
+
+/// Attached to a refused response so that the request log can name the error.
+#[derive(Clone, Debug)]
+struct Refusal {
+    code: &'static str,
+    description: String,
+}
+
+impl Settings {
+    /// Settings with the defaults: both Okta user scopes, 3600 s tokens, 7 users, 401.
+    pub fn new(client_id: impl Into<String>, jwks: JwksSource) -> Settings {
+        Settings {
+            client_id: client_id.into(),
+            jwks,
+            granted_scopes: DEFAULT_SCOPES.map(String::from).to_vec(),
+            token_lifetime: DEFAULT_TOKEN_LIFETIME,
+            users: DEFAULT_USERS,
+            rs_nonce_status: 401,
+        }
+    }
+
+    fn validate(&self) -> Result<(), DevServerError> {
+        if self.client_id.trim().is_empty() {
+            return Err(DevServerError::EmptyClientId);
+        }
+        if self.granted_scopes.is_empty() {
+            return Err(DevServerError::NoScopes);
+        }
+        // RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+        let scope_char = |c: char| matches!(c, '\x21' | '\x23'..='\x5b' | '\x5d'..='\x7e');
+        if let Some(bad) = self
+            .granted_scopes
+            .iter()
+            .find(|s| s.is_empty() || !s.chars().all(scope_char))
+        {
+            return Err(DevServerError::BadScope(bad.clone()));
+        }
+        if !(1..=MAX_TOKEN_LIFETIME).contains(&self.token_lifetime) {
+            return Err(DevServerError::BadLifetime(self.token_lifetime));
+        }
+        if self.users > MAX_USERS {
+            return Err(DevServerError::TooManyUsers(self.users));
+        }
+        if !matches!(self.rs_nonce_status, 400 | 401) {
+            return Err(DevServerError::BadNonceStatus(self.rs_nonce_status));
+        }
+        Ok(())
+    }
+}
+
+impl Endpoints {
+    fn new(port: u16) -> Endpoints {
+        let issuer = format!("http://127.0.0.1:{port}");
+        Endpoints {
+            token: format!("{issuer}{TOKEN_PATH}"),
+            jwks: format!("{issuer}{KEYS_PATH}"),
+            metadata: format!("{issuer}{METADATA_PATH}"),
+            users: format!("{issuer}{USERS_PATH}"),
+            issuer,
+        }
+    }
+}
+
+impl DevServer {
+    /// Checks the settings, loads the client's JWKS and makes the access-token key.
+    /// The listener must be bound to 127.0.0.1.
+    pub async fn new(
+        listener: TcpListener,
+        settings: Settings,
+    ) -> Result<DevServer, DevServerError> {
+        let addr = listener.local_addr().map_err(DevServerError::Listener)?;
+        if addr.ip() != IpAddr::V4(Ipv4Addr::LOCALHOST) {
+            return Err(DevServerError::NotLoopback(addr));
+        }
+        settings.validate()?;
+        let endpoints = Endpoints::new(addr.port());
+        let client_keys = ClientKeys::load(settings.jwks).await?;
+        let now = unix_now();
+        let random = |e: rand_core::Error| DevServerError::Random(e.to_string());
+        let app = App {
+            issuer: access_token::Issuer::generate(&endpoints.issuer)
+                .map_err(DevServerError::IssuerKey)?,
+            users: Mutex::new(users::Directory::generate(settings.users, &endpoints.users)),
+            client_id: settings.client_id,
+            granted_scopes: settings.granted_scopes,
+            token_lifetime: i64::try_from(settings.token_lifetime)
+                .map_err(|_| DevServerError::BadLifetime(settings.token_lifetime))?,
+            rs_nonce_status: StatusCode::from_u16(settings.rs_nonce_status)
+                .map_err(|_| DevServerError::BadNonceStatus(settings.rs_nonce_status))?,
+            client_keys,
+            as_nonce: NonceRing::new(now).map_err(random)?,
+            rs_nonce: NonceRing::new(now).map_err(random)?,
+            assertion_jtis: ReplayCache::new(REPLAY_CAPACITY),
+            proof_jtis: ReplayCache::new(REPLAY_CAPACITY),
+            endpoints,
+        };
+        Ok(DevServer {
+            listener,
+            app: Arc::new(app),
+        })
+    }
+
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.app.endpoints
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.app.client_id
+    }
+
+    pub fn granted_scopes(&self) -> &[String] {
+        &self.app.granted_scopes
+    }
+
+    /// Serves until `shutdown` completes, then lets in-flight requests finish.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), DevServerError> {
+        axum::serve(self.listener, router(self.app))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(DevServerError::Serve)
+    }
+}
+
+/// Runs a dev-server on `listener` (bound to 127.0.0.1) until `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DevServerError> {
+    DevServer::new(listener, settings)
+        .await?
+        .serve(shutdown)
+        .await
+}
+
+fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route(TOKEN_PATH, post(token_endpoint::token))
+        .route(KEYS_PATH, get(keys))
+        .route(METADATA_PATH, get(metadata))
+        .merge(api::routes())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(app.clone(), stamp_and_log))
+        .with_state(app)
+}
+
+/// Stamps `DPoP-Nonce` on every token-endpoint and API response (RFC 9449 §8, §9) and logs
+/// one line per request: method, path, status, and the error code when refused. Tokens,
+/// assertions and proofs are never logged.
+async fn stamp_and_log(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut response = next.run(request).await;
+    let nonce = if path == TOKEN_PATH {
+        Some(&app.as_nonce)
+    } else if path.starts_with(API_PREFIX) {
+        Some(&app.rs_nonce)
+    } else {
+        None
+    };
+    if let Some(value) = nonce.and_then(|n| HeaderValue::from_str(&n.current(unix_now())).ok()) {
+        response.headers_mut().insert("dpop-nonce", value);
+    }
+    let status = response.status().as_u16();
+    match response.extensions().get::<Refusal>() {
+        // Debug formatting escapes control characters a client may have slipped into a
+        // description (an alg or kid name echoed back).
+        Some(r) => {
+            tracing::warn!(%method, %path, status, error = r.code, reason = ?r.description, "refused")
+        }
+        None => tracing::info!(%method, %path, status, "served"),
+    }
+    response
+}
+
+/// The access-token signing key as a JWKS.
+async fn keys(State(app): State<Arc<App>>) -> Response {
+    Json(app.issuer.jwks()).into_response()
+}
+
+/// RFC 8414 authorization-server metadata, with RFC 9449 §5.1's DPoP member.
+async fn metadata(State(app): State<Arc<App>>) -> Response {
+    let algs: Vec<&str> = SigAlg::ALL.iter().map(|a| a.name()).collect();
+    let e = &app.endpoints;
+    Json(json!({
+        "issuer": e.issuer,
+        "token_endpoint": e.token,
+        "jwks_uri": e.jwks,
+        "grant_types_supported": ["client_credentials"],
+        "response_types_supported": [],
+        "scopes_supported": app.granted_scopes,
+        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": algs,
+        "dpop_signing_alg_values_supported": algs,
+    }))
+    .into_response()
+}
+
+async fn not_found(request: Request) -> Response {
+    api::OktaError::new(
+        StatusCode::NOT_FOUND,
+        "E0000007",
+        format!(
+            "Not found: Resource not found: {} (Endpoint)",
+            request.uri().path()
+        ),
+    )
+    .into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    api::OktaError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "E0000022",
+        "The endpoint does not support the provided HTTP method".into(),
+    )
+    .into_response()
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// `N` random bytes from the OS, base64url.
+fn random_b64<const N: usize>() -> Result<String, rand_core::Error> {
+    let mut bytes = [0u8; N];
+    rand_core::OsRng.try_fill_bytes(&mut bytes)?;
+    Ok(URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// Locks a mutex. A poisoned lock still guards consistent data here: nothing panics while
+/// holding one of the dev-server's locks, so recovering the guard is safe.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -70,6 +70,9 @@ pub(super) struct Connection {
     /// The management session. Keeping one session open keeps the login alive (closing the
     /// last session of a process drops it). Never held across a signature.
     keeper: Mutex<Option<Session>>,
+    /// This connection's `C_Initialize` succeeded (it did not find the library already
+    /// initialised by someone else in the process), so it owes the `C_Finalize`.
+    finalize: bool,
     pub(super) profile: Profile,
     pub(super) description: TokenDescription,
 }
@@ -86,11 +89,14 @@ impl Connection {
             path: module.clone(),
             reason: e.to_string(),
         })?;
-        match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            // Already initialised by this process (C_Initialize is process-global): fine.
-            Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-            Err(e) => return Err(ck(e)),
-        }
+        let finalize =
+            match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+                Ok(()) => true,
+                // Already initialised in this process (C_Initialize is process-global): whoever
+                // did it finalises it.
+                Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => false,
+                Err(e) => return Err(ck(e)),
+            };
         let slot = find_slot(&pkcs11, &selector, &module)?;
         let info = pkcs11.get_token_info(slot).map_err(ck)?;
         let profile = match &settings.profile {
@@ -116,6 +122,7 @@ impl Connection {
             pin: Pin::read(&settings.pin_source())?,
             pin_rejected: AtomicBool::new(false),
             keeper: Mutex::new(None),
+            finalize,
             profile,
             description,
         };
@@ -199,6 +206,24 @@ impl Connection {
                     return other.map_err(TokenError::from);
                 }
             }
+        }
+    }
+}
+
+/// Sessions closed, then `C_Finalize`: SoftHSM (with OpenSSL 3) frees its state twice and
+/// crashes at process exit when a process ends without it, about one exit in ten under load.
+impl Drop for Connection {
+    fn drop(&mut self) {
+        drop(
+            self.keeper
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        if self.finalize
+            && let Err(e) = self.pkcs11.clone().finalize()
+        {
+            tracing::warn!("C_Finalize failed: {e}");
         }
     }
 }

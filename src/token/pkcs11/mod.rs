@@ -74,11 +74,12 @@ impl Settings {
 
 /// A logged-in PKCS#11 token.
 pub struct Pkcs11Token {
+    /// Signing workers start on the first signature: listing keys needs none. Declared
+    /// first so it drops first: the workers are joined before the connection finalises.
+    pool: OnceLock<Pool>,
     conn: Arc<Connection>,
     sessions: usize,
     rsa_bits: u32,
-    /// Signing workers start on the first signature: listing keys needs none.
-    pool: OnceLock<Pool>,
 }
 
 impl Pkcs11Token {

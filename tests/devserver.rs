@@ -1,0 +1,1027 @@
+//! `keybound dev-server` end to end: client keys in a real SoftHSM2 token, assertions and
+//! DPoP proofs signed by the `keybound` binary, the dev-server in-process on 127.0.0.1:0
+//! (or spawned, for the CLI), HTTP through reqwest. Assertions the CLI will not make
+//! (expired, too long-lived, from the future) come from a software key the test registers.
+
+mod devserver_support;
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use devserver_support::*;
+use keybound::devserver::{JwksSource, Settings};
+use serde_json::{Value, json};
+
+const BOTH: &str = "okta.users.read okta.users.manage";
+const PEOPLE: [&str; 7] = [
+    "Ada Lovelace",
+    "Alan Turing",
+    "Grace Hopper",
+    "Katherine Johnson",
+    "Edsger Dijkstra",
+    "Barbara Liskov",
+    "Donald Knuth",
+];
+
+// ---------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------
+
+/// A SoftHSM token holding `client-auth` (registered with the dev-server) and `dpop`, a
+/// dev-server that knows the client, and an HTTP client.
+struct Fixture {
+    hsm: Hsm,
+    server: Server,
+    http: reqwest::Client,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        Fixture::with(|_| {}).await
+    }
+
+    async fn with(adjust: impl FnOnce(&mut Settings)) -> Fixture {
+        let hsm = Hsm::with_client_keys();
+        let jwks = hsm.write_jwks(&["client-auth"]);
+        let mut settings = Settings::new(CLIENT_ID, JwksSource::File(jwks));
+        adjust(&mut settings);
+        let server = Server::start(settings).await;
+        Fixture {
+            hsm,
+            server,
+            http: http(),
+        }
+    }
+
+    fn token_url(&self) -> &str {
+        &self.server.endpoints.token
+    }
+
+    fn users_url(&self, rest: &str) -> String {
+        format!("{}{rest}", self.server.endpoints.users)
+    }
+
+    /// A fresh `client-auth` assertion for the token endpoint.
+    fn assertion(&self) -> String {
+        self.hsm.assertion("client-auth", self.token_url())
+    }
+
+    /// A `dpop` proof for `POST <token endpoint>`.
+    fn token_proof(&self, nonce: Option<&str>) -> String {
+        self.hsm.dpop("dpop", "POST", self.token_url(), nonce, None)
+    }
+
+    async fn request_token(&self, assertion: &str, proof: Option<&str>, scope: &str) -> Reply {
+        post_token(&self.http, &self.server, assertion, proof, scope).await
+    }
+
+    /// The current AS nonce, read off a cheap refusal (every token response carries it).
+    async fn as_nonce(&self) -> String {
+        let reply = post_form(
+            &self.http,
+            &self.server,
+            &[("grant_type", "password")],
+            None,
+        )
+        .await;
+        reply.assert_oauth_error(400, "unsupported_grant_type", "client_credentials");
+        reply.nonce()
+    }
+
+    /// A DPoP-bound access token for `scope`, bound to `dpop_key`.
+    async fn access_token_for(&self, dpop_key: &str, client_key: &str, scope: &str) -> String {
+        let nonce = self.as_nonce().await;
+        let assertion = self.hsm.assertion(client_key, self.token_url());
+        let proof = self
+            .hsm
+            .dpop(dpop_key, "POST", self.token_url(), Some(&nonce), None);
+        let reply = self.request_token(&assertion, Some(&proof), scope).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        reply.body["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_string()
+    }
+
+    async fn access_token(&self, scope: &str) -> String {
+        self.access_token_for("dpop", "client-auth", scope).await
+    }
+
+    /// The current RS nonce, read off the challenge to a request without Authorization.
+    async fn rs_nonce(&self) -> String {
+        let reply = Reply::read(
+            self.http
+                .get(self.users_url(""))
+                .send()
+                .await
+                .expect("GET users"),
+        )
+        .await;
+        reply.assert_okta_error(401, "E0000011");
+        reply.nonce()
+    }
+
+    /// An API call the way keybound makes it: a fresh proof from `key` with the RS nonce and
+    /// `ath`.
+    async fn api_with(
+        &self,
+        key: &str,
+        method: &str,
+        url: &str,
+        token: &str,
+        body: Option<&str>,
+    ) -> Reply {
+        let nonce = self.rs_nonce().await;
+        let proof = self.hsm.dpop(key, method, url, Some(&nonce), Some(token));
+        call_api(&self.http, method, url, token, &proof, body).await
+    }
+
+    async fn api(&self, method: &str, url: &str, token: &str, body: Option<&str>) -> Reply {
+        self.api_with("dpop", method, url, token, body).await
+    }
+}
+
+/// A dev-server whose registered JWKS holds a software key (and no SoftHSM token).
+struct SoftFixture {
+    key: SoftKey,
+    server: Server,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl SoftFixture {
+    async fn new() -> SoftFixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = SoftKey::new("soft-1");
+        let jwks = write_jwks(dir.path(), "jwks.json", &[key.jwk()]);
+        let server = Server::start(Settings::new(CLIENT_ID, JwksSource::File(jwks))).await;
+        SoftFixture {
+            key,
+            server,
+            http: http(),
+            _dir: dir,
+        }
+    }
+
+    /// A token request with the software key's assertion for `iat` / `exp` and no proof.
+    async fn request(&self, iat: i64, exp: i64) -> Reply {
+        let assertion = self.key.assertion(&self.server.endpoints.token, iat, exp);
+        post_token(&self.http, &self.server, &assertion, None, BOTH).await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Token endpoint
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nonce_challenge_then_fresh_assertion_yields_a_dpop_bound_token() {
+    let f = Fixture::new().await;
+
+    // First try, as a client that has no nonce yet: challenged.
+    let first = f
+        .request_token(&f.assertion(), Some(&f.token_proof(None)), BOTH)
+        .await;
+    first.assert_oauth_error(400, "use_dpop_nonce", "");
+    assert_eq!(
+        first.body["error_description"],
+        "Authorization server requires nonce in DPoP proof."
+    );
+    let nonce = first.nonce();
+
+    // Retry with a fresh assertion and a proof carrying the nonce.
+    let reply = f
+        .request_token(&f.assertion(), Some(&f.token_proof(Some(&nonce))), BOTH)
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.header("cache-control"), Some("no-store"));
+    assert_eq!(reply.nonce(), nonce, "no rotation within seconds");
+    assert_eq!(reply.body["token_type"], "DPoP");
+    assert_eq!(reply.body["expires_in"], 3600);
+    assert_eq!(reply.body["scope"], BOTH);
+
+    // The access token is an ES256 JWT signed by the key at /oauth2/v1/keys.
+    let token = Jwt::decode(reply.body["access_token"].as_str().expect("access_token"));
+    assert_eq!(token.header["alg"], "ES256");
+    let keys = get_json(&f.http, &f.server.endpoints.jwks).await;
+    let jwk = keys["keys"]
+        .as_array()
+        .expect("keys array")
+        .iter()
+        .find(|k| k["kid"] == token.header["kid"])
+        .expect("the token's kid is published");
+    assert_eq!(
+        jwk["kid"],
+        thumbprint(jwk),
+        "kid is the RFC 7638 thumbprint"
+    );
+    assert!(token.verify_es256(jwk), "access token signature verifies");
+    let mut tampered = Jwt::decode(reply.body["access_token"].as_str().expect("token"));
+    tampered.signing_input.push('x');
+    assert!(!tampered.verify_es256(jwk), "a tampered token does not");
+
+    let issuer = f.server.endpoints.issuer.as_str();
+    let c = &token.claims;
+    assert_eq!((&c["iss"], &c["aud"]), (&json!(issuer), &json!(issuer)));
+    assert_eq!(
+        (&c["sub"], &c["cid"]),
+        (&json!(CLIENT_ID), &json!(CLIENT_ID))
+    );
+    assert_eq!(c["scp"], json!([READ, MANAGE]));
+    assert_eq!(c["scope"], BOTH);
+    assert_eq!(
+        c["exp"].as_i64().expect("exp") - c["iat"].as_i64().expect("iat"),
+        3600
+    );
+
+    // Bound to the HSM's dpop key: cnf.jkt is its RFC 7638 thumbprint, computed here and
+    // by keybound (its kid).
+    let dpop_jwk = f.hsm.jwk("dpop");
+    assert_eq!(c["cnf"]["jkt"], thumbprint(&dpop_jwk));
+    assert_eq!(c["cnf"]["jkt"], dpop_jwk["kid"]);
+
+    let meta = get_json(&f.http, &f.server.endpoints.metadata).await;
+    assert_eq!(meta["issuer"], issuer);
+    assert_eq!(meta["token_endpoint"], f.server.endpoints.token);
+    assert_eq!(meta["jwks_uri"], f.server.endpoints.jwks);
+    let algs = json!(["ES256", "ES384", "RS256", "PS256"]);
+    assert_eq!(meta["dpop_signing_alg_values_supported"], algs);
+    assert_eq!(
+        meta["token_endpoint_auth_signing_alg_values_supported"],
+        algs
+    );
+    assert_eq!(
+        meta["token_endpoint_auth_methods_supported"],
+        json!(["private_key_jwt"])
+    );
+
+    f.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_with_the_same_assertion_after_a_nonce_challenge_is_refused() {
+    let f = Fixture::new().await;
+    let assertion = f.assertion();
+    let first = f
+        .request_token(&assertion, Some(&f.token_proof(None)), READ)
+        .await;
+    first.assert_oauth_error(400, "use_dpop_nonce", "requires nonce");
+
+    // The assertion's jti was consumed before the DPoP check refused the proof.
+    let retry = f
+        .request_token(&assertion, Some(&f.token_proof(Some(&first.nonce()))), READ)
+        .await;
+    retry.assert_oauth_error(
+        401,
+        "invalid_client",
+        "The client_assertion token has a jti that was already used.",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replayed_token_proof_is_refused() {
+    let f = Fixture::new().await;
+    let proof = f.token_proof(Some(&f.as_nonce().await));
+    let first = f.request_token(&f.assertion(), Some(&proof), READ).await;
+    assert_eq!(first.status, 200, "{first:?}");
+
+    let replay = f.request_token(&f.assertion(), Some(&proof), READ).await;
+    replay.assert_oauth_error(400, "invalid_dpop_proof", "jti claim has already been used");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_proof_for_another_url_is_refused() {
+    let f = Fixture::new().await;
+    let nonce = f.as_nonce().await;
+    let keys_url = f.server.url("/oauth2/v1/keys");
+    let proof = f.hsm.dpop("dpop", "POST", &keys_url, Some(&nonce), None);
+    f.request_token(&f.assertion(), Some(&proof), READ)
+        .await
+        .assert_oauth_error(400, "invalid_dpop_proof", "htu");
+
+    // Query and fragment are not part of htu: the same endpoint with a query is fine.
+    let with_query = format!("{}?x=1#f", f.token_url());
+    let proof = f.hsm.dpop("dpop", "POST", &with_query, Some(&nonce), None);
+    let reply = f.request_token(&f.assertion(), Some(&proof), READ).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_proof_for_another_method_is_refused() {
+    let f = Fixture::new().await;
+    let nonce = f.as_nonce().await;
+    let proof = f.hsm.dpop("dpop", "GET", f.token_url(), Some(&nonce), None);
+    f.request_token(&f.assertion(), Some(&proof), READ)
+        .await
+        .assert_oauth_error(
+            400,
+            "invalid_dpop_proof",
+            "htm claim must be the request method POST",
+        );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn assertion_for_another_audience_is_refused() {
+    let f = Fixture::new().await;
+    // The issuer is a common mistake for aud; Okta wants the token endpoint itself.
+    let assertion = f.hsm.assertion("client-auth", &f.server.endpoints.issuer);
+    f.request_token(&assertion, Some(&f.token_proof(None)), READ)
+        .await
+        .assert_oauth_error(
+            401,
+            "invalid_client",
+            "The audience claim for client_assertion must be the endpoint invoked for the request.",
+        );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_assertion_is_refused() {
+    let f = SoftFixture::new().await;
+    let now = unix_now();
+    f.request(now - 120, now - 60).await.assert_oauth_error(
+        401,
+        "invalid_client",
+        "The client_assertion token is expired.",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn assertion_living_longer_than_an_hour_is_refused() {
+    let f = SoftFixture::new().await;
+    let now = unix_now();
+    f.request(now, now + 3601).await.assert_oauth_error(
+        401,
+        "invalid_client",
+        "The client_assertion lifetime exceeds 3600 seconds.",
+    );
+    // Exactly an hour is allowed: the request gets past the assertion to the DPoP check.
+    f.request(now, now + 3600).await.assert_oauth_error(
+        400,
+        "invalid_dpop_proof",
+        "header is missing",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn assertion_issued_in_the_future_is_refused() {
+    let f = SoftFixture::new().await;
+    let now = unix_now();
+    f.request(now + 300, now + 360).await.assert_oauth_error(
+        401,
+        "invalid_client",
+        "The client_assertion token has an iat in the future.",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn other_assertion_and_request_refusals_name_their_cause() {
+    let f = SoftFixture::new().await;
+    let token_url = f.server.endpoints.token.clone();
+    let now = unix_now();
+    let claims = |overrides: Value| {
+        let mut c = json!({
+            "iss": CLIENT_ID, "sub": CLIENT_ID, "aud": token_url,
+            "iat": now, "exp": now + 60, "jti": random_id(),
+        });
+        for (k, v) in overrides.as_object().expect("object") {
+            if v.is_null() {
+                c.as_object_mut().expect("object").remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        c
+    };
+    let header = json!({ "alg": "ES256", "kid": "soft-1" });
+    let stranger = SoftKey::new("soft-1");
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "signed by an unregistered key under a registered kid",
+            stranger.sign(&header, &claims(json!({}))),
+            "The client_assertion signature is invalid.",
+        ),
+        (
+            "unknown kid",
+            f.key.sign(
+                &json!({ "alg": "ES256", "kid": "nope" }),
+                &claims(json!({})),
+            ),
+            "No key in the registered JWKS matches kid 'nope'",
+        ),
+        (
+            "symmetric alg",
+            f.key.sign(
+                &json!({ "alg": "HS256", "kid": "soft-1" }),
+                &claims(json!({})),
+            ),
+            "alg 'HS256' is not allowed",
+        ),
+        (
+            "another client as iss",
+            f.key.sign(&header, &claims(json!({ "iss": "0oa-other" }))),
+            "iss and sub claims",
+        ),
+        (
+            "no jti",
+            f.key.sign(&header, &claims(json!({ "jti": null }))),
+            "must have a jti claim",
+        ),
+        (
+            "no exp",
+            f.key.sign(&header, &claims(json!({ "exp": null }))),
+            "must have an exp claim",
+        ),
+    ];
+    for (what, assertion, description) in cases {
+        let reply = post_token(&f.http, &f.server, &assertion, None, READ).await;
+        assert_eq!(reply.status, 401, "{what}: {reply:?}");
+        reply.assert_oauth_error(401, "invalid_client", description);
+    }
+
+    // Without a kid, every registered key that fits the alg is tried.
+    let no_kid = f.key.sign(&json!({ "alg": "ES256" }), &claims(json!({})));
+    post_token(&f.http, &f.server, &no_kid, None, READ)
+        .await
+        .assert_oauth_error(400, "invalid_dpop_proof", "header is missing");
+
+    let good = f.key.assertion(&token_url, now, now + 60);
+    let wrong_type = [
+        ("grant_type", "client_credentials"),
+        ("client_assertion_type", "urn:example:other"),
+        ("client_assertion", good.as_str()),
+        ("scope", READ),
+    ];
+    post_form(&f.http, &f.server, &wrong_type, None)
+        .await
+        .assert_oauth_error(401, "invalid_client", "client_assertion_type must be");
+    let wrong_grant = [
+        ("grant_type", "authorization_code"),
+        ("client_assertion_type", ASSERTION_TYPE),
+        ("client_assertion", good.as_str()),
+    ];
+    post_form(&f.http, &f.server, &wrong_grant, None)
+        .await
+        .assert_oauth_error(400, "unsupported_grant_type", "client_credentials");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rsa_and_p384_keys_sign_assertions_and_proofs() {
+    let hsm = Hsm::new();
+    for (label, alg) in [("rs256", "RS256"), ("ps256", "PS256"), ("es384", "ES384")] {
+        hsm.generate(label, alg);
+    }
+    let jwks = hsm.write_jwks(&["rs256", "ps256", "es384"]);
+    let server = Server::start(Settings::new(CLIENT_ID, JwksSource::File(jwks))).await;
+    let f = Fixture {
+        hsm,
+        server,
+        http: http(),
+    };
+    for (client_key, dpop_key) in [("rs256", "ps256"), ("ps256", "rs256"), ("es384", "es384")] {
+        let token = f.access_token_for(dpop_key, client_key, READ).await;
+        assert_eq!(
+            Jwt::decode(&token).claims["cnf"]["jkt"],
+            thumbprint(&f.hsm.jwk(dpop_key)),
+            "{dpop_key}"
+        );
+        let reply = f
+            .api_with(dpop_key, "GET", &f.users_url("?limit=1"), &token, None)
+            .await;
+        assert_eq!(reply.status, 200, "{client_key}/{dpop_key}: {reply:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_uri_is_fetched_at_start_and_again_for_an_unknown_kid() {
+    let first = SoftKey::new("first");
+    let second = SoftKey::new("second");
+    let published = Arc::new(Mutex::new(json!({ "keys": [first.jwk()] })));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let jwks_app = {
+        let (published, fetches) = (published.clone(), fetches.clone());
+        axum::Router::new().route(
+            "/jwks",
+            axum::routing::get(move || async move {
+                fetches.fetch_add(1, Ordering::SeqCst);
+                axum::Json(published.lock().expect("lock").clone())
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let jwks_url = format!("http://{}/jwks", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, jwks_app).await });
+
+    let uri = url::Url::parse(&jwks_url).expect("URL");
+    let server = Server::start(Settings::new(CLIENT_ID, JwksSource::Uri(uri))).await;
+    assert_eq!(fetches.load(Ordering::SeqCst), 1, "fetched at start");
+    let http = http();
+    let token_url = server.endpoints.token.clone();
+    let now = unix_now();
+    let request = |key: &SoftKey| key.assertion(&token_url, now, now + 60);
+
+    // A key published at start: the assertion passes; the request stops at DPoP.
+    post_token(&http, &server, &request(&first), None, READ)
+        .await
+        .assert_oauth_error(400, "invalid_dpop_proof", "header is missing");
+
+    // The client publishes a new key; its unknown kid makes the dev-server fetch again.
+    *published.lock().expect("lock") = json!({ "keys": [first.jwk(), second.jwk()] });
+    post_token(&http, &server, &request(&second), None, READ)
+        .await
+        .assert_oauth_error(400, "invalid_dpop_proof", "header is missing");
+    assert_eq!(fetches.load(Ordering::SeqCst), 2, "fetched for the new kid");
+
+    // Another unknown kid right after: no third fetch within 10 s.
+    post_token(&http, &server, &request(&SoftKey::new("third")), None, READ)
+        .await
+        .assert_oauth_error(
+            401,
+            "invalid_client",
+            "No key in the registered JWKS matches kid 'third'",
+        );
+    assert_eq!(fetches.load(Ordering::SeqCst), 2, "rate-limited");
+}
+
+// ---------------------------------------------------------------------------
+// Resource server
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_list_follows_link_next_to_the_end() {
+    let f = Fixture::new().await;
+    let token = f.access_token(READ).await;
+    let mut url = f.users_url("?limit=2");
+    let mut names = Vec::new();
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        let reply = f.api("GET", &url, &token, None).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        reply.nonce();
+        let links = reply.header_all("link");
+        assert_eq!(links[0], format!("<{url}>; rel=\"self\""));
+        for user in reply.body.as_array().expect("array of users") {
+            let id = user["id"].as_str().expect("id");
+            assert!(id.starts_with("00u") && id.len() == 19, "{id}");
+            assert_eq!(user["status"], "ACTIVE");
+            assert_eq!(
+                user["_links"]["self"]["href"],
+                f.users_url(&format!("/{id}"))
+            );
+            let p = &user["profile"];
+            assert_eq!(p["email"], p["login"]);
+            names.push(format!(
+                "{} {}",
+                p["firstName"].as_str().expect("firstName"),
+                p["lastName"].as_str().expect("lastName")
+            ));
+        }
+        let Some(next) = links.get(1) else {
+            assert_eq!(links.len(), 1, "{links:?}");
+            break;
+        };
+        let next = next
+            .strip_prefix('<')
+            .and_then(|n| n.strip_suffix(">; rel=\"next\""))
+            .unwrap_or_else(|| panic!("second Link is rel=next: {next}"));
+        assert!(next.starts_with(&f.users_url("?after=00u")), "{next}");
+        url = next.to_string();
+    }
+    assert_eq!(pages, 4);
+    assert_eq!(names, PEOPLE);
+
+    for bad in ["0", "201", "ten"] {
+        let reply = f
+            .api("GET", &f.users_url(&format!("?limit={bad}")), &token, None)
+            .await;
+        reply.assert_okta_error(400, "E0000001");
+        assert_eq!(reply.body["errorSummary"], "Api validation failed: limit");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn user_get_and_update() {
+    let f = Fixture::new().await;
+    let token = f.access_token(BOTH).await;
+    let first_page = f.api("GET", &f.users_url("?limit=1"), &token, None).await;
+    let id = first_page.body[0]["id"].as_str().expect("id").to_string();
+    let user_url = f.users_url(&format!("/{id}"));
+
+    let ada = f.api("GET", &user_url, &token, None).await;
+    assert_eq!(ada.status, 200, "{ada:?}");
+    assert_eq!(ada.body["id"], id.as_str());
+    assert_eq!(
+        ada.body["profile"],
+        json!({
+            "firstName": "Ada", "lastName": "Lovelace",
+            "email": "ada.lovelace@example.com", "login": "ada.lovelace@example.com",
+        })
+    );
+    assert_eq!(ada.body["created"], "2026-01-01T00:00:00.000Z");
+
+    let missing = f
+        .api("GET", &f.users_url("/00u0000000000000000"), &token, None)
+        .await;
+    missing.assert_okta_error(404, "E0000007");
+    assert_eq!(
+        missing.body["errorSummary"],
+        "Not found: Resource not found: 00u0000000000000000 (User)"
+    );
+
+    let updated = f
+        .api(
+            "POST",
+            &user_url,
+            &token,
+            Some(r#"{"profile":{"firstName":"Augusta"}}"#),
+        )
+        .await;
+    assert_eq!(updated.status, 200, "{updated:?}");
+    assert_eq!(updated.body["profile"]["firstName"], "Augusta");
+    assert_eq!(
+        updated.body["profile"]["lastName"], "Lovelace",
+        "partial update"
+    );
+    let again = f.api("GET", &user_url, &token, None).await;
+    assert_eq!(again.body["profile"]["firstName"], "Augusta", "kept");
+
+    for bad in [
+        r#"{"profile":{"firstName":1}}"#,
+        r#"{"firstName":"Augusta"}"#,
+        r#"{"profile":{"email":"ada@example.org"}}"#,
+        r#"{"profile":{"firstName":"Augusta""#,
+    ] {
+        let reply = f.api("POST", &user_url, &token, Some(bad)).await;
+        reply.assert_okta_error(400, "E0000003");
+        assert_eq!(
+            reply.body["errorSummary"], "The request body was not well-formed.",
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_authorization_bearer_use_and_foreign_tokens_are_refused() {
+    let f = Fixture::new().await;
+    let token = f.access_token(READ).await;
+    let url = f.users_url("");
+
+    let bare = Reply::read(f.http.get(&url).send().await.expect("GET")).await;
+    bare.assert_okta_error(401, "E0000011");
+    assert_eq!(bare.body["errorSummary"], "Invalid token provided");
+    assert_eq!(
+        bare.www_authenticate(),
+        r#"DPoP algs="ES256 ES384 RS256 PS256""#
+    );
+
+    // Our token as a Bearer token, even with a good proof alongside.
+    let proof = f
+        .hsm
+        .dpop("dpop", "GET", &url, Some(&f.rs_nonce().await), Some(&token));
+    let bearer = Reply::read(
+        f.http
+            .get(&url)
+            .header("Authorization", format!("Bearer {token}"))
+            .header("DPoP", proof)
+            .send()
+            .await
+            .expect("GET"),
+    )
+    .await;
+    bearer.assert_okta_error(401, "E0000011");
+    assert_eq!(
+        bearer.www_authenticate(),
+        r#"DPoP error="invalid_token", error_description="The access token is DPoP-bound; present it with the DPoP scheme and a proof""#
+    );
+
+    // A token this server did not sign.
+    let (input, _) = token.rsplit_once('.').expect("compact JWS");
+    let forged = format!("{input}.{}", b64(&[7u8; 64]));
+    f.api("GET", &url, &forged, None)
+        .await
+        .assert_dpop_challenge(401, "E0000011", "invalid_token", "signature is invalid");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proof_from_another_key_is_refused() {
+    let f = Fixture::new().await;
+    f.hsm.generate("other", "ES256");
+    let token = f.access_token(READ).await;
+    let reply = f
+        .api_with("other", "GET", &f.users_url(""), &token, None)
+        .await;
+    reply.assert_okta_error(401, "E0000011");
+    assert_eq!(
+        reply.www_authenticate(),
+        r#"DPoP error="invalid_dpop_proof", error_description="The DPoP proof key does not match the access token's cnf.jkt""#
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proof_without_or_with_a_wrong_ath_is_refused() {
+    let f = Fixture::new().await;
+    let token = f.access_token(READ).await;
+    let url = f.users_url("");
+
+    let no_ath = f
+        .hsm
+        .dpop("dpop", "GET", &url, Some(&f.rs_nonce().await), None);
+    call_api(&f.http, "GET", &url, &token, &no_ath, None)
+        .await
+        .assert_dpop_challenge(401, "E0000011", "invalid_dpop_proof", "no ath claim");
+
+    let other_token = f.access_token(READ).await;
+    let wrong_ath = f.hsm.dpop(
+        "dpop",
+        "GET",
+        &url,
+        Some(&f.rs_nonce().await),
+        Some(&other_token),
+    );
+    call_api(&f.http, "GET", &url, &token, &wrong_ath, None)
+        .await
+        .assert_dpop_challenge(
+            401,
+            "E0000011",
+            "invalid_dpop_proof",
+            "ath claim does not match the access token",
+        );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rs_nonce_challenge_is_401_by_default() {
+    rs_nonce_challenge(None, 401).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rs_nonce_challenge_can_be_400_as_okta_sends_it() {
+    rs_nonce_challenge(Some(400), 400).await;
+}
+
+async fn rs_nonce_challenge(setting: Option<u16>, status: u16) {
+    let f = Fixture::with(|s| {
+        if let Some(code) = setting {
+            s.rs_nonce_status = code;
+        }
+    })
+    .await;
+    let token = f.access_token(READ).await;
+    let url = f.users_url("/ada.lovelace@example.com");
+    let send = |proof: String| {
+        let (http, url, token) = (&f.http, &url, &token);
+        async move { call_api(http, "GET", url, token, &proof, None).await }
+    };
+
+    let challenged = send(f.hsm.dpop("dpop", "GET", &url, None, Some(&token))).await;
+    challenged.assert_okta_error(status, "E0000011");
+    assert_eq!(
+        challenged.www_authenticate(),
+        r#"DPoP error="use_dpop_nonce", error_description="Resource server requires nonce in DPoP proof""#
+    );
+    let rs_nonce = challenged.nonce();
+
+    // The authorization server's nonce is a different one and does not count here.
+    let as_nonce = f.as_nonce().await;
+    assert_ne!(as_nonce, rs_nonce);
+    send(
+        f.hsm
+            .dpop("dpop", "GET", &url, Some(&as_nonce), Some(&token)),
+    )
+    .await
+    .assert_dpop_challenge(status, "E0000011", "use_dpop_nonce", "requires nonce");
+
+    let proof = f
+        .hsm
+        .dpop("dpop", "GET", &url, Some(&rs_nonce), Some(&token));
+    let ok = send(proof.clone()).await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(ok.body["profile"]["lastName"], "Lovelace");
+    assert_eq!(ok.nonce(), rs_nonce);
+
+    // The same proof once more is a replay.
+    send(proof).await.assert_dpop_challenge(
+        401,
+        "E0000011",
+        "invalid_dpop_proof",
+        "jti claim has already been used",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn insufficient_scope_is_refused() {
+    let f = Fixture::with(|s| s.granted_scopes = vec![READ.into()]).await;
+
+    let nonce = f.as_nonce().await;
+    f.request_token(&f.assertion(), Some(&f.token_proof(Some(&nonce))), BOTH)
+        .await
+        .assert_oauth_error(
+            400,
+            "invalid_scope",
+            "The following scopes are not allowed: okta.users.manage",
+        );
+
+    let token = f.access_token(READ).await;
+    let list = f.api("GET", &f.users_url("?limit=1"), &token, None).await;
+    assert_eq!(list.status, 200, "{list:?}");
+    let id = list.body[0]["id"].as_str().expect("id");
+    let update = f
+        .api(
+            "POST",
+            &f.users_url(&format!("/{id}")),
+            &token,
+            Some(r#"{"profile":{"firstName":"Augusta"}}"#),
+        )
+        .await;
+    update.assert_okta_error(403, "E0000006");
+    assert_eq!(
+        update.body["errorSummary"],
+        "You do not have permission to perform the requested action"
+    );
+    assert_eq!(
+        update.www_authenticate(),
+        r#"DPoP error="insufficient_scope", error_description="The access token provided does not contain the required scopes.""#
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The library entry point
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_serves_until_shutdown_and_refuses_bad_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jwks = write_jwks(dir.path(), "jwks.json", &[SoftKey::new("k").jwk()]);
+    let settings = Settings::new(CLIENT_ID, JwksSource::File(jwks));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(keybound::devserver::run(
+        listener,
+        settings.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let keys = get_json(&http(), &format!("{base}/oauth2/v1/keys")).await;
+    assert_eq!(keys["keys"][0]["kid"], thumbprint(&keys["keys"][0]));
+    stop.send(()).expect("server still running");
+    server
+        .await
+        .expect("join")
+        .expect("run returns Ok after shutdown");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let empty_client = Settings {
+        client_id: " ".into(),
+        ..settings
+    };
+    let err = keybound::devserver::run(listener, empty_client, std::future::pending())
+        .await
+        .expect_err("an empty client id is refused");
+    assert!(err.to_string().contains("client id is empty"), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// The CLI
+// ---------------------------------------------------------------------------
+
+/// A spawned `keybound dev-server`, killed if the test ends before it stops.
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_prints_the_banner_serves_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = SoftKey::new("soft-1");
+    let jwks = write_jwks(dir.path(), "jwks.json", &[key.jwk()]);
+    let mut child = Spawned(
+        Command::new(env!("CARGO_BIN_EXE_keybound"))
+            .args(["dev-server", "--port", "0", "--client-id", CLIENT_ID])
+            .arg("--jwks")
+            .arg(&jwks)
+            .args(["--scopes", READ, "--users", "3"])
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn keybound dev-server"),
+    );
+    let mut stdout = BufReader::new(child.0.stdout.take().expect("stdout"));
+    let lines: Vec<String> = (0..7)
+        .map(|_| {
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("read banner");
+            line.trim_end().to_string()
+        })
+        .collect();
+    let base = lines[1]
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("banner: {lines:#?}"))
+        .to_string();
+    let port: u16 = base
+        .strip_prefix("http://127.0.0.1:")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("listening on 127.0.0.1: {base}"));
+    assert_ne!(port, 0);
+    assert_eq!(
+        lines,
+        [
+            "keybound dev-server — development only, not an authorization server for production"
+                .to_string(),
+            format!("listening on {base}"),
+            format!("issuer          {base}"),
+            format!("token endpoint  {base}/oauth2/v1/token"),
+            format!("jwks            {base}/oauth2/v1/keys"),
+            format!("users api       {base}/api/v1/users"),
+            format!("client          {CLIENT_ID} (granted: {READ})"),
+        ]
+    );
+
+    let meta = get_json(
+        &http(),
+        &format!("{base}/.well-known/oauth-authorization-server"),
+    )
+    .await;
+    assert_eq!(meta["issuer"], base.as_str());
+    assert_eq!(meta["scopes_supported"], json!([READ]));
+
+    let term = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(term.success());
+    let status = child.0.wait().expect("wait for dev-server");
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
+#[test]
+fn cli_refuses_bad_flags_and_unusable_jwks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut private = SoftKey::new("k").jwk();
+    private["d"] = json!("AAAA");
+    let bad_jwks = write_jwks(dir.path(), "private.json", &[private]);
+    let good_jwks = write_jwks(dir.path(), "good.json", &[SoftKey::new("k").jwk()]);
+    let missing = dir.path().join("missing.json");
+    let (bad, good, missing) = (
+        bad_jwks.to_str().expect("UTF-8"),
+        good_jwks.to_str().expect("UTF-8"),
+        missing.to_str().expect("UTF-8"),
+    );
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_keybound"))
+            .arg("dev-server")
+            .args(["--port", "0", "--client-id", CLIENT_ID])
+            .args(args)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn keybound");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    for (args, code, message) in [
+        (
+            vec!["--jwks", missing],
+            1,
+            "error: cannot read the client JWKS file",
+        ),
+        (vec!["--jwks", bad], 1, "private key member 'd'"),
+        (
+            vec!["--jwks", good, "--scopes", ""],
+            1,
+            "no scopes are granted",
+        ),
+        (vec![], 2, "--jwks"),
+        (
+            vec!["--jwks", good, "--jwks-uri", "http://127.0.0.1:9/jwks"],
+            2,
+            "cannot be used with",
+        ),
+        (vec!["--jwks", good, "--rs-nonce-status", "403"], 2, "403"),
+    ] {
+        let (status, stderr) = run(&args);
+        assert_eq!(status, Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
