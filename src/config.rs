@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::oauth::settings::{ClientConfig, ClientSettings};
 use crate::policy::Rules;
-use crate::token::pkcs11;
+use crate::token::{pkcs11, tpm};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -15,12 +15,15 @@ pub struct Config {
     pub policy: Rules,
     /// `[[client]]` entries, in file order.
     pub clients: Vec<ClientConfig>,
+    /// `[agent]`, for `keybound serve`.
+    pub agent: crate::agent::Settings,
 }
 
 /// `[token]`, chosen by its `backend` key.
 #[derive(Clone, Debug)]
 pub enum TokenConfig {
     Pkcs11(pkcs11::Settings),
+    Tpm(tpm::Settings),
 }
 
 /// The file's shape before `[token]` is resolved by its backend. Parsing in two steps keeps
@@ -33,6 +36,8 @@ struct RawConfig {
     policy: Rules,
     #[serde(default)]
     client: Vec<ClientSettings>,
+    #[serde(default)]
+    agent: crate::agent::Settings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +81,9 @@ impl Config {
                     other.type_str()
                 ));
             }
-            None => return Err("token.backend: missing; set backend = \"pkcs11\"".into()),
+            None => {
+                return Err("token.backend: missing; set backend = \"pkcs11\" or \"tpm\"".into());
+            }
         };
         let token = match backend.as_str() {
             "pkcs11" => {
@@ -86,9 +93,16 @@ impl Config {
                 settings.validate()?;
                 TokenConfig::Pkcs11(settings)
             }
+            "tpm" => {
+                let settings: tpm::Settings =
+                    serde_path_to_error::deserialize(toml::Value::Table(raw.token))
+                        .map_err(|e| one_line(e.inner(), &format!("token.{}", e.path())))?;
+                settings.validate()?;
+                TokenConfig::Tpm(settings)
+            }
             other => {
                 return Err(format!(
-                    "token.backend: unknown backend '{other}'; use \"pkcs11\""
+                    "token.backend: unknown backend '{other}'; use \"pkcs11\" or \"tpm\""
                 ));
             }
         };
@@ -103,10 +117,12 @@ impl Config {
             }
             clients.push(c);
         }
+        raw.agent.validate()?;
         Ok(Config {
             token,
             policy: raw.policy,
             clients,
+            agent: raw.agent,
         })
     }
 }
@@ -187,10 +203,47 @@ token_label = "t"
     #[test]
     fn minimal_config_gets_defaults() {
         let c = Config::parse(GOOD).unwrap();
-        let TokenConfig::Pkcs11(s) = &c.token;
+        let TokenConfig::Pkcs11(s) = &c.token else {
+            panic!("not pkcs11: {:?}", c.token);
+        };
         assert_eq!(s.pin_env, "KEYBOUND_PIN");
         assert_eq!(s.rsa_bits, 2048);
         assert!(!c.policy.danger_allow_imported_keys);
+    }
+
+    #[test]
+    fn tpm_config_gets_defaults_and_errors_name_the_key() {
+        let c = Config::parse("[token]\nbackend = \"tpm\"\n").unwrap();
+        let TokenConfig::Tpm(s) = &c.token else {
+            panic!("not tpm: {:?}", c.token);
+        };
+        assert_eq!(s.tcti, "device:/dev/tpmrm0");
+        assert_eq!(s.rsa_bits, 2048);
+        assert_eq!(s.primary_handle, None);
+        assert_eq!(s.key_auth_source(), None);
+        let c = Config::parse(
+            "[token]\nbackend = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=2321\"\n\
+             state_dir = \"/var/lib/keybound/tpm\"\nprimary_handle = 0x81000001\n\
+             key_auth_env = \"KEYBOUND_KEY_AUTH\"\nrsa_bits = 3072\n",
+        )
+        .unwrap();
+        let TokenConfig::Tpm(s) = &c.token else {
+            panic!("not tpm: {:?}", c.token);
+        };
+        assert_eq!(s.primary_handle, Some(0x8100_0001));
+        assert_eq!(
+            s.state_dir().unwrap(),
+            PathBuf::from("/var/lib/keybound/tpm")
+        );
+        let tpm = "[token]\nbackend = \"tpm\"\n";
+        let e = Config::parse(&format!("{tpm}token_label = \"t\"\n")).unwrap_err();
+        assert!(e.starts_with("token.token_label: unknown field"), "{e}");
+        let e = Config::parse(&format!("{tpm}primary_handle = \"x\"\n")).unwrap_err();
+        assert!(e.starts_with("token.primary_handle: invalid type"), "{e}");
+        let e = Config::parse(&format!("{tpm}tcti = \"usb\"\n")).unwrap_err();
+        assert!(e.starts_with("token.tcti: 'usb' is not a TCTI"), "{e}");
+        let e = Config::parse(&format!("{tpm}rsa_bits = 1024\n")).unwrap_err();
+        assert!(e.starts_with("token.rsa_bits"), "{e}");
     }
 
     #[test]

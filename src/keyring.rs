@@ -7,6 +7,7 @@ use crate::config::TokenConfig;
 use crate::jose::{Alg, JwsSignature, PublicKey, ToBeSigned};
 use crate::policy::{self, PolicyError, Rules, Verdict};
 use crate::token::pkcs11::Pkcs11Token;
+use crate::token::tpm::TpmToken;
 use crate::token::{Backend, KeyFacts, KeyInfo, KeyName, Reply, TokenError};
 
 /// Errors of resolving a key for signing.
@@ -18,7 +19,8 @@ pub enum KeyError {
     Policy(#[from] PolicyError),
 }
 
-/// The configured device and the policy that governs its keys.
+/// The configured device and the policy that governs its keys. Cloning shares the device.
+#[derive(Clone)]
 pub struct Keyring {
     backend: Arc<dyn Backend>,
     rules: Rules,
@@ -42,6 +44,8 @@ impl Keyring {
     ) -> Result<Keyring, TokenError> {
         let backend: Arc<dyn Backend> = match token {
             TokenConfig::Pkcs11(settings) => Arc::new(Pkcs11Token::open(settings, sessions)?),
+            // One thread owns the TPM context: `sessions` does not apply.
+            TokenConfig::Tpm(settings) => Arc::new(TpmToken::open(settings)?),
         };
         Ok(Keyring { backend, rules })
     }

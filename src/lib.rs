@@ -4,6 +4,7 @@
 //! and signing, `keyring` ties a key name to a policy-approved signer.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod bench;
 pub mod config;
 pub mod devserver;

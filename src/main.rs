@@ -87,6 +87,16 @@ enum Command {
         /// The compact JWS; read from stdin when absent
         jws: Option<String>,
     },
+    /// Run the local signing agent on a Unix socket (see [agent] in the config)
+    Serve {
+        /// Socket path (default: agent.socket, else $XDG_RUNTIME_DIR/keybound/agent.sock,
+        /// else /run/keybound/agent.sock)
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Log format on stderr
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
+    },
     /// Run a strict Okta-like authorization and resource server on 127.0.0.1 (development only)
     DevServer(cli::devserver::Args),
     /// Measure signs/s of the raw token and of the full JWS pipeline, and their ratio
@@ -103,6 +113,15 @@ enum Command {
         /// Print the report as JSON
         #[arg(long)]
         json: bool,
+        /// Drive the running agent over its socket instead of the pipeline in-process
+        #[arg(long)]
+        agent: bool,
+        /// Concurrent agent clients (with --agent)
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// The agent's socket (with --agent; default: from the config)
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
     },
 }
 
@@ -132,7 +151,13 @@ enum KeysCommand {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    cli::init_logging(args.verbose);
+    match &args.command {
+        // The agent logs one line per signature: info by default.
+        Command::Serve { log_format, .. } => {
+            cli::init_logging(args.verbose.max(1), log_format == "json");
+        }
+        _ => cli::init_logging(args.verbose, false),
+    }
     match run(args) {
         Ok(code) => code,
         // The reader of stdout went away (`keybound keys list | head -1`): stop quietly,
@@ -189,11 +214,18 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         } => cli::oauth::token(config, client.as_deref(), json, check),
         Command::Call(call) => cli::oauth::call(config, call),
         Command::DevServer(dev) => cli::devserver::run(dev),
+        Command::Serve { socket, .. } => cli::serve::run(config, socket),
         Command::Bench {
             key,
             sessions,
             seconds,
             json,
-        } => cli::bench::run(config, key.as_deref(), sessions, seconds, json),
+            agent,
+            clients,
+            socket,
+        } => {
+            let target = agent.then_some(cli::bench::AgentTarget { clients, socket });
+            cli::bench::run(config, key.as_deref(), sessions, seconds, json, target)
+        }
     }
 }

@@ -1,10 +1,18 @@
-//! `bench`: raw token vs full pipeline, in one run.
+//! `bench`: the raw token against the full JWS pipeline, or against the running agent, in
+//! one run.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use keybound::bench;
+use keybound::config::Config;
 use keybound::jose::Alg;
+
+/// `--agent`: measure the running agent instead of the in-process pipeline.
+pub struct AgentTarget {
+    pub clients: usize,
+    pub socket: Option<PathBuf>,
+}
 
 pub fn run(
     config: Option<&Path>,
@@ -12,45 +20,59 @@ pub fn run(
     sessions: Option<usize>,
     seconds: f64,
     as_json: bool,
+    agent: Option<AgentTarget>,
 ) -> anyhow::Result<ExitCode> {
     if !(seconds.is_finite() && seconds > 0.0) {
         anyhow::bail!("--seconds must be a positive number");
     }
+    let (settings, _) = Config::load(config)?;
     let keyring = super::open(config, sessions)?;
     let key = match key {
         Some(name) => keyring.signing_key(name)?,
-        None => {
-            let candidates = keyring.backend().keys()?;
-            candidates
-                .into_iter()
-                .filter(|k| k.alg == Alg::ES256)
-                .find_map(|k| keyring.approve(k).ok())
-                .ok_or_else(|| {
-                    anyhow::anyhow!("no ES256 key the policy allows; pass --key or generate one")
-                })?
-        }
+        None => keyring
+            .backend()
+            .keys()?
+            .into_iter()
+            .filter(|k| k.alg == Alg::ES256)
+            .find_map(|k| keyring.approve(k).ok())
+            .ok_or_else(|| {
+                anyhow::anyhow!("no ES256 key the policy allows; pass --key or generate one")
+            })?,
     };
     let sessions = sessions.unwrap_or_else(|| keyring.sessions());
-    let report = bench::run(&key, sessions, seconds)?;
+    let report = match agent {
+        None => bench::run(&key, sessions, seconds)?,
+        Some(target) => {
+            let socket = target
+                .socket
+                .unwrap_or_else(|| settings.agent.socket_path());
+            bench::run_agent(&key, sessions, &socket, target.clients, seconds)?
+        }
+    };
     if as_json {
         out!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        out!(
-            "key '{}' ({}), {} sessions, {} pipeline callers, {:.1} s measured",
-            report.key,
-            report.alg,
-            report.sessions,
-            report.callers,
-            report.seconds
-        );
-        out!("raw token       {:>10.0} signs/s", report.raw_per_s);
-        out!(
-            "JWS pipeline    {:>10.0} proofs/s   (p50 {} µs, p99 {} µs)",
-            report.pipeline_per_s,
-            report.pipeline_p50_us,
-            report.pipeline_p99_us
-        );
-        out!("pipeline / raw  {:>10.3}", report.ratio);
+        return Ok(ExitCode::SUCCESS);
     }
+    let side = if report.mode == "agent" {
+        "agent"
+    } else {
+        "JWS pipeline"
+    };
+    out!(
+        "key '{}' ({}), {} sessions, {} {side} callers, {:.1} s measured",
+        report.key,
+        report.alg,
+        report.sessions,
+        report.callers,
+        report.seconds
+    );
+    out!("raw token       {:>10.0} signs/s", report.raw_per_s);
+    out!(
+        "{side:15} {:>10.0} proofs/s   (p50 {} µs, p99 {} µs)",
+        report.pipeline_per_s,
+        report.pipeline_p50_us,
+        report.pipeline_p99_us
+    );
+    out!("{side} / raw   {:.3}", report.ratio);
     Ok(ExitCode::SUCCESS)
 }

@@ -80,7 +80,10 @@ async fn serve(port: u16, settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
     let server = DevServer::new(listener, settings).await?;
-    banner(&server).context("cannot write the banner to stdout")?;
+    // A reader that went away after the first line must not take the server down.
+    if let Err(e) = banner(&server) {
+        tracing::warn!("cannot write the banner to stdout: {e}");
+    }
     server.serve(shutdown).await?;
     tracing::info!("dev-server stopped");
     Ok(())

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod devserver;
 pub mod keys;
 pub mod oauth;
+pub mod serve;
 pub mod sign;
 
 use std::path::Path;
@@ -27,15 +28,20 @@ pub fn open(config: Option<&Path>, sessions: Option<usize>) -> anyhow::Result<Ke
 }
 
 /// Logs go to stderr; stdout carries only the command's output.
-pub fn init_logging(verbose: u8) {
+pub fn init_logging(verbose: u8, json: bool) {
     let level = match verbose {
         0 => tracing::Level::WARN,
         1 => tracing::Level::INFO,
         _ => tracing::Level::DEBUG,
     };
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

@@ -72,6 +72,7 @@ impl OAuthClient {
                 .map_err(|e| OAuthError::Config(format!("cannot build the request: {e}")))?;
             round_trips += 1;
             let response = self.http().send(http_request).await?;
+            self.stats.response(response.status());
             let (status, headers) = (response.status(), response.headers().clone());
             self.observe(&origin, Role::ResourceServer, &headers);
             tracing::info!(method = %request.method, url = %request.url, status = status.as_u16(),
@@ -87,6 +88,9 @@ impl OAuthClient {
                     return Err(OAuthError::NonceLoop { origin });
                 }
                 nonce_retried = true;
+                self.stats
+                    .nonce_challenges
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 continue;
             }
             if status == StatusCode::UNAUTHORIZED

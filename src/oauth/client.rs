@@ -35,6 +35,30 @@ pub struct OAuthClient {
     endpoint: OnceCell<Url>,
     /// HTTP exchanges with the token endpoint, for `--check` and metrics.
     pub exchanges: AtomicU64,
+    pub stats: UpstreamStats,
+}
+
+/// Counters for the agent's metrics.
+#[derive(Default)]
+pub struct UpstreamStats {
+    /// Responses from this client's servers by status class: 2xx, 3xx, 4xx, 5xx.
+    pub responses: [AtomicU64; 4],
+    pub nonce_challenges: AtomicU64,
+    pub fetch_ok: AtomicU64,
+    pub fetch_failed: AtomicU64,
+    pub fetch_micros: AtomicU64,
+}
+
+impl UpstreamStats {
+    pub fn response(&self, status: StatusCode) {
+        let class = match status.as_u16() {
+            200..=299 => 0,
+            300..=399 => 1,
+            400..=499 => 2,
+            _ => 3,
+        };
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// One failed exchange, and how long the server asked us to wait.
@@ -97,6 +121,7 @@ impl OAuthClient {
             state: Arc::new(ServerState::default()),
             cache: TokenCache::default(),
             exchanges: AtomicU64::new(0),
+            stats: UpstreamStats::default(),
         })
     }
 
@@ -131,8 +156,27 @@ impl OAuthClient {
     /// A token for the configured scopes, from the cache when it is fresh.
     pub async fn token(&self) -> Result<Arc<AccessToken>, OAuthError> {
         let scopes = self.config.scopes.clone();
+        self.token_for(&scopes).await
+    }
+
+    /// A token for `scopes`, which must lie inside `allowed_scopes`.
+    pub async fn token_for(&self, scopes: &[String]) -> Result<Arc<AccessToken>, OAuthError> {
+        self.scope_guard(scopes)?;
         self.cache
-            .get(&scopes, self.config.refresh_ahead, || self.fetch(&scopes))
+            .get(scopes, self.config.refresh_ahead, || async {
+                let started = Instant::now();
+                let result = self.fetch(scopes).await;
+                let counter = match &result {
+                    Ok(_) => &self.stats.fetch_ok,
+                    Err(_) => &self.stats.fetch_failed,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                self.stats.fetch_micros.fetch_add(
+                    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+                result
+            })
             .await
     }
 
@@ -246,6 +290,7 @@ impl OAuthClient {
                 .await?;
             self.exchanges.fetch_add(1, Ordering::Relaxed);
             let response = self.http.send(request).await.map_err(OAuthError::from)?;
+            self.stats.response(response.status());
             let (status, headers, body) = (
                 response.status(),
                 response.headers().clone(),
@@ -273,6 +318,7 @@ impl OAuthClient {
                     return Err(OAuthError::NonceLoop { origin }.into());
                 }
                 challenged = true;
+                self.stats.nonce_challenges.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(client = %self.config.name, "DPoP nonce challenge; retrying once with the nonce");
                 continue;
             }
@@ -323,15 +369,7 @@ impl OAuthClient {
     ) -> Result<Request<Vec<u8>>, OAuthError> {
         let now = unix_now();
         let iat = self.state.iat_for(origin, now);
-        let audience = match (&self.config.audience, self.config.server.audience_rule()) {
-            (Some(a), _) => a.clone(),
-            (None, AudienceRule::Issuer) => self
-                .config
-                .issuer
-                .as_ref()
-                .map_or_else(|| endpoint.to_string(), Url::to_string),
-            (None, AudienceRule::TokenEndpoint) => endpoint.to_string(),
-        };
+        let audience = self.audience_for(endpoint);
         let claims = assertion::claims(
             &self.config.client_id,
             &audience,
@@ -373,6 +411,24 @@ impl OAuthClient {
         request
             .body(body.into_bytes())
             .map_err(|e| OAuthError::Config(e.to_string()))
+    }
+
+    /// The `aud` of this client's assertions: configured, or by the server's rule.
+    pub async fn assertion_audience(&self) -> Result<String, OAuthError> {
+        let endpoint = self.endpoint().await?;
+        Ok(self.audience_for(endpoint))
+    }
+
+    fn audience_for(&self, endpoint: &Url) -> String {
+        match (&self.config.audience, self.config.server.audience_rule()) {
+            (Some(a), _) => a.clone(),
+            (None, AudienceRule::Issuer) => self
+                .config
+                .issuer
+                .as_ref()
+                .map_or_else(|| endpoint.to_string(), Url::to_string),
+            (None, AudienceRule::TokenEndpoint) => endpoint.to_string(),
+        }
     }
 
     /// A DPoP proof with this client's key, or `None` when DPoP is off.
@@ -425,17 +481,7 @@ impl OAuthClient {
             Some(s) => s.split_whitespace().map(str::to_string).collect(),
             None => requested.to_vec(),
         };
-        let extra: Vec<String> = scopes
-            .iter()
-            .filter(|s| !self.config.allowed_scopes.contains(s))
-            .cloned()
-            .collect();
-        if !extra.is_empty() {
-            return Err(OAuthError::ScopeGuard {
-                extra,
-                allowed: self.config.allowed_scopes.clone(),
-            });
-        }
+        self.scope_guard(&scopes)?;
         Ok(AccessToken {
             secret: Secret::new(response.access_token),
             token_type: response.token_type,
@@ -443,6 +489,22 @@ impl OAuthClient {
             scopes,
             received: Instant::now(),
             round_trips: 0,
+        })
+    }
+
+    /// The scope guard: every scope must be in `allowed_scopes`; the error names the others.
+    fn scope_guard(&self, scopes: &[String]) -> Result<(), OAuthError> {
+        let extra: Vec<String> = scopes
+            .iter()
+            .filter(|s| !self.config.allowed_scopes.contains(s))
+            .cloned()
+            .collect();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        Err(OAuthError::ScopeGuard {
+            extra,
+            allowed: self.config.allowed_scopes.clone(),
         })
     }
 

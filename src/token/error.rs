@@ -80,6 +80,24 @@ pub enum TokenError {
         rv: String,
         hint: String,
     },
+    #[error(
+        "{function} failed: {code}: {meaning}{}",
+        if .hint.is_empty() { String::new() } else { format!(". {}", .hint) }
+    )]
+    Tpm {
+        function: String,
+        code: String,
+        meaning: String,
+        hint: String,
+    },
+    #[error("TPM key store {}: {reason}", .path.display())]
+    TpmStore { path: PathBuf, reason: String },
+    #[error("TPM key '{label}' cannot be used: {reason}")]
+    TpmKey { label: String, reason: String },
+    #[error(
+        "no TPM key auth value: set the environment variable {env}, or token.key_auth_file, or remove token.key_auth_env"
+    )]
+    TpmKeyAuthMissing { env: String },
     #[error("the device is unavailable ({reason}); keybound reconnects when it is back")]
     Unavailable { reason: String },
     #[error("{what} is not supported by the {backend} backend")]

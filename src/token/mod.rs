@@ -3,6 +3,7 @@
 
 pub mod pkcs11;
 pub mod profile;
+pub mod tpm;
 
 mod error;
 mod name;
@@ -84,6 +85,11 @@ pub trait Backend: Send + Sync {
             what: "key generation",
             backend: self.describe().backend,
         })
+    }
+
+    /// Is the device there and the login good? Looks for a lost device again.
+    fn health(&self) -> Result<(), TokenError> {
+        self.keys().map(|_| ())
     }
 
     /// Every signing key on the device that has a label.

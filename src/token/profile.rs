@@ -9,10 +9,14 @@ use serde::Deserialize;
 use super::TokenError;
 use crate::jose::Alg;
 
-const EMBEDDED: [(&str, &str); 2] = [
+const EMBEDDED: [(&str, &str); 3] = [
     (
         "softhsm2.toml",
         include_str!("../../hsm-profiles/softhsm2.toml"),
+    ),
+    (
+        "tpm2-pkcs11.toml",
+        include_str!("../../hsm-profiles/tpm2-pkcs11.toml"),
     ),
     (
         "generic.toml",
@@ -202,8 +206,13 @@ impl MatchRule {
         if self.manufacturer.is_none() && self.model.is_none() {
             return false;
         }
+        // PKCS#11 pads these fields with blanks; tpm2-pkcs11 pads the model with NULs.
+        let padded = |s: &str| {
+            s.trim_matches(|c: char| c.is_whitespace() || c == '\0')
+                .to_string()
+        };
         let eq = |want: &Option<String>, got: &str| {
-            want.as_deref().is_none_or(|w| w.trim() == got.trim())
+            want.as_deref().is_none_or(|w| padded(w) == padded(got))
         };
         eq(&self.manufacturer, manufacturer) && eq(&self.model, model)
     }
@@ -270,6 +279,11 @@ mod tests {
             "softhsm2"
         );
         assert_eq!(p.matching("Acme", "HSM 9000").unwrap().name, "generic");
+        // tpm2-pkcs11 over swtpm pads the model with NULs.
+        let tpm = p.matching("IBM", "SW   TPM\0\0\0\0\0\0\0\0").unwrap();
+        assert_eq!(tpm.name, "tpm2-pkcs11");
+        assert!(tpm.mechanism(Alg::PS256).is_err());
+        assert!(tpm.omits(Usage::Decrypt) && tpm.omits(Usage::Encrypt));
         let soft = p.named("softhsm2").unwrap();
         assert_eq!(soft.mechanism(Alg::ES256).unwrap(), SignMechanism::Ecdsa);
         assert_eq!(

@@ -12,7 +12,7 @@ use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 
-use super::connection::{Connection, Failure};
+use super::connection::{Connection, Failure, Live};
 use super::key_management::find_private;
 use crate::jose::{Alg, JwsSignature, RawSignature, ToBeSigned};
 use crate::token::profile::{EcdsaSignatureEncoding, SignMechanism};
@@ -145,7 +145,7 @@ impl KeyRef {
 /// Owns one session (opened on first use, reopened after loss) and a cache of key handles.
 struct Worker {
     conn: Arc<Connection>,
-    session: Option<Session>,
+    session: Option<Live>,
     handles: HashMap<Vec<u8>, ObjectHandle>,
 }
 
@@ -164,6 +164,14 @@ impl Worker {
                     let _ = done.send(self.raw(&key, &tbs, until));
                 }
             }
+        }
+        self.drop_session();
+    }
+
+    fn drop_session(&mut self) {
+        self.handles.clear();
+        if let Some(live) = self.session.take() {
+            self.conn.discard(live);
         }
     }
 
@@ -196,9 +204,12 @@ impl Worker {
         let ecdsa_der = profile.encoding.ecdsa_signature == EcdsaSignatureEncoding::Der;
         let mut retried = false;
         loop {
-            let result = self
-                .ready(key)
-                .and_then(|(session, handle)| device_sign(session, handle, mechanism, tbs));
+            let conn = self.conn.clone();
+            let result = self.ensure_session().and_then(|()| {
+                let _gate = conn.read();
+                let (session, handle) = self.ready(key)?;
+                device_sign(session, handle, mechanism, tbs)
+            });
             match result {
                 Ok(bytes) => {
                     return Ok(match mechanism {
@@ -207,33 +218,55 @@ impl Worker {
                         _ => RawSignature::EcdsaFixed(bytes),
                     });
                 }
-                Err(f) if f.session_lost() && !retried => {
+                Err(f) if !retried && (f.session_lost() || self.conn.probe().is_err()) => {
                     tracing::warn!(key = %key.label, "signing session lost; reopening");
                     retried = true;
-                    self.session = None;
-                    self.handles.clear();
+                    self.drop_session();
+                    if self.conn.probe().is_err() {
+                        // The token itself is gone: look for it again, or report it.
+                        self.conn.recover()?;
+                    }
+                }
+                Err(f) if retried && self.conn.probe().is_err() => {
+                    let reason = TokenError::from(f).to_string();
+                    return Err(TokenError::Unavailable { reason });
                 }
                 Err(f) => return Err(f.into()),
             }
         }
     }
 
-    /// This worker's session (logged in) and the key's handle.
+    /// A logged-in session of the current library generation. Called without the gate.
+    fn ensure_session(&mut self) -> Result<(), Failure> {
+        if let Some(live) = &self.session
+            && !self.conn.is_current(live)
+        {
+            // Re-initialised under us: the old handle is dead (and is not closed).
+            self.session = None;
+            self.handles.clear();
+        }
+        if self.session.is_none() {
+            self.handles.clear();
+            self.session = Some(self.conn.open_session(false)?);
+        }
+        Ok(())
+    }
+
+    /// This worker's session and the key's handle. Called with the gate held.
     fn ready(&mut self, key: &KeyRef) -> Result<(&Session, ObjectHandle), Failure> {
-        let session = match self.session.take() {
-            Some(s) => s,
-            None => self.conn.open_session(false)?,
+        let Some(live) = self.session.as_ref() else {
+            return Err(TokenError::WorkersGone.into());
         };
-        let session = &*self.session.insert(session);
         let handle = match self.handles.get(&key.id) {
             Some(h) => *h,
             None => {
-                let h = find_private(session, &key.id, &key.label)?;
+                let token = &self.conn.description.token_label;
+                let h = find_private(&live.session, &key.id, &key.label, token)?;
                 self.handles.insert(key.id.clone(), h);
                 h
             }
         };
-        Ok((session, handle))
+        Ok((&live.session, handle))
     }
 }
 

@@ -3,8 +3,9 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error, RvError};
@@ -57,6 +58,14 @@ enum Selector {
     Serial(String),
 }
 
+/// A session of one library generation. Opened without close-on-drop: after the library is
+/// re-initialised its handle number may belong to someone else's new session, so only a
+/// session of the current generation is ever closed (`Connection::discard`).
+pub(super) struct Live {
+    pub(super) session: Session,
+    generation: u64,
+}
+
 /// One token, logged in. Shared by the management session and the signing workers.
 pub(super) struct Connection {
     pkcs11: Pkcs11,
@@ -69,7 +78,13 @@ pub(super) struct Connection {
     pin_rejected: AtomicBool,
     /// The management session. Keeping one session open keeps the login alive (closing the
     /// last session of a process drops it). Never held across a signature.
-    keeper: Mutex<Option<Session>>,
+    keeper: Mutex<Option<Live>>,
+    /// Every device call holds this for reading; re-initialising the library holds it for
+    /// writing, so no thread is inside the module during `C_Finalize`/`C_Initialize`.
+    gate: RwLock<()>,
+    /// Bumped by every re-initialisation; sessions of older generations are dead.
+    generation: AtomicU64,
+    last_recovery: Mutex<Option<Instant>>,
     /// This connection's `C_Initialize` succeeded (it did not find the library already
     /// initialised by someone else in the process), so it owes the `C_Finalize`.
     finalize: bool,
@@ -122,6 +137,9 @@ impl Connection {
             pin: Pin::read(&settings.pin_source())?,
             pin_rejected: AtomicBool::new(false),
             keeper: Mutex::new(None),
+            gate: RwLock::new(()),
+            generation: AtomicU64::new(0),
+            last_recovery: Mutex::new(None),
             finalize,
             profile,
             description,
@@ -131,34 +149,136 @@ impl Connection {
         Ok(conn)
     }
 
-    /// Opens a session on the token and logs it in. `rw` for key generation.
-    pub(super) fn open_session(&self, rw: bool) -> Result<Session, TokenError> {
-        let open = |slot: Slot| {
-            if rw {
-                self.pkcs11.open_rw_session(slot)
-            } else {
-                self.pkcs11.open_ro_session(slot)
-            }
-        };
-        let slot = *self.slot.lock().unwrap_or_else(PoisonError::into_inner);
-        let session = match open(slot) {
-            Ok(s) => s,
+    /// Opens a session on the token and logs it in. `rw` for key generation. Never call it
+    /// while holding `read()`: it takes the gate itself and may have to re-initialise.
+    pub(super) fn open_session(&self, rw: bool) -> Result<Live, TokenError> {
+        match self.try_open(rw) {
             Err(Error::Pkcs11(
-                RvError::SlotIdInvalid | RvError::TokenNotPresent | RvError::DeviceRemoved,
+                RvError::SlotIdInvalid
+                | RvError::TokenNotPresent
+                | RvError::DeviceRemoved
+                | RvError::DeviceError
+                | RvError::GeneralError
+                | RvError::CryptokiNotInitialized,
                 _,
             )) => {
-                let slot = find_slot(&self.pkcs11, &self.selector, &self.module).map_err(|e| {
-                    TokenError::Unavailable {
-                        reason: e.to_string(),
-                    }
-                })?;
-                *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = slot;
-                open(slot).map_err(ck)?
+                // The token went away or came back under another slot id.
+                let slot = {
+                    let _gate = self.read();
+                    find_slot(&self.pkcs11, &self.selector, &self.module)
+                };
+                match slot {
+                    Ok(slot) => *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = slot,
+                    Err(_) => self.recover()?,
+                }
+                self.try_open(rw).map_err(|e| TokenError::Unavailable {
+                    reason: ck(e).to_string(),
+                })
             }
-            Err(e) => return Err(ck(e)),
+            Err(e) => Err(ck(e)),
+            Ok(live) => Ok(live),
+        }
+        .and_then(|live| {
+            let login = {
+                let _gate = self.read();
+                self.login(&live.session)
+            };
+            match login {
+                Ok(()) => Ok(live),
+                Err(e) => {
+                    self.discard(live);
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn try_open(&self, rw: bool) -> Result<Live, Error> {
+        let _gate = self.read();
+        let slot = *self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let session = if rw {
+            self.pkcs11.open_rw_session_no_drop(slot)?
+        } else {
+            self.pkcs11.open_ro_session_no_drop(slot)?
         };
-        self.login(&session)?;
-        Ok(session)
+        Ok(Live {
+            session,
+            generation: self.generation.load(Ordering::Acquire),
+        })
+    }
+
+    /// Held around every call into the module.
+    pub(super) fn read(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Closes a session of the current generation; a stale one is only forgotten.
+    pub(super) fn discard(&self, live: Live) {
+        let _gate = self.read();
+        if live.generation == self.generation.load(Ordering::Acquire) {
+            let _ = live.session.close();
+        }
+    }
+
+    pub(super) fn is_current(&self, live: &Live) -> bool {
+        live.generation == self.generation.load(Ordering::Acquire)
+    }
+
+    /// Is the token there? `C_GetTokenInfo` on its slot.
+    pub(super) fn probe(&self) -> Result<(), TokenError> {
+        let _gate = self.read();
+        let slot = *self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        match self.pkcs11.get_token_info(slot) {
+            Ok(info) if info.token_initialized() => Ok(()),
+            Ok(_) => Err(TokenError::Unavailable {
+                reason: "the token in the slot is not initialised".into(),
+            }),
+            Err(e) => Err(TokenError::Unavailable {
+                reason: ck(e).to_string(),
+            }),
+        }
+    }
+
+    /// Re-initialises the library to find a token that went away (SoftHSM only notices a
+    /// restored token directory after `C_Finalize` + `C_Initialize`). At most once a
+    /// second; never while this thread holds `read()`.
+    pub(super) fn recover(&self) -> Result<(), TokenError> {
+        let unavailable = |reason: String| TokenError::Unavailable { reason };
+        if !self.finalize {
+            return Err(unavailable(
+                "the token is gone, and the PKCS#11 library belongs to other code in this process; restart keybound when it is back".into(),
+            ));
+        }
+        {
+            let mut last = self
+                .last_recovery
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return Err(unavailable(format!(
+                    "token {} is not reachable; keybound looks for it again every second",
+                    self.selector
+                )));
+            }
+            *last = Some(Instant::now());
+        }
+        let _exclusive = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        tracing::warn!(token = %self.description.token_label,
+            "token unreachable: re-initialising the PKCS#11 library");
+        let _ = self.pkcs11.clone().finalize();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        match self
+            .pkcs11
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        {
+            Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(unavailable(format!("C_Initialize: {}", ck(e)))),
+        }
+        let slot = find_slot(&self.pkcs11, &self.selector, &self.module)
+            .map_err(|e| unavailable(e.to_string()))?;
+        *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = slot;
+        tracing::info!(token = %self.description.token_label, "token found again");
+        Ok(())
     }
 
     fn login(&self, session: &Session) -> Result<(), TokenError> {
@@ -181,7 +301,8 @@ impl Connection {
         }
     }
 
-    /// Runs `f` on the management session; reopens it and retries once when it was lost.
+    /// Runs `f` on the management session; reopens it and retries once when it was lost,
+    /// re-initialising the library first when the token itself is gone.
     pub(super) fn with_session<T>(
         &self,
         mut f: impl FnMut(&Session) -> Result<T, Failure>,
@@ -189,20 +310,26 @@ impl Connection {
         let mut keeper = self.keeper.lock().unwrap_or_else(PoisonError::into_inner);
         let mut retried = false;
         loop {
-            let session = match keeper.take() {
-                Some(s) => s,
-                None => self.open_session(true)?,
+            let live = match keeper.take() {
+                Some(l) if self.is_current(&l) => l,
+                _ => self.open_session(true)?,
             };
-            let result = f(&session);
+            let result = {
+                let _gate = self.read();
+                f(&live.session)
+            };
             match result {
-                Err(failure) if failure.session_lost() && !retried => {
+                Err(failure) if !retried && (failure.session_lost() || self.probe().is_err()) => {
                     tracing::warn!(token = %self.description.token_label,
                         "management session lost; reopening and logging in again");
                     retried = true;
-                    drop(session);
+                    self.discard(live);
+                    if self.probe().is_err() {
+                        self.recover()?;
+                    }
                 }
                 other => {
-                    *keeper = Some(session);
+                    *keeper = Some(live);
                     return other.map_err(TokenError::from);
                 }
             }
@@ -214,12 +341,14 @@ impl Connection {
 /// crashes at process exit when a process ends without it, about one exit in ten under load.
 impl Drop for Connection {
     fn drop(&mut self) {
-        drop(
-            self.keeper
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take(),
-        );
+        let keeper = self
+            .keeper
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(live) = keeper {
+            self.discard(live);
+        }
         if self.finalize
             && let Err(e) = self.pkcs11.clone().finalize()
         {

@@ -84,7 +84,7 @@ pub(super) fn facts(conn: &Connection, key: &KeyInfo) -> Result<KeyFacts, TokenE
         (AttributeType::Token, "CKA_TOKEN"),
     ];
     let values = conn.with_session(|s| {
-        let handle = find_private(s, &key.id, &key.label)?;
+        let handle = find_private(s, &key.id, &key.label, &conn.description.token_label)?;
         let types: Vec<AttributeType> = READ.iter().map(|(t, _)| *t).collect();
         // get_attributes leaves out what the token does not report; those stay None.
         let attrs = s.get_attributes(handle, &types)?;
@@ -111,7 +111,12 @@ pub(super) fn facts(conn: &Connection, key: &KeyInfo) -> Result<KeyFacts, TokenE
 }
 
 /// The one private-key object with this `CKA_ID`.
-pub(super) fn find_private(s: &Session, id: &[u8], label: &str) -> Result<ObjectHandle, Failure> {
+pub(super) fn find_private(
+    s: &Session,
+    id: &[u8],
+    label: &str,
+    token: &str,
+) -> Result<ObjectHandle, Failure> {
     let template = [
         Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::Token(true),
@@ -121,7 +126,7 @@ pub(super) fn find_private(s: &Session, id: &[u8], label: &str) -> Result<Object
         [one] => Ok(*one),
         [] => Err(TokenError::KeyNotFound {
             name: format!("'{label}'"),
-            token: String::new(),
+            token: token.to_string(),
             known: Vec::new(),
         }
         .into()),

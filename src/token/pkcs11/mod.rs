@@ -124,6 +124,14 @@ impl Backend for Pkcs11Token {
         key_management::keys(&self.conn)
     }
 
+    fn health(&self) -> Result<(), TokenError> {
+        if self.conn.probe().is_err() {
+            self.conn.recover()?;
+        }
+        self.conn.probe()?;
+        key_management::keys(&self.conn).map(|_| ())
+    }
+
     fn facts(&self, key: &KeyInfo) -> Result<KeyFacts, TokenError> {
         key_management::facts(&self.conn, key)
     }

@@ -1,0 +1,226 @@
+//! Prometheus text exposition (format 0.0.4), kept by hand: a few counters, gauges and one
+//! latency histogram do not need a metrics framework.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use super::Agent;
+use crate::oauth::resilience::BreakerState;
+use crate::oauth::settings::origin;
+
+/// Upper bounds of the sign-latency buckets, seconds.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    /// (key, alg, outcome) → count.
+    signatures: Mutex<BTreeMap<(String, String, &'static str), u64>>,
+    buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_micros: AtomicU64,
+}
+
+impl Metrics {
+    pub fn signature(&self, key: &str, alg: &str, outcome: &'static str, took: Duration) {
+        *self
+            .signatures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((key.to_string(), alg.to_string(), outcome))
+            .or_default() += 1;
+        let secs = took.as_secs_f64();
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_micros.fetch_add(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// The whole exposition for `GET /metrics`.
+pub fn render(agent: &Agent) -> String {
+    let m = &agent.metrics;
+    let mut out = String::new();
+    let head = |name: &str, kind: &str, help: &str, out: &mut String| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    head(
+        "keybound_signatures_total",
+        "counter",
+        "Signatures by key, algorithm and outcome.",
+        &mut out,
+    );
+    for ((key, alg, outcome), n) in m
+        .signatures
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+    {
+        let _ = writeln!(
+            out,
+            "keybound_signatures_total{{key=\"{}\",alg=\"{alg}\",outcome=\"{outcome}\"}} {n}",
+            escape(key)
+        );
+    }
+    head(
+        "keybound_sign_duration_seconds",
+        "histogram",
+        "Time from queueing a signature to its JWS.",
+        &mut out,
+    );
+    for (i, bound) in BUCKETS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "keybound_sign_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+            m.buckets[i].load(Ordering::Relaxed)
+        );
+    }
+    let count = m.latency_count.load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "keybound_sign_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+    );
+    let _ = writeln!(
+        out,
+        "keybound_sign_duration_seconds_sum {}\nkeybound_sign_duration_seconds_count {count}",
+        m.latency_micros.load(Ordering::Relaxed) as f64 / 1e6
+    );
+    head(
+        "keybound_sign_queue_depth",
+        "gauge",
+        "Signing requests queued or in progress.",
+        &mut out,
+    );
+    let _ = writeln!(out, "keybound_sign_queue_depth {}", agent.queue_depth());
+
+    head(
+        "keybound_token_fetches_total",
+        "counter",
+        "Token fetches by client and outcome.",
+        &mut out,
+    );
+    for (name, c) in &agent.clients {
+        let s = &c.stats;
+        let _ = writeln!(
+            out,
+            "keybound_token_fetches_total{{client=\"{0}\",outcome=\"ok\"}} {1}\nkeybound_token_fetches_total{{client=\"{0}\",outcome=\"error\"}} {2}",
+            escape(name),
+            s.fetch_ok.load(Ordering::Relaxed),
+            s.fetch_failed.load(Ordering::Relaxed)
+        );
+    }
+    head(
+        "keybound_token_fetch_seconds_total",
+        "counter",
+        "Time spent fetching tokens.",
+        &mut out,
+    );
+    for (name, c) in &agent.clients {
+        let _ = writeln!(
+            out,
+            "keybound_token_fetch_seconds_total{{client=\"{}\"}} {}",
+            escape(name),
+            c.stats.fetch_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+    }
+    head(
+        "keybound_token_cache_total",
+        "counter",
+        "Token cache lookups by result.",
+        &mut out,
+    );
+    for (name, c) in &agent.clients {
+        let _ = writeln!(
+            out,
+            "keybound_token_cache_total{{client=\"{0}\",result=\"hit\"}} {1}\nkeybound_token_cache_total{{client=\"{0}\",result=\"miss\"}} {2}",
+            escape(name),
+            c.cache().hits.load(Ordering::Relaxed),
+            c.cache().misses.load(Ordering::Relaxed)
+        );
+    }
+    head(
+        "keybound_upstream_responses_total",
+        "counter",
+        "HTTP responses from authorization and resource servers by status class.",
+        &mut out,
+    );
+    for (name, c) in &agent.clients {
+        for (i, class) in ["2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "keybound_upstream_responses_total{{client=\"{}\",class=\"{class}\"}} {}",
+                escape(name),
+                c.stats.responses[i].load(Ordering::Relaxed)
+            );
+        }
+    }
+    head(
+        "keybound_dpop_nonce_challenges_total",
+        "counter",
+        "use_dpop_nonce challenges answered.",
+        &mut out,
+    );
+    for (name, c) in &agent.clients {
+        let _ = writeln!(
+            out,
+            "keybound_dpop_nonce_challenges_total{{client=\"{}\"}} {}",
+            escape(name),
+            c.stats.nonce_challenges.load(Ordering::Relaxed)
+        );
+    }
+    head(
+        "keybound_clock_offset_seconds",
+        "gauge",
+        "Server clock minus local clock, from Date headers.",
+        &mut out,
+    );
+    for c in agent.clients.values() {
+        let cfg = c.config();
+        for url in cfg.token_endpoint.iter().chain(cfg.issuer.iter()) {
+            let o = origin(url);
+            if let Some(offset) = c.state().offset(&o) {
+                let _ = writeln!(
+                    out,
+                    "keybound_clock_offset_seconds{{server=\"{}\"}} {offset}",
+                    escape(&o)
+                );
+            }
+        }
+    }
+    head(
+        "keybound_breaker_state",
+        "gauge",
+        "Circuit breaker per client: 0 closed, 1 open, 2 half-open.",
+        &mut out,
+    );
+    for (name, c) in &agent.clients {
+        let state = match c.breaker_state() {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        };
+        let _ = writeln!(
+            out,
+            "keybound_breaker_state{{client=\"{}\"}} {state}",
+            escape(name)
+        );
+    }
+    out
+}
+
+/// Label values: backslash, quote and newline escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

@@ -1,0 +1,64 @@
+//! `serve`: the agent in the foreground, until SIGTERM or SIGINT.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use keybound::agent::{self, Agent, socket};
+use keybound::config::Config;
+use keybound::keyring::Keyring;
+use keybound::oauth::client::OAuthClient;
+
+pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let (config, path) = Config::load(config)?;
+    let keyring = Keyring::open(&config.token, config.policy.clone(), None)?;
+    let clients = config
+        .clients
+        .iter()
+        .map(|c| OAuthClient::new(c.clone(), &keyring))
+        .collect::<Result<Vec<_>, _>>()?;
+    let socket_path = socket_flag.unwrap_or_else(|| config.agent.socket_path());
+    let own_uid = socket::own_uid().context("cannot read this process's uid")?;
+    let agent = Arc::new(
+        Agent::new(keyring, clients, config.agent.clone(), own_uid).map_err(anyhow::Error::msg)?,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listener = socket::bind(&socket_path)?;
+        tracing::info!(socket = %socket_path.display(), config = %path.display(), uid = own_uid,
+            "keybound agent listening");
+        eprintln!("keybound agent listening on {}", socket_path.display());
+        agent::notify_ready();
+        agent::run(listener, agent, shutdown_signal()).await;
+        if let Err(e) = std::fs::remove_file(&socket_path) {
+            tracing::warn!("cannot remove {}: {e}", socket_path.display());
+        }
+        tracing::info!("keybound agent stopped");
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! The owner thread: one `tss_esapi::Context` (every call takes `&mut`), owned by one thread
+//! and reached through a queue of jobs; answers come back by callback, as from the PKCS#11
+//! workers. The thread also owns what is loaded in the TPM: the storage primary and at most
+//! one signing key, kept while jobs are queued back to back and flushed as soon as the queue
+//! is empty, after any failure, and before the thread ends. A bare TPM or swtpm has about
+//! three object slots; nothing keybound loads outlives a burst of work.
+//!
+//! A TPM that goes away (swtpm restarted, device busy, daemon down) costs the request that
+//! hit it one retry on a fresh context; if that fails too the error is reported and the
+//! next request connects again. keybound never needs a restart for it.
+
+use std::collections::HashSet;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use tss_esapi::constants::{CapabilityType, PropertyTag};
+use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, TpmHandle};
+use tss_esapi::interface_types::dynamic_handles::Persistent;
+use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
+use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::structures::{Auth, CapabilityData};
+use tss_esapi::{Context, TctiNameConf};
+
+use super::errors::{Failure, Recovery, Tag as _};
+use super::key_management::primary_template;
+use super::store::StoredKey;
+use crate::token::{Pin, TokenError};
+
+/// A unit of work for the owner thread. It gets `None` when the thread is gone, so a job
+/// that carries a reply can still answer.
+pub(super) type Job = Box<dyn FnOnce(Option<&mut Tpm>) + Send>;
+
+/// The owner thread and its queue.
+pub(super) struct Owner {
+    /// `None` once shutting down.
+    jobs: Option<Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What the owner thread owns: the context and the objects loaded through it.
+pub(super) struct Tpm {
+    tcti: TctiNameConf,
+    /// The TCTI as configured, for messages.
+    pub(super) tcti_text: String,
+    primary_handle: Option<u32>,
+    key_auth: Option<Pin>,
+    ctx: Option<Context>,
+    primary: Option<Primary>,
+    loaded: Option<Loaded>,
+    /// Keys whose auth value the TPM refused: never sent again (dictionary-attack lockout).
+    refused: HashSet<Vec<u8>>,
+}
+
+/// The storage key every keybound key lives under.
+struct Primary {
+    handle: KeyHandle,
+    name: Vec<u8>,
+    /// Created by keybound (flushed when released) or a persistent object (only its ESYS
+    /// handle is closed).
+    transient: bool,
+}
+
+/// The one signing key currently loaded.
+struct Loaded {
+    id: Vec<u8>,
+    handle: KeyHandle,
+}
+
+impl Owner {
+    pub(super) fn start(tpm: Tpm) -> Result<Owner, TokenError> {
+        let (jobs, queue) = crossbeam_channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name("keybound-tpm".into())
+            .spawn(move || serve(tpm, queue))
+            .map_err(|e| TokenError::Unavailable {
+                reason: format!("cannot start the TPM thread: {e}"),
+            })?;
+        Ok(Owner {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a job; runs it with `None` at once when the thread is gone.
+    pub(super) fn submit(&self, job: Job) {
+        let refused = match &self.jobs {
+            Some(jobs) => jobs.send(job).err().map(|e| e.0),
+            None => Some(job),
+        };
+        if let Some(job) = refused {
+            job(None);
+        }
+    }
+
+    /// Runs `f` on the owner thread and waits for its result.
+    pub(super) fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Tpm) -> Result<T, TokenError> + Send + 'static,
+    ) -> Result<T, TokenError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(Box::new(move |tpm| {
+            let result = match tpm {
+                Some(tpm) => f(tpm),
+                None => Err(TokenError::WorkersGone),
+            };
+            // The caller waits below; if it went away there is nobody to tell.
+            let _ = tx.send(result);
+        }));
+        rx.recv().map_err(|_| TokenError::WorkersGone)?
+    }
+}
+
+/// Closing the queue ends the thread once the queued jobs are done; joining it means no
+/// thread is inside the TSS libraries, and every object is flushed, when the process exits.
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the TPM thread panicked");
+        }
+    }
+}
+
+fn serve(mut tpm: Tpm, queue: Receiver<Job>) {
+    loop {
+        let job = match queue.try_recv() {
+            Ok(job) => job,
+            Err(TryRecvError::Empty) => {
+                // Idle: nothing stays loaded in the TPM while no work is queued.
+                tpm.release();
+                match queue.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            }
+            Err(TryRecvError::Disconnected) => break,
+        };
+        job(Some(&mut tpm));
+    }
+    tpm.release();
+}
+
+impl Tpm {
+    pub(super) fn new(
+        tcti: TctiNameConf,
+        tcti_text: String,
+        primary_handle: Option<u32>,
+        key_auth: Option<Pin>,
+    ) -> Tpm {
+        Tpm {
+            tcti,
+            tcti_text,
+            primary_handle,
+            key_auth,
+            ctx: None,
+            primary: None,
+            loaded: None,
+            refused: HashSet::new(),
+        }
+    }
+
+    /// Runs one operation; when it fails because the TPM restarted or the connection broke,
+    /// retries it once on a fresh context. Whatever a failed attempt loaded is flushed
+    /// before the error is returned.
+    pub(super) fn run<T>(
+        &mut self,
+        mut op: impl FnMut(&mut Tpm) -> Result<T, Failure>,
+    ) -> Result<T, TokenError> {
+        let mut retried = false;
+        loop {
+            let failure = match op(self) {
+                Ok(v) => return Ok(v),
+                Err(f) => f,
+            };
+            let recovery = failure.recovery();
+            self.release();
+            if recovery == Recovery::Reconnect {
+                self.ctx = None;
+            }
+            if matches!(recovery, Recovery::Reconnect | Recovery::Reload) && !retried {
+                tracing::info!(tcti = %self.tcti_text,
+                    "TPM request failed ({}); retrying once", failure.summary());
+                retried = true;
+                continue;
+            }
+            return Err(failure.into_token_error(&self.tcti_text));
+        }
+    }
+
+    /// The ESAPI context, connected on first use.
+    pub(super) fn ctx(&mut self) -> Result<&mut Context, Failure> {
+        let ctx = match self.ctx.take() {
+            Some(ctx) => ctx,
+            None => Context::new(self.tcti.clone()).tag("TCTI/ESYS initialisation")?,
+        };
+        Ok(self.ctx.insert(ctx))
+    }
+
+    /// The storage primary's handle and name: created from the fixed template (the TPM
+    /// derives the same key from the same template every time), or the persistent object
+    /// at `token.primary_handle`, made there on first use.
+    pub(super) fn primary(&mut self) -> Result<(KeyHandle, Vec<u8>), Failure> {
+        if let Some(p) = &self.primary {
+            return Ok((p.handle, p.name.clone()));
+        }
+        match self.primary_handle {
+            None => self.create_primary()?,
+            Some(handle) => self.persistent_primary(handle)?,
+        }
+        match &self.primary {
+            Some(p) => Ok((p.handle, p.name.clone())),
+            None => Err(internal("the storage key was not recorded")),
+        }
+    }
+
+    fn create_primary(&mut self) -> Result<(), Failure> {
+        let template = primary_template().tag("building the storage key template")?;
+        let ctx = self.ctx()?;
+        let created = ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.create_primary(Hierarchy::Owner, template, None, None, None, None)
+            })
+            .tag("TPM2_CreatePrimary")?;
+        tracing::debug!("TPM2_CreatePrimary");
+        // Recorded before anything else can fail, so `release` flushes it.
+        self.primary = Some(Primary {
+            handle: created.key_handle,
+            name: Vec::new(),
+            transient: true,
+        });
+        let name = self
+            .ctx()?
+            .tr_get_name(created.key_handle.into())
+            .tag("Esys_TR_GetName")?;
+        if let Some(p) = &mut self.primary {
+            p.name = name.value().to_vec();
+        }
+        Ok(())
+    }
+
+    fn persistent_primary(&mut self, handle: u32) -> Result<(), Failure> {
+        let persistent = PersistentTpmHandle::new(handle).tag("parsing token.primary_handle")?;
+        let tpm_handle = TpmHandle::Persistent(persistent);
+        let ctx = self.ctx()?;
+        let (found, _) = ctx
+            .execute_without_session(|c| c.get_capability(CapabilityType::Handles, handle, 1))
+            .tag("TPM2_GetCapability")?;
+        let exists =
+            matches!(found, CapabilityData::Handles(list) if list.first() == Some(&tpm_handle));
+        if !exists {
+            tracing::info!("no storage key at {handle:#x}; creating and persisting one");
+            self.create_primary()?;
+            let (transient, _) = self.primary()?;
+            let ctx = self.ctx()?;
+            let mut evicted = ctx
+                .execute_with_session(Some(AuthSession::Password), |c| {
+                    c.evict_control(
+                        Provision::Owner,
+                        transient.into(),
+                        Persistent::Persistent(persistent),
+                    )
+                })
+                .tag("TPM2_EvictControl")?;
+            ctx.tr_close(&mut evicted).tag("Esys_TR_Close")?;
+            self.release();
+        }
+        let ctx = self.ctx()?;
+        let object = ctx
+            .execute_without_session(|c| c.tr_from_tpm_public(tpm_handle))
+            .tag("Esys_TR_FromTPMPublic")?;
+        self.primary = Some(Primary {
+            handle: object.into(),
+            name: Vec::new(),
+            transient: false,
+        });
+        let ctx = self.ctx()?;
+        let (public, name, _) = ctx
+            .execute_without_session(|c| c.read_public(object.into()))
+            .tag("TPM2_ReadPublic")?;
+        let a = public.object_attributes();
+        if !(a.restricted() && a.decrypt() && !a.sign_encrypt() && a.fixed_tpm()) {
+            return Err(TokenError::Tpm {
+                function: "TPM2_ReadPublic".into(),
+                code: format!("the object at {handle:#x} is not a storage key"),
+                meaning: "keybound's keys need a restricted decryption key that never leaves \
+                          the TPM as their parent"
+                    .into(),
+                hint: "point token.primary_handle at a storage key (SRK), or at a free handle \
+                       keybound can fill"
+                    .into(),
+            }
+            .into());
+        }
+        if let Some(p) = &mut self.primary {
+            p.name = name.value().to_vec();
+        }
+        Ok(())
+    }
+
+    /// Loads `key` under the primary (or returns it if it is the one loaded) and gives its
+    /// auth value to ESYS.
+    pub(super) fn load(&mut self, key: &StoredKey) -> Result<KeyHandle, Failure> {
+        if let Some(l) = &self.loaded {
+            if l.id == key.id {
+                return Ok(l.handle);
+            }
+            self.flush_loaded();
+        }
+        let auth = self.auth_for(key)?;
+        let (parent, parent_name) = self.primary()?;
+        if let Some(recorded) = &key.parent
+            && *recorded != parent_name
+        {
+            return Err(TokenError::TpmKey {
+                label: key.label.clone(),
+                reason: "it was created under another storage key than this TPM's: the TPM \
+                         was cleared, or the state directory comes from another machine. The \
+                         key cannot be recovered; generate a new one"
+                    .into(),
+            }
+            .into());
+        }
+        let (private, public) = (key.private.clone(), key.public.clone());
+        let ctx = self.ctx()?;
+        let handle = ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.load(parent, private, public)
+            })
+            .tag("TPM2_Load")?;
+        self.loaded = Some(Loaded {
+            id: key.id.clone(),
+            handle,
+        });
+        tracing::debug!(key = %key.label, "TPM2_Load");
+        if let Some(auth) = auth {
+            self.ctx()?
+                .tr_set_auth(handle.into(), auth)
+                .tag("Esys_TR_SetAuth")?;
+        }
+        Ok(handle)
+    }
+
+    /// The auth value to use with `key`, checked before anything is sent to the TPM.
+    fn auth_for(&self, key: &StoredKey) -> Result<Option<Auth>, Failure> {
+        if !key.auth {
+            return Ok(None);
+        }
+        let refuse = |reason: &str| -> Failure {
+            TokenError::TpmKey {
+                label: key.label.clone(),
+                reason: reason.into(),
+            }
+            .into()
+        };
+        if self.refused.contains(&key.id) {
+            return Err(refuse(
+                "the TPM refused its auth value earlier; keybound does not send it again, \
+                 to keep the TPM out of dictionary-attack lockout. Fix token.key_auth_env / \
+                 token.key_auth_file and restart keybound",
+            ));
+        }
+        match self.auth_value()? {
+            Some(auth) => Ok(Some(auth)),
+            None => Err(refuse(
+                "it was created with an auth value; set token.key_auth_env or \
+                 token.key_auth_file",
+            )),
+        }
+    }
+
+    /// The configured key auth value, in the TPM's form.
+    pub(super) fn auth_value(&self) -> Result<Option<Auth>, Failure> {
+        let Some(pin) = &self.key_auth else {
+            return Ok(None);
+        };
+        use secrecy::ExposeSecret as _;
+        let auth = Auth::try_from(pin.secret().expose_secret().as_bytes())
+            .tag("the key auth value (at most 32 bytes for a SHA-256 name)")?;
+        Ok(Some(auth))
+    }
+
+    /// Remembers that the TPM refused `key`'s auth value.
+    pub(super) fn refuse(&mut self, key: &StoredKey) {
+        self.refused.insert(key.id.clone());
+    }
+
+    /// Flushes the loaded signing key, if any.
+    fn flush_loaded(&mut self) {
+        if let Some(loaded) = self.loaded.take()
+            && let Some(ctx) = self.ctx.as_mut()
+            && let Err(e) = ctx.flush_context(loaded.handle.into())
+        {
+            tracing::debug!("TPM2_FlushContext of a signing key failed: {e}");
+            // The connection is suspect; a fresh context starts clean.
+            self.ctx = None;
+        }
+    }
+
+    /// Flushes every transient object keybound loaded. After a failed flush the context is
+    /// dropped: the next request starts on a new one.
+    pub(super) fn release(&mut self) {
+        self.flush_loaded();
+        let Some(primary) = self.primary.take() else {
+            return;
+        };
+        let Some(ctx) = self.ctx.as_mut() else {
+            return;
+        };
+        let result = if primary.transient {
+            ctx.flush_context(primary.handle.into())
+        } else {
+            let mut handle = ObjectHandle::from(primary.handle);
+            ctx.tr_close(&mut handle)
+        };
+        if let Err(e) = result {
+            tracing::debug!("releasing the storage key failed: {e}");
+            self.ctx = None;
+        }
+    }
+
+    /// Manufacturer, vendor string and firmware version, as the TPM reports them.
+    pub(super) fn identity(&mut self) -> Result<(String, String), Failure> {
+        let ctx = self.ctx()?;
+        let mut read = |tag: PropertyTag| -> Result<u32, Failure> {
+            Ok(ctx
+                .get_tpm_property(tag)
+                .tag("TPM2_GetCapability")?
+                .unwrap_or(0))
+        };
+        let manufacturer = ascii(&[read(PropertyTag::Manufacturer)?]);
+        let vendor = ascii(&[
+            read(PropertyTag::VendorString1)?,
+            read(PropertyTag::VendorString2)?,
+            read(PropertyTag::VendorString3)?,
+            read(PropertyTag::VendorString4)?,
+        ]);
+        let (v1, v2) = (
+            read(PropertyTag::FirmwareVersion1)?,
+            read(PropertyTag::FirmwareVersion2)?,
+        );
+        // Firmware versions are vendor-defined words; shown raw, as tpm2_getcap does.
+        let model = format!(
+            "{} (firmware {v1:#010x} {v2:#010x})",
+            if vendor.is_empty() {
+                "TPM 2.0"
+            } else {
+                &vendor
+            },
+        );
+        Ok((manufacturer, model))
+    }
+}
+
+/// TPM property words as text: 4 ASCII bytes each, NULs and padding dropped.
+fn ascii(words: &[u32]) -> String {
+    let bytes: Vec<u8> = words
+        .iter()
+        .flat_map(|w| w.to_be_bytes())
+        .filter(|b| b.is_ascii_graphic() || *b == b' ')
+        .collect();
+    String::from_utf8_lossy(&bytes).trim().to_string()
+}
+
+fn internal(what: &str) -> Failure {
+    TokenError::Tpm {
+        function: "keybound".into(),
+        code: "internal error".into(),
+        meaning: what.into(),
+        hint: String::new(),
+    }
+    .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn property_words_read_as_text() {
+        assert_eq!(ascii(&[0x49424d00]), "IBM");
+        assert_eq!(ascii(&[0x53572020, 0x2054504d, 0, 0]), "SW   TPM");
+    }
+}

@@ -1,0 +1,370 @@
+//! The TPM 2.0 backend (tss-esapi): keys generated inside the TPM under a storage primary,
+//! kept as blobs in a state directory, signing through one thread that owns the ESAPI
+//! context. One file per operation family: `context` (the owner thread, loading and
+//! flushing, reconnecting), `key_management` (templates, creation, facts), `asym_sign`
+//! (schemes and `TPM2_Sign`), `store` (the key files), `errors` (response codes in words).
+
+mod asym_sign;
+mod context;
+mod errors;
+mod key_management;
+mod store;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::str::FromStr as _;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use tss_esapi::TctiNameConf;
+
+use super::{Backend, KeyFacts, KeyInfo, Pin, PinSource, Reply, TokenDescription, TokenError};
+use crate::jose::{Alg, ToBeSigned};
+use context::{Owner, Tpm};
+use store::{Store, StoredKey};
+
+/// `[token]` settings for `backend = "tpm"` (see keybound.example.toml).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default = "default_tcti")]
+    pub tcti: String,
+    pub state_dir: Option<PathBuf>,
+    pub primary_handle: Option<u32>,
+    pub key_auth_env: Option<String>,
+    pub key_auth_file: Option<PathBuf>,
+    #[serde(default = "default_rsa_bits")]
+    pub rsa_bits: u32,
+}
+
+fn default_tcti() -> String {
+    "device:/dev/tpmrm0".into()
+}
+
+fn default_rsa_bits() -> u32 {
+    2048
+}
+
+/// The owner's persistent handle range (TPM 2.0 Part 2 §7.5, TCG handle registry).
+const PERSISTENT_OWNER: std::ops::RangeInclusive<u32> = 0x8100_0000..=0x817f_ffff;
+
+impl Settings {
+    /// Checks what TOML types cannot; each message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        parse_tcti(&self.tcti).map_err(|e| format!("token.tcti: {e}"))?;
+        if let Some(h) = self.primary_handle
+            && !PERSISTENT_OWNER.contains(&h)
+        {
+            return Err(format!(
+                "token.primary_handle: {h:#x} is not an owner persistent handle \
+                 (0x81000000 to 0x817fffff)"
+            ));
+        }
+        if ![2048, 3072].contains(&self.rsa_bits) {
+            return Err(format!(
+                "token.rsa_bits: {} is not one of 2048, 3072 (the RSA sizes TPMs offer)",
+                self.rsa_bits
+            ));
+        }
+        if self.key_auth_env.as_deref() == Some("") {
+            return Err("token.key_auth_env: empty; name an environment variable".into());
+        }
+        Ok(())
+    }
+
+    /// Where the key auth value comes from; `None` for keys without one.
+    pub fn key_auth_source(&self) -> Option<PinSource> {
+        match (&self.key_auth_file, &self.key_auth_env) {
+            (Some(path), _) => Some(PinSource::File(path.clone())),
+            (None, Some(env)) => Some(PinSource::Env(env.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// `state_dir`, else `$XDG_STATE_HOME/keybound/tpm`, else `~/.local/state/keybound/tpm`.
+    pub fn state_dir(&self) -> Result<PathBuf, TokenError> {
+        if let Some(dir) = &self.state_dir {
+            return Ok(dir.clone());
+        }
+        let base = std::env::var_os("XDG_STATE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .filter(|v| !v.is_empty())
+                    .map(|h| PathBuf::from(h).join(".local").join("state"))
+            })
+            .ok_or_else(|| TokenError::TpmStore {
+                path: PathBuf::from("$HOME"),
+                reason: "neither XDG_STATE_HOME nor HOME is set; set token.state_dir".into(),
+            })?;
+        Ok(base.join("keybound").join("tpm"))
+    }
+}
+
+/// tss-esapi's TCTI syntax, with the one form it cannot express explained.
+fn parse_tcti(text: &str) -> Result<TctiNameConf, String> {
+    if text.starts_with("swtpm:") && text.contains("path=") {
+        return Err(format!(
+            "'{text}': a unix-socket swtpm cannot be reached through tss-esapi 7.7 (it can only \
+             pass host= and port=); start swtpm with --server type=tcp and use \
+             swtpm:host=127.0.0.1,port=P"
+        ));
+    }
+    TctiNameConf::from_str(text).map_err(|_| {
+        format!(
+            "'{text}' is not a TCTI; use device:/dev/tpmrm0, tabrmd, \
+             swtpm:host=127.0.0.1,port=2321 or mssim:host=…,port=…"
+        )
+    })
+}
+
+/// A TPM reached through its TCTI, with keybound's keys in the state directory.
+pub struct TpmToken {
+    owner: Owner,
+    store: Store,
+    rsa_bits: u32,
+    description: TokenDescription,
+    /// The keys last read from the store, by label; re-read on a miss.
+    known: Mutex<HashMap<String, Arc<StoredKey>>>,
+}
+
+impl TpmToken {
+    /// Connects to the TPM (so a wrong TCTI or a missing device is reported at start) and
+    /// derives the storage primary once.
+    pub fn open(settings: &Settings) -> Result<TpmToken, TokenError> {
+        let tcti = parse_tcti(&settings.tcti).map_err(|e| TokenError::Tpm {
+            function: "reading token.tcti".into(),
+            code: "invalid TCTI".into(),
+            meaning: e,
+            hint: String::new(),
+        })?;
+        let key_auth = match settings.key_auth_source() {
+            None => None,
+            Some(source) => Some(Pin::read(&source).map_err(|e| match e {
+                TokenError::PinMissing { env } => TokenError::TpmKeyAuthMissing { env },
+                other => other,
+            })?),
+        };
+        let store = Store::new(&settings.state_dir()?);
+        let owner = Owner::start(Tpm::new(
+            tcti,
+            settings.tcti.clone(),
+            settings.primary_handle,
+            key_auth,
+        ))?;
+        let (manufacturer, model, primary) = owner.call(|tpm| {
+            tpm.run(|t| {
+                let (manufacturer, model) = t.identity()?;
+                let (_, name) = t.primary()?;
+                Ok((manufacturer, model, name))
+            })
+        })?;
+        let description = TokenDescription {
+            backend: "tpm",
+            token_label: "tpm".into(),
+            manufacturer,
+            model,
+            // The storage key's name identifies this TPM's owner seed: it changes when the
+            // TPM is cleared, and with it every key becomes unloadable.
+            serial: store::hex(primary.get(2..10).unwrap_or(&primary)),
+            profile: format!("tpm2 (tcti {})", settings.tcti),
+        };
+        tracing::debug!(tcti = %settings.tcti, state = %store.dir().display(), "TPM opened");
+        Ok(TpmToken {
+            owner,
+            store,
+            rsa_bits: settings.rsa_bits,
+            description,
+            known: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The stored key behind `key`: same label, same public key.
+    fn stored(&self, key: &KeyInfo) -> Result<Arc<StoredKey>, TokenError> {
+        let lookup = |token: &TpmToken| {
+            token
+                .known
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&key.label)
+                .filter(|k| k.id == key.id)
+                .cloned()
+        };
+        if let Some(k) = lookup(self) {
+            return Ok(k);
+        }
+        self.keys()?;
+        lookup(self).ok_or_else(|| TokenError::KeyNotFound {
+            name: format!("'{}'", key.label),
+            token: self.description.token_label.clone(),
+            known: Vec::new(),
+        })
+    }
+}
+
+impl Backend for TpmToken {
+    fn describe(&self) -> TokenDescription {
+        self.description.clone()
+    }
+
+    fn generate(&self, label: &str, alg: Alg) -> Result<KeyInfo, TokenError> {
+        if label.is_empty() || label.starts_with("pkcs11:") || label.chars().any(char::is_control) {
+            return Err(TokenError::BadKeyName {
+                name: label.into(),
+                reason: "a label must be non-empty, printable and not start with 'pkcs11:'".into(),
+            });
+        }
+        if self.keys()?.iter().any(|k| k.label == label) {
+            return Err(TokenError::LabelExists {
+                label: label.into(),
+                token: self.description.token_label.clone(),
+            });
+        }
+        let rsa_bits = self.rsa_bits;
+        let created = self
+            .owner
+            .call(move |tpm| tpm.run(|t| key_management::create(t, alg, rsa_bits)))?;
+        let stored = StoredKey::new(
+            label,
+            alg,
+            created.public,
+            created.private,
+            created.auth,
+            created.parent,
+            self.store.path_of(label),
+        )
+        .map_err(|reason| TokenError::BadPublicKey {
+            label: label.into(),
+            reason,
+        })?;
+        let info = key_management::key_info(&stored)?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.store.save(&stored, now)?;
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(stored.label.clone(), Arc::new(stored));
+        Ok(info)
+    }
+
+    fn keys(&self) -> Result<Vec<KeyInfo>, TokenError> {
+        let mut out: Vec<KeyInfo> = Vec::new();
+        let mut known = HashMap::new();
+        for key in self.store.list()? {
+            match key_management::key_info(&key) {
+                Ok(info) => {
+                    // Labels and ids name one key each; a copied file would make them ambiguous.
+                    if let Some(other) = out
+                        .iter()
+                        .find(|k| k.label == info.label || k.id == info.id)
+                    {
+                        tracing::warn!(file = %key.path.display(),
+                            "TPM key '{}' skipped: it has the label or the public key of '{}'",
+                            info.label, other.label);
+                        continue;
+                    }
+                    known.insert(key.label.clone(), Arc::new(key));
+                    out.push(info);
+                }
+                Err(e) => tracing::warn!(file = %key.path.display(), "TPM key skipped: {e}"),
+            }
+        }
+        *self.known.lock().unwrap_or_else(PoisonError::into_inner) = known;
+        Ok(out)
+    }
+
+    fn facts(&self, key: &KeyInfo) -> Result<KeyFacts, TokenError> {
+        let stored = self.stored(key)?;
+        self.owner
+            .call(move |tpm| tpm.run(|t| key_management::facts(t, &stored)))
+    }
+
+    fn submit(&self, key: &KeyInfo, tbs: ToBeSigned, reply: Reply) {
+        let stored = match self.stored(key) {
+            Ok(k) => k,
+            Err(e) => return reply(Err(e)),
+        };
+        self.owner.submit(Box::new(move |tpm| {
+            reply(match tpm {
+                Some(tpm) => asym_sign::sign(tpm, &stored, &tbs),
+                None => Err(TokenError::WorkersGone),
+            })
+        }));
+    }
+
+    fn bench_raw(
+        &self,
+        key: &KeyInfo,
+        tbs: &ToBeSigned,
+        duration: Duration,
+    ) -> Result<u64, TokenError> {
+        let stored = self.stored(key)?;
+        let tbs = tbs.clone();
+        let until = Instant::now() + duration;
+        self.owner
+            .call(move |tpm| asym_sign::raw(tpm, &stored, &tbs, until))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(tcti: &str) -> Settings {
+        Settings {
+            tcti: tcti.into(),
+            state_dir: None,
+            primary_handle: None,
+            key_auth_env: None,
+            key_auth_file: None,
+            rsa_bits: 2048,
+        }
+    }
+
+    #[test]
+    fn tcti_forms() {
+        for ok in [
+            "device:/dev/tpmrm0",
+            "tabrmd",
+            "tabrmd:bus_name=com.intel.tss2.Tabrmd,bus_type=system",
+            "swtpm:host=127.0.0.1,port=2321",
+            "mssim:host=localhost,port=2321",
+        ] {
+            settings(ok).validate().unwrap();
+        }
+        let e = settings("swtpm:path=/run/swtpm.sock")
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("unix-socket") && e.contains("token.tcti"), "{e}");
+        let e = settings("tpm0").validate().unwrap_err();
+        assert!(e.starts_with("token.tcti: 'tpm0' is not a TCTI"), "{e}");
+    }
+
+    #[test]
+    fn handles_and_sizes_are_checked() {
+        let mut s = settings("tabrmd");
+        s.primary_handle = Some(0x8100_0001);
+        s.validate().unwrap();
+        s.primary_handle = Some(0x8180_0001);
+        assert!(s.validate().unwrap_err().contains("token.primary_handle"));
+        let mut s = settings("tabrmd");
+        s.rsa_bits = 4096;
+        assert!(s.validate().unwrap_err().contains("token.rsa_bits"));
+    }
+
+    #[test]
+    fn key_auth_file_wins_over_env() {
+        let mut s = settings("tabrmd");
+        assert_eq!(s.key_auth_source(), None);
+        s.key_auth_env = Some("K".into());
+        assert_eq!(s.key_auth_source(), Some(PinSource::Env("K".into())));
+        s.key_auth_file = Some("/k".into());
+        assert_eq!(s.key_auth_source(), Some(PinSource::File("/k".into())));
+        s.state_dir = Some("/s".into());
+        assert_eq!(s.state_dir().unwrap(), PathBuf::from("/s"));
+    }
+}

@@ -1,0 +1,334 @@
+//! The key store in the state directory: one JSON file per key, `keys/<label>.json`, holding
+//! the label, the algorithm and the key's two blobs as the TPM returned them from
+//! `TPM2_Create`. The private blob is the key's sensitive area encrypted and integrity-protected
+//! by the TPM's storage key: it loads only into the TPM that made it, under that storage key,
+//! and cannot be decrypted anywhere else. Files are written atomically (temporary file, then
+//! a link that fails if the label is taken), directory 0700, files 0600.
+//!
+//! File format (version 1):
+//! ```json
+//! { "version": 1, "label": "dpop", "alg": "ES256",
+//!   "public": "<base64 TPM2B_PUBLIC>", "private": "<base64 TPM2B_PRIVATE>",
+//!   "auth": false, "parent": "<hex name of the storage key>", "created": 1700000000 }
+//! ```
+//! The blobs are the same bytes `tpm2_create -u key.pub -r key.priv` writes, so keys can be
+//! inspected with tpm2-tools (`tpm2_print -t TPM2B_PUBLIC`).
+
+use std::fs::{self, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use tss_esapi::structures::{Private, Public};
+use tss_esapi::traits::{Marshall as _, UnMarshall as _};
+
+use crate::jose::Alg;
+use crate::token::TokenError;
+
+const VERSION: u32 = 1;
+
+/// The state directory's key folder.
+#[derive(Clone, Debug)]
+pub(super) struct Store {
+    dir: PathBuf,
+}
+
+/// One key as stored: what the TPM needs to load it, and its label.
+#[derive(Clone, Debug)]
+pub(super) struct StoredKey {
+    pub label: String,
+    pub alg: Alg,
+    pub public: Public,
+    pub private: Private,
+    /// Whether the key was created with an authorization value (token.key_auth_*).
+    pub auth: bool,
+    /// The name of the storage key it was created under, when recorded.
+    pub parent: Option<Vec<u8>>,
+    /// The first 16 bytes of the key's TPM name digest (SHA-256 of its public area).
+    pub id: Vec<u8>,
+    pub path: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    version: u32,
+    label: String,
+    alg: Alg,
+    public: String,
+    private: String,
+    #[serde(default)]
+    auth: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    created: Option<u64>,
+}
+
+impl Store {
+    pub(super) fn new(state_dir: &Path) -> Store {
+        Store {
+            dir: state_dir.join("keys"),
+        }
+    }
+
+    pub(super) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every readable key file, sorted by label. A file that does not parse is skipped with
+    /// a warning, so one damaged file does not hide the other keys.
+    pub(super) fn list(&self) -> Result<Vec<StoredKey>, TokenError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.error(&self.dir, e.to_string())),
+        };
+        let mut keys = Vec::new();
+        for entry in entries {
+            let path = entry
+                .map_err(|e| self.error(&self.dir, e.to_string()))?
+                .path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            match read(&path) {
+                Ok(key) => keys.push(key),
+                Err(reason) => {
+                    tracing::warn!(file = %path.display(), "TPM key file skipped: {reason}");
+                }
+            }
+        }
+        keys.sort_by(|a, b| a.label.cmp(&b.label));
+        Ok(keys)
+    }
+
+    /// Writes a new key file; fails if the label is taken (atomically: no two writers can
+    /// both win).
+    pub(super) fn save(&self, key: &StoredKey, created: u64) -> Result<PathBuf, TokenError> {
+        create_private_dir(self.dir.parent().unwrap_or(&self.dir))
+            .and_then(|()| create_private_dir(&self.dir))
+            .map_err(|e| self.error(&self.dir, e))?;
+        let file = KeyFile {
+            version: VERSION,
+            label: key.label.clone(),
+            alg: key.alg,
+            public: STANDARD.encode(tpm2b(&key.public.marshall().map_err(|e| {
+                self.error(&self.dir, format!("cannot encode the public area: {e}"))
+            })?)),
+            private: STANDARD.encode(tpm2b(key.private.value())),
+            auth: key.auth,
+            parent: key.parent.as_deref().map(hex),
+            created: Some(created),
+        };
+        let text = serde_json::to_string_pretty(&file)
+            .map_err(|e| self.error(&self.dir, e.to_string()))?;
+        let path = self.path_of(&key.label);
+        let temp = self.dir.join(format!(
+            ".{}.{}.tmp",
+            file_stem(&key.label),
+            std::process::id()
+        ));
+        let written = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .and_then(|mut f| {
+                f.write_all(text.as_bytes())?;
+                f.write_all(b"\n")?;
+                f.sync_all()
+            });
+        // A hard link never replaces an existing file: the label check and the write are
+        // one step.
+        let linked = written.and_then(|()| fs::hard_link(&temp, &path));
+        // The temporary name is gone either way; a failure to remove it changes nothing.
+        let _ = fs::remove_file(&temp);
+        match linked {
+            Ok(()) => Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(TokenError::LabelExists {
+                    label: key.label.clone(),
+                    token: "tpm".into(),
+                })
+            }
+            Err(e) => Err(self.error(&path, e.to_string())),
+        }
+    }
+
+    /// Where the key labelled `label` lives.
+    pub(super) fn path_of(&self, label: &str) -> PathBuf {
+        self.dir.join(format!("{}.json", file_stem(label)))
+    }
+
+    fn error(&self, path: &Path, reason: String) -> TokenError {
+        TokenError::TpmStore {
+            path: path.to_path_buf(),
+            reason,
+        }
+    }
+}
+
+impl StoredKey {
+    /// Builds the in-memory key from what `TPM2_Create` returned.
+    pub(super) fn new(
+        label: &str,
+        alg: Alg,
+        public: Public,
+        private: Private,
+        auth: bool,
+        parent: Vec<u8>,
+        path: PathBuf,
+    ) -> Result<StoredKey, String> {
+        let id = key_id(&public)?;
+        Ok(StoredKey {
+            label: label.into(),
+            alg,
+            public,
+            private,
+            auth,
+            parent: Some(parent),
+            id,
+            path,
+        })
+    }
+}
+
+/// The stable id: the first 16 bytes of SHA-256 over the marshalled public area, which is
+/// the digest part of the key's TPM name (nameAlg SHA-256), so `tpm2_readpublic` shows it.
+pub(super) fn key_id(public: &Public) -> Result<Vec<u8>, String> {
+    let bytes = public
+        .marshall()
+        .map_err(|e| format!("cannot encode the public area: {e}"))?;
+    Ok(sha2::Sha256::digest(&bytes)[..16].to_vec())
+}
+
+fn read(path: &Path) -> Result<StoredKey, String> {
+    let text = fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let file: KeyFile = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    if file.version != VERSION {
+        return Err(format!(
+            "version {} is not {VERSION}; a newer keybound wrote it",
+            file.version
+        ));
+    }
+    let decode = |what: &str, b64: &str| {
+        STANDARD
+            .decode(b64)
+            .map_err(|e| format!("{what} is not base64: {e}"))
+    };
+    let public_bytes = untpm2b(&decode("public", &file.public)?).ok_or("public is truncated")?;
+    let public = Public::unmarshall(&public_bytes)
+        .map_err(|e| format!("public is not a TPM2B_PUBLIC: {e}"))?;
+    let private = Private::try_from(
+        untpm2b(&decode("private", &file.private)?).ok_or("private is truncated")?,
+    )
+    .map_err(|e| format!("private is not a TPM2B_PRIVATE: {e}"))?;
+    let parent = match &file.parent {
+        Some(h) => Some(unhex(h).ok_or("parent is not hex")?),
+        None => None,
+    };
+    Ok(StoredKey {
+        id: key_id(&public)?,
+        label: file.label,
+        alg: file.alg,
+        public,
+        private,
+        auth: file.auth,
+        parent,
+        path: path.to_path_buf(),
+    })
+}
+
+/// A directory only the owner can enter; an existing one open to others is reported.
+fn create_private_dir(dir: &Path) -> Result<(), String> {
+    match fs::metadata(dir) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o022 != 0 {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "the TPM state directory is writable by group or others (mode {mode:o}); \
+                     run: chmod 700 {}",
+                    dir.display()
+                );
+            }
+            Ok(())
+        }
+        Err(_) => {
+            fs::create_dir_all(dir).map_err(|e| format!("cannot create it: {e}"))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(|e| format!("cannot make it private: {e}"))
+        }
+    }
+}
+
+/// A file name for any label: letters, digits, `-` and `_` as they are, every other byte
+/// %-escaped, so names are reversible and never contain a path separator.
+fn file_stem(label: &str) -> String {
+    let mut out = String::new();
+    for b in label.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A TPM2B: big-endian u16 size, then the bytes.
+fn tpm2b(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() + 2);
+    // TPM structures are far below 64 KiB; a longer input cannot come from the TPM.
+    out.extend_from_slice(&u16::try_from(bytes.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(bytes);
+    out
+}
+
+fn untpm2b(bytes: &[u8]) -> Option<Vec<u8>> {
+    let [a, b, rest @ ..] = bytes else {
+        return None;
+    };
+    let n = usize::from(u16::from_be_bytes([*a, *b]));
+    (rest.len() == n).then(|| rest.to_vec())
+}
+
+pub(super) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_are_safe_and_distinct() {
+        assert_eq!(file_stem("client-auth"), "client-auth");
+        assert_eq!(file_stem("../x"), "%2E%2E%2Fx");
+        assert_eq!(file_stem("a b"), "a%20b");
+        assert_ne!(file_stem("a.b"), file_stem("a_b"));
+    }
+
+    #[test]
+    fn tpm2b_round_trips() {
+        assert_eq!(untpm2b(&tpm2b(b"abc")).unwrap(), b"abc");
+        assert!(untpm2b(&[0, 4, 1]).is_none());
+        assert_eq!(unhex(&hex(&[0, 255, 16])).unwrap(), vec![0, 255, 16]);
+        assert!(unhex("abc").is_none());
+    }
+}

@@ -1,0 +1,211 @@
+//! keybound's main job end to end: the built binary, keys in a real SoftHSM token, the
+//! built `keybound dev-server` on 127.0.0.1. `keybound token` and `keybound call` as a user
+//! runs them; the access token is verified with p256 from the dev-server's JWKS, not by
+//! keybound.
+
+mod support;
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+use support::{Config, DevToken, Jws, assert_exit, assert_verifies, stderr, stdout};
+
+const CLIENT_ID: &str = "0oa-e2e";
+
+/// A `keybound dev-server` child process, killed on drop.
+struct DevServer {
+    child: Child,
+    base: String,
+}
+
+impl DevServer {
+    fn start(token: &DevToken, jwks: &str, scopes: &str) -> DevServer {
+        let jwks_path = token.write_file("client-jwks.json", jwks);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keybound"))
+            .args([
+                "dev-server",
+                "--port",
+                "0",
+                "--client-id",
+                CLIENT_ID,
+                "--scopes",
+                scopes,
+            ])
+            .arg("--jwks")
+            .arg(&jwks_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn keybound dev-server");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+        let base = lines
+            .find_map(|l| l.strip_prefix("listening on ").map(str::to_owned))
+            .expect("dev-server prints 'listening on <url>'");
+        // Keep reading the rest of the banner: a closed pipe would end the server.
+        std::thread::spawn(move || lines.for_each(drop));
+        assert!(base.starts_with("http://127.0.0.1:"), "{base}");
+        DevServer { child, base }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for DevServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A token with `client-auth` and `dpop` of the given algorithms, a dev-server that knows
+/// the client by its assertion key, and a `[[client]]` pointing at it.
+fn setup(assertion_alg: &str, dpop_alg: &str, client_lines: &str) -> (DevToken, DevServer) {
+    let token = DevToken::new();
+    token.generate("client-auth", assertion_alg);
+    token.generate("dpop", dpop_alg);
+    let jwks = support::stdout(&token.keybound(&["jwks", "--label", "client-auth"]));
+    let server = DevServer::start(&token, &jwks, "okta.users.read okta.users.manage");
+    let client = client_lines.replace("{base}", &server.base);
+    token.write_config(&format!(
+        "{}\n[[client]]\nname = \"dev\"\nclient_id = \"{CLIENT_ID}\"\nassertion_key = \"client-auth\"\ndpop_key = \"dpop\"\n{client}",
+        Config::default().render()
+    ));
+    (token, server)
+}
+
+const READ_WRITE: &str = "token_endpoint = \"{base}/oauth2/v1/token\"\nscopes = [\"okta.users.read\", \"okta.users.manage\"]\n";
+
+fn curl(args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    (body.to_owned(), code.to_owned())
+}
+
+/// The dev-server's access-token key, from its published JWKS.
+fn access_token_jwk(server: &DevServer) -> Value {
+    let (body, code) = curl(&[&server.url("/oauth2/v1/keys")]);
+    assert_eq!(code, "200");
+    let jwks: Value = serde_json::from_str(&body).expect("JWKS");
+    jwks["keys"][0].clone()
+}
+
+#[test]
+fn token_and_api_calls_with_keys_in_softhsm() {
+    let (token, server) = setup("ES256", "ES256", READ_WRITE);
+
+    let out = token.keybound(&["token", "--json"]);
+    assert_exit(&out, 0, &"keybound token --json");
+    let t: Value = serde_json::from_str(&stdout(&out)).expect("token JSON");
+    assert_eq!(t["token_type"], "DPoP");
+    assert_eq!(t["scope"], "okta.users.read okta.users.manage");
+    let dpop_kid = token.jwk("dpop")["kid"].clone();
+    assert_eq!(t["cnf_jkt"], dpop_kid, "the token is bound to the DPoP key");
+    let access = Jws::parse(t["access_token"].as_str().expect("access_token"));
+    assert_verifies(&access_token_jwk(&server), &access);
+    assert_eq!(access.claims["cnf"]["jkt"], dpop_kid);
+    assert_eq!(access.claims["sub"], CLIENT_ID);
+
+    let check = stdout(&token.keybound(&["token", "--check"]));
+    for line in [
+        "dpop-bound      yes",
+        "round trips     2",
+        "read-only       no",
+    ] {
+        assert!(check.contains(line), "--check shows '{line}':\n{check}");
+    }
+    assert!(!check.contains(t["access_token"].as_str().unwrap_or("-")));
+
+    let list = token.keybound(&["call", "--paginate", &server.url("/api/v1/users?limit=2")]);
+    assert_exit(&list, 0, &"call --paginate");
+    let users: Vec<Value> = serde_json::from_str(&stdout(&list)).expect("one JSON array");
+    assert_eq!(users.len(), 7, "every page gathered");
+    let id = users[0]["id"].as_str().expect("id").to_owned();
+
+    let one = token.keybound(&["call", &server.url(&format!("/api/v1/users/{id}"))]);
+    assert_exit(&one, 0, &"call GET user");
+    let user: Value = serde_json::from_str(&stdout(&one)).expect("user JSON");
+    assert_eq!(user["id"], id.as_str());
+
+    let update = token.keybound(&[
+        "call",
+        "-d",
+        r#"{"profile":{"firstName":"Ada (updated)"}}"#,
+        &server.url(&format!("/api/v1/users/{id}")),
+    ]);
+    assert_exit(&update, 0, &"call POST update");
+    let user: Value = serde_json::from_str(&stdout(&update)).expect("user JSON");
+    assert_eq!(user["profile"]["firstName"], "Ada (updated)");
+
+    let missing = token.keybound(&["call", &server.url("/api/v1/users/00unope")]);
+    assert_exit(&missing, 4, &"call on a missing user");
+    assert!(
+        stderr(&missing).contains("E0000007"),
+        "{}",
+        stderr(&missing)
+    );
+
+    // The same token is useless as a Bearer token.
+    let bearer = format!("Authorization: Bearer {}", access.compact);
+    let (body, code) = curl(&["-H", &bearer, &server.url(&format!("/api/v1/users/{id}"))]);
+    assert_eq!(code, "401", "{body}");
+}
+
+#[test]
+fn rsa_assertion_key_and_pss_dpop_key() {
+    let (token, server) = setup("RS256", "PS256", READ_WRITE);
+    let out = token.keybound(&["token", "--json"]);
+    assert_exit(&out, 0, &"keybound token --json");
+    let t: Value = serde_json::from_str(&stdout(&out)).expect("token JSON");
+    assert_eq!(t["cnf_jkt"], token.jwk("dpop")["kid"]);
+    let one = token.keybound(&["call", &server.url("/api/v1/users?limit=1")]);
+    assert_exit(&one, 0, &"call with a PS256 proof");
+}
+
+#[test]
+fn token_endpoint_discovered_from_the_issuer() {
+    let (token, server) = setup(
+        "ES256",
+        "ES256",
+        "issuer = \"{base}\"\nscopes = [\"okta.users.read\"]\n",
+    );
+    let out = token.keybound(&["token", "--check"]);
+    assert_exit(&out, 0, &"token --check with issuer discovery");
+    assert!(
+        stdout(&out).contains(&format!(
+            "token endpoint  {}",
+            server.url("/oauth2/v1/token")
+        )),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn a_scope_the_server_does_not_grant_is_reported_with_a_hint() {
+    let token = DevToken::new();
+    token.generate("client-auth", "ES256");
+    token.generate("dpop", "ES256");
+    let jwks = support::stdout(&token.keybound(&["jwks", "--label", "client-auth"]));
+    let server = DevServer::start(&token, &jwks, "okta.users.read");
+    token.write_config(&format!(
+        "{}\n[[client]]\nname = \"dev\"\nclient_id = \"{CLIENT_ID}\"\nassertion_key = \"client-auth\"\ndpop_key = \"dpop\"\ntoken_endpoint = \"{}\"\nscopes = [\"okta.users.manage\"]\n",
+        Config::default().render(),
+        server.url("/oauth2/v1/token")
+    ));
+    let out = token.keybound(&["token"]);
+    assert_exit(&out, 1, &"token for an ungranted scope");
+    let err = stderr(&out);
+    assert!(
+        err.contains("invalid_scope") && err.contains("grant it"),
+        "{err}"
+    );
+}
