@@ -246,6 +246,38 @@ token_label = "t"
         assert!(e.starts_with("token.rsa_bits"), "{e}");
     }
 
+    /// The commented `backend = "tpm"` block of the example, uncommented, is a valid
+    /// `[token]` that sets every TPM key.
+    #[test]
+    fn the_example_tpm_block_is_valid() {
+        let example = include_str!("../keybound.example.toml");
+        let block = example
+            .split("# --- backend = \"tpm\"")
+            .nth(1)
+            .and_then(|rest| rest.split("\n# ----").next())
+            .expect("the example has a TPM block");
+        let mut text = String::from("[token]\n");
+        for line in block.lines() {
+            let Some((key, _)) = line.strip_prefix("# ").and_then(|l| l.split_once(" = ")) else {
+                continue;
+            };
+            if key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                text.push_str(&line[2..]);
+                text.push('\n');
+            }
+        }
+        let c = Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let TokenConfig::Tpm(s) = &c.token else {
+            panic!("not tpm: {text}");
+        };
+        assert_eq!(s.primary_handle, Some(0x8100_0001), "{text}");
+        assert!(
+            s.key_auth_env.is_some() && s.key_auth_file.is_some(),
+            "{text}"
+        );
+        assert!(s.state_dir.is_some(), "{text}");
+    }
+
     #[test]
     fn the_example_config_is_valid() {
         Config::parse(include_str!("../keybound.example.toml")).unwrap();

@@ -182,7 +182,7 @@ fn key_files_are_private_and_survive_like_the_tpm_does() {
 /// keybound process after the restart uses the key file as before.
 #[test]
 fn swtpm_restart_mid_test_same_key_same_kid() {
-    let mut home = TpmHome::new();
+    let mut home = TpmHome::in_process();
     let kid = home.generate("client-auth", "ES256");
     let jwk = jwk_of(&home, "client-auth");
     let before = assertion(&home, "client-auth");
@@ -204,16 +204,22 @@ fn swtpm_restart_mid_test_same_key_same_kid() {
     // While the TPM is gone the error says so, with the action; once it is back, keybound
     // carries on by itself.
     wait_until_nothing_loaded(&home.tpm);
+    keyring.backend().health().expect("healthy");
     home.tpm.stop();
+    assert!(
+        keyring.backend().health().is_err(),
+        "health while the TPM is down"
+    );
     let err = key
         .sign(Alg::ES256.to_be_signed(b"while down"))
         .expect_err("no TPM");
     let text = err.to_string();
     assert!(
-        text.contains("cannot reach the TPM through tcti") && text.contains("reconnects"),
+        text.contains("No TPM answers through tcti") && text.contains("reconnects"),
         "{text}"
     );
     home.tpm.restart();
+    keyring.backend().health().expect("healthy again");
     sign_and_verify(&key, &verifier, "after coming back");
     wait_until_nothing_loaded(&home.tpm);
     drop(keyring);
@@ -335,7 +341,7 @@ fn a_duplicable_key_made_with_tpm2_tools_is_refused() {
 /// never fail with TPM_RC_OBJECT_MEMORY and leave nothing loaded.
 #[test]
 fn flush_discipline_1000_signatures_and_error_paths() {
-    let home = TpmHome::new();
+    let home = TpmHome::in_process();
     home.generate("k", "ES256");
     home.generate("victim", "ES256");
     // Corrupt the victim's private blob: TPM2_Load fails its integrity check.
@@ -386,11 +392,12 @@ fn flush_discipline_1000_signatures_and_error_paths() {
     drop(keyring);
     assert_eq!(transient_handles(&home.tpm), Vec::<String>::new());
 
-    // And in one request: `bench` signs well over 1,000 times on one loaded key.
+    // And back to back on one loaded key: `bench` signs for a few seconds without a leak.
+    // (How many signatures that is depends on the machine, so it is not asserted.)
     let out = home.run_ok(&["bench", "--key", "k", "--seconds", "4", "--json"]);
     let report: Value = serde_json::from_str(&out).expect("bench json");
-    let signed = report["raw_per_s"].as_f64().unwrap() * report["seconds"].as_f64().unwrap() / 2.0;
-    assert!(signed > 1000.0, "{report}");
+    assert!(report["raw_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(report["pipeline_per_s"].as_f64().unwrap() > 0.0, "{report}");
     assert_eq!(transient_handles(&home.tpm), Vec::<String>::new());
 }
 
@@ -423,7 +430,10 @@ fn key_auth_value_from_the_environment() {
     let out = with_auth(Some("s3cret"), &sign);
     assert!(out.status.success(), "{out:?}");
     let jws = Jws::parse(String::from_utf8_lossy(&out.stdout).trim_end());
-    assert_verifies(&jwk_with(&home, "s3cret", "authed"), &jws);
+    // Listing, auditing and publishing use no auth value: a wrong one changes nothing there
+    // (and costs no dictionary-attack strike).
+    let jwk = jwk_with(&home, "wrong", "authed");
+    assert_verifies(&jwk, &jws);
 
     let out = with_auth(None, &sign);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -443,6 +453,13 @@ fn key_auth_value_from_the_environment() {
     // The right value still works (one failure is far from the lockout threshold).
     let out = with_auth(Some("s3cret"), &sign);
     assert!(out.status.success(), "{out:?}");
+
+    // Without key_auth_* in the config the key is still listed, but does not sign.
+    let config = fs::read_to_string(home.config_path()).unwrap();
+    home.write_config(&config.replace("key_auth_env = \"KEYBOUND_TPM_KEY_AUTH\"", ""));
+    assert!(home.run_ok(&["keys", "list"]).contains("authed"));
+    let (_, err) = home.run_fail(&sign, 1);
+    assert!(err.contains("it was created with an auth value"), "{err}");
 }
 
 fn jwk_with(home: &TpmHome, auth: &str, label: &str) -> Value {

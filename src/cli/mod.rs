@@ -27,21 +27,35 @@ pub fn open(config: Option<&Path>, sessions: Option<usize>) -> anyhow::Result<Ke
     Ok(Keyring::open(&config.token, config.policy, sessions)?)
 }
 
-/// Logs go to stderr; stdout carries only the command's output.
+/// Logs go to stderr; stdout carries only the command's output. The TSS bindings log
+/// through `log` at error level for conditions keybound reports itself (a TPM that went
+/// away, a refused key): they show from -vv on.
 pub fn init_logging(verbose: u8, json: bool) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
     let level = match verbose {
-        0 => tracing::Level::WARN,
-        1 => tracing::Level::INFO,
-        _ => tracing::Level::DEBUG,
+        0 => LevelFilter::WARN,
+        1 => LevelFilter::INFO,
+        _ => LevelFilter::DEBUG,
     };
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(level)
+    let tss = if verbose >= 2 {
+        level
+    } else {
+        LevelFilter::OFF
+    };
+    let filter = Targets::new()
+        .with_default(level)
+        .with_target("tss_esapi", tss);
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
-    if json {
-        builder.json().init();
+    let layer = if json {
+        layer.json().boxed()
     } else {
-        builder.init();
-    }
+        layer.boxed()
+    };
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter))
+        .init();
 }

@@ -18,6 +18,7 @@ use std::fs;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -239,6 +240,17 @@ pub fn wait_until_nothing_loaded(tpm: &Swtpm) {
     }
 }
 
+/// Tests that open a `Keyring` in this process hold this exclusively; the others share it.
+/// A child process spawned by one test while another test's in-process TPM thread is
+/// mid-command would inherit that connection (see [`loaded_objects`]) and stall the other
+/// test's swtpm for as long as the child lives.
+static IN_PROCESS: RwLock<()> = RwLock::new(());
+
+enum Turn {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
+
 /// A swtpm with keybound configured for it.
 ///
 /// Layout of the tempdir: `keybound.toml`, `state/` (keybound's TPM state directory),
@@ -248,15 +260,29 @@ pub struct TpmHome {
     dir: TempDir,
     /// Extra raw lines for `[token]`.
     extra: String,
+    /// Dropped last: the swtpm is gone before another test may run.
+    _turn: Turn,
 }
 
 impl TpmHome {
+    /// For tests that only run the `keybound` binary and tools: run in parallel.
     pub fn new() -> TpmHome {
         TpmHome::with_token_lines("")
     }
 
+    /// For tests that open a `Keyring` in this process: run alone.
+    pub fn in_process() -> TpmHome {
+        let turn = Turn::Exclusive(IN_PROCESS.write().unwrap_or_else(PoisonError::into_inner));
+        TpmHome::build("", turn)
+    }
+
     /// The config gets `extra` appended to `[token]`.
     pub fn with_token_lines(extra: &str) -> TpmHome {
+        let turn = Turn::Shared(IN_PROCESS.read().unwrap_or_else(PoisonError::into_inner));
+        TpmHome::build(extra, turn)
+    }
+
+    fn build(extra: &str, turn: Turn) -> TpmHome {
         let dir = tempfile::Builder::new()
             .prefix("keybound-tpm-test-")
             .tempdir()
@@ -268,6 +294,7 @@ impl TpmHome {
             tpm: Swtpm::start(),
             dir,
             extra: extra.to_string(),
+            _turn: turn,
         };
         home.write_config(&home.config_text(""));
         home

@@ -119,12 +119,17 @@ impl Connection {
             None => profiles.matching(info.manufacturer_id(), info.model())?,
         }
         .clone();
+        // Blank-padded by the spec; tpm2-pkcs11 pads with NULs too.
+        let clean = |s: &str| {
+            s.trim_matches(|c: char| c.is_whitespace() || c == '\0')
+                .to_string()
+        };
         let description = TokenDescription {
             backend: "pkcs11",
-            token_label: info.label().trim().to_string(),
-            manufacturer: info.manufacturer_id().trim().to_string(),
-            model: info.model().trim().to_string(),
-            serial: info.serial_number().trim().to_string(),
+            token_label: clean(info.label()),
+            manufacturer: clean(info.manufacturer_id()),
+            model: clean(info.model()),
+            serial: clean(info.serial_number()),
             profile: profile.name.clone(),
         };
         tracing::debug!(module = %module.display(), token = %description.token_label,

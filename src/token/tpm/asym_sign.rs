@@ -58,6 +58,7 @@ fn check_alg(key: &StoredKey, tbs: &ToBeSigned) -> Result<(), TokenError> {
 
 fn sign_raw(tpm: &mut Tpm, key: &StoredKey, tbs: &ToBeSigned) -> Result<RawSignature, Failure> {
     let handle = tpm.load(key)?;
+    tpm.authorize(key, handle)?;
     let digest = Digest::try_from(tbs.digest().as_bytes()).tag("preparing the digest")?;
     let validation = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
         tag: TPM2_ST_HASHCHECK,

@@ -14,6 +14,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use tss_esapi::constants::tss::TPM2_PT_MANUFACTURER;
 use tss_esapi::constants::{CapabilityType, PropertyTag};
 use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, TpmHandle};
 use tss_esapi::interface_types::dynamic_handles::Persistent;
@@ -300,8 +301,9 @@ impl Tpm {
         Ok(())
     }
 
-    /// Loads `key` under the primary (or returns it if it is the one loaded) and gives its
-    /// auth value to ESYS.
+    /// Loads `key` under the primary, or returns it if it is the one loaded. Loading needs
+    /// only the primary's (empty) auth; the key's own auth value is for signing
+    /// (`authorize`).
     pub(super) fn load(&mut self, key: &StoredKey) -> Result<KeyHandle, Failure> {
         if let Some(l) = &self.loaded {
             if l.id == key.id {
@@ -309,7 +311,6 @@ impl Tpm {
             }
             self.flush_loaded();
         }
-        let auth = self.auth_for(key)?;
         let (parent, parent_name) = self.primary()?;
         if let Some(recorded) = &key.parent
             && *recorded != parent_name
@@ -335,12 +336,17 @@ impl Tpm {
             handle,
         });
         tracing::debug!(key = %key.label, "TPM2_Load");
-        if let Some(auth) = auth {
+        Ok(handle)
+    }
+
+    /// Gives ESYS the auth value for using the loaded `key` (nothing for keys without one).
+    pub(super) fn authorize(&mut self, key: &StoredKey, handle: KeyHandle) -> Result<(), Failure> {
+        if let Some(auth) = self.auth_for(key)? {
             self.ctx()?
                 .tr_set_auth(handle.into(), auth)
                 .tag("Esys_TR_SetAuth")?;
         }
-        Ok(handle)
+        Ok(())
     }
 
     /// The auth value to use with `key`, checked before anything is sent to the TPM.
@@ -377,9 +383,19 @@ impl Tpm {
             return Ok(None);
         };
         use secrecy::ExposeSecret as _;
-        let auth = Auth::try_from(pin.secret().expose_secret().as_bytes())
-            .tag("the key auth value (at most 32 bytes for a SHA-256 name)")?;
-        Ok(Some(auth))
+        let bytes = pin.secret().expose_secret().as_bytes();
+        // TPM 2.0 Part 1 §19.6.4: an auth value is at most as long as the name's digest.
+        if bytes.len() > 32 {
+            return Err(TokenError::TpmKey {
+                label: "(any)".into(),
+                reason: format!(
+                    "the key auth value is {} bytes; a TPM takes at most 32 (the SHA-256 digest size)",
+                    bytes.len()
+                ),
+            }
+            .into());
+        }
+        Ok(Some(Auth::try_from(bytes).tag("the key auth value")?))
     }
 
     /// Remembers that the TPM refused `key`'s auth value.
@@ -419,6 +435,17 @@ impl Tpm {
             tracing::debug!("releasing the storage key failed: {e}");
             self.ctx = None;
         }
+    }
+
+    /// One cheap command that must reach the TPM (tss-esapi caches properties, so
+    /// `get_tpm_property` would not).
+    pub(super) fn ping(&mut self) -> Result<(), Failure> {
+        self.ctx()?
+            .execute_without_session(|c| {
+                c.get_capability(CapabilityType::TpmProperties, TPM2_PT_MANUFACTURER, 1)
+            })
+            .tag("TPM2_GetCapability")?;
+        Ok(())
     }
 
     /// Manufacturer, vendor string and firmware version, as the TPM reports them.

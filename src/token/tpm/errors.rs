@@ -370,9 +370,9 @@ fn hint(function: &str, raw: u32, tcti: &str) -> String {
     let (layer, base) = ((raw >> 16) & 0xff, raw & 0xffff);
     let unreachable = || {
         format!(
-            "keybound cannot reach the TPM through tcti '{tcti}': is the device there and may \
-             this user open it (group tss for /dev/tpmrm0), is tpm2-abrmd or swtpm running? \
-             keybound reconnects on the next request"
+            "no TPM answers through tcti '{tcti}': is the device there, and may this user \
+             open it (group tss for /dev/tpmrm0)? Is tpm2-abrmd or swtpm running? keybound \
+             reconnects on the next request"
         )
     };
     if layer == LAYER_TCTI || (matches!(layer, LAYER_ESAPI | LAYER_SYS) && matches!(base, 8 | 10)) {

@@ -251,6 +251,12 @@ impl Backend for TpmToken {
         Ok(info)
     }
 
+    /// The TPM answers a command (reconnecting if it went away) and the key store is readable.
+    fn health(&self) -> Result<(), TokenError> {
+        self.owner.call(|tpm| tpm.run(|t| t.ping()))?;
+        self.store.list().map(|_| ())
+    }
+
     fn keys(&self) -> Result<Vec<KeyInfo>, TokenError> {
         let mut out: Vec<KeyInfo> = Vec::new();
         let mut known = HashMap::new();
