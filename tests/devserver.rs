@@ -4,6 +4,7 @@
 //! (expired, too long-lived, from the future) come from a software key the test registers.
 
 mod devserver_support;
+mod support;
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -18,6 +18,11 @@ pub use pin::{Pin, PinSource};
 
 use crate::jose::{Alg, JwsSignature, PublicKey, ToBeSigned};
 
+/// RSA modulus size for generated keys unless `token.rsa_bits` says otherwise.
+pub(crate) fn default_rsa_bits() -> u32 {
+    2048
+}
+
 /// A key on the device, as found: never the private part, only where it is and what it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyInfo {

@@ -20,7 +20,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use keybound::devserver::{DevServer, Endpoints, Settings};
 use p256::ecdsa::signature::Signer as _;
 use serde_json::{Value, json};
-use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -536,21 +535,8 @@ impl Jwt {
     }
 }
 
-/// RFC 7638 thumbprint of an EC or RSA JWK, built by hand.
-pub fn thumbprint(jwk: &Value) -> String {
-    let s = |name: &str| jwk[name].as_str().expect("JWK member").to_string();
-    let canonical = match s("kty").as_str() {
-        "EC" => format!(
-            r#"{{"crv":"{}","kty":"EC","x":"{}","y":"{}"}}"#,
-            s("crv"),
-            s("x"),
-            s("y")
-        ),
-        "RSA" => format!(r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#, s("e"), s("n")),
-        other => panic!("unsupported kty {other}"),
-    };
-    b64(&Sha256::digest(canonical.as_bytes()))
-}
+/// RFC 7638 thumbprint of an EC or RSA JWK, built by hand (the shared test harness's).
+pub use crate::support::jwk_thumbprint as thumbprint;
 
 pub fn b64(bytes: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)

@@ -32,16 +32,12 @@ pub struct Settings {
     pub sessions: Option<usize>,
     pub profile: Option<String>,
     pub profiles_dir: Option<PathBuf>,
-    #[serde(default = "default_rsa_bits")]
+    #[serde(default = "crate::token::default_rsa_bits")]
     pub rsa_bits: u32,
 }
 
 fn default_pin_env() -> String {
     "KEYBOUND_PIN".into()
-}
-
-fn default_rsa_bits() -> u32 {
-    2048
 }
 
 impl Settings {

@@ -34,16 +34,12 @@ pub struct Settings {
     pub primary_handle: Option<u32>,
     pub key_auth_env: Option<String>,
     pub key_auth_file: Option<PathBuf>,
-    #[serde(default = "default_rsa_bits")]
+    #[serde(default = "crate::token::default_rsa_bits")]
     pub rsa_bits: u32,
 }
 
 fn default_tcti() -> String {
     "device:/dev/tpmrm0".into()
-}
-
-fn default_rsa_bits() -> u32 {
-    2048
 }
 
 /// The owner's persistent handle range (TPM 2.0 Part 2 §7.5, TCG handle registry).
