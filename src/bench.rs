@@ -29,6 +29,25 @@ pub struct Report {
     pub ratio: f64,
     pub pipeline_p50_us: u64,
     pub pipeline_p99_us: u64,
+    /// Where the CPU went (`--agent` only, from `/proc`); see [`CpuSplit`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuSplit>,
+}
+
+/// CPU time per operation, in microseconds, measured from the threads' own counters
+/// (`/proc/<pid>/task/*/schedstat`). On a machine where the device computes on the same
+/// cores as the agent (SoftHSM), `agent / raw` is about
+/// `raw_sign_us / (agent_device_us + agent_async_us + client_us)`.
+#[derive(Clone, Debug, Serialize)]
+pub struct CpuSplit {
+    /// This process's device threads, per raw signature.
+    pub raw_sign_us: f64,
+    /// The agent's device threads (`keybound-sign-*`, `keybound-tpm`), per proof.
+    pub agent_device_us: f64,
+    /// The agent's other threads (HTTP, JSON, JOSE, logging, metrics), per proof.
+    pub agent_async_us: f64,
+    /// This process (the load generator) during the agent phases, per proof.
+    pub client_us: f64,
 }
 
 /// Errors of a benchmark.
@@ -61,13 +80,124 @@ pub fn run_agent(
     seconds: f64,
 ) -> Result<Report, BenchError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()
         .map_err(|e| BenchError::Agent(format!("cannot start the async runtime: {e}")))?;
-    measure(key, sessions, clients, seconds, "agent", |phase| {
-        runtime.block_on(agent_phase(socket, key.label(), clients, phase))
-    })
+    let agent_pid = runtime.block_on(agent_pid(socket))?;
+    let own_pid = Some(std::process::id());
+    // CPU totals across the counted phases: (device threads, other threads) per process.
+    let (mut agent_cpu, mut client_cpu, mut raw_cpu) =
+        (Cpu::default(), Cpu::default(), Cpu::default());
+    let mut warm = true;
+    let mut report = measure_with(
+        key,
+        sessions,
+        clients,
+        seconds,
+        "agent",
+        |phase| {
+            let (agent0, own0) = (Cpu::of(agent_pid), Cpu::of(own_pid));
+            let made = runtime.block_on(agent_phase(socket, key.label(), clients, phase))?;
+            if !std::mem::take(&mut warm) {
+                agent_cpu += Cpu::of(agent_pid) - agent0;
+                client_cpu += Cpu::of(own_pid) - own0;
+            }
+            Ok(made)
+        },
+        |raw| {
+            let own0 = Cpu::of(own_pid);
+            let n = raw()?;
+            raw_cpu += Cpu::of(own_pid) - own0;
+            Ok(n)
+        },
+    )?;
+    let secs = report.seconds / 2.0;
+    let (raws, proofs) = (report.raw_per_s * secs, report.pipeline_per_s * secs);
+    if raws > 0.0 && proofs > 0.0 && agent_cpu.device > 0.0 {
+        report.cpu = Some(CpuSplit {
+            raw_sign_us: raw_cpu.device / raws * 1e6,
+            agent_device_us: agent_cpu.device / proofs * 1e6,
+            agent_async_us: agent_cpu.other / proofs * 1e6,
+            client_us: client_cpu.total() / proofs * 1e6,
+        });
+    }
+    Ok(report)
+}
+
+/// The agent's pid, from the socket's peer credentials.
+async fn agent_pid(socket: &Path) -> Result<Option<u32>, BenchError> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| BenchError::Agent(format!("cannot connect to {}: {e}", socket.display())))?;
+    Ok(stream
+        .peer_cred()
+        .ok()
+        .and_then(|c| c.pid())
+        .and_then(|p| u32::try_from(p).ok()))
+}
+
+/// CPU seconds of one process's threads, split into device threads and the rest.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cpu {
+    device: f64,
+    other: f64,
+}
+
+impl Cpu {
+    /// Reads `/proc/<pid>/task/*/{comm,schedstat}`; zero where unreadable (another
+    /// user's agent, no procfs), which leaves the split out of the report.
+    fn of(pid: Option<u32>) -> Cpu {
+        let mut cpu = Cpu::default();
+        let Some(pid) = pid else { return cpu };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return cpu;
+        };
+        for task in tasks.flatten() {
+            let dir = task.path();
+            let (Ok(comm), Ok(stat)) = (
+                std::fs::read_to_string(dir.join("comm")),
+                std::fs::read_to_string(dir.join("schedstat")),
+            ) else {
+                continue;
+            };
+            let Some(ns) = stat
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<f64>().ok())
+            else {
+                continue;
+            };
+            if comm.starts_with("keybound-sign") || comm.starts_with("keybound-tpm") {
+                cpu.device += ns / 1e9;
+            } else {
+                cpu.other += ns / 1e9;
+            }
+        }
+        cpu
+    }
+
+    fn total(self) -> f64 {
+        self.device + self.other
+    }
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, rhs: Cpu) -> Cpu {
+        // A thread that ended between two readings would make a difference negative.
+        Cpu {
+            device: (self.device - rhs.device).max(0.0),
+            other: (self.other - rhs.other).max(0.0),
+        }
+    }
+}
+
+impl std::ops::AddAssign for Cpu {
+    fn add_assign(&mut self, rhs: Cpu) {
+        self.device += rhs.device;
+        self.other += rhs.other;
+    }
 }
 
 /// Alternates raw and measured phases of about half a second each for `seconds` in all,
@@ -78,7 +208,20 @@ fn measure(
     callers: usize,
     seconds: f64,
     mode: &'static str,
+    measured: impl FnMut(Duration) -> Result<Phase, BenchError>,
+) -> Result<Report, BenchError> {
+    measure_with(key, sessions, callers, seconds, mode, measured, |raw| raw())
+}
+
+/// [`measure`], with `around_raw` wrapped around each raw phase (it must call it once).
+fn measure_with(
+    key: &SigningKey,
+    sessions: usize,
+    callers: usize,
+    seconds: f64,
+    mode: &'static str,
     mut measured: impl FnMut(Duration) -> Result<Phase, BenchError>,
+    mut around_raw: impl FnMut(&mut dyn FnMut() -> Result<u64, BenchError>) -> Result<u64, BenchError>,
 ) -> Result<Report, BenchError> {
     let rounds = (seconds.round() as u32).clamp(1, 600);
     let phase = Duration::from_secs_f64((seconds / f64::from(2 * rounds)).max(0.05));
@@ -88,7 +231,7 @@ fn measure(
         .to_be_signed(b"keybound bench: raw device signature");
     let (mut raw, mut made, mut latencies) = (0u64, 0u64, Vec::new());
     for _ in 0..rounds {
-        raw += raw_phase(key, &tbs, phase)?;
+        raw += around_raw(&mut || raw_phase(key, &tbs, phase))?;
         let (n, mut lat) = measured(phase)?;
         made += n;
         latencies.append(&mut lat);
@@ -117,6 +260,7 @@ fn measure(
         },
         pipeline_p50_us: pct(0.50),
         pipeline_p99_us: pct(0.99),
+        cpu: None,
     })
 }
 
@@ -163,6 +307,10 @@ fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, 
 }
 
 /// `clients` keep-alive connections asking the agent for proofs until the deadline.
+///
+/// The load generator shares the cores with the agent and the device, so it is kept as
+/// lean as `wrk`: one task per connection writing a prepared request and reading the
+/// answer in place, no per-request allocation beyond the answer's buffer growth.
 async fn agent_phase(
     socket: &Path,
     key: &str,
@@ -172,27 +320,23 @@ async fn agent_phase(
     let until = tokio::time::Instant::now() + phase;
     let body = serde_json::json!({
         "key": key, "htm": "POST", "htu": "https://bench.keybound.invalid/oauth2/v1/token",
-    });
+    })
+    .to_string();
+    let request = format!(
+        "POST /v1/dpop HTTP/1.1\r\nhost: keybound\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let request: std::sync::Arc<[u8]> = request.into_bytes().into();
     let mut tasks = Vec::new();
     for _ in 0..clients.max(1) {
-        let (socket, body) = (socket.to_path_buf(), body.clone());
+        let (socket, request) = (socket.to_path_buf(), request.clone());
         tasks.push(tokio::spawn(async move {
-            let mut conn = crate::agent::client::AgentConnection::connect(&socket)
-                .await
-                .map_err(|e| BenchError::Agent(e.to_string()))?;
+            let mut conn = LeanConnection::connect(&socket).await?;
             let mut lat = Vec::new();
             while tokio::time::Instant::now() < until {
                 let start = Instant::now();
-                let (status, reply) = conn
-                    .request(http::Method::POST, "/v1/dpop", Some(&body))
-                    .await
-                    .map_err(|e| BenchError::Agent(e.to_string()))?;
-                if !status.is_success() {
-                    return Err(BenchError::Agent(format!(
-                        "the agent answered {status}: {}",
-                        String::from_utf8_lossy(&reply)
-                    )));
-                }
+                conn.exchange(&request).await?;
                 lat.push(start.elapsed().as_micros() as u64);
             }
             Ok::<_, BenchError>(lat)
@@ -206,4 +350,66 @@ async fn agent_phase(
         all.extend(lat);
     }
     Ok((all.len() as u64, all))
+}
+
+/// One keep-alive HTTP/1.1 connection to the agent that expects `200` with a
+/// `content-length` body.
+struct LeanConnection {
+    stream: tokio::net::UnixStream,
+    buf: Vec<u8>,
+}
+
+impl LeanConnection {
+    async fn connect(path: &Path) -> Result<LeanConnection, BenchError> {
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .map_err(|e| BenchError::Agent(format!("cannot connect to {}: {e}", path.display())))?;
+        Ok(LeanConnection {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    async fn exchange(&mut self, request: &[u8]) -> Result<(), BenchError> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let io = |e: std::io::Error| BenchError::Agent(format!("agent connection failed: {e}"));
+        self.stream.write_all(request).await.map_err(io)?;
+        self.buf.clear();
+        loop {
+            if self.buf.len() == self.buf.capacity() {
+                self.buf.reserve(4096);
+            }
+            if self.stream.read_buf(&mut self.buf).await.map_err(io)? == 0 {
+                return Err(BenchError::Agent(
+                    "the agent closed the connection mid-answer".into(),
+                ));
+            }
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut response = httparse::Response::new(&mut headers);
+            let head = match response.parse(&self.buf) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) => continue,
+                Err(e) => return Err(BenchError::Agent(format!("bad HTTP from the agent: {e}"))),
+            };
+            let length = response
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    BenchError::Agent("the agent's answer has no content-length".into())
+                })?;
+            if self.buf.len() < head + length {
+                continue;
+            }
+            if response.code != Some(200) {
+                return Err(BenchError::Agent(format!(
+                    "the agent answered {}: {}",
+                    response.code.unwrap_or(0),
+                    String::from_utf8_lossy(&self.buf[head..head + length])
+                )));
+            }
+            return Ok(());
+        }
+    }
 }

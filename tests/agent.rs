@@ -456,6 +456,22 @@ fn assert_serve_refuses(token: &DevToken, dir: &SocketDir, needles: &[&str]) {
 }
 
 #[test]
+fn out_of_range_agent_settings_are_named_at_start() {
+    let (token, _) = token_with_keys(&[("dpop", "ES256")]);
+    for (line, needles) in [
+        (
+            "async_threads = 0",
+            &["agent.async_threads", "0", "1 to 64"][..],
+        ),
+        ("max_queue = 0", &["agent.max_queue", "0"][..]),
+        ("max_body_bytes = 10", &["agent.max_body_bytes", "10"][..]),
+    ] {
+        token.write_config(&config_text("", line));
+        assert_serve_refuses(&token, &SocketDir::new(), needles);
+    }
+}
+
+#[test]
 fn planted_or_unsafe_socket_paths_are_refused() {
     let (token, _) = token_with_keys(&[("dpop", "ES256")]);
     let socket_text = |dir: &SocketDir| dir.socket().display().to_string();

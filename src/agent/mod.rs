@@ -38,6 +38,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     #[serde(default = "defaults::shutdown_grace_secs")]
     pub shutdown_grace_secs: u64,
+    #[serde(default = "defaults::async_threads")]
+    pub async_threads: usize,
     #[serde(default)]
     pub allow: Vec<authz::Rule>,
 }
@@ -55,6 +57,9 @@ mod defaults {
     pub fn shutdown_grace_secs() -> u64 {
         10
     }
+    pub fn async_threads() -> usize {
+        1
+    }
 }
 
 impl Default for Settings {
@@ -65,6 +70,7 @@ impl Default for Settings {
             max_queue: defaults::max_queue(),
             max_body_bytes: defaults::max_body_bytes(),
             shutdown_grace_secs: defaults::shutdown_grace_secs(),
+            async_threads: defaults::async_threads(),
             allow: Vec::new(),
         }
     }
@@ -82,6 +88,7 @@ impl Settings {
         range("max_connections", self.max_connections, 1, 65_536)?;
         range("max_queue", self.max_queue, 1, 1_000_000)?;
         range("max_body_bytes", self.max_body_bytes, 256, 16 << 20)?;
+        range("async_threads", self.async_threads, 1, 64)?;
         Ok(())
     }
 

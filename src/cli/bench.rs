@@ -74,5 +74,15 @@ pub fn run(
         report.pipeline_p99_us
     );
     out!("{side} / raw   {:.3}", report.ratio);
+    if let Some(cpu) = &report.cpu {
+        out!(
+            "CPU per operation: raw signature {:.0} µs; per proof: agent device threads {:.0} µs, \
+             agent HTTP/JOSE {:.0} µs, this load generator {:.0} µs",
+            cpu.raw_sign_us,
+            cpu.agent_device_us,
+            cpu.agent_async_us,
+            cpu.client_us
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

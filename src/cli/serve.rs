@@ -23,7 +23,11 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
     let agent = Arc::new(
         Agent::new(keyring, clients, config.agent.clone(), own_uid).map_err(anyhow::Error::msg)?,
     );
+    // The HTTP side is light and the device works on the token's own signing threads, so
+    // by default one async thread serves every connection: on a small machine more threads
+    // only contend with the signing threads (see `keybound bench --agent`).
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.agent.async_threads)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Alg, JoseError, Jwk, JwsSignature, b64, b64_decode};
+use super::{Alg, JoseError, Jwk, JwsSignature, b64_append, b64_decode};
 
 /// The protected header keybound writes: `typ`, `alg`, and `kid` or `jwk`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,18 +27,29 @@ pub struct Decoded {
 }
 
 /// RFC 7515 §5.1: `BASE64URL(UTF8(header)) || '.' || BASE64URL(payload)`.
+///
+/// The string has room for the signature, so [`compact`] appends it without a copy.
 pub fn signing_input<H: Serialize, C: Serialize>(
     header: &H,
     claims: &C,
 ) -> Result<String, JoseError> {
     let h = serde_json::to_vec(header)?;
     let c = serde_json::to_vec(claims)?;
-    Ok(format!("{}.{}", b64(h), b64(c)))
+    // base64url of n bytes takes at most 4n/3 + 1 characters; 700 covers a '.' and an
+    // RSA-4096 signature.
+    let mut input = String::with_capacity((h.len() + c.len()) * 4 / 3 + 2 + 700);
+    b64_append(&h, &mut input);
+    input.push('.');
+    b64_append(&c, &mut input);
+    Ok(input)
 }
 
 /// The compact form: signing input, '.', base64url signature.
-pub fn compact(signing_input: &str, signature: &JwsSignature) -> String {
-    format!("{signing_input}.{}", b64(signature.as_bytes()))
+pub fn compact(signing_input: String, signature: &JwsSignature) -> String {
+    let mut jws = signing_input;
+    jws.push('.');
+    b64_append(signature.as_bytes(), &mut jws);
+    jws
 }
 
 /// Splits and decodes a compact JWS without verifying it.

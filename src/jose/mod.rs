@@ -43,6 +43,11 @@ pub fn b64(bytes: impl AsRef<[u8]>) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// base64url without padding, appended to `out`.
+pub fn b64_append(bytes: &[u8], out: &mut String) {
+    URL_SAFE_NO_PAD.encode_string(bytes, out);
+}
+
 /// Decodes base64url without padding; `what` names the input in the error.
 pub fn b64_decode(s: &str, what: &str) -> Result<Vec<u8>, JoseError> {
     URL_SAFE_NO_PAD
