@@ -32,33 +32,7 @@ fn token_with_keys(keys: &[(&str, &str)]) -> (DevToken, BTreeMap<String, String>
 
 /// `/v1/jwks` by kid, after checking it equals `keybound jwks` and each entry's shape.
 async fn published_jwks(token: &DevToken, agent: &Agent) -> BTreeMap<String, Value> {
-    let body = get(agent.socket(), "/v1/jwks").await.ok("GET /v1/jwks");
-    assert_members(&body, &["keys"]);
-    let keys = body["keys"].as_array().expect("keys is an array");
-    for key in keys {
-        assert_jwks_entry(key, key["alg"].as_str().expect("alg"));
-    }
-    let served = by_kid(keys);
-    assert_eq!(
-        served,
-        by_kid(&token.jwks(&[])),
-        "GET /v1/jwks and `keybound jwks` publish the same keys"
-    );
-    served
-}
-
-fn dpop_request(key: &str, htm: &str, htu: &str) -> Value {
-    json!({ "key": key, "htm": htm, "htu": htu })
-}
-
-fn want_proof(kid: &str, htm: &str, htu: &str) -> WantProof {
-    WantProof {
-        kid: kid.to_owned(),
-        htm: htm.to_owned(),
-        htu: htu.to_owned(),
-        nonce: None,
-        access_token: None,
-    }
+    served_jwks(agent, &token.jwks(&[])).await
 }
 
 /// One good request and its verification: the agent still signs correctly.
@@ -83,18 +57,6 @@ async fn assert_still_signs(conn: &mut Conn, jwks: &BTreeMap<String, Value>, kid
 // 1. Concurrency
 // ---------------------------------------------------------------------------
 
-/// A request a client makes, and what the answer must be.
-enum Job {
-    Proof(Value, WantProof),
-    Assertion {
-        request: Value,
-        kid: String,
-        client_id: String,
-        audience: String,
-        lifetime: i64,
-    },
-}
-
 /// Request `n` of the concurrency test: mostly DPoP proofs over three keys (ES256, ES384,
 /// PS256) with `htm`/`htu` needing normalisation, some with a nonce, some with an access
 /// token, some with both (the moduli are chosen so that every combination occurs); every
@@ -103,56 +65,16 @@ fn job(n: usize, kids: &BTreeMap<String, String>) -> Job {
     if n % 6 == 5 {
         let key = ["client-auth", "client-rsa"][n / 6 % 2];
         let lifetime = [None, Some(300), Some(3600)][n / 6 % 3];
-        let client_id = format!("0oa-agent-{n}");
-        let audience = "https://example.okta.com/oauth2/v1/token".to_owned();
-        let mut request = json!({ "key": key, "client_id": client_id, "audience": audience });
-        if let Some(l) = lifetime {
-            request["lifetime"] = json!(l);
-        }
-        return Job::Assertion {
-            request,
-            kid: kids[key].clone(),
-            client_id,
-            audience,
-            lifetime: lifetime.unwrap_or(60),
-        };
+        return assertion_job(
+            n,
+            key,
+            &kids[key],
+            "https://example.okta.com/oauth2/v1/token",
+            lifetime,
+        );
     }
-    const CASES: [(&str, &str, &str, &str); 4] = [
-        (
-            "post",
-            "https://Resource.Example.org:443/token?x=1#f",
-            "POST",
-            "https://resource.example.org/token",
-        ),
-        (
-            "GET",
-            "HTTPS://o.example/api/v1/users?limit=3",
-            "GET",
-            "https://o.example/api/v1/users",
-        ),
-        (
-            "PATCH",
-            "http://127.0.0.1:8080/api/v1/users/00u1",
-            "PATCH",
-            "http://127.0.0.1:8080/api/v1/users/00u1",
-        ),
-        ("get", "https://a.example", "GET", "https://a.example/"),
-    ];
-    let (htm, htu, want_htm, want_htu) = CASES[n % CASES.len()];
     let key = ["dpop", "dpop-p384", "dpop-pss"][n % 3];
-    let mut request = dpop_request(key, htm, htu);
-    let mut want = want_proof(&kids[key], want_htm, want_htu);
-    if n % 5 < 2 {
-        let nonce = format!("nonce-{n}");
-        request["nonce"] = json!(nonce);
-        want.nonce = Some(nonce);
-    }
-    if (n / 4).is_multiple_of(2) {
-        let token = format!("eyJ.access-token-{n}.sig");
-        request["access_token"] = json!(token);
-        want.access_token = Some(token);
-    }
-    Job::Proof(request, want)
+    proof_job(n, key, &kids[key], n % 5 < 2, (n / 4).is_multiple_of(2))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -169,57 +91,18 @@ async fn concurrent_clients_get_proofs_and_assertions_that_verify_independently(
     let dir = SocketDir::new();
     let agent = Agent::start(&token, &dir.socket());
     let jwks = published_jwks(&token, &agent).await;
-    let kids = Arc::new(kids);
-
     let start = window_start();
-    let mut clients = Vec::new();
-    for c in 0..CLIENTS {
-        let socket = agent.socket().to_path_buf();
-        let kids = Arc::clone(&kids);
-        clients.push(tokio::spawn(async move {
-            let mut conn = Conn::open(&socket).await;
-            let mut answers = Vec::new();
-            for i in 0..PER_CLIENT {
-                let job = job(c * PER_CLIENT + i, &kids);
-                let reply = match &job {
-                    Job::Proof(request, _) => conn.post("/v1/dpop", request).await,
-                    Job::Assertion { request, .. } => conn.post("/v1/assertion", request).await,
-                };
-                answers.push((job, reply));
-            }
-            answers
-        }));
-    }
-    let mut answers = Vec::new();
-    for client in clients {
-        answers.extend(client.await.expect("client task"));
-    }
+    let answers = run_jobs(agent.socket(), CLIENTS, PER_CLIENT, move |n| job(n, &kids)).await;
     let window = window_end(start);
 
     let mut jtis = HashSet::new();
     let (mut proofs, mut assertions) = (0, 0);
     for (job, reply) in &answers {
-        let jws = match job {
-            Job::Proof(request, want) => {
-                proofs += 1;
-                let proof = reply.ok_member(&format!("POST /v1/dpop {request}"), "proof");
-                check_proof(&jwks, &proof, want, window)
-            }
-            Job::Assertion {
-                request,
-                kid,
-                client_id,
-                audience,
-                lifetime,
-            } => {
-                assertions += 1;
-                let assertion =
-                    reply.ok_member(&format!("POST /v1/assertion {request}"), "assertion");
-                check_assertion(
-                    &jwks, &assertion, kid, client_id, audience, *lifetime, window,
-                )
-            }
-        };
+        match job {
+            Job::Proof(..) => proofs += 1,
+            Job::Assertion { .. } => assertions += 1,
+        }
+        let jws = check_job(&jwks, job, reply, window);
         let jti = jws.claims["jti"].as_str().expect("jti").to_owned();
         assert!(jtis.insert(jti.clone()), "jti {jti} was handed out twice");
     }
@@ -1417,18 +1300,7 @@ async fn sigterm_finishes_in_flight_requests_removes_the_socket_and_exits_0() {
         window_end(start),
     );
 
-    let status = agent.wait();
-    assert_eq!(status.code(), Some(0), "exit status 0:\n{}", agent.log());
-    assert!(
-        !agent.socket().exists(),
-        "the socket file is removed on exit"
-    );
-    assert!(
-        agent.log().contains("keybound agent stopped"),
-        "{}",
-        agent.log()
-    );
-    assert!(!agent.log().contains("panicked"), "{}", agent.log());
+    agent.assert_clean_exit();
 
     // Everything the loaders got back was a verified 200: nothing cut off with a 5xx.
     let want = want_proof(&kid, "GET", "https://a.example/load");

@@ -125,7 +125,8 @@ pub fn mode_and_owner(path: &Path) -> (u32, u32) {
 // The agent process
 // ---------------------------------------------------------------------------
 
-/// `keybound serve --socket <path>` on a [`DevToken`].
+/// `keybound serve --socket <path>` on a [`DevToken`] ([`Agent::start`]) or from a command
+/// prepared by the test ([`Agent::start_command`], e.g. against a TPM).
 pub struct Agent {
     child: Child,
     socket: PathBuf,
@@ -145,8 +146,24 @@ impl Agent {
 
     /// Starts the agent without waiting.
     pub fn spawn(token: &DevToken, socket: &Path) -> Agent {
-        let mut child = token
-            .command(&[OsArg::from("serve"), "--socket".into(), socket.into()])
+        Agent::spawn_command(
+            token.command(&[OsArg::from("serve"), "--socket".into(), socket.into()]),
+            socket,
+        )
+    }
+
+    /// Starts `cmd`, a `keybound serve --socket <socket>` prepared by the caller (any
+    /// backend: its config, environment and working directory are the caller's), and
+    /// waits for its ready line.
+    pub fn start_command(cmd: Command, socket: &Path) -> Agent {
+        let agent = Agent::spawn_command(cmd, socket);
+        agent.wait_ready();
+        agent
+    }
+
+    /// Starts `cmd` (see [`Agent::start_command`]) without waiting.
+    pub fn spawn_command(mut cmd: Command, socket: &Path) -> Agent {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -234,6 +251,17 @@ impl Agent {
     }
 
     /// Still running?
+    /// Waits for the exit after SIGTERM: status 0, the socket removed, the stop logged,
+    /// nothing panicked.
+    pub fn assert_clean_exit(&mut self) {
+        let status = self.wait();
+        let log = self.log();
+        assert_eq!(status.code(), Some(0), "exit status 0:\n{log}");
+        assert!(!self.socket.exists(), "the socket file is removed on exit");
+        assert!(log.contains("keybound agent stopped"), "{log}");
+        assert!(!log.contains("panicked"), "{log}");
+    }
+
     pub fn running(&mut self) -> bool {
         self.child
             .try_wait()
@@ -656,6 +684,186 @@ pub fn check_proof(
     }
     check_iat_and_jti(&jws.claims, window);
     jws
+}
+
+/// `htm`/`htu` as a caller may send them, and as a proof must carry them (RFC 9449 §4.2:
+/// method in upper case, URI without query and fragment, scheme and host lowercased,
+/// default port dropped, empty path as "/").
+pub const HTU_CASES: [(&str, &str, &str, &str); 4] = [
+    (
+        "post",
+        "https://Resource.Example.org:443/token?x=1#f",
+        "POST",
+        "https://resource.example.org/token",
+    ),
+    (
+        "GET",
+        "HTTPS://o.example/api/v1/users?limit=3",
+        "GET",
+        "https://o.example/api/v1/users",
+    ),
+    (
+        "PATCH",
+        "http://127.0.0.1:8080/api/v1/users/00u1",
+        "PATCH",
+        "http://127.0.0.1:8080/api/v1/users/00u1",
+    ),
+    ("get", "https://a.example", "GET", "https://a.example/"),
+];
+
+/// The agent's `/v1/jwks` by kid, after checking each entry's shape and that it equals
+/// `cli`, what `keybound jwks` printed for the same config.
+pub async fn served_jwks(agent: &Agent, cli: &[Value]) -> BTreeMap<String, Value> {
+    let body = get(agent.socket(), "/v1/jwks").await.ok("GET /v1/jwks");
+    assert_members(&body, &["keys"]);
+    let keys = body["keys"].as_array().expect("keys is an array");
+    for key in keys {
+        assert_jwks_entry(key, key["alg"].as_str().expect("alg"));
+    }
+    let served = by_kid(keys);
+    assert_eq!(
+        served,
+        by_kid(cli),
+        "GET /v1/jwks and `keybound jwks` publish the same keys"
+    );
+    served
+}
+
+/// `{key, htm, htu}`: a `/v1/dpop` request.
+pub fn dpop_request(key: &str, htm: &str, htu: &str) -> Value {
+    serde_json::json!({ "key": key, "htm": htm, "htu": htu })
+}
+
+/// A proof from `kid` for `htm`/`htu` as the proof must carry them, without nonce or `ath`.
+pub fn want_proof(kid: &str, htm: &str, htu: &str) -> WantProof {
+    WantProof {
+        kid: kid.to_owned(),
+        htm: htm.to_owned(),
+        htu: htu.to_owned(),
+        nonce: None,
+        access_token: None,
+    }
+}
+
+/// Request `n` as a DPoP proof with `key` (`kid`): `htm`/`htu` from [`HTU_CASES`], with a
+/// nonce and an access token to bind when asked.
+pub fn proof_job(n: usize, key: &str, kid: &str, nonce: bool, access_token: bool) -> Job {
+    let (htm, htu, want_htm, want_htu) = HTU_CASES[n % HTU_CASES.len()];
+    let mut request = dpop_request(key, htm, htu);
+    let mut want = want_proof(kid, want_htm, want_htu);
+    if nonce {
+        let nonce = format!("nonce-{n}");
+        request["nonce"] = nonce.clone().into();
+        want.nonce = Some(nonce);
+    }
+    if access_token {
+        let token = format!("eyJ.access-token-{n}.sig");
+        request["access_token"] = token.clone().into();
+        want.access_token = Some(token);
+    }
+    Job::Proof(request, want)
+}
+
+/// Request `n` as a client assertion by `key` (`kid`) for `audience`, with `lifetime`
+/// asked for or left to the default (60 s).
+pub fn assertion_job(n: usize, key: &str, kid: &str, audience: &str, lifetime: Option<i64>) -> Job {
+    let client_id = format!("0oa-agent-{n}");
+    let mut request =
+        serde_json::json!({ "key": key, "client_id": client_id, "audience": audience });
+    if let Some(l) = lifetime {
+        request["lifetime"] = l.into();
+    }
+    Job::Assertion {
+        request,
+        kid: kid.to_owned(),
+        client_id,
+        audience: audience.to_owned(),
+        lifetime: lifetime.unwrap_or(60),
+    }
+}
+
+/// A request a test client makes, and what the answer must be.
+pub enum Job {
+    Proof(Value, WantProof),
+    Assertion {
+        request: Value,
+        kid: String,
+        client_id: String,
+        audience: String,
+        lifetime: i64,
+    },
+}
+
+impl Job {
+    /// The key label the request names.
+    pub fn key(&self) -> &str {
+        match self {
+            Job::Proof(request, _) | Job::Assertion { request, .. } => {
+                request["key"].as_str().expect("key")
+            }
+        }
+    }
+}
+
+/// `clients` keep-alive connections at once, each sending `per_client` requests: request
+/// `n` is `job(n)`. Every request with its answer.
+pub async fn run_jobs(
+    socket: &Path,
+    clients: usize,
+    per_client: usize,
+    job: impl Fn(usize) -> Job + Send + Sync + 'static,
+) -> Vec<(Job, Reply)> {
+    let job = Arc::new(job);
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (socket, job) = (socket.to_path_buf(), Arc::clone(&job));
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::open(&socket).await;
+            let mut answers = Vec::new();
+            for i in 0..per_client {
+                let job = job(c * per_client + i);
+                let reply = match &job {
+                    Job::Proof(request, _) => conn.post("/v1/dpop", request).await,
+                    Job::Assertion { request, .. } => conn.post("/v1/assertion", request).await,
+                };
+                answers.push((job, reply));
+            }
+            answers
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.extend(task.await.expect("client task"));
+    }
+    answers
+}
+
+/// `reply` must be a 200 whose proof or assertion [`check_proof`] or [`check_assertion`]
+/// accepts for `job`; returns it parsed.
+pub fn check_job(
+    jwks: &BTreeMap<String, Value>,
+    job: &Job,
+    reply: &Reply,
+    window: (i64, i64),
+) -> Jws {
+    match job {
+        Job::Proof(request, want) => {
+            let proof = reply.ok_member(&format!("POST /v1/dpop {request}"), "proof");
+            check_proof(jwks, &proof, want, window)
+        }
+        Job::Assertion {
+            request,
+            kid,
+            client_id,
+            audience,
+            lifetime,
+        } => {
+            let assertion = reply.ok_member(&format!("POST /v1/assertion {request}"), "assertion");
+            check_assertion(
+                jwks, &assertion, kid, client_id, audience, *lifetime, window,
+            )
+        }
+    }
 }
 
 /// RFC 7523 §3 checks on `compact`, verified with the JWKS entry of `kid`.
