@@ -204,10 +204,15 @@ fn client<'a>(agent: &'a Agent, rule: &Rule, name: &str) -> Result<&'a OAuthClie
     agent.clients.get(name).ok_or_else(|| {
         let mut known: Vec<&str> = agent.clients.keys().map(String::as_str).collect();
         known.sort_unstable();
+        let configured = if known.is_empty() {
+            "none is configured; add a [[client]] to the agent's config".to_owned()
+        } else {
+            format!("configured: {}", known.join(", "))
+        };
         ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_client",
-            format!("no client '{name}'; configured: {}", known.join(", ")),
+            format!("no client '{name}'; {configured}"),
         )
     })
 }
