@@ -32,6 +32,10 @@ pub struct Report {
     /// Where the CPU went (`--agent` only, from `/proc`); see [`CpuSplit`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuSplit>,
+    /// The agent's resident memory in KiB (`--agent` only): before the run, and its peak
+    /// (`VmHWM`) after it. A bounded queue keeps the peak flat however hard it is driven.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_rss_kib: Option<(u64, u64)>,
 }
 
 /// CPU time per operation, in microseconds, measured from the threads' own counters
@@ -85,6 +89,7 @@ pub fn run_agent(
         .build()
         .map_err(|e| BenchError::Agent(format!("cannot start the async runtime: {e}")))?;
     let agent_pid = runtime.block_on(agent_pid(socket))?;
+    let rss_before = proc_status_kib(agent_pid, "VmRSS:");
     let own_pid = Some(std::process::id());
     // CPU totals across the counted phases: (device threads, other threads) per process.
     let (mut agent_cpu, mut client_cpu, mut raw_cpu) =
@@ -112,6 +117,7 @@ pub fn run_agent(
             Ok(n)
         },
     )?;
+    report.agent_rss_kib = rss_before.zip(proc_status_kib(agent_pid, "VmHWM:"));
     let secs = report.seconds / 2.0;
     let (raws, proofs) = (report.raw_per_s * secs, report.pipeline_per_s * secs);
     if raws > 0.0 && proofs > 0.0 && agent_cpu.device > 0.0 {
@@ -123,6 +129,18 @@ pub fn run_agent(
         });
     }
     Ok(report)
+}
+
+/// A `kB` line of `/proc/<pid>/status`, e.g. `VmRSS:`.
+fn proc_status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The agent's pid, from the socket's peer credentials.
@@ -261,6 +279,7 @@ fn measure_with(
         pipeline_p50_us: pct(0.50),
         pipeline_p99_us: pct(0.99),
         cpu: None,
+        agent_rss_kib: None,
     })
 }
 

@@ -4,12 +4,6 @@
 #[macro_use]
 mod cli;
 
-// mimalloc for Rust's allocations: the agent frees on one thread what another allocated
-// (replies cross from signing threads to the async side), where glibc's malloc spends
-// measurably more. C libraries (the PKCS#11 module, OpenSSL) keep the system malloc.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 

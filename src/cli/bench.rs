@@ -84,5 +84,12 @@ pub fn run(
             cpu.client_us
         );
     }
+    if let Some((before, peak)) = report.agent_rss_kib {
+        out!(
+            "agent memory: {:.1} MiB resident before the run, peak since it started {:.1} MiB",
+            before as f64 / 1024.0,
+            peak as f64 / 1024.0
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
