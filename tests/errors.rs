@@ -9,20 +9,6 @@ use std::os::unix::fs::PermissionsExt;
 
 use support::*;
 
-const AUDIENCE: &str = "https://server.example.com/token";
-
-fn assertion_args(key: &str) -> [&str; 7] {
-    [
-        "assertion",
-        "--key",
-        key,
-        "--client-id",
-        "client",
-        "--audience",
-        AUDIENCE,
-    ]
-}
-
 // ---------------------------------------------------------------------------
 // Keys
 // ---------------------------------------------------------------------------

@@ -28,8 +28,6 @@ use support::*;
 const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const P384_PARAMS: [u8; 7] = [0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
 
-const AUDIENCE: &str = "https://server.example.com/token";
-
 // ---------------------------------------------------------------------------
 // keybound's own keys, read back with raw PKCS#11
 // ---------------------------------------------------------------------------
@@ -262,18 +260,6 @@ fn keys_from_another_tool_are_found_and_their_algorithm_inferred() {
 // ---------------------------------------------------------------------------
 // keybound checks
 // ---------------------------------------------------------------------------
-
-fn assertion_args(key: &str) -> [&str; 7] {
-    [
-        "assertion",
-        "--key",
-        key,
-        "--client-id",
-        "client",
-        "--audience",
-        AUDIENCE,
-    ]
-}
 
 /// `keys audit --label <label> --json`: exits `code` and describes one key.
 fn audit_one(token: &DevToken, label: &str, code: i32) -> Value {

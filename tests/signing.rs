@@ -12,7 +12,6 @@ use sha2::{Digest, Sha256};
 use support::*;
 
 const CLIENT_ID: &str = "s6BhdRkqt3";
-const AUDIENCE: &str = "https://server.example.com/token";
 /// The DPoP nonce of RFC 9449 figure 20.
 const NONCE: &str = "eyJ7S_zG.eyJH0-Z.HX4w-7v";
 

@@ -34,6 +34,21 @@ pub const SO_PIN: &str = "87654321";
 pub const USER_PIN: &str = "123456";
 pub const PIN_ENV: &str = "KEYBOUND_PIN";
 pub const ALGS: [&str; 4] = ["ES256", "ES384", "RS256", "PS256"];
+/// The token endpoint the CLI tests sign assertions and proofs for.
+pub const AUDIENCE: &str = "https://server.example.com/token";
+
+/// `keybound assertion --key <key>` for [`AUDIENCE`] and client id `client`.
+pub fn assertion_args(key: &str) -> [&str; 7] {
+    [
+        "assertion",
+        "--key",
+        key,
+        "--client-id",
+        "client",
+        "--audience",
+        AUDIENCE,
+    ]
+}
 
 // ---------------------------------------------------------------------------
 // Configuration text
