@@ -124,6 +124,13 @@ impl From<TokenError> for ApiError {
     }
 }
 
+/// A blocking task that panicked or was cancelled.
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+}
+
 impl From<KeyError> for ApiError {
     fn from(e: KeyError) -> Self {
         match e {
@@ -225,11 +232,7 @@ async fn signing_key(agent: &Arc<Agent>, name: &str) -> Result<SigningKey, ApiEr
     let keyring = agent.keyring.clone();
     let owned = name.to_string();
     // Finding a key and reading its attributes are blocking device calls.
-    let key = tokio::task::spawn_blocking(move || keyring.signing_key(&owned))
-        .await
-        .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
+    let key = tokio::task::spawn_blocking(move || keyring.signing_key(&owned)).await??;
     agent.remember_key(name, key.clone());
     Ok(key)
 }
@@ -443,17 +446,17 @@ async fn audited(
     agent: &Arc<Agent>,
 ) -> Result<Vec<(crate::token::KeyInfo, crate::policy::Verdict)>, ApiError> {
     let keyring = agent.keyring.clone();
-    tokio::task::spawn_blocking(move || -> Result<_, TokenError> {
-        let mut out = Vec::new();
-        for key in keyring.backend().keys()? {
-            let (_, verdict) = keyring.audit(&key)?;
-            out.push((key, verdict));
-        }
-        Ok(out)
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-    .map_err(ApiError::from)
+    Ok(
+        tokio::task::spawn_blocking(move || -> Result<_, TokenError> {
+            let mut out = Vec::new();
+            for key in keyring.backend().keys()? {
+                let (_, verdict) = keyring.audit(&key)?;
+                out.push((key, verdict));
+            }
+            Ok(out)
+        })
+        .await??,
+    )
 }
 
 async fn jwks_handler(
@@ -506,22 +509,19 @@ async fn health_handler(
             .map(|k| k.len())
     });
     let token = agent.keyring.backend().describe().token_label;
-    let answer = match tokio::time::timeout(Duration::from_secs(5), probe).await {
-        Ok(Ok(Ok(keys))) => (
+    let probed = match tokio::time::timeout(Duration::from_secs(5), probe).await {
+        Ok(Ok(keys)) => keys.map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the device did not answer within 5 s".to_owned()),
+    };
+    let answer = match probed {
+        Ok(keys) => (
             StatusCode::OK,
             json!({ "status": "ok", "token": token, "keys": keys, "queue_depth": agent.queue_depth() }),
         ),
-        Ok(Ok(Err(e))) => (
+        Err(message) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            json!({ "status": "unavailable", "token": token, "message": e.to_string() }),
-        ),
-        Ok(Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({ "status": "unavailable", "token": token, "message": e.to_string() }),
-        ),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({ "status": "unavailable", "token": token, "message": "the device did not answer within 5 s" }),
+            json!({ "status": "unavailable", "token": token, "message": message }),
         ),
     };
     let mut r = (answer.0, Json(answer.1)).into_response();

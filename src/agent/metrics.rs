@@ -16,28 +16,36 @@ const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
+/// (alg, outcome) of a signature.
+type AlgOutcome = (&'static str, &'static str);
+
 #[derive(Default)]
 pub struct Metrics {
-    /// (key, alg, outcome) → count.
-    signatures: Mutex<BTreeMap<(String, String, &'static str), u64>>,
+    /// key → (alg, outcome) → count: a signature allocates only for a key's first one.
+    signatures: Mutex<BTreeMap<String, BTreeMap<AlgOutcome, u64>>>,
+    /// Signatures per latency bucket (not cumulative; `render` sums them).
     buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_micros: AtomicU64,
 }
 
 impl Metrics {
-    pub fn signature(&self, key: &str, alg: &str, outcome: &'static str, took: Duration) {
-        *self
-            .signatures
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry((key.to_string(), alg.to_string(), outcome))
-            .or_default() += 1;
-        let secs = took.as_secs_f64();
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+    pub fn signature(&self, key: &str, alg: &'static str, outcome: &'static str, took: Duration) {
+        {
+            let mut signatures = self
+                .signatures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match signatures.get_mut(key) {
+                Some(counts) => *counts.entry((alg, outcome)).or_default() += 1,
+                None => {
+                    signatures.insert(key.to_owned(), BTreeMap::from([((alg, outcome), 1)]));
+                }
             }
+        }
+        let secs = took.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|bound| secs <= *bound) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.latency_count.fetch_add(1, Ordering::Relaxed);
         self.latency_micros.fetch_add(
@@ -60,17 +68,19 @@ pub fn render(agent: &Agent) -> String {
         "Signatures by key, algorithm and outcome.",
         &mut out,
     );
-    for ((key, alg, outcome), n) in m
+    for (key, counts) in m
         .signatures
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .iter()
     {
-        let _ = writeln!(
-            out,
-            "keybound_signatures_total{{key=\"{}\",alg=\"{alg}\",outcome=\"{outcome}\"}} {n}",
-            escape(key)
-        );
+        for ((alg, outcome), n) in counts {
+            let _ = writeln!(
+                out,
+                "keybound_signatures_total{{key=\"{}\",alg=\"{alg}\",outcome=\"{outcome}\"}} {n}",
+                escape(key)
+            );
+        }
     }
     head(
         "keybound_sign_duration_seconds",
@@ -78,11 +88,12 @@ pub fn render(agent: &Agent) -> String {
         "Time from queueing a signature to its JWS.",
         &mut out,
     );
+    let mut cumulative = 0;
     for (i, bound) in BUCKETS.iter().enumerate() {
+        cumulative += m.buckets[i].load(Ordering::Relaxed);
         let _ = writeln!(
             out,
-            "keybound_sign_duration_seconds_bucket{{le=\"{bound}\"}} {}",
-            m.buckets[i].load(Ordering::Relaxed)
+            "keybound_sign_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
         );
     }
     let count = m.latency_count.load(Ordering::Relaxed);

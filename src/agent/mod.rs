@@ -4,7 +4,6 @@
 
 mod api;
 pub mod authz;
-pub mod client;
 pub mod metrics;
 pub mod socket;
 

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use keybound::bench;
-use keybound::config::Config;
 use keybound::jose::Alg;
 
 /// `--agent`: measure the running agent instead of the in-process pipeline.
@@ -25,8 +24,7 @@ pub fn run(
     if !(seconds.is_finite() && seconds > 0.0) {
         anyhow::bail!("--seconds must be a positive number");
     }
-    let (settings, _) = Config::load(config)?;
-    let keyring = super::open(config, sessions)?;
+    let (settings, _, keyring) = super::load(config, sessions)?;
     let key = match key {
         Some(name) => keyring.signing_key(name)?,
         None => keyring

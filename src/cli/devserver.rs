@@ -75,7 +75,7 @@ impl Args {
 
 async fn serve(port: u16, settings: Settings) -> anyhow::Result<()> {
     // Signal handlers go in before the banner: whoever reads "listening on" may signal at once.
-    let shutdown = shutdown_signal()?;
+    let shutdown = super::shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
@@ -108,29 +108,4 @@ fn banner(server: &DevServer) -> std::io::Result<()> {
         server.granted_scopes().join(" ")
     )?;
     out.flush()
-}
-
-/// Completes on Ctrl-C (SIGINT) or SIGTERM.
-#[cfg(unix)]
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    Ok(async move {
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
-        }
-    })
-}
-
-/// Completes on Ctrl-C.
-#[cfg(not(unix))]
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    Ok(async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!("cannot wait for Ctrl-C: {e}");
-            std::future::pending::<()>().await;
-        }
-    })
 }

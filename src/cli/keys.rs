@@ -117,7 +117,7 @@ pub fn audit(
                 k.label,
                 k.alg,
                 k.public.thumbprint(),
-                hex(&k.id)
+                keybound::token::hex(&k.id)
             );
             for (name, value) in &f.attributes {
                 let shown = value.map_or("(not reported)".to_string(), |b| b.to_string());
@@ -166,7 +166,7 @@ pub fn jwks(config: Option<&Path>, labels: &[String]) -> anyhow::Result<ExitCode
 fn summary(k: &KeyInfo, v: &Verdict) -> Value {
     json!({
         "label": k.label,
-        "id": hex(&k.id),
+        "id": keybound::token::hex(&k.id),
         "alg": k.alg.name(),
         "kid": k.public.thumbprint(),
         "policy": outcome_name(v.outcome()),
@@ -187,8 +187,4 @@ fn outcome_name(o: Outcome) -> &'static str {
         Outcome::Warn => "warn",
         Outcome::Fail => "fail",
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -15,16 +15,43 @@ pub mod oauth;
 pub mod serve;
 pub mod sign;
 
-use std::path::Path;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use keybound::config::Config;
 use keybound::keyring::Keyring;
 
-/// Loads the config and opens its token (logged in).
-pub fn open(config: Option<&Path>, sessions: Option<usize>) -> anyhow::Result<Keyring> {
+/// Loads the config and opens its token (logged in); returns the config, where it was
+/// found, and the keyring.
+pub fn load(
+    config: Option<&Path>,
+    sessions: Option<usize>,
+) -> anyhow::Result<(Config, PathBuf, Keyring)> {
     let (config, path) = Config::load(config)?;
     tracing::debug!(config = %path.display(), "config loaded");
-    Ok(Keyring::open(&config.token, config.policy, sessions)?)
+    let keyring = Keyring::open(&config.token, config.policy.clone(), sessions)?;
+    Ok((config, path, keyring))
+}
+
+/// Loads the config and opens its token (logged in).
+pub fn open(config: Option<&Path>, sessions: Option<usize>) -> anyhow::Result<Keyring> {
+    Ok(load(config, sessions)?.2)
+}
+
+/// Completes on SIGINT or SIGTERM. The handlers are installed by this call, not when the
+/// future is first polled: call it before telling anyone the server is ready, or a signal
+/// sent at once would still kill the process with the default action.
+pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
 }
 
 /// Logs go to stderr; stdout carries only the command's output. The TSS bindings log

@@ -60,7 +60,8 @@ pub fn token(
     check: bool,
 ) -> anyhow::Result<ExitCode> {
     let client = open_client(config, client)?;
-    let token = runtime()?.block_on(client.token())?;
+    let rt = runtime()?;
+    let token = rt.block_on(client.token())?;
     let jkt = jwt_claims(token.secret.expose())
         .and_then(|c| c["cnf"]["jkt"].as_str().map(str::to_string));
     let dpop_kid = client.dpop_key().map(|k| k.kid().to_string());
@@ -68,7 +69,7 @@ pub fn token(
     let scope = token.scopes.join(" ");
     if check {
         let c = client.config();
-        let endpoint = runtime()?.block_on(client.endpoint())?.clone();
+        let endpoint = rt.block_on(client.endpoint())?.clone();
         let read_only =
             !token.scopes.is_empty() && token.scopes.iter().all(|s| s.ends_with(".read"));
         let key = |k: &keybound::keyring::SigningKey| {

@@ -6,13 +6,10 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use keybound::agent::{self, Agent, socket};
-use keybound::config::Config;
-use keybound::keyring::Keyring;
 use keybound::oauth::client::OAuthClient;
 
 pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let (config, path) = Config::load(config)?;
-    let keyring = Keyring::open(&config.token, config.policy.clone(), None)?;
+    let (config, path, keyring) = super::load(config, None)?;
     let clients = config
         .clients
         .iter()
@@ -32,12 +29,15 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // Signal handlers go in before the socket and the ready message: a SIGTERM sent as
+        // soon as the agent is ready must find them.
+        let shutdown = super::shutdown_signal()?;
         let listener = socket::bind(&socket_path)?;
         tracing::info!(socket = %socket_path.display(), config = %path.display(), uid = own_uid,
             "keybound agent listening");
         eprintln!("keybound agent listening on {}", socket_path.display());
         agent::notify_ready();
-        agent::run(listener, agent, shutdown_signal()).await;
+        agent::run(listener, agent, shutdown).await;
         if let Err(e) = std::fs::remove_file(&socket_path) {
             tracing::warn!("cannot remove {}: {e}", socket_path.display());
         }
@@ -45,24 +45,4 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
 }

@@ -175,10 +175,7 @@ impl ApiResponse {
                 if let Some(d) = c.error_description {
                     line.push_str(&format!(" ({d})"));
                 }
-                let hint = super::response::hint(&e);
-                if !hint.is_empty() {
-                    line.push_str(&format!("; {hint}"));
-                }
+                line.push_str(&super::hint_suffix(&e));
             }
         }
         if line == format!("HTTP {}", self.status) && !self.body.is_empty() {

@@ -50,7 +50,9 @@ impl ServerKind {
     pub fn max_assertion_lifetime(self) -> u64 {
         match self {
             ServerKind::Auth0 => 300,
-            ServerKind::Okta | ServerKind::OktaCustom | ServerKind::Generic => 3600,
+            ServerKind::Okta | ServerKind::OktaCustom | ServerKind::Generic => {
+                super::assertion::MAX_LIFETIME_SECS
+            }
         }
     }
 

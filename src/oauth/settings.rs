@@ -58,7 +58,7 @@ pub struct ClientSettings {
 
 mod defaults {
     pub fn assertion_lifetime() -> u64 {
-        60
+        crate::oauth::assertion::DEFAULT_LIFETIME_SECS
     }
     pub fn connect_timeout() -> f64 {
         5.0

@@ -59,19 +59,13 @@ pub fn evaluate(facts: &KeyFacts, rules: &Rules) -> Verdict {
     // imported keys accepts exactly that history: it is reported, not refused.
     let imported_and_allowed =
         rules.danger_allow_imported_keys && facts.generated_on_device.value == Some(false);
-    let history = [
-        facts.never_extractable.source,
-        facts.always_sensitive.source,
-    ];
-    let mut require = |fact: &Fact, want: bool, meaning: &str| match fact.value {
+    // `forgivable`: the fact records import history, which an allowed import explains.
+    let mut require = |fact: &Fact, want: bool, forgivable: bool, meaning: &str| match fact.value {
         Some(v) if v == want => {}
-        Some(v) if imported_and_allowed && history.contains(&fact.source) => {
-            findings.push(Finding {
-                severity: Severity::Warn,
-                attribute: fact.source,
-                message: format!("{}={v}: {meaning} (it was imported)", fact.source),
-            })
-        }
+        Some(v) if imported_and_allowed && forgivable => findings.push(warn(
+            fact,
+            format!("{}={v}: {meaning} (it was imported)", fact.source),
+        )),
         Some(v) => findings.push(fail(
             fact,
             format!("{}={v}: {meaning}; {REGENERATE}", fact.source),
@@ -87,20 +81,33 @@ pub fn evaluate(facts: &KeyFacts, rules: &Rules) -> Verdict {
     require(
         &facts.extractable,
         false,
+        false,
         "the key can be exported from the device",
     );
     require(
         &facts.never_extractable,
         true,
+        true,
         "the key was extractable at some point, so copies may exist",
     );
-    require(&facts.sensitive, true, "the private key value can be read");
+    require(
+        &facts.sensitive,
+        true,
+        false,
+        "the private key value can be read",
+    );
     require(
         &facts.always_sensitive,
         true,
+        true,
         "the private key value was readable at some point",
     );
-    require(&facts.can_sign, true, "the key is not allowed to sign");
+    require(
+        &facts.can_sign,
+        true,
+        false,
+        "the key is not allowed to sign",
+    );
 
     let origin = &facts.generated_on_device;
     if origin.value != Some(true) {
@@ -115,11 +122,10 @@ pub fn evaluate(facts: &KeyFacts, rules: &Rules) -> Verdict {
             ),
         };
         findings.push(if rules.danger_allow_imported_keys {
-            Finding {
-                severity: Severity::Warn,
-                attribute: origin.source,
-                message: format!("{what}; allowed by policy.danger_allow_imported_keys"),
-            }
+            warn(
+                origin,
+                format!("{what}; allowed by policy.danger_allow_imported_keys"),
+            )
         } else {
             fail(
                 origin,
@@ -130,14 +136,13 @@ pub fn evaluate(facts: &KeyFacts, rules: &Rules) -> Verdict {
         });
     }
     for usage in facts.other_usages.iter().filter(|f| f.value == Some(true)) {
-        findings.push(Finding {
-            severity: Severity::Warn,
-            attribute: usage.source,
-            message: format!(
+        findings.push(warn(
+            usage,
+            format!(
                 "{}=true: the key may also be used for more than signing; keybound generates sign-only keys",
                 usage.source
             ),
-        });
+        ));
     }
     Verdict { findings }
 }
@@ -173,6 +178,14 @@ impl Verdict {
 fn fail(fact: &Fact, message: String) -> Finding {
     Finding {
         severity: Severity::Fail,
+        attribute: fact.source,
+        message,
+    }
+}
+
+fn warn(fact: &Fact, message: String) -> Finding {
+    Finding {
+        severity: Severity::Warn,
         attribute: fact.source,
         message,
     }

@@ -92,7 +92,8 @@ pub trait Backend: Send + Sync {
         })
     }
 
-    /// Is the device there and the login good? Looks for a lost device again.
+    /// Is the device there and the login good? Looks for a lost device again. Callers that
+    /// also want the keys call [`Backend::keys`] after it rather than twice.
     fn health(&self) -> Result<(), TokenError> {
         self.keys().map(|_| ())
     }
@@ -147,4 +148,23 @@ pub trait Backend: Send + Sync {
             backend: self.describe().backend,
         })
     }
+}
+
+/// `tbs` was prepared for `alg`, the algorithm of the key `label`: a signature from one
+/// key must never be produced over input hashed for another algorithm.
+pub(crate) fn check_alg(label: &str, alg: Alg, tbs: &ToBeSigned) -> Result<(), TokenError> {
+    if tbs.alg() == alg {
+        return Ok(());
+    }
+    Err(crate::jose::JoseError::KeyAlgMismatch {
+        alg: tbs.alg(),
+        expected: "a key of that algorithm",
+        found: format!("'{label}', a {alg} key"),
+    }
+    .into())
+}
+
+/// Lower-case hex, for key ids (`CKA_ID`) and serial numbers.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -206,13 +206,8 @@ impl MatchRule {
         if self.manufacturer.is_none() && self.model.is_none() {
             return false;
         }
-        // PKCS#11 pads these fields with blanks; tpm2-pkcs11 pads the model with NULs.
-        let padded = |s: &str| {
-            s.trim_matches(|c: char| c.is_whitespace() || c == '\0')
-                .to_string()
-        };
         let eq = |want: &Option<String>, got: &str| {
-            want.as_deref().is_none_or(|w| padded(w) == padded(got))
+            want.as_deref().is_none_or(|w| unpad(w) == unpad(got))
         };
         eq(&self.manufacturer, manufacturer) && eq(&self.model, model)
     }
@@ -263,6 +258,12 @@ fn parse(text: &str, origin: &str) -> Result<Profile, TokenError> {
         )));
     }
     Ok(p)
+}
+
+/// A token information field without its padding: PKCS#11 pads these fields with blanks;
+/// tpm2-pkcs11 pads the model with NULs.
+pub(crate) fn unpad(s: &str) -> &str {
+    s.trim_matches(|c: char| c.is_whitespace() || c == '\0')
 }
 
 #[cfg(test)]

@@ -191,14 +191,7 @@ impl Worker {
 
     /// One signature; on a lost session or stale handle, one retry on a fresh session.
     fn sign_raw(&mut self, key: &KeyRef, tbs: &ToBeSigned) -> Result<RawSignature, TokenError> {
-        if tbs.alg() != key.alg {
-            return Err(crate::jose::JoseError::KeyAlgMismatch {
-                alg: tbs.alg(),
-                expected: "a key of that algorithm",
-                found: format!("'{}', a {} key", key.label, key.alg),
-            }
-            .into());
-        }
+        crate::token::check_alg(&key.label, key.alg, tbs)?;
         let profile = &self.conn.profile;
         let mechanism = profile.mechanism(key.alg)?;
         let ecdsa_der = profile.encoding.ecdsa_signature == EcdsaSignatureEncoding::Der;

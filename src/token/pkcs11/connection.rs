@@ -119,11 +119,7 @@ impl Connection {
             None => profiles.matching(info.manufacturer_id(), info.model())?,
         }
         .clone();
-        // Blank-padded by the spec; tpm2-pkcs11 pads with NULs too.
-        let clean = |s: &str| {
-            s.trim_matches(|c: char| c.is_whitespace() || c == '\0')
-                .to_string()
-        };
+        let clean = |s: &str| crate::token::profile::unpad(s).to_string();
         let description = TokenDescription {
             backend: "pkcs11",
             token_label: clean(info.label()),

@@ -124,8 +124,7 @@ impl Backend for Pkcs11Token {
         if self.conn.probe().is_err() {
             self.conn.recover()?;
         }
-        self.conn.probe()?;
-        key_management::keys(&self.conn).map(|_| ())
+        self.conn.probe()
     }
 
     fn facts(&self, key: &KeyInfo) -> Result<KeyFacts, TokenError> {

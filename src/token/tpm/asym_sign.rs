@@ -23,7 +23,7 @@ pub(super) fn sign(
     key: &StoredKey,
     tbs: &ToBeSigned,
 ) -> Result<JwsSignature, TokenError> {
-    check_alg(key, tbs)?;
+    crate::token::check_alg(&key.label, key.alg, tbs)?;
     let raw = tpm.run(|t| sign_raw(t, key, tbs))?;
     Ok(tbs.alg().to_jws_signature(raw)?)
 }
@@ -35,25 +35,13 @@ pub(super) fn raw(
     tbs: &ToBeSigned,
     until: Instant,
 ) -> Result<u64, TokenError> {
-    check_alg(key, tbs)?;
+    crate::token::check_alg(&key.label, key.alg, tbs)?;
     let mut n = 0;
     while Instant::now() < until {
         tpm.run(|t| sign_raw(t, key, tbs))?;
         n += 1;
     }
     Ok(n)
-}
-
-fn check_alg(key: &StoredKey, tbs: &ToBeSigned) -> Result<(), TokenError> {
-    if tbs.alg() == key.alg {
-        return Ok(());
-    }
-    Err(JoseError::KeyAlgMismatch {
-        alg: tbs.alg(),
-        expected: "a key of that algorithm",
-        found: format!("'{}', a {} key", key.label, key.alg),
-    }
-    .into())
 }
 
 fn sign_raw(tpm: &mut Tpm, key: &StoredKey, tbs: &ToBeSigned) -> Result<RawSignature, Failure> {

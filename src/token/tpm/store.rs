@@ -122,7 +122,7 @@ impl Store {
             })?)),
             private: STANDARD.encode(tpm2b(key.private.value())),
             auth: key.auth,
-            parent: key.parent.as_deref().map(hex),
+            parent: key.parent.as_deref().map(crate::token::hex),
             created: Some(created),
         };
         let text = serde_json::to_string_pretty(&file)
@@ -298,10 +298,6 @@ fn untpm2b(bytes: &[u8]) -> Option<Vec<u8>> {
     (rest.len() == n).then(|| rest.to_vec())
 }
 
-pub(super) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unhex(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) {
         return None;
@@ -328,7 +324,10 @@ mod tests {
     fn tpm2b_round_trips() {
         assert_eq!(untpm2b(&tpm2b(b"abc")).unwrap(), b"abc");
         assert!(untpm2b(&[0, 4, 1]).is_none());
-        assert_eq!(unhex(&hex(&[0, 255, 16])).unwrap(), vec![0, 255, 16]);
+        assert_eq!(
+            unhex(&crate::token::hex(&[0, 255, 16])).unwrap(),
+            vec![0, 255, 16]
+        );
         assert!(unhex("abc").is_none());
     }
 }
