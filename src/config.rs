@@ -87,16 +87,12 @@ impl Config {
         };
         let token = match backend.as_str() {
             "pkcs11" => {
-                let settings: pkcs11::Settings =
-                    serde_path_to_error::deserialize(toml::Value::Table(raw.token))
-                        .map_err(|e| one_line(e.inner(), &format!("token.{}", e.path())))?;
+                let settings: pkcs11::Settings = token_settings(raw.token)?;
                 settings.validate()?;
                 TokenConfig::Pkcs11(settings)
             }
             "tpm" => {
-                let settings: tpm::Settings =
-                    serde_path_to_error::deserialize(toml::Value::Table(raw.token))
-                        .map_err(|e| one_line(e.inner(), &format!("token.{}", e.path())))?;
+                let settings: tpm::Settings = token_settings(raw.token)?;
                 settings.validate()?;
                 TokenConfig::Tpm(settings)
             }
@@ -156,6 +152,12 @@ impl Config {
 }
 
 /// toml's message on one line, prefixed with the key path where serde knows it.
+/// `[token]` as one backend's settings; errors name the key as `token.<path>`.
+fn token_settings<T: serde::de::DeserializeOwned>(table: toml::Table) -> Result<T, String> {
+    serde_path_to_error::deserialize(toml::Value::Table(table))
+        .map_err(|e| one_line(e.inner(), &format!("token.{}", e.path())))
+}
+
 fn one_line(e: &toml::de::Error, path: &str) -> String {
     let message = e.message().trim().replace('\n', " ");
     match path.trim_end_matches('.') {

@@ -26,11 +26,12 @@ pub struct Keyring {
     rules: Rules,
 }
 
-/// A key the policy allowed to sign, with its `kid` (RFC 7638 thumbprint).
+/// A key the policy allowed to sign, with its `kid` (RFC 7638 thumbprint). Cheap to
+/// clone: the agent hands one to every request.
 #[derive(Clone)]
 pub struct SigningKey {
-    info: KeyInfo,
-    kid: String,
+    info: Arc<KeyInfo>,
+    kid: Arc<str>,
     backend: Arc<dyn Backend>,
 }
 
@@ -78,8 +79,8 @@ impl Keyring {
             return Err(refusal.into());
         }
         Ok(SigningKey {
-            kid: info.public.thumbprint(),
-            info,
+            kid: info.public.thumbprint().into(),
+            info: Arc::new(info),
             backend: self.backend.clone(),
         })
     }

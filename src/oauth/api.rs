@@ -71,9 +71,9 @@ impl OAuthClient {
                 .body(request.body.clone().unwrap_or_default())
                 .map_err(|e| OAuthError::Config(format!("cannot build the request: {e}")))?;
             round_trips += 1;
-            let response = self.http().send(http_request).await?;
-            self.stats.response(response.status());
-            let (status, headers) = (response.status(), response.headers().clone());
+            let (parts, body) = self.http().send(http_request).await?.into_parts();
+            self.stats.response(parts.status);
+            let (status, headers) = (parts.status, parts.headers);
             self.observe(&origin, Role::ResourceServer, &headers);
             tracing::info!(method = %request.method, url = %request.url, status = status.as_u16(),
                 token = %token.secret.redacted(), "API answered");
@@ -105,7 +105,7 @@ impl OAuthClient {
             return Ok(ApiResponse {
                 status,
                 headers,
-                body: response.into_body(),
+                body,
                 round_trips,
             });
         }

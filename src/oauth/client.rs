@@ -33,8 +33,6 @@ pub struct OAuthClient {
     cache: TokenCache,
     breaker: Breaker,
     endpoint: OnceCell<Url>,
-    /// HTTP exchanges with the token endpoint, for `--check` and metrics.
-    pub exchanges: AtomicU64,
     pub stats: UpstreamStats,
 }
 
@@ -120,7 +118,6 @@ impl OAuthClient {
             dpop_key,
             state: Arc::new(ServerState::default()),
             cache: TokenCache::default(),
-            exchanges: AtomicU64::new(0),
             stats: UpstreamStats::default(),
         })
     }
@@ -221,7 +218,8 @@ impl OAuthClient {
     /// Fetches a new token: breaker, bounded attempts, backoff with full jitter, Retry-After.
     async fn fetch(&self, scopes: &[String]) -> Result<AccessToken, OAuthError> {
         let endpoint = self.endpoint().await?.clone();
-        let started = self.exchanges.load(Ordering::Relaxed);
+        // Counted per fetch: two fetches at once (different scopes) must not add up.
+        let mut round_trips = 0u32;
         let mut attempt = 0;
         loop {
             if let Err(open) = self.breaker.admit() {
@@ -233,12 +231,10 @@ impl OAuthClient {
                 });
             }
             attempt += 1;
-            match self.exchange(&endpoint, scopes).await {
+            match self.exchange(&endpoint, scopes, &mut round_trips).await {
                 Ok(mut token) => {
                     self.breaker.success();
-                    token.round_trips =
-                        u32::try_from(self.exchanges.load(Ordering::Relaxed) - started)
-                            .unwrap_or(u32::MAX);
+                    token.round_trips = round_trips;
                     tracing::info!(client = %self.config.name, token = %token.secret.redacted(),
                         expires_in = ?token.expires_in, round_trips = token.round_trips, "token received");
                     return Ok(token);
@@ -280,7 +276,12 @@ impl OAuthClient {
 
     /// One token request; a nonce challenge gets exactly one retry, with a new proof carrying
     /// the nonce and a new assertion (the server consumed the first one's `jti`).
-    async fn exchange(&self, endpoint: &Url, scopes: &[String]) -> Result<AccessToken, Failure> {
+    async fn exchange(
+        &self,
+        endpoint: &Url,
+        scopes: &[String],
+        round_trips: &mut u32,
+    ) -> Result<AccessToken, Failure> {
         let origin = origin(endpoint);
         let mut challenged = false;
         loop {
@@ -288,14 +289,11 @@ impl OAuthClient {
             let request = self
                 .token_request(endpoint, &origin, scopes, nonce.as_deref())
                 .await?;
-            self.exchanges.fetch_add(1, Ordering::Relaxed);
+            *round_trips = round_trips.saturating_add(1);
             let response = self.http.send(request).await.map_err(OAuthError::from)?;
             self.stats.response(response.status());
-            let (status, headers, body) = (
-                response.status(),
-                response.headers().clone(),
-                response.body(),
-            );
+            let (parts, body) = response.into_parts();
+            let (status, headers, body) = (parts.status, parts.headers, body.as_slice());
             self.observe(&origin, Role::AuthorizationServer, &headers);
             tracing::info!(client = %self.config.name, status = status.as_u16(), "token endpoint answered");
             if status.is_success() {

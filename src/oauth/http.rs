@@ -82,10 +82,8 @@ impl HttpClient {
             }
         };
         let mut response = self.inner.execute(request).await.map_err(classify)?;
-        let mut builder = Response::builder().status(response.status());
-        for (name, value) in response.headers() {
-            builder = builder.header(name, value);
-        }
+        let status = response.status();
+        let headers = std::mem::take(response.headers_mut());
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(classify)? {
             if body.len() + chunk.len() > MAX_BODY {
@@ -96,10 +94,10 @@ impl HttpClient {
             }
             body.extend_from_slice(&chunk);
         }
-        builder.body(body).map_err(|e| TransportError::Other {
-            url,
-            reason: e.to_string(),
-        })
+        let mut out = Response::new(body);
+        *out.status_mut() = status;
+        *out.headers_mut() = headers;
+        Ok(out)
     }
 }
 

@@ -215,10 +215,7 @@ impl Worker {
                     tracing::warn!(key = %key.label, "signing session lost; reopening");
                     retried = true;
                     self.drop_session();
-                    if self.conn.probe().is_err() {
-                        // The token itself is gone: look for it again, or report it.
-                        self.conn.recover()?;
-                    }
+                    self.conn.reconnect_if_gone()?;
                 }
                 Err(f) if retried && self.conn.probe().is_err() => {
                     let reason = TokenError::from(f).to_string();

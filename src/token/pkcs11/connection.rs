@@ -225,6 +225,14 @@ impl Connection {
         live.generation == self.generation.load(Ordering::Acquire)
     }
 
+    /// When the token does not answer, looks for it again (`recover`) or reports it gone.
+    pub(super) fn reconnect_if_gone(&self) -> Result<(), TokenError> {
+        if self.probe().is_err() {
+            self.recover()?;
+        }
+        Ok(())
+    }
+
     /// Is the token there? `C_GetTokenInfo` on its slot.
     pub(super) fn probe(&self) -> Result<(), TokenError> {
         let _gate = self.read();
@@ -325,9 +333,7 @@ impl Connection {
                         "management session lost; reopening and logging in again");
                     retried = true;
                     self.discard(live);
-                    if self.probe().is_err() {
-                        self.recover()?;
-                    }
+                    self.reconnect_if_gone()?;
                 }
                 other => {
                     *keeper = Some(live);

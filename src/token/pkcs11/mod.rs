@@ -121,9 +121,7 @@ impl Backend for Pkcs11Token {
     }
 
     fn health(&self) -> Result<(), TokenError> {
-        if self.conn.probe().is_err() {
-            self.conn.recover()?;
-        }
+        self.conn.reconnect_if_gone()?;
         self.conn.probe()
     }
 
