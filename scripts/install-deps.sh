@@ -6,8 +6,10 @@
 # Groups (default: all):
 #   softhsm  SoftHSM2, OpenSC (pkcs11-tool) and openssl: the dev token
 #   tpm      swtpm, tpm2-tools, tpm2-tss headers, tpm2-pkcs11: the TPM tests
-#   build    C linker and libc headers for cargo, pkg-config, TLS roots and
-#            curl (crates.io, rustup), python3 (the demo's openssl check)
+#   build    C linker and libc headers for cargo, pkg-config and the tpm2-tss
+#            headers (the default `tpm` feature links libtss2), TLS roots and
+#            curl (crates.io, rustup), python3 (the demo's openssl check),
+#            util-linux (setpriv, runuser: the tests' second uid)
 #   rust     cargo with rustfmt and clippy, through rustup if cargo is absent
 #   all      every group above
 set -euo pipefail
@@ -24,7 +26,7 @@ packages_of() {
   case "$1" in
     softhsm) pkgs=(softhsm2 opensc openssl) ;;
     tpm) pkgs=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config libtpm2-pkcs11-1 libtpm2-pkcs11-tools) ;;
-    build) pkgs=(gcc libc6-dev pkg-config ca-certificates curl python3) ;;
+    build) pkgs=(gcc libc6-dev pkg-config libtss2-dev ca-certificates curl python3 util-linux) ;;
     rust) pkgs=() ;;
     *) die "unknown group '$1' (expected: softhsm, tpm, build, rust, all)" ;;
   esac

@@ -7,7 +7,9 @@ use serde::Deserialize;
 
 use crate::oauth::settings::{ClientConfig, ClientSettings};
 use crate::policy::Rules;
-use crate::token::{pkcs11, tpm};
+use crate::token::pkcs11;
+#[cfg(feature = "tpm")]
+use crate::token::tpm;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -23,6 +25,7 @@ pub struct Config {
 #[derive(Clone, Debug)]
 pub enum TokenConfig {
     Pkcs11(pkcs11::Settings),
+    #[cfg(feature = "tpm")]
     Tpm(tpm::Settings),
 }
 
@@ -91,10 +94,20 @@ impl Config {
                 settings.validate()?;
                 TokenConfig::Pkcs11(settings)
             }
+            #[cfg(feature = "tpm")]
             "tpm" => {
                 let settings: tpm::Settings = token_settings(raw.token)?;
                 settings.validate()?;
                 TokenConfig::Tpm(settings)
+            }
+            #[cfg(not(feature = "tpm"))]
+            "tpm" => {
+                return Err(
+                    "token.backend: this keybound was built without TPM support \
+                     (cargo feature `tpm`); rebuild it with default features, or use \
+                     backend = \"pkcs11\" (tpm2-pkcs11 reaches a TPM that way)"
+                        .into(),
+                );
             }
             other => {
                 return Err(format!(
@@ -203,6 +216,7 @@ token_label = "t"
 "#;
 
     #[test]
+    #[cfg_attr(not(feature = "tpm"), allow(irrefutable_let_patterns))]
     fn minimal_config_gets_defaults() {
         let c = Config::parse(GOOD).unwrap();
         let TokenConfig::Pkcs11(s) = &c.token else {
@@ -213,6 +227,7 @@ token_label = "t"
         assert!(!c.policy.danger_allow_imported_keys);
     }
 
+    #[cfg(feature = "tpm")]
     #[test]
     fn tpm_config_gets_defaults_and_errors_name_the_key() {
         let c = Config::parse("[token]\nbackend = \"tpm\"\n").unwrap();
@@ -250,6 +265,7 @@ token_label = "t"
 
     /// The commented `backend = "tpm"` block of the example, uncommented, is a valid
     /// `[token]` that sets every TPM key.
+    #[cfg(feature = "tpm")]
     #[test]
     fn the_example_tpm_block_is_valid() {
         let example = include_str!("../keybound.example.toml");

@@ -7,6 +7,7 @@ use crate::config::TokenConfig;
 use crate::jose::{Alg, JwsSignature, PublicKey, ToBeSigned};
 use crate::policy::{self, PolicyError, Rules, Verdict};
 use crate::token::pkcs11::Pkcs11Token;
+#[cfg(feature = "tpm")]
 use crate::token::tpm::TpmToken;
 use crate::token::{Backend, KeyFacts, KeyInfo, KeyName, Reply, TokenError};
 
@@ -46,6 +47,7 @@ impl Keyring {
         let backend: Arc<dyn Backend> = match token {
             TokenConfig::Pkcs11(settings) => Arc::new(Pkcs11Token::open(settings, sessions)?),
             // One thread owns the TPM context: `sessions` does not apply.
+            #[cfg(feature = "tpm")]
             TokenConfig::Tpm(settings) => Arc::new(TpmToken::open(settings)?),
         };
         Ok(Keyring { backend, rules })

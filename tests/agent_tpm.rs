@@ -12,6 +12,7 @@
 //! subprocesses do (the TSS opens swtpm sockets without close-on-exec, so a process holding
 //! a TPM context must not spawn children). No assertion here is about how long anything
 //! took; deadlines only guard against hangs.
+#![cfg(feature = "tpm")]
 
 mod agent_support;
 mod support;

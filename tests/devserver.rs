@@ -963,11 +963,7 @@ async fn cli_prints_the_banner_serves_and_stops_on_sigterm() {
     assert_eq!(meta["issuer"], base.as_str());
     assert_eq!(meta["scopes_supported"], json!([READ]));
 
-    let term = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(term.success());
+    support::send_signal(child.0.id(), "TERM");
     let status = child.0.wait().expect("wait for dev-server");
     assert!(status.success(), "exit status after SIGTERM: {status}");
 }

@@ -4,6 +4,7 @@
 //! printed; swtpm restarted under a running keybound; a duplicable key made with tpm2-tools
 //! refused; 1,000 signatures and error paths without leaking one of swtpm's 3 object slots;
 //! the OAuth flow against `keybound dev-server` with both keys in the TPM.
+#![cfg(feature = "tpm")]
 
 mod support;
 mod tpm_support;

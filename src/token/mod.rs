@@ -1,8 +1,9 @@
-//! The hardware seam: one trait every key store implements (PKCS#11 today, TPM 2.0 next),
+//! The hardware seam: one trait every key store implements (PKCS#11; TPM 2.0 with the `tpm` feature),
 //! the key facts the policy judges, and the errors a device can give.
 
 pub mod pkcs11;
 pub mod profile;
+#[cfg(feature = "tpm")]
 pub mod tpm;
 
 mod error;

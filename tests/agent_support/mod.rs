@@ -289,14 +289,10 @@ impl Drop for Agent {
 /// An argument for [`DevToken::command`], which takes one type for all.
 pub type OsArg = std::ffi::OsString;
 
-/// `kill -<sig> <pid>`.
+/// Sends `sig` (`"TERM"`, `"INT"`, `"KILL"`) to `pid` through the kill(2) system call, so
+/// the tests need no `kill` program (procps) on the machine.
 pub fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{sig} {pid} failed");
+    crate::support::send_signal(pid, sig);
 }
 
 /// Runs `cmd` to completion (a `keybound serve` expected to fail at start); SIGKILLs it and

@@ -846,3 +846,20 @@ pub fn int_claim(claims: &Value, name: &str) -> i64 {
         .as_i64()
         .unwrap_or_else(|| panic!("claim {name} is an integer: {claims}"))
 }
+
+/// Sends `sig` (`"TERM"`, `"INT"`, `"KILL"`) to `pid` with kill(2): the tests run no `kill`
+/// program, so a machine without procps runs them too.
+pub fn send_signal(pid: u32, sig: &str) {
+    use rustix::process::{Pid, Signal, kill_process};
+    let sig = match sig {
+        "TERM" => Signal::TERM,
+        "INT" => Signal::INT,
+        "KILL" => Signal::KILL,
+        other => panic!("send_signal: unsupported signal {other}"),
+    };
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .unwrap_or_else(|| panic!("send_signal: {pid} is not a process id"));
+    kill_process(pid, sig).unwrap_or_else(|e| panic!("kill({pid:?}, {sig:?}) failed: {e}"));
+}

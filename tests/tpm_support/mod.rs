@@ -207,6 +207,7 @@ pub fn transient_handles(tpm: &Swtpm) -> Vec<String> {
 /// tpm2-tools: the TSS opens its sockets without close-on-exec, so a child spawned while
 /// keybound's TPM thread is mid-command inherits that connection, and swtpm (one client at
 /// a time) then waits on it forever while the child waits for swtpm.
+#[cfg(feature = "tpm")]
 pub fn loaded_objects(tpm: &Swtpm) -> Vec<u32> {
     use std::str::FromStr as _;
     use tss_esapi::constants::CapabilityType;
@@ -225,6 +226,7 @@ pub fn loaded_objects(tpm: &Swtpm) -> Vec<u32> {
 
 /// Waits (up to 2 s) until nothing is loaded in the TPM: keybound's TPM thread flushes when
 /// its queue is empty, just after it replied.
+#[cfg(feature = "tpm")]
 pub fn wait_until_nothing_loaded(tpm: &Swtpm) {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
