@@ -20,6 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use self::http::TransportError;
+use self::state::{ClockNote, TOLERATED_SKEW_SECS};
 use crate::jose::{self, Header, JoseError};
 use crate::keyring::{KeyError, SigningKey};
 use crate::token::TokenError;
@@ -55,16 +56,16 @@ pub enum OAuthError {
     Transport(#[from] TransportError),
     #[error("{0}")]
     Config(String),
-    #[error("{url} answered HTTP {status}: {error}{}{}{}",
+    #[error("{url} answered HTTP {status}: {error}{}{}",
         .description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default(),
-        hint_suffix(.error),
-        .skew.map(|s| format!("; measured clock offset to this server: {s:+} s (server minus local)")).unwrap_or_default())]
+        server_advice(.error, .description.as_deref(), .clock.as_ref()))]
     Server {
         url: String,
         status: u16,
         error: String,
         description: Option<String>,
-        skew: Option<i64>,
+        /// The server's clock as its `Date` told it, when the response had one.
+        clock: Option<ClockNote>,
     },
     #[error("{url} answered HTTP {status}: {body}")]
     Status {
@@ -178,6 +179,57 @@ fn hint_suffix(error: &str) -> String {
         "" => String::new(),
         h => format!("; {h}"),
     }
+}
+
+/// What follows a refusal: the clock when it is the likely cause, else the error code's
+/// hint; then the measured offset, and whether a retry in the server's time was refused too.
+fn server_advice(error: &str, description: Option<&str>, clock: Option<&ClockNote>) -> String {
+    let about_time = names_time_claim(error, description);
+    let Some(clock) = clock else {
+        return if about_time {
+            "; the server refused a time claim (iat/exp) and sent no Date header to measure its clock by: check this machine's clock (NTP)".into()
+        } else {
+            hint_suffix(error)
+        };
+    };
+    let off = clock.offset;
+    let far = off.unsigned_abs() >= TOLERATED_SKEW_SECS;
+    let drifted = clock.drift.unsigned_abs() >= TOLERATED_SKEW_SECS;
+    let retried = if clock.retried {
+        ", and keybound's retry with iat/exp in the server's time was refused too"
+    } else {
+        ""
+    };
+    if drifted || (about_time && far) {
+        return format!(
+            "; the server's clock is {off:+} s from this machine's (server minus local, from its Date header){retried}: the refusal is most likely about time, not the kid, client id or audience; set the wrong clock right (NTP)"
+        );
+    }
+    let mut out = hint_suffix(error);
+    out.push_str(&format!(
+        "; measured clock offset to this server: {off:+} s (server minus local)"
+    ));
+    if far {
+        out.push_str(if clock.retried {
+            "; a retry with iat/exp in the server's time was refused too, so the clock is not the cause"
+        } else {
+            "; the request's iat/exp were already in the server's time"
+        });
+    }
+    out
+}
+
+/// Whether an error names a time claim or the clock.
+pub(crate) fn names_time_claim(error: &str, description: Option<&str>) -> bool {
+    let text = format!("{error} {}", description.unwrap_or("")).to_lowercase();
+    let words = text.split(|c: char| !c.is_ascii_alphanumeric());
+    let mut words = words.filter(|w| !w.is_empty());
+    words.any(|w| {
+        matches!(
+            w,
+            "iat" | "exp" | "nbf" | "expired" | "future" | "clock" | "time" | "skew" | "stale"
+        )
+    })
 }
 
 /// A fresh `jti`: 128 random bits from the OS, base64url (22 characters).
