@@ -200,12 +200,17 @@ fn server_advice(error: &str, description: Option<&str>, clock: Option<&ClockNot
     } else {
         ""
     };
-    if drifted || (about_time && far) {
+    // Refusals a clock can cause; the offset, even when small, rules the clock in or out.
+    let clocky = about_time || matches!(error, "invalid_client" | "invalid_dpop_proof");
+    if clocky && (drifted || (about_time && far)) {
         return format!(
             "; the server's clock is {off:+} s from this machine's (server minus local, from its Date header){retried}: the refusal is most likely about time, not the kid, client id or audience; set the wrong clock right (NTP)"
         );
     }
     let mut out = hint_suffix(error);
+    if !(clocky || far) {
+        return out;
+    }
     out.push_str(&format!(
         "; measured clock offset to this server: {off:+} s (server minus local)"
     ));
@@ -260,4 +265,68 @@ pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_claims_are_named_as_words() {
+        assert!(names_time_claim("invalid_client", Some("jwt expired")));
+        assert!(names_time_claim(
+            "invalid_request",
+            Some("iat is in the future")
+        ));
+        assert!(names_time_claim(
+            "invalid_client",
+            Some("'exp' claim too far")
+        ));
+        assert!(!names_time_claim(
+            "invalid_client",
+            Some("The client_assertion JWT kid is invalid.")
+        ));
+        assert!(!names_time_claim(
+            "invalid_scope",
+            Some("expiration policy")
+        ));
+    }
+
+    #[test]
+    fn advice_blames_the_clock_only_when_it_is_likely() {
+        let note = |offset, drift, retried| ClockNote {
+            offset,
+            drift,
+            retried,
+        };
+        // Made in this machine's time, refused, the server 2 minutes ahead: the clock.
+        let a = server_advice("invalid_client", None, Some(&note(120, 120, false)));
+        assert!(
+            a.contains("+120 s") && a.contains("most likely about time"),
+            "{a}"
+        );
+        assert!(!a.contains("paste"), "{a}");
+        // Refused again in the server's time for a reason that is not about time: the kid.
+        let a = server_advice("invalid_client", None, Some(&note(120, 0, true)));
+        assert!(
+            a.contains("paste") && a.contains("the clock is not the cause"),
+            "{a}"
+        );
+        // Refused again naming a time claim: the clock, and that the retry was refused too.
+        let a = server_advice(
+            "invalid_client",
+            Some("jwt expired"),
+            Some(&note(-120, 0, true)),
+        );
+        assert!(a.contains("-120 s") && a.contains("refused too"), "{a}");
+        // In step: the hint and the offset that rules the clock out.
+        let a = server_advice("invalid_client", None, Some(&note(0, 0, false)));
+        assert!(a.contains("paste") && a.contains("+0 s"), "{a}");
+        // A refusal no clock causes: just its hint.
+        let a = server_advice("invalid_scope", None, Some(&note(0, 0, false)));
+        assert!(!a.contains("clock"), "{a}");
+        // No Date, a time claim named: say to check the clock.
+        let a = server_advice("invalid_client", Some("iat is in the future"), None);
+        assert!(a.contains("no Date header"), "{a}");
+    }
 }
