@@ -1544,6 +1544,67 @@ async fn token_endpoint_caches_answers_nonce_challenges_and_obeys_client_rules()
     }
 }
 
+/// A server whose clock runs 2 minutes ahead: the agent's first token request is refused
+/// in this machine's time and retried once in the server's; the offset gauge says +120,
+/// fed by refusals too (a client whose key the server does not know is only ever refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skewed_server_is_survived_and_its_offset_exported() {
+    let (token, _) = token_with_keys(&[
+        ("client-auth", "ES256"),
+        ("dpop", "ES256"),
+        ("stranger", "ES256"),
+    ]);
+    let jwks_file = token.write_file(
+        "client-jwks.json",
+        &json!({ "keys": token.jwks(&["client-auth"]) }).to_string(),
+    );
+    let server = DevServerProcess::start_with(
+        &token,
+        DEV_CLIENT_ID,
+        &jwks_file,
+        &["--clock-offset-secs=120"],
+    );
+    let stranger = dev_client(&server.base)
+        .replace("name = \"dev\"", "name = \"stranger\"")
+        .replace(
+            "assertion_key = \"client-auth\"",
+            "assertion_key = \"stranger\"",
+        );
+    token.write_config(&config_text(
+        &format!("{}{stranger}", dev_client(&server.base)),
+        "",
+    ));
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let gauge = |metrics: &str| {
+        metric(
+            metrics,
+            "keybound_clock_offset_seconds",
+            &[("server", server.base.as_str())],
+        )
+        .unwrap_or_else(|| panic!("no clock offset for {} in\n{metrics}", server.base))
+    };
+
+    post(
+        agent.socket(),
+        "/v1/token",
+        &json!({ "client": "stranger" }),
+    )
+    .await
+    .error(502, "upstream_error", &["invalid_client", "clock"]);
+    let metrics = get(agent.socket(), "/metrics").await.text();
+    let offset = gauge(&metrics);
+    assert!((118.0..=121.0).contains(&offset), "{offset}\n{metrics}");
+
+    let granted = post(agent.socket(), "/v1/token", &json!({ "client": "dev" }))
+        .await
+        .ok("POST /v1/token to a server 2 minutes ahead");
+    assert_eq!(granted["token_type"], "DPoP");
+    let metrics = get(agent.socket(), "/metrics").await.text();
+    let offset = gauge(&metrics);
+    assert!((118.0..=121.0).contains(&offset), "{offset}\n{metrics}");
+}
+
 // ---------------------------------------------------------------------------
 // 9. /metrics, /v1/keys, /v1/jwks, /healthz
 // ---------------------------------------------------------------------------

@@ -635,6 +635,165 @@ async fn iat_follows_a_slow_server_clock() {
     }
 }
 
+/// 401 `invalid_client` (RFC 6749 §5.2) with `description`.
+fn invalid_client(description: &str) -> Reply {
+    Reply::json(
+        401,
+        &json!({ "error": "invalid_client", "error_description": description }),
+    )
+}
+
+/// RFC 9449 §7.1: a resource server refuses the proof.
+fn rs_proof_refused() -> Reply {
+    Reply::status(401).header(
+        "WWW-Authenticate",
+        r#"DPoP error="invalid_dpop_proof", error_description="iat is in the future""#,
+    )
+}
+
+/// The server's clock as a recorded reply's `Date` stated it.
+fn reply_date(request: &Recorded) -> i64 {
+    let date = request
+        .reply
+        .header_value("Date")
+        .expect("a skewed server stamps Date");
+    httpdate::parse_http_date(date)
+        .expect("Date is an HTTP-date")
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs() as i64
+}
+
+/// `iat` lies between the server clock's reading before (`from`, a `Date`) and after (`to`,
+/// a `Date`) the request: stated in that server's time. One second of slack for `Date`'s
+/// truncation; no assumption on how long anything takes.
+fn assert_iat_between(jws: &Jws, from: i64, to: i64, what: &str) {
+    let iat = int_claim(&jws.claims, "iat");
+    assert!(
+        (from - 1..=to + 1).contains(&iat),
+        "{what}: iat {iat} is not in the server's time [{from}, {to}]"
+    );
+}
+
+/// Rule 9b — a server whose clock is off, at first contact: the first request, made in this
+/// machine's time, is refused; its `Date` shows the server's clock 2 minutes away, so
+/// keybound retries once in the server's time with a fresh assertion and proof. A nonce
+/// challenge may follow that retry: three requests, each `jti` new.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_from_a_skewed_server_is_retried_once_in_its_time() {
+    let rig = Rig::start("").await;
+    for offset in [120, -120] {
+        rig.reset();
+        rig.server.set_clock_offset(offset);
+        rig.server.script(
+            TOKEN_PATH,
+            [
+                invalid_client("The client_assertion token is expired."),
+                as_nonce_challenge("n1"),
+                rig.token_reply(),
+            ],
+        );
+        let before = unix_now();
+
+        rig.assert_token_json(&rig.keybound(&["token", "--json"]).await);
+
+        let after = unix_now();
+        let seen = rig.received();
+        assert_eq!(
+            seen.token.len(),
+            3,
+            "{offset}: refusal, clock retry, nonce retry"
+        );
+        let first = &seen.token[0];
+        for jws in [&first.assertion, &first.proof] {
+            assert_iat_between(
+                jws,
+                before,
+                after,
+                &format!("{offset}: first contact, local time"),
+            );
+        }
+        let refused_at = reply_date(&first.request);
+        for (i, t) in seen.token.iter().enumerate().skip(1) {
+            let answered_at = reply_date(&t.request);
+            for jws in [&t.assertion, &t.proof] {
+                assert_iat_between(
+                    jws,
+                    refused_at,
+                    answered_at,
+                    &format!("{offset}: request {i}"),
+                );
+            }
+        }
+        assert_nonce(&seen.token[1].proof, None);
+        assert_nonce(&seen.token[2].proof, Some("n1"));
+    }
+}
+
+/// Rule 9c — one clock retry, never a loop; the error says the offset, and blames the clock
+/// only when it is the likely cause.
+#[tokio::test(flavor = "multi_thread")]
+async fn clock_retry_is_bounded_and_the_error_says_the_offset() {
+    let rig = Rig::start("").await;
+
+    // Refused again in the server's time, for no stated time reason: the kid hint stays,
+    // and the error says the clock is not the cause.
+    rig.server.set_clock_offset(120);
+    rig.server.script(
+        TOKEN_PATH,
+        [invalid_client("The client_assertion JWT kid is invalid.")],
+    );
+    let line = error_line(&rig.keybound(&["token"]).await, 1);
+    assert_eq!(rig.received().token.len(), 2, "one retry: {line}");
+    assert_mentions(
+        &line,
+        &[
+            "invalid_client",
+            "kid is registered",
+            "measured clock offset",
+            "the clock is not the cause",
+        ],
+    );
+    assert!(line.contains("+120 s") || line.contains("+119 s"), "{line}");
+
+    // Refused again naming a time claim: the clock is the likely cause, not the kid.
+    rig.reset();
+    rig.server.set_clock_offset(-120);
+    rig.server
+        .script(TOKEN_PATH, [invalid_client("iat is in the future")]);
+    let line = error_line(&rig.keybound(&["token"]).await, 1);
+    assert_eq!(rig.received().token.len(), 2, "one retry: {line}");
+    assert_mentions(&line, &["most likely about time", "refused too"]);
+    assert!(line.contains("-120 s") || line.contains("-121 s"), "{line}");
+    assert!(!line.contains("paste `keybound jwks`"), "{line}");
+
+    // Clock retry, then nonce challenges: three requests, then the nonce-loop error.
+    rig.reset();
+    rig.server.set_clock_offset(120);
+    rig.server.script(
+        TOKEN_PATH,
+        [
+            invalid_client("jwt expired"),
+            as_nonce_challenge("n1"),
+            as_nonce_challenge("n2"),
+        ],
+    );
+    let line = error_line(&rig.keybound(&["token"]).await, 1);
+    assert_eq!(rig.received().token.len(), 3, "bounded: {line}");
+    assert_mentions(&line, &["nonce"]);
+
+    // A server in step with this machine: no retry, and the kid hint.
+    rig.reset();
+    rig.server.script(
+        TOKEN_PATH,
+        [invalid_client("The client_assertion JWT kid is invalid.")],
+    );
+    let line = error_line(&rig.keybound(&["token"]).await, 1);
+    assert_eq!(rig.received().token.len(), 1, "no retry: {line}");
+    assert_mentions(&line, &["kid is registered"]);
+    assert!(!line.contains("retry"), "{line}");
+}
+
 // ---------------------------------------------------------------------------
 // Resource server rules (`keybound call`)
 // ---------------------------------------------------------------------------
@@ -823,4 +982,71 @@ async fn call_posts_data_and_refuses_foreign_origins() {
             .map(Recorded::target)
             .collect::<Vec<_>>()
     );
+}
+
+/// Rule 14 — a resource server is its own origin with its own clock: its refusal of a
+/// proof, with a `Date` five minutes away, gets one retry whose proof is in its time; a
+/// second refusal is the answer, with the offset in the error.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resource_server_with_its_own_clock() {
+    let rs = FakeServer::start().await;
+    let rig = Rig::start(&format!("api_origins = [\"{}\"]", rs.url(""))).await;
+    let path = "/api/v1/users/me";
+    let url = rs.url(path);
+    rs.set_clock_offset(300);
+    rs.script(path, [rs_proof_refused(), Reply::json(200, &me())]);
+    let before = unix_now();
+
+    let out = rig.keybound(&["call", &url]).await;
+
+    let after = unix_now();
+    let printed: Value =
+        serde_json::from_str(&assert_success(&out, &"call after a refused proof")).expect("JSON");
+    assert_eq!(printed, me());
+    assert_eq!(rig.received().token.len(), 1, "one token");
+    let calls = rs.requests();
+    assert_eq!(calls.len(), 2, "the refusal, then one retry");
+    let proofs: Vec<Jws> = calls.iter().map(|c| rs_proof(&rig, &rs, c)).collect();
+    assert_iat_between(&proofs[0], before, after, "first proof, local time");
+    assert_iat_between(
+        &proofs[1],
+        reply_date(&calls[0]),
+        reply_date(&calls[1]),
+        "retried proof",
+    );
+    assert_ne!(proofs[0].claims["jti"], proofs[1].claims["jti"]);
+
+    // Refused again: no loop, and the error line says the offset.
+    rs.reset();
+    rs.set_clock_offset(300);
+    rs.script(path, [rs_proof_refused()]);
+    let out = rig.keybound(&["call", &url]).await;
+    let line = error_line(&out, 4);
+    assert_eq!(rs.requests().len(), 2, "one retry: {line}");
+    assert_mentions(&line, &["invalid_dpop_proof", "measured clock offset"]);
+    assert!(line.contains("+300 s") || line.contains("+299 s"), "{line}");
+
+    // In step: a refused proof is not retried.
+    rs.reset();
+    rs.script(path, [rs_proof_refused()]);
+    let out = rig.keybound(&["call", &url]).await;
+    error_line(&out, 4);
+    assert_eq!(rs.requests().len(), 1, "no retry");
+}
+
+/// A proof that reached the second server: signed by the `dpop` key (checked with its own
+/// `jwk`, whose thumbprint is the key's kid), for this request, bound to the token.
+fn rs_proof(rig: &Rig, rs: &FakeServer, call: &Recorded) -> Jws {
+    let proof = Jws::parse(call.header("dpop").expect("a DPoP header"));
+    let jwk = &proof.header["jwk"];
+    assert_eq!(jwk_thumbprint(jwk), rig.dpop_kid, "the dpop key");
+    assert_signature(&Verifier::new("ES256", jwk), &proof);
+    assert_eq!(proof.claims["htm"], "GET");
+    assert_eq!(proof.claims["htu"], rs.url(&call.path));
+    assert_eq!(
+        proof.claims["ath"],
+        b64(&Sha256::digest(&rig.access_token)),
+        "ath"
+    );
+    proof
 }

@@ -324,6 +324,104 @@ async fn token_proof_for_another_method_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn token_proof_signed_with_the_client_authentication_key_is_refused() {
+    // Okta refuses one key for both jobs: a DPoP key that is registered for client
+    // authentication would let whoever holds the DPoP key authenticate as the client.
+    let f = Fixture::new().await;
+    let nonce = f.as_nonce().await;
+    let proof = f
+        .hsm
+        .dpop("client-auth", "POST", f.token_url(), Some(&nonce), None);
+    f.request_token(&f.assertion(), Some(&proof), READ)
+        .await
+        .assert_oauth_error(
+            400,
+            "invalid_dpop_proof",
+            "must not be signed with a key registered for client authentication",
+        );
+    // The separate DPoP key is fine.
+    let proof = f.token_proof(Some(&nonce));
+    let reply = f.request_token(&f.assertion(), Some(&proof), READ).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clock_offset_moves_date_checks_tokens_and_nonces_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = SoftKey::new("client-1");
+    let dpop = SoftKey::new("dpop-1");
+    let jwks = write_jwks(dir.path(), "jwks.json", &[client.jwk()]);
+    for offset in [3600, -3600, 120, -120] {
+        let mut settings = Settings::new(CLIENT_ID, JwksSource::File(jwks.clone()));
+        settings.clock_offset_secs = offset;
+        let server = Server::start(settings).await;
+        let http = http();
+        let token_url = server.endpoints.token.clone();
+        let local = unix_now();
+
+        // In this machine's time, the assertion is expired (server ahead) or from the
+        // future (server behind), as Okta would say.
+        let reply = post_token(
+            &http,
+            &server,
+            &client.assertion(&token_url, local, local + 60),
+            None,
+            READ,
+        )
+        .await;
+        let why = if offset > 0 {
+            "expired"
+        } else {
+            "iat in the future"
+        };
+        reply.assert_oauth_error(401, "invalid_client", why);
+
+        // Its Date tells its own clock (1 s resolution; the margin is for a slow machine,
+        // not a timing claim).
+        let date = httpdate::parse_http_date(reply.header("date").expect("Date"))
+            .expect("an HTTP date")
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs() as i64;
+        let server_now = date;
+        assert!(
+            (local + offset - 2..=local + offset + 60).contains(&server_now),
+            "offset {offset}: Date {date} vs local {local}"
+        );
+
+        // In the server's time, with a proof from a separate key and the server's nonce,
+        // a token is issued whose iat/exp are the server's too.
+        let nonce = reply.nonce();
+        let proof = dpop.sign(
+            &json!({ "typ": "dpop+jwt", "alg": "ES256", "jwk": dpop.jwk() }),
+            &json!({ "jti": random_id(), "htm": "POST", "htu": token_url,
+                     "iat": server_now, "nonce": nonce }),
+        );
+        let reply = post_token(
+            &http,
+            &server,
+            &client.assertion(&token_url, server_now, server_now + 60),
+            Some(&proof),
+            READ,
+        )
+        .await;
+        assert_eq!(reply.status, 200, "offset {offset}: {reply:?}");
+        let token = Jwt::decode(reply.body["access_token"].as_str().expect("token"));
+        let keys = get_json(&http, &server.endpoints.jwks).await;
+        assert!(
+            token.verify_es256(&keys["keys"][0]),
+            "access token verifies"
+        );
+        let iat = token.claims["iat"].as_i64().expect("iat");
+        assert!(
+            (server_now..=server_now + 60).contains(&iat),
+            "offset {offset}: iat {iat}"
+        );
+        server.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn assertion_for_another_audience_is_refused() {
     let f = Fixture::new().await;
     // The issuer is a common mistake for aud; Okta wants the token endpoint itself.
@@ -470,7 +568,15 @@ async fn other_assertion_and_request_refusals_name_their_cause() {
 #[tokio::test(flavor = "multi_thread")]
 async fn rsa_and_p384_keys_sign_assertions_and_proofs() {
     let hsm = Hsm::new();
-    for (label, alg) in [("rs256", "RS256"), ("ps256", "PS256"), ("es384", "ES384")] {
+    // Client keys, and separate DPoP keys: the server refuses one key for both jobs.
+    for (label, alg) in [
+        ("rs256", "RS256"),
+        ("ps256", "PS256"),
+        ("es384", "ES384"),
+        ("rs256-dpop", "RS256"),
+        ("ps256-dpop", "PS256"),
+        ("es384-dpop", "ES384"),
+    ] {
         hsm.generate(label, alg);
     }
     let jwks = hsm.write_jwks(&["rs256", "ps256", "es384"]);
@@ -480,7 +586,11 @@ async fn rsa_and_p384_keys_sign_assertions_and_proofs() {
         server,
         http: http(),
     };
-    for (client_key, dpop_key) in [("rs256", "ps256"), ("ps256", "rs256"), ("es384", "es384")] {
+    for (client_key, dpop_key) in [
+        ("rs256", "ps256-dpop"),
+        ("ps256", "rs256-dpop"),
+        ("es384", "es384-dpop"),
+    ] {
         let token = f.access_token_for(dpop_key, client_key, READ).await;
         assert_eq!(
             Jwt::decode(&token).claims["cnf"]["jkt"],

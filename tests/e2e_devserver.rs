@@ -21,6 +21,11 @@ struct DevServer {
 
 impl DevServer {
     fn start(token: &DevToken, jwks: &str, scopes: &str) -> DevServer {
+        DevServer::start_with(token, jwks, scopes, &[])
+    }
+
+    /// `start` with more dev-server flags.
+    fn start_with(token: &DevToken, jwks: &str, scopes: &str, extra: &[&str]) -> DevServer {
         let jwks_path = token.write_file("client-jwks.json", jwks);
         let mut child = Command::new(env!("CARGO_BIN_EXE_keybound"))
             .args([
@@ -34,6 +39,7 @@ impl DevServer {
             ])
             .arg("--jwks")
             .arg(&jwks_path)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -208,4 +214,71 @@ fn a_scope_the_server_does_not_grant_is_reported_with_a_hint() {
         err.contains("invalid_scope") && err.contains("grant it"),
         "{err}"
     );
+}
+
+/// The `clock offset` that `token --check` reports, in seconds.
+fn reported_offset(check: &str) -> i64 {
+    let line = check
+        .lines()
+        .find(|l| l.starts_with("clock offset"))
+        .unwrap_or_else(|| panic!("--check reports the clock offset:\n{check}"));
+    line.split_whitespace()
+        .nth(2)
+        .and_then(|o| o.parse().ok())
+        .unwrap_or_else(|| panic!("an offset in seconds: {line}"))
+}
+
+/// A server whose clock runs 2 minutes or an hour ahead or behind: the first token request
+/// is refused (its assertion is expired, or from the future, in the server's time); keybound
+/// reads the refusal's `Date`, retries once in the server's time, and reports the offset.
+/// The API calls' proofs are in the server's time too. The dev-server checks every
+/// signature with RustCrypto.
+#[test]
+fn a_server_whose_clock_is_off_is_survived() {
+    let token = DevToken::new();
+    token.generate("client-auth", "ES256");
+    token.generate("dpop", "ES256");
+    let jwks = support::stdout(&token.keybound(&["jwks", "--label", "client-auth"]));
+    // Every offset is tried and every failure reported, so that a run against a keybound
+    // without the clock retry shows which directions fail.
+    let mut failures = Vec::new();
+    for offset in [120i64, -120, 3600, -3600] {
+        let server = DevServer::start_with(
+            &token,
+            &jwks,
+            "okta.users.read okta.users.manage",
+            &[&format!("--clock-offset-secs={offset}")],
+        );
+        token.write_config(&format!(
+            "{}\n[[client]]\nname = \"dev\"\nclient_id = \"{CLIENT_ID}\"\nassertion_key = \"client-auth\"\ndpop_key = \"dpop\"\n{}",
+            Config::default().render(),
+            READ_WRITE.replace("{base}", &server.base)
+        ));
+
+        let out = token.keybound(&["token", "--check"]);
+        let check = stdout(&out);
+        if out.status.code() != Some(0) {
+            failures.push(format!("{offset:+} s: token --check: {}", stderr(&out)));
+        } else {
+            let measured = reported_offset(&check);
+            // Date has 1-second resolution and the exchange takes a moment.
+            assert!(
+                (measured - offset).abs() <= 2,
+                "offset {offset:+}: --check reports {measured:+}:\n{check}"
+            );
+            assert!(check.contains("dpop-bound      yes"), "{check}");
+            // The refusal, then the retry in the server's time (with the nonce the refusal
+            // carried): no loop.
+            assert!(check.contains("round trips     2"), "{check}");
+        }
+
+        let list = token.keybound(&["call", "--paginate", &server.url("/api/v1/users?limit=3")]);
+        if list.status.code() != Some(0) {
+            failures.push(format!("{offset:+} s: call --paginate: {}", stderr(&list)));
+        } else {
+            let users: Vec<Value> = serde_json::from_str(&stdout(&list)).expect("one JSON array");
+            assert_eq!(users.len(), 7, "offset {offset:+}: every page gathered");
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use super::Agent;
 use crate::oauth::resilience::BreakerState;
-use crate::oauth::settings::origin;
 
 /// Upper bounds of the sign-latency buckets, seconds.
 const BUCKETS: [f64; 12] = [
@@ -192,21 +191,21 @@ pub fn render(agent: &Agent) -> String {
     head(
         "keybound_clock_offset_seconds",
         "gauge",
-        "Server clock minus local clock, from Date headers.",
+        "Server clock minus local clock, from the last Date header of each server (authorization and resource servers, refusals included).",
         &mut out,
     );
-    for c in agent.clients.values() {
-        let cfg = c.config();
-        for url in cfg.token_endpoint.iter().chain(cfg.issuer.iter()) {
-            let o = origin(url);
-            if let Some(offset) = c.state().offset(&o) {
-                let _ = writeln!(
-                    out,
-                    "keybound_clock_offset_seconds{{server=\"{}\"}} {offset}",
-                    escape(&o)
-                );
-            }
-        }
+    // One series per server: clients that share a server measured the same clock.
+    let offsets: BTreeMap<String, i64> = agent
+        .clients
+        .values()
+        .flat_map(|c| c.state().offsets())
+        .collect();
+    for (server, offset) in &offsets {
+        let _ = writeln!(
+            out,
+            "keybound_clock_offset_seconds{{server=\"{}\"}} {offset}",
+            escape(server)
+        );
     }
     head(
         "keybound_breaker_state",

@@ -42,6 +42,12 @@ pub struct Args {
     #[arg(long, value_name = "STATUS", default_value_t = 401,
           value_parser = clap::value_parser!(u16).range(400..=401))]
     rs_nonce_status: u16,
+    /// FOR TESTS: run the server's clock SECS ahead of this machine's (negative: behind);
+    /// shifts its Date header, its iat/exp checks, its tokens and its nonces alike
+    #[arg(long, value_name = "SECS", default_value_t = 0, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i64)
+              .range(-devserver::MAX_CLOCK_OFFSET..=devserver::MAX_CLOCK_OFFSET))]
+    clock_offset_secs: i64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -68,6 +74,7 @@ impl Args {
             token_lifetime: self.token_lifetime,
             users: usize::try_from(self.users).context("--users is too large")?,
             rs_nonce_status: self.rs_nonce_status,
+            clock_offset_secs: self.clock_offset_secs,
             ..Settings::new(self.client_id, jwks)
         })
     }
@@ -107,5 +114,12 @@ fn banner(server: &DevServer) -> std::io::Result<()> {
         server.client_id(),
         server.granted_scopes().join(" ")
     )?;
+    if server.clock_offset_secs() != 0 {
+        writeln!(
+            out,
+            "clock           {:+} s from this machine's (--clock-offset-secs, for tests)",
+            server.clock_offset_secs()
+        )?;
+    }
     out.flush()
 }

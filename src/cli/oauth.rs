@@ -112,11 +112,16 @@ pub fn token(
         );
         out!("round trips     {}", token.round_trips);
         let offset = client.state().offset(&origin(&endpoint));
+        let tolerated = i64::try_from(keybound::oauth::state::TOLERATED_SKEW_SECS).unwrap_or(0);
         out!(
             "clock offset    {}",
-            offset.map_or("(no Date header)".into(), |o| format!(
-                "{o:+} s (server minus local)"
-            ))
+            match offset {
+                None => "(no Date header)".to_string(),
+                Some(o) if o.abs() >= tolerated => format!(
+                    "{o:+} s (server minus local): this machine's clock or the server's is off; keybound states iat/exp in the server's time"
+                ),
+                Some(o) => format!("{o:+} s (server minus local)"),
+            }
         );
         return Ok(ExitCode::SUCCESS);
     }

@@ -16,7 +16,7 @@ use serde_json::json;
 use super::dpop::{self, Binding, Expected};
 use super::users::ProfilePatch;
 use super::verify::SigAlg;
-use super::{App, Refusal, USERS_PATH, lock, unix_now};
+use super::{App, Refusal, USERS_PATH, lock};
 
 /// Largest and default page size of the users list.
 const MAX_LIMIT: usize = 200;
@@ -156,7 +156,7 @@ fn authorize(
     headers: &HeaderMap,
     need: Need,
 ) -> Result<(), OktaError> {
-    let now = unix_now();
+    let now = app.now();
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let (Some(value), None) = (values.next(), values.next()) else {
         return Err(OktaError::no_token());

@@ -140,6 +140,14 @@ impl ClientKeys {
         Ok(vec![key])
     }
 
+    /// Whether a registered key has this RFC 7638 thumbprint: such a key authenticates the
+    /// client, and Okta refuses it as a DPoP key.
+    pub fn registered(&self, thumbprint: &str) -> bool {
+        self.snapshot()
+            .iter()
+            .any(|k| k.jwk.thumbprint() == thumbprint)
+    }
+
     fn snapshot(&self) -> Arc<Vec<Arc<RegisteredKey>>> {
         // A poisoned lock still holds a complete Arc: writers only swap it.
         self.keys

@@ -6,6 +6,9 @@
 //! (RFC 9449, `dpop`), server nonces included (`nonce`). The resource server (`api`) serves an
 //! in-memory Okta users API (`users`) to DPoP-bound access tokens (`access_token`). Every
 //! signature is checked with RustCrypto in `verify`, independently of keybound's `jose`.
+//!
+//! For tests the server's clock can run off (`Settings::clock_offset_secs`): everything it
+//! does with time reads [`App::now`], and its `Date` header says that same clock.
 
 mod access_token;
 mod api;
@@ -27,7 +30,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -53,6 +56,8 @@ pub const MAX_TOKEN_LIFETIME: u64 = 86_400;
 pub const DEFAULT_USERS: usize = 7;
 /// Most users the dev-server generates.
 pub const MAX_USERS: usize = 10_000;
+/// Largest clock offset the settings accept, seconds (one year either way).
+pub const MAX_CLOCK_OFFSET: i64 = 366 * 86_400;
 
 const TOKEN_PATH: &str = "/oauth2/v1/token";
 const KEYS_PATH: &str = "/oauth2/v1/keys";
@@ -88,6 +93,10 @@ pub struct Settings {
     /// Status of the resource server's `use_dpop_nonce` challenge: 401 (RFC 9449 §9) or 400
     /// (what Okta sends).
     pub rs_nonce_status: u16,
+    /// For tests: how far the server's clock runs ahead of the machine's (negative: behind),
+    /// in seconds. It shifts the `Date` header, every `iat`/`exp` check, the access tokens'
+    /// `iat`/`exp` and nonce rotation alike.
+    pub clock_offset_secs: i64,
 }
 
 /// The dev-server's URLs, all under `http://127.0.0.1:PORT`.
@@ -120,6 +129,10 @@ pub enum DevServerError {
     TooManyUsers(usize),
     #[error("resource-server nonce status {0} is not supported; use 401 or 400")]
     BadNonceStatus(u16),
+    #[error(
+        "clock offset {0} s is out of range: use -{MAX_CLOCK_OFFSET} to {MAX_CLOCK_OFFSET} seconds"
+    )]
+    BadClockOffset(i64),
     #[error("the listener is bound to {0}; the dev-server serves on 127.0.0.1 only")]
     NotLoopback(SocketAddr),
     #[error("cannot read the listener's address: {0}")]
@@ -154,6 +167,8 @@ struct App {
     granted_scopes: Vec<String>,
     token_lifetime: i64,
     rs_nonce_status: StatusCode,
+    /// Seconds the server's clock runs ahead of the machine's (`Settings::clock_offset_secs`).
+    clock_offset: i64,
     client_keys: ClientKeys,
     issuer: access_token::Issuer,
     as_nonce: NonceRing,
@@ -183,6 +198,7 @@ impl Settings {
             token_lifetime: DEFAULT_TOKEN_LIFETIME,
             users: DEFAULT_USERS,
             rs_nonce_status: 401,
+            clock_offset_secs: 0,
         }
     }
 
@@ -210,6 +226,9 @@ impl Settings {
         }
         if !matches!(self.rs_nonce_status, 400 | 401) {
             return Err(DevServerError::BadNonceStatus(self.rs_nonce_status));
+        }
+        if !(-MAX_CLOCK_OFFSET..=MAX_CLOCK_OFFSET).contains(&self.clock_offset_secs) {
+            return Err(DevServerError::BadClockOffset(self.clock_offset_secs));
         }
         Ok(())
     }
@@ -242,7 +261,7 @@ impl DevServer {
         settings.validate()?;
         let endpoints = Endpoints::new(addr.port());
         let client_keys = ClientKeys::load(settings.jwks).await?;
-        let now = unix_now();
+        let now = unix_now() + settings.clock_offset_secs;
         let random = |e: rand_core::Error| DevServerError::Random(e.to_string());
         let app = App {
             issuer: access_token::Issuer::generate(&endpoints.issuer)
@@ -254,6 +273,7 @@ impl DevServer {
                 .map_err(|_| DevServerError::BadLifetime(settings.token_lifetime))?,
             rs_nonce_status: StatusCode::from_u16(settings.rs_nonce_status)
                 .map_err(|_| DevServerError::BadNonceStatus(settings.rs_nonce_status))?,
+            clock_offset: settings.clock_offset_secs,
             client_keys,
             as_nonce: NonceRing::new(now).map_err(random)?,
             rs_nonce: NonceRing::new(now).map_err(random)?,
@@ -277,6 +297,10 @@ impl DevServer {
 
     pub fn granted_scopes(&self) -> &[String] {
         &self.app.granted_scopes
+    }
+
+    pub fn clock_offset_secs(&self) -> i64 {
+        self.app.clock_offset
     }
 
     /// Serves until `shutdown` completes, then lets in-flight requests finish.
@@ -315,13 +339,17 @@ fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// Stamps `DPoP-Nonce` on every token-endpoint and API response (RFC 9449 §8, §9) and logs
-/// one line per request: method, path, status, and the error code when refused. Tokens,
-/// assertions and proofs are never logged.
+/// Stamps `Date` from the server's clock on every response (hyper keeps a `Date` that is
+/// already there) and `DPoP-Nonce` on every token-endpoint and API response (RFC 9449 §8,
+/// §9), and logs one line per request: method, path, status, and the error code when
+/// refused. Tokens, assertions and proofs are never logged.
 async fn stamp_and_log(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let mut response = next.run(request).await;
+    if let Ok(date) = HeaderValue::from_str(&http_date(app.now())) {
+        response.headers_mut().insert(header::DATE, date);
+    }
     let nonce = if path == TOKEN_PATH {
         Some(&app.as_nonce)
     } else if path.starts_with(API_PREFIX) {
@@ -329,7 +357,7 @@ async fn stamp_and_log(State(app): State<Arc<App>>, request: Request, next: Next
     } else {
         None
     };
-    if let Some(value) = nonce.and_then(|n| HeaderValue::from_str(&n.current(unix_now())).ok()) {
+    if let Some(value) = nonce.and_then(|n| HeaderValue::from_str(&n.current(app.now())).ok()) {
         response.headers_mut().insert("dpop-nonce", value);
     }
     let status = response.status().as_u16();
@@ -388,7 +416,21 @@ async fn method_not_allowed() -> Response {
     .into_response()
 }
 
-/// Seconds since the Unix epoch.
+impl App {
+    /// The server's clock, seconds since the Unix epoch: the machine's, shifted by the
+    /// configured offset. Every time check and every time the server states reads this.
+    fn now(&self) -> i64 {
+        unix_now() + self.clock_offset
+    }
+}
+
+/// RFC 9110 §5.6.7 IMF-fixdate for `Date`.
+fn http_date(unix: i64) -> String {
+    let secs = u64::try_from(unix).unwrap_or(0);
+    httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
+/// Seconds since the Unix epoch by the machine's clock.
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -2,7 +2,8 @@
 //! authenticates with `private_key_jwt` (RFC 7523 §2.2) and binds the token with DPoP
 //! (RFC 9449 §5). Checks run in Okta's order: grant type, client assertion (its `jti`
 //! consumed), DPoP proof, AS nonce, scope. A client retrying after a nonce challenge must
-//! therefore send a fresh assertion too.
+//! therefore send a fresh assertion too. Like Okta, the DPoP key must not be one of the
+//! client's registered (client-authentication) keys.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::assertion::{self, ASSERTION_TYPE};
 use super::dpop::{self, Expected};
-use super::{App, Refusal, unix_now};
+use super::{App, Refusal};
 
 /// An RFC 6749 §5.2 error response.
 #[derive(Debug)]
@@ -34,7 +35,7 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
 }
 
 async fn issue(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Value, TokenError> {
-    let now = unix_now();
+    let now = app.now();
     let form = form(headers, body)?;
     let param = |name: &str| form.get(name).map(String::as_str);
 
@@ -75,6 +76,14 @@ async fn issue(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Value, Tok
     let proof = dpop::verify(headers, &expected, &app.proof_jtis, now).map_err(|description| {
         TokenError::new(StatusCode::BAD_REQUEST, "invalid_dpop_proof", description)
     })?;
+    // One key for both jobs would let whoever holds the DPoP key authenticate as the client.
+    if app.client_keys.registered(&proof.jkt) {
+        return Err(TokenError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_dpop_proof",
+            "The DPoP proof JWT must not be signed with a key registered for client authentication; use a separate key for DPoP.",
+        ));
+    }
     if !app.as_nonce.accepts(proof.nonce.as_deref(), now) {
         return Err(TokenError::new(
             StatusCode::BAD_REQUEST,

@@ -1,6 +1,8 @@
 //! Calling a resource server with a DPoP-bound token (RFC 9449 §7): `Authorization: DPoP`,
 //! a fresh proof with `ath`, the server's own nonce (one retry on `use_dpop_nonce`, as a
-//! 401 or Okta's 400), and `Link: rel="next"` pagination that never leaves the origin.
+//! 401 or Okta's 400), the server's own clock (a resource server is its own origin with its
+//! own `Date`: one retry when it refuses a proof and its `Date` is far off), and
+//! `Link: rel="next"` pagination that never leaves the origin.
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use url::Url;
@@ -9,7 +11,7 @@ use super::OAuthError;
 use super::client::OAuthClient;
 use super::response::{OktaError, challenges, excerpt, next_link};
 use super::settings::origin;
-use super::state::Role;
+use super::state::{Role, TOLERATED_SKEW_SECS, drift_matters};
 
 pub struct ApiRequest {
     pub method: Method,
@@ -24,6 +26,8 @@ pub struct ApiResponse {
     pub body: Vec<u8>,
     /// HTTP exchanges this call cost, the token fetch excluded.
     pub round_trips: u32,
+    /// Server clock minus local clock, seconds, from this response's `Date`.
+    pub clock_offset: Option<i64>,
 }
 
 impl OAuthClient {
@@ -39,10 +43,13 @@ impl OAuthClient {
         }
         let mut nonce_retried = false;
         let mut token_retried = false;
+        let mut clock_retried = false;
         let mut round_trips = 0;
         loop {
             let token = self.token().await?;
             let nonce = self.state().nonce(Role::ResourceServer, &origin);
+            // The offset this proof's iat is stated with (0: this machine's clock).
+            let assumed = self.state().offset(&origin).unwrap_or(0);
             let proof = self
                 .proof(
                     request.method.as_str(),
@@ -74,7 +81,7 @@ impl OAuthClient {
             let (parts, body) = self.http().send(http_request).await?.into_parts();
             self.stats.response(parts.status);
             let (status, headers) = (parts.status, parts.headers);
-            self.observe(&origin, Role::ResourceServer, &headers);
+            let measured = self.observe(&origin, Role::ResourceServer, &headers);
             tracing::info!(method = %request.method, url = %request.url, status = status.as_u16(),
                 token = %token.secret.redacted(), "API answered");
             let errors: Vec<String> = challenges(&headers)
@@ -93,6 +100,17 @@ impl OAuthClient {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 continue;
             }
+            // A proof has no lifetime of its own: only the server's tolerance counts.
+            if challenged
+                && !clock_retried
+                && errors.iter().any(|e| e == "invalid_dpop_proof")
+                && measured.is_some_and(|m| drift_matters(m - assumed, u64::MAX))
+            {
+                clock_retried = true;
+                tracing::warn!(url = %request.url, offset = ?measured,
+                    "the resource server refused the proof, and its clock is off from this machine's; retrying once with iat in its time");
+                continue;
+            }
             if status == StatusCode::UNAUTHORIZED
                 && errors.iter().any(|e| e == "invalid_token")
                 && !token_retried
@@ -107,6 +125,7 @@ impl OAuthClient {
                 headers,
                 body,
                 round_trips,
+                clock_offset: measured,
             });
         }
     }
@@ -180,6 +199,14 @@ impl ApiResponse {
         }
         if line == format!("HTTP {}", self.status) && !self.body.is_empty() {
             line.push_str(&format!(": {}", excerpt(&self.body)));
+        }
+        if let Some(off) = self.clock_offset
+            && matches!(self.status.as_u16(), 400 | 401)
+            && off.unsigned_abs() >= TOLERATED_SKEW_SECS
+        {
+            line.push_str(&format!(
+                "; measured clock offset to this server: {off:+} s (server minus local); keybound states proof iat in its time"
+            ));
         }
         line
     }

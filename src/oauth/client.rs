@@ -1,6 +1,7 @@
 //! The token-endpoint client: `client_credentials` with `private_key_jwt` (RFC 7523 §2.2)
-//! and DPoP (RFC 9449 §5). Nonce retry with a fresh assertion, retries with backoff,
-//! circuit breaker, clock offset, downgrade refusal, scope guard, single-flight cache.
+//! and DPoP (RFC 9449 §5). Nonce retry with a fresh assertion, one retry in the server's
+//! time when a refusal's `Date` shows its clock off, retries with backoff, circuit
+//! breaker, downgrade refusal, scope guard, single-flight cache.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,8 +18,8 @@ use super::response::{ErrorBody, TokenResponse, excerpt, retry_after, server_tim
 use super::secret::Secret;
 use super::server::AudienceRule;
 use super::settings::{ClientConfig, endpoint_url, origin};
-use super::state::{Role, ServerState};
-use super::{OAuthError, assertion, dpop, sign_async, unix_now};
+use super::state::{ClockNote, Role, ServerState, drift_matters};
+use super::{OAuthError, assertion, dpop, names_time_claim, sign_async, unix_now};
 use crate::keyring::{Keyring, SigningKey};
 
 /// Longest `Retry-After` keybound waits out; a longer one ends the attempt with its value.
@@ -199,6 +200,11 @@ impl OAuthClient {
                 .body(Vec::new())
                 .map_err(|e| OAuthError::Config(e.to_string()))?;
             let response = self.http.send(request).await?;
+            self.observe(
+                &origin(issuer),
+                Role::AuthorizationServer,
+                response.headers(),
+            );
             if !response.status().is_success() {
                 last = format!("{url} answered {}", response.status());
                 continue;
@@ -274,8 +280,11 @@ impl OAuthClient {
         }
     }
 
-    /// One token request; a nonce challenge gets exactly one retry, with a new proof carrying
-    /// the nonce and a new assertion (the server consumed the first one's `jti`).
+    /// One token request. A nonce challenge gets exactly one retry, with a new proof carrying
+    /// the nonce and a new assertion (the server consumed the first one's `jti`). A refusal
+    /// whose `Date` shows the server's clock too far from the time the request was made in
+    /// gets exactly one retry too, in the server's time, with a fresh `jti` and proof: at
+    /// first contact keybound has no `Date` yet. Both may happen: at most three requests.
     async fn exchange(
         &self,
         endpoint: &Url,
@@ -284,8 +293,11 @@ impl OAuthClient {
     ) -> Result<AccessToken, Failure> {
         let origin = origin(endpoint);
         let mut challenged = false;
+        let mut clock_retried = false;
         loop {
             let nonce = self.state.nonce(Role::AuthorizationServer, &origin);
+            // The offset this request's iat/exp are stated with (0: this machine's clock).
+            let assumed = self.state.offset(&origin).unwrap_or(0);
             let request = self
                 .token_request(endpoint, &origin, scopes, nonce.as_deref())
                 .await?;
@@ -294,7 +306,7 @@ impl OAuthClient {
             self.stats.response(response.status());
             let (parts, body) = response.into_parts();
             let (status, headers, body) = (parts.status, parts.headers, body.as_slice());
-            self.observe(&origin, Role::AuthorizationServer, &headers);
+            let measured = self.observe(&origin, Role::AuthorizationServer, &headers);
             tracing::info!(client = %self.config.name, status = status.as_u16(), "token endpoint answered");
             if status.is_success() {
                 let parsed: TokenResponse =
@@ -320,6 +332,21 @@ impl OAuthClient {
                 tracing::info!(client = %self.config.name, "DPoP nonce challenge; retrying once with the nonce");
                 continue;
             }
+            let clock = measured.map(|offset| ClockNote {
+                offset,
+                drift: offset - assumed,
+                retried: clock_retried,
+            });
+            if let (Some(e), Some(c)) = (&error, &clock)
+                && !clock_retried
+                && refused_for_time(status, e)
+                && drift_matters(c.drift, self.config.assertion_lifetime)
+            {
+                clock_retried = true;
+                tracing::warn!(client = %self.config.name, offset = c.offset, error = %e.error,
+                    "token request refused, and the server's clock is {:+} s from this machine's; retrying once with iat/exp in the server's time", c.offset);
+                continue;
+            }
             let failure = match (error, status) {
                 (_, s) if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
                     OAuthError::Status {
@@ -331,7 +358,7 @@ impl OAuthClient {
                 (Some(e), s) => OAuthError::Server {
                     url: endpoint.to_string(),
                     status: s.as_u16(),
-                    skew: self.clock_note(&origin, &e),
+                    clock,
                     error: e.error,
                     description: e.error_description,
                 },
@@ -454,14 +481,14 @@ impl OAuthClient {
             .map(Some)
     }
 
-    /// Nonce (any response, 200s included) and clock offset from a response.
-    pub fn observe(&self, origin: &str, role: Role, headers: &http::HeaderMap) {
+    /// Nonce and clock offset from a response, any response: 200s, refusals, 5xx. Returns
+    /// the offset its `Date` shows, if it has one.
+    pub fn observe(&self, origin: &str, role: Role, headers: &http::HeaderMap) -> Option<i64> {
         if let Some(n) = headers.get("dpop-nonce").and_then(|v| v.to_str().ok()) {
             self.state.set_nonce(role, origin, n);
         }
-        if let Some(t) = server_time(headers) {
-            self.state.observe_clock(origin, t, unix_now());
-        }
+        let server_now = server_time(headers)?;
+        Some(self.state.observe_clock(origin, server_now, unix_now()))
     }
 
     /// Token response checks: DPoP downgrade, scope guard.
@@ -505,27 +532,13 @@ impl OAuthClient {
             allowed: self.config.allowed_scopes.clone(),
         })
     }
+}
 
-    /// When an error looks like clock trouble, the measured offset to quote.
-    fn clock_note(&self, origin: &str, e: &ErrorBody) -> Option<i64> {
-        let text = format!(
-            "{} {}",
-            e.error,
-            e.error_description.as_deref().unwrap_or("")
-        )
-        .to_lowercase();
-        let clocky = [
-            "iat",
-            "exp",
-            "expired",
-            "future",
-            "clock",
-            "time",
-            "not yet valid",
-        ];
-        clocky
-            .iter()
-            .any(|w| text.contains(w))
-            .then(|| self.state.offset(origin).unwrap_or(0))
-    }
+/// A refusal that a request made in the wrong time can cause: the client assertion
+/// (`invalid_client`) or the proof (`invalid_dpop_proof`) refused, or a 400 naming a time
+/// claim.
+fn refused_for_time(status: StatusCode, e: &ErrorBody) -> bool {
+    matches!(e.error.as_str(), "invalid_client" | "invalid_dpop_proof")
+        || (status == StatusCode::BAD_REQUEST
+            && names_time_claim(&e.error, e.error_description.as_deref()))
 }

@@ -20,6 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use self::http::TransportError;
+use self::state::{ClockNote, TOLERATED_SKEW_SECS};
 use crate::jose::{self, Header, JoseError};
 use crate::keyring::{KeyError, SigningKey};
 use crate::token::TokenError;
@@ -55,16 +56,16 @@ pub enum OAuthError {
     Transport(#[from] TransportError),
     #[error("{0}")]
     Config(String),
-    #[error("{url} answered HTTP {status}: {error}{}{}{}",
+    #[error("{url} answered HTTP {status}: {error}{}{}",
         .description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default(),
-        hint_suffix(.error),
-        .skew.map(|s| format!("; measured clock offset to this server: {s:+} s (server minus local)")).unwrap_or_default())]
+        server_advice(.error, .description.as_deref(), .clock.as_ref()))]
     Server {
         url: String,
         status: u16,
         error: String,
         description: Option<String>,
-        skew: Option<i64>,
+        /// The server's clock as its `Date` told it, when the response had one.
+        clock: Option<ClockNote>,
     },
     #[error("{url} answered HTTP {status}: {body}")]
     Status {
@@ -180,6 +181,62 @@ fn hint_suffix(error: &str) -> String {
     }
 }
 
+/// What follows a refusal: the clock when it is the likely cause, else the error code's
+/// hint; then the measured offset, and whether a retry in the server's time was refused too.
+fn server_advice(error: &str, description: Option<&str>, clock: Option<&ClockNote>) -> String {
+    let about_time = names_time_claim(error, description);
+    let Some(clock) = clock else {
+        return if about_time {
+            "; the server refused a time claim (iat/exp) and sent no Date header to measure its clock by: check this machine's clock (NTP)".into()
+        } else {
+            hint_suffix(error)
+        };
+    };
+    let off = clock.offset;
+    let far = off.unsigned_abs() >= TOLERATED_SKEW_SECS;
+    let drifted = clock.drift.unsigned_abs() >= TOLERATED_SKEW_SECS;
+    let retried = if clock.retried {
+        ", and keybound's retry with iat/exp in the server's time was refused too"
+    } else {
+        ""
+    };
+    // Refusals a clock can cause; the offset, even when small, rules the clock in or out.
+    let clocky = about_time || matches!(error, "invalid_client" | "invalid_dpop_proof");
+    if clocky && (drifted || (about_time && far)) {
+        return format!(
+            "; the server's clock is {off:+} s from this machine's (server minus local, from its Date header){retried}: the refusal is most likely about time, not the kid, client id or audience; set the wrong clock right (NTP)"
+        );
+    }
+    let mut out = hint_suffix(error);
+    if !(clocky || far) {
+        return out;
+    }
+    out.push_str(&format!(
+        "; measured clock offset to this server: {off:+} s (server minus local)"
+    ));
+    if far {
+        out.push_str(if clock.retried {
+            "; a retry with iat/exp in the server's time was refused too, so the clock is not the cause"
+        } else {
+            "; the request's iat/exp were already in the server's time"
+        });
+    }
+    out
+}
+
+/// Whether an error names a time claim or the clock.
+pub(crate) fn names_time_claim(error: &str, description: Option<&str>) -> bool {
+    let text = format!("{error} {}", description.unwrap_or("")).to_lowercase();
+    let words = text.split(|c: char| !c.is_ascii_alphanumeric());
+    let mut words = words.filter(|w| !w.is_empty());
+    words.any(|w| {
+        matches!(
+            w,
+            "iat" | "exp" | "nbf" | "expired" | "future" | "clock" | "time" | "skew" | "stale"
+        )
+    })
+}
+
 /// A fresh `jti`: 128 random bits from the OS, base64url (22 characters).
 ///
 /// The bits come from the kernel's CSPRNG (`getrandom`) in blocks of 32 `jti`s per thread,
@@ -208,4 +265,68 @@ pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_claims_are_named_as_words() {
+        assert!(names_time_claim("invalid_client", Some("jwt expired")));
+        assert!(names_time_claim(
+            "invalid_request",
+            Some("iat is in the future")
+        ));
+        assert!(names_time_claim(
+            "invalid_client",
+            Some("'exp' claim too far")
+        ));
+        assert!(!names_time_claim(
+            "invalid_client",
+            Some("The client_assertion JWT kid is invalid.")
+        ));
+        assert!(!names_time_claim(
+            "invalid_scope",
+            Some("expiration policy")
+        ));
+    }
+
+    #[test]
+    fn advice_blames_the_clock_only_when_it_is_likely() {
+        let note = |offset, drift, retried| ClockNote {
+            offset,
+            drift,
+            retried,
+        };
+        // Made in this machine's time, refused, the server 2 minutes ahead: the clock.
+        let a = server_advice("invalid_client", None, Some(&note(120, 120, false)));
+        assert!(
+            a.contains("+120 s") && a.contains("most likely about time"),
+            "{a}"
+        );
+        assert!(!a.contains("paste"), "{a}");
+        // Refused again in the server's time for a reason that is not about time: the kid.
+        let a = server_advice("invalid_client", None, Some(&note(120, 0, true)));
+        assert!(
+            a.contains("paste") && a.contains("the clock is not the cause"),
+            "{a}"
+        );
+        // Refused again naming a time claim: the clock, and that the retry was refused too.
+        let a = server_advice(
+            "invalid_client",
+            Some("jwt expired"),
+            Some(&note(-120, 0, true)),
+        );
+        assert!(a.contains("-120 s") && a.contains("refused too"), "{a}");
+        // In step: the hint and the offset that rules the clock out.
+        let a = server_advice("invalid_client", None, Some(&note(0, 0, false)));
+        assert!(a.contains("paste") && a.contains("+0 s"), "{a}");
+        // A refusal no clock causes: just its hint.
+        let a = server_advice("invalid_scope", None, Some(&note(0, 0, false)));
+        assert!(!a.contains("clock"), "{a}");
+        // No Date, a time claim named: say to check the clock.
+        let a = server_advice("invalid_client", Some("iat is in the future"), None);
+        assert!(a.contains("no Date header"), "{a}");
+    }
 }

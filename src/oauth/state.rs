@@ -1,9 +1,15 @@
 //! What keybound learns about each server as it talks to it: the current DPoP nonce
 //! (RFC 9449 §8, §9), kept separately for the authorization server and resource servers of
-//! the same origin, and the clock offset read from `Date`.
+//! the same origin, and the clock offset read from `Date` (RFC 9110 §6.6.1), refusals
+//! included: `iat`/`exp` are stated in each server's own time.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
+
+/// Clock skew, in seconds, that keybound assumes any server absorbs. `Date` has a one-second
+/// resolution and the exchange takes a moment, so smaller differences are noise; larger ones
+/// may be refused by a strict server (Okta refuses an `iat` in its future).
+pub const TOLERATED_SKEW_SECS: u64 = 5;
 
 /// Which role a nonce belongs to: Okta's org authorization server and its API share an
 /// origin but issue different nonces.
@@ -11,6 +17,18 @@ use std::sync::{Mutex, PoisonError};
 pub enum Role {
     AuthorizationServer,
     ResourceServer,
+}
+
+/// What keybound knew of a server's clock when the server refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockNote {
+    /// Server clock minus this machine's, seconds, from the refusal's `Date`.
+    pub offset: i64,
+    /// How far the refused request's `iat` was off the server's clock: the offset now
+    /// minus the one the request was made with (0 when it was made in the server's time).
+    pub drift: i64,
+    /// keybound already retried once with `iat`/`exp` in the server's time.
+    pub retried: bool,
 }
 
 #[derive(Default)]
@@ -33,21 +51,47 @@ impl ServerState {
         lock(&self.offsets).get(origin).copied()
     }
 
-    /// Records `server_now - local_now` from a response's `Date` header.
-    pub fn observe_clock(&self, origin: &str, server_now: u64, local_now: u64) {
-        let offset = i64::try_from(server_now).unwrap_or(i64::MAX)
-            - i64::try_from(local_now).unwrap_or(i64::MAX);
-        lock(&self.offsets).insert(origin.to_string(), offset);
+    /// Every origin's last measured offset, for the metrics.
+    pub fn offsets(&self) -> Vec<(String, i64)> {
+        lock(&self.offsets)
+            .iter()
+            .map(|(o, off)| (o.clone(), *off))
+            .collect()
     }
 
-    /// `iat` for a server: never ahead of its clock (Okta rejects a future `iat`). `Date`
-    /// has one-second resolution and truncates, so the estimate errs on the early side.
+    /// Records `server_now - local_now` from a response's `Date` header; returns it.
+    pub fn observe_clock(&self, origin: &str, server_now: u64, local_now: u64) -> i64 {
+        let offset = offset(server_now, local_now);
+        lock(&self.offsets).insert(origin.to_string(), offset);
+        offset
+    }
+
+    /// `iat` for a server: this machine's clock moved by the offset last measured to that
+    /// server, so that `iat`/`exp` are right in the server's time whichever clock is wrong.
+    /// `Date` truncates to the second and is stamped before the response travels, so the
+    /// estimate errs on the early side: never ahead of the server's clock (Okta refuses a
+    /// future `iat`).
     pub fn iat_for(&self, origin: &str, local_now: u64) -> u64 {
         match self.offset(origin) {
             Some(off) if off < 0 => local_now.saturating_sub(off.unsigned_abs()),
-            _ => local_now,
+            Some(off) => local_now.saturating_add(off.unsigned_abs()),
+            None => local_now,
         }
     }
+}
+
+/// `server - local` in seconds.
+pub fn offset(server_now: u64, local_now: u64) -> i64 {
+    i64::try_from(server_now).unwrap_or(i64::MAX) - i64::try_from(local_now).unwrap_or(i64::MAX)
+}
+
+/// Whether a request whose times were `drift` seconds off the server's clock (the offset
+/// a refusal's `Date` shows minus the one the request was made with) may have been refused
+/// for it: ahead, an assertion of `lifetime` seconds is expired once `drift` reaches it;
+/// either way a strict server may refuse more than [`TOLERATED_SKEW_SECS`].
+pub fn drift_matters(drift: i64, lifetime: u64) -> bool {
+    let limit = TOLERATED_SKEW_SECS.min(lifetime.max(1));
+    drift.unsigned_abs() >= limit
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -77,12 +121,28 @@ mod tests {
     }
 
     #[test]
-    fn iat_follows_a_slow_server_only() {
+    fn iat_follows_the_server_clock_both_ways() {
         let s = ServerState::default();
-        s.observe_clock("a", 1000, 1030);
+        assert_eq!(s.observe_clock("a", 1000, 1030), -30);
         assert_eq!(s.iat_for("a", 1030), 1000);
-        s.observe_clock("b", 1030, 1000);
-        assert_eq!(s.iat_for("b", 1000), 1000);
+        assert_eq!(s.observe_clock("b", 1030, 1000), 30);
+        assert_eq!(s.iat_for("b", 1000), 1030);
         assert_eq!(s.iat_for("c", 5), 5);
+        assert_eq!(s.offset("a"), Some(-30));
+        let mut all = s.offsets();
+        all.sort();
+        assert_eq!(all, [("a".to_string(), -30), ("b".to_string(), 30)]);
+    }
+
+    #[test]
+    fn drift_that_matters() {
+        assert!(!drift_matters(0, 60));
+        assert!(!drift_matters(4, 60));
+        assert!(!drift_matters(-4, 60));
+        assert!(drift_matters(5, 60));
+        assert!(drift_matters(-120, 60));
+        assert!(drift_matters(3600, 60));
+        // A 2-second assertion is expired after 2 seconds.
+        assert!(drift_matters(2, 2));
     }
 }

@@ -969,16 +969,28 @@ pub struct DevServerProcess {
 
 impl DevServerProcess {
     pub fn start(token: &DevToken, client_id: &str, jwks: &Path) -> DevServerProcess {
+        DevServerProcess::start_with(token, client_id, jwks, &[])
+    }
+
+    /// `start` with more dev-server flags (`--clock-offset-secs=120`).
+    pub fn start_with(
+        token: &DevToken,
+        client_id: &str,
+        jwks: &Path,
+        extra: &[&str],
+    ) -> DevServerProcess {
+        let mut args = vec![
+            OsArg::from("dev-server"),
+            "--port".into(),
+            "0".into(),
+            "--client-id".into(),
+            client_id.into(),
+            "--jwks".into(),
+            jwks.into(),
+        ];
+        args.extend(extra.iter().map(OsArg::from));
         let mut child = token
-            .command(&[
-                OsArg::from("dev-server"),
-                "--port".into(),
-                "0".into(),
-                "--client-id".into(),
-                client_id.into(),
-                "--jwks".into(),
-                jwks.into(),
-            ])
+            .command(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
