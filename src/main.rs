@@ -191,8 +191,7 @@ fn harden_process() -> Result<(), String> {
         current: Some(0),
         maximum: Some(0),
     };
-    setrlimit(Resource::Core, no_core)
-        .map_err(|e| format!("cannot set RLIMIT_CORE to 0: {e}"))?;
+    setrlimit(Resource::Core, no_core).map_err(|e| format!("cannot set RLIMIT_CORE to 0: {e}"))?;
     set_dumpable_behavior(DumpableBehavior::NotDumpable)
         .map_err(|e| format!("cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}"))
 }

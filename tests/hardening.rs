@@ -85,7 +85,11 @@ fn config_in_working_directory_is_not_read() {
     let xdg_config = xdg.join("keybound").join("keybound.toml");
     assert_mentions(
         &line,
-        &["no configuration found", "$KEYBOUND_CONFIG", xdg_config.to_str().unwrap()],
+        &[
+            "no configuration found",
+            "$KEYBOUND_CONFIG",
+            xdg_config.to_str().unwrap(),
+        ],
     );
     let tried = line
         .split("looked at: ")
@@ -113,7 +117,11 @@ fn config_writable_by_others_is_refused() {
         let line = token.run_err(&["keys", "list"]);
         assert_mentions(
             &line,
-            &[path, &format!("mode {mode:o}"), &format!("chmod go-w {path}")],
+            &[
+                path,
+                &format!("mode {mode:o}"),
+                &format!("chmod go-w {path}"),
+            ],
         );
     }
     chmod(&config, 0o644);
@@ -181,7 +189,12 @@ fn module_writable_by_others_is_refused() {
     let line = token.run_err(&["keys", "list"]);
     assert_mentions(
         &line,
-        &["PKCS#11 module", path, "mode 666", &format!("chmod go-w {path}")],
+        &[
+            "PKCS#11 module",
+            path,
+            "mode 666",
+            &format!("chmod go-w {path}"),
+        ],
     );
     chmod(&module, 0o755);
     chown_uid(&module, NOBODY);
@@ -222,6 +235,41 @@ fn relative_profiles_dir_is_refused() {
     assert_mentions(&line, &["token.profiles_dir: must be an absolute path"]);
 }
 
+/// The profiles in `profiles_dir` name modules: the directory and its files are trusted
+/// like the config.
+#[test]
+fn profiles_dir_writable_by_others_is_refused() {
+    let token = DevToken::new();
+    let dir = token.path("profiles");
+    fs::create_dir(&dir).unwrap();
+    chmod(&dir, 0o755);
+    let profile = dir.join("softhsm2.toml");
+    fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/hsm-profiles/softhsm2.toml"),
+        &profile,
+    )
+    .unwrap();
+    chmod(&profile, 0o644);
+    token.write_config(
+        &Config {
+            extra_token_lines: format!("profiles_dir = \"{}\"", dir.display()),
+            ..Config::default()
+        }
+        .render(),
+    );
+    token.run_ok(&["keys", "list"]);
+    chmod(&profile, 0o666);
+    let line = token.run_err(&["keys", "list"]);
+    assert_mentions(
+        &line,
+        &[profile.to_str().unwrap(), "mode 666", "chmod go-w"],
+    );
+    chmod(&profile, 0o644);
+    chmod(&dir, 0o777);
+    let line = token.run_err(&["keys", "list"]);
+    assert_mentions(&line, &[dir.to_str().unwrap(), "mode 777", "chmod go-w"]);
+}
+
 // ---------------------------------------------------------------------------
 // F8: the PIN file
 // ---------------------------------------------------------------------------
@@ -243,7 +291,11 @@ fn pin_file_of_another_user_is_refused() {
     let line = token.run_err(&["keys", "list"]);
     assert_mentions(
         &line,
-        &[pin.to_str().unwrap(), &format!("owned by uid {NOBODY}"), "chown"],
+        &[
+            pin.to_str().unwrap(),
+            &format!("owned by uid {NOBODY}"),
+            "chown",
+        ],
     );
 }
 
@@ -362,7 +414,14 @@ fn keybound_is_not_dumpable_and_has_no_core_limit() {
     chmod(&jwks, 0o644);
     let mut child = Killed(
         Command::new("setpriv")
-            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "--"])
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "--",
+            ])
             .arg(env!("CARGO_BIN_EXE_keybound"))
             .args(["dev-server", "--port", "0", "--client-id", "c", "--jwks"])
             .arg(&jwks)

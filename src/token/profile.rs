@@ -2,11 +2,13 @@
 //! Embedded from `hsm-profiles/`, overridable from a directory.
 
 use std::collections::BTreeMap;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use super::TokenError;
+use super::trust::{self, Owners};
 use crate::jose::Alg;
 
 const EMBEDDED: [(&str, &str); 3] = [
@@ -123,6 +125,12 @@ impl Profiles {
             profiles.push(parse(text, file)?);
         }
         if let Some(dir) = dir {
+            // Profiles name the module keybound loads: only from files no other user can
+            // change.
+            let unsafe_profile = |path: &Path, reason: String| {
+                TokenError::Profile(format!("{} is not safe to use: {reason}", path.display()))
+            };
+            trust::check_dir(dir).map_err(|r| unsafe_profile(dir, r))?;
             let entries = std::fs::read_dir(dir).map_err(|e| {
                 TokenError::Profile(format!("cannot read profiles_dir {}: {e}", dir.display()))
             })?;
@@ -132,7 +140,13 @@ impl Profiles {
                 .collect();
             paths.sort();
             for path in paths {
-                let text = std::fs::read_to_string(&path).map_err(|e| {
+                let (mut file, meta) = trust::open_regular(&path, false).map_err(|e| {
+                    TokenError::Profile(format!("cannot read {}: {e}", path.display()))
+                })?;
+                trust::check_file(&path, &meta, Owners::UserOrRoot)
+                    .map_err(|r| unsafe_profile(&path, r))?;
+                let mut text = String::new();
+                file.read_to_string(&mut text).map_err(|e| {
                     TokenError::Profile(format!("cannot read {}: {e}", path.display()))
                 })?;
                 let p = parse(&text, &path.display().to_string())?;

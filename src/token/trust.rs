@@ -84,8 +84,21 @@ pub(crate) fn check_file(path: &Path, meta: &Metadata, owners: Owners) -> Result
 /// nobody can rename or delete an entry another user owns. Returns the resolved path.
 pub(crate) fn check_dirs(path: &Path) -> Result<PathBuf, String> {
     let real = std::fs::canonicalize(path).map_err(|e| e.to_string())?;
+    check_ancestors(real.parent().unwrap_or(&real))?;
+    Ok(real)
+}
+
+/// [`check_dirs`] for a directory itself: it and every directory above it.
+pub(crate) fn check_dir(dir: &Path) -> Result<PathBuf, String> {
+    let real = std::fs::canonicalize(dir).map_err(|e| e.to_string())?;
+    check_ancestors(&real)?;
+    Ok(real)
+}
+
+/// `dir` (resolved) and each directory above it.
+fn check_ancestors(dir: &Path) -> Result<(), String> {
     let me = euid();
-    for dir in real.ancestors().skip(1) {
+    for dir in dir.ancestors() {
         let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let uid = meta.uid();
         if uid != me && uid != 0 {
@@ -106,7 +119,7 @@ pub(crate) fn check_dirs(path: &Path) -> Result<PathBuf, String> {
             ));
         }
     }
-    Ok(real)
+    Ok(())
 }
 
 /// The resolved path of a file that no other user can change: the file itself and every
