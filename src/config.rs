@@ -229,6 +229,18 @@ token_label = "t"
 "#;
 
     #[test]
+    fn relative_token_paths_are_refused() {
+        for key in ["module", "pin_file", "profiles_dir"] {
+            let e = Config::parse(&format!("{GOOD}{key} = \"./x\"\n")).unwrap_err();
+            assert_eq!(
+                e,
+                format!("token.{key}: must be an absolute path, not './x'")
+            );
+        }
+        Config::parse(&format!("{GOOD}module = \"/usr/lib/x.so\"\n")).unwrap();
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let c = Config::parse(GOOD).unwrap();
         let TokenConfig::Pkcs11(s) = &c.token else {

@@ -463,3 +463,121 @@ fn keybound_is_not_dumpable_and_has_no_core_limit() {
     let values: Vec<&str> = core.split_whitespace().skip(4).take(2).collect();
     assert_eq!(values, ["0", "0"], "{core}");
 }
+
+/// `setpriv` arguments that run a program as uid and gid 65534.
+const AS_NOBODY: [&str; 6] = [
+    "--reuid",
+    "65534",
+    "--regid",
+    "65534",
+    "--clear-groups",
+    "--",
+];
+
+/// `curl` on the agent's socket, as uid 65534 or as root; the HTTP status, or `None` when
+/// the agent gave no answer.
+fn agent_status(socket: &Path, as_nobody: bool) -> Option<u16> {
+    let mut cmd = if as_nobody {
+        let mut c = Command::new("setpriv");
+        c.args(AS_NOBODY).arg("curl");
+        c
+    } else {
+        Command::new("curl")
+    };
+    let out = cmd
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "60",
+        ])
+        .arg("--unix-socket")
+        .arg(socket)
+        .arg("http://agent/v1/keys")
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&code| code != 0)
+}
+
+/// Going non-dumpable does not cost a non-root agent its identity: the files in
+/// /proc/self now belong to root (the directory keeps the euid, which is what the agent
+/// reads), and the agent still takes its own uid for the socket directory's owner and, with
+/// no rules, as the only uid it serves.
+#[test]
+fn non_dumpable_agent_of_another_uid_knows_its_own_uid() {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED non_dumpable_agent_of_another_uid_knows_its_own_uid: needs root to run \
+             keybound as another uid (setpriv)"
+        );
+        return;
+    }
+    let token = DevToken::new();
+    token.generate("k", "ES256");
+    chmod(token.dir(), 0o755);
+    // SoftHSM writes lock files next to the token objects: the agent's user owns them.
+    chown_tree(&token.path("tokens"), NOBODY);
+    let run = token.path("run");
+    fs::create_dir(&run).unwrap();
+    chmod(&run, 0o700);
+    chown_tree(&run, NOBODY);
+    let socket = run.join("agent.sock");
+    let mut agent = Killed(
+        Command::new("setpriv")
+            .args(AS_NOBODY)
+            .arg(env!("CARGO_BIN_EXE_keybound"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .current_dir(token.dir())
+            .env("SOFTHSM2_CONF", token.softhsm_conf())
+            .env("KEYBOUND_CONFIG", token.config_path())
+            .env(support::PIN_ENV, support::USER_PIN)
+            .env("HOME", token.dir())
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("XDG_RUNTIME_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run setpriv (util-linux)"),
+    );
+    let stderr = BufReader::new(agent.0.stderr.take().unwrap());
+    let ready = format!("keybound agent listening on {}", socket.display());
+    let mut log = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        let done = line.contains(&ready);
+        log.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        log.iter().any(|l| l.contains(&ready)),
+        "keybound serve as uid {NOBODY} did not start:\n{}",
+        log.join("\n")
+    );
+    assert_eq!(
+        agent_status(&socket, true),
+        Some(200),
+        "its own uid is served"
+    );
+    assert_ne!(agent_status(&socket, false), Some(200), "root has no rule");
+}
+
+fn chown_tree(path: &Path, uid: u32) {
+    chown(path, Some(uid), Some(uid)).unwrap();
+    if fs::symlink_metadata(path).unwrap().is_dir() {
+        for entry in fs::read_dir(path).unwrap() {
+            chown_tree(&entry.unwrap().path(), uid);
+        }
+    }
+}
