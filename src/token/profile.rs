@@ -266,6 +266,13 @@ fn parse(text: &str, origin: &str) -> Result<Profile, TokenError> {
             "{origin}: mechanisms.{alg} = {m:?} cannot make {alg} signatures"
         )));
     }
+    // A relative module path would be looked up in the working directory.
+    if let Some(path) = p.module.paths.iter().find(|path| !path.is_absolute()) {
+        return Err(TokenError::Profile(format!(
+            "{origin}: module.paths: '{}' is not an absolute path",
+            path.display()
+        )));
+    }
     if p.sessions.default == 0 || p.sessions.default > p.sessions.max {
         return Err(TokenError::Profile(format!(
             "{origin}: sessions.default must be between 1 and sessions.max"
@@ -326,5 +333,16 @@ mod tests {
             .replace("RS256 = \"rsa-pkcs\"", "RS256 = \"ecdsa\"");
         let err = parse(&text, "x.toml").unwrap_err().to_string();
         assert!(err.contains("mechanisms.RS256"), "{err}");
+    }
+
+    #[test]
+    fn a_relative_module_path_is_refused() {
+        let text = include_str!("../../hsm-profiles/softhsm2.toml")
+            .replace("\"/usr/lib/softhsm/libsofthsm2.so\"", "\"libsofthsm2.so\"");
+        let err = parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("module.paths: 'libsofthsm2.so' is not an absolute path"),
+            "{err}"
+        );
     }
 }
