@@ -1,6 +1,9 @@
-//! `keybound.toml`: found by --config, $KEYBOUND_CONFIG, ./keybound.toml or
-//! $XDG_CONFIG_HOME/keybound/keybound.toml; unknown keys refused; errors name the key.
+//! `keybound.toml`: found by --config, $KEYBOUND_CONFIG or
+//! $XDG_CONFIG_HOME/keybound/keybound.toml (never the working directory, which whoever
+//! starts keybound chooses); refused when another user can change it; unknown keys refused;
+//! errors name the key.
 
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -10,6 +13,7 @@ use crate::policy::Rules;
 use crate::token::pkcs11;
 #[cfg(feature = "tpm")]
 use crate::token::tpm;
+use crate::token::trust::{self, Owners};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -54,16 +58,30 @@ pub enum ConfigError {
     Read { path: PathBuf, reason: String },
     #[error("config {}: {message}", .path.display())]
     Invalid { path: PathBuf, message: String },
+    /// The file names the module keybound loads and where the PIN comes from: a file
+    /// another user can change is someone else's choice of code and PIN source.
+    #[error("config {} is not safe to use: {reason}", .path.display())]
+    Unsafe { path: PathBuf, reason: String },
 }
 
 impl Config {
     /// Finds and parses the configuration; returns it with the path it came from.
     pub fn load(explicit: Option<&Path>) -> Result<(Config, PathBuf), ConfigError> {
         let path = locate(explicit)?;
-        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
+        let read_err = |reason: String| ConfigError::Read {
             path: path.clone(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let unsafe_err = |reason: String| ConfigError::Unsafe {
+            path: path.clone(),
+            reason,
+        };
+        let (mut file, meta) = trust::open_regular(&path, false).map_err(read_err)?;
+        trust::check_file(&path, &meta, Owners::UserOrRoot).map_err(unsafe_err)?;
+        trust::check_dirs(&path).map_err(unsafe_err)?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)
+            .map_err(|e| read_err(e.to_string()))?;
         let config = Config::parse(&text).map_err(|message| ConfigError::Invalid {
             path: path.clone(),
             message,
@@ -188,19 +206,27 @@ fn locate(explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
         Some(p) if !p.is_empty() => return Ok(PathBuf::from(p)),
         _ => tried.push("$KEYBOUND_CONFIG (unset)".to_string()),
     }
-    let mut candidates = vec![PathBuf::from("keybound.toml")];
+    // XDG Base Directory: a relative $XDG_CONFIG_HOME is invalid and ignored; it would
+    // bring the working directory back into the search.
+    let absolute = |p: PathBuf| p.is_absolute().then_some(p);
     let xdg = std::env::var_os("XDG_CONFIG_HOME")
-        .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
-    if let Some(dir) = xdg {
-        candidates.push(dir.join("keybound").join("keybound.toml"));
-    }
-    for c in candidates {
-        if c.is_file() {
-            return Ok(c);
+        .and_then(absolute)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .and_then(absolute)
+                .map(|h| h.join(".config"))
+        });
+    match xdg {
+        Some(dir) => {
+            let candidate = dir.join("keybound").join("keybound.toml");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+            tried.push(candidate.display().to_string());
         }
-        tried.push(c.display().to_string());
+        None => tried.push("$XDG_CONFIG_HOME and $HOME (unset or relative)".to_string()),
     }
     Err(ConfigError::NotFound { tried })
 }
@@ -214,6 +240,18 @@ mod tests {
 backend = "pkcs11"
 token_label = "t"
 "#;
+
+    #[test]
+    fn relative_token_paths_are_refused() {
+        for key in ["module", "pin_file", "profiles_dir"] {
+            let e = Config::parse(&format!("{GOOD}{key} = \"./x\"\n")).unwrap_err();
+            assert_eq!(
+                e,
+                format!("token.{key}: must be an absolute path, not './x'")
+            );
+        }
+        Config::parse(&format!("{GOOD}module = \"/usr/lib/x.so\"\n")).unwrap();
+    }
 
     #[test]
     #[cfg_attr(not(feature = "tpm"), allow(irrefutable_let_patterns))]

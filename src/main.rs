@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "keybound", version, about, max_term_width = 100)]
 struct Args {
-    /// Config file (else $KEYBOUND_CONFIG, ./keybound.toml, $XDG_CONFIG_HOME/keybound/keybound.toml)
+    /// Config file (else $KEYBOUND_CONFIG, else $XDG_CONFIG_HOME/keybound/keybound.toml)
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     /// More log output on stderr (-v info, -vv debug)
@@ -150,6 +150,9 @@ enum KeysCommand {
 }
 
 fn main() -> ExitCode {
+    // First, before any PIN or token is read: no core file, and no ptrace or
+    // /proc/<pid>/mem by other processes of the same user.
+    let hardening = harden_process();
     let args = Args::parse();
     match &args.command {
         // The agent logs one line per signature: info by default.
@@ -157,6 +160,10 @@ fn main() -> ExitCode {
             cli::init_logging(args.verbose.max(1), log_format == "json");
         }
         _ => cli::init_logging(args.verbose, false),
+    }
+    if let Err(e) = hardening {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
     }
     match run(args) {
         Ok(code) => code,
@@ -173,6 +180,20 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Makes the process non-dumpable (PR_SET_DUMPABLE 0: no core file, its /proc entries
+/// owned by root, no ptrace by the same uid) and sets RLIMIT_CORE to 0, for every command:
+/// the agent, the CLI and the dev-server are one binary, and most of them hold a PIN.
+fn harden_process() -> Result<(), String> {
+    use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+    let no_core = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
+    };
+    setrlimit(Resource::Core, no_core).map_err(|e| format!("cannot set RLIMIT_CORE to 0: {e}"))?;
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)
+        .map_err(|e| format!("cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}"))
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {

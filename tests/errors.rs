@@ -220,10 +220,10 @@ fn missing_config_file_is_named() {
     assert_mentions(&line, &[missing.to_str().unwrap()]);
 }
 
-/// `--config FILE`, else `$KEYBOUND_CONFIG`, else `./keybound.toml`, else
-/// `$XDG_CONFIG_HOME/keybound/keybound.toml`. A config that would fail
-/// (`bogus` key) is placed at each lower-priority location to prove it is
-/// not read.
+/// `--config FILE`, else `$KEYBOUND_CONFIG`, else
+/// `$XDG_CONFIG_HOME/keybound/keybound.toml`; never `./keybound.toml`. A
+/// config that would fail (`bogus` key) is placed at each lower-priority
+/// location, and in the working directory, to prove it is not read.
 #[test]
 fn config_lookup_order() {
     let token = DevToken::new();
@@ -236,7 +236,7 @@ fn config_lookup_order() {
     .render();
     let broken_text = broken_text.as_str();
     let broken = token.write_file("broken.toml", broken_text);
-    let cwd_config = token.path("cwd").join("keybound.toml");
+    fs::write(token.path("cwd").join("keybound.toml"), broken_text).unwrap();
     let xdg = token.path("xdg");
     fs::create_dir_all(xdg.join("keybound")).unwrap();
     let lists_key = |out: std::process::Output, what: &str| {
@@ -252,14 +252,17 @@ fn config_lookup_order() {
         .unwrap();
     lists_key(out, "--config over KEYBOUND_CONFIG");
 
-    // $KEYBOUND_CONFIG beats ./keybound.toml.
-    fs::write(&cwd_config, broken_text).unwrap();
-    lists_key(
-        token.keybound(&["keys", "list"]),
-        "KEYBOUND_CONFIG over ./keybound.toml",
-    );
+    // $KEYBOUND_CONFIG beats $XDG_CONFIG_HOME...
+    fs::write(xdg.join("keybound").join("keybound.toml"), broken_text).unwrap();
+    let out = token
+        .command(&["keys", "list"])
+        .env("XDG_CONFIG_HOME", &xdg)
+        .output()
+        .unwrap();
+    lists_key(out, "KEYBOUND_CONFIG over XDG");
 
-    // ./keybound.toml is read when neither is given...
+    // ...and $XDG_CONFIG_HOME/keybound/keybound.toml comes last, before the
+    // broken ./keybound.toml that is never read.
     let without_env = || {
         token
             .command(&["keys", "list"])
@@ -268,14 +271,8 @@ fn config_lookup_order() {
             .output()
             .unwrap()
     };
-    fs::write(xdg.join("keybound").join("keybound.toml"), broken_text).unwrap();
-    let line = assert_error(&without_env(), &"broken ./keybound.toml");
-    assert_mentions(&line, &["bogus"]);
-    fs::copy(&good, &cwd_config).unwrap();
-    lists_key(without_env(), "./keybound.toml over XDG");
-
-    // ...and $XDG_CONFIG_HOME/keybound/keybound.toml last.
-    fs::remove_file(&cwd_config).unwrap();
+    let line = assert_error(&without_env(), &"broken XDG config");
+    assert_mentions(&line, &["bogus", xdg.to_str().unwrap()]);
     fs::copy(&good, xdg.join("keybound").join("keybound.toml")).unwrap();
     lists_key(without_env(), "XDG_CONFIG_HOME");
 }

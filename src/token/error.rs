@@ -32,7 +32,7 @@ pub enum TokenError {
     #[error("cannot read PIN file {}: {reason}", .path.display())]
     PinFile { path: PathBuf, reason: String },
     #[error(
-        "PIN file {} is readable by group or others (mode {mode:o}); run: chmod 600 {}",
+        "PIN file {} is open to group or others (mode {mode:o}); run: chmod 600 {}",
         .path.display(), .path.display()
     )]
     PinFilePermissions { path: PathBuf, mode: u32 },

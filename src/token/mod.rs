@@ -9,6 +9,7 @@ pub mod tpm;
 mod error;
 mod name;
 mod pin;
+pub(crate) mod trust;
 
 use std::sync::mpsc;
 use std::time::Duration;

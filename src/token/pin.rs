@@ -1,13 +1,16 @@
 //! The user PIN: read from an environment variable or a 0600 file, never from argv;
-//! zeroized on drop, redacted in `Debug`.
+//! zeroized on drop, redacted in `Debug`. The file must be a regular file (not a symbolic
+//! link, not a FIFO) that the effective user owns, in directories no other user can write.
 
 use std::fmt;
+use std::io::Read as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 
 use secrecy::{ExposeSecret as _, SecretString};
 
 use super::TokenError;
+use super::trust::{self, Owners};
 
 /// Where the PIN comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,6 +18,9 @@ pub enum PinSource {
     Env(String),
     File(PathBuf),
 }
+
+/// A PIN file is a PIN and a newline, not a document.
+const MAX_PIN_FILE: usize = 4096;
 
 /// A token PIN. `Debug` prints `[redacted]`; the memory is zeroized on drop.
 #[derive(Clone)]
@@ -32,7 +38,9 @@ impl Pin {
                     path: path.clone(),
                     reason,
                 };
-                let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+                // The opened file is what is checked and read: no symbolic link, no FIFO
+                // to block on, and no window in which the name could point elsewhere.
+                let (file, meta) = trust::open_regular(path, true).map_err(err)?;
                 let mode = meta.permissions().mode() & 0o777;
                 if mode & 0o077 != 0 {
                     return Err(TokenError::PinFilePermissions {
@@ -40,9 +48,19 @@ impl Pin {
                         mode,
                     });
                 }
-                let text = zeroize::Zeroizing::new(
-                    std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?,
-                );
+                trust::check_file(path, &meta, Owners::User).map_err(err)?;
+                trust::check_dirs(path).map_err(err)?;
+                // Room for the whole read up front: a growing String would leave copies of
+                // the PIN behind in freed memory that Zeroizing never sees.
+                let mut text = zeroize::Zeroizing::new(String::with_capacity(MAX_PIN_FILE + 1));
+                file.take(MAX_PIN_FILE as u64 + 1)
+                    .read_to_string(&mut text)
+                    .map_err(|e| err(e.to_string()))?;
+                if text.len() > MAX_PIN_FILE {
+                    return Err(err(format!(
+                        "it is longer than {MAX_PIN_FILE} bytes; it must hold only the PIN"
+                    )));
+                }
                 let pin = text
                     .lines()
                     .next()

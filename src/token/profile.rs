@@ -2,11 +2,13 @@
 //! Embedded from `hsm-profiles/`, overridable from a directory.
 
 use std::collections::BTreeMap;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use super::TokenError;
+use super::trust::{self, Owners};
 use crate::jose::Alg;
 
 const EMBEDDED: [(&str, &str); 3] = [
@@ -123,6 +125,12 @@ impl Profiles {
             profiles.push(parse(text, file)?);
         }
         if let Some(dir) = dir {
+            // Profiles name the module keybound loads: only from files no other user can
+            // change.
+            let unsafe_profile = |path: &Path, reason: String| {
+                TokenError::Profile(format!("{} is not safe to use: {reason}", path.display()))
+            };
+            trust::check_dir(dir).map_err(|r| unsafe_profile(dir, r))?;
             let entries = std::fs::read_dir(dir).map_err(|e| {
                 TokenError::Profile(format!("cannot read profiles_dir {}: {e}", dir.display()))
             })?;
@@ -132,7 +140,13 @@ impl Profiles {
                 .collect();
             paths.sort();
             for path in paths {
-                let text = std::fs::read_to_string(&path).map_err(|e| {
+                let (mut file, meta) = trust::open_regular(&path, false).map_err(|e| {
+                    TokenError::Profile(format!("cannot read {}: {e}", path.display()))
+                })?;
+                trust::check_file(&path, &meta, Owners::UserOrRoot)
+                    .map_err(|r| unsafe_profile(&path, r))?;
+                let mut text = String::new();
+                file.read_to_string(&mut text).map_err(|e| {
                     TokenError::Profile(format!("cannot read {}: {e}", path.display()))
                 })?;
                 let p = parse(&text, &path.display().to_string())?;
@@ -252,6 +266,13 @@ fn parse(text: &str, origin: &str) -> Result<Profile, TokenError> {
             "{origin}: mechanisms.{alg} = {m:?} cannot make {alg} signatures"
         )));
     }
+    // A relative module path would be looked up in the working directory.
+    if let Some(path) = p.module.paths.iter().find(|path| !path.is_absolute()) {
+        return Err(TokenError::Profile(format!(
+            "{origin}: module.paths: '{}' is not an absolute path",
+            path.display()
+        )));
+    }
     if p.sessions.default == 0 || p.sessions.default > p.sessions.max {
         return Err(TokenError::Profile(format!(
             "{origin}: sessions.default must be between 1 and sessions.max"
@@ -312,5 +333,16 @@ mod tests {
             .replace("RS256 = \"rsa-pkcs\"", "RS256 = \"ecdsa\"");
         let err = parse(&text, "x.toml").unwrap_err().to_string();
         assert!(err.contains("mechanisms.RS256"), "{err}");
+    }
+
+    #[test]
+    fn a_relative_module_path_is_refused() {
+        let text = include_str!("../../hsm-profiles/softhsm2.toml")
+            .replace("\"/usr/lib/softhsm/libsofthsm2.so\"", "\"libsofthsm2.so\"");
+        let err = parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("module.paths: 'libsofthsm2.so' is not an absolute path"),
+            "{err}"
+        );
     }
 }

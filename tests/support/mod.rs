@@ -114,8 +114,8 @@ impl Config {
 /// A freshly initialised SoftHSM2 token that only this test uses.
 ///
 /// Layout of the tempdir: `softhsm2.conf`, `tokens/` (the token store),
-/// `keybound.toml`, and `cwd/` (an empty working directory for the binary, so
-/// that a `./keybound.toml` fallback can never hide a config bug).
+/// `keybound.toml`, and `cwd/` (an empty working directory for the binary:
+/// keybound never reads a config from there, and tests/hardening.rs checks it).
 pub struct DevToken {
     dir: TempDir,
 }

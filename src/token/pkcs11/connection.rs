@@ -15,6 +15,7 @@ use cryptoki::slot::Slot;
 use super::Settings;
 use super::errors::{ck, session_lost};
 use crate::token::profile::{Profile, Profiles};
+use crate::token::trust::{self, Owners};
 use crate::token::{Pin, TokenDescription, TokenError};
 
 /// A failure inside a PKCS#11 operation: the device's code (maybe worth a retry on a new
@@ -374,16 +375,29 @@ impl fmt::Display for Selector {
 }
 
 /// `token.module`, else the profile's paths, else every profile's: the first that exists.
+/// The module to load: the configured one, else the first profile path that exists. It is
+/// code that runs with the PIN in memory, so it is loaded only when no other user can
+/// change it or a directory above it (resolved through symbolic links, and loaded by its
+/// resolved path so that a link swapped later does not matter).
 fn resolve_module(settings: &Settings, profiles: &Profiles) -> Result<PathBuf, TokenError> {
     let tried = match &settings.module {
         Some(path) => vec![path.clone()],
         None => profiles.module_paths(settings.profile.as_deref()),
     };
-    tried
+    let found = tried
         .iter()
         .find(|p| p.is_file())
-        .cloned()
-        .ok_or(TokenError::ModuleNotFound { tried })
+        .ok_or_else(|| TokenError::ModuleNotFound {
+            tried: tried.clone(),
+        })?;
+    let refuse = |reason: String| TokenError::ModuleLoad {
+        path: found.clone(),
+        reason,
+    };
+    if !found.is_absolute() {
+        return Err(refuse("a module path must be absolute".into()));
+    }
+    trust::check_path(found, Owners::UserOrRoot).map_err(refuse)
 }
 
 fn find_slot(
