@@ -3,21 +3,23 @@
 //! 502 the upstream server failed, 503 (+ Retry-After) try again later.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::Agent;
-use super::authz::{Peer, Rule};
+use super::authz::Caller;
 use crate::jose::Header;
 use crate::keyring::{KeyError, SigningKey};
 use crate::oauth::client::OAuthClient;
@@ -54,7 +56,75 @@ pub fn router(agent: Arc<Agent>) -> Router {
             },
         )
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(agent.clone(), body_guard))
         .with_state(agent)
+}
+
+/// The longest key name accepted, in bytes: labels and `pkcs11:` URIs are far shorter.
+const MAX_KEY_NAME_BYTES: usize = 512;
+
+/// The caller's rule, the only way a handler gets one: the accept loop attaches a
+/// [`Caller`] to a connection only when a rule names its peer, and every path to a key or a
+/// client below takes a `&Caller`, so a handler that skips this does not compile.
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Caller, ApiError> {
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            ApiError::forbidden("this connection has no caller rule; add an [[agent.allow]] rule")
+        })
+    }
+}
+
+/// Reads the whole body before a handler runs: 413 from `Content-Length` alone (before
+/// hyper answers `Expect: 100-continue`), 413 past `max_body_bytes` while reading, 408 when
+/// the body takes longer than `body_timeout_secs`.
+async fn body_guard(State(agent): State<Arc<Agent>>, request: Request, next: Next) -> Response {
+    let limit = agent.settings.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body exceeds agent.max_body_bytes ({limit} bytes)"),
+        )
+        .closing()
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large();
+    }
+    let (parts, body) = request.into_parts();
+    let secs = agent.settings.body_timeout_secs;
+    let bytes = match tokio::time::timeout(
+        Duration::from_secs(secs),
+        axum::body::to_bytes(body, limit),
+    )
+    .await
+    {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let inner: &(dyn std::error::Error + 'static) = &e;
+            let over = std::iter::successors(Some(inner), |e| e.source())
+                .any(|e| e.is::<http_body_util::LengthLimitError>());
+            if over {
+                return too_large();
+            }
+            return ApiError::bad(format!("cannot read the request body: {e}")).closing();
+        }
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("the request body did not arrive within agent.body_timeout_secs ({secs} s)"),
+            )
+            .closing();
+        }
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
 }
 
 /// An error answer.
@@ -82,6 +152,14 @@ impl ApiError {
 
     fn forbidden(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// The answer, and the connection closed after it (a body left unread).
+    fn closing(self) -> Response {
+        let mut r = self.into_response();
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
     }
 
     fn unavailable(message: impl Into<String>, retry_after: u64) -> ApiError {
@@ -199,15 +277,9 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
     })
 }
 
-fn rule<'a>(agent: &'a Agent, peer: &Peer) -> Result<&'a Rule, ApiError> {
-    agent.authz.rule_for(peer).map_err(|m| {
-        tracing::warn!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "refused caller");
-        ApiError::forbidden(m)
-    })
-}
-
-fn client<'a>(agent: &'a Agent, rule: &Rule, name: &str) -> Result<&'a OAuthClient, ApiError> {
-    rule.check_client(name).map_err(ApiError::forbidden)?;
+/// A client the caller's rule allows, by name.
+fn client<'a>(agent: &'a Agent, caller: &Caller, name: &str) -> Result<&'a OAuthClient, ApiError> {
+    caller.check_client(name).map_err(ApiError::forbidden)?;
     agent.clients.get(name).ok_or_else(|| {
         let mut known: Vec<&str> = agent.clients.keys().map(String::as_str).collect();
         known.sort_unstable();
@@ -224,27 +296,46 @@ fn client<'a>(agent: &'a Agent, rule: &Rule, name: &str) -> Result<&'a OAuthClie
     })
 }
 
-/// A policy-approved key by name; found on the device once, then remembered.
-async fn signing_key(agent: &Arc<Agent>, name: &str) -> Result<SigningKey, ApiError> {
-    if let Some(k) = agent.cached_key(name) {
-        return Ok(k);
+/// The caller's rule allows `key` (by its label on the device).
+fn check_key(caller: &Caller, key: &SigningKey) -> Result<(), ApiError> {
+    caller.check_key(key.label()).map_err(ApiError::forbidden)
+}
+
+/// A policy-approved key by name that the caller's rule allows; found on the device, then
+/// cached by the key it is (see `Agent::cached_key`).
+async fn signing_key(agent: &Arc<Agent>, caller: &Caller, name: &str) -> Result<SigningKey, ApiError> {
+    if name.len() > MAX_KEY_NAME_BYTES {
+        return Err(ApiError::bad(format!(
+            "key name is {} bytes; the longest accepted is {MAX_KEY_NAME_BYTES}: use the key's label or a short pkcs11: URI",
+            name.len()
+        )));
     }
-    let keyring = agent.keyring.clone();
-    let owned = name.to_string();
-    // Finding a key and reading its attributes are blocking device calls.
-    let key = tokio::task::spawn_blocking(move || keyring.signing_key(&owned)).await??;
-    agent.remember_key(name, key.clone());
+    caller.check_key(name).map_err(ApiError::forbidden)?;
+    let key = match agent.cached_key(name) {
+        Some(k) => k,
+        None => {
+            let keyring = agent.keyring.clone();
+            let owned = name.to_string();
+            // Finding a key and reading its attributes are blocking device calls.
+            let key = tokio::task::spawn_blocking(move || keyring.signing_key(&owned)).await??;
+            agent.remember_key(&key);
+            key
+        }
+    };
+    check_key(caller, &key)?;
     Ok(key)
 }
 
-/// Queues one signature under the per-device bound, records it, logs one line.
+/// Queues one signature under the per-device bound. The keyring's observer counts and
+/// logs it (`super::sign_observer`).
 async fn sign<C: serde::Serialize>(
     agent: &Agent,
-    peer: &Peer,
+    caller: &Caller,
     key: &SigningKey,
     header: &Header,
     claims: &C,
 ) -> Result<String, ApiError> {
+    check_key(caller, key)?;
     let Ok(_permit) = agent.queue.try_acquire() else {
         return Err(ApiError::unavailable(
             format!(
@@ -254,19 +345,17 @@ async fn sign<C: serde::Serialize>(
             1,
         ));
     };
-    let start = Instant::now();
     let result = oauth::sign_async(key, header, claims).await;
-    let took = start.elapsed();
-    let outcome = if result.is_ok() { "ok" } else { "error" };
-    agent
-        .metrics
-        .signature(key.label(), key.alg().name(), outcome, took);
-    tracing::info!(uid = peer.uid, key = key.label(), alg = %key.alg(), micros = took.as_micros() as u64, outcome, "signature");
     if let Err(OAuthError::Token(TokenError::KeyNotFound { .. })) = &result {
         // The key was deleted or replaced on the device: find it afresh next time.
         agent.forget_keys();
     }
     Ok(result?)
+}
+
+/// The key is gone from the device (deleted, or rotated under the same name).
+fn key_gone(e: &ApiError) -> bool {
+    e.error == "unknown_key"
 }
 
 /// The signing answers are typed so the hot path serialises without a JSON tree.
@@ -292,19 +381,18 @@ struct AssertionRequest {
 
 async fn assertion_handler(
     State(agent): State<Arc<Agent>>,
-    Extension(peer): Extension<Peer>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<AssertionAnswer>, ApiError> {
-    let rule = rule(&agent, &peer)?;
     let req: AssertionRequest = parse(body)?;
     let (key, client_id, audience, server_max) = match (&req.client, &req.key) {
         (Some(name), None) => {
-            let c = client(&agent, rule, name)?;
+            let c = client(&agent, &caller, name)?;
             let audience = match req.audience {
                 Some(a) => a,
                 None => c.assertion_audience().await?,
             };
-            let key = c.assertion_key().clone();
+            let key = c.assertion_key();
             let id = req
                 .client_id
                 .unwrap_or_else(|| c.config().client_id.clone());
@@ -316,7 +404,6 @@ async fn assertion_handler(
             )
         }
         (None, Some(name)) => {
-            rule.check_key(name).map_err(ApiError::forbidden)?;
             let id = req
                 .client_id
                 .ok_or_else(|| ApiError::bad("with \"key\", \"client_id\" is required"))?;
@@ -324,7 +411,7 @@ async fn assertion_handler(
                 .audience
                 .ok_or_else(|| ApiError::bad("with \"key\", \"audience\" is required"))?;
             (
-                signing_key(&agent, name).await?,
+                signing_key(&agent, &caller, name).await?,
                 id,
                 audience,
                 assertion::MAX_LIFETIME_SECS,
@@ -332,9 +419,8 @@ async fn assertion_handler(
         }
         _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
     };
-    rule.check_key(key.label()).map_err(ApiError::forbidden)?;
     let lifetime = req.lifetime.unwrap_or(assertion::DEFAULT_LIFETIME_SECS);
-    if let Some(cap) = rule.max_assertion_lifetime
+    if let Some(cap) = caller.max_assertion_lifetime()
         && lifetime > cap
     {
         return Err(ApiError::bad(format!(
@@ -351,7 +437,7 @@ async fn assertion_handler(
     )?;
     let jws = sign(
         &agent,
-        &peer,
+        &caller,
         &key,
         &assertion::header(key.alg(), key.kid()),
         &claims,
@@ -373,23 +459,10 @@ struct DpopRequest {
 
 async fn dpop_handler(
     State(agent): State<Arc<Agent>>,
-    Extension(peer): Extension<Peer>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ProofAnswer>, ApiError> {
-    let rule = rule(&agent, &peer)?;
     let req: DpopRequest = parse(body)?;
-    let key = match (&req.client, &req.key) {
-        (Some(name), None) => client(&agent, rule, name)?
-            .dpop_key()
-            .cloned()
-            .ok_or_else(|| ApiError::bad(format!("client '{name}' has dpop = \"off\"")))?,
-        (None, Some(name)) => {
-            rule.check_key(name).map_err(ApiError::forbidden)?;
-            signing_key(&agent, name).await?
-        }
-        _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
-    };
-    rule.check_key(key.label()).map_err(ApiError::forbidden)?;
     let claims = dpop::claims(
         &req.htm,
         &req.htu,
@@ -398,15 +471,39 @@ async fn dpop_handler(
         oauth::unix_now(),
         oauth::new_jti()?,
     )?;
-    rule.check_htu(&claims.htu).map_err(ApiError::forbidden)?;
-    let jws = sign(
-        &agent,
-        &peer,
-        &key,
-        &dpop::header(key.alg(), key.public()),
-        &claims,
-    )
-    .await?;
+    caller.check_htu(&claims.htu).map_err(ApiError::forbidden)?;
+    let client_key = |c: &OAuthClient, name: &str| {
+        c.dpop_key()
+            .ok_or_else(|| ApiError::bad(format!("client '{name}' has dpop = \"off\"")))
+    };
+    let proof = |key: SigningKey| {
+        let (agent, caller, claims) = (&agent, &caller, &claims);
+        async move {
+            sign(
+                agent,
+                caller,
+                &key,
+                &dpop::header(key.alg(), key.public()),
+                claims,
+            )
+            .await
+        }
+    };
+    let jws = match (&req.client, &req.key) {
+        (Some(name), None) => {
+            let c = client(&agent, &caller, name)?;
+            match proof(client_key(c, name)?).await {
+                // Rotated on the device: the client looks its keys up again, once.
+                Err(e) if key_gone(&e) => {
+                    c.reresolve_keys().await?;
+                    proof(client_key(c, name)?).await?
+                }
+                other => other?,
+            }
+        }
+        (None, Some(name)) => proof(signing_key(&agent, &caller, name).await?).await?,
+        _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
+    };
     Ok(Json(ProofAnswer { proof: jws }))
 }
 
@@ -419,12 +516,17 @@ struct TokenRequest {
 
 async fn token_handler(
     State(agent): State<Arc<Agent>>,
-    Extension(peer): Extension<Peer>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let rule = rule(&agent, &peer)?;
     let req: TokenRequest = parse(body)?;
-    let c = client(&agent, rule, &req.client)?;
+    let c = client(&agent, &caller, &req.client)?;
+    // The client signs with its keys on the caller's behalf: the caller's rule must allow
+    // them as if it signed itself.
+    check_key(&caller, &c.assertion_key())?;
+    if let Some(k) = c.dpop_key() {
+        check_key(&caller, &k)?;
+    }
     let scopes = req.scopes.unwrap_or_else(|| c.config().scopes.clone());
     let token = c.token_for(&scopes).await?;
     let remaining = token.expires_in.map(|s| {
@@ -432,7 +534,7 @@ async fn token_handler(
             .saturating_sub(token.received.elapsed())
             .as_secs()
     });
-    tracing::info!(uid = peer.uid, client = %req.client, token = %token.secret.redacted(), "token handed out");
+    tracing::info!(client = %req.client, token = %token.secret.redacted(), "token handed out");
     Ok(Json(json!({
         "access_token": token.secret.expose(),
         "token_type": token.token_type,
@@ -461,9 +563,8 @@ async fn audited(
 
 async fn jwks_handler(
     State(agent): State<Arc<Agent>>,
-    Extension(peer): Extension<Peer>,
+    _caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    rule(&agent, &peer)?;
     let keys: Vec<Value> = audited(&agent)
         .await?
         .into_iter()
@@ -475,9 +576,8 @@ async fn jwks_handler(
 
 async fn keys_handler(
     State(agent): State<Arc<Agent>>,
-    Extension(peer): Extension<Peer>,
+    _caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    rule(&agent, &peer)?;
     let keys: Vec<Value> = audited(&agent)
         .await?
         .into_iter()
@@ -497,9 +597,8 @@ async fn keys_handler(
 /// 200 when the device answers and the login holds; 503 otherwise.
 async fn health_handler(
     State(agent): State<Arc<Agent>>,
-    Extension(peer): Extension<Peer>,
+    _caller: Caller,
 ) -> Result<Response, ApiError> {
-    rule(&agent, &peer)?;
     let keyring = agent.keyring.clone();
     let probe = tokio::task::spawn_blocking(move || {
         let backend = keyring.backend();
@@ -517,7 +616,7 @@ async fn health_handler(
     let answer = match probed {
         Ok(keys) => (
             StatusCode::OK,
-            json!({ "status": "ok", "token": token, "keys": keys, "queue_depth": agent.queue_depth() }),
+            json!({ "status": "ok", "token": token, "keys": keys, "cached_keys": agent.cached_keys(), "queue_depth": agent.queue_depth() }),
         ),
         Err(message) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -534,9 +633,8 @@ async fn health_handler(
 
 async fn metrics_handler(
     State(agent): State<Arc<Agent>>,
-    Extension(peer): Extension<Peer>,
+    _caller: Caller,
 ) -> Result<Response, ApiError> {
-    rule(&agent, &peer)?;
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         super::metrics::render(&agent),

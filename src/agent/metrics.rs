@@ -113,6 +113,13 @@ pub fn render(agent: &Agent) -> String {
         &mut out,
     );
     let _ = writeln!(out, "keybound_sign_queue_depth {}", agent.queue_depth());
+    head(
+        "keybound_cached_keys",
+        "gauge",
+        "Approved keys the agent keeps, one per key on the device.",
+        &mut out,
+    );
+    let _ = writeln!(out, "keybound_cached_keys {}", agent.cached_keys());
 
     head(
         "keybound_token_fetches_total",
