@@ -99,32 +99,33 @@ async fn body_guard(State(agent): State<Arc<Agent>>, request: Request, next: Nex
     }
     let (parts, body) = request.into_parts();
     let secs = agent.settings.body_timeout_secs;
-    let bytes = match tokio::time::timeout(
-        Duration::from_secs(secs),
-        axum::body::to_bytes(body, limit),
-    )
-    .await
-    {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(e)) => {
-            let inner: &(dyn std::error::Error + 'static) = &e;
-            let over = std::iter::successors(Some(inner), |e| e.source())
-                .any(|e| e.is::<http_body_util::LengthLimitError>());
-            if over {
-                return too_large();
+    let bytes =
+        match tokio::time::timeout(Duration::from_secs(secs), axum::body::to_bytes(body, limit))
+            .await
+        {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => {
+                let inner: &(dyn std::error::Error + 'static) = &e;
+                let over = std::iter::successors(Some(inner), |e| e.source())
+                    .any(|e| e.is::<http_body_util::LengthLimitError>());
+                if over {
+                    return too_large();
+                }
+                return ApiError::bad(format!("cannot read the request body: {e}")).closing();
             }
-            return ApiError::bad(format!("cannot read the request body: {e}")).closing();
-        }
-        Err(_) => {
-            return ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
-                format!("the request body did not arrive within agent.body_timeout_secs ({secs} s)"),
-            )
-            .closing();
-        }
-    };
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+            Err(_) => {
+                return ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    format!(
+                        "the request body did not arrive within agent.body_timeout_secs ({secs} s)"
+                    ),
+                )
+                .closing();
+            }
+        };
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 /// An error answer.
@@ -303,7 +304,11 @@ fn check_key(caller: &Caller, key: &SigningKey) -> Result<(), ApiError> {
 
 /// A policy-approved key by name that the caller's rule allows; found on the device, then
 /// cached by the key it is (see `Agent::cached_key`).
-async fn signing_key(agent: &Arc<Agent>, caller: &Caller, name: &str) -> Result<SigningKey, ApiError> {
+async fn signing_key(
+    agent: &Arc<Agent>,
+    caller: &Caller,
+    name: &str,
+) -> Result<SigningKey, ApiError> {
     if name.len() > MAX_KEY_NAME_BYTES {
         return Err(ApiError::bad(format!(
             "key name is {} bytes; the longest accepted is {MAX_KEY_NAME_BYTES}: use the key's label or a short pkcs11: URI",

@@ -302,21 +302,27 @@ mod tests {
 
     #[test]
     fn rules_limit_clients_keys_and_htu() {
-        let r = rule("gid = 50\nkeys = [\"dpop\"]\nhtu_prefixes = [\"https://o.example/\"]")
-            .unwrap();
+        let r =
+            rule("gid = 50\nkeys = [\"dpop\"]\nhtu_prefixes = [\"https://o.example/\"]").unwrap();
         let caller = Policy::new(vec![r], 0).caller(peer(7, 50)).unwrap();
         assert!(caller.check_key("dpop").is_ok());
         assert!(caller.check_key("client-auth").is_err());
         assert!(caller.check_client("any").is_ok());
         assert!(caller.check_htu("https://o.example/api").is_ok());
         assert!(caller.check_htu("https://evil.example/").is_err());
-        assert!(rule("keys = [\"dpop\"]").unwrap_err().contains("set uid or gid"));
+        assert!(
+            rule("keys = [\"dpop\"]")
+                .unwrap_err()
+                .contains("set uid or gid")
+        );
     }
 
     #[test]
     fn htu_prefixes_match_the_origin_exactly_and_the_path_by_segments() {
-        let r = rule("uid = 1\nhtu_prefixes = [\"https://example.okta.com\", \"https://o.example/api/\"]")
-            .unwrap();
+        let r = rule(
+            "uid = 1\nhtu_prefixes = [\"https://example.okta.com\", \"https://o.example/api/\"]",
+        )
+        .unwrap();
         let caller = Policy::new(vec![r], 0).caller(peer(1, 1)).unwrap();
         for ok in [
             "https://example.okta.com/",
@@ -343,10 +349,22 @@ mod tests {
     #[test]
     fn bad_rules_are_refused_when_parsed() {
         for (text, needle) in [
-            ("uid = 1\nhtu_prefixes = [\"o.example/api\"]", "not an absolute URL"),
-            ("uid = 1\nhtu_prefixes = [\"ftp://o.example/\"]", "https or http"),
-            ("uid = 1\nhtu_prefixes = [\"https://o.example/?q\"]", "no query"),
-            ("uid = 1\nhtu_prefixes = [\"https://u:p@o.example/\"]", "user name"),
+            (
+                "uid = 1\nhtu_prefixes = [\"o.example/api\"]",
+                "not an absolute URL",
+            ),
+            (
+                "uid = 1\nhtu_prefixes = [\"ftp://o.example/\"]",
+                "https or http",
+            ),
+            (
+                "uid = 1\nhtu_prefixes = [\"https://o.example/?q\"]",
+                "no query",
+            ),
+            (
+                "uid = 1\nhtu_prefixes = [\"https://u:p@o.example/\"]",
+                "user name",
+            ),
             ("uid = 1\nmax_assertion_lifetime = 0", "out of range"),
             ("uid = 1\nmax_assertion_lifetime = 3601", "out of range"),
         ] {

@@ -38,8 +38,8 @@ pub struct Settings {
     pub socket_group: Option<String>,
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
-    #[serde(default = "defaults::max_connections_per_uid")]
-    pub max_connections_per_uid: usize,
+    /// Default: half of `max_connections` (at least 1).
+    pub max_connections_per_uid: Option<usize>,
     /// Seconds a connection has to deliver a complete request head, from its opening or
     /// from the previous answer (so also the keep-alive idle limit).
     #[serde(default = "defaults::header_timeout_secs")]
@@ -62,9 +62,6 @@ pub struct Settings {
 mod defaults {
     pub fn max_connections() -> usize {
         256
-    }
-    pub fn max_connections_per_uid() -> usize {
-        64
     }
     pub fn header_timeout_secs() -> u64 {
         10
@@ -93,7 +90,7 @@ impl Default for Settings {
             socket_mode: SocketMode::default(),
             socket_group: None,
             max_connections: defaults::max_connections(),
-            max_connections_per_uid: defaults::max_connections_per_uid(),
+            max_connections_per_uid: None,
             header_timeout_secs: defaults::header_timeout_secs(),
             body_timeout_secs: defaults::body_timeout_secs(),
             max_queue: defaults::max_queue(),
@@ -117,7 +114,7 @@ impl Settings {
         range("max_connections", self.max_connections, 1, 65_536)?;
         range(
             "max_connections_per_uid",
-            self.max_connections_per_uid,
+            self.per_uid_cap(),
             1,
             self.max_connections,
         )?;
@@ -129,6 +126,12 @@ impl Settings {
         range("max_body_bytes", self.max_body_bytes, 256, 16 << 20)?;
         range("async_threads", self.async_threads, 1, 64)?;
         Ok(())
+    }
+
+    /// Connections one uid may hold open at once.
+    pub fn per_uid_cap(&self) -> usize {
+        self.max_connections_per_uid
+            .unwrap_or((self.max_connections / 2).max(1))
     }
 
     pub fn socket_path(&self) -> PathBuf {
@@ -225,7 +228,10 @@ impl Agent {
 
     /// Keys in the cache (for `/healthz` and `/metrics`).
     pub fn cached_keys(&self) -> usize {
-        self.keys.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     fn forget_keys(&self) {
@@ -294,7 +300,7 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
                 pid = ?peer.pid,
                 "uid {} already has {} connections open (agent.max_connections_per_uid); closing a new one",
                 peer.uid,
-                agent.settings.max_connections_per_uid
+                agent.settings.per_uid_cap()
             );
             continue;
         };
@@ -355,7 +361,7 @@ impl UidSlot {
     fn take(agent: &Arc<Agent>, uid: u32) -> Option<UidSlot> {
         let mut open = agent.per_uid.lock().unwrap_or_else(PoisonError::into_inner);
         let n = open.entry(uid).or_default();
-        if *n >= agent.settings.max_connections_per_uid {
+        if *n >= agent.settings.per_uid_cap() {
             return None;
         }
         *n += 1;
