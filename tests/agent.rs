@@ -2388,6 +2388,13 @@ async fn a_rotated_client_key_is_found_again_without_a_restart() {
         .await
         .ok("POST /v1/token, uncached, after the rotation");
     assert_eq!(jkt(&token2), new_kid.as_str());
+    // dev's cached token was bound to the old key: it is dropped with the old key, and
+    // the next one is bound to the new key, like the proofs dev now gets.
+    let again = post(agent.socket(), "/v1/token", &json!({ "client": "dev" }))
+        .await
+        .ok("POST /v1/token for dev after the rotation");
+    assert_ne!(again["access_token"], first["access_token"]);
+    assert_eq!(jkt(&again), new_kid.as_str());
 }
 
 /// F13: /v1/token checks the client's keys against the caller's rule, and the

@@ -363,6 +363,40 @@ fn key_gone(e: &ApiError) -> bool {
     e.error == "unknown_key"
 }
 
+/// Which of a client's keys signs.
+#[derive(Clone, Copy)]
+enum ClientKey {
+    Assertion,
+    Dpop,
+}
+
+/// Signs with a client's key. A key gone from the device makes the client look its keys
+/// up again by their configured names (a rotation), and the signature is tried once more.
+async fn sign_as_client<C: serde::Serialize>(
+    agent: &Agent,
+    caller: &Caller,
+    (c, name): (&OAuthClient, &str),
+    which: ClientKey,
+    header: impl Fn(&SigningKey) -> Header,
+    claims: &C,
+) -> Result<String, ApiError> {
+    let key = || match which {
+        ClientKey::Assertion => Ok(c.assertion_key()),
+        ClientKey::Dpop => c
+            .dpop_key()
+            .ok_or_else(|| ApiError::bad(format!("client '{name}' has dpop = \"off\""))),
+    };
+    let first = key()?;
+    match sign(agent, caller, &first, &header(&first), claims).await {
+        Err(e) if key_gone(&e) => {
+            c.reresolve_keys().await?;
+            let again = key()?;
+            sign(agent, caller, &again, &header(&again), claims).await
+        }
+        other => other,
+    }
+}
+
 /// The signing answers are typed so the hot path serialises without a JSON tree.
 #[derive(Serialize)]
 struct AssertionAnswer {
@@ -390,40 +424,6 @@ async fn assertion_handler(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<AssertionAnswer>, ApiError> {
     let req: AssertionRequest = parse(body)?;
-    let (key, client_id, audience, server_max) = match (&req.client, &req.key) {
-        (Some(name), None) => {
-            let c = client(&agent, &caller, name)?;
-            let audience = match req.audience {
-                Some(a) => a,
-                None => c.assertion_audience().await?,
-            };
-            let key = c.assertion_key();
-            let id = req
-                .client_id
-                .unwrap_or_else(|| c.config().client_id.clone());
-            (
-                key,
-                id,
-                audience,
-                c.config().server.max_assertion_lifetime(),
-            )
-        }
-        (None, Some(name)) => {
-            let id = req
-                .client_id
-                .ok_or_else(|| ApiError::bad("with \"key\", \"client_id\" is required"))?;
-            let audience = req
-                .audience
-                .ok_or_else(|| ApiError::bad("with \"key\", \"audience\" is required"))?;
-            (
-                signing_key(&agent, &caller, name).await?,
-                id,
-                audience,
-                assertion::MAX_LIFETIME_SECS,
-            )
-        }
-        _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
-    };
     let lifetime = req.lifetime.unwrap_or(assertion::DEFAULT_LIFETIME_SECS);
     if let Some(cap) = caller.max_assertion_lifetime()
         && lifetime > cap
@@ -432,22 +432,53 @@ async fn assertion_handler(
             "lifetime {lifetime} s exceeds this caller's max_assertion_lifetime ({cap} s)"
         )));
     }
-    let claims = assertion::claims(
-        &client_id,
-        &audience,
-        lifetime,
-        server_max,
-        oauth::unix_now(),
-        oauth::new_jti()?,
-    )?;
-    let jws = sign(
-        &agent,
-        &caller,
-        &key,
-        &assertion::header(key.alg(), key.kid()),
-        &claims,
-    )
-    .await?;
+    let header = |k: &SigningKey| assertion::header(k.alg(), k.kid());
+    let jws = match (&req.client, &req.key) {
+        (Some(name), None) => {
+            let c = client(&agent, &caller, name)?;
+            let audience = match req.audience {
+                Some(a) => a,
+                None => c.assertion_audience().await?,
+            };
+            let client_id = req.client_id.as_deref().unwrap_or(&c.config().client_id);
+            let claims = assertion::claims(
+                client_id,
+                &audience,
+                lifetime,
+                c.config().server.max_assertion_lifetime(),
+                oauth::unix_now(),
+                oauth::new_jti()?,
+            )?;
+            sign_as_client(
+                &agent,
+                &caller,
+                (c, name),
+                ClientKey::Assertion,
+                header,
+                &claims,
+            )
+            .await?
+        }
+        (None, Some(name)) => {
+            let client_id = req
+                .client_id
+                .ok_or_else(|| ApiError::bad("with \"key\", \"client_id\" is required"))?;
+            let audience = req
+                .audience
+                .ok_or_else(|| ApiError::bad("with \"key\", \"audience\" is required"))?;
+            let key = signing_key(&agent, &caller, name).await?;
+            let claims = assertion::claims(
+                &client_id,
+                &audience,
+                lifetime,
+                assertion::MAX_LIFETIME_SECS,
+                oauth::unix_now(),
+                oauth::new_jti()?,
+            )?;
+            sign(&agent, &caller, &key, &header(&key), &claims).await?
+        }
+        _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
+    };
     Ok(Json(AssertionAnswer { assertion: jws }))
 }
 
@@ -477,36 +508,16 @@ async fn dpop_handler(
         oauth::new_jti()?,
     )?;
     caller.check_htu(&claims.htu).map_err(ApiError::forbidden)?;
-    let client_key = |c: &OAuthClient, name: &str| {
-        c.dpop_key()
-            .ok_or_else(|| ApiError::bad(format!("client '{name}' has dpop = \"off\"")))
-    };
-    let proof = |key: SigningKey| {
-        let (agent, caller, claims) = (&agent, &caller, &claims);
-        async move {
-            sign(
-                agent,
-                caller,
-                &key,
-                &dpop::header(key.alg(), key.public()),
-                claims,
-            )
-            .await
-        }
-    };
+    let header = |k: &SigningKey| dpop::header(k.alg(), k.public());
     let jws = match (&req.client, &req.key) {
         (Some(name), None) => {
             let c = client(&agent, &caller, name)?;
-            match proof(client_key(c, name)?).await {
-                // Rotated on the device: the client looks its keys up again, once.
-                Err(e) if key_gone(&e) => {
-                    c.reresolve_keys().await?;
-                    proof(client_key(c, name)?).await?
-                }
-                other => other?,
-            }
+            sign_as_client(&agent, &caller, (c, name), ClientKey::Dpop, header, &claims).await?
         }
-        (None, Some(name)) => proof(signing_key(&agent, &caller, name).await?).await?,
+        (None, Some(name)) => {
+            let key = signing_key(&agent, &caller, name).await?;
+            sign(&agent, &caller, &key, &header(&key), &claims).await?
+        }
         _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
     };
     Ok(Json(ProofAnswer { proof: jws }))

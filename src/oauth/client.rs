@@ -115,7 +115,15 @@ impl OAuthClient {
             .write()
             .unwrap_or_else(PoisonError::into_inner) = assertion_key;
         if let (Some(slot), Some(key)) = (&self.dpop_key, dpop_key) {
-            *slot.write().unwrap_or_else(PoisonError::into_inner) = key;
+            let old = std::mem::replace(
+                &mut *slot.write().unwrap_or_else(PoisonError::into_inner),
+                key,
+            );
+            if Some(old.kid()) != self.dpop_key().as_ref().map(SigningKey::kid) {
+                // Cached tokens are bound to the old key (cnf.jkt): proofs by the new key
+                // would not match them.
+                self.cache.clear();
+            }
         }
         Ok(())
     }
