@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::Agent;
+use super::access::check_key;
 use super::authz::Caller;
 use crate::jose::Header;
 use crate::keyring::{KeyError, SigningKey};
@@ -59,9 +60,6 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .layer(middleware::from_fn_with_state(agent.clone(), body_guard))
         .with_state(agent)
 }
-
-/// The longest key name accepted, in bytes: labels and `pkcs11:` URIs are far shorter.
-const MAX_KEY_NAME_BYTES: usize = 512;
 
 /// The caller's rule, the only way a handler gets one: the accept loop attaches a
 /// [`Caller`] to a connection only when a rule names its peer, and every path to a key or a
@@ -138,7 +136,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> ApiError {
+    pub(super) fn new(
+        status: StatusCode,
+        error: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
             error,
@@ -147,11 +149,11 @@ impl ApiError {
         }
     }
 
-    fn bad(message: impl Into<String>) -> ApiError {
+    pub(super) fn bad(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 
-    fn forbidden(message: impl Into<String>) -> ApiError {
+    pub(super) fn forbidden(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
@@ -278,59 +280,6 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
     })
 }
 
-/// A client the caller's rule allows, by name.
-fn client<'a>(agent: &'a Agent, caller: &Caller, name: &str) -> Result<&'a OAuthClient, ApiError> {
-    caller.check_client(name).map_err(ApiError::forbidden)?;
-    agent.clients.get(name).ok_or_else(|| {
-        let mut known: Vec<&str> = agent.clients.keys().map(String::as_str).collect();
-        known.sort_unstable();
-        let configured = if known.is_empty() {
-            "none is configured; add a [[client]] to the agent's config".to_owned()
-        } else {
-            format!("configured: {}", known.join(", "))
-        };
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_client",
-            format!("no client '{name}'; {configured}"),
-        )
-    })
-}
-
-/// The caller's rule allows `key` (by its label on the device).
-fn check_key(caller: &Caller, key: &SigningKey) -> Result<(), ApiError> {
-    caller.check_key(key.label()).map_err(ApiError::forbidden)
-}
-
-/// A policy-approved key by name that the caller's rule allows; found on the device, then
-/// cached by the key it is (see `Agent::cached_key`).
-async fn signing_key(
-    agent: &Arc<Agent>,
-    caller: &Caller,
-    name: &str,
-) -> Result<SigningKey, ApiError> {
-    if name.len() > MAX_KEY_NAME_BYTES {
-        return Err(ApiError::bad(format!(
-            "key name is {} bytes; the longest accepted is {MAX_KEY_NAME_BYTES}: use the key's label or a short pkcs11: URI",
-            name.len()
-        )));
-    }
-    caller.check_key(name).map_err(ApiError::forbidden)?;
-    let key = match agent.cached_key(name) {
-        Some(k) => k,
-        None => {
-            let keyring = agent.keyring.clone();
-            let owned = name.to_string();
-            // Finding a key and reading its attributes are blocking device calls.
-            let key = tokio::task::spawn_blocking(move || keyring.signing_key(&owned)).await??;
-            agent.remember_key(&key);
-            key
-        }
-    };
-    check_key(caller, &key)?;
-    Ok(key)
-}
-
 /// Queues one signature under the per-device bound. The keyring's observer counts and
 /// logs it (`super::sign_observer`).
 async fn sign<C: serde::Serialize>(
@@ -353,7 +302,7 @@ async fn sign<C: serde::Serialize>(
     let result = oauth::sign_async(key, header, claims).await;
     if let Err(OAuthError::Token(TokenError::KeyNotFound { .. })) = &result {
         // The key was deleted or replaced on the device: find it afresh next time.
-        agent.forget_keys();
+        agent.access.forget_keys();
     }
     Ok(result?)
 }
@@ -435,7 +384,7 @@ async fn assertion_handler(
     let header = |k: &SigningKey| assertion::header(k.alg(), k.kid());
     let jws = match (&req.client, &req.key) {
         (Some(name), None) => {
-            let c = client(&agent, &caller, name)?;
+            let c = agent.access.client(&caller, name)?;
             let audience = match req.audience {
                 Some(a) => a,
                 None => c.assertion_audience().await?,
@@ -466,7 +415,7 @@ async fn assertion_handler(
             let audience = req
                 .audience
                 .ok_or_else(|| ApiError::bad("with \"key\", \"audience\" is required"))?;
-            let key = signing_key(&agent, &caller, name).await?;
+            let key = agent.access.key(&caller, name).await?;
             let claims = assertion::claims(
                 &client_id,
                 &audience,
@@ -511,11 +460,11 @@ async fn dpop_handler(
     let header = |k: &SigningKey| dpop::header(k.alg(), k.public());
     let jws = match (&req.client, &req.key) {
         (Some(name), None) => {
-            let c = client(&agent, &caller, name)?;
+            let c = agent.access.client(&caller, name)?;
             sign_as_client(&agent, &caller, (c, name), ClientKey::Dpop, header, &claims).await?
         }
         (None, Some(name)) => {
-            let key = signing_key(&agent, &caller, name).await?;
+            let key = agent.access.key(&caller, name).await?;
             sign(&agent, &caller, &key, &header(&key), &claims).await?
         }
         _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
@@ -536,13 +485,7 @@ async fn token_handler(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req: TokenRequest = parse(body)?;
-    let c = client(&agent, &caller, &req.client)?;
-    // The client signs with its keys on the caller's behalf: the caller's rule must allow
-    // them as if it signed itself.
-    check_key(&caller, &c.assertion_key())?;
-    if let Some(k) = c.dpop_key() {
-        check_key(&caller, &k)?;
-    }
+    let c = agent.access.token_client(&caller, &req.client)?;
     let scopes = req.scopes.unwrap_or_else(|| c.config().scopes.clone());
     let token = c.token_for(&scopes).await?;
     let remaining = token.expires_in.map(|s| {
@@ -562,8 +505,9 @@ async fn token_handler(
 /// Every key with its verdict (blocking device calls).
 async fn audited(
     agent: &Arc<Agent>,
+    caller: &Caller,
 ) -> Result<Vec<(crate::token::KeyInfo, crate::policy::Verdict)>, ApiError> {
-    let keyring = agent.keyring.clone();
+    let keyring = agent.access.device(caller).clone();
     Ok(
         tokio::task::spawn_blocking(move || -> Result<_, TokenError> {
             let mut out = Vec::new();
@@ -579,9 +523,9 @@ async fn audited(
 
 async fn jwks_handler(
     State(agent): State<Arc<Agent>>,
-    _caller: Caller,
+    caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    let keys: Vec<Value> = audited(&agent)
+    let keys: Vec<Value> = audited(&agent, &caller)
         .await?
         .into_iter()
         .filter(|(_, v)| v.allows_signing())
@@ -592,9 +536,9 @@ async fn jwks_handler(
 
 async fn keys_handler(
     State(agent): State<Arc<Agent>>,
-    _caller: Caller,
+    caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    let keys: Vec<Value> = audited(&agent)
+    let keys: Vec<Value> = audited(&agent, &caller)
         .await?
         .into_iter()
         .map(|(k, v)| {
@@ -613,9 +557,9 @@ async fn keys_handler(
 /// 200 when the device answers and the login holds; 503 otherwise.
 async fn health_handler(
     State(agent): State<Arc<Agent>>,
-    _caller: Caller,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
-    let keyring = agent.keyring.clone();
+    let keyring = agent.access.device(&caller).clone();
     let probe = tokio::task::spawn_blocking(move || {
         let backend = keyring.backend();
         backend
@@ -623,7 +567,12 @@ async fn health_handler(
             .and_then(|()| backend.keys())
             .map(|k| k.len())
     });
-    let token = agent.keyring.backend().describe().token_label;
+    let token = agent
+        .access
+        .device(&caller)
+        .backend()
+        .describe()
+        .token_label;
     let probed = match tokio::time::timeout(Duration::from_secs(5), probe).await {
         Ok(Ok(keys)) => keys.map_err(|e| e.to_string()),
         Ok(Err(e)) => Err(e.to_string()),
@@ -632,7 +581,7 @@ async fn health_handler(
     let answer = match probed {
         Ok(keys) => (
             StatusCode::OK,
-            json!({ "status": "ok", "token": token, "keys": keys, "cached_keys": agent.cached_keys(), "queue_depth": agent.queue_depth() }),
+            json!({ "status": "ok", "token": token, "keys": keys, "cached_keys": agent.access.cached_keys(), "queue_depth": agent.queue_depth() }),
         ),
         Err(message) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -649,11 +598,11 @@ async fn health_handler(
 
 async fn metrics_handler(
     State(agent): State<Arc<Agent>>,
-    _caller: Caller,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        super::metrics::render(&agent),
+        super::metrics::render(&agent, &caller),
     )
         .into_response())
 }

@@ -8,6 +8,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use super::Agent;
+use super::authz::Caller;
 use crate::oauth::resilience::BreakerState;
 use crate::oauth::settings::origin;
 
@@ -56,7 +57,7 @@ impl Metrics {
 }
 
 /// The whole exposition for `GET /metrics`.
-pub fn render(agent: &Agent) -> String {
+pub fn render(agent: &Agent, caller: &Caller) -> String {
     let m = &agent.metrics;
     let mut out = String::new();
     let head = |name: &str, kind: &str, help: &str, out: &mut String| {
@@ -119,7 +120,7 @@ pub fn render(agent: &Agent) -> String {
         "Approved keys the agent keeps, one per key on the device.",
         &mut out,
     );
-    let _ = writeln!(out, "keybound_cached_keys {}", agent.cached_keys());
+    let _ = writeln!(out, "keybound_cached_keys {}", agent.access.cached_keys());
 
     head(
         "keybound_token_fetches_total",
@@ -127,7 +128,7 @@ pub fn render(agent: &Agent) -> String {
         "Token fetches by client and outcome.",
         &mut out,
     );
-    for (name, c) in &agent.clients {
+    for (name, c) in agent.access.clients(caller) {
         let s = &c.stats;
         let _ = writeln!(
             out,
@@ -143,7 +144,7 @@ pub fn render(agent: &Agent) -> String {
         "Time spent fetching tokens.",
         &mut out,
     );
-    for (name, c) in &agent.clients {
+    for (name, c) in agent.access.clients(caller) {
         let _ = writeln!(
             out,
             "keybound_token_fetch_seconds_total{{client=\"{}\"}} {}",
@@ -157,7 +158,7 @@ pub fn render(agent: &Agent) -> String {
         "Token cache lookups by result.",
         &mut out,
     );
-    for (name, c) in &agent.clients {
+    for (name, c) in agent.access.clients(caller) {
         let _ = writeln!(
             out,
             "keybound_token_cache_total{{client=\"{0}\",result=\"hit\"}} {1}\nkeybound_token_cache_total{{client=\"{0}\",result=\"miss\"}} {2}",
@@ -172,7 +173,7 @@ pub fn render(agent: &Agent) -> String {
         "HTTP responses from authorization and resource servers by status class.",
         &mut out,
     );
-    for (name, c) in &agent.clients {
+    for (name, c) in agent.access.clients(caller) {
         for (i, class) in ["2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -188,7 +189,7 @@ pub fn render(agent: &Agent) -> String {
         "use_dpop_nonce challenges answered.",
         &mut out,
     );
-    for (name, c) in &agent.clients {
+    for (name, c) in agent.access.clients(caller) {
         let _ = writeln!(
             out,
             "keybound_dpop_nonce_challenges_total{{client=\"{}\"}} {}",
@@ -202,7 +203,7 @@ pub fn render(agent: &Agent) -> String {
         "Server clock minus local clock, from Date headers.",
         &mut out,
     );
-    for c in agent.clients.values() {
+    for (_, c) in agent.access.clients(caller) {
         let cfg = c.config();
         for url in cfg.token_endpoint.iter().chain(cfg.issuer.iter()) {
             let o = origin(url);
@@ -221,7 +222,7 @@ pub fn render(agent: &Agent) -> String {
         "Circuit breaker per client: 0 closed, 1 open, 2 half-open.",
         &mut out,
     );
-    for (name, c) in &agent.clients {
+    for (name, c) in agent.access.clients(caller) {
         let state = match c.breaker_state() {
             BreakerState::Closed => 0,
             BreakerState::Open => 1,

@@ -2,6 +2,7 @@
 //! identified by peer credentials; signatures queued per device with a bound; tokens from
 //! the OAuth client's cache; Prometheus metrics.
 
+mod access;
 mod api;
 pub mod authz;
 pub mod metrics;
@@ -20,7 +21,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument as _;
 
-use crate::keyring::{Keyring, SignEvent, SignObserver, SigningKey};
+use crate::keyring::{Keyring, SignEvent, SignObserver};
 use crate::oauth::client::OAuthClient;
 use authz::{Peer, Policy};
 use metrics::Metrics;
@@ -141,11 +142,8 @@ impl Settings {
 
 /// Everything a request handler needs.
 pub struct Agent {
-    keyring: Keyring,
-    clients: HashMap<String, OAuthClient>,
-    /// Keys already found and approved by the policy, one entry per key on the device
-    /// (never per name a caller used: see `cached_key`), at most `MAX_CACHED_KEYS`.
-    keys: Mutex<Vec<SigningKey>>,
+    /// Keys, clients and the device, reached only with the request's `Caller`.
+    access: access::Access,
     /// Signing requests in flight; `try_acquire` failing is the "queue full" answer.
     queue: Semaphore,
     settings: Settings,
@@ -154,9 +152,6 @@ pub struct Agent {
     /// Open connections per uid, for `max_connections_per_uid`.
     per_uid: Mutex<HashMap<u32, usize>>,
 }
-
-/// More keys than a device holds in practice; past it the cache starts over.
-const MAX_CACHED_KEYS: usize = 64;
 
 /// The signature observer the agent gives its keyring before any key is approved (the
 /// OAuth clients' keys included): every signature counted in `metrics` and logged.
@@ -181,64 +176,13 @@ impl Agent {
         settings.validate()?;
         let authz = Policy::new(settings.allow.clone(), own_uid);
         Ok(Agent {
-            keyring,
-            clients: clients
-                .into_iter()
-                .map(|c| (c.config().name.clone(), c))
-                .collect(),
-            keys: Mutex::new(Vec::new()),
+            access: access::Access::new(keyring, clients),
             queue: Semaphore::new(settings.max_queue),
             settings,
             authz,
             metrics,
             per_uid: Mutex::new(HashMap::new()),
         })
-    }
-
-    /// A cached key for a plain label. A `pkcs11:` URI is found on the device each time
-    /// (its attributes are many and free-form: caching by its text let callers fill the
-    /// memory with names of one key), then lands on its key's one entry.
-    fn cached_key(&self, name: &str) -> Option<SigningKey> {
-        if name.starts_with("pkcs11:") {
-            return None;
-        }
-        let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut labelled = keys.iter().filter(|k| k.label() == name);
-        match (labelled.next(), labelled.next()) {
-            (Some(k), None) => Some(k.clone()),
-            // Two keys with one label: let the device lookup say what is ambiguous.
-            _ => None,
-        }
-    }
-
-    /// Caches `key` by its identity (label and kid, the public key's thumbprint), not by
-    /// the name a caller used.
-    fn remember_key(&self, key: &SigningKey) {
-        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        let same = |k: &SigningKey| k.label() == key.label() && k.kid() == key.kid();
-        if let Some(old) = keys.iter_mut().find(|k| same(k)) {
-            *old = key.clone();
-            return;
-        }
-        if keys.len() >= MAX_CACHED_KEYS {
-            keys.clear();
-        }
-        keys.push(key.clone());
-    }
-
-    /// Keys in the cache (for `/healthz` and `/metrics`).
-    pub fn cached_keys(&self) -> usize {
-        self.keys
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-
-    fn forget_keys(&self) {
-        self.keys
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
     }
 
     /// Signing requests queued or in progress.
