@@ -62,8 +62,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
 }
 
 /// The caller's rule, the only way a handler gets one: the accept loop attaches a
-/// [`Caller`] to a connection only when a rule names its peer, and every path to a key or a
-/// client below takes a `&Caller`, so a handler that skips this does not compile.
+/// [`Caller`] to a connection only when a rule names its peer (and closes the others), and
+/// every door of `Access` (keys, clients, the device) and `sign` takes a `&Caller`, so a
+/// handler that skips this extractor does not compile.
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 

@@ -234,3 +234,33 @@ fn prepare_dir(dir: &Path, me: u32, mode: SocketMode) -> Result<(), SocketError>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_modes_and_groups() {
+        assert_eq!(
+            SocketMode::try_from("0660".to_owned()),
+            Ok(SocketMode::Group)
+        );
+        assert!(
+            SocketMode::try_from("0644".to_owned())
+                .unwrap_err()
+                .contains("0666")
+        );
+        assert_eq!(SocketMode::Everyone.dir_bits(), 0o711);
+        assert!(SocketMode::Group.check_group(None).is_err());
+        assert!(SocketMode::Owner.check_group(Some("x")).is_err());
+        assert!(SocketMode::Group.check_group(Some("x")).is_ok());
+        assert_eq!(group_id("0").unwrap(), 0);
+        assert_eq!(group_id("root").unwrap(), 0);
+        assert!(
+            group_id("no-such-group-here")
+                .unwrap_err()
+                .to_string()
+                .contains("no group 'no-such-group-here'")
+        );
+    }
+}
