@@ -1525,8 +1525,9 @@ async fn token_endpoint_caches_answers_nonce_challenges_and_obeys_client_rules()
     // A caller whose rule lists other clients gets none of this client's services.
     agent.terminate();
     assert_eq!(agent.wait().code(), Some(0));
+    let other = dev_client(&server.base).replace("name = \"dev\"", "name = \"other\"");
     token.write_config(&config_text(
-        &dev_client(&server.base),
+        &format!("{}\n{other}", dev_client(&server.base)),
         &allow_uid(own_uid(), "clients = [\"other\"]"),
     ));
     let agent = Agent::start(&token, &dir.socket());
@@ -2198,6 +2199,10 @@ fn bad_rules_and_socket_settings_are_named_at_start() {
         (
             "[[agent.allow]]\nkeys = [\"dpop\"]".to_owned(),
             &["agent.allow[0]", "set uid or gid"][..],
+        ),
+        (
+            allow_uid(NOBODY, r#"clients = ["okat"]"#),
+            &["agent.allow[0].clients[0]", "okat", "no [[client]]"][..],
         ),
         (
             "socket_mode = \"0644\"".to_owned(),

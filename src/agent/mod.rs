@@ -174,6 +174,8 @@ impl Agent {
         metrics: Arc<Metrics>,
     ) -> Result<Agent, String> {
         settings.validate()?;
+        let names: Vec<&str> = clients.iter().map(|c| c.config().name.as_str()).collect();
+        Policy::check_clients(&settings.allow, &names)?;
         let authz = Policy::new(settings.allow.clone(), own_uid);
         Ok(Agent {
             access: access::Access::new(keyring, clients),
