@@ -2362,6 +2362,9 @@ async fn a_rotated_client_key_is_found_again_without_a_restart() {
     let jkt =
         |t: &Value| Jws::parse(t["access_token"].as_str().unwrap()).claims["cnf"]["jkt"].clone();
     assert_eq!(jkt(&first), kids["dpop"].as_str());
+    // The agent's own key cache holds dpop too.
+    let jwks = published_jwks(&token, &agent).await;
+    assert_still_signs(&mut Conn::open(agent.socket()).await, &jwks, &kids["dpop"]).await;
 
     // Rotate dpop: delete both objects, generate a new key under the same label.
     for kind in ["privkey", "pubkey"] {
@@ -2371,6 +2374,9 @@ async fn a_rotated_client_key_is_found_again_without_a_restart() {
     let new_kid = token.generate("dpop", "ES256");
     assert_ne!(new_kid, kids["dpop"]);
     let jwks = published_jwks(&token, &agent).await;
+
+    // By name, through the agent's cache: the first request after the rotation signs.
+    assert_still_signs(&mut Conn::open(agent.socket()).await, &jwks, &new_kid).await;
 
     let htu = format!("{}/api/v1/users", server.base);
     let start = window_start();

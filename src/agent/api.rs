@@ -313,6 +313,25 @@ fn key_gone(e: &ApiError) -> bool {
     e.error == "unknown_key"
 }
 
+/// Signs with a key by name. A cached key gone from the device (rotated under its name)
+/// is found afresh, and the signature tried once more.
+async fn sign_as_key<C: serde::Serialize>(
+    agent: &Agent,
+    caller: &Caller,
+    name: &str,
+    header: impl Fn(&SigningKey) -> Header,
+    claims: &C,
+) -> Result<String, ApiError> {
+    let first = agent.access.key(caller, name).await?;
+    match sign(agent, caller, &first, &header(&first), claims).await {
+        Err(e) if key_gone(&e) => {
+            let again = agent.access.key(caller, name).await?;
+            sign(agent, caller, &again, &header(&again), claims).await
+        }
+        other => other,
+    }
+}
+
 /// Which of a client's keys signs.
 #[derive(Clone, Copy)]
 enum ClientKey {
@@ -416,7 +435,6 @@ async fn assertion_handler(
             let audience = req
                 .audience
                 .ok_or_else(|| ApiError::bad("with \"key\", \"audience\" is required"))?;
-            let key = agent.access.key(&caller, name).await?;
             let claims = assertion::claims(
                 &client_id,
                 &audience,
@@ -425,7 +443,7 @@ async fn assertion_handler(
                 oauth::unix_now(),
                 oauth::new_jti()?,
             )?;
-            sign(&agent, &caller, &key, &header(&key), &claims).await?
+            sign_as_key(&agent, &caller, name, header, &claims).await?
         }
         _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
     };
@@ -464,10 +482,7 @@ async fn dpop_handler(
             let c = agent.access.client(&caller, name)?;
             sign_as_client(&agent, &caller, (c, name), ClientKey::Dpop, header, &claims).await?
         }
-        (None, Some(name)) => {
-            let key = agent.access.key(&caller, name).await?;
-            sign(&agent, &caller, &key, &header(&key), &claims).await?
-        }
+        (None, Some(name)) => sign_as_key(&agent, &caller, name, header, &claims).await?,
         _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
     };
     Ok(Json(ProofAnswer { proof: jws }))
