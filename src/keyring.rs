@@ -2,6 +2,7 @@
 //! `SigningKey` is through `Keyring::signing_key`, which refuses keys the policy fails.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::config::TokenConfig;
 use crate::jose::{Alg, JwsSignature, PublicKey, ToBeSigned};
@@ -25,7 +26,22 @@ pub enum KeyError {
 pub struct Keyring {
     backend: Arc<dyn Backend>,
     rules: Rules,
+    observer: Option<SignObserver>,
 }
+
+/// One signature the device made or refused, as an observer sees it.
+#[derive(Debug)]
+pub struct SignEvent<'a> {
+    pub label: &'a str,
+    pub alg: Alg,
+    pub ok: bool,
+    pub took: Duration,
+}
+
+/// Called after every signature of every `SigningKey` the keyring approves from then on
+/// (the agent counts and logs there), so no call site can sign unrecorded. It runs on the
+/// thread that signed: keep it short and non-blocking.
+pub type SignObserver = Arc<dyn Fn(&SignEvent<'_>) + Send + Sync>;
 
 /// A key the policy allowed to sign, with its `kid` (RFC 7638 thumbprint). Cheap to
 /// clone: the agent hands one to every request.
@@ -34,6 +50,7 @@ pub struct SigningKey {
     info: Arc<KeyInfo>,
     kid: Arc<str>,
     backend: Arc<dyn Backend>,
+    observer: Option<SignObserver>,
 }
 
 impl Keyring {
@@ -50,7 +67,16 @@ impl Keyring {
             #[cfg(feature = "tpm")]
             TokenConfig::Tpm(settings) => Arc::new(TpmToken::open(settings)?),
         };
-        Ok(Keyring { backend, rules })
+        Ok(Keyring {
+            backend,
+            rules,
+            observer: None,
+        })
+    }
+
+    /// Watches every signature of the keys approved from now on (see [`SignObserver`]).
+    pub fn set_observer(&mut self, observer: SignObserver) {
+        self.observer = Some(observer);
     }
 
     pub fn backend(&self) -> &dyn Backend {
@@ -84,6 +110,7 @@ impl Keyring {
             kid: info.public.thumbprint().into(),
             info: Arc::new(info),
             backend: self.backend.clone(),
+            observer: self.observer.clone(),
         })
     }
 }
@@ -111,7 +138,10 @@ impl SigningKey {
 
     /// Signs on the device. Blocking.
     pub fn sign(&self, tbs: ToBeSigned) -> Result<JwsSignature, TokenError> {
-        self.backend.sign(&self.info, tbs)
+        let start = Instant::now();
+        let result = self.backend.sign(&self.info, tbs);
+        self.observed(result.is_ok(), start);
+        result
     }
 
     /// The device's raw rate for this key: see `Backend::bench_raw`.
@@ -125,6 +155,32 @@ impl SigningKey {
 
     /// Queues a signature; `reply` gets the outcome on a worker thread.
     pub fn submit(&self, tbs: ToBeSigned, reply: Reply) {
-        self.backend.submit(&self.info, tbs, reply);
+        if self.observer.is_none() {
+            return self.backend.submit(&self.info, tbs, reply);
+        }
+        let (key, start) = (self.clone(), Instant::now());
+        // The reply runs on a worker thread: the caller's span goes along, so the
+        // observer's log line carries the request's fields (the agent's caller uid).
+        let span = tracing::Span::current();
+        self.backend.submit(
+            &self.info,
+            tbs,
+            Box::new(move |result| {
+                let _entered = span.enter();
+                key.observed(result.is_ok(), start);
+                reply(result);
+            }),
+        );
+    }
+
+    fn observed(&self, ok: bool, start: Instant) {
+        if let Some(observer) = &self.observer {
+            observer(&SignEvent {
+                label: self.label(),
+                alg: self.alg(),
+                ok,
+                took: start.elapsed(),
+            });
+        }
     }
 }

@@ -148,24 +148,26 @@ async fn another_uid_is_refused_by_default_even_with_the_socket_opened_to_everyo
         chmod(&dir.run_dir(), 0o711);
     }
 
-    // Second line: with the socket reachable, the peer uid decides.
+    // Second line: with the socket reachable, the peer uid decides: a uid no rule names
+    // is closed as soon as it is accepted, before any HTTP.
     expose_socket(&dir);
     for who in [nobody, As::RunuserNobody] {
-        let reply = curl_as(who, agent.socket(), "/v1/dpop", &request);
-        reply.error(403, "forbidden", &["uid 65534", "[[agent.allow]]"]);
+        curl_as(who, agent.socket(), "/v1/dpop", &request).assert_closed();
     }
     // Assertions too.
-    let refused = curl_as(
+    curl_as(
         As::RunuserNobody,
         agent.socket(),
         "/v1/assertion",
         &json!({ "key": "dpop", "client_id": "x", "audience": "https://a.example/" }),
-    );
-    refused.error(403, "forbidden", &["uid 65534"]);
+    )
+    .assert_closed();
+    let log = agent.log();
     assert!(
-        agent.log().contains("refused caller"),
-        "the refusal is logged:\n{}",
-        agent.log()
+        log.contains("refused caller")
+            && log.contains("uid 65534")
+            && log.contains("[[agent.allow]]"),
+        "the refusal is logged with its reason:\n{log}"
     );
 
     // The agent's own uid is still served, on the same exposed socket.
@@ -274,8 +276,8 @@ async fn allow_rules_limit_another_uid_to_its_keys_and_htu_prefixes() {
         &dpop_request("dpop", "GET", "https://o.example/api"),
     );
     reply.error(403, "forbidden", &["key 'dpop' is not allowed"]);
-    // uid 65533 in its own group: no rule at all.
-    let reply = curl_as(
+    // uid 65533 in its own group: no rule at all, the connection is closed.
+    curl_as(
         As::Setpriv {
             uid: NOBODY - 1,
             gid: NOBODY - 1,
@@ -283,8 +285,8 @@ async fn allow_rules_limit_another_uid_to_its_keys_and_htu_prefixes() {
         agent.socket(),
         "/v1/assertion",
         &assertion,
-    );
-    reply.error(403, "forbidden", &["uid 65533"]);
+    )
+    .assert_closed();
 
     // The agent's own uid has its own rule: any key, assertions up to 300 s.
     assert_still_signs(&mut Conn::open(agent.socket()).await, &jwks, &kids["dpop"]).await;
@@ -1523,8 +1525,9 @@ async fn token_endpoint_caches_answers_nonce_challenges_and_obeys_client_rules()
     // A caller whose rule lists other clients gets none of this client's services.
     agent.terminate();
     assert_eq!(agent.wait().code(), Some(0));
+    let other = dev_client(&server.base).replace("name = \"dev\"", "name = \"other\"");
     token.write_config(&config_text(
-        &dev_client(&server.base),
+        &format!("{}\n{other}", dev_client(&server.base)),
         &allow_uid(own_uid(), "clients = [\"other\"]"),
     ));
     let agent = Agent::start(&token, &dir.socket());
@@ -1845,4 +1848,686 @@ async fn metrics_count_signatures_and_keys_jwks_healthz_have_their_shapes() {
     assert_eq!(health["token"], TOKEN_LABEL);
     assert_eq!(health["keys"], 3);
     assert_eq!(health["queue_depth"], 0);
+}
+
+// ---------------------------------------------------------------------------
+// 10. Issue 9: slots and timeouts, half-close, Expect, names, rules, sockets, rotation,
+//     tokens under key limits
+// ---------------------------------------------------------------------------
+
+/// A small client run as another uid: opens `n` connections to the socket and sends
+/// nothing; prints `opened N`, then `closed K` each time the agent closes one more.
+struct SilentConnections {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+const SILENT_CLIENT: &str = r#"
+import select, socket, sys
+path, n = sys.argv[1], int(sys.argv[2])
+socks = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    socks.append(s)
+print("opened", n, flush=True)
+closed = 0
+while socks:
+    ready, _, _ = select.select(socks, [], [], 120)
+    if not ready:
+        break
+    for s in ready:
+        try:
+            data = s.recv(4096)
+        except ConnectionResetError:
+            data = b""
+        if data == b"":
+            socks.remove(s)
+            closed += 1
+            print("closed", closed, flush=True)
+"#;
+
+impl SilentConnections {
+    fn start(who: As, socket: &std::path::Path, n: usize) -> SilentConnections {
+        use std::io::BufRead as _;
+        let mut cmd = who.command();
+        // The system's python3, not one from this user's PATH (other uids cannot run it).
+        cmd.args(["/usr/bin/python3", "-c", SILENT_CLIENT])
+            .arg(socket)
+            .arg(n.to_string())
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .current_dir("/")
+            .stdout(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn python3 as another uid");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let silent = SilentConnections { child, lines };
+        silent.wait_for(&format!("opened {n}"));
+        silent
+    }
+
+    /// Waits (GUARD as a safety net) until the client prints `line`.
+    fn wait_for(&self, line: &str) {
+        loop {
+            match self.lines.recv_timeout(GUARD) {
+                Ok(l) if l == line => return,
+                Ok(_) => {}
+                Err(e) => panic!("the silent client never printed {line:?} ({e})"),
+            }
+        }
+    }
+}
+
+impl Drop for SilentConnections {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET /healthz from the agent's own uid, with a safety net instead of a hang.
+async fn healthz_is_served(agent: &Agent, while_what: &str) {
+    let reply = tokio::time::timeout(GUARD, get(agent.socket(), "/healthz"))
+        .await
+        .unwrap_or_else(|_| panic!("/healthz starved {while_what}"));
+    assert_eq!(reply.ok("GET /healthz")["status"], "ok");
+}
+
+/// F3: connections from a uid no rule names are closed at accept; they hold no slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_from_an_unruled_uid_do_not_starve_healthz() {
+    const SILENT: usize = 20;
+    let (token, _) = token_with_keys(&[("dpop", "ES256")]);
+    token.write_config(&config_text("", "max_connections = 8"));
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    expose_socket(&dir);
+    let nobody = As::Setpriv {
+        uid: NOBODY,
+        gid: NOBODY,
+    };
+    let silent = SilentConnections::start(nobody, agent.socket(), SILENT);
+    healthz_is_served(&agent, "by silent connections from uid 65534").await;
+    silent.wait_for(&format!("closed {SILENT}"));
+    healthz_is_served(&agent, "after the silent connections").await;
+}
+
+/// F3: a uid a rule names gets at most max_connections_per_uid connections; the rest are
+/// closed at accept, and the other uids keep their slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_uid_cannot_take_every_connection_slot() {
+    const SILENT: usize = 20;
+    const PER_UID: usize = 4;
+    let (token, _) = token_with_keys(&[("dpop", "ES256")]);
+    token.write_config(&config_text(
+        "",
+        &format!(
+            "max_connections = 8\nmax_connections_per_uid = {PER_UID}\nheader_timeout_secs = 300\n{}{}",
+            allow_uid(own_uid(), ""),
+            allow_uid(NOBODY, "keys = [\"dpop\"]")
+        ),
+    ));
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    expose_socket(&dir);
+    let nobody = As::Setpriv {
+        uid: NOBODY,
+        gid: NOBODY,
+    };
+    let silent = SilentConnections::start(nobody, agent.socket(), SILENT);
+    // All but PER_UID are closed at once; those PER_UID stay open (header timeout 300 s).
+    silent.wait_for(&format!("closed {}", SILENT - PER_UID));
+    healthz_is_served(&agent, "while uid 65534 holds its 4 connections").await;
+    assert!(
+        agent.log().contains("agent.max_connections_per_uid"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// Reads until the agent closes the connection (GUARD as a safety net).
+async fn read_until_closed(stream: &mut tokio::net::UnixStream, what: &str) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let mut bytes = Vec::new();
+    match tokio::time::timeout(GUARD, stream.read_to_end(&mut bytes)).await {
+        Ok(Ok(_)) => {}
+        // A reset is a close too.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(Err(e)) => panic!("{what}: {e}"),
+        Err(_) => panic!("{what}: the agent never closed the connection"),
+    }
+    bytes
+}
+
+/// F3: a partial request head, an idle keep-alive connection and a body that stops
+/// arriving are closed after their timeouts (asserted on the close, not on a clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_heads_idle_connections_and_stalled_bodies_are_closed() {
+    let (token, _) = token_with_keys(&[("dpop", "ES256")]);
+    token.write_config(&config_text(
+        "",
+        "header_timeout_secs = 1\nbody_timeout_secs = 1",
+    ));
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+
+    let mut stream = tokio::net::UnixStream::connect(agent.socket())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: keybound\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut stream, "a partial head").await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "nothing, or 408, for a partial head: {text:?}"
+    );
+
+    // Keep-alive: one answer, then the idle connection is closed.
+    let mut stream = tokio::net::UnixStream::connect(agent.socket())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: keybound\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut stream, "an idle keep-alive connection").await;
+    assert_eq!(parse_reply(&answer).ok("GET /healthz")["status"], "ok");
+
+    // A body that stops arriving: 408, then closed.
+    let mut stream = tokio::net::UnixStream::connect(agent.socket())
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"POST /v1/dpop HTTP/1.1\r\nHost: keybound\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{\"key\":",
+        )
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut stream, "a stalled body").await;
+    parse_reply(&answer).error(408, "timeout", &["agent.body_timeout_secs"]);
+
+    // And the agent serves on.
+    healthz_is_served(&agent, "after the timeouts").await;
+}
+
+/// F14: a client that shuts down its write side after the request still gets the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_connection_gets_its_answer() {
+    let (token, kids) = token_with_keys(&[("dpop", "ES256")]);
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let jwks = published_jwks(&token, &agent).await;
+    let body = dpop_request("dpop", "POST", "https://a.example/half").to_string();
+    for _ in 0..5 {
+        let start = window_start();
+        let mut stream = tokio::net::UnixStream::connect(agent.socket())
+            .await
+            .unwrap();
+        let request = format!(
+            "POST /v1/dpop HTTP/1.1\r\nHost: keybound\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let answer = read_until_closed(&mut stream, "a half-closed request").await;
+        let proof = parse_reply(&answer).ok_member("POST /v1/dpop, half-closed", "proof");
+        check_proof(
+            &jwks,
+            &proof,
+            &want_proof(&kids["dpop"], "POST", "https://a.example/half"),
+            window_end(start),
+        );
+    }
+}
+
+/// Minor: `Expect: 100-continue` with a Content-Length over max_body_bytes gets 413, not
+/// `100 Continue`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_over_the_body_limit_gets_413_not_100() {
+    use tokio::io::AsyncReadExt as _;
+    let (token, _) = token_with_keys(&[("dpop", "ES256")]);
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let mut stream = tokio::net::UnixStream::connect(agent.socket())
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"POST /v1/dpop HTTP/1.1\r\nHost: keybound\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // The first status line the agent sends (the body is never written).
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n") {
+        let n = tokio::time::timeout(GUARD, stream.read(&mut byte))
+            .await
+            .expect("an answer before the safety net")
+            .expect("read");
+        assert!(n == 1, "closed after {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&head),
+        "HTTP/1.1 413 Payload Too Large\r\n"
+    );
+    healthz_is_served(&agent, "after the refused body").await;
+}
+
+/// F4: names are cached by the key they resolve to, not by their text; a name longer than
+/// a key name can sensibly be is 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_names_for_one_key_cache_one_entry_and_an_over_long_name_is_400() {
+    const NAMES: usize = 100;
+    let (token, kids) = token_with_keys(&[("dpop", "ES256")]);
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let jwks = published_jwks(&token, &agent).await;
+    let mut conn = Conn::open(agent.socket()).await;
+    for i in 0..NAMES {
+        let name = format!("pkcs11:object=dpop;manufacturer={i:0>400}");
+        let start = window_start();
+        let proof = conn
+            .post(
+                "/v1/dpop",
+                &dpop_request(&name, "GET", "https://a.example/n"),
+            )
+            .await
+            .ok_member("a proof by a long pkcs11: name", "proof");
+        if i % 25 == 0 {
+            check_proof(
+                &jwks,
+                &proof,
+                &want_proof(&kids["dpop"], "GET", "https://a.example/n"),
+                window_end(start),
+            );
+        }
+    }
+    assert_still_signs(&mut conn, &jwks, &kids["dpop"]).await;
+    let metrics = conn.get("/metrics").await.text();
+    assert_eq!(
+        metric(&metrics, "keybound_cached_keys", &[]),
+        Some(1.0),
+        "{NAMES} names of one key, one cache entry:\n{metrics}"
+    );
+    assert_eq!(
+        conn.get("/healthz").await.ok("GET /healthz")["cached_keys"],
+        1
+    );
+
+    let long = format!("pkcs11:object=dpop;manufacturer={}", "m".repeat(10_000));
+    conn.post(
+        "/v1/dpop",
+        &dpop_request(&long, "GET", "https://a.example/n"),
+    )
+    .await
+    .error(400, "invalid_request", &["key name is", "512"]);
+    let metrics = conn.get("/metrics").await.text();
+    assert_eq!(metric(&metrics, "keybound_cached_keys", &[]), Some(1.0));
+}
+
+/// F6: an htu prefix is an origin matched exactly and a path matched on segments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn htu_prefixes_match_origins_exactly_and_paths_by_segment() {
+    let (token, kids) = token_with_keys(&[("dpop", "ES256")]);
+    token.write_config(&config_text(
+        "",
+        &allow_uid(
+            own_uid(),
+            r#"htu_prefixes = ["https://example.okta.com", "https://api.example/v1/"]"#,
+        ),
+    ));
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let jwks = published_jwks(&token, &agent).await;
+    let mut conn = Conn::open(agent.socket()).await;
+    for htu in [
+        "https://example.okta.com/oauth2/v1/token",
+        "https://EXAMPLE.okta.com:443/",
+        "https://api.example/v1",
+        "https://api.example/v1/users",
+    ] {
+        let start = window_start();
+        let proof = conn
+            .post("/v1/dpop", &dpop_request("dpop", "POST", htu))
+            .await
+            .ok_member(htu, "proof");
+        let want = Jws::parse(&proof).claims["htu"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        check_proof(
+            &jwks,
+            &proof,
+            &want_proof(&kids["dpop"], "POST", &want),
+            window_end(start),
+        );
+    }
+    for htu in [
+        "https://example.okta.com.evil.com/oauth2/v1/token",
+        "https://example.okta.com:8443/oauth2/v1/token",
+        "http://example.okta.com/oauth2/v1/token",
+        "https://api.example/v10/users",
+        "https://api.example/",
+    ] {
+        conn.post("/v1/dpop", &dpop_request("dpop", "POST", htu))
+            .await
+            .error(
+                403,
+                "forbidden",
+                &["htu_prefixes", "https://example.okta.com"],
+            );
+    }
+}
+
+/// F6 and F7: a bad rule or socket setting stops the agent at start, named.
+#[test]
+fn bad_rules_and_socket_settings_are_named_at_start() {
+    let (token, _) = token_with_keys(&[("dpop", "ES256")]);
+    for (lines, needles) in [
+        (
+            allow_uid(
+                NOBODY,
+                r#"htu_prefixes = ["https://ok.example/", "example.okta.com"]"#,
+            ),
+            &[
+                "agent.allow[0].htu_prefixes[1]",
+                "example.okta.com",
+                "absolute URL",
+            ][..],
+        ),
+        (
+            allow_uid(NOBODY, r#"htu_prefixes = ["https://o.example/?x=1"]"#),
+            &["agent.allow[0].htu_prefixes[0]", "query"][..],
+        ),
+        (
+            allow_uid(NOBODY, "max_assertion_lifetime = 0"),
+            &["agent.allow[0].max_assertion_lifetime", "out of range"][..],
+        ),
+        (
+            "[[agent.allow]]\nkeys = [\"dpop\"]".to_owned(),
+            &["agent.allow[0]", "set uid or gid"][..],
+        ),
+        (
+            allow_uid(NOBODY, r#"clients = ["okat"]"#),
+            &["agent.allow[0].clients[0]", "okat", "no [[client]]"][..],
+        ),
+        (
+            "socket_mode = \"0644\"".to_owned(),
+            &["agent.socket_mode", "0644", "0660"][..],
+        ),
+        (
+            "socket_mode = \"0660\"".to_owned(),
+            &["agent.socket_mode", "agent.socket_group"][..],
+        ),
+        (
+            "socket_group = \"nogroup\"".to_owned(),
+            &["agent.socket_group", "0660"][..],
+        ),
+        (
+            "max_connections = 8\nmax_connections_per_uid = 9".to_owned(),
+            &["agent.max_connections_per_uid", "9", "1 to 8"][..],
+        ),
+        (
+            "header_timeout_secs = 0".to_owned(),
+            &["agent.header_timeout_secs", "0"][..],
+        ),
+    ] {
+        token.write_config(&config_text("", &lines));
+        assert_serve_refuses(&token, &SocketDir::new(), needles);
+    }
+}
+
+/// F7: with socket_mode 0666 and a rule for uid 65534, that uid is served; a uid without
+/// a rule is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_mode_0666_lets_a_ruled_uid_in() {
+    let (token, kids) = token_with_keys(&[("dpop", "ES256")]);
+    token.write_config(&config_text(
+        "",
+        &format!(
+            "socket_mode = \"0666\"\n{}{}",
+            allow_uid(own_uid(), ""),
+            allow_uid(NOBODY, "keys = [\"dpop\"]")
+        ),
+    ));
+    let dir = SocketDir::new();
+    // Only the temp dir above the agent's own directory is opened by the test.
+    chmod(dir.root(), 0o711);
+    let agent = Agent::start(&token, &dir.socket());
+    assert_eq!(mode_and_owner(&dir.run_dir()), (0o711, own_uid()));
+    assert_eq!(mode_and_owner(agent.socket()), (0o666, own_uid()));
+    let jwks = served_jwks(&agent, &token.jwks(&[])).await;
+
+    let start = window_start();
+    let reply = curl_as(
+        As::Setpriv {
+            uid: NOBODY,
+            gid: NOBODY,
+        },
+        agent.socket(),
+        "/v1/dpop",
+        &dpop_request("dpop", "GET", "https://o.example/api"),
+    );
+    assert_eq!(reply.status, 200, "{reply:?}");
+    check_proof(
+        &jwks,
+        reply.json()["proof"].as_str().expect("proof"),
+        &want_proof(&kids["dpop"], "GET", "https://o.example/api"),
+        window_end(start),
+    );
+    curl_as(
+        As::Setpriv {
+            uid: NOBODY - 1,
+            gid: NOBODY - 1,
+        },
+        agent.socket(),
+        "/v1/dpop",
+        &dpop_request("dpop", "GET", "https://o.example/api"),
+    )
+    .assert_closed();
+}
+
+/// F7: with socket_mode 0660 and socket_group, members of the group reach the socket
+/// (and their rule decides); others cannot connect at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_group_lets_its_members_in() {
+    let (token, kids) = token_with_keys(&[("dpop", "ES256")]);
+    let member = NOBODY - 2;
+    token.write_config(&config_text(
+        "",
+        &format!(
+            "socket_mode = \"0660\"\nsocket_group = \"{NOBODY}\"\n{}{}{}",
+            allow_uid(own_uid(), ""),
+            allow_uid(member, "keys = [\"dpop\"]"),
+            allow_uid(NOBODY - 3, "keys = [\"dpop\"]"),
+        ),
+    ));
+    let dir = SocketDir::new();
+    chmod(dir.root(), 0o711);
+    let agent = Agent::start(&token, &dir.socket());
+    assert_eq!(mode_and_owner(&dir.run_dir()).0, 0o710);
+    assert_eq!(mode_and_owner(agent.socket()).0, 0o660);
+    let group = |p: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(p).unwrap().gid()
+    };
+    assert_eq!(group(&dir.run_dir()), NOBODY);
+    assert_eq!(group(agent.socket()), NOBODY);
+    let jwks = served_jwks(&agent, &token.jwks(&[])).await;
+
+    let start = window_start();
+    let reply = curl_as(
+        As::SetprivInGroup {
+            uid: member,
+            gid: member,
+            group: NOBODY,
+        },
+        agent.socket(),
+        "/v1/dpop",
+        &dpop_request("dpop", "GET", "https://o.example/api"),
+    );
+    assert_eq!(reply.status, 200, "{reply:?}");
+    check_proof(
+        &jwks,
+        reply.json()["proof"].as_str().expect("proof"),
+        &want_proof(&kids["dpop"], "GET", "https://o.example/api"),
+        window_end(start),
+    );
+    // A ruled uid outside the group: the file modes keep it out (curl cannot connect).
+    let outside = curl_as(
+        As::Setpriv {
+            uid: NOBODY - 3,
+            gid: NOBODY - 3,
+        },
+        agent.socket(),
+        "/v1/dpop",
+        &dpop_request("dpop", "GET", "https://o.example/api"),
+    );
+    assert_eq!((outside.exit, outside.status), (Some(7), 0), "{outside:?}");
+}
+
+/// F12: a client's key deleted and generated anew under its name is looked up again:
+/// the client's proofs and an uncached token work without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_key_is_found_again_without_a_restart() {
+    let (token, kids) = token_with_keys(&[("client-auth", "ES256"), ("dpop", "ES256")]);
+    let jwks_file = token.write_file(
+        "client-jwks.json",
+        &json!({ "keys": token.jwks(&["client-auth"]) }).to_string(),
+    );
+    let server = DevServerProcess::start(&token, DEV_CLIENT_ID, &jwks_file);
+    let second = dev_client(&server.base).replace("name = \"dev\"", "name = \"dev2\"");
+    token.write_config(&config_text(
+        &format!("{}\n{second}", dev_client(&server.base)),
+        "",
+    ));
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let first = post(agent.socket(), "/v1/token", &json!({ "client": "dev" }))
+        .await
+        .ok("POST /v1/token before the rotation");
+    let jkt =
+        |t: &Value| Jws::parse(t["access_token"].as_str().unwrap()).claims["cnf"]["jkt"].clone();
+    assert_eq!(jkt(&first), kids["dpop"].as_str());
+    // The agent's own key cache holds dpop too.
+    let jwks = published_jwks(&token, &agent).await;
+    assert_still_signs(&mut Conn::open(agent.socket()).await, &jwks, &kids["dpop"]).await;
+
+    // Rotate dpop: delete both objects, generate a new key under the same label.
+    for kind in ["privkey", "pubkey"] {
+        let out = token.pkcs11_tool(&["--delete-object", "--type", kind, "--label", "dpop"]);
+        assert!(out.status.success(), "pkcs11-tool:\n{}", describe(&out));
+    }
+    let new_kid = token.generate("dpop", "ES256");
+    assert_ne!(new_kid, kids["dpop"]);
+    let jwks = published_jwks(&token, &agent).await;
+
+    // By name, through the agent's cache: the first request after the rotation signs.
+    assert_still_signs(&mut Conn::open(agent.socket()).await, &jwks, &new_kid).await;
+
+    let htu = format!("{}/api/v1/users", server.base);
+    let start = window_start();
+    let proof = post(
+        agent.socket(),
+        "/v1/dpop",
+        &json!({ "client": "dev", "htm": "GET", "htu": htu }),
+    )
+    .await
+    .ok_member("POST /v1/dpop for the client after the rotation", "proof");
+    check_proof(
+        &jwks,
+        &proof,
+        &want_proof(&new_kid, "GET", &htu),
+        window_end(start),
+    );
+
+    // dev2 has fetched nothing yet: its token is signed now, bound to the new key.
+    let token2 = post(agent.socket(), "/v1/token", &json!({ "client": "dev2" }))
+        .await
+        .ok("POST /v1/token, uncached, after the rotation");
+    assert_eq!(jkt(&token2), new_kid.as_str());
+    // dev's cached token was bound to the old key: it is dropped with the old key, and
+    // the next one is bound to the new key, like the proofs dev now gets.
+    let again = post(agent.socket(), "/v1/token", &json!({ "client": "dev" }))
+        .await
+        .ok("POST /v1/token for dev after the rotation");
+    assert_ne!(again["access_token"], first["access_token"]);
+    assert_eq!(jkt(&again), new_kid.as_str());
+}
+
+/// F13: /v1/token checks the client's keys against the caller's rule, and the
+/// signatures a token fetch makes are counted and logged like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_obey_key_limits_and_their_signatures_are_recorded() {
+    let (token, _) = token_with_keys(&[("client-auth", "ES256"), ("dpop", "ES256")]);
+    let jwks_file = token.write_file(
+        "client-jwks.json",
+        &json!({ "keys": token.jwks(&["client-auth"]) }).to_string(),
+    );
+    let server = DevServerProcess::start(&token, DEV_CLIENT_ID, &jwks_file);
+    token.write_config(&config_text(
+        &dev_client(&server.base),
+        &format!(
+            "{}{}",
+            allow_uid(own_uid(), ""),
+            allow_uid(NOBODY, "keys = [\"dpop\"]")
+        ),
+    ));
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    expose_socket(&dir);
+
+    let refused = curl_as(
+        As::Setpriv {
+            uid: NOBODY,
+            gid: NOBODY,
+        },
+        agent.socket(),
+        "/v1/token",
+        &json!({ "client": "dev" }),
+    );
+    refused.error(403, "forbidden", &["key 'client-auth' is not allowed"]);
+
+    let mut conn = Conn::open(agent.socket()).await;
+    conn.post("/v1/token", &json!({ "client": "dev" }))
+        .await
+        .ok("POST /v1/token");
+    let metrics = conn.get("/metrics").await.text();
+    let count = |key: &str| {
+        metric(
+            &metrics,
+            "keybound_signatures_total",
+            &[("key", key), ("alg", "ES256"), ("outcome", "ok")],
+        )
+        .unwrap_or(0.0)
+    };
+    let log = agent.log();
+    let logged = |key: &str| {
+        log.lines()
+            .filter(|l| l.contains(" signature ") && l.contains(&format!("key=\"{key}\"")))
+            .inspect(|l| assert_mentions(l, &[&format!("uid={}", own_uid()), "micros="]))
+            .count() as f64
+    };
+    for key in ["client-auth", "dpop"] {
+        assert!(count(key) >= 1.0, "{key} counted:\n{metrics}");
+        assert_eq!(
+            count(key),
+            logged(key),
+            "{key}: one log line per signature\n{log}"
+        );
+    }
 }

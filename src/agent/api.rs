@@ -3,21 +3,24 @@
 //! 502 the upstream server failed, 503 (+ Retry-After) try again later.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::Agent;
-use super::authz::{Peer, Rule};
+use super::access::check_key;
+use super::authz::Caller;
 use crate::jose::Header;
 use crate::keyring::{KeyError, SigningKey};
 use crate::oauth::client::OAuthClient;
@@ -54,7 +57,74 @@ pub fn router(agent: Arc<Agent>) -> Router {
             },
         )
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(agent.clone(), body_guard))
         .with_state(agent)
+}
+
+/// The caller's rule, the only way a handler gets one: the accept loop attaches a
+/// [`Caller`] to a connection only when a rule names its peer (and closes the others), and
+/// every door of `Access` (keys, clients, the device) and `sign` takes a `&Caller`, so a
+/// handler that skips this extractor does not compile.
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Caller, ApiError> {
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            ApiError::forbidden("this connection has no caller rule; add an [[agent.allow]] rule")
+        })
+    }
+}
+
+/// Reads the whole body before a handler runs: 413 from `Content-Length` alone (before
+/// hyper answers `Expect: 100-continue`), 413 past `max_body_bytes` while reading, 408 when
+/// the body takes longer than `body_timeout_secs`.
+async fn body_guard(State(agent): State<Arc<Agent>>, request: Request, next: Next) -> Response {
+    let limit = agent.settings.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body exceeds agent.max_body_bytes ({limit} bytes)"),
+        )
+        .closing()
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large();
+    }
+    let (parts, body) = request.into_parts();
+    let secs = agent.settings.body_timeout_secs;
+    let bytes =
+        match tokio::time::timeout(Duration::from_secs(secs), axum::body::to_bytes(body, limit))
+            .await
+        {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => {
+                let inner: &(dyn std::error::Error + 'static) = &e;
+                let over = std::iter::successors(Some(inner), |e| e.source())
+                    .any(|e| e.is::<http_body_util::LengthLimitError>());
+                if over {
+                    return too_large();
+                }
+                return ApiError::bad(format!("cannot read the request body: {e}")).closing();
+            }
+            Err(_) => {
+                return ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    format!(
+                        "the request body did not arrive within agent.body_timeout_secs ({secs} s)"
+                    ),
+                )
+                .closing();
+            }
+        };
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 /// An error answer.
@@ -67,7 +137,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> ApiError {
+    pub(super) fn new(
+        status: StatusCode,
+        error: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
             error,
@@ -76,12 +150,20 @@ impl ApiError {
         }
     }
 
-    fn bad(message: impl Into<String>) -> ApiError {
+    pub(super) fn bad(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 
-    fn forbidden(message: impl Into<String>) -> ApiError {
+    pub(super) fn forbidden(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// The answer, and the connection closed after it (a body left unread).
+    fn closing(self) -> Response {
+        let mut r = self.into_response();
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
     }
 
     fn unavailable(message: impl Into<String>, retry_after: u64) -> ApiError {
@@ -199,52 +281,16 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
     })
 }
 
-fn rule<'a>(agent: &'a Agent, peer: &Peer) -> Result<&'a Rule, ApiError> {
-    agent.authz.rule_for(peer).map_err(|m| {
-        tracing::warn!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "refused caller");
-        ApiError::forbidden(m)
-    })
-}
-
-fn client<'a>(agent: &'a Agent, rule: &Rule, name: &str) -> Result<&'a OAuthClient, ApiError> {
-    rule.check_client(name).map_err(ApiError::forbidden)?;
-    agent.clients.get(name).ok_or_else(|| {
-        let mut known: Vec<&str> = agent.clients.keys().map(String::as_str).collect();
-        known.sort_unstable();
-        let configured = if known.is_empty() {
-            "none is configured; add a [[client]] to the agent's config".to_owned()
-        } else {
-            format!("configured: {}", known.join(", "))
-        };
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_client",
-            format!("no client '{name}'; {configured}"),
-        )
-    })
-}
-
-/// A policy-approved key by name; found on the device once, then remembered.
-async fn signing_key(agent: &Arc<Agent>, name: &str) -> Result<SigningKey, ApiError> {
-    if let Some(k) = agent.cached_key(name) {
-        return Ok(k);
-    }
-    let keyring = agent.keyring.clone();
-    let owned = name.to_string();
-    // Finding a key and reading its attributes are blocking device calls.
-    let key = tokio::task::spawn_blocking(move || keyring.signing_key(&owned)).await??;
-    agent.remember_key(name, key.clone());
-    Ok(key)
-}
-
-/// Queues one signature under the per-device bound, records it, logs one line.
+/// Queues one signature under the per-device bound. The keyring's observer counts and
+/// logs it (`super::sign_observer`).
 async fn sign<C: serde::Serialize>(
     agent: &Agent,
-    peer: &Peer,
+    caller: &Caller,
     key: &SigningKey,
     header: &Header,
     claims: &C,
 ) -> Result<String, ApiError> {
+    check_key(caller, key)?;
     let Ok(_permit) = agent.queue.try_acquire() else {
         return Err(ApiError::unavailable(
             format!(
@@ -254,19 +300,70 @@ async fn sign<C: serde::Serialize>(
             1,
         ));
     };
-    let start = Instant::now();
     let result = oauth::sign_async(key, header, claims).await;
-    let took = start.elapsed();
-    let outcome = if result.is_ok() { "ok" } else { "error" };
-    agent
-        .metrics
-        .signature(key.label(), key.alg().name(), outcome, took);
-    tracing::info!(uid = peer.uid, key = key.label(), alg = %key.alg(), micros = took.as_micros() as u64, outcome, "signature");
     if let Err(OAuthError::Token(TokenError::KeyNotFound { .. })) = &result {
         // The key was deleted or replaced on the device: find it afresh next time.
-        agent.forget_keys();
+        agent.access.forget_keys();
     }
     Ok(result?)
+}
+
+/// The key is gone from the device (deleted, or rotated under the same name).
+fn key_gone(e: &ApiError) -> bool {
+    e.error == "unknown_key"
+}
+
+/// Signs with a key by name. A cached key gone from the device (rotated under its name)
+/// is found afresh, and the signature tried once more.
+async fn sign_as_key<C: serde::Serialize>(
+    agent: &Agent,
+    caller: &Caller,
+    name: &str,
+    header: impl Fn(&SigningKey) -> Header,
+    claims: &C,
+) -> Result<String, ApiError> {
+    let first = agent.access.key(caller, name).await?;
+    match sign(agent, caller, &first, &header(&first), claims).await {
+        Err(e) if key_gone(&e) => {
+            let again = agent.access.key(caller, name).await?;
+            sign(agent, caller, &again, &header(&again), claims).await
+        }
+        other => other,
+    }
+}
+
+/// Which of a client's keys signs.
+#[derive(Clone, Copy)]
+enum ClientKey {
+    Assertion,
+    Dpop,
+}
+
+/// Signs with a client's key. A key gone from the device makes the client look its keys
+/// up again by their configured names (a rotation), and the signature is tried once more.
+async fn sign_as_client<C: serde::Serialize>(
+    agent: &Agent,
+    caller: &Caller,
+    (c, name): (&OAuthClient, &str),
+    which: ClientKey,
+    header: impl Fn(&SigningKey) -> Header,
+    claims: &C,
+) -> Result<String, ApiError> {
+    let key = || match which {
+        ClientKey::Assertion => Ok(c.assertion_key()),
+        ClientKey::Dpop => c
+            .dpop_key()
+            .ok_or_else(|| ApiError::bad(format!("client '{name}' has dpop = \"off\""))),
+    };
+    let first = key()?;
+    match sign(agent, caller, &first, &header(&first), claims).await {
+        Err(e) if key_gone(&e) => {
+            c.reresolve_keys().await?;
+            let again = key()?;
+            sign(agent, caller, &again, &header(&again), claims).await
+        }
+        other => other,
+    }
 }
 
 /// The signing answers are typed so the hot path serialises without a JSON tree.
@@ -292,71 +389,64 @@ struct AssertionRequest {
 
 async fn assertion_handler(
     State(agent): State<Arc<Agent>>,
-    Extension(peer): Extension<Peer>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<AssertionAnswer>, ApiError> {
-    let rule = rule(&agent, &peer)?;
     let req: AssertionRequest = parse(body)?;
-    let (key, client_id, audience, server_max) = match (&req.client, &req.key) {
-        (Some(name), None) => {
-            let c = client(&agent, rule, name)?;
-            let audience = match req.audience {
-                Some(a) => a,
-                None => c.assertion_audience().await?,
-            };
-            let key = c.assertion_key().clone();
-            let id = req
-                .client_id
-                .unwrap_or_else(|| c.config().client_id.clone());
-            (
-                key,
-                id,
-                audience,
-                c.config().server.max_assertion_lifetime(),
-            )
-        }
-        (None, Some(name)) => {
-            rule.check_key(name).map_err(ApiError::forbidden)?;
-            let id = req
-                .client_id
-                .ok_or_else(|| ApiError::bad("with \"key\", \"client_id\" is required"))?;
-            let audience = req
-                .audience
-                .ok_or_else(|| ApiError::bad("with \"key\", \"audience\" is required"))?;
-            (
-                signing_key(&agent, name).await?,
-                id,
-                audience,
-                assertion::MAX_LIFETIME_SECS,
-            )
-        }
-        _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
-    };
-    rule.check_key(key.label()).map_err(ApiError::forbidden)?;
     let lifetime = req.lifetime.unwrap_or(assertion::DEFAULT_LIFETIME_SECS);
-    if let Some(cap) = rule.max_assertion_lifetime
+    if let Some(cap) = caller.max_assertion_lifetime()
         && lifetime > cap
     {
         return Err(ApiError::bad(format!(
             "lifetime {lifetime} s exceeds this caller's max_assertion_lifetime ({cap} s)"
         )));
     }
-    let claims = assertion::claims(
-        &client_id,
-        &audience,
-        lifetime,
-        server_max,
-        oauth::unix_now(),
-        oauth::new_jti()?,
-    )?;
-    let jws = sign(
-        &agent,
-        &peer,
-        &key,
-        &assertion::header(key.alg(), key.kid()),
-        &claims,
-    )
-    .await?;
+    let header = |k: &SigningKey| assertion::header(k.alg(), k.kid());
+    let jws = match (&req.client, &req.key) {
+        (Some(name), None) => {
+            let c = agent.access.client(&caller, name)?;
+            let audience = match req.audience {
+                Some(a) => a,
+                None => c.assertion_audience().await?,
+            };
+            let client_id = req.client_id.as_deref().unwrap_or(&c.config().client_id);
+            let claims = assertion::claims(
+                client_id,
+                &audience,
+                lifetime,
+                c.config().server.max_assertion_lifetime(),
+                oauth::unix_now(),
+                oauth::new_jti()?,
+            )?;
+            sign_as_client(
+                &agent,
+                &caller,
+                (c, name),
+                ClientKey::Assertion,
+                header,
+                &claims,
+            )
+            .await?
+        }
+        (None, Some(name)) => {
+            let client_id = req
+                .client_id
+                .ok_or_else(|| ApiError::bad("with \"key\", \"client_id\" is required"))?;
+            let audience = req
+                .audience
+                .ok_or_else(|| ApiError::bad("with \"key\", \"audience\" is required"))?;
+            let claims = assertion::claims(
+                &client_id,
+                &audience,
+                lifetime,
+                assertion::MAX_LIFETIME_SECS,
+                oauth::unix_now(),
+                oauth::new_jti()?,
+            )?;
+            sign_as_key(&agent, &caller, name, header, &claims).await?
+        }
+        _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
+    };
     Ok(Json(AssertionAnswer { assertion: jws }))
 }
 
@@ -373,23 +463,10 @@ struct DpopRequest {
 
 async fn dpop_handler(
     State(agent): State<Arc<Agent>>,
-    Extension(peer): Extension<Peer>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ProofAnswer>, ApiError> {
-    let rule = rule(&agent, &peer)?;
     let req: DpopRequest = parse(body)?;
-    let key = match (&req.client, &req.key) {
-        (Some(name), None) => client(&agent, rule, name)?
-            .dpop_key()
-            .cloned()
-            .ok_or_else(|| ApiError::bad(format!("client '{name}' has dpop = \"off\"")))?,
-        (None, Some(name)) => {
-            rule.check_key(name).map_err(ApiError::forbidden)?;
-            signing_key(&agent, name).await?
-        }
-        _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
-    };
-    rule.check_key(key.label()).map_err(ApiError::forbidden)?;
     let claims = dpop::claims(
         &req.htm,
         &req.htu,
@@ -398,15 +475,16 @@ async fn dpop_handler(
         oauth::unix_now(),
         oauth::new_jti()?,
     )?;
-    rule.check_htu(&claims.htu).map_err(ApiError::forbidden)?;
-    let jws = sign(
-        &agent,
-        &peer,
-        &key,
-        &dpop::header(key.alg(), key.public()),
-        &claims,
-    )
-    .await?;
+    caller.check_htu(&claims.htu).map_err(ApiError::forbidden)?;
+    let header = |k: &SigningKey| dpop::header(k.alg(), k.public());
+    let jws = match (&req.client, &req.key) {
+        (Some(name), None) => {
+            let c = agent.access.client(&caller, name)?;
+            sign_as_client(&agent, &caller, (c, name), ClientKey::Dpop, header, &claims).await?
+        }
+        (None, Some(name)) => sign_as_key(&agent, &caller, name, header, &claims).await?,
+        _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
+    };
     Ok(Json(ProofAnswer { proof: jws }))
 }
 
@@ -419,12 +497,11 @@ struct TokenRequest {
 
 async fn token_handler(
     State(agent): State<Arc<Agent>>,
-    Extension(peer): Extension<Peer>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let rule = rule(&agent, &peer)?;
     let req: TokenRequest = parse(body)?;
-    let c = client(&agent, rule, &req.client)?;
+    let c = agent.access.token_client(&caller, &req.client)?;
     let scopes = req.scopes.unwrap_or_else(|| c.config().scopes.clone());
     let token = c.token_for(&scopes).await?;
     let remaining = token.expires_in.map(|s| {
@@ -432,7 +509,7 @@ async fn token_handler(
             .saturating_sub(token.received.elapsed())
             .as_secs()
     });
-    tracing::info!(uid = peer.uid, client = %req.client, token = %token.secret.redacted(), "token handed out");
+    tracing::info!(client = %req.client, token = %token.secret.redacted(), "token handed out");
     Ok(Json(json!({
         "access_token": token.secret.expose(),
         "token_type": token.token_type,
@@ -444,8 +521,9 @@ async fn token_handler(
 /// Every key with its verdict (blocking device calls).
 async fn audited(
     agent: &Arc<Agent>,
+    caller: &Caller,
 ) -> Result<Vec<(crate::token::KeyInfo, crate::policy::Verdict)>, ApiError> {
-    let keyring = agent.keyring.clone();
+    let keyring = agent.access.device(caller).clone();
     Ok(
         tokio::task::spawn_blocking(move || -> Result<_, TokenError> {
             let mut out = Vec::new();
@@ -461,10 +539,9 @@ async fn audited(
 
 async fn jwks_handler(
     State(agent): State<Arc<Agent>>,
-    Extension(peer): Extension<Peer>,
+    caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    rule(&agent, &peer)?;
-    let keys: Vec<Value> = audited(&agent)
+    let keys: Vec<Value> = audited(&agent, &caller)
         .await?
         .into_iter()
         .filter(|(_, v)| v.allows_signing())
@@ -475,10 +552,9 @@ async fn jwks_handler(
 
 async fn keys_handler(
     State(agent): State<Arc<Agent>>,
-    Extension(peer): Extension<Peer>,
+    caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    rule(&agent, &peer)?;
-    let keys: Vec<Value> = audited(&agent)
+    let keys: Vec<Value> = audited(&agent, &caller)
         .await?
         .into_iter()
         .map(|(k, v)| {
@@ -497,10 +573,9 @@ async fn keys_handler(
 /// 200 when the device answers and the login holds; 503 otherwise.
 async fn health_handler(
     State(agent): State<Arc<Agent>>,
-    Extension(peer): Extension<Peer>,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
-    rule(&agent, &peer)?;
-    let keyring = agent.keyring.clone();
+    let keyring = agent.access.device(&caller).clone();
     let probe = tokio::task::spawn_blocking(move || {
         let backend = keyring.backend();
         backend
@@ -508,7 +583,12 @@ async fn health_handler(
             .and_then(|()| backend.keys())
             .map(|k| k.len())
     });
-    let token = agent.keyring.backend().describe().token_label;
+    let token = agent
+        .access
+        .device(&caller)
+        .backend()
+        .describe()
+        .token_label;
     let probed = match tokio::time::timeout(Duration::from_secs(5), probe).await {
         Ok(Ok(keys)) => keys.map_err(|e| e.to_string()),
         Ok(Err(e)) => Err(e.to_string()),
@@ -517,7 +597,7 @@ async fn health_handler(
     let answer = match probed {
         Ok(keys) => (
             StatusCode::OK,
-            json!({ "status": "ok", "token": token, "keys": keys, "queue_depth": agent.queue_depth() }),
+            json!({ "status": "ok", "token": token, "keys": keys, "cached_keys": agent.access.cached_keys(), "queue_depth": agent.queue_depth() }),
         ),
         Err(message) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -534,12 +614,11 @@ async fn health_handler(
 
 async fn metrics_handler(
     State(agent): State<Arc<Agent>>,
-    Extension(peer): Extension<Peer>,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
-    rule(&agent, &peer)?;
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        super::metrics::render(&agent),
+        super::metrics::render(&agent, &caller),
     )
         .into_response())
 }

@@ -1,7 +1,15 @@
 //! Who may ask: `[[agent.allow]]` rules matched against the caller's peer credentials
-//! (SO_PEERCRED: uid, gid, pid of the connecting process).
+//! (SO_PEERCRED: uid, gid, pid of the connecting process). Rules are parsed into types when
+//! the config loads ("parse, don't validate"), and a [`Caller`] — the only way a handler
+//! reaches a rule — exists only for a connection whose peer a rule names.
+
+use std::fmt;
+use std::sync::Arc;
 
 use serde::Deserialize;
+use url::Url;
+
+use crate::oauth::assertion::MAX_LIFETIME_SECS;
 
 /// The connecting process, from the socket's peer credentials.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -11,32 +19,202 @@ pub struct Peer {
     pub pid: Option<i32>,
 }
 
-/// One `[[agent.allow]]` entry. A field left out places no limit on that dimension.
+/// One `[[agent.allow]]` entry, parsed. A field left out places no limit on that dimension.
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, try_from = "RawRule")]
 pub struct Rule {
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub clients: Option<Vec<String>>,
-    pub keys: Option<Vec<String>>,
-    pub htu_prefixes: Option<Vec<String>>,
-    pub max_assertion_lifetime: Option<u64>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    clients: Allow,
+    keys: Allow,
+    htu_prefixes: Option<Vec<HtuPrefix>>,
+    max_assertion_lifetime: Option<Lifetime>,
+}
+
+/// The rule as written; [`Rule`] is built from it only when it names a uid or a gid.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    uid: Option<u32>,
+    gid: Option<u32>,
+    #[serde(default)]
+    clients: Allow,
+    #[serde(default)]
+    keys: Allow,
+    htu_prefixes: Option<Vec<HtuPrefix>>,
+    max_assertion_lifetime: Option<Lifetime>,
+}
+
+impl TryFrom<RawRule> for Rule {
+    type Error = String;
+
+    fn try_from(r: RawRule) -> Result<Rule, String> {
+        if r.uid.is_none() && r.gid.is_none() {
+            return Err("set uid or gid: a rule must say whom it allows".into());
+        }
+        Ok(Rule {
+            uid: r.uid,
+            gid: r.gid,
+            clients: r.clients,
+            keys: r.keys,
+            htu_prefixes: r.htu_prefixes,
+            max_assertion_lifetime: r.max_assertion_lifetime,
+        })
+    }
+}
+
+/// A list of names, or `"*"` (or no list) for any name.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(from = "Vec<String>")]
+pub enum Allow {
+    #[default]
+    Any,
+    Only(Vec<String>),
+}
+
+impl From<Vec<String>> for Allow {
+    fn from(names: Vec<String>) -> Allow {
+        if names.iter().any(|n| n == "*") {
+            Allow::Any
+        } else {
+            Allow::Only(names)
+        }
+    }
+}
+
+impl Allow {
+    fn check(&self, name: &str, what: &str) -> Result<(), String> {
+        match self {
+            Allow::Only(l) if !l.iter().any(|x| x == name) => Err(format!(
+                "{what} '{name}' is not allowed for this caller (allowed: {})",
+                l.join(", ")
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `max_assertion_lifetime`: 1 s up to the longest lifetime keybound signs.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(try_from = "u64")]
+pub struct Lifetime(u64);
+
+impl TryFrom<u64> for Lifetime {
+    type Error = String;
+
+    fn try_from(secs: u64) -> Result<Lifetime, String> {
+        if (1..=MAX_LIFETIME_SECS).contains(&secs) {
+            Ok(Lifetime(secs))
+        } else {
+            Err(format!(
+                "{secs} is out of range 1 to {MAX_LIFETIME_SECS} (seconds)"
+            ))
+        }
+    }
+}
+
+/// One `htu_prefixes` entry: an origin (scheme, host, port), matched exactly, and a path
+/// prefix, matched on `/` segment boundaries. `https://o.example/api` allows
+/// `https://o.example/api` and `https://o.example/api/users`, not `/apix`,
+/// `https://o.example.evil.example/` or `https://o.example:8443/api`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HtuPrefix {
+    /// As written in the config, for messages.
+    text: String,
+    scheme: String,
+    host: String,
+    port: u16,
+    /// The path without its trailing `/`; empty for the whole origin.
+    path: String,
+}
+
+impl TryFrom<String> for HtuPrefix {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<HtuPrefix, String> {
+        let example = "write an origin and an optional path, e.g. \"https://api.example.com/v1/\"";
+        let url = Url::parse(&text)
+            .map_err(|e| format!("'{text}' is not an absolute URL ({e}); {example}"))?;
+        if !matches!(url.scheme(), "https" | "http") {
+            return Err(format!(
+                "'{text}': the scheme must be https or http; {example}"
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(format!(
+                "'{text}': a user name or password has no place in an htu prefix; {example}"
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!(
+                "'{text}': an htu has no query or fragment (RFC 9449 §4.2); {example}"
+            ));
+        }
+        let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+            return Err(format!("'{text}' has no host; {example}"));
+        };
+        Ok(HtuPrefix {
+            scheme: url.scheme().to_owned(),
+            host: host.to_owned(),
+            port,
+            path: url.path().trim_end_matches('/').to_owned(),
+            text,
+        })
+    }
+}
+
+impl HtuPrefix {
+    fn matches(&self, htu: &Url) -> bool {
+        let path = htu.path();
+        htu.scheme() == self.scheme
+            && htu.host_str() == Some(self.host.as_str())
+            && htu.port_or_known_default() == Some(self.port)
+            && (path == self.path
+                || path
+                    .strip_prefix(self.path.as_str())
+                    .is_some_and(|rest| rest.starts_with('/')))
+    }
+}
+
+impl fmt::Display for HtuPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
 }
 
 /// The rules in force: the configured ones, or "the agent's own uid, unrestricted".
 #[derive(Clone, Debug)]
 pub struct Policy {
-    rules: Vec<Rule>,
+    rules: Vec<Arc<Rule>>,
     own_uid: u32,
 }
 
 impl Policy {
-    pub fn new(rules: Vec<Rule>, own_uid: u32) -> Result<Policy, String> {
-        for (i, r) in rules.iter().enumerate() {
-            if r.uid.is_none() && r.gid.is_none() {
-                return Err(format!("agent.allow[{i}]: set uid or gid"));
+    /// A rule naming a client that is not configured is a typo that would refuse that
+    /// client forever: refused at start, named.
+    pub fn check_clients(rules: &[Rule], configured: &[&str]) -> Result<(), String> {
+        for (i, rule) in rules.iter().enumerate() {
+            let Allow::Only(names) = &rule.clients else {
+                continue;
+            };
+            for (j, name) in names.iter().enumerate() {
+                if !configured.contains(&name.as_str()) {
+                    return Err(format!(
+                        "agent.allow[{i}].clients[{j}]: no [[client]] is named '{name}' (configured: {})",
+                        if configured.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            configured.join(", ")
+                        }
+                    ));
+                }
             }
         }
+        Ok(())
+    }
+
+    pub fn new(rules: Vec<Rule>, own_uid: u32) -> Policy {
         let rules = if rules.is_empty() {
             vec![Rule {
                 uid: Some(own_uid),
@@ -45,11 +223,15 @@ impl Policy {
         } else {
             rules
         };
-        Ok(Policy { rules, own_uid })
+        Policy {
+            rules: rules.into_iter().map(Arc::new).collect(),
+            own_uid,
+        }
     }
 
-    /// The first rule naming the caller's uid, else the first naming its gid.
-    pub fn rule_for(&self, peer: &Peer) -> Result<&Rule, String> {
+    /// The caller, when a rule names it: the first rule naming its uid, else the first
+    /// naming its gid (and no uid).
+    pub fn caller(&self, peer: Peer) -> Result<Caller, String> {
         self.rules
             .iter()
             .find(|r| r.uid == Some(peer.uid))
@@ -57,6 +239,10 @@ impl Policy {
                 self.rules
                     .iter()
                     .find(|r| r.uid.is_none() && r.gid == Some(peer.gid))
+            })
+            .map(|rule| Caller {
+                peer,
+                rule: rule.clone(),
             })
             .ok_or_else(|| {
                 format!(
@@ -67,33 +253,50 @@ impl Policy {
     }
 }
 
-impl Rule {
+/// A connected process and the rule that allows it. Built only by [`Policy::caller`]; the
+/// agent's handlers get it from the request (an extractor), and every path to a key or a
+/// client goes through its checks.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    peer: Peer,
+    rule: Arc<Rule>,
+}
+
+impl Caller {
+    pub fn peer(&self) -> Peer {
+        self.peer
+    }
+
     pub fn check_client(&self, name: &str) -> Result<(), String> {
-        allowed(&self.clients, name, "client")
+        self.rule.clients.check(name, "client")
     }
 
     pub fn check_key(&self, name: &str) -> Result<(), String> {
-        allowed(&self.keys, name, "key")
+        self.rule.keys.check(name, "key")
     }
 
+    /// `htu` as `dpop::htu` normalised it.
     pub fn check_htu(&self, htu: &str) -> Result<(), String> {
-        match &self.htu_prefixes {
-            Some(p) if !p.iter().any(|p| htu.starts_with(p.as_str())) => Err(format!(
-                "htu '{htu}' is outside this caller's htu_prefixes ({})",
-                p.join(", ")
-            )),
-            _ => Ok(()),
+        let Some(prefixes) = &self.rule.htu_prefixes else {
+            return Ok(());
+        };
+        let parsed = Url::parse(htu).ok();
+        if parsed
+            .as_ref()
+            .is_some_and(|u| prefixes.iter().any(|p| p.matches(u)))
+        {
+            return Ok(());
         }
+        let list: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
+        Err(format!(
+            "htu '{htu}' is outside this caller's htu_prefixes ({})",
+            list.join(", ")
+        ))
     }
-}
 
-fn allowed(list: &Option<Vec<String>>, name: &str, what: &str) -> Result<(), String> {
-    match list {
-        Some(l) if !l.iter().any(|x| x == name || x == "*") => Err(format!(
-            "{what} '{name}' is not allowed for this caller (allowed: {})",
-            l.join(", ")
-        )),
-        _ => Ok(()),
+    /// The longest assertion lifetime this caller may ask for, when its rule sets one.
+    pub fn max_assertion_lifetime(&self) -> Option<u64> {
+        self.rule.max_assertion_lifetime.map(|l| l.0)
     }
 }
 
@@ -101,44 +304,95 @@ fn allowed(list: &Option<Vec<String>>, name: &str, what: &str) -> Result<(), Str
 mod tests {
     use super::*;
 
+    fn peer(uid: u32, gid: u32) -> Peer {
+        Peer {
+            uid,
+            gid,
+            pid: None,
+        }
+    }
+
+    fn rule(toml_text: &str) -> Result<Rule, String> {
+        toml::from_str(toml_text).map_err(|e| e.to_string())
+    }
+
     #[test]
     fn default_is_own_uid_only() {
-        let p = Policy::new(vec![], 1000).unwrap();
-        let me = Peer {
-            uid: 1000,
-            gid: 5,
-            pid: None,
-        };
-        let other = Peer {
-            uid: 65534,
-            gid: 65534,
-            pid: None,
-        };
-        assert!(p.rule_for(&me).is_ok());
-        assert!(p.rule_for(&other).unwrap_err().contains("65534"));
+        let p = Policy::new(vec![], 1000);
+        assert!(p.caller(peer(1000, 5)).is_ok());
+        assert!(p.caller(peer(65534, 65534)).unwrap_err().contains("65534"));
     }
 
     #[test]
     fn rules_limit_clients_keys_and_htu() {
-        let r = Rule {
-            gid: Some(50),
-            keys: Some(vec!["dpop".into()]),
-            htu_prefixes: Some(vec!["https://o.example/".into()]),
-            ..Rule::default()
-        };
-        let p = Policy::new(vec![r], 0).unwrap();
-        let rule = p
-            .rule_for(&Peer {
-                uid: 7,
-                gid: 50,
-                pid: None,
-            })
-            .unwrap();
-        assert!(rule.check_key("dpop").is_ok());
-        assert!(rule.check_key("client-auth").is_err());
-        assert!(rule.check_client("any").is_ok());
-        assert!(rule.check_htu("https://o.example/api").is_ok());
-        assert!(rule.check_htu("https://evil.example/").is_err());
-        assert!(Policy::new(vec![Rule::default()], 0).is_err());
+        let r =
+            rule("gid = 50\nkeys = [\"dpop\"]\nhtu_prefixes = [\"https://o.example/\"]").unwrap();
+        let caller = Policy::new(vec![r], 0).caller(peer(7, 50)).unwrap();
+        assert!(caller.check_key("dpop").is_ok());
+        assert!(caller.check_key("client-auth").is_err());
+        assert!(caller.check_client("any").is_ok());
+        assert!(caller.check_htu("https://o.example/api").is_ok());
+        assert!(caller.check_htu("https://evil.example/").is_err());
+        assert!(
+            rule("keys = [\"dpop\"]")
+                .unwrap_err()
+                .contains("set uid or gid")
+        );
+    }
+
+    #[test]
+    fn htu_prefixes_match_the_origin_exactly_and_the_path_by_segments() {
+        let r = rule(
+            "uid = 1\nhtu_prefixes = [\"https://example.okta.com\", \"https://o.example/api/\"]",
+        )
+        .unwrap();
+        let caller = Policy::new(vec![r], 0).caller(peer(1, 1)).unwrap();
+        for ok in [
+            "https://example.okta.com/",
+            "https://example.okta.com/oauth2/v1/token",
+            "https://o.example/api",
+            "https://o.example/api/",
+            "https://o.example/api/users",
+        ] {
+            assert!(caller.check_htu(ok).is_ok(), "{ok}");
+        }
+        for refused in [
+            "https://example.okta.com.evil.com/oauth2/v1/token",
+            "https://example.okta.com:8443/oauth2/v1/token",
+            "http://example.okta.com/",
+            "https://o.example/apix",
+            "https://o.example/",
+            "https://evil@o.example.evil/api",
+            "not a url",
+        ] {
+            assert!(caller.check_htu(refused).is_err(), "{refused}");
+        }
+    }
+
+    #[test]
+    fn bad_rules_are_refused_when_parsed() {
+        for (text, needle) in [
+            (
+                "uid = 1\nhtu_prefixes = [\"o.example/api\"]",
+                "not an absolute URL",
+            ),
+            (
+                "uid = 1\nhtu_prefixes = [\"ftp://o.example/\"]",
+                "https or http",
+            ),
+            (
+                "uid = 1\nhtu_prefixes = [\"https://o.example/?q\"]",
+                "no query",
+            ),
+            (
+                "uid = 1\nhtu_prefixes = [\"https://u:p@o.example/\"]",
+                "user name",
+            ),
+            ("uid = 1\nmax_assertion_lifetime = 0", "out of range"),
+            ("uid = 1\nmax_assertion_lifetime = 3601", "out of range"),
+        ] {
+            let e = rule(text).unwrap_err();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
     }
 }

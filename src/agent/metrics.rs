@@ -8,6 +8,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use super::Agent;
+use super::authz::Caller;
 use crate::oauth::resilience::BreakerState;
 
 /// Upper bounds of the sign-latency buckets, seconds.
@@ -55,7 +56,7 @@ impl Metrics {
 }
 
 /// The whole exposition for `GET /metrics`.
-pub fn render(agent: &Agent) -> String {
+pub fn render(agent: &Agent, caller: &Caller) -> String {
     let m = &agent.metrics;
     let mut out = String::new();
     let head = |name: &str, kind: &str, help: &str, out: &mut String| {
@@ -112,6 +113,13 @@ pub fn render(agent: &Agent) -> String {
         &mut out,
     );
     let _ = writeln!(out, "keybound_sign_queue_depth {}", agent.queue_depth());
+    head(
+        "keybound_cached_keys",
+        "gauge",
+        "Approved keys the agent keeps, one per key on the device.",
+        &mut out,
+    );
+    let _ = writeln!(out, "keybound_cached_keys {}", agent.access.cached_keys());
 
     head(
         "keybound_token_fetches_total",
@@ -119,7 +127,7 @@ pub fn render(agent: &Agent) -> String {
         "Token fetches by client and outcome.",
         &mut out,
     );
-    for (name, c) in &agent.clients {
+    for (name, c) in agent.access.clients(caller) {
         let s = &c.stats;
         let _ = writeln!(
             out,
@@ -135,7 +143,7 @@ pub fn render(agent: &Agent) -> String {
         "Time spent fetching tokens.",
         &mut out,
     );
-    for (name, c) in &agent.clients {
+    for (name, c) in agent.access.clients(caller) {
         let _ = writeln!(
             out,
             "keybound_token_fetch_seconds_total{{client=\"{}\"}} {}",
@@ -149,7 +157,7 @@ pub fn render(agent: &Agent) -> String {
         "Token cache lookups by result.",
         &mut out,
     );
-    for (name, c) in &agent.clients {
+    for (name, c) in agent.access.clients(caller) {
         let _ = writeln!(
             out,
             "keybound_token_cache_total{{client=\"{0}\",result=\"hit\"}} {1}\nkeybound_token_cache_total{{client=\"{0}\",result=\"miss\"}} {2}",
@@ -164,7 +172,7 @@ pub fn render(agent: &Agent) -> String {
         "HTTP responses from authorization and resource servers by status class.",
         &mut out,
     );
-    for (name, c) in &agent.clients {
+    for (name, c) in agent.access.clients(caller) {
         for (i, class) in ["2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -180,7 +188,7 @@ pub fn render(agent: &Agent) -> String {
         "use_dpop_nonce challenges answered.",
         &mut out,
     );
-    for (name, c) in &agent.clients {
+    for (name, c) in agent.access.clients(caller) {
         let _ = writeln!(
             out,
             "keybound_dpop_nonce_challenges_total{{client=\"{}\"}} {}",
@@ -196,9 +204,9 @@ pub fn render(agent: &Agent) -> String {
     );
     // One series per server: clients that share a server measured the same clock.
     let offsets: BTreeMap<String, i64> = agent
-        .clients
-        .values()
-        .flat_map(|c| c.state().offsets())
+        .access
+        .clients(caller)
+        .flat_map(|(_, c)| c.state().offsets())
         .collect();
     for (server, offset) in &offsets {
         let _ = writeln!(
@@ -213,7 +221,7 @@ pub fn render(agent: &Agent) -> String {
         "Circuit breaker per client: 0 closed, 1 open, 2 half-open.",
         &mut out,
     );
-    for (name, c) in &agent.clients {
+    for (name, c) in agent.access.clients(caller) {
         let state = match c.breaker_state() {
             BreakerState::Closed => 0,
             BreakerState::Open => 1,

@@ -2,6 +2,7 @@
 //! identified by peer credentials; signatures queued per device with a bound; tokens from
 //! the OAuth client's cache; Prometheus metrics.
 
+mod access;
 mod api;
 pub mod authz;
 pub mod metrics;
@@ -13,24 +14,40 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use tokio::net::UnixListener;
 use tokio::sync::{Semaphore, watch};
+use tracing::Instrument as _;
 
-use crate::keyring::{Keyring, SigningKey};
+use crate::keyring::{Keyring, SignEvent, SignObserver};
 use crate::oauth::client::OAuthClient;
 use authz::{Peer, Policy};
 use metrics::Metrics;
+use socket::SocketMode;
 
 /// `[agent]` in the config (see keybound.example.toml).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub socket: Option<PathBuf>,
+    /// Who may open the socket besides the agent's own uid (see `socket::SocketMode`).
+    #[serde(default)]
+    pub socket_mode: SocketMode,
+    /// The socket's group (a name or a gid), with `socket_mode = "0660"`.
+    pub socket_group: Option<String>,
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Default: half of `max_connections` (at least 1).
+    pub max_connections_per_uid: Option<usize>,
+    /// Seconds a connection has to deliver a complete request head, from its opening or
+    /// from the previous answer (so also the keep-alive idle limit).
+    #[serde(default = "defaults::header_timeout_secs")]
+    pub header_timeout_secs: u64,
+    /// Seconds a request has to deliver its whole body once its head arrived.
+    #[serde(default = "defaults::body_timeout_secs")]
+    pub body_timeout_secs: u64,
     #[serde(default = "defaults::max_queue")]
     pub max_queue: usize,
     #[serde(default = "defaults::max_body_bytes")]
@@ -46,6 +63,12 @@ pub struct Settings {
 mod defaults {
     pub fn max_connections() -> usize {
         256
+    }
+    pub fn header_timeout_secs() -> u64 {
+        10
+    }
+    pub fn body_timeout_secs() -> u64 {
+        10
     }
     pub fn max_queue() -> usize {
         512
@@ -65,7 +88,12 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             socket: None,
+            socket_mode: SocketMode::default(),
+            socket_group: None,
             max_connections: defaults::max_connections(),
+            max_connections_per_uid: None,
+            header_timeout_secs: defaults::header_timeout_secs(),
+            body_timeout_secs: defaults::body_timeout_secs(),
             max_queue: defaults::max_queue(),
             max_body_bytes: defaults::max_body_bytes(),
             shutdown_grace_secs: defaults::shutdown_grace_secs(),
@@ -85,10 +113,26 @@ impl Settings {
             }
         };
         range("max_connections", self.max_connections, 1, 65_536)?;
+        range(
+            "max_connections_per_uid",
+            self.per_uid_cap(),
+            1,
+            self.max_connections,
+        )?;
+        let secs = |key: &str, v: u64| range(key, usize::try_from(v).unwrap_or(usize::MAX), 1, 300);
+        secs("header_timeout_secs", self.header_timeout_secs)?;
+        secs("body_timeout_secs", self.body_timeout_secs)?;
+        self.socket_mode.check_group(self.socket_group.as_deref())?;
         range("max_queue", self.max_queue, 1, 1_000_000)?;
         range("max_body_bytes", self.max_body_bytes, 256, 16 << 20)?;
         range("async_threads", self.async_threads, 1, 64)?;
         Ok(())
+    }
+
+    /// Connections one uid may hold open at once.
+    pub fn per_uid_cap(&self) -> usize {
+        self.max_connections_per_uid
+            .unwrap_or((self.max_connections / 2).max(1))
     }
 
     pub fn socket_path(&self) -> PathBuf {
@@ -98,60 +142,49 @@ impl Settings {
 
 /// Everything a request handler needs.
 pub struct Agent {
-    keyring: Keyring,
-    clients: HashMap<String, OAuthClient>,
-    /// Keys already found and approved by the policy, by the name callers used.
-    keys: Mutex<HashMap<String, SigningKey>>,
+    /// Keys, clients and the device, reached only with the request's `Caller`.
+    access: access::Access,
     /// Signing requests in flight; `try_acquire` failing is the "queue full" answer.
     queue: Semaphore,
     settings: Settings,
     authz: Policy,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
+    /// Open connections per uid, for `max_connections_per_uid`.
+    per_uid: Mutex<HashMap<u32, usize>>,
+}
+
+/// The signature observer the agent gives its keyring before any key is approved (the
+/// OAuth clients' keys included): every signature counted in `metrics` and logged.
+pub fn sign_observer(metrics: &Arc<Metrics>) -> SignObserver {
+    let metrics = metrics.clone();
+    Arc::new(move |e: &SignEvent<'_>| {
+        let outcome = if e.ok { "ok" } else { "error" };
+        metrics.signature(e.label, e.alg.name(), outcome, e.took);
+        tracing::info!(key = e.label, alg = %e.alg, micros = u64::try_from(e.took.as_micros()).unwrap_or(u64::MAX), outcome, "signature");
+    })
 }
 
 impl Agent {
+    /// `keyring` should already carry [`sign_observer`] of `metrics`.
     pub fn new(
         keyring: Keyring,
         clients: Vec<OAuthClient>,
         settings: Settings,
         own_uid: u32,
+        metrics: Arc<Metrics>,
     ) -> Result<Agent, String> {
         settings.validate()?;
-        let authz = Policy::new(settings.allow.clone(), own_uid)?;
+        let names: Vec<&str> = clients.iter().map(|c| c.config().name.as_str()).collect();
+        Policy::check_clients(&settings.allow, &names)?;
+        let authz = Policy::new(settings.allow.clone(), own_uid);
         Ok(Agent {
-            keyring,
-            clients: clients
-                .into_iter()
-                .map(|c| (c.config().name.clone(), c))
-                .collect(),
-            keys: Mutex::new(HashMap::new()),
+            access: access::Access::new(keyring, clients),
             queue: Semaphore::new(settings.max_queue),
             settings,
             authz,
-            metrics: Metrics::default(),
+            metrics,
+            per_uid: Mutex::new(HashMap::new()),
         })
-    }
-
-    fn cached_key(&self, name: &str) -> Option<SigningKey> {
-        self.keys
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(name)
-            .cloned()
-    }
-
-    fn remember_key(&self, name: &str, key: SigningKey) {
-        self.keys
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(name.to_string(), key);
-    }
-
-    fn forget_keys(&self) {
-        self.keys
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
     }
 
     /// Signing requests queued or in progress.
@@ -198,25 +231,56 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
                 continue;
             }
         };
-        let service = TowerToHyperService::new(router.clone().layer(axum::Extension(peer)));
+        // A peer no rule names is closed before any HTTP is read: it holds no slot and
+        // cannot starve the callers who are allowed.
+        let caller = match agent.authz.caller(peer) {
+            Ok(caller) => caller,
+            Err(reason) => {
+                tracing::warn!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "refused caller, connection closed: {reason}");
+                continue;
+            }
+        };
+        let Some(uid_slot) = UidSlot::take(&agent, peer.uid) else {
+            tracing::warn!(
+                uid = peer.uid,
+                pid = ?peer.pid,
+                "uid {} already has {} connections open (agent.max_connections_per_uid); closing a new one",
+                peer.uid,
+                agent.settings.per_uid_cap()
+            );
+            continue;
+        };
+        let service = TowerToHyperService::new(router.clone().layer(axum::Extension(caller)));
         let mut stopping = stopping.clone();
-        tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(uid = peer.uid, "connection ended: {e}");
+        let header_timeout = Duration::from_secs(agent.settings.header_timeout_secs);
+        let span = tracing::info_span!("connection", uid = peer.uid);
+        tokio::spawn(
+            async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    // Also the keep-alive idle limit: hyper restarts it for every request.
+                    .header_read_timeout(header_timeout)
+                    // A client may shut down its write side after a request and still
+                    // read the answer.
+                    .half_close(true)
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!("connection ended: {e}");
+                        }
+                    }
+                    _ = stopping.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
                     }
                 }
-                _ = stopping.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+                drop(uid_slot);
+                drop(permit);
             }
-            drop(permit);
-        });
+            .instrument(span),
+        );
     }
     drop(listener);
     let _ = stop.send(true);
@@ -230,6 +294,43 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
             "connections still open after {} s; exiting anyway",
             grace.as_secs()
         );
+    }
+}
+
+/// One open connection counted against its uid; dropping it gives the slot back.
+struct UidSlot {
+    agent: Arc<Agent>,
+    uid: u32,
+}
+
+impl UidSlot {
+    fn take(agent: &Arc<Agent>, uid: u32) -> Option<UidSlot> {
+        let mut open = agent.per_uid.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = open.entry(uid).or_default();
+        if *n >= agent.settings.per_uid_cap() {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot {
+            agent: agent.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .agent
+            .per_uid
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
     }
 }
 

@@ -1,5 +1,7 @@
-//! The agent's socket: a 0700 directory we own, a 0600 socket inside it. A planted symlink
-//! is refused, a stale socket from a dead agent replaced, a live agent's socket left alone.
+//! The agent's socket: a directory we own, a socket inside it, their modes set by
+//! `agent.socket_mode` (0700/0600 by default; 0710/0660 with `agent.socket_group`;
+//! 0711/0666). A planted symlink is refused, a stale socket from a dead agent replaced, a
+//! live agent's socket left alone.
 
 use std::io;
 use std::os::unix::fs::{
@@ -7,7 +9,70 @@ use std::os::unix::fs::{
 };
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
 use tokio::net::UnixListener;
+
+/// `agent.socket_mode`: who besides the agent's uid may connect(2). The peer's rule still
+/// decides what a connection may do; this only decides who can reach the rules.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum SocketMode {
+    /// `"0600"`: the agent's own uid only (directory 0700).
+    #[default]
+    Owner,
+    /// `"0660"`: also members of `agent.socket_group` (directory 0710, same group).
+    Group,
+    /// `"0666"`: every uid, for `[[agent.allow]]` rules naming uids outside one group
+    /// (directory 0711).
+    Everyone,
+}
+
+impl TryFrom<String> for SocketMode {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<SocketMode, String> {
+        match text.as_str() {
+            "0600" | "600" => Ok(SocketMode::Owner),
+            "0660" | "660" => Ok(SocketMode::Group),
+            "0666" | "666" => Ok(SocketMode::Everyone),
+            _ => Err(format!(
+                "'{text}' is not a socket mode keybound uses; write \"0600\" (this uid only), \"0660\" (with socket_group) or \"0666\" (every uid; the [[agent.allow]] rules decide)"
+            )),
+        }
+    }
+}
+
+impl SocketMode {
+    pub fn socket_bits(self) -> u32 {
+        match self {
+            SocketMode::Owner => 0o600,
+            SocketMode::Group => 0o660,
+            SocketMode::Everyone => 0o666,
+        }
+    }
+
+    /// The directory's mode: search (not read or write) for whom may reach the socket.
+    pub fn dir_bits(self) -> u32 {
+        match self {
+            SocketMode::Owner => 0o700,
+            SocketMode::Group => 0o710,
+            SocketMode::Everyone => 0o711,
+        }
+    }
+
+    /// `socket_group` goes with `"0660"` and only with it.
+    pub fn check_group(self, group: Option<&str>) -> Result<(), String> {
+        match (self, group) {
+            (SocketMode::Group, None) => Err(
+                "agent.socket_mode: \"0660\" needs agent.socket_group (the group whose members may connect)".into(),
+            ),
+            (SocketMode::Owner | SocketMode::Everyone, Some(g)) => Err(format!(
+                "agent.socket_group: '{g}' has no effect unless agent.socket_mode = \"0660\"; set both or neither"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
@@ -21,8 +86,10 @@ pub enum SocketError {
     NotDirectory(PathBuf),
     #[error("{} belongs to uid {owner}, not to this agent (uid {me}); choose agent.socket elsewhere", .path.display())]
     Owner { path: PathBuf, owner: u32, me: u32 },
-    #[error("{} has mode {mode:o}: group or others could reach the socket; run: chmod 700 {}", .path.display(), .path.display())]
-    DirMode { path: PathBuf, mode: u32 },
+    #[error("{} has mode {mode:o}, more open than agent.socket_mode needs ({want:o}); run: chmod {want:o} {}", .path.display(), .path.display())]
+    DirMode { path: PathBuf, mode: u32, want: u32 },
+    #[error("agent.socket_group: {reason}")]
+    Group { reason: String },
     #[error("another keybound agent is listening on {}; stop it first", .0.display())]
     Live(PathBuf),
     #[error("{} exists and is not a socket; refusing to replace it", .0.display())]
@@ -45,8 +112,14 @@ pub fn own_uid() -> io::Result<u32> {
     std::fs::metadata("/proc/self").map(|m| m.uid())
 }
 
-/// Prepares the directory and binds the socket (call inside a tokio runtime).
-pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+/// Prepares the directory and binds the socket with `mode` and `group` (call inside a tokio
+/// runtime).
+pub fn bind(
+    path: &Path,
+    mode: SocketMode,
+    group: Option<&str>,
+) -> Result<UnixListener, SocketError> {
+    let gid = group.map(group_id).transpose()?;
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -55,7 +128,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
         path: "/proc/self".into(),
         reason: e.to_string(),
     })?;
-    prepare_dir(dir, me)?;
+    prepare_dir(dir, me, mode)?;
+    // Closed while the socket is made, so nobody reaches it before its mode is set.
+    set_mode(dir, 0o700)?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => return Err(SocketError::Symlink(path.into())),
         Ok(m) if m.file_type().is_socket() => {
@@ -75,17 +150,52 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
         path: path.into(),
         reason: e.to_string(),
     })?;
-    // The directory is already 0700, so nobody else could reach the socket in between.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+    if let Some(gid) = gid {
+        for p in [path, dir] {
+            std::os::unix::fs::chown(p, None, Some(gid)).map_err(|e| SocketError::Group {
+                reason: format!(
+                    "cannot give {} to gid {gid}: {e} (the agent's uid must be a member of that group)",
+                    p.display()
+                ),
+            })?;
+        }
+    }
+    set_mode(path, mode.socket_bits())?;
+    set_mode(dir, mode.dir_bits())?;
+    Ok(listener)
+}
+
+fn set_mode(path: &Path, bits: u32) -> Result<(), SocketError> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(bits)).map_err(|e| {
         SocketError::Bind {
             path: path.into(),
             reason: e.to_string(),
         }
-    })?;
-    Ok(listener)
+    })
 }
 
-fn prepare_dir(dir: &Path, me: u32) -> Result<(), SocketError> {
+/// A group name (looked up in /etc/group) or a numeric gid.
+fn group_id(group: &str) -> Result<u32, SocketError> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let text = std::fs::read_to_string("/etc/group").map_err(|e| SocketError::Group {
+        reason: format!("cannot read /etc/group to find '{group}': {e}; give the gid instead"),
+    })?;
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let gid = fields.nth(1)?.parse::<u32>().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| SocketError::Group {
+            reason: format!("no group '{group}' in /etc/group; give its name or gid"),
+        })
+}
+
+fn prepare_dir(dir: &Path, me: u32, mode: SocketMode) -> Result<(), SocketError> {
     if std::fs::symlink_metadata(dir).is_err() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -113,12 +223,44 @@ fn prepare_dir(dir: &Path, me: u32) -> Result<(), SocketError> {
             me,
         });
     }
-    let mode = m.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    let bits = m.permissions().mode() & 0o777;
+    let want = mode.dir_bits();
+    if bits & !want != 0 {
         return Err(SocketError::DirMode {
             path: dir.into(),
-            mode,
+            mode: bits,
+            want,
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_modes_and_groups() {
+        assert_eq!(
+            SocketMode::try_from("0660".to_owned()),
+            Ok(SocketMode::Group)
+        );
+        assert!(
+            SocketMode::try_from("0644".to_owned())
+                .unwrap_err()
+                .contains("0666")
+        );
+        assert_eq!(SocketMode::Everyone.dir_bits(), 0o711);
+        assert!(SocketMode::Group.check_group(None).is_err());
+        assert!(SocketMode::Owner.check_group(Some("x")).is_err());
+        assert!(SocketMode::Group.check_group(Some("x")).is_ok());
+        assert_eq!(group_id("0").unwrap(), 0);
+        assert_eq!(group_id("root").unwrap(), 0);
+        assert!(
+            group_id("no-such-group-here")
+                .unwrap_err()
+                .to_string()
+                .contains("no group 'no-such-group-here'")
+        );
+    }
 }

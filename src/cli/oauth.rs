@@ -77,9 +77,9 @@ pub fn token(
         };
         out!("client          {} (server {})", c.name, c.server.name());
         out!("token endpoint  {endpoint}");
-        out!("assertion key   {}", key(client.assertion_key()));
+        out!("assertion key   {}", key(&client.assertion_key()));
         match client.dpop_key() {
-            Some(k) => out!("dpop key        {}", key(k)),
+            Some(k) => out!("dpop key        {}", key(&k)),
             None => out!("dpop key        (none: dpop = \"off\")"),
         }
         out!("token_type      {}", token.token_type);

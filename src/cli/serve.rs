@@ -9,7 +9,10 @@ use keybound::agent::{self, Agent, socket};
 use keybound::oauth::client::OAuthClient;
 
 pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let (config, path, keyring) = super::load(config, None)?;
+    let (config, path, mut keyring) = super::load(config, None)?;
+    // Before any key is approved: the clients' keys sign under the same observer.
+    let metrics = Arc::new(agent::metrics::Metrics::default());
+    keyring.set_observer(agent::sign_observer(&metrics));
     let clients = config
         .clients
         .iter()
@@ -18,7 +21,8 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
     let socket_path = socket_flag.unwrap_or_else(|| config.agent.socket_path());
     let own_uid = socket::own_uid().context("cannot read this process's uid")?;
     let agent = Arc::new(
-        Agent::new(keyring, clients, config.agent.clone(), own_uid).map_err(anyhow::Error::msg)?,
+        Agent::new(keyring, clients, config.agent.clone(), own_uid, metrics)
+            .map_err(anyhow::Error::msg)?,
     );
     // The HTTP side is light and the device works on the token's own signing threads, so
     // by default one async thread serves every connection: on a small machine more threads
@@ -32,7 +36,11 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
         // Signal handlers go in before the socket and the ready message: a SIGTERM sent as
         // soon as the agent is ready must find them.
         let shutdown = super::shutdown_signal()?;
-        let listener = socket::bind(&socket_path)?;
+        let listener = socket::bind(
+            &socket_path,
+            config.agent.socket_mode,
+            config.agent.socket_group.as_deref(),
+        )?;
         tracing::info!(socket = %socket_path.display(), config = %path.display(), uid = own_uid,
             "keybound agent listening");
         eprintln!("keybound agent listening on {}", socket_path.display());

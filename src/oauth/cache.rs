@@ -92,6 +92,15 @@ impl TokenCache {
         *self.slot(scopes).lock().await = None;
     }
 
+    /// Forgets every token (their DPoP key was replaced). A fetch in flight keeps its own
+    /// slot, so nothing waits here.
+    pub fn clear(&self) {
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     fn slot(&self, scopes: &[String]) -> Slot {
         let mut key = scopes.to_vec();
         key.sort();

@@ -3,8 +3,8 @@
 //! time when a refusal's `Date` shows its clock off, retries with backoff, circuit
 //! breaker, downgrade refusal, scope guard, single-flight cache.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use http::{Method, Request, StatusCode};
@@ -20,15 +20,19 @@ use super::server::AudienceRule;
 use super::settings::{ClientConfig, endpoint_url, origin};
 use super::state::{ClockNote, Role, ServerState, drift_matters};
 use super::{OAuthError, assertion, dpop, names_time_claim, sign_async, unix_now};
+use crate::jose::Header;
 use crate::keyring::{Keyring, SigningKey};
+use crate::token::TokenError;
 
 /// Longest `Retry-After` keybound waits out; a longer one ends the attempt with its value.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 pub struct OAuthClient {
     config: ClientConfig,
-    assertion_key: SigningKey,
-    dpop_key: Option<SigningKey>,
+    /// Kept to look the keys up again by their configured names after a rotation.
+    keyring: Keyring,
+    assertion_key: RwLock<SigningKey>,
+    dpop_key: Option<RwLock<SigningKey>>,
     http: HttpClient,
     state: Arc<ServerState>,
     cache: TokenCache,
@@ -78,35 +82,7 @@ impl From<OAuthError> for Failure {
 impl OAuthClient {
     /// Resolves the client's keys through the policy and checks them against the server.
     pub fn new(config: ClientConfig, keyring: &Keyring) -> Result<OAuthClient, OAuthError> {
-        let assertion_key = keyring.signing_key(&config.assertion_key)?;
-        let accepted = config.server.assertion_algs();
-        if !accepted.contains(&assertion_key.alg()) {
-            let names: Vec<&str> = accepted.iter().map(|a| a.name()).collect();
-            return Err(OAuthError::Config(format!(
-                "client '{}': key '{}' is {}, which {} does not accept for client assertions (accepted: {})",
-                config.name,
-                assertion_key.label(),
-                assertion_key.alg(),
-                config.server.name(),
-                names.join(", ")
-            )));
-        }
-        let dpop_key = config
-            .dpop_key
-            .as_deref()
-            .map(|k| keyring.signing_key(k))
-            .transpose()?;
-        if let Some(d) = &dpop_key
-            && config.server.requires_distinct_keys()
-            && d.kid() == assertion_key.kid()
-        {
-            return Err(OAuthError::Config(format!(
-                "client '{}': the DPoP key and the assertion key are the same key (kid {}); {} requires two keys",
-                config.name,
-                d.kid(),
-                config.server.name()
-            )));
-        }
+        let (assertion_key, dpop_key) = resolve_keys(&config, keyring)?;
         Ok(OAuthClient {
             http: HttpClient::new(config.connect_timeout, config.timeout)?,
             breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
@@ -115,24 +91,86 @@ impl OAuthClient {
                 None => OnceCell::new(),
             },
             config,
-            assertion_key,
-            dpop_key,
+            keyring: keyring.clone(),
+            assertion_key: RwLock::new(assertion_key),
+            dpop_key: dpop_key.map(RwLock::new),
             state: Arc::new(ServerState::default()),
             cache: TokenCache::default(),
             stats: UpstreamStats::default(),
         })
     }
 
+    /// Looks both keys up again by their configured names (blocking device calls run off
+    /// the reactor): after a key was deleted and generated anew under the same name, the
+    /// client signs with the new one without a restart.
+    pub async fn reresolve_keys(&self) -> Result<(), OAuthError> {
+        let (config, keyring) = (self.config.clone(), self.keyring.clone());
+        let (assertion_key, dpop_key) =
+            tokio::task::spawn_blocking(move || resolve_keys(&config, &keyring))
+                .await
+                .map_err(|e| OAuthError::Config(format!("key lookup stopped: {e}")))??;
+        tracing::info!(client = %self.config.name, assertion_kid = assertion_key.kid(),
+            dpop_kid = dpop_key.as_ref().map(SigningKey::kid), "client keys looked up again");
+        *self
+            .assertion_key
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = assertion_key;
+        if let (Some(slot), Some(key)) = (&self.dpop_key, dpop_key) {
+            let old = std::mem::replace(
+                &mut *slot.write().unwrap_or_else(PoisonError::into_inner),
+                key,
+            );
+            if Some(old.kid()) != self.dpop_key().as_ref().map(SigningKey::kid) {
+                // Cached tokens are bound to the old key (cnf.jkt): proofs by the new key
+                // would not match them.
+                self.cache.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Signs with one of the client's keys (`dpop` picks which); a key gone from the
+    /// device is looked up again by name, and the signature tried once more.
+    async fn sign_with<C: serde::Serialize>(
+        &self,
+        dpop: bool,
+        header: impl Fn(&SigningKey) -> Header,
+        claims: &C,
+    ) -> Result<String, OAuthError> {
+        let key = |this: &Self| {
+            if dpop {
+                this.dpop_key()
+            } else {
+                Some(this.assertion_key())
+            }
+            .ok_or_else(|| OAuthError::Config("this client has dpop = \"off\"".into()))
+        };
+        let first = key(self)?;
+        match sign_async(&first, &header(&first), claims).await {
+            Err(OAuthError::Token(TokenError::KeyNotFound { .. })) => {
+                self.reresolve_keys().await?;
+                let again = key(self)?;
+                sign_async(&again, &header(&again), claims).await
+            }
+            other => other,
+        }
+    }
+
     pub fn config(&self) -> &ClientConfig {
         &self.config
     }
 
-    pub fn dpop_key(&self) -> Option<&SigningKey> {
-        self.dpop_key.as_ref()
+    pub fn dpop_key(&self) -> Option<SigningKey> {
+        self.dpop_key
+            .as_ref()
+            .map(|k| k.read().unwrap_or_else(PoisonError::into_inner).clone())
     }
 
-    pub fn assertion_key(&self) -> &SigningKey {
-        &self.assertion_key
+    pub fn assertion_key(&self) -> SigningKey {
+        self.assertion_key
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn state(&self) -> &ServerState {
@@ -403,9 +441,9 @@ impl OAuthClient {
             iat,
             super::new_jti()?,
         )?;
-        let key = &self.assertion_key;
-        let client_assertion =
-            sign_async(key, &assertion::header(key.alg(), key.kid()), &claims).await?;
+        let client_assertion = self
+            .sign_with(false, |k| assertion::header(k.alg(), k.kid()), &claims)
+            .await?;
         let mut form = vec![
             ("grant_type", "client_credentials".to_string()),
             (
@@ -465,9 +503,9 @@ impl OAuthClient {
         nonce: Option<&str>,
         access_token: Option<&Secret>,
     ) -> Result<Option<String>, OAuthError> {
-        let Some(key) = &self.dpop_key else {
+        if self.dpop_key.is_none() {
             return Ok(None);
-        };
+        }
         let claims = dpop::claims(
             method,
             url,
@@ -476,7 +514,7 @@ impl OAuthClient {
             self.state.iat_for(origin, unix_now()),
             super::new_jti()?,
         )?;
-        sign_async(key, &dpop::header(key.alg(), key.public()), &claims)
+        self.sign_with(true, |k| dpop::header(k.alg(), k.public()), &claims)
             .await
             .map(Some)
     }
@@ -541,4 +579,43 @@ fn refused_for_time(status: StatusCode, e: &ErrorBody) -> bool {
     matches!(e.error.as_str(), "invalid_client" | "invalid_dpop_proof")
         || (status == StatusCode::BAD_REQUEST
             && names_time_claim(&e.error, e.error_description.as_deref()))
+}
+
+/// The client's keys by their configured names, approved by the policy and checked
+/// against the server: the assertion key's algorithm, and two distinct keys where the
+/// server requires them.
+fn resolve_keys(
+    config: &ClientConfig,
+    keyring: &Keyring,
+) -> Result<(SigningKey, Option<SigningKey>), OAuthError> {
+    let assertion_key = keyring.signing_key(&config.assertion_key)?;
+    let accepted = config.server.assertion_algs();
+    if !accepted.contains(&assertion_key.alg()) {
+        let names: Vec<&str> = accepted.iter().map(|a| a.name()).collect();
+        return Err(OAuthError::Config(format!(
+            "client '{}': key '{}' is {}, which {} does not accept for client assertions (accepted: {})",
+            config.name,
+            assertion_key.label(),
+            assertion_key.alg(),
+            config.server.name(),
+            names.join(", ")
+        )));
+    }
+    let dpop_key = config
+        .dpop_key
+        .as_deref()
+        .map(|k| keyring.signing_key(k))
+        .transpose()?;
+    if let Some(d) = &dpop_key
+        && config.server.requires_distinct_keys()
+        && d.kid() == assertion_key.kid()
+    {
+        return Err(OAuthError::Config(format!(
+            "client '{}': the DPoP key and the assertion key are the same key (kid {}); {} requires two keys",
+            config.name,
+            d.kid(),
+            config.server.name()
+        )));
+    }
+    Ok((assertion_key, dpop_key))
 }

@@ -539,6 +539,37 @@ pub enum As {
     Setpriv { uid: u32, gid: u32 },
     /// `runuser -u nobody --`.
     RunuserNobody,
+    /// `setpriv --reuid --regid --groups`: a uid/gid pair with one supplementary group.
+    SetprivInGroup { uid: u32, gid: u32, group: u32 },
+}
+
+impl As {
+    /// The command prefix that runs what follows as this user.
+    pub fn command(self) -> Command {
+        match self {
+            As::Setpriv { uid, gid } => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"))
+                    .arg("--clear-groups")
+                    .arg("--");
+                c
+            }
+            As::SetprivInGroup { uid, gid, group } => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"))
+                    .arg(format!("--groups={group}"))
+                    .arg("--");
+                c
+            }
+            As::RunuserNobody => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "nobody", "--"]);
+                c
+            }
+        }
+    }
 }
 
 /// What curl got: its exit code, the HTTP status (0 when none) and the body.
@@ -551,6 +582,15 @@ pub struct CurlReply {
 }
 
 impl CurlReply {
+    /// No HTTP answer at all: the agent closed the connection as soon as it accepted it
+    /// (curl: 7 could not connect, 52 empty reply, 56 connection reset).
+    pub fn assert_closed(&self) {
+        assert!(
+            self.status == 0 && matches!(self.exit, Some(7 | 52 | 56)),
+            "the agent closes the connection without answering: {self:?}"
+        );
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("curl got non-JSON ({e}): {self:?}"))
@@ -570,21 +610,7 @@ impl CurlReply {
 
 /// `curl --unix-socket <socket> -X POST http://keybound<path> -d <body>` as another user.
 pub fn curl_as(who: As, socket: &Path, path: &str, body: &Value) -> CurlReply {
-    let mut cmd = match who {
-        As::Setpriv { uid, gid } => {
-            let mut c = Command::new("setpriv");
-            c.arg(format!("--reuid={uid}"))
-                .arg(format!("--regid={gid}"))
-                .arg("--clear-groups")
-                .arg("--");
-            c
-        }
-        As::RunuserNobody => {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "nobody", "--"]);
-            c
-        }
-    };
+    let mut cmd = who.command();
     cmd.arg("curl")
         .args(["-sS", "--max-time", "30", "--unix-socket"])
         .arg(socket)

@@ -1,0 +1,158 @@
+//! The one way from a request to a key, a client or the device: every door takes the
+//! request's [`Caller`], which only a connection that a rule names carries (see `authz`).
+//! The fields are private to this module, so a handler cannot go around the doors.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use axum::http::StatusCode;
+
+use super::api::ApiError;
+use super::authz::Caller;
+use crate::keyring::{Keyring, SigningKey};
+use crate::oauth::client::OAuthClient;
+
+/// The longest key name accepted, in bytes: labels and `pkcs11:` URIs are far shorter.
+pub const MAX_KEY_NAME_BYTES: usize = 512;
+
+/// More keys than a device holds in practice; past it the cache starts over.
+const MAX_CACHED_KEYS: usize = 64;
+
+pub struct Access {
+    keyring: Keyring,
+    clients: HashMap<String, OAuthClient>,
+    /// Keys already found and approved by the policy, one entry per key on the device
+    /// (never per name a caller used: see `cached`), at most `MAX_CACHED_KEYS`.
+    keys: Mutex<Vec<SigningKey>>,
+}
+
+impl Access {
+    pub fn new(keyring: Keyring, clients: Vec<OAuthClient>) -> Access {
+        Access {
+            keyring,
+            clients: clients
+                .into_iter()
+                .map(|c| (c.config().name.clone(), c))
+                .collect(),
+            keys: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A client the caller's rule allows, by name.
+    pub fn client(&self, caller: &Caller, name: &str) -> Result<&OAuthClient, ApiError> {
+        caller.check_client(name).map_err(ApiError::forbidden)?;
+        self.clients.get(name).ok_or_else(|| {
+            let mut known: Vec<&str> = self.clients.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            let configured = if known.is_empty() {
+                "none is configured; add a [[client]] to the agent's config".to_owned()
+            } else {
+                format!("configured: {}", known.join(", "))
+            };
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_client",
+                format!("no client '{name}'; {configured}"),
+            )
+        })
+    }
+
+    /// A client whose tokens the caller may have: the client signs with its keys on the
+    /// caller's behalf, so the rule must allow them as if the caller signed itself.
+    pub fn token_client(&self, caller: &Caller, name: &str) -> Result<&OAuthClient, ApiError> {
+        let c = self.client(caller, name)?;
+        check_key(caller, &c.assertion_key())?;
+        if let Some(k) = c.dpop_key() {
+            check_key(caller, &k)?;
+        }
+        Ok(c)
+    }
+
+    /// A policy-approved key by name that the caller's rule allows; found on the device,
+    /// then cached by the key it is.
+    pub async fn key(&self, caller: &Caller, name: &str) -> Result<SigningKey, ApiError> {
+        if name.len() > MAX_KEY_NAME_BYTES {
+            return Err(ApiError::bad(format!(
+                "key name is {} bytes; the longest accepted is {MAX_KEY_NAME_BYTES}: use the key's label or a short pkcs11: URI",
+                name.len()
+            )));
+        }
+        caller.check_key(name).map_err(ApiError::forbidden)?;
+        let key = match self.cached(name) {
+            Some(k) => k,
+            None => {
+                let keyring = self.keyring.clone();
+                let owned = name.to_string();
+                // Finding a key and reading its attributes are blocking device calls.
+                let key =
+                    tokio::task::spawn_blocking(move || keyring.signing_key(&owned)).await??;
+                self.remember(&key);
+                key
+            }
+        };
+        check_key(caller, &key)?;
+        Ok(key)
+    }
+
+    /// The device, for what every caller may read (public keys, verdicts, health).
+    pub fn device(&self, _caller: &Caller) -> &Keyring {
+        &self.keyring
+    }
+
+    /// The clients, for their counters in `/metrics`.
+    pub fn clients(&self, _caller: &Caller) -> impl Iterator<Item = (&String, &OAuthClient)> {
+        self.clients.iter()
+    }
+
+    /// A cached key for a plain label. A `pkcs11:` URI is found on the device each time
+    /// (its attributes are many and free-form: caching by its text let callers fill the
+    /// memory with names of one key), then lands on its key's one entry.
+    fn cached(&self, name: &str) -> Option<SigningKey> {
+        if name.starts_with("pkcs11:") {
+            return None;
+        }
+        let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut labelled = keys.iter().filter(|k| k.label() == name);
+        match (labelled.next(), labelled.next()) {
+            (Some(k), None) => Some(k.clone()),
+            // Two keys with one label: let the device lookup say what is ambiguous.
+            _ => None,
+        }
+    }
+
+    /// Caches `key` by its identity (label and kid, the public key's thumbprint), not by
+    /// the name a caller used.
+    fn remember(&self, key: &SigningKey) {
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        let same = |k: &SigningKey| k.label() == key.label() && k.kid() == key.kid();
+        if let Some(old) = keys.iter_mut().find(|k| same(k)) {
+            *old = key.clone();
+            return;
+        }
+        if keys.len() >= MAX_CACHED_KEYS {
+            keys.clear();
+        }
+        keys.push(key.clone());
+    }
+
+    /// Drops every cached key (one was deleted or replaced on the device).
+    pub fn forget_keys(&self) {
+        self.keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Keys in the cache (for `/healthz` and `/metrics`).
+    pub fn cached_keys(&self) -> usize {
+        self.keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// The caller's rule allows `key` (by its label on the device).
+pub fn check_key(caller: &Caller, key: &SigningKey) -> Result<(), ApiError> {
+    caller.check_key(key.label()).map_err(ApiError::forbidden)
+}
