@@ -114,7 +114,12 @@ impl From<TokenError> for ApiError {
             TokenError::KeyNotFound { .. } => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_key", message)
             }
-            TokenError::BadKeyName { .. } | TokenError::OtherToken { .. } => ApiError::bad(message),
+            TokenError::BadKeyName { .. }
+            | TokenError::OtherToken { .. }
+            | TokenError::Ambiguous { .. } => ApiError::bad(message),
+            TokenError::Unusable { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "policy_refused", message)
+            }
             TokenError::AlgUnavailable { .. } | TokenError::Jose(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
             }
@@ -262,7 +267,11 @@ async fn sign<C: serde::Serialize>(
         .metrics
         .signature(key.label(), key.alg().name(), outcome, took);
     tracing::info!(uid = peer.uid, key = key.label(), alg = %key.alg(), micros = took.as_micros() as u64, outcome, "signature");
-    if let Err(OAuthError::Token(TokenError::KeyNotFound { .. })) = &result {
+    if let Err(
+        OAuthError::Token(TokenError::KeyNotFound { .. })
+        | OAuthError::Key(KeyError::Token(TokenError::KeyNotFound { .. }) | KeyError::Policy(_)),
+    ) = &result
+    {
         // The key was deleted or replaced on the device: find it afresh next time.
         agent.forget_keys();
     }
@@ -441,22 +450,11 @@ async fn token_handler(
     })))
 }
 
-/// Every key with its verdict (blocking device calls).
-async fn audited(
-    agent: &Arc<Agent>,
-) -> Result<Vec<(crate::token::KeyInfo, crate::policy::Verdict)>, ApiError> {
+/// Every key audited (policy and proof of possession) and the unusable objects (blocking
+/// device calls).
+async fn audited(agent: &Arc<Agent>) -> Result<crate::keyring::Inventory, ApiError> {
     let keyring = agent.keyring.clone();
-    Ok(
-        tokio::task::spawn_blocking(move || -> Result<_, TokenError> {
-            let mut out = Vec::new();
-            for key in keyring.backend().keys()? {
-                let (_, verdict) = keyring.audit(&key)?;
-                out.push((key, verdict));
-            }
-            Ok(out)
-        })
-        .await??,
-    )
+    Ok(tokio::task::spawn_blocking(move || keyring.inventory()).await??)
 }
 
 async fn jwks_handler(
@@ -466,9 +464,10 @@ async fn jwks_handler(
     rule(&agent, &peer)?;
     let keys: Vec<Value> = audited(&agent)
         .await?
-        .into_iter()
-        .filter(|(_, v)| v.allows_signing())
-        .map(|(k, _)| json!(k.public.jwks_entry(&k.public.thumbprint(), k.alg)))
+        .audits
+        .iter()
+        .filter_map(|a| a.signing_key())
+        .map(|k| json!(k.public().jwks_entry(k.kid(), k.alg())))
         .collect();
     Ok(Json(json!({ "keys": keys })))
 }
@@ -478,20 +477,30 @@ async fn keys_handler(
     Extension(peer): Extension<Peer>,
 ) -> Result<Json<Value>, ApiError> {
     rule(&agent, &peer)?;
-    let keys: Vec<Value> = audited(&agent)
-        .await?
-        .into_iter()
-        .map(|(k, v)| {
-            json!({
-                "label": k.label,
-                "alg": k.alg.name(),
-                "kid": k.public.thumbprint(),
-                "policy": v.outcome(),
-                "reasons": v.findings.iter().map(|f| f.message.clone()).collect::<Vec<_>>(),
-            })
+    let inventory = audited(&agent).await?;
+    let keys = inventory.audits.iter().map(|a| {
+        let (k, v) = (a.key(), a.verdict());
+        json!({
+            "label": k.label(),
+            "id": crate::token::hex(k.id()),
+            "alg": k.alg().name(),
+            "kid": k.public().thumbprint(),
+            "policy": v.outcome(),
+            "reasons": v.findings.iter().map(|f| f.message.clone()).collect::<Vec<_>>(),
         })
-        .collect();
-    Ok(Json(json!(keys)))
+    });
+    // Objects that are not usable keys travel with the keys, as failing entries.
+    let problems = inventory.problems.iter().map(|p| {
+        json!({
+            "label": p.label,
+            "id": crate::token::hex(&p.id),
+            "alg": null,
+            "kid": null,
+            "policy": crate::policy::Outcome::Fail,
+            "reasons": [p.reason],
+        })
+    });
+    Ok(Json(Value::Array(keys.chain(problems).collect())))
 }
 
 /// 200 when the device answers and the login holds; 503 otherwise.
@@ -502,13 +511,12 @@ async fn health_handler(
     rule(&agent, &peer)?;
     let keyring = agent.keyring.clone();
     let probe = tokio::task::spawn_blocking(move || {
-        let backend = keyring.backend();
-        backend
+        keyring
             .health()
-            .and_then(|()| backend.keys())
-            .map(|k| k.len())
+            .and_then(|()| keyring.keys())
+            .map(|listing| listing.keys.len())
     });
-    let token = agent.keyring.backend().describe().token_label;
+    let token = agent.keyring.describe().token_label;
     let probed = match tokio::time::timeout(Duration::from_secs(5), probe).await {
         Ok(Ok(keys)) => keys.map_err(|e| e.to_string()),
         Ok(Err(e)) => Err(e.to_string()),
