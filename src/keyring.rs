@@ -15,7 +15,8 @@ use crate::policy::{self, Finding, PolicyError, Rules, Severity, Verdict};
 use crate::token::pkcs11::Pkcs11Token;
 use crate::token::tpm::TpmToken;
 use crate::token::{
-    Backend, Binding, KeyFacts, KeyInfo, KeyName, Listing, Problem, TokenDescription, TokenError,
+    Backend, Binding, KeyFacts, KeyInfo, KeyName, Listing, Problem, Proof, TokenDescription,
+    TokenError,
 };
 
 /// Errors of resolving a key for signing.
@@ -372,7 +373,8 @@ impl SigningKey {
 }
 
 /// The proof of possession: the device signs a fresh random challenge with `key`, and the
-/// signature must verify under `key.public`, the public key keybound would publish. The
+/// signature must verify under `key.public`, the public key keybound would publish (or, for
+/// a TPM key with an auth value, the TPM loaded the key only with that public area). The
 /// inner `Err` is the failing finding when it does not (or the device cannot sign with it).
 fn prove(backend: &dyn Backend, key: &KeyInfo) -> Result<Result<Binding, Finding>, TokenError> {
     let mut challenge = [0u8; 32];
@@ -394,7 +396,8 @@ fn prove(backend: &dyn Backend, key: &KeyInfo) -> Result<Result<Binding, Finding
         message,
     };
     let (signature, binding) = match rx.recv().map_err(|_| TokenError::WorkersGone)? {
-        Ok(proof) => proof,
+        Ok((Proof::Signed(signature), binding)) => (signature, binding),
+        Ok((Proof::LoadedByDevice, binding)) => return Ok(Ok(binding)),
         Err(e) if device_wide(&e) => return Err(e),
         Err(e) => {
             return Ok(Err(finding(format!(

@@ -136,8 +136,22 @@ pub struct TokenDescription {
 /// Receives the outcome of a signature made on a worker thread.
 pub(crate) type Reply = Box<dyn FnOnce(Result<JwsSignature, TokenError>) + Send>;
 
-/// Receives a proof-of-possession signature and the binding it was made with.
-pub(crate) type ProofReply = Box<dyn FnOnce(Result<(JwsSignature, Binding), TokenError>) + Send>;
+/// What a backend offers as proof that the device holds the private half of a key's public
+/// key.
+pub(crate) enum Proof {
+    /// The device's signature over the challenge; the keyring verifies it under the public
+    /// key it would publish.
+    Signed(JwsSignature),
+    /// The device itself refused to use the key with any other public key: a TPM loads a
+    /// key blob only with its own public area (`TPM2_Load` checks the private area's
+    /// integrity over the public area's name). For keys whose signatures need an
+    /// authorization value, which listing and publishing do not use (no dictionary-attack
+    /// strike for a wrong one).
+    LoadedByDevice,
+}
+
+/// Receives a proof of possession and the binding it was made with.
+pub(crate) type ProofReply = Box<dyn FnOnce(Result<(Proof, Binding), TokenError>) + Send>;
 
 /// A key store. Methods a device family lacks answer "not supported" (Parsec style).
 /// Implementations are blocking; the agent calls them off the async reactor. Crate-private:
@@ -216,7 +230,8 @@ pub(crate) trait Backend: Send + Sync {
     fn facts(&self, key: &KeyInfo) -> Result<KeyFacts, TokenError>;
 
     /// Looks the key's private object up afresh and signs `tbs` with it; replies with the
-    /// signature (the keyring verifies it under `key.public`) and the binding that later
+    /// signature (the keyring verifies it under `key.public`), or the device's own binding
+    /// where signing needs a secret the caller may not have, and the binding that later
     /// signatures with this approval use.
     fn prove(&self, key: &KeyInfo, tbs: ToBeSigned, reply: ProofReply);
 

@@ -21,7 +21,7 @@ use super::errors::object_gone;
 use super::key_management::find_private;
 use crate::jose::{Alg, JwsSignature, RawSignature, ToBeSigned};
 use crate::token::profile::{EcdsaSignatureEncoding, SignMechanism};
-use crate::token::{Binding, KeyInfo, ProofReply, Reply, TokenError};
+use crate::token::{Binding, KeyInfo, Proof, ProofReply, Reply, TokenError};
 
 /// The signing workers of one token.
 pub(super) struct Pool {
@@ -271,10 +271,12 @@ impl Worker {
         });
         match result {
             Ok(bytes) => Ok(self.raw_signature(key, mechanism, bytes)),
-            Err(f) if object_gone(&f) => Err(reapprove()),
-            Err(f) if f.session_lost() || self.conn.probe().is_err() => {
-                tracing::warn!(key = %key.label, "signing session lost; reopening");
-                self.drop_session();
+            Err(f) if object_gone(&f) || f.session_lost() || self.conn.probe().is_err() => {
+                if !object_gone(&f) {
+                    tracing::warn!(key = %key.label, "signing session lost; reopening");
+                    self.drop_session();
+                }
+                // A device that is gone is reported as such, not as a key to approve again.
                 self.conn.reconnect_if_gone()?;
                 Err(reapprove())
             }
@@ -284,11 +286,7 @@ impl Worker {
 
     /// Finds the key by `CKA_ID` on this worker's session and signs once; on a lost session,
     /// one retry on a fresh one. Returns the signature and the handle it was made with.
-    fn prove(
-        &mut self,
-        key: &KeyRef,
-        tbs: &ToBeSigned,
-    ) -> Result<(JwsSignature, Binding), TokenError> {
+    fn prove(&mut self, key: &KeyRef, tbs: &ToBeSigned) -> Result<(Proof, Binding), TokenError> {
         crate::token::check_alg(&key.label, key.alg, tbs)?;
         let mechanism = self.conn.profile.mechanism(key.alg)?;
         let mut retried = false;
@@ -309,7 +307,8 @@ impl Worker {
             match result {
                 Ok((bytes, bound)) => {
                     let raw = self.raw_signature(key, mechanism, bytes);
-                    return Ok((tbs.alg().to_jws_signature(raw)?, Binding::new(bound)));
+                    let signature = tbs.alg().to_jws_signature(raw)?;
+                    return Ok((Proof::Signed(signature), Binding::new(bound)));
                 }
                 Err(f) if !retried && (f.session_lost() || self.conn.probe().is_err()) => {
                     tracing::warn!(key = %key.label, "signing session lost; reopening");

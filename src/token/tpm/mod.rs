@@ -20,8 +20,8 @@ use serde::Deserialize;
 use tss_esapi::TctiNameConf;
 
 use super::{
-    Backend, Binding, KeyFacts, KeyInfo, Listing, Pin, PinSource, Problem, ProofReply, Reply,
-    TokenDescription, TokenError,
+    Backend, Binding, KeyFacts, KeyInfo, Listing, Pin, PinSource, Problem, Proof, ProofReply,
+    Reply, TokenDescription, TokenError,
 };
 use crate::jose::{Alg, ToBeSigned};
 use context::{Owner, Tpm};
@@ -334,10 +334,18 @@ impl Backend for TpmToken {
             Err(e) => return reply(Err(e)),
         };
         self.owner.submit(Box::new(move |tpm| {
-            reply(match tpm {
-                Some(tpm) => asym_sign::sign(tpm, &stored, &tbs).map(|s| (s, Binding::new(stored))),
-                None => Err(TokenError::WorkersGone),
-            })
+            let Some(tpm) = tpm else {
+                return reply(Err(TokenError::WorkersGone));
+            };
+            let proof = if stored.auth {
+                // Signing would need the key's auth value (a wrong one is a dictionary-attack
+                // strike); loading it needs none and binds the public area to the key.
+                tpm.run(|t| t.load(&stored).map(|_| ()))
+                    .map(|()| Proof::LoadedByDevice)
+            } else {
+                asym_sign::sign(tpm, &stored, &tbs).map(Proof::Signed)
+            };
+            reply(proof.map(|p| (p, Binding::new(stored))))
         }));
     }
 

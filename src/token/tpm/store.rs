@@ -53,6 +53,9 @@ pub(super) struct StoredKey {
     pub path: PathBuf,
 }
 
+/// A key file that does not parse, and why.
+pub(super) type Damaged = (PathBuf, String);
+
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyFile {
@@ -82,7 +85,7 @@ impl Store {
 
     /// Every readable key file, sorted by label, and every file that does not parse with
     /// the reason, so one damaged file does not hide the other keys.
-    pub(super) fn list(&self) -> Result<(Vec<StoredKey>, Vec<(PathBuf, String)>), TokenError> {
+    pub(super) fn list(&self) -> Result<(Vec<StoredKey>, Vec<Damaged>), TokenError> {
         let mut damaged = Vec::new();
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
