@@ -530,6 +530,39 @@ fn oauth_end_to_end_with_both_keys_in_the_tpm() {
 
 // ---------------------------------------------------------------------------
 
+/// A key file replaced under its label while a keyring holds the key approved (issue #9
+/// F5): the approved key signs only as long as the file holds it; after the store is read
+/// again the key is refused, never signed with another key than the one approved. (The
+/// TPM backend names a key by a digest of its public area, so it refused this before the
+/// re-approval existed too; this keeps it so.)
+#[test]
+fn a_key_file_replaced_under_a_running_keyring_is_refused() {
+    let home = TpmHome::in_process();
+    home.generate("k", "ES256");
+    home.generate("other", "ES256");
+    let verifier = Verifier::from_jwk(&jwk_of(&home, "k"));
+    let other_file = fs::read_to_string(home.key_file("other")).expect("other.json");
+
+    // No child processes while the Keyring lives (see tpm_support::loaded_objects).
+    let keyring = open(&home);
+    let key = keyring.signing_key("k").expect("k");
+    sign_and_verify(&key, &verifier, "before");
+    let mut replaced: Value = serde_json::from_str(&other_file).expect("JSON");
+    replaced["label"] = "k".into();
+    fs::write(home.key_file("k"), replaced.to_string()).expect("replace k.json");
+    // Anything that lists the keys reads the store again.
+    let listed = keyring.keys().expect("keys");
+    assert!(listed.keys.iter().any(|k| k.label() == "k"), "{listed:?}");
+    let err = key
+        .sign(Alg::ES256.to_be_signed(b"after"))
+        .err()
+        .expect("a replaced key does not sign")
+        .to_string();
+    assert!(err.contains("no key") && err.contains("object=k"), "{err}");
+    wait_until_nothing_loaded(&home.tpm);
+    drop(keyring);
+}
+
 /// The library's view of the test config: one Keyring, opened in this process.
 fn open(home: &TpmHome) -> Keyring {
     let text = fs::read_to_string(home.config_path()).expect("read config");
