@@ -359,7 +359,8 @@ async fn agent_refuses_a_key_replaced_after_approval() {
             window_end(start),
         );
     }
-    // Approved the imported one too, so that the agent holds a handle to it.
+    // "imported" approved too: replaced below by an imported pair, it is refused whether the
+    // agent approves its held key again or resolves the name afresh.
     post(
         agent.socket(),
         "/v1/dpop",

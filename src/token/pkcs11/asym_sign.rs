@@ -272,7 +272,10 @@ impl Worker {
         match result {
             Ok(bytes) => Ok(self.raw_signature(key, mechanism, bytes)),
             Err(f) if object_gone(&f) || f.session_lost() || self.conn.probe().is_err() => {
-                if !object_gone(&f) {
+                if object_gone(&f) {
+                    let why = TokenError::from(f);
+                    tracing::warn!(key = %key.label, "the approved key object is gone ({why}); approving the key again");
+                } else {
                     tracing::warn!(key = %key.label, "signing session lost; reopening");
                     self.drop_session();
                 }
