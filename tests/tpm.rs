@@ -555,8 +555,7 @@ fn a_key_file_replaced_under_a_running_keyring_is_refused() {
     assert!(listed.keys.iter().any(|k| k.label() == "k"), "{listed:?}");
     let err = key
         .sign(Alg::ES256.to_be_signed(b"after"))
-        .err()
-        .expect("a replaced key does not sign")
+        .expect_err("a replaced key does not sign")
         .to_string();
     assert!(err.contains("no key") && err.contains("object=k"), "{err}");
     wait_until_nothing_loaded(&home.tpm);
