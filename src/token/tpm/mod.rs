@@ -350,7 +350,8 @@ impl Backend for TpmToken {
     }
 
     /// Signs with the approved blob. If the key file under its label now holds another key,
-    /// the key must be approved again (and is refused: its public key changed).
+    /// the key must be approved again, which refuses it: approval looks the key up by label
+    /// and id, and a TPM key's id is a digest of its public area.
     fn submit(&self, key: &KeyInfo, binding: &Binding, tbs: ToBeSigned, reply: Reply) {
         let stored = match binding.get::<Arc<StoredKey>>() {
             Some(k) if self.still_stored(k) => k.clone(),
