@@ -1,16 +1,25 @@
-//! Keys by name, judged by the policy before they may sign: the only way to get a
-//! `SigningKey` is through `Keyring::signing_key`, which refuses keys the policy fails.
+//! Keys by name, approved before they sign or are published. Approval is the policy's
+//! verdict on the device's facts, exactly one public object, and a proof of possession: the
+//! device signs a fresh random challenge, which must verify under the public key keybound
+//! would publish. A `SigningKey` exists only after that (`Keyring::signing_key`, or a
+//! passing `Keyring::audit`), and it is the only way to the device's signing operation.
+//! When the device has to find the key again (lost session, stale handle, re-initialised
+//! library, replaced key file), the key is approved again, and must still have the public
+//! key it was approved with, before it signs.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::TokenConfig;
-use crate::jose::{Alg, JwsSignature, PublicKey, ToBeSigned};
-use crate::policy::{self, PolicyError, Rules, Verdict};
+use crate::jose::{self, Alg, JwsSignature, PublicKey, ToBeSigned};
+use crate::policy::{self, Finding, PolicyError, Rules, Severity, Verdict};
 use crate::token::pkcs11::Pkcs11Token;
 #[cfg(feature = "tpm")]
 use crate::token::tpm::TpmToken;
-use crate::token::{Backend, KeyFacts, KeyInfo, KeyName, Reply, TokenError};
+use crate::token::{
+    Backend, Binding, KeyFacts, KeyInfo, KeyName, Listing, Problem, Proof, TokenDescription,
+    TokenError,
+};
 
 /// Errors of resolving a key for signing.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +29,12 @@ pub enum KeyError {
     #[error(transparent)]
     Policy(#[from] PolicyError),
 }
+
+/// Receives the outcome of a signature queued with [`SigningKey::submit`].
+pub type Reply = Box<dyn FnOnce(Result<JwsSignature, KeyError>) + Send>;
+
+/// The finding's attribute for a failed proof of possession.
+pub const POSSESSION: &str = "proof of possession";
 
 /// The configured device and the policy that governs its keys. Cloning shares the device.
 #[derive(Clone)]
@@ -38,19 +53,49 @@ pub struct SignEvent<'a> {
     pub took: Duration,
 }
 
-/// Called after every signature of every `SigningKey` the keyring approves from then on
-/// (the agent counts and logs there), so no call site can sign unrecorded. It runs on the
-/// thread that signed: keep it short and non-blocking.
+/// Called after every signature the device makes with a key of this keyring, proofs of
+/// possession included (the agent counts and logs there), so no call site can sign
+/// unrecorded. It runs on the thread that signed: keep it short and non-blocking.
 pub type SignObserver = Arc<dyn Fn(&SignEvent<'_>) + Send + Sync>;
 
-/// A key the policy allowed to sign, with its `kid` (RFC 7638 thumbprint). Cheap to
-/// clone: the agent hands one to every request.
+/// One key as the keyring judged it: the device's facts, the verdict (the policy's findings
+/// and the proof of possession's), and the signer when the verdict allows signing.
+pub struct Audit {
+    key: KeyInfo,
+    facts: KeyFacts,
+    verdict: Verdict,
+    signer: Option<SigningKey>,
+}
+
+/// Every key on the device, audited, and the objects that are not usable keys.
+pub struct Inventory {
+    pub audits: Vec<Audit>,
+    pub problems: Vec<Problem>,
+}
+
+/// An approved key, with its `kid` (RFC 7638 thumbprint). Cheap to clone: the agent hands
+/// one to every request; clones share the approval.
 #[derive(Clone)]
 pub struct SigningKey {
     info: Arc<KeyInfo>,
     kid: Arc<str>,
-    backend: Arc<dyn Backend>,
-    observer: Option<SignObserver>,
+    keyring: Keyring,
+    approval: Arc<Approval>,
+}
+
+/// The device object the key was approved with, renewed by each re-approval.
+struct Approval {
+    current: RwLock<Approved>,
+    /// One re-approval at a time; the others wait for it and use its result.
+    renewing: Mutex<()>,
+}
+
+#[derive(Clone)]
+struct Approved {
+    /// Counts re-approvals, so a signature that saw binding N knows whether someone else
+    /// has already renewed it.
+    epoch: u64,
+    binding: Binding,
 }
 
 impl Keyring {
@@ -79,49 +124,153 @@ impl Keyring {
         self.observer = Some(observer);
     }
 
-    pub fn backend(&self) -> &dyn Backend {
-        &*self.backend
+    fn observed(&self, key: &KeyInfo, ok: bool, start: Instant) {
+        if let Some(observer) = &self.observer {
+            observer(&SignEvent {
+                label: key.label(),
+                alg: key.alg(),
+                ok,
+                took: start.elapsed(),
+            });
+        }
+    }
+
+    /// Which backend and token this is, for logs and `keys audit`.
+    pub fn describe(&self) -> TokenDescription {
+        self.backend.describe()
     }
 
     pub fn sessions(&self) -> usize {
         self.backend.sessions()
     }
 
-    /// The facts and the verdict for one key.
-    pub fn audit(&self, key: &KeyInfo) -> Result<(KeyFacts, Verdict), TokenError> {
+    /// Is the device there and the login good? Looks for a lost device again.
+    pub fn health(&self) -> Result<(), TokenError> {
+        self.backend.health()
+    }
+
+    /// The keys on the device and the objects that are not usable keys, unaudited.
+    pub fn keys(&self) -> Result<Listing, TokenError> {
+        self.backend.keys()
+    }
+
+    /// The one key a label or `pkcs11:` URI names, unaudited.
+    pub fn find(&self, name: &str) -> Result<KeyInfo, TokenError> {
+        self.backend.find(&KeyName::parse(name)?)
+    }
+
+    /// Generates a key inside the device and audits it.
+    pub fn generate(&self, label: &str, alg: Alg) -> Result<Audit, TokenError> {
+        let key = self.backend.generate(label, alg)?;
+        self.audit(&key)
+    }
+
+    /// The facts, the policy's verdict and, when the policy allows signing, the proof of
+    /// possession for one key. A failed proof is a failing finding of the verdict.
+    pub fn audit(&self, key: &KeyInfo) -> Result<Audit, TokenError> {
         let facts = self.backend.facts(key)?;
-        let verdict = policy::evaluate(&facts, &self.rules);
-        Ok((facts, verdict))
+        let mut verdict = policy::evaluate(&facts, &self.rules);
+        let mut signer = None;
+        if verdict.allows_signing() {
+            match self.prove(key)? {
+                Ok(binding) => signer = Some(SigningKey::new(self.clone(), key.clone(), binding)),
+                Err(finding) => verdict.findings.push(finding),
+            }
+        }
+        Ok(Audit {
+            key: key.clone(),
+            facts,
+            verdict,
+            signer,
+        })
     }
 
-    /// Finds a key by label or `pkcs11:` URI and checks the policy once.
+    /// Every key audited, and the objects that are not usable keys. A key whose audit fails
+    /// on its own (not the device as a whole) becomes a problem; the others go on.
+    pub fn inventory(&self) -> Result<Inventory, TokenError> {
+        let listing = self.backend.keys()?;
+        let mut problems = listing.problems;
+        let mut audits = Vec::with_capacity(listing.keys.len());
+        for key in listing.keys {
+            match self.audit(&key) {
+                Ok(audit) => audits.push(audit),
+                Err(e) if device_wide(&e) => return Err(e),
+                Err(e) => problems.push(Problem {
+                    label: key.label().to_string(),
+                    id: key.id().to_vec(),
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        Ok(Inventory { audits, problems })
+    }
+
+    /// Finds a key by label or `pkcs11:` URI and approves it.
     pub fn signing_key(&self, name: &str) -> Result<SigningKey, KeyError> {
-        let info = self.backend.find(&KeyName::parse(name)?)?;
-        self.approve(info)
+        let info = self.find(name)?;
+        self.approve(&info)
     }
 
-    /// Checks the policy for a key already found.
-    pub fn approve(&self, info: KeyInfo) -> Result<SigningKey, KeyError> {
-        let (_, verdict) = self.audit(&info)?;
-        if let Some(refusal) = verdict.refusal(&info.label) {
+    /// Approval: the policy's verdict and the proof of possession (`audit`), on a key the
+    /// backend found with exactly one public object.
+    pub(crate) fn approve(&self, info: &KeyInfo) -> Result<SigningKey, KeyError> {
+        self.audit(info)?.into_signing_key()
+    }
+}
+
+impl Audit {
+    pub fn key(&self) -> &KeyInfo {
+        &self.key
+    }
+
+    pub fn facts(&self) -> &KeyFacts {
+        &self.facts
+    }
+
+    pub fn verdict(&self) -> &Verdict {
+        &self.verdict
+    }
+
+    /// The approved key, when the verdict allows signing.
+    pub fn signing_key(&self) -> Option<&SigningKey> {
+        self.signer.as_ref()
+    }
+
+    /// The approved key, or the refusal naming every failing finding.
+    pub fn into_signing_key(self) -> Result<SigningKey, KeyError> {
+        if let Some(refusal) = self.verdict.refusal(self.key.label()) {
             return Err(refusal.into());
         }
-        Ok(SigningKey {
-            kid: info.public.thumbprint().into(),
-            info: Arc::new(info),
-            backend: self.backend.clone(),
-            observer: self.observer.clone(),
+        self.signer.ok_or_else(|| {
+            // Unreachable in practice: a verdict without failing findings got its proof.
+            PolicyError::Refused {
+                label: self.key.label().to_string(),
+                reasons: "the key's proof of possession was not made".into(),
+            }
+            .into()
         })
     }
 }
 
 impl SigningKey {
+    fn new(keyring: Keyring, info: KeyInfo, binding: Binding) -> SigningKey {
+        SigningKey {
+            kid: info.public().thumbprint().into(),
+            info: Arc::new(info),
+            keyring,
+            approval: Arc::new(Approval {
+                current: RwLock::new(Approved { epoch: 0, binding }),
+                renewing: Mutex::new(()),
+            }),
+        }
+    }
+
     pub fn label(&self) -> &str {
-        &self.info.label
+        self.info.label()
     }
 
     pub fn alg(&self) -> Alg {
-        self.info.alg
+        self.info.alg()
     }
 
     pub fn kid(&self) -> &str {
@@ -129,7 +278,7 @@ impl SigningKey {
     }
 
     pub fn public(&self) -> &PublicKey {
-        &self.info.public
+        self.info.public()
     }
 
     pub fn info(&self) -> &KeyInfo {
@@ -137,11 +286,23 @@ impl SigningKey {
     }
 
     /// Signs on the device. Blocking.
-    pub fn sign(&self, tbs: ToBeSigned) -> Result<JwsSignature, TokenError> {
+    pub fn sign(&self, tbs: ToBeSigned) -> Result<JwsSignature, KeyError> {
         let start = Instant::now();
-        let result = self.backend.sign(&self.info, tbs);
-        self.observed(result.is_ok(), start);
+        let result = self.sign_unobserved(tbs);
+        self.keyring.observed(&self.info, result.is_ok(), start);
         result
+    }
+
+    fn sign_unobserved(&self, tbs: ToBeSigned) -> Result<JwsSignature, KeyError> {
+        let seen = self.current();
+        let backend = &self.keyring.backend;
+        match backend.sign(&self.info, &seen.binding, tbs.clone()) {
+            Err(TokenError::Reapprove { .. }) => {
+                let renewed = self.renew(seen.epoch)?;
+                Ok(backend.sign(&self.info, &renewed.binding, tbs)?)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// The device's raw rate for this key: see `Backend::bench_raw`.
@@ -149,38 +310,185 @@ impl SigningKey {
         &self,
         tbs: &ToBeSigned,
         duration: std::time::Duration,
-    ) -> Result<u64, TokenError> {
-        self.backend.bench_raw(&self.info, tbs, duration)
+    ) -> Result<u64, KeyError> {
+        let seen = self.current();
+        let backend = &self.keyring.backend;
+        match backend.bench_raw(&self.info, &seen.binding, tbs, duration) {
+            Err(TokenError::Reapprove { .. }) => {
+                let renewed = self.renew(seen.epoch)?;
+                Ok(backend.bench_raw(&self.info, &renewed.binding, tbs, duration)?)
+            }
+            other => Ok(other?),
+        }
     }
 
-    /// Queues a signature; `reply` gets the outcome on a worker thread.
+    /// Queues a signature; `reply` gets the outcome on another thread.
     pub fn submit(&self, tbs: ToBeSigned, reply: Reply) {
-        if self.observer.is_none() {
-            return self.backend.submit(&self.info, tbs, reply);
-        }
         let (key, start) = (self.clone(), Instant::now());
         // The reply runs on a worker thread: the caller's span goes along, so the
         // observer's log line carries the request's fields (the agent's caller uid).
         let span = tracing::Span::current();
-        self.backend.submit(
+        let reply: Reply = Box::new(move |result| {
+            let _entered = span.enter();
+            key.keyring.observed(&key.info, result.is_ok(), start);
+            reply(result);
+        });
+        let seen = self.current();
+        let retry = (self.clone(), tbs.clone(), seen.epoch);
+        self.keyring.backend.submit(
             &self.info,
+            &seen.binding,
             tbs,
-            Box::new(move |result| {
-                let _entered = span.enter();
-                key.observed(result.is_ok(), start);
-                reply(result);
+            Box::new(move |result| match result {
+                Err(TokenError::Reapprove { .. }) => {
+                    // Approving again signs a challenge on the device's worker threads; this
+                    // may be one of them (the TPM has only one), so it must not wait here.
+                    let (key, tbs, epoch) = retry;
+                    let spawned = std::thread::Builder::new()
+                        .name("keybound-reapprove".into())
+                        .spawn(move || reply(key.resign(epoch, tbs)));
+                    if let Err(e) = spawned {
+                        // `reply` went with the closure; the caller sees its channel close.
+                        tracing::error!("cannot start a thread to approve a key again: {e}");
+                    }
+                }
+                other => reply(other.map_err(KeyError::from)),
             }),
         );
     }
 
-    fn observed(&self, ok: bool, start: Instant) {
-        if let Some(observer) = &self.observer {
-            observer(&SignEvent {
-                label: self.label(),
-                alg: self.alg(),
-                ok,
-                took: start.elapsed(),
-            });
+    fn resign(&self, epoch: u64, tbs: ToBeSigned) -> Result<JwsSignature, KeyError> {
+        let renewed = self.renew(epoch)?;
+        Ok(self
+            .keyring
+            .backend
+            .sign(&self.info, &renewed.binding, tbs)?)
+    }
+
+    fn current(&self) -> Approved {
+        self.approval
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Approves the key again after the device had to look it up again: found by its label
+    /// and id, the same public key as approved, the policy, and a new proof of possession.
+    /// `seen` is the approval the failed signature used; if another thread renewed it in the
+    /// meantime, that renewal is used.
+    fn renew(&self, seen: u64) -> Result<Approved, KeyError> {
+        let _one = self
+            .approval
+            .renewing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let current = self.current();
+        if current.epoch != seen {
+            return Ok(current);
+        }
+        let label = self.label();
+        let found = self
+            .keyring
+            .backend
+            .find(&KeyName::exact(label, self.info.id()))?;
+        if found.public() != self.public() || found.alg() != self.alg() {
+            tracing::warn!(key = label, kid = %self.kid, "key replaced on the device; refused");
+            return Err(PolicyError::Refused {
+                label: label.to_string(),
+                reasons: format!(
+                    "it was replaced on the device after keybound approved it (kid {} is now \
+                     kid {}), and keybound does not sign with a key other than the one it \
+                     approved; if the replacement is meant, name the key again or restart \
+                     keybound, which audits it afresh",
+                    self.kid,
+                    found.public().thumbprint()
+                ),
+            }
+            .into());
+        }
+        let audit = self.keyring.audit(&found)?;
+        let binding = audit.into_signing_key()?.current().binding;
+        let renewed = Approved {
+            epoch: seen + 1,
+            binding,
+        };
+        *self
+            .approval
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = renewed.clone();
+        tracing::info!(
+            key = label,
+            "key approved again after the device looked it up again"
+        );
+        Ok(renewed)
+    }
+}
+
+/// The proof of possession: the device signs a fresh random challenge with `key`, and the
+/// signature must verify under `key.public`, the public key keybound would publish (or, for
+/// a TPM key with an auth value, the TPM loaded the key only with that public area). The
+/// inner `Err` is the failing finding when it does not (or the device cannot sign with it).
+impl Keyring {
+    fn prove(&self, key: &KeyInfo) -> Result<Result<Binding, Finding>, TokenError> {
+        let backend = &*self.backend;
+        let mut challenge = [0u8; 32];
+        getrandom::getrandom(&mut challenge).map_err(|e| TokenError::Rng(e.to_string()))?;
+        let mut message = b"keybound proof of possession ".to_vec();
+        message.extend_from_slice(jose::b64(challenge).as_bytes());
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let start = Instant::now();
+        backend.prove(
+            key,
+            key.alg().to_be_signed(&message),
+            Box::new(move |result| {
+                // The receiver waits below; a failed send means it is gone, nothing to do.
+                let _ = tx.send(result);
+            }),
+        );
+        let finding = |message: String| Finding {
+            severity: Severity::Fail,
+            attribute: POSSESSION,
+            message,
+        };
+        let answer = rx.recv().map_err(|_| TokenError::WorkersGone)?;
+        if let Ok((Proof::Signed(_), _)) | Err(_) = &answer {
+            self.observed(key, answer.is_ok(), start);
+        }
+        let (signature, binding) = match answer {
+            Ok((Proof::Signed(signature), binding)) => (signature, binding),
+            Ok((Proof::LoadedByDevice, binding)) => return Ok(Ok(binding)),
+            Err(e) if device_wide(&e) => return Err(e),
+            Err(e) => {
+                return Ok(Err(finding(format!(
+                    "the device could not sign a challenge with the key ({e}), so keybound cannot \
+                 show that the public key on the token is the key's; do not publish it"
+                ))));
+            }
+        };
+        match jose::verify(key.public(), key.alg(), &message, &signature) {
+            Ok(()) => Ok(Ok(binding)),
+            Err(_) => Ok(Err(finding(format!(
+                "the public key on the token does not match the private key (the device's \
+             signature over a random challenge does not verify under it): someone replaced \
+             the public object; do not publish it (kid {}); regenerate the key with `keybound \
+             keys generate`",
+                key.public().thumbprint()
+            )))),
         }
     }
+}
+
+/// Errors about the device as a whole, not about one key: they end a listing instead of
+/// becoming one key's finding.
+fn device_wide(e: &TokenError) -> bool {
+    matches!(
+        e,
+        TokenError::Unavailable { .. }
+            | TokenError::WorkersGone
+            | TokenError::PinIncorrect { .. }
+            | TokenError::PinLocked { .. }
+            | TokenError::Rng(_)
+    )
 }

@@ -1794,22 +1794,20 @@ async fn metrics_count_signatures_and_keys_jwks_healthz_have_their_shapes() {
         );
     }
 
-    // /v1/keys: every key with its verdict, as `keybound keys list --json` (minus the id).
+    // /v1/keys: every key with its verdict, as `keybound keys list --json`.
     let keys = conn.get("/v1/keys").await.ok("GET /v1/keys");
     let keys = keys.as_array().expect("an array").clone();
     let listed: Vec<Value> =
         serde_json::from_str(&token.run_ok(&["keys", "list", "--json"])).unwrap();
     assert_eq!(keys.len(), 3, "{keys:?}");
     for key in &keys {
-        assert_members(key, &["label", "alg", "kid", "policy", "reasons"]);
+        assert_members(key, &["label", "id", "alg", "kid", "policy", "reasons"]);
         let label = key["label"].as_str().unwrap();
-        let mut cli = listed
+        let cli = listed
             .iter()
             .find(|k| k["label"] == label)
-            .unwrap_or_else(|| panic!("{label} in keys list --json"))
-            .clone();
-        cli.as_object_mut().unwrap().remove("id");
-        assert_eq!(key, &cli, "/v1/keys and keys list --json agree on {label}");
+            .unwrap_or_else(|| panic!("{label} in keys list --json"));
+        assert_eq!(key, cli, "/v1/keys and keys list --json agree on {label}");
     }
     let by_label = |label: &str| keys.iter().find(|k| k["label"] == label).unwrap().clone();
     assert_eq!(by_label("dpop")["policy"], "pass");

@@ -225,6 +225,7 @@ fn generated_key_attributes() -> Value {
         "CKA_DERIVE": false,
         "CKA_PRIVATE": true,
         "CKA_TOKEN": true,
+        "public CKA_LOCAL": true,
     })
 }
 

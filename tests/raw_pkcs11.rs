@@ -1,32 +1,19 @@
 //! keybound against keys it did not make, placed on the token with raw
 //! PKCS#11 (cryptoki) from this test process: imported keys (C_CreateObject,
 //! so CKA_LOCAL is false), a key generated extractable, and well-made keys of
-//! another tool. Also reads keybound's own keys back with raw PKCS#11.
-//!
-//! SoftHSM2 reads `SOFTHSM2_CONF` in `C_Initialize`, and PKCS#11 state is
-//! process-global. So every raw PKCS#11 access in this test binary goes
-//! through [`with_session`], which holds one mutex while it points
-//! `SOFTHSM2_CONF` at the test's own token, initialises the library, works
-//! and finalises it again. keybound itself always runs as a child process
-//! with its environment set on the `Command`.
+//! another tool. Also reads keybound's own keys back with raw PKCS#11. The raw
+//! PKCS#11 helpers (and why they hold a lock) are in `tests/raw_support`.
 
+mod raw_support;
 mod support;
 
-use std::sync::{Mutex, OnceLock, PoisonError};
-
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass};
-use cryptoki::session::{Session, UserType};
-use cryptoki::types::AuthPin;
+use cryptoki::object::{Attribute, AttributeInfo, AttributeType};
 use p256::elliptic_curve::rand_core::OsRng;
 use p256::elliptic_curve::sec1::ToEncodedPoint;
+use raw_support::*;
 use serde_json::{Value, json};
 use support::*;
-
-/// DER OID of the curves, the value of CKA_EC_PARAMS.
-const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-const P384_PARAMS: [u8; 7] = [0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
 
 // ---------------------------------------------------------------------------
 // keybound's own keys, read back with raw PKCS#11
@@ -299,161 +286,4 @@ fn assert_refused(token: &DevToken, label: &str, attribute: &str) {
     assert_mentions(&line, &[attribute]);
     let line = token.run_err(&["dpop", "--key", label, "--method", "GET", "--url", AUDIENCE]);
     assert_mentions(&line, &[attribute]);
-}
-
-// ---------------------------------------------------------------------------
-// Raw PKCS#11
-// ---------------------------------------------------------------------------
-
-/// Serialises every use of PKCS#11 and of `SOFTHSM2_CONF` in this process.
-static PKCS11_LOCK: Mutex<()> = Mutex::new(());
-
-/// Runs `f` with a logged-in read-write session on `token`'s SoftHSM2 token.
-fn with_session<R>(token: &DevToken, f: impl FnOnce(&Session) -> R) -> R {
-    let _lock = PKCS11_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
-    // SAFETY: the only code in this process that reads the environment
-    // outside std's own environment lock is SoftHSM2 (getenv in
-    // C_Initialize), and it runs only under PKCS11_LOCK, held here. Other
-    // test threads touch the environment only through std (Command), which
-    // synchronises with set_var.
-    unsafe { std::env::set_var("SOFTHSM2_CONF", token.softhsm_conf()) };
-    let pkcs11 = library();
-    pkcs11
-        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .expect("C_Initialize");
-    let _finalize = FinalizeOnDrop(pkcs11.clone());
-    let slot = pkcs11
-        .get_slots_with_token()
-        .expect("C_GetSlotList")
-        .into_iter()
-        .find(|&slot| {
-            pkcs11
-                .get_token_info(slot)
-                .is_ok_and(|info| info.label() == TOKEN_LABEL)
-        })
-        .expect("the test token is visible");
-    let session = pkcs11.open_rw_session(slot).expect("C_OpenSession");
-    session
-        .login(UserType::User, Some(&AuthPin::from(USER_PIN)))
-        .expect("C_Login");
-    f(&session)
-    // Drop order: session (closes it), then C_Finalize, then the lock.
-}
-
-/// The SoftHSM2 module, loaded once; initialised only inside `with_session`.
-fn library() -> Pkcs11 {
-    static LIBRARY: OnceLock<Pkcs11> = OnceLock::new();
-    LIBRARY
-        .get_or_init(|| Pkcs11::new(MODULE).expect("load SoftHSM2"))
-        .clone()
-}
-
-struct FinalizeOnDrop(Pkcs11);
-
-impl Drop for FinalizeOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.clone().finalize();
-    }
-}
-
-fn private_key(session: &Session, label: &str) -> cryptoki::object::ObjectHandle {
-    let found = session
-        .find_objects(&[
-            Attribute::Class(ObjectClass::PRIVATE_KEY),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ])
-        .expect("C_FindObjects");
-    assert_eq!(found.len(), 1, "one private key labelled {label}");
-    found[0]
-}
-
-/// Imports a P-256 key pair with C_CreateObject (so CKA_LOCAL is false):
-/// the private key with the given CKA_SENSITIVE / CKA_EXTRACTABLE, the public
-/// key with the same CKA_ID and label.
-fn import_p256(
-    session: &Session,
-    label: &str,
-    id: &[u8],
-    secret: &p256::SecretKey,
-    sensitive: bool,
-    extractable: bool,
-) {
-    let common = |class| {
-        vec![
-            Attribute::Class(class),
-            Attribute::KeyType(KeyType::EC),
-            Attribute::Token(true),
-            Attribute::Label(label.as_bytes().to_vec()),
-            Attribute::Id(id.to_vec()),
-            Attribute::EcParams(P256_PARAMS.to_vec()),
-        ]
-    };
-    let mut private = common(ObjectClass::PRIVATE_KEY);
-    private.extend([
-        Attribute::Private(true),
-        Attribute::Sensitive(sensitive),
-        Attribute::Extractable(extractable),
-        Attribute::Sign(true),
-        Attribute::Derive(false),
-        Attribute::Decrypt(false),
-        Attribute::Unwrap(false),
-        Attribute::AllowedMechanisms(vec![MechanismType::ECDSA]),
-        Attribute::Value(secret.to_bytes().to_vec()),
-    ]);
-    // CKA_EC_POINT: DER OCTET STRING around the uncompressed point.
-    let point = secret.public_key().to_encoded_point(false);
-    let mut ec_point = vec![0x04, point.len() as u8];
-    ec_point.extend_from_slice(point.as_bytes());
-    let mut public = common(ObjectClass::PUBLIC_KEY);
-    public.extend([
-        Attribute::Private(false),
-        Attribute::Verify(true),
-        Attribute::EcPoint(ec_point),
-    ]);
-    session.create_object(&public).expect("create public key");
-    session.create_object(&private).expect("create private key");
-}
-
-/// C_GenerateKeyPair with the sign-only template of HARDWARE-NOTES, plus
-/// `public_extra` / `private_extra` (later attributes win).
-fn generate_pair(
-    session: &Session,
-    mechanism: &Mechanism,
-    label: &str,
-    id: &[u8],
-    public_extra: &[Attribute],
-    private_extra: &[Attribute],
-) {
-    let ident = [
-        Attribute::Token(true),
-        Attribute::Label(label.as_bytes().to_vec()),
-        Attribute::Id(id.to_vec()),
-    ];
-    let mut public = ident.to_vec();
-    public.extend([
-        Attribute::Private(false),
-        Attribute::Verify(true),
-        Attribute::Encrypt(false),
-        Attribute::Wrap(false),
-    ]);
-    public.extend_from_slice(public_extra);
-    let mut private = ident.to_vec();
-    let overridden = |t: AttributeType| private_extra.iter().any(|a| a.attribute_type() == t);
-    private.extend(
-        [
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Sign(true),
-            Attribute::Derive(false),
-            Attribute::Decrypt(false),
-            Attribute::Unwrap(false),
-        ]
-        .into_iter()
-        .filter(|a| !overridden(a.attribute_type())),
-    );
-    private.extend_from_slice(private_extra);
-    session
-        .generate_key_pair(mechanism, &public, &private)
-        .expect("C_GenerateKeyPair");
 }

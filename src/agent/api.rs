@@ -196,7 +196,12 @@ impl From<TokenError> for ApiError {
             TokenError::KeyNotFound { .. } => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_key", message)
             }
-            TokenError::BadKeyName { .. } | TokenError::OtherToken { .. } => ApiError::bad(message),
+            TokenError::BadKeyName { .. }
+            | TokenError::OtherToken { .. }
+            | TokenError::Ambiguous { .. } => ApiError::bad(message),
+            TokenError::Unusable { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "policy_refused", message)
+            }
             TokenError::AlgUnavailable { .. } | TokenError::Jose(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
             }
@@ -301,7 +306,11 @@ async fn sign<C: serde::Serialize>(
         ));
     };
     let result = oauth::sign_async(key, header, claims).await;
-    if let Err(OAuthError::Token(TokenError::KeyNotFound { .. })) = &result {
+    if let Err(
+        OAuthError::Token(TokenError::KeyNotFound { .. })
+        | OAuthError::Key(KeyError::Token(TokenError::KeyNotFound { .. }) | KeyError::Policy(_)),
+    ) = &result
+    {
         // The key was deleted or replaced on the device: find it afresh next time.
         agent.access.forget_keys();
     }
@@ -518,23 +527,14 @@ async fn token_handler(
     })))
 }
 
-/// Every key with its verdict (blocking device calls).
+/// Every key audited (policy and proof of possession) and the unusable objects (blocking
+/// device calls).
 async fn audited(
     agent: &Arc<Agent>,
     caller: &Caller,
-) -> Result<Vec<(crate::token::KeyInfo, crate::policy::Verdict)>, ApiError> {
+) -> Result<crate::keyring::Inventory, ApiError> {
     let keyring = agent.access.device(caller).clone();
-    Ok(
-        tokio::task::spawn_blocking(move || -> Result<_, TokenError> {
-            let mut out = Vec::new();
-            for key in keyring.backend().keys()? {
-                let (_, verdict) = keyring.audit(&key)?;
-                out.push((key, verdict));
-            }
-            Ok(out)
-        })
-        .await??,
-    )
+    Ok(tokio::task::spawn_blocking(move || keyring.inventory()).await??)
 }
 
 async fn jwks_handler(
@@ -543,9 +543,10 @@ async fn jwks_handler(
 ) -> Result<Json<Value>, ApiError> {
     let keys: Vec<Value> = audited(&agent, &caller)
         .await?
-        .into_iter()
-        .filter(|(_, v)| v.allows_signing())
-        .map(|(k, _)| json!(k.public.jwks_entry(&k.public.thumbprint(), k.alg)))
+        .audits
+        .iter()
+        .filter_map(|a| a.signing_key())
+        .map(|k| json!(k.public().jwks_entry(k.kid(), k.alg())))
         .collect();
     Ok(Json(json!({ "keys": keys })))
 }
@@ -554,20 +555,30 @@ async fn keys_handler(
     State(agent): State<Arc<Agent>>,
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    let keys: Vec<Value> = audited(&agent, &caller)
-        .await?
-        .into_iter()
-        .map(|(k, v)| {
-            json!({
-                "label": k.label,
-                "alg": k.alg.name(),
-                "kid": k.public.thumbprint(),
-                "policy": v.outcome(),
-                "reasons": v.findings.iter().map(|f| f.message.clone()).collect::<Vec<_>>(),
-            })
+    let inventory = audited(&agent, &caller).await?;
+    let keys = inventory.audits.iter().map(|a| {
+        let (k, v) = (a.key(), a.verdict());
+        json!({
+            "label": k.label(),
+            "id": crate::token::hex(k.id()),
+            "alg": k.alg().name(),
+            "kid": k.public().thumbprint(),
+            "policy": v.outcome(),
+            "reasons": v.findings.iter().map(|f| f.message.clone()).collect::<Vec<_>>(),
         })
-        .collect();
-    Ok(Json(json!(keys)))
+    });
+    // Objects that are not usable keys travel with the keys, as failing entries.
+    let problems = inventory.problems.iter().map(|p| {
+        json!({
+            "label": p.label,
+            "id": crate::token::hex(&p.id),
+            "alg": null,
+            "kid": null,
+            "policy": crate::policy::Outcome::Fail,
+            "reasons": [p.reason],
+        })
+    });
+    Ok(Json(Value::Array(keys.chain(problems).collect())))
 }
 
 /// 200 when the device answers and the login holds; 503 otherwise.
@@ -577,18 +588,12 @@ async fn health_handler(
 ) -> Result<Response, ApiError> {
     let keyring = agent.access.device(&caller).clone();
     let probe = tokio::task::spawn_blocking(move || {
-        let backend = keyring.backend();
-        backend
+        keyring
             .health()
-            .and_then(|()| backend.keys())
-            .map(|k| k.len())
+            .and_then(|()| keyring.keys())
+            .map(|listing| listing.keys.len())
     });
-    let token = agent
-        .access
-        .device(&caller)
-        .backend()
-        .describe()
-        .token_label;
+    let token = agent.access.device(&caller).describe().token_label;
     let probed = match tokio::time::timeout(Duration::from_secs(5), probe).await {
         Ok(Ok(keys)) => keys.map_err(|e| e.to_string()),
         Ok(Err(e)) => Err(e.to_string()),

@@ -28,11 +28,11 @@ pub fn run(
     let key = match key {
         Some(name) => keyring.signing_key(name)?,
         None => keyring
-            .backend()
-            .keys()?
+            .inventory()?
+            .audits
             .into_iter()
-            .filter(|k| k.alg == Alg::ES256)
-            .find_map(|k| keyring.approve(k).ok())
+            .filter(|a| a.key().alg() == Alg::ES256)
+            .find_map(|a| a.into_signing_key().ok())
             .ok_or_else(|| {
                 anyhow::anyhow!("no ES256 key the policy allows; pass --key or generate one")
             })?,

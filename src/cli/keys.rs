@@ -4,64 +4,85 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use keybound::jose::Alg;
+use keybound::keyring::{Audit, Inventory};
 use keybound::policy::{Outcome, Verdict};
-use keybound::token::{KeyFacts, KeyInfo, KeyName};
+use keybound::token::{KeyFacts, KeyInfo, KeyName, Problem, hex};
 use serde_json::{Value, json};
 
 pub fn generate(config: Option<&Path>, label: &str, alg: Alg) -> anyhow::Result<ExitCode> {
     let keyring = super::open(config, None)?;
-    let key = keyring.backend().generate(label, alg)?;
-    let token = keyring.backend().describe().token_label;
-    let (_, verdict) = keyring.audit(&key)?;
-    if let Some(refusal) = verdict.refusal(&key.label) {
+    let audit = keyring.generate(label, alg)?;
+    let token = keyring.describe().token_label;
+    let key = audit.key().clone();
+    if let Err(refusal) = audit.into_signing_key() {
         anyhow::bail!("the token created the key, but it fails the policy: {refusal}");
     }
     out!(
         "generated {} key '{}' (kid {}) on token '{token}'",
-        key.alg,
-        key.label,
-        key.public.thumbprint()
+        key.alg(),
+        key.label(),
+        key.public().thumbprint()
     );
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn list(config: Option<&Path>, as_json: bool) -> anyhow::Result<ExitCode> {
     let keyring = super::open(config, None)?;
-    let mut rows = Vec::new();
-    for key in keyring.backend().keys()? {
-        let (_, verdict) = keyring.audit(&key)?;
-        rows.push((key, verdict));
-    }
+    let Inventory { audits, problems } = keyring.inventory()?;
     if as_json {
-        let out: Vec<Value> = rows
+        let out: Vec<Value> = audits
             .iter()
-            .map(|(k, v)| {
-                let mut o = summary(k, v);
-                o["reasons"] = v.findings.iter().map(|f| f.message.clone()).collect();
+            .map(|a| {
+                let mut o = summary(a.key(), a.verdict());
+                o["reasons"] = a
+                    .verdict()
+                    .findings
+                    .iter()
+                    .map(|f| f.message.clone())
+                    .collect();
                 o
             })
+            .chain(problems.iter().map(|p| {
+                let mut o = problem_summary(p);
+                o["reasons"] = json!([p.reason]);
+                o
+            }))
             .collect();
         out!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
-    if rows.is_empty() {
+    if audits.is_empty() && problems.is_empty() {
         eprintln!("no keys on the token; create one with `keybound keys generate --label <label>`");
         return Ok(ExitCode::SUCCESS);
     }
-    let width = rows
+    let width = audits
         .iter()
-        .map(|(k, _)| k.label.len())
+        .map(|a| a.key().label())
+        .chain(problems.iter().map(|p| p.label.as_str()))
+        .map(str::len)
         .max()
         .unwrap_or(5)
         .max(5);
     out!("{:width$}  {:5}  {:43}  POLICY", "LABEL", "ALG", "KID");
-    for (k, v) in &rows {
+    for a in &audits {
+        let k = a.key();
         out!(
             "{:width$}  {:5}  {:43}  {}",
-            k.label,
-            k.alg.name(),
-            k.public.thumbprint(),
-            outcome_name(v.outcome())
+            k.label(),
+            k.alg().name(),
+            k.public().thumbprint(),
+            outcome_name(a.verdict().outcome())
+        );
+    }
+    for p in &problems {
+        out!("{:width$}  {:5}  {:43}  fail", p.label, "-", "-");
+    }
+    for p in &problems {
+        out!(
+            "unusable object '{}' (id {}): {}",
+            p.label,
+            hex(&p.id),
+            p.reason
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -73,32 +94,52 @@ pub fn audit(
     as_json: bool,
 ) -> anyhow::Result<ExitCode> {
     let keyring = super::open(config, None)?;
-    let token = keyring.backend().describe();
-    let keys = match label {
-        Some(name) => vec![keyring.backend().find(&KeyName::parse(name)?)?],
-        None => keyring.backend().keys()?,
-    };
-    let mut reports = Vec::new();
-    for key in keys {
-        let (facts, verdict) = keyring.audit(&key)?;
-        reports.push((key, facts, verdict));
+    let token = keyring.describe();
+    let Inventory {
+        mut audits,
+        mut problems,
+    } = keyring.inventory()?;
+    if let Some(text) = label {
+        let name = KeyName::parse(text)?;
+        name.check_token(&token.token_label)?;
+        audits.retain(|a| name.matches(a.key().label(), a.key().id()));
+        problems.retain(|p| name.matches(&p.label, &p.id));
+        if audits.is_empty() && problems.is_empty() {
+            // The same "not found" error, listing the keys that exist, as signing gives.
+            keyring.find(text)?;
+        }
     }
-    let failed = reports.iter().any(|(_, _, v)| v.outcome() == Outcome::Fail);
-    if as_json {
-        let out: Vec<Value> = reports
+    let failed = !problems.is_empty()
+        || audits
             .iter()
-            .map(|(k, f, v)| {
-                let mut o = summary(k, v);
-                o["token"] = json!({
-                    "label": token.token_label, "manufacturer": token.manufacturer,
-                    "model": token.model, "serial": token.serial, "profile": token.profile,
-                });
-                o["attributes"] = attributes(f);
+            .any(|a| a.verdict().outcome() == Outcome::Fail);
+    let token_json = json!({
+        "label": token.token_label, "manufacturer": token.manufacturer,
+        "model": token.model, "serial": token.serial, "profile": token.profile,
+    });
+    if as_json {
+        let out: Vec<Value> = audits
+            .iter()
+            .map(|a| {
+                let mut o = summary(a.key(), a.verdict());
+                o["token"] = token_json.clone();
+                o["attributes"] = attributes(a.facts());
                 o["verdict"] = o["policy"].take();
-                o["findings"] = json!(v.findings);
+                o["findings"] = json!(a.verdict().findings);
                 o.as_object_mut().map(|m| m.remove("policy"));
                 o
             })
+            .chain(problems.iter().map(|p| {
+                let mut o = problem_summary(p);
+                o["token"] = token_json.clone();
+                o["attributes"] = json!({});
+                o["verdict"] = o["policy"].take();
+                o["findings"] = json!([{
+                    "severity": "fail", "attribute": "object", "message": p.reason,
+                }]);
+                o.as_object_mut().map(|m| m.remove("policy"));
+                o
+            }))
             .collect();
         out!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -110,26 +151,16 @@ pub fn audit(
             token.serial,
             token.profile
         );
-        for (k, f, v) in &reports {
-            out!();
-            out!(
-                "key '{}'  {}  kid {}  id {}",
-                k.label,
-                k.alg,
-                k.public.thumbprint(),
-                keybound::token::hex(&k.id)
-            );
-            for (name, value) in &f.attributes {
-                let shown = value.map_or("(not reported)".to_string(), |b| b.to_string());
-                out!("  {name:24} {shown}");
-            }
-            for finding in &v.findings {
-                let tag = format!("{:?}", finding.severity).to_uppercase();
-                out!("  {tag}: {}", finding.message);
-            }
-            out!("  verdict: {}", outcome_name(v.outcome()));
+        for a in &audits {
+            print_audit(a)?;
         }
-        if reports.is_empty() {
+        for p in &problems {
+            out!();
+            out!("object '{}'  id {}", p.label, hex(&p.id));
+            out!("  FAIL: {}", p.reason);
+            out!("  verdict: fail");
+        }
+        if audits.is_empty() && problems.is_empty() {
             out!("no keys on the token");
         }
     }
@@ -140,15 +171,55 @@ pub fn audit(
     })
 }
 
+fn print_audit(a: &Audit) -> anyhow::Result<()> {
+    let (k, f, v) = (a.key(), a.facts(), a.verdict());
+    out!();
+    out!(
+        "key '{}'  {}  kid {}  id {}",
+        k.label(),
+        k.alg(),
+        k.public().thumbprint(),
+        hex(k.id())
+    );
+    for (name, value) in &f.attributes {
+        let shown = value.map_or("(not reported)".to_string(), |b| b.to_string());
+        out!("  {name:24} {shown}");
+    }
+    for finding in &v.findings {
+        let tag = format!("{:?}", finding.severity).to_uppercase();
+        out!("  {tag}: {}", finding.message);
+    }
+    out!("  verdict: {}", outcome_name(v.outcome()));
+    Ok(())
+}
+
 pub fn jwks(config: Option<&Path>, labels: &[String]) -> anyhow::Result<ExitCode> {
     let keyring = super::open(config, None)?;
     let mut entries = Vec::new();
     if labels.is_empty() {
-        for key in keyring.backend().keys()? {
-            match keyring.approve(key.clone()) {
-                Ok(k) => entries.push(k.public().jwks_entry(k.kid(), k.alg())),
-                Err(e) => eprintln!("warning: key '{}' left out of the JWKS: {e}", key.label),
+        let inventory = keyring.inventory()?;
+        for audit in &inventory.audits {
+            match audit.signing_key() {
+                Some(k) => entries.push(k.public().jwks_entry(k.kid(), k.alg())),
+                None => {
+                    let why = audit
+                        .verdict()
+                        .refusal(audit.key().label())
+                        .map_or_else(String::new, |r| r.to_string());
+                    eprintln!(
+                        "warning: key '{}' left out of the JWKS: {why}",
+                        audit.key().label()
+                    );
+                }
             }
+        }
+        for p in &inventory.problems {
+            eprintln!(
+                "warning: object '{}' (id {}) left out of the JWKS: {}",
+                p.label,
+                hex(&p.id),
+                p.reason
+            );
         }
     } else {
         for name in labels {
@@ -165,11 +236,22 @@ pub fn jwks(config: Option<&Path>, labels: &[String]) -> anyhow::Result<ExitCode
 
 fn summary(k: &KeyInfo, v: &Verdict) -> Value {
     json!({
-        "label": k.label,
-        "id": keybound::token::hex(&k.id),
-        "alg": k.alg.name(),
-        "kid": k.public.thumbprint(),
+        "label": k.label(),
+        "id": hex(k.id()),
+        "alg": k.alg().name(),
+        "kid": k.public().thumbprint(),
         "policy": outcome_name(v.outcome()),
+    })
+}
+
+/// An object that is not a usable key, in the shape of a key's summary.
+fn problem_summary(p: &Problem) -> Value {
+    json!({
+        "label": p.label,
+        "id": hex(&p.id),
+        "alg": null,
+        "kid": null,
+        "policy": outcome_name(Outcome::Fail),
     })
 }
 

@@ -5,10 +5,12 @@
 mod alg;
 mod jwk;
 mod jws;
+mod verify;
 
 pub use alg::{Alg, Curve, Digest, HashAlg, JwsSignature, RawSignature, ToBeSigned};
 pub use jwk::{Jwk, PublicKey};
 pub use jws::{Decoded, Header, compact, decode, signing_input};
+pub use verify::verify;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

@@ -135,6 +135,26 @@ pub fn evaluate(facts: &KeyFacts, rules: &Rules) -> Verdict {
             )
         });
     }
+    // A public-key object made apart from the key (C_CreateObject: some tokens, SoftHSM
+    // among them, allow it without the PIN). The keyring's proof of possession decides
+    // whether it belongs to the key; this only reports its history.
+    if let Some(public) = &facts.public_generated_on_device
+        && public.value != Some(true)
+    {
+        let what = match public.value {
+            Some(v) => format!("{}={v}", public.source),
+            None => format!("{} not reported", public.source),
+        };
+        findings.push(warn(
+            public,
+            format!(
+                "{what}: the public key object was not generated on the device with the key \
+                 (it was created or replaced later, which some tokens allow without the PIN); \
+                 keybound publishes it only after the device proves it holds the matching \
+                 private key"
+            ),
+        ));
+    }
     for usage in facts.other_usages.iter().filter(|f| f.value == Some(true)) {
         findings.push(warn(
             usage,
@@ -206,6 +226,7 @@ mod tests {
             sensitive: fact(Some(true), "CKA_SENSITIVE"),
             always_sensitive: fact(Some(true), "CKA_ALWAYS_SENSITIVE"),
             generated_on_device: fact(Some(true), "CKA_LOCAL"),
+            public_generated_on_device: Some(fact(Some(true), "public CKA_LOCAL")),
             can_sign: fact(Some(true), "CKA_SIGN"),
             other_usages: vec![fact(Some(false), "CKA_DECRYPT")],
             attributes: vec![],
@@ -274,5 +295,16 @@ mod tests {
         let mut f = good();
         f.other_usages[0].value = Some(true);
         assert_eq!(evaluate(&f, &Rules::default()).outcome(), Outcome::Warn);
+    }
+
+    #[test]
+    fn a_public_object_made_apart_from_the_key_is_reported() {
+        let mut f = good();
+        f.public_generated_on_device = Some(fact(Some(false), "public CKA_LOCAL"));
+        let v = evaluate(&f, &Rules::default());
+        assert_eq!(v.outcome(), Outcome::Warn);
+        assert_eq!(v.findings[0].attribute, "public CKA_LOCAL");
+        f.public_generated_on_device = None;
+        assert_eq!(evaluate(&f, &Rules::default()).outcome(), Outcome::Pass);
     }
 }

@@ -55,6 +55,28 @@ pub enum TokenError {
         known: Vec<String>,
     },
     #[error(
+        "{name} names {} keys on token '{token}' (ids {}); name one of them by id: {}, or delete the extras",
+        .ids.len(), .ids.join(", "), .uris.join(" or ")
+    )]
+    Ambiguous {
+        name: String,
+        token: String,
+        /// Hex CKA_IDs.
+        ids: Vec<String>,
+        /// A `pkcs11:` URI for each.
+        uris: Vec<String>,
+    },
+    #[error("key '{label}' (id {id}) cannot be used: {reason}")]
+    Unusable {
+        label: String,
+        id: String,
+        reason: String,
+    },
+    #[error(
+        "key '{label}' had to be looked up on the device again and must be approved again; retry"
+    )]
+    Reapprove { label: String },
+    #[error(
         "a key labelled '{label}' already exists on token '{token}'; choose another label or use the existing key"
     )]
     LabelExists { label: String, token: String },
@@ -107,6 +129,8 @@ pub enum TokenError {
     },
     #[error("hsm-profile error: {0}")]
     Profile(String),
+    #[error("the operating system's random number generator failed: {0}")]
+    Rng(String),
     #[error("the signing workers stopped; restart keybound")]
     WorkersGone,
     #[error(transparent)]

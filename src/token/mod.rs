@@ -26,13 +26,72 @@ pub(crate) fn default_rsa_bits() -> u32 {
 }
 
 /// A key on the device, as found: never the private part, only where it is and what it is.
+/// Only backends make one; everyone else reads it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyInfo {
-    pub label: String,
+    label: String,
     /// The backend's stable identifier (PKCS#11 `CKA_ID`).
+    id: Vec<u8>,
+    alg: Alg,
+    public: PublicKey,
+}
+
+impl KeyInfo {
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The backend's stable identifier (PKCS#11 `CKA_ID`; TPM: part of the key's name).
+    pub fn id(&self) -> &[u8] {
+        &self.id
+    }
+
+    pub fn alg(&self) -> Alg {
+        self.alg
+    }
+
+    /// The public key as the device reports it; trusted only after the keyring's proof of
+    /// possession.
+    pub fn public(&self) -> &PublicKey {
+        &self.public
+    }
+}
+
+/// What a backend found: the keys it can use, and the objects that would be keys but are
+/// not usable (each with what is wrong). One bad object never hides the others.
+#[derive(Clone, Debug, Default)]
+pub struct Listing {
+    pub keys: Vec<KeyInfo>,
+    pub problems: Vec<Problem>,
+}
+
+/// An object keybound cannot use as a key, and why: reported by `keys list`, `keys audit`
+/// and the agent's `/v1/keys`, never fatal to the other keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub label: String,
     pub id: Vec<u8>,
-    pub alg: Alg,
-    pub public: PublicKey,
+    /// A sentence naming the object's attribute and what to do.
+    pub reason: String,
+}
+
+/// Which device object an approval covers, in the terms of the backend that proved it (a
+/// PKCS#11 object handle of one library generation; a TPM key blob). Signing uses exactly
+/// this object; a backend that would have to look the key up again answers
+/// [`TokenError::Reapprove`] instead, so a key replaced on the device is approved again
+/// (policy, proof of possession, same public key) before it signs.
+#[derive(Clone)]
+pub(crate) struct Binding(std::sync::Arc<dyn std::any::Any + Send + Sync>);
+
+impl Binding {
+    pub(crate) fn new<T: std::any::Any + Send + Sync>(value: T) -> Binding {
+        Binding(std::sync::Arc::new(value))
+    }
+
+    /// The backend's own value; `None` if another backend made the binding.
+    pub(crate) fn get<T: std::any::Any + Send + Sync>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
 }
 
 /// One security-relevant fact about a key, with the device's own name for it.
@@ -53,6 +112,10 @@ pub struct KeyFacts {
     pub always_sensitive: Fact,
     /// Generated inside the device (PKCS#11 `CKA_LOCAL`; TPM `sensitiveDataOrigin`).
     pub generated_on_device: Fact,
+    /// The separate public-key object was generated with the key (PKCS#11 `CKA_LOCAL` of
+    /// the public object). `None` where the public key is not a separate object (TPM: the
+    /// public area is bound to the key blob).
+    pub public_generated_on_device: Option<Fact>,
     pub can_sign: Fact,
     /// Usages beyond signing; keybound generates keys without them.
     pub other_usages: Vec<Fact>,
@@ -73,11 +136,30 @@ pub struct TokenDescription {
 }
 
 /// Receives the outcome of a signature made on a worker thread.
-pub type Reply = Box<dyn FnOnce(Result<JwsSignature, TokenError>) + Send>;
+pub(crate) type Reply = Box<dyn FnOnce(Result<JwsSignature, TokenError>) + Send>;
+
+/// What a backend offers as proof that the device holds the private half of a key's public
+/// key.
+pub(crate) enum Proof {
+    /// The device's signature over the challenge; the keyring verifies it under the public
+    /// key it would publish.
+    Signed(JwsSignature),
+    /// The device itself refused to use the key with any other public key: a TPM loads a
+    /// key blob only with its own public area (`TPM2_Load` checks the private area's
+    /// integrity over the public area's name). For keys whose signatures need an
+    /// authorization value, which listing and publishing do not use (no dictionary-attack
+    /// strike for a wrong one).
+    #[cfg_attr(not(feature = "tpm"), allow(dead_code))]
+    LoadedByDevice,
+}
+
+/// Receives a proof of possession and the binding it was made with.
+pub(crate) type ProofReply = Box<dyn FnOnce(Result<(Proof, Binding), TokenError>) + Send>;
 
 /// A key store. Methods a device family lacks answer "not supported" (Parsec style).
-/// Implementations are blocking; the agent calls them off the async reactor.
-pub trait Backend: Send + Sync {
+/// Implementations are blocking; the agent calls them off the async reactor. Crate-private:
+/// outside the crate, a device signs only through a `keyring::SigningKey`.
+pub(crate) trait Backend: Send + Sync {
     fn describe(&self) -> TokenDescription;
 
     /// How many signatures the backend makes in parallel.
@@ -100,30 +182,73 @@ pub trait Backend: Send + Sync {
         self.keys().map(|_| ())
     }
 
-    /// Every signing key on the device that has a label.
-    fn keys(&self) -> Result<Vec<KeyInfo>, TokenError>;
+    /// Every signing key on the device that has a label, and the objects that would be
+    /// keys but cannot be used.
+    fn keys(&self) -> Result<Listing, TokenError>;
 
-    /// The key a name refers to; the error lists the keys that do exist.
+    /// The one key a name refers to. Errors: no key (listing those that exist), several
+    /// keys (listing their ids), or an object that is not usable (saying why).
     fn find(&self, name: &KeyName) -> Result<KeyInfo, TokenError> {
         let token = self.describe().token_label;
         name.check_token(&token)?;
-        let keys = self.keys()?;
-        let found = keys.iter().find(|k| name.matches(&k.label, &k.id)).cloned();
-        found.ok_or_else(|| TokenError::KeyNotFound {
-            name: name.to_string(),
-            token,
-            known: keys.into_iter().map(|k| k.label).collect(),
-        })
+        let listing = self.keys()?;
+        let keys: Vec<&KeyInfo> = listing
+            .keys
+            .iter()
+            .filter(|k| name.matches(&k.label, &k.id))
+            .collect();
+        let bad: Vec<&Problem> = listing
+            .problems
+            .iter()
+            .filter(|p| name.matches(&p.label, &p.id))
+            .collect();
+        match (keys.as_slice(), bad.as_slice()) {
+            ([one], []) => Ok((*one).clone()),
+            ([], [one]) => Err(TokenError::Unusable {
+                label: one.label.clone(),
+                id: hex(&one.id),
+                reason: one.reason.clone(),
+            }),
+            ([], []) => Err(TokenError::KeyNotFound {
+                name: name.to_string(),
+                token,
+                known: listing.keys.into_iter().map(|k| k.label).collect(),
+            }),
+            _ => {
+                let found = keys
+                    .iter()
+                    .map(|k| (k.label.as_str(), k.id.as_slice()))
+                    .chain(bad.iter().map(|p| (p.label.as_str(), p.id.as_slice())));
+                Err(TokenError::Ambiguous {
+                    name: name.to_string(),
+                    token,
+                    ids: found.clone().map(|(_, id)| hex(id)).collect(),
+                    uris: found.map(|(l, id)| KeyName::uri(l, id)).collect(),
+                })
+            }
+        }
     }
 
     /// The attributes the policy judges.
     fn facts(&self, key: &KeyInfo) -> Result<KeyFacts, TokenError>;
 
-    /// Signs on the device and returns the JWS-ready signature. Blocking.
-    fn sign(&self, key: &KeyInfo, tbs: ToBeSigned) -> Result<JwsSignature, TokenError> {
+    /// Looks the key's private object up afresh and signs `tbs` with it; replies with the
+    /// signature (the keyring verifies it under `key.public`), or the device's own binding
+    /// where signing needs a secret the caller may not have, and the binding that later
+    /// signatures with this approval use.
+    fn prove(&self, key: &KeyInfo, tbs: ToBeSigned, reply: ProofReply);
+
+    /// Signs with the approved object and returns the JWS-ready signature. Blocking.
+    fn sign(
+        &self,
+        key: &KeyInfo,
+        binding: &Binding,
+        tbs: ToBeSigned,
+    ) -> Result<JwsSignature, TokenError> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.submit(
             key,
+            binding,
             tbs,
             Box::new(move |result| {
                 // The receiver waits below; a failed send means it is gone, nothing to do.
@@ -133,18 +258,20 @@ pub trait Backend: Send + Sync {
         rx.recv().map_err(|_| TokenError::WorkersGone)?
     }
 
-    /// Queues a signature and calls `reply` with the outcome, possibly on another thread.
-    fn submit(&self, key: &KeyInfo, tbs: ToBeSigned, reply: Reply);
+    /// Queues a signature with the approved object and calls `reply` with the outcome,
+    /// possibly on another thread.
+    fn submit(&self, key: &KeyInfo, binding: &Binding, tbs: ToBeSigned, reply: Reply);
 
     /// The device's own speed: signs the same prepared input on every signing session in
     /// parallel for `duration`, with no JOSE work, and returns how many signatures were made.
     fn bench_raw(
         &self,
         key: &KeyInfo,
+        binding: &Binding,
         tbs: &ToBeSigned,
         duration: Duration,
     ) -> Result<u64, TokenError> {
-        let _ = (key, tbs, duration);
+        let _ = (key, binding, tbs, duration);
         Err(TokenError::NotSupported {
             what: "raw benchmarking",
             backend: self.describe().backend,

@@ -82,6 +82,34 @@ impl KeyName {
         }
     }
 
+    /// The name of exactly the key with this label and id.
+    pub(crate) fn exact(label: &str, id: &[u8]) -> KeyName {
+        KeyName {
+            text: KeyName::uri(label, id),
+            label: Some(label.into()),
+            id: Some(id.to_vec()),
+            token: None,
+        }
+    }
+
+    /// `pkcs11:object=<label>;id=%xx%xx`: a name for one key when its label is shared.
+    pub fn uri(label: &str, id: &[u8]) -> String {
+        let mut uri = String::from("pkcs11:object=");
+        for b in label.bytes() {
+            // RFC 3986 unreserved characters stay as they are.
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                uri.push(char::from(b));
+            } else {
+                uri.push_str(&format!("%{b:02X}"));
+            }
+        }
+        uri.push_str(";id=");
+        for b in id {
+            uri.push_str(&format!("%{b:02x}"));
+        }
+        uri
+    }
+
     pub fn matches(&self, label: &str, id: &[u8]) -> bool {
         self.label.as_deref().is_none_or(|l| l == label)
             && self.id.as_deref().is_none_or(|i| i == id)
@@ -130,6 +158,11 @@ mod tests {
         let n = KeyName::parse("pkcs11:id=%01%02").unwrap();
         assert!(n.matches("anything", &[1, 2]));
         assert!(!n.matches("anything", &[1]));
+        let uri = KeyName::uri("dp op;x", &[1, 0xab]);
+        assert_eq!(uri, "pkcs11:object=dp%20op%3Bx;id=%01%ab");
+        assert!(KeyName::parse(&uri).unwrap().matches("dp op;x", &[1, 0xab]));
+        assert!(KeyName::exact("dpop", &[2]).matches("dpop", &[2]));
+        assert!(!KeyName::exact("dpop", &[2]).matches("dpop", &[3]));
         for bad in [
             "",
             "pkcs11:",

@@ -1,8 +1,12 @@
 //! Signing: the mechanism per algorithm (from the profile) and the worker threads that each
 //! own one session. A `Session` is `Send` but not `Sync`, so a session lives on exactly one
 //! thread; callers reach the workers through one shared queue and get the answer by callback.
+//!
+//! A worker signs only with the object handle an approval proved (`Bound`). When that
+//! handle cannot be used as it is (the object is gone, the session was lost, the library
+//! was re-initialised), the worker does not look the key up by its `CKA_ID` again: it
+//! answers `TokenError::Reapprove`, and the keyring approves the key again before it signs.
 
-use std::collections::HashMap;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -13,10 +17,11 @@ use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 
 use super::connection::{Connection, Failure, Live};
+use super::errors::object_gone;
 use super::key_management::find_private;
 use crate::jose::{Alg, JwsSignature, RawSignature, ToBeSigned};
 use crate::token::profile::{EcdsaSignatureEncoding, SignMechanism};
-use crate::token::{KeyInfo, Reply, TokenError};
+use crate::token::{Binding, KeyInfo, Proof, ProofReply, Reply, TokenError};
 
 /// The signing workers of one token.
 pub(super) struct Pool {
@@ -34,15 +39,30 @@ struct KeyRef {
     alg: Alg,
 }
 
+/// The private-key object an approval proved: its handle in one library generation.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Bound {
+    handle: ObjectHandle,
+    generation: u64,
+}
+
 enum Job {
     Sign {
         key: KeyRef,
+        bound: Option<Bound>,
         tbs: ToBeSigned,
         reply: Reply,
+    },
+    /// Find the key afresh by `CKA_ID` and sign: a proof of possession.
+    Prove {
+        key: KeyRef,
+        tbs: ToBeSigned,
+        reply: ProofReply,
     },
     /// Sign `tbs` over and over until `until`, then report the count.
     Raw {
         key: KeyRef,
+        bound: Option<Bound>,
         tbs: ToBeSigned,
         until: Instant,
         done: mpsc::Sender<Result<u64, TokenError>>,
@@ -57,7 +77,6 @@ impl Pool {
             let worker = Worker {
                 conn: conn.clone(),
                 session: None,
-                handles: HashMap::new(),
             };
             let queue = queue.clone();
             match std::thread::Builder::new()
@@ -82,9 +101,10 @@ impl Pool {
         }
     }
 
-    pub(super) fn submit(&self, key: &KeyInfo, tbs: ToBeSigned, reply: Reply) {
+    pub(super) fn submit(&self, key: &KeyInfo, binding: &Binding, tbs: ToBeSigned, reply: Reply) {
         let job = Job::Sign {
             key: KeyRef::of(key),
+            bound: binding.get::<Bound>().copied(),
             tbs,
             reply,
         };
@@ -95,10 +115,24 @@ impl Pool {
         }
     }
 
+    pub(super) fn prove(&self, key: &KeyInfo, tbs: ToBeSigned, reply: ProofReply) {
+        let job = Job::Prove {
+            key: KeyRef::of(key),
+            tbs,
+            reply,
+        };
+        if let Err(job) = self.send(job)
+            && let Job::Prove { reply, .. } = *job
+        {
+            reply(Err(TokenError::WorkersGone));
+        }
+    }
+
     /// One raw job per worker, all running until the same deadline.
     pub(super) fn bench_raw(
         &self,
         key: &KeyInfo,
+        binding: &Binding,
         tbs: &ToBeSigned,
         duration: Duration,
     ) -> Result<u64, TokenError> {
@@ -107,6 +141,7 @@ impl Pool {
         for _ in 0..self.workers.len() {
             let job = Job::Raw {
                 key: KeyRef::of(key),
+                bound: binding.get::<Bound>().copied(),
                 tbs: tbs.clone(),
                 until,
                 done: done.clone(),
@@ -142,26 +177,32 @@ impl KeyRef {
     }
 }
 
-/// Owns one session (opened on first use, reopened after loss) and a cache of key handles.
+/// Owns one session (opened on first use, reopened after loss).
 struct Worker {
     conn: Arc<Connection>,
     session: Option<Live>,
-    handles: HashMap<Vec<u8>, ObjectHandle>,
 }
 
 impl Worker {
     fn run(mut self, queue: Receiver<Job>) {
         for job in queue.iter() {
             match job {
-                Job::Sign { key, tbs, reply } => reply(self.sign(&key, &tbs)),
+                Job::Sign {
+                    key,
+                    bound,
+                    tbs,
+                    reply,
+                } => reply(self.sign(&key, bound, &tbs)),
+                Job::Prove { key, tbs, reply } => reply(self.prove(&key, &tbs)),
                 Job::Raw {
                     key,
+                    bound,
                     tbs,
                     until,
                     done,
                 } => {
                     // The bench waits for this; if it gave up, there is nobody to tell.
-                    let _ = done.send(self.raw(&key, &tbs, until));
+                    let _ = done.send(self.raw(&key, bound, &tbs, until));
                 }
             }
         }
@@ -169,47 +210,108 @@ impl Worker {
     }
 
     fn drop_session(&mut self) {
-        self.handles.clear();
         if let Some(live) = self.session.take() {
             self.conn.discard(live);
         }
     }
 
-    fn sign(&mut self, key: &KeyRef, tbs: &ToBeSigned) -> Result<JwsSignature, TokenError> {
-        let raw = self.sign_raw(key, tbs)?;
+    fn sign(
+        &mut self,
+        key: &KeyRef,
+        bound: Option<Bound>,
+        tbs: &ToBeSigned,
+    ) -> Result<JwsSignature, TokenError> {
+        let raw = self.sign_bound(key, bound, tbs)?;
         Ok(tbs.alg().to_jws_signature(raw)?)
     }
 
-    fn raw(&mut self, key: &KeyRef, tbs: &ToBeSigned, until: Instant) -> Result<u64, TokenError> {
+    fn raw(
+        &mut self,
+        key: &KeyRef,
+        bound: Option<Bound>,
+        tbs: &ToBeSigned,
+        until: Instant,
+    ) -> Result<u64, TokenError> {
         let mut n = 0;
         while Instant::now() < until {
-            self.sign_raw(key, tbs)?;
+            self.sign_bound(key, bound, tbs)?;
             n += 1;
         }
         Ok(n)
     }
 
-    /// One signature; on a lost session or stale handle, one retry on a fresh session.
-    fn sign_raw(&mut self, key: &KeyRef, tbs: &ToBeSigned) -> Result<RawSignature, TokenError> {
+    /// One signature with the approved handle, or `Reapprove` when that handle cannot be
+    /// trusted as it is: another library generation, an object that is gone, a lost session.
+    fn sign_bound(
+        &mut self,
+        key: &KeyRef,
+        bound: Option<Bound>,
+        tbs: &ToBeSigned,
+    ) -> Result<RawSignature, TokenError> {
         crate::token::check_alg(&key.label, key.alg, tbs)?;
-        let profile = &self.conn.profile;
-        let mechanism = profile.mechanism(key.alg)?;
-        let ecdsa_der = profile.encoding.ecdsa_signature == EcdsaSignatureEncoding::Der;
+        let reapprove = || TokenError::Reapprove {
+            label: key.label.clone(),
+        };
+        let Some(bound) = bound else {
+            return Err(reapprove());
+        };
+        let mechanism = self.conn.profile.mechanism(key.alg)?;
+        let conn = self.conn.clone();
+        let result = self.ensure_session().and_then(|()| {
+            let _gate = conn.read();
+            let live = self.session.as_ref().ok_or(TokenError::WorkersGone)?;
+            if live.generation() != bound.generation {
+                // Re-initialised since the approval: the handle may name another object.
+                return Err(TokenError::Reapprove {
+                    label: key.label.clone(),
+                }
+                .into());
+            }
+            device_sign(&live.session, bound.handle, mechanism, tbs)
+        });
+        match result {
+            Ok(bytes) => Ok(self.raw_signature(key, mechanism, bytes)),
+            Err(f) if object_gone(&f) || f.session_lost() || self.conn.probe().is_err() => {
+                if object_gone(&f) {
+                    let why = TokenError::from(f);
+                    tracing::warn!(key = %key.label, "the approved key object is gone ({why}); approving the key again");
+                } else {
+                    tracing::warn!(key = %key.label, "signing session lost; reopening");
+                    self.drop_session();
+                }
+                // A device that is gone is reported as such, not as a key to approve again.
+                self.conn.reconnect_if_gone()?;
+                Err(reapprove())
+            }
+            Err(f) => Err(f.into()),
+        }
+    }
+
+    /// Finds the key by `CKA_ID` on this worker's session and signs once; on a lost session,
+    /// one retry on a fresh one. Returns the signature and the handle it was made with.
+    fn prove(&mut self, key: &KeyRef, tbs: &ToBeSigned) -> Result<(Proof, Binding), TokenError> {
+        crate::token::check_alg(&key.label, key.alg, tbs)?;
+        let mechanism = self.conn.profile.mechanism(key.alg)?;
         let mut retried = false;
         loop {
             let conn = self.conn.clone();
             let result = self.ensure_session().and_then(|()| {
                 let _gate = conn.read();
-                let (session, handle) = self.ready(key)?;
-                device_sign(session, handle, mechanism, tbs)
+                let live = self.session.as_ref().ok_or(TokenError::WorkersGone)?;
+                let token = &conn.description.token_label;
+                let handle = find_private(&live.session, &key.id, &key.label, token)?;
+                let bytes = device_sign(&live.session, handle, mechanism, tbs)?;
+                let bound = Bound {
+                    handle,
+                    generation: live.generation(),
+                };
+                Ok((bytes, bound))
             });
             match result {
-                Ok(bytes) => {
-                    return Ok(match mechanism {
-                        _ if key.alg.is_rsa() => RawSignature::Rsa(bytes),
-                        _ if ecdsa_der => RawSignature::EcdsaDer(bytes),
-                        _ => RawSignature::EcdsaFixed(bytes),
-                    });
+                Ok((bytes, bound)) => {
+                    let raw = self.raw_signature(key, mechanism, bytes);
+                    let signature = tbs.alg().to_jws_signature(raw)?;
+                    return Ok((Proof::Signed(signature), Binding::new(bound)));
                 }
                 Err(f) if !retried && (f.session_lost() || self.conn.probe().is_err()) => {
                     tracing::warn!(key = %key.label, "signing session lost; reopening");
@@ -226,6 +328,20 @@ impl Worker {
         }
     }
 
+    fn raw_signature(
+        &self,
+        key: &KeyRef,
+        mechanism: SignMechanism,
+        bytes: Vec<u8>,
+    ) -> RawSignature {
+        let ecdsa_der = self.conn.profile.encoding.ecdsa_signature == EcdsaSignatureEncoding::Der;
+        match mechanism {
+            _ if key.alg.is_rsa() => RawSignature::Rsa(bytes),
+            _ if ecdsa_der => RawSignature::EcdsaDer(bytes),
+            _ => RawSignature::EcdsaFixed(bytes),
+        }
+    }
+
     /// A logged-in session of the current library generation. Called without the gate.
     fn ensure_session(&mut self) -> Result<(), Failure> {
         if let Some(live) = &self.session
@@ -233,30 +349,11 @@ impl Worker {
         {
             // Re-initialised under us: the old handle is dead (and is not closed).
             self.session = None;
-            self.handles.clear();
         }
         if self.session.is_none() {
-            self.handles.clear();
             self.session = Some(self.conn.open_session(false)?);
         }
         Ok(())
-    }
-
-    /// This worker's session and the key's handle. Called with the gate held.
-    fn ready(&mut self, key: &KeyRef) -> Result<(&Session, ObjectHandle), Failure> {
-        let Some(live) = self.session.as_ref() else {
-            return Err(TokenError::WorkersGone.into());
-        };
-        let handle = match self.handles.get(&key.id) {
-            Some(h) => *h,
-            None => {
-                let token = &self.conn.description.token_label;
-                let h = find_private(&live.session, &key.id, &key.label, token)?;
-                self.handles.insert(key.id.clone(), h);
-                h
-            }
-        };
-        Ok((&live.session, handle))
     }
 }
 

@@ -67,6 +67,13 @@ pub(super) struct Live {
     generation: u64,
 }
 
+impl Live {
+    /// The library generation this session (and every handle found through it) belongs to.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
 /// One token, logged in. Shared by the management session and the signing workers.
 pub(super) struct Connection {
     pkcs11: Pkcs11,

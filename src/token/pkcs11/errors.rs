@@ -2,6 +2,7 @@
 
 use cryptoki::error::{Error, RvError};
 
+use super::connection::Failure;
 use crate::token::TokenError;
 
 /// Whether the session (or the login it carried) is gone and worth one reopen.
@@ -19,6 +20,17 @@ pub(super) fn session_lost(e: &Error) -> bool {
                 | RvError::KeyHandleInvalid,
             _
         )
+    )
+}
+
+/// The object a handle named is gone (deleted, or the handle belongs to an older session).
+pub(super) fn object_gone(f: &Failure) -> bool {
+    matches!(
+        f,
+        Failure::Ck(Error::Pkcs11(
+            RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid,
+            _
+        ))
     )
 }
 

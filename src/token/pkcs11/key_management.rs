@@ -8,7 +8,7 @@ use cryptoki::session::Session;
 use super::connection::{Connection, Failure};
 use crate::jose::{Alg, Curve, PublicKey};
 use crate::token::profile::{EcPointEncoding, Profile, Usage};
-use crate::token::{Fact, KeyFacts, KeyInfo, TokenError};
+use crate::token::{Fact, KeyFacts, KeyInfo, Listing, Problem, TokenError, hex};
 
 /// Generates a key pair inside the token: private key sensitive, never extractable,
 /// sign-only, restricted to the algorithm's mechanisms; public key verify-only.
@@ -40,31 +40,83 @@ pub(super) fn generate(
         let id = fresh_id(s)?;
         let (mechanism, public, private) = templates(&conn.profile, label, &id, alg, rsa_bits);
         let (_, handle) = s.generate_key_pair(&mechanism, &public, &private)?;
-        key_info(s, handle, &conn.profile)?.ok_or_else(|| {
-            TokenError::BadPublicKey {
+        match examine(s, handle, &conn.profile)? {
+            Examined::Key(info) => Ok(info),
+            Examined::Problem(p) => Err(TokenError::BadPublicKey {
                 label: label.into(),
-                reason: "the generated key could not be read back".into(),
+                reason: format!("the generated key cannot be read back: {}", p.reason),
             }
-            .into()
-        })
+            .into()),
+            Examined::Skipped => Err(TokenError::BadPublicKey {
+                label: label.into(),
+                reason: "the generated key cannot be read back".into(),
+            }
+            .into()),
+        }
     })
 }
 
-/// Every labelled private key on the token with a readable public key, sorted by label.
-pub(super) fn keys(conn: &Connection) -> Result<Vec<KeyInfo>, TokenError> {
+/// Every labelled private key on the token with exactly one readable public key, sorted by
+/// label; every other labelled private key as a problem. An object that cannot be read is
+/// reported and skipped, so one bad object (planted, copied, malformed) never hides the
+/// other keys.
+pub(super) fn keys(conn: &Connection) -> Result<Listing, TokenError> {
     conn.with_session(|s| {
         let template = [
             Attribute::Class(ObjectClass::PRIVATE_KEY),
             Attribute::Token(true),
         ];
-        let mut out = Vec::new();
+        let mut listing = Listing::default();
         for handle in s.find_objects(&template)? {
-            if let Some(info) = key_info(s, handle, &conn.profile)? {
-                out.push(info);
+            match examine(s, handle, &conn.profile) {
+                Ok(Examined::Key(info)) => listing.keys.push(info),
+                Ok(Examined::Problem(p)) => listing.problems.push(p),
+                Ok(Examined::Skipped) => {}
+                Err(f) if f.session_lost() => return Err(f),
+                Err(f) => listing.problems.push(Problem {
+                    label: String::new(),
+                    id: Vec::new(),
+                    reason: format!(
+                        "a private key object cannot be read: {}",
+                        TokenError::from(f)
+                    ),
+                }),
             }
         }
-        out.sort_by(|a, b| a.label.cmp(&b.label));
-        Ok(out)
+        // A CKA_ID names one key: several private keys under one id are copies
+        // (C_CopyObject) or imports, and keybound cannot tell which one signs.
+        let mut shared: Vec<Vec<u8>> = Vec::new();
+        for (i, k) in listing.keys.iter().enumerate() {
+            if listing.keys[i + 1..].iter().any(|o| o.id == k.id) && !shared.contains(&k.id) {
+                shared.push(k.id.clone());
+            }
+        }
+        for id in shared {
+            let copies: Vec<KeyInfo> = listing
+                .keys
+                .iter()
+                .filter(|k| k.id == id)
+                .cloned()
+                .collect();
+            listing.keys.retain(|k| k.id != id);
+            let labels: Vec<String> = copies.iter().map(|k| format!("'{}'", k.label)).collect();
+            listing.problems.push(Problem {
+                label: copies[0].label.clone(),
+                id: id.clone(),
+                reason: format!(
+                    "{} private key objects share CKA_ID {} (labels {}): a copy (C_CopyObject) \
+                     or an import; keybound cannot tell which one signs. Delete the extras",
+                    copies.len(),
+                    hex(&id),
+                    labels.join(", ")
+                ),
+            });
+        }
+        listing.keys.sort_by(|a, b| a.label.cmp(&b.label));
+        listing
+            .problems
+            .sort_by(|a, b| (&a.label, &a.id).cmp(&(&b.label, &b.id)));
+        Ok(listing)
     })
 }
 
@@ -83,13 +135,25 @@ pub(super) fn facts(conn: &Connection, key: &KeyInfo) -> Result<KeyFacts, TokenE
         (AttributeType::Private, "CKA_PRIVATE"),
         (AttributeType::Token, "CKA_TOKEN"),
     ];
-    let values = conn.with_session(|s| {
+    let (values, public_local) = conn.with_session(|s| {
         let handle = find_private(s, &key.id, &key.label, &conn.description.token_label)?;
         let types: Vec<AttributeType> = READ.iter().map(|(t, _)| *t).collect();
         // get_attributes leaves out what the token does not report; those stay None.
         let attrs = s.get_attributes(handle, &types)?;
-        Ok(READ.map(|(t, _)| attrs.iter().find_map(|a| bool_of(a, t))))
+        let public = one_public(s, &key.id, &key.label)?;
+        let public_local = s
+            .get_attributes(public, &[AttributeType::Local])?
+            .iter()
+            .find_map(|a| bool_of(a, AttributeType::Local));
+        Ok((
+            READ.map(|(t, _)| attrs.iter().find_map(|a| bool_of(a, t))),
+            public_local,
+        ))
     })?;
+    let public_fact = Fact {
+        value: public_local,
+        source: "public CKA_LOCAL",
+    };
     let fact = |i: usize| Fact {
         value: values[i],
         source: READ[i].1,
@@ -100,14 +164,49 @@ pub(super) fn facts(conn: &Connection, key: &KeyInfo) -> Result<KeyFacts, TokenE
         sensitive: fact(2),
         always_sensitive: fact(3),
         generated_on_device: fact(4),
+        public_generated_on_device: Some(public_fact),
         can_sign: fact(5),
         other_usages: vec![fact(6), fact(7), fact(8)],
         attributes: READ
             .iter()
             .zip(values)
             .map(|((_, name), v)| (*name, v))
+            .chain([(public_fact.source, public_fact.value)])
             .collect(),
     })
+}
+
+/// The one public-key object with this `CKA_ID`. Public objects can be created without the
+/// PIN on some tokens (SoftHSM), so a second one is refused, not guessed between.
+fn one_public(s: &Session, id: &[u8], label: &str) -> Result<ObjectHandle, Failure> {
+    let publics = s.find_objects(&[
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::Id(id.to_vec()),
+    ])?;
+    match publics.as_slice() {
+        [one] => Ok(*one),
+        _ => Err(TokenError::Unusable {
+            label: label.into(),
+            id: hex(id),
+            reason: public_count_problem(publics.len(), id),
+        }
+        .into()),
+    }
+}
+
+fn public_count_problem(count: usize, id: &[u8]) -> String {
+    if count == 0 {
+        return format!(
+            "no public key object has its CKA_ID {}; keybound cannot publish it. Generate a new key",
+            hex(id)
+        );
+    }
+    format!(
+        "{count} public key objects share its CKA_ID {}: keybound cannot tell which belongs to \
+         the key, and public objects can be created without the PIN. Delete the ones that are \
+         not the key's (or the key) and run `keybound keys audit`",
+        hex(id)
+    )
 }
 
 /// The one private-key object with this `CKA_ID`.
@@ -211,13 +310,18 @@ fn fresh_id(s: &Session) -> Result<Vec<u8>, Failure> {
     }
 }
 
-/// Label, id, algorithm and public key of a private-key object; `None` for objects keybound
-/// does not use (no label, no public key object, unsupported key type).
-fn key_info(
-    s: &Session,
-    handle: ObjectHandle,
-    profile: &Profile,
-) -> Result<Option<KeyInfo>, Failure> {
+/// What a private-key object is to keybound.
+enum Examined {
+    Key(KeyInfo),
+    /// A labelled key keybound would use, but cannot: the reason names the attribute.
+    Problem(Problem),
+    /// Not a keybound key: no label, or a key type or curve keybound does not sign with.
+    Skipped,
+}
+
+/// Label, id, algorithm and public key of a private-key object, paired with its one
+/// public-key object by `CKA_ID`.
+fn examine(s: &Session, handle: ObjectHandle, profile: &Profile) -> Result<Examined, Failure> {
     let attrs = s.get_attributes(
         handle,
         &[
@@ -238,22 +342,26 @@ fn key_info(
         }
     }
     if label.is_empty() {
-        return Ok(None);
+        return Ok(Examined::Skipped);
+    }
+    let problem = |reason: String| {
+        Ok(Examined::Problem(Problem {
+            label: label.clone(),
+            id: id.clone(),
+            reason,
+        }))
+    };
+    if !matches!(key_type, Some(KeyType::EC) | Some(KeyType::RSA)) {
+        tracing::debug!(%label, "private key of a type keybound does not sign with; skipped");
+        return Ok(Examined::Skipped);
     }
     let publics = s.find_objects(&[
         Attribute::Class(ObjectClass::PUBLIC_KEY),
         Attribute::Id(id.clone()),
     ])?;
-    let Some(public) = publics.first().copied() else {
-        tracing::warn!(%label, "private key has no public key object with the same CKA_ID; skipped");
-        return Ok(None);
-    };
-    let bad = |reason: String| -> Failure {
-        TokenError::BadPublicKey {
-            label: label.clone(),
-            reason,
-        }
-        .into()
+    let public = match publics.as_slice() {
+        [one] => *one,
+        _ => return problem(public_count_problem(publics.len(), &id)),
     };
     let (alg, key) = match key_type {
         Some(KeyType::EC) => {
@@ -268,18 +376,31 @@ fn key_info(
                 }
             }
             let Some(curve) = Curve::from_oid_der(&params) else {
-                tracing::warn!(%label, "EC key on a curve keybound does not sign with; skipped");
-                return Ok(None);
+                if params.first() == Some(&0x06) {
+                    tracing::debug!(%label, "EC key on a curve keybound does not sign with; skipped");
+                    return Ok(Examined::Skipped);
+                }
+                return problem(
+                    "its public key object's CKA_EC_PARAMS is not a curve OID; delete the object"
+                        .into(),
+                );
             };
             let key = match profile.encoding.ec_point {
                 EcPointEncoding::DerOrRaw => PublicKey::from_ec_point(curve, &point),
                 EcPointEncoding::Der => PublicKey::from_ec_point_der(curve, &point),
                 EcPointEncoding::Raw => PublicKey::from_uncompressed(curve, &point),
+            };
+            match key {
+                Ok(key) => (curve.alg(), key),
+                Err(e) => {
+                    return problem(format!(
+                        "its public key object's CKA_EC_POINT is unusable ({e}); delete that \
+                         object or the key"
+                    ));
+                }
             }
-            .map_err(|e| bad(e.to_string()))?;
-            (curve.alg(), key)
         }
-        Some(KeyType::RSA) => {
+        _ => {
             let attrs = s.get_attributes(
                 public,
                 &[AttributeType::Modulus, AttributeType::PublicExponent],
@@ -292,12 +413,18 @@ fn key_info(
                     _ => {}
                 }
             }
-            let key = PublicKey::rsa(&n, &e).map_err(|e| bad(e.to_string()))?;
-            (rsa_alg(allowed.as_deref()), key)
+            match PublicKey::rsa(&n, &e) {
+                Ok(key) => (rsa_alg(allowed.as_deref()), key),
+                Err(e) => {
+                    return problem(format!(
+                        "its public key object's CKA_MODULUS/CKA_PUBLIC_EXPONENT are unusable \
+                         ({e}); delete that object or the key"
+                    ));
+                }
+            }
         }
-        _ => return Ok(None),
     };
-    Ok(Some(KeyInfo {
+    Ok(Examined::Key(KeyInfo {
         label,
         id,
         alg,

@@ -14,7 +14,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::profile::Profiles;
-use super::{Backend, KeyFacts, KeyInfo, PinSource, Reply, TokenDescription, TokenError};
+use super::{
+    Backend, Binding, KeyFacts, KeyInfo, Listing, PinSource, ProofReply, Reply, TokenDescription,
+    TokenError,
+};
 use crate::jose::{Alg, ToBeSigned};
 use asym_sign::Pool;
 use connection::Connection;
@@ -133,7 +136,7 @@ impl Backend for Pkcs11Token {
         key_management::generate(&self.conn, label, alg, self.rsa_bits)
     }
 
-    fn keys(&self) -> Result<Vec<KeyInfo>, TokenError> {
+    fn keys(&self) -> Result<Listing, TokenError> {
         key_management::keys(&self.conn)
     }
 
@@ -146,16 +149,21 @@ impl Backend for Pkcs11Token {
         key_management::facts(&self.conn, key)
     }
 
-    fn submit(&self, key: &KeyInfo, tbs: ToBeSigned, reply: Reply) {
-        self.pool().submit(key, tbs, reply);
+    fn prove(&self, key: &KeyInfo, tbs: ToBeSigned, reply: ProofReply) {
+        self.pool().prove(key, tbs, reply);
+    }
+
+    fn submit(&self, key: &KeyInfo, binding: &Binding, tbs: ToBeSigned, reply: Reply) {
+        self.pool().submit(key, binding, tbs, reply);
     }
 
     fn bench_raw(
         &self,
         key: &KeyInfo,
+        binding: &Binding,
         tbs: &ToBeSigned,
         duration: Duration,
     ) -> Result<u64, TokenError> {
-        self.pool().bench_raw(key, tbs, duration)
+        self.pool().bench_raw(key, binding, tbs, duration)
     }
 }

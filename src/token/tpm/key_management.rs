@@ -167,6 +167,8 @@ pub(super) fn facts_of(a: ObjectAttributes) -> KeyFacts {
         sensitive: fact(true, "TPM private area"),
         always_sensitive: fact(true, "TPM private area"),
         generated_on_device: fact(a.sensitive_data_origin(), "sensitiveDataOrigin"),
+        // The public area is part of the key blob, checked by TPM2_Load: no separate object.
+        public_generated_on_device: None,
         can_sign: fact(a.sign_encrypt(), "sign"),
         other_usages: vec![fact(a.decrypt(), "decrypt")],
         attributes: vec![

@@ -19,7 +19,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 use tss_esapi::TctiNameConf;
 
-use super::{Backend, KeyFacts, KeyInfo, Pin, PinSource, Reply, TokenDescription, TokenError};
+use super::{
+    Backend, Binding, KeyFacts, KeyInfo, Listing, Pin, PinSource, Problem, Proof, ProofReply,
+    Reply, TokenDescription, TokenError,
+};
 use crate::jose::{Alg, ToBeSigned};
 use context::{Owner, Tpm};
 use store::{Store, StoredKey};
@@ -198,6 +201,20 @@ impl TpmToken {
             known: Vec::new(),
         })
     }
+
+    /// The key file under `stored`'s label still holds the key that was approved (the id is
+    /// a digest of the public area); re-reads the store once when it does not seem to.
+    fn still_stored(&self, stored: &StoredKey) -> bool {
+        let same = |token: &TpmToken| {
+            token
+                .known
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&stored.label)
+                .is_some_and(|k| k.id == stored.id)
+        };
+        same(self) || (self.keys().is_ok() && same(self))
+    }
 }
 
 impl Backend for TpmToken {
@@ -212,7 +229,12 @@ impl Backend for TpmToken {
                 reason: "a label must be non-empty, printable and not start with 'pkcs11:'".into(),
             });
         }
-        if self.keys()?.iter().any(|k| k.label == label) {
+        let listing = self.keys()?;
+        let labels = listing.keys.iter().map(|k| &k.label);
+        if labels
+            .chain(listing.problems.iter().map(|p| &p.label))
+            .any(|l| l == label)
+        {
             return Err(TokenError::LabelExists {
                 label: label.into(),
                 token: self.description.token_label.clone(),
@@ -252,30 +274,52 @@ impl Backend for TpmToken {
         self.owner.call(|tpm| tpm.run(|t| t.ping()))
     }
 
-    fn keys(&self) -> Result<Vec<KeyInfo>, TokenError> {
-        let mut out: Vec<KeyInfo> = Vec::new();
+    fn keys(&self) -> Result<Listing, TokenError> {
+        let mut listing = Listing::default();
         let mut known = HashMap::new();
-        for key in self.store.list()? {
+        let (stored, damaged) = self.store.list()?;
+        for (path, reason) in damaged {
+            listing.problems.push(Problem {
+                label: path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                id: Vec::new(),
+                reason: format!("key file {} cannot be read: {reason}", path.display()),
+            });
+        }
+        for key in stored {
             match key_management::key_info(&key) {
                 Ok(info) => {
                     // Labels and ids name one key each; a copied file would make them ambiguous.
-                    if let Some(other) = out
+                    if let Some(other) = listing
+                        .keys
                         .iter()
                         .find(|k| k.label == info.label || k.id == info.id)
                     {
-                        tracing::warn!(file = %key.path.display(),
-                            "TPM key '{}' skipped: it has the label or the public key of '{}'",
-                            info.label, other.label);
+                        listing.problems.push(Problem {
+                            reason: format!(
+                                "key file {} has the label or the public key of '{}'; remove the copy",
+                                key.path.display(),
+                                other.label
+                            ),
+                            label: info.label,
+                            id: info.id,
+                        });
                         continue;
                     }
                     known.insert(key.label.clone(), Arc::new(key));
-                    out.push(info);
+                    listing.keys.push(info);
                 }
-                Err(e) => tracing::warn!(file = %key.path.display(), "TPM key skipped: {e}"),
+                Err(e) => listing.problems.push(Problem {
+                    label: key.label.clone(),
+                    id: key.id.clone(),
+                    reason: format!("key file {}: {e}", key.path.display()),
+                }),
             }
         }
         *self.known.lock().unwrap_or_else(PoisonError::into_inner) = known;
-        Ok(out)
+        Ok(listing)
     }
 
     fn facts(&self, key: &KeyInfo) -> Result<KeyFacts, TokenError> {
@@ -284,10 +328,38 @@ impl Backend for TpmToken {
             .call(move |tpm| tpm.run(|t| key_management::facts(t, &stored)))
     }
 
-    fn submit(&self, key: &KeyInfo, tbs: ToBeSigned, reply: Reply) {
+    fn prove(&self, key: &KeyInfo, tbs: ToBeSigned, reply: ProofReply) {
         let stored = match self.stored(key) {
             Ok(k) => k,
             Err(e) => return reply(Err(e)),
+        };
+        self.owner.submit(Box::new(move |tpm| {
+            let Some(tpm) = tpm else {
+                return reply(Err(TokenError::WorkersGone));
+            };
+            let proof = if stored.auth {
+                // Signing would need the key's auth value (a wrong one is a dictionary-attack
+                // strike); loading it needs none and binds the public area to the key.
+                tpm.run(|t| t.load(&stored).map(|_| ()))
+                    .map(|()| Proof::LoadedByDevice)
+            } else {
+                asym_sign::sign(tpm, &stored, &tbs).map(Proof::Signed)
+            };
+            reply(proof.map(|p| (p, Binding::new(stored))))
+        }));
+    }
+
+    /// Signs with the approved blob. If the key file under its label now holds another key,
+    /// the key must be approved again, which refuses it: approval looks the key up by label
+    /// and id, and a TPM key's id is a digest of its public area.
+    fn submit(&self, key: &KeyInfo, binding: &Binding, tbs: ToBeSigned, reply: Reply) {
+        let stored = match binding.get::<Arc<StoredKey>>() {
+            Some(k) if self.still_stored(k) => k.clone(),
+            _ => {
+                return reply(Err(TokenError::Reapprove {
+                    label: key.label.clone(),
+                }));
+            }
         };
         self.owner.submit(Box::new(move |tpm| {
             reply(match tpm {
@@ -300,10 +372,15 @@ impl Backend for TpmToken {
     fn bench_raw(
         &self,
         key: &KeyInfo,
+        binding: &Binding,
         tbs: &ToBeSigned,
         duration: Duration,
     ) -> Result<u64, TokenError> {
-        let stored = self.stored(key)?;
+        let Some(stored) = binding.get::<Arc<StoredKey>>().cloned() else {
+            return Err(TokenError::Reapprove {
+                label: key.label.clone(),
+            });
+        };
         let tbs = tbs.clone();
         let until = Instant::now() + duration;
         self.owner

@@ -53,6 +53,9 @@ pub(super) struct StoredKey {
     pub path: PathBuf,
 }
 
+/// A key file that does not parse, and why.
+pub(super) type Damaged = (PathBuf, String);
+
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyFile {
@@ -80,12 +83,15 @@ impl Store {
         &self.dir
     }
 
-    /// Every readable key file, sorted by label. A file that does not parse is skipped with
-    /// a warning, so one damaged file does not hide the other keys.
-    pub(super) fn list(&self) -> Result<Vec<StoredKey>, TokenError> {
+    /// Every readable key file, sorted by label, and every file that does not parse with
+    /// the reason, so one damaged file does not hide the other keys.
+    pub(super) fn list(&self) -> Result<(Vec<StoredKey>, Vec<Damaged>), TokenError> {
+        let mut damaged = Vec::new();
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((Vec::new(), damaged));
+            }
             Err(e) => return Err(self.error(&self.dir, e.to_string())),
         };
         let mut keys = Vec::new();
@@ -100,11 +106,12 @@ impl Store {
                 Ok(key) => keys.push(key),
                 Err(reason) => {
                     tracing::warn!(file = %path.display(), "TPM key file skipped: {reason}");
+                    damaged.push((path, reason));
                 }
             }
         }
         keys.sort_by(|a, b| a.label.cmp(&b.label));
-        Ok(keys)
+        Ok((keys, damaged))
     }
 
     /// Writes a new key file; fails if the label is taken (atomically: no two writers can
