@@ -47,10 +47,20 @@ pub struct Keyring {
 /// One signature the device made or refused, as an observer sees it.
 #[derive(Debug)]
 pub struct SignEvent<'a> {
+    pub purpose: Purpose,
     pub label: &'a str,
     pub alg: Alg,
     pub ok: bool,
     pub took: Duration,
+}
+
+/// Why the device signed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A JWS someone asked for (assertion, proof, a token request's).
+    Jws,
+    /// The keyring's own challenge, proving the device holds the key (approval).
+    Possession,
 }
 
 /// Called after every signature the device makes with a key of this keyring, proofs of
@@ -124,15 +134,8 @@ impl Keyring {
         self.observer = Some(observer);
     }
 
-    fn observed(&self, key: &KeyInfo, ok: bool, start: Instant) {
-        if let Some(observer) = &self.observer {
-            observer(&SignEvent {
-                label: key.label(),
-                alg: key.alg(),
-                ok,
-                took: start.elapsed(),
-            });
-        }
+    fn observed(&self, purpose: Purpose, key: &KeyInfo, ok: bool, start: Instant) {
+        observe(&self.observer, purpose, key, ok, start);
     }
 
     /// Which backend and token this is, for logs and `keys audit`.
@@ -289,7 +292,8 @@ impl SigningKey {
     pub fn sign(&self, tbs: ToBeSigned) -> Result<JwsSignature, KeyError> {
         let start = Instant::now();
         let result = self.sign_unobserved(tbs);
-        self.keyring.observed(&self.info, result.is_ok(), start);
+        self.keyring
+            .observed(Purpose::Jws, &self.info, result.is_ok(), start);
         result
     }
 
@@ -324,26 +328,35 @@ impl SigningKey {
 
     /// Queues a signature; `reply` gets the outcome on another thread.
     pub fn submit(&self, tbs: ToBeSigned, reply: Reply) {
-        let (key, start) = (self.clone(), Instant::now());
+        let (observer, info, start) = (
+            self.keyring.observer.clone(),
+            self.info.clone(),
+            Instant::now(),
+        );
         // The reply runs on a worker thread: the caller's span goes along, so the
         // observer's log line carries the request's fields (the agent's caller uid).
         let span = tracing::Span::current();
         let reply: Reply = Box::new(move |result| {
             let _entered = span.enter();
-            key.keyring.observed(&key.info, result.is_ok(), start);
+            observe(&observer, Purpose::Jws, &info, result.is_ok(), start);
             reply(result);
         });
         let seen = self.current();
-        let retry = (self.clone(), tbs.clone(), seen.epoch);
+        // Weak: the reply may run after everyone else let go of the device, and the last
+        // reference to it must not be dropped on its own worker thread.
+        let retry = (self.downgrade(), tbs.clone(), seen.epoch);
         self.keyring.backend.submit(
             &self.info,
             &seen.binding,
             tbs,
             Box::new(move |result| match result {
                 Err(TokenError::Reapprove { .. }) => {
+                    let (weak, tbs, epoch) = retry;
+                    let Some(key) = weak.upgrade() else {
+                        return reply(Err(TokenError::WorkersGone.into()));
+                    };
                     // Approving again signs a challenge on the device's worker threads; this
                     // may be one of them (the TPM has only one), so it must not wait here.
-                    let (key, tbs, epoch) = retry;
                     let spawned = std::thread::Builder::new()
                         .name("keybound-reapprove".into())
                         .spawn(move || reply(key.resign(epoch, tbs)));
@@ -355,6 +368,18 @@ impl SigningKey {
                 other => reply(other.map_err(KeyError::from)),
             }),
         );
+    }
+
+    /// This key without a strong hold on the device.
+    fn downgrade(&self) -> WeakSigningKey {
+        WeakSigningKey {
+            info: self.info.clone(),
+            kid: self.kid.clone(),
+            backend: Arc::downgrade(&self.keyring.backend),
+            rules: self.keyring.rules.clone(),
+            observer: self.keyring.observer.clone(),
+            approval: self.approval.clone(),
+        }
     }
 
     fn resign(&self, epoch: u64, tbs: ToBeSigned) -> Result<JwsSignature, KeyError> {
@@ -454,7 +479,7 @@ impl Keyring {
         };
         let answer = rx.recv().map_err(|_| TokenError::WorkersGone)?;
         if let Ok((Proof::Signed(_), _)) | Err(_) = &answer {
-            self.observed(key, answer.is_ok(), start);
+            self.observed(Purpose::Possession, key, answer.is_ok(), start);
         }
         let (signature, binding) = match answer {
             Ok((Proof::Signed(signature), binding)) => (signature, binding),
@@ -477,6 +502,50 @@ impl Keyring {
                 key.public().thumbprint()
             )))),
         }
+    }
+}
+
+fn observe(
+    observer: &Option<SignObserver>,
+    purpose: Purpose,
+    key: &KeyInfo,
+    ok: bool,
+    start: Instant,
+) {
+    if let Some(observer) = observer {
+        observer(&SignEvent {
+            purpose,
+            label: key.label(),
+            alg: key.alg(),
+            ok,
+            took: start.elapsed(),
+        });
+    }
+}
+
+/// A [`SigningKey`] that does not keep the device open: what a queued signature's reply
+/// holds, so the device is never dropped on its own worker thread.
+struct WeakSigningKey {
+    info: Arc<KeyInfo>,
+    kid: Arc<str>,
+    backend: std::sync::Weak<dyn Backend>,
+    rules: Rules,
+    observer: Option<SignObserver>,
+    approval: Arc<Approval>,
+}
+
+impl WeakSigningKey {
+    fn upgrade(self) -> Option<SigningKey> {
+        Some(SigningKey {
+            info: self.info,
+            kid: self.kid,
+            keyring: Keyring {
+                backend: self.backend.upgrade()?,
+                rules: self.rules,
+                observer: self.observer,
+            },
+            approval: self.approval,
+        })
     }
 }
 

@@ -306,10 +306,8 @@ async fn sign<C: serde::Serialize>(
         ));
     };
     let result = oauth::sign_async(key, header, claims).await;
-    if let Err(
-        OAuthError::Token(TokenError::KeyNotFound { .. })
-        | OAuthError::Key(KeyError::Token(TokenError::KeyNotFound { .. }) | KeyError::Policy(_)),
-    ) = &result
+    if let Err(e) = &result
+        && (e.key_gone() || matches!(e, OAuthError::Key(KeyError::Policy(_))))
     {
         // The key was deleted or replaced on the device: find it afresh next time.
         agent.access.forget_keys();

@@ -27,9 +27,23 @@ pub struct Metrics {
     buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_micros: AtomicU64,
+    /// key → outcome → count of the challenges signed to approve a key.
+    possession: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
 }
 
 impl Metrics {
+    pub fn possession_proof(&self, key: &str, outcome: &'static str) {
+        let mut proofs = self
+            .possession
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *proofs
+            .entry(key.to_owned())
+            .or_default()
+            .entry(outcome)
+            .or_default() += 1;
+    }
+
     pub fn signature(&self, key: &str, alg: &'static str, outcome: &'static str, took: Duration) {
         {
             let mut signatures = self
@@ -78,6 +92,26 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
             let _ = writeln!(
                 out,
                 "keybound_signatures_total{{key=\"{}\",alg=\"{alg}\",outcome=\"{outcome}\"}} {n}",
+                escape(key)
+            );
+        }
+    }
+    head(
+        "keybound_possession_proofs_total",
+        "counter",
+        "Challenges the device signed to prove it holds a key (approval), by key and outcome.",
+        &mut out,
+    );
+    for (key, counts) in m
+        .possession
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+    {
+        for (outcome, n) in counts {
+            let _ = writeln!(
+                out,
+                "keybound_possession_proofs_total{{key=\"{}\",outcome=\"{outcome}\"}} {n}",
                 escape(key)
             );
         }

@@ -21,7 +21,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument as _;
 
-use crate::keyring::{Keyring, SignEvent, SignObserver};
+use crate::keyring::{Keyring, Purpose, SignEvent, SignObserver};
 use crate::oauth::client::OAuthClient;
 use authz::{Peer, Policy};
 use metrics::Metrics;
@@ -159,8 +159,17 @@ pub fn sign_observer(metrics: &Arc<Metrics>) -> SignObserver {
     let metrics = metrics.clone();
     Arc::new(move |e: &SignEvent<'_>| {
         let outcome = if e.ok { "ok" } else { "error" };
-        metrics.signature(e.label, e.alg.name(), outcome, e.took);
-        tracing::info!(key = e.label, alg = %e.alg, micros = u64::try_from(e.took.as_micros()).unwrap_or(u64::MAX), outcome, "signature");
+        let micros = u64::try_from(e.took.as_micros()).unwrap_or(u64::MAX);
+        match e.purpose {
+            Purpose::Jws => {
+                metrics.signature(e.label, e.alg.name(), outcome, e.took);
+                tracing::info!(key = e.label, alg = %e.alg, micros, outcome, "signature");
+            }
+            Purpose::Possession => {
+                metrics.possession_proof(e.label, outcome);
+                tracing::info!(key = e.label, alg = %e.alg, micros, outcome, "proof of possession signed");
+            }
+        }
     })
 }
 

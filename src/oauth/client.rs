@@ -22,7 +22,6 @@ use super::state::{ClockNote, Role, ServerState, drift_matters};
 use super::{OAuthError, assertion, dpop, names_time_claim, sign_async, unix_now};
 use crate::jose::Header;
 use crate::keyring::{Keyring, SigningKey};
-use crate::token::TokenError;
 
 /// Longest `Retry-After` keybound waits out; a longer one ends the attempt with its value.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -147,7 +146,7 @@ impl OAuthClient {
         };
         let first = key(self)?;
         match sign_async(&first, &header(&first), claims).await {
-            Err(OAuthError::Token(TokenError::KeyNotFound { .. })) => {
+            Err(e) if e.key_gone() => {
                 self.reresolve_keys().await?;
                 let again = key(self)?;
                 sign_async(&again, &header(&again), claims).await

@@ -164,6 +164,16 @@ pub async fn sign_async<C: Serialize>(
 }
 
 impl OAuthError {
+    /// The key is no longer on the device under the id it was approved with (deleted, or
+    /// rotated under the same name): worth looking it up again by name.
+    pub fn key_gone(&self) -> bool {
+        matches!(
+            self,
+            OAuthError::Token(TokenError::KeyNotFound { .. })
+                | OAuthError::Key(KeyError::Token(TokenError::KeyNotFound { .. }))
+        )
+    }
+
     /// Connect errors, timeouts, 5xx and 429 are worth another attempt.
     pub fn retryable(&self) -> bool {
         match self {

@@ -159,7 +159,13 @@ impl Pool {
 impl Drop for Pool {
     fn drop(&mut self) {
         self.jobs = None;
+        // A reply runs on a worker and may hold the last reference to the pool; that
+        // worker cannot join itself (EDEADLK). It ends on its own once the queue is closed.
+        let me = std::thread::current().id();
         for handle in self.workers.drain(..) {
+            if handle.thread().id() == me {
+                continue;
+            }
             if handle.join().is_err() {
                 tracing::error!("a signing worker panicked");
             }

@@ -117,7 +117,10 @@ impl Owner {
 impl Drop for Owner {
     fn drop(&mut self) {
         self.jobs = None;
+        // A reply runs on the TPM thread and may hold the last reference to its owner; that
+        // thread cannot join itself (EDEADLK). It ends on its own once the queue is closed.
         if let Some(thread) = self.thread.take()
+            && thread.thread().id() != std::thread::current().id()
             && thread.join().is_err()
         {
             tracing::error!("the TPM thread panicked");
