@@ -7,7 +7,6 @@
 pub mod agent;
 pub mod bench;
 pub mod config;
-pub mod devserver;
 pub mod jose;
 pub mod keyring;
 pub mod oauth;

@@ -97,8 +97,6 @@ enum Command {
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
     },
-    /// Run a strict Okta-like authorization and resource server on 127.0.0.1 (development only)
-    DevServer(cli::devserver::Args),
     /// Measure signs/s of the raw token and of the full JWS pipeline, and their ratio
     Bench {
         /// Key label (default: the first ES256 key the policy allows)
@@ -184,7 +182,7 @@ fn main() -> ExitCode {
 
 /// Makes the process non-dumpable (PR_SET_DUMPABLE 0: no core file, its /proc entries
 /// owned by root, no ptrace by the same uid) and sets RLIMIT_CORE to 0, for every command:
-/// the agent, the CLI and the dev-server are one binary, and most of them hold a PIN.
+/// the agent and the CLI are one binary, and most of its commands hold a PIN.
 fn harden_process() -> Result<(), String> {
     use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
     let no_core = Rlimit {
@@ -234,7 +232,6 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             check,
         } => cli::oauth::token(config, client.as_deref(), json, check),
         Command::Call(call) => cli::oauth::call(config, call),
-        Command::DevServer(dev) => cli::devserver::run(dev),
         Command::Serve { socket, .. } => cli::serve::run(config, socket),
         Command::Bench {
             key,

@@ -1,18 +1,17 @@
-//! `keybound dev-server` end to end: client keys in a real SoftHSM2 token, assertions and
-//! DPoP proofs signed by the `keybound` binary, the dev-server in-process on 127.0.0.1:0
-//! (or spawned, for the CLI), HTTP through reqwest. Assertions the CLI will not make
-//! (expired, too long-lived, from the future) come from a software key the test registers.
+//! The dev-server (`keybound-devserver`) end to end: client keys in a real SoftHSM2 token,
+//! assertions and DPoP proofs signed by the `keybound` binary, the dev-server in-process on
+//! 127.0.0.1:0, HTTP through reqwest. Assertions the CLI will not make (expired, too
+//! long-lived, from the future) come from a software key the test registers. The
+//! `keybound-devserver` binary is tested in its own crate (`crates/keybound-devserver/tests`).
 
 mod devserver_support;
 mod support;
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devserver_support::*;
-use keybound::devserver::{JwksSource, Settings};
+use keybound_devserver::{JwksSource, Settings};
 use serde_json::{Value, json};
 
 const BOTH: &str = "okta.users.read okta.users.manage";
@@ -973,7 +972,7 @@ async fn run_serves_until_shutdown_and_refuses_bad_settings() {
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(keybound::devserver::run(
+    let server = tokio::spawn(keybound_devserver::run(
         listener,
         settings.clone(),
         async {
@@ -995,140 +994,8 @@ async fn run_serves_until_shutdown_and_refuses_bad_settings() {
         client_id: " ".into(),
         ..settings
     };
-    let err = keybound::devserver::run(listener, empty_client, std::future::pending())
+    let err = keybound_devserver::run(listener, empty_client, std::future::pending())
         .await
         .expect_err("an empty client id is refused");
     assert!(err.to_string().contains("client id is empty"), "{err}");
-}
-
-// ---------------------------------------------------------------------------
-// The CLI
-// ---------------------------------------------------------------------------
-
-/// A spawned `keybound dev-server`, killed if the test ends before it stops.
-struct Spawned(Child);
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn cli_prints_the_banner_serves_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let key = SoftKey::new("soft-1");
-    let jwks = write_jwks(dir.path(), "jwks.json", &[key.jwk()]);
-    let mut child = Spawned(
-        Command::new(env!("CARGO_BIN_EXE_keybound"))
-            .args(["dev-server", "--port", "0", "--client-id", CLIENT_ID])
-            .arg("--jwks")
-            .arg(&jwks)
-            .args(["--scopes", READ, "--users", "3"])
-            .current_dir(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn keybound dev-server"),
-    );
-    let mut stdout = BufReader::new(child.0.stdout.take().expect("stdout"));
-    let lines: Vec<String> = (0..7)
-        .map(|_| {
-            let mut line = String::new();
-            stdout.read_line(&mut line).expect("read banner");
-            line.trim_end().to_string()
-        })
-        .collect();
-    let base = lines[1]
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("banner: {lines:#?}"))
-        .to_string();
-    let port: u16 = base
-        .strip_prefix("http://127.0.0.1:")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("listening on 127.0.0.1: {base}"));
-    assert_ne!(port, 0);
-    assert_eq!(
-        lines,
-        [
-            "keybound dev-server — development only, not an authorization server for production"
-                .to_string(),
-            format!("listening on {base}"),
-            format!("issuer          {base}"),
-            format!("token endpoint  {base}/oauth2/v1/token"),
-            format!("jwks            {base}/oauth2/v1/keys"),
-            format!("users api       {base}/api/v1/users"),
-            format!("client          {CLIENT_ID} (granted: {READ})"),
-        ]
-    );
-
-    let meta = get_json(
-        &http(),
-        &format!("{base}/.well-known/oauth-authorization-server"),
-    )
-    .await;
-    assert_eq!(meta["issuer"], base.as_str());
-    assert_eq!(meta["scopes_supported"], json!([READ]));
-
-    support::send_signal(child.0.id(), "TERM");
-    let status = child.0.wait().expect("wait for dev-server");
-    assert!(status.success(), "exit status after SIGTERM: {status}");
-}
-
-#[test]
-fn cli_refuses_bad_flags_and_unusable_jwks() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut private = SoftKey::new("k").jwk();
-    private["d"] = json!("AAAA");
-    let bad_jwks = write_jwks(dir.path(), "private.json", &[private]);
-    let good_jwks = write_jwks(dir.path(), "good.json", &[SoftKey::new("k").jwk()]);
-    let missing = dir.path().join("missing.json");
-    let (bad, good, missing) = (
-        bad_jwks.to_str().expect("UTF-8"),
-        good_jwks.to_str().expect("UTF-8"),
-        missing.to_str().expect("UTF-8"),
-    );
-    let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_keybound"))
-            .arg("dev-server")
-            .args(["--port", "0", "--client-id", CLIENT_ID])
-            .args(args)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .expect("spawn keybound");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-
-    for (args, code, message) in [
-        (
-            vec!["--jwks", missing],
-            1,
-            "error: cannot read the client JWKS file",
-        ),
-        (vec!["--jwks", bad], 1, "private key member 'd'"),
-        (
-            vec!["--jwks", good, "--scopes", ""],
-            1,
-            "no scopes are granted",
-        ),
-        (vec![], 2, "--jwks"),
-        (
-            vec!["--jwks", good, "--jwks-uri", "http://127.0.0.1:9/jwks"],
-            2,
-            "cannot be used with",
-        ),
-        (vec!["--jwks", good, "--rs-nonce-status", "403"], 2, "403"),
-    ] {
-        let (status, stderr) = run(&args);
-        assert_eq!(status, Some(code), "{args:?}: {stderr}");
-        assert!(stderr.contains(message), "{args:?}: {stderr}");
-        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
-    }
 }

@@ -9,7 +9,6 @@ macro_rules! out {
 }
 
 pub mod bench;
-pub mod devserver;
 pub mod keys;
 pub mod oauth;
 pub mod serve;

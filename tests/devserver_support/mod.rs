@@ -4,7 +4,7 @@
 //!   driven only through the real `keybound` binary: keys, JWKS, assertions, DPoP proofs.
 //! * [`SoftKey`]: a software P-256 key for the assertions the CLI refuses to make (expired,
 //!   too long-lived, `iat` in the future).
-//! * [`Server`]: `keybound::devserver` in-process on 127.0.0.1:0, stopped through a oneshot.
+//! * [`Server`]: `keybound_devserver` in-process on 127.0.0.1:0, stopped through a oneshot.
 //! * [`Reply`]: an HTTP response read once (status, headers, JSON body) with the assertions
 //!   the tests share; [`Jwt`] and [`thumbprint`] to look inside tokens independently.
 
@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use keybound::devserver::{DevServer, Endpoints, Settings};
+use keybound_devserver::{DevServer, Endpoints, Settings};
 use p256::ecdsa::signature::Signer as _;
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -252,7 +252,7 @@ pub fn write_jwks(dir: &Path, name: &str, keys: &[Value]) -> PathBuf {
 pub struct Server {
     pub endpoints: Endpoints,
     shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), keybound::devserver::DevServerError>>>,
+    task: Option<JoinHandle<Result<(), keybound_devserver::DevServerError>>>,
 }
 
 impl Server {

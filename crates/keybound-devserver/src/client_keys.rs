@@ -296,7 +296,7 @@ mod tests {
 
     fn ec_jwk() -> Value {
         let v: Value =
-            serde_json::from_str(include_str!("../../tests/vectors/rfc-vectors.json")).unwrap();
+            serde_json::from_str(include_str!("../../../tests/vectors/rfc-vectors.json")).unwrap();
         v["rfc9449_ec_thumbprint"]["jwk"].clone()
     }
 

@@ -1,17 +1,21 @@
-//! `keybound dev-server`: a strict Okta-like authorization and resource server for
-//! development and tests. Not an authorization server for production.
+//! keybound-devserver: a strict Okta-like authorization and resource server for developing
+//! and testing keybound. Not an authorization server for production, and not part of the
+//! product: keybound's own build does not depend on this crate (only its tests do).
 //!
 //! The authorization server (`token_endpoint`) grants `client_credentials` to one client that
 //! authenticates with `private_key_jwt` (RFC 7523, `assertion`) and binds its token with DPoP
 //! (RFC 9449, `dpop`), server nonces included (`nonce`). The resource server (`api`) serves an
 //! in-memory Okta users API (`users`) to DPoP-bound access tokens (`access_token`). Every
-//! signature is checked with RustCrypto in `verify`, independently of keybound's `jose`.
+//! signature is checked with RustCrypto in `verify`; this crate does not depend on keybound.
 //!
 //! For tests the server's clock can run off (`Settings::clock_offset_secs`): everything it
 //! does with time reads [`App::now`], and its `Date` header says that same clock.
 
+#![forbid(unsafe_code)]
+
 mod access_token;
 mod api;
+mod background;
 mod assertion;
 mod client_keys;
 mod dpop;
@@ -41,6 +45,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use url::Url;
 
+pub use self::background::Background;
 use self::client_keys::ClientKeys;
 use self::nonce::NonceRing;
 use self::replay::ReplayCache;
@@ -151,6 +156,12 @@ pub enum DevServerError {
     IssuerKey(String),
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error("cannot listen on 127.0.0.1:{port}: {source}")]
+    Bind { port: u16, source: std::io::Error },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot run the dev-server thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// A dev-server with its keys loaded and its listener bound, not yet serving. Split from

@@ -1,20 +1,29 @@
-//! `dev-server`: flags, startup banner, run until Ctrl-C / SIGTERM.
+//! `keybound-devserver`: flags, startup banner, run until Ctrl-C / SIGTERM. Logs go to
+//! stderr; stdout carries only the banner.
+#![forbid(unsafe_code)]
 
+use std::future::Future;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use keybound::devserver::{self, DevServer, JwksSource, Settings};
+use clap::Parser as _;
+use keybound_devserver::{self as devserver, DevServer, JwksSource, Settings};
 use url::Url;
 
-/// Strict Okta-like authorization and resource server on 127.0.0.1, for development only.
-#[derive(clap::Args)]
+/// Strict Okta-like authorization and resource server on 127.0.0.1, for developing and testing
+/// keybound only: not an authorization server for production.
+#[derive(clap::Parser)]
+#[command(name = "keybound-devserver", version, about, max_term_width = 100)]
 #[command(group(
     clap::ArgGroup::new("client_jwks").required(true).args(["jwks", "jwks_uri"])
 ))]
-pub struct Args {
+struct Args {
+    /// More log output on stderr (-v info: one line per request, -vv debug)
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
     /// Port on 127.0.0.1 (0 picks a free one)
     #[arg(long, default_value_t = 8089)]
     port: u16,
@@ -50,7 +59,19 @@ pub struct Args {
     clock_offset_secs: i64,
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.verbose);
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
     let port = args.port;
     let settings = args.settings()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -82,7 +103,7 @@ impl Args {
 
 async fn serve(port: u16, settings: Settings) -> anyhow::Result<()> {
     // Signal handlers go in before the banner: whoever reads "listening on" may signal at once.
-    let shutdown = super::shutdown_signal()?;
+    let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
@@ -122,4 +143,33 @@ fn banner(server: &DevServer) -> std::io::Result<()> {
         )?;
     }
     out.flush()
+}
+
+/// Completes on SIGINT or SIGTERM. The handlers are installed by this call, not when the
+/// future is first polled: call it before telling anyone the server is ready, or a signal
+/// sent at once would still kill the process with the default action.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => tracing::Level::WARN,
+        1 => tracing::Level::INFO,
+        _ => tracing::Level::DEBUG,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
 }

@@ -171,7 +171,7 @@ mod tests {
     const IAT: i64 = 1562262616;
 
     fn vectors() -> Value {
-        serde_json::from_str(include_str!("../../tests/vectors/rfc-vectors.json")).unwrap()
+        serde_json::from_str(include_str!("../../../tests/vectors/rfc-vectors.json")).unwrap()
     }
 
     fn headers(proofs: &[&str]) -> HeaderMap {

@@ -1,0 +1,114 @@
+//! A dev-server on its own thread and async runtime, for callers that are not async or that
+//! must not share their runtime with it (tests that drive keybound's built binary).
+
+use std::net::Ipv4Addr;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use super::{DevServer, DevServerError, Endpoints, Settings};
+
+/// A running dev-server on 127.0.0.1. Dropping it stops it at once, like killing a
+/// process: the runtime is dropped, which cancels every request in flight, and the thread
+/// is joined.
+pub struct Background {
+    endpoints: Endpoints,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    /// Binds 127.0.0.1:`port` (0 picks a free one), checks the settings and loads the
+    /// client's JWKS as [`DevServer::new`] does, and serves on a new thread. Returns once the
+    /// server accepts connections, or with the reason it could not start.
+    pub fn start(port: u16, settings: Settings) -> Result<Background, DevServerError> {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        // The runtime is built, used and dropped on the new thread only: a caller inside an
+        // async runtime of its own can neither block on nor drop another runtime.
+        let thread = std::thread::Builder::new()
+            .name("keybound-devserver".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(DevServerError::Runtime(e)));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let server = match bind_and_load(port, settings).await {
+                        Ok(server) => server,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(server.endpoints().clone()));
+                    // Served on a task of its own, so that returning from here (the stop
+                    // signal, or the handle gone) leaves it to be cancelled with the runtime.
+                    let serving = tokio::spawn(server.serve(std::future::pending()));
+                    tokio::select! {
+                        _ = stopped => {}
+                        ended = serving => match ended {
+                            Ok(Err(e)) => tracing::error!("the dev-server stopped: {e}"),
+                            Ok(Ok(())) | Err(_) => {}
+                        },
+                    }
+                });
+            })
+            .map_err(DevServerError::Thread)?;
+        match ready_rx.recv() {
+            Ok(Ok(endpoints)) => Ok(Background {
+                endpoints,
+                stop: Some(stop),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            // The thread ended without a word: it can only have panicked.
+            Err(_) => {
+                let _ = thread.join();
+                Err(DevServerError::Thread(std::io::Error::other(
+                    "the dev-server thread ended before it started serving",
+                )))
+            }
+        }
+    }
+
+    /// The server's URLs.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// `http://127.0.0.1:PORT`: the issuer, and the base of every other URL.
+    pub fn base(&self) -> &str {
+        &self.endpoints.issuer
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn bind_and_load(port: u16, settings: Settings) -> Result<DevServer, DevServerError> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+        .await
+        .map_err(|source| DevServerError::Bind { port, source })?;
+    DevServer::new(listener, settings).await
+}
