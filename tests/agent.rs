@@ -1378,7 +1378,7 @@ async fn token_endpoint_caches_answers_nonce_challenges_and_obeys_client_rules()
         "client-jwks.json",
         &json!({ "keys": token.jwks(&["client-auth"]) }).to_string(),
     );
-    let server = DevServerProcess::start(&token, DEV_CLIENT_ID, &jwks_file);
+    let server = DevServer::start(DEV_CLIENT_ID, &jwks_file);
     token.write_config(&config_text(&dev_client(&server.base), ""));
     let dir = SocketDir::new();
     let mut agent = Agent::start(&token, &dir.socket());
@@ -1561,12 +1561,9 @@ async fn a_skewed_server_is_survived_and_its_offset_exported() {
         "client-jwks.json",
         &json!({ "keys": token.jwks(&["client-auth"]) }).to_string(),
     );
-    let server = DevServerProcess::start_with(
-        &token,
-        DEV_CLIENT_ID,
-        &jwks_file,
-        &["--clock-offset-secs=120"],
-    );
+    let server = DevServer::start_with(DEV_CLIENT_ID, &jwks_file, |settings| {
+        settings.clock_offset_secs = 120;
+    });
     let stranger = dev_client(&server.base)
         .replace("name = \"dev\"", "name = \"stranger\"")
         .replace(
@@ -2407,7 +2404,7 @@ async fn a_rotated_client_key_is_found_again_without_a_restart() {
         "client-jwks.json",
         &json!({ "keys": token.jwks(&["client-auth"]) }).to_string(),
     );
-    let server = DevServerProcess::start(&token, DEV_CLIENT_ID, &jwks_file);
+    let server = DevServer::start(DEV_CLIENT_ID, &jwks_file);
     let second = dev_client(&server.base).replace("name = \"dev\"", "name = \"dev2\"");
     token.write_config(&config_text(
         &format!("{}\n{second}", dev_client(&server.base)),
@@ -2476,7 +2473,7 @@ async fn tokens_obey_key_limits_and_their_signatures_are_recorded() {
         "client-jwks.json",
         &json!({ "keys": token.jwks(&["client-auth"]) }).to_string(),
     );
-    let server = DevServerProcess::start(&token, DEV_CLIENT_ID, &jwks_file);
+    let server = DevServer::start(DEV_CLIENT_ID, &jwks_file);
     token.write_config(&config_text(
         &dev_client(&server.base),
         &format!(

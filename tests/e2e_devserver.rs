@@ -1,69 +1,55 @@
 //! keybound's main job end to end: the built binary, keys in a real SoftHSM token, the
-//! built `keybound dev-server` on 127.0.0.1. `keybound token` and `keybound call` as a user
-//! runs them; the access token is verified with p256 from the dev-server's JWKS, not by
-//! keybound.
+//! dev-server (`keybound-devserver`, in-process) on 127.0.0.1. `keybound token` and
+//! `keybound call` as a user runs them; the access token is verified with p256 from the
+//! dev-server's JWKS, not by keybound.
 
 mod support;
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
+use keybound_devserver::{JwksSource, Settings};
 use serde_json::Value;
 use support::{Config, DevToken, Jws, assert_exit, assert_verifies, stderr, stdout};
 
 const CLIENT_ID: &str = "0oa-e2e";
 
-/// A `keybound dev-server` child process, killed on drop.
+/// The dev-server (`keybound-devserver`) in-process on 127.0.0.1:0, on a thread and runtime
+/// of its own; stopped on drop.
 struct DevServer {
-    child: Child,
+    _server: keybound_devserver::Background,
     base: String,
 }
 
 impl DevServer {
     fn start(token: &DevToken, jwks: &str, scopes: &str) -> DevServer {
-        DevServer::start_with(token, jwks, scopes, &[])
+        DevServer::start_with(token, jwks, scopes, |_| {})
     }
 
-    /// `start` with more dev-server flags.
-    fn start_with(token: &DevToken, jwks: &str, scopes: &str, extra: &[&str]) -> DevServer {
+    /// `start` with settings changed by `adjust` (a clock offset).
+    fn start_with(
+        token: &DevToken,
+        jwks: &str,
+        scopes: &str,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> DevServer {
         let jwks_path = token.write_file("client-jwks.json", jwks);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keybound"))
-            .args([
-                "dev-server",
-                "--port",
-                "0",
-                "--client-id",
-                CLIENT_ID,
-                "--scopes",
-                scopes,
-            ])
-            .arg("--jwks")
-            .arg(&jwks_path)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn keybound dev-server");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
-        let base = lines
-            .find_map(|l| l.strip_prefix("listening on ").map(str::to_owned))
-            .expect("dev-server prints 'listening on <url>'");
-        // Keep reading the rest of the banner: a closed pipe would end the server.
-        std::thread::spawn(move || lines.for_each(drop));
+        let mut settings = Settings {
+            granted_scopes: scopes.split_whitespace().map(str::to_owned).collect(),
+            ..Settings::new(CLIENT_ID, JwksSource::File(jwks_path))
+        };
+        adjust(&mut settings);
+        let server = keybound_devserver::Background::start(0, settings)
+            .unwrap_or_else(|e| panic!("the dev-server did not start: {e}"));
+        let base = server.base().to_owned();
         assert!(base.starts_with("http://127.0.0.1:"), "{base}");
-        DevServer { child, base }
+        DevServer {
+            _server: server,
+            base,
+        }
     }
 
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
-    }
-}
-
-impl Drop for DevServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -247,7 +233,7 @@ fn a_server_whose_clock_is_off_is_survived() {
             &token,
             &jwks,
             "okta.users.read okta.users.manage",
-            &[&format!("--clock-offset-secs={offset}")],
+            |settings| settings.clock_offset_secs = offset,
         );
         token.write_config(&format!(
             "{}\n[[client]]\nname = \"dev\"\nclient_id = \"{CLIENT_ID}\"\nassertion_key = \"client-auth\"\ndpop_key = \"dpop\"\n{}",

@@ -383,9 +383,6 @@ fn wait_or_kill(mut child: Child, what: &str) -> std::process::Output {
 // F9: core dumps
 // ---------------------------------------------------------------------------
 
-/// An RFC 7517 Appendix A.1 public key: enough for the dev-server to start.
-const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","x":"MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4","y":"4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM","kid":"1"}]}"#;
-
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -397,7 +394,8 @@ impl Drop for Killed {
 
 /// Every keybound process is non-dumpable (PR_SET_DUMPABLE 0) with RLIMIT_CORE 0. The
 /// kernel shows the first: the /proc/<pid> entries of a non-dumpable process belong to
-/// root, not to the process's uid. So the process runs as uid 65534 (`setpriv`).
+/// root, not to the process's uid. So the process runs as uid 65534 (`setpriv`): the agent,
+/// which holds the PIN.
 #[test]
 fn keybound_is_not_dumpable_and_has_no_core_limit() {
     if !is_root() {
@@ -407,41 +405,8 @@ fn keybound_is_not_dumpable_and_has_no_core_limit() {
         );
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    chmod(dir.path(), 0o755);
-    let jwks = dir.path().join("jwks.json");
-    fs::write(&jwks, JWKS).unwrap();
-    chmod(&jwks, 0o644);
-    let mut child = Killed(
-        Command::new("setpriv")
-            .args([
-                "--reuid",
-                "65534",
-                "--regid",
-                "65534",
-                "--clear-groups",
-                "--",
-            ])
-            .arg(env!("CARGO_BIN_EXE_keybound"))
-            .args(["dev-server", "--port", "0", "--client-id", "c", "--jwks"])
-            .arg(&jwks)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run setpriv (util-linux)"),
-    );
-    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
-    let mut banner = String::new();
-    for _ in 0..2 {
-        stdout.read_line(&mut banner).unwrap();
-    }
-    assert!(
-        banner.contains("listening on"),
-        "dev-server as uid {NOBODY} did not start: {banner:?}"
-    );
-    let pid = child.0.id();
+    let agent = AgentAsNobody::start();
+    let pid = agent.child.0.id();
     let proc = PathBuf::from(format!("/proc/{pid}"));
     let status = fs::read_to_string(proc.join("status")).unwrap();
     let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
@@ -519,58 +484,77 @@ fn non_dumpable_agent_of_another_uid_knows_its_own_uid() {
         );
         return;
     }
-    let token = DevToken::new();
-    token.generate("k", "ES256");
-    chmod(token.dir(), 0o755);
-    // SoftHSM writes lock files next to the token objects: the agent's user owns them.
-    chown_tree(&token.path("tokens"), NOBODY);
-    let run = token.path("run");
-    fs::create_dir(&run).unwrap();
-    chmod(&run, 0o700);
-    chown_tree(&run, NOBODY);
-    let socket = run.join("agent.sock");
-    let mut agent = Killed(
-        Command::new("setpriv")
-            .args(AS_NOBODY)
-            .arg(env!("CARGO_BIN_EXE_keybound"))
-            .arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .current_dir(token.dir())
-            .env("SOFTHSM2_CONF", token.softhsm_conf())
-            .env("KEYBOUND_CONFIG", token.config_path())
-            .env(support::PIN_ENV, support::USER_PIN)
-            .env("HOME", token.dir())
-            .env_remove("XDG_CONFIG_HOME")
-            .env_remove("XDG_RUNTIME_DIR")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run setpriv (util-linux)"),
-    );
-    let stderr = BufReader::new(agent.0.stderr.take().unwrap());
-    let ready = format!("keybound agent listening on {}", socket.display());
-    let mut log = Vec::new();
-    for line in stderr.lines() {
-        let line = line.unwrap();
-        let done = line.contains(&ready);
-        log.push(line);
-        if done {
-            break;
-        }
-    }
-    assert!(
-        log.iter().any(|l| l.contains(&ready)),
-        "keybound serve as uid {NOBODY} did not start:\n{}",
-        log.join("\n")
-    );
+    let agent = AgentAsNobody::start();
+    let socket = &agent.socket;
     assert_eq!(
-        agent_status(&socket, true),
+        agent_status(socket, true),
         Some(200),
         "its own uid is served"
     );
-    assert_ne!(agent_status(&socket, false), Some(200), "root has no rule");
+    assert_ne!(agent_status(socket, false), Some(200), "root has no rule");
+}
+
+/// `keybound serve` as uid 65534 on a token with one key, ready to answer.
+struct AgentAsNobody {
+    child: Killed,
+    socket: PathBuf,
+    _token: DevToken,
+}
+
+impl AgentAsNobody {
+    fn start() -> AgentAsNobody {
+        let token = DevToken::new();
+        token.generate("k", "ES256");
+        chmod(token.dir(), 0o755);
+        // SoftHSM writes lock files next to the token objects: the agent's user owns them.
+        chown_tree(&token.path("tokens"), NOBODY);
+        let run = token.path("run");
+        fs::create_dir(&run).unwrap();
+        chmod(&run, 0o700);
+        chown_tree(&run, NOBODY);
+        let socket = run.join("agent.sock");
+        let mut agent = Killed(
+            Command::new("setpriv")
+                .args(AS_NOBODY)
+                .arg(env!("CARGO_BIN_EXE_keybound"))
+                .arg("serve")
+                .arg("--socket")
+                .arg(&socket)
+                .current_dir(token.dir())
+                .env("SOFTHSM2_CONF", token.softhsm_conf())
+                .env("KEYBOUND_CONFIG", token.config_path())
+                .env(support::PIN_ENV, support::USER_PIN)
+                .env("HOME", token.dir())
+                .env_remove("XDG_CONFIG_HOME")
+                .env_remove("XDG_RUNTIME_DIR")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run setpriv (util-linux)"),
+        );
+        let stderr = BufReader::new(agent.0.stderr.take().unwrap());
+        let ready = format!("keybound agent listening on {}", socket.display());
+        let mut log = Vec::new();
+        for line in stderr.lines() {
+            let line = line.unwrap();
+            let done = line.contains(&ready);
+            log.push(line);
+            if done {
+                break;
+            }
+        }
+        assert!(
+            log.iter().any(|l| l.contains(&ready)),
+            "keybound serve as uid {NOBODY} did not start:\n{}",
+            log.join("\n")
+        );
+        AgentAsNobody {
+            child: agent,
+            socket,
+            _token: token,
+        }
+    }
 }
 
 fn chown_tree(path: &Path, uid: u32) {

@@ -3,15 +3,14 @@
 //! signature checked by an independent verifier (p256, p384, rsa) from the JWKS keybound
 //! printed; swtpm restarted under a running keybound; a duplicable key made with tpm2-tools
 //! refused; 1,000 signatures and error paths without leaking one of swtpm's 3 object slots;
-//! the OAuth flow against `keybound dev-server` with both keys in the TPM.
+//! the OAuth flow against the dev-server (`keybound-devserver`) with both keys in the TPM.
 #![cfg(feature = "tpm")]
 
 mod support;
 mod tpm_support;
 
 use std::fs;
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 
 use base64::Engine as _;
@@ -498,7 +497,7 @@ fn unreachable_tpm_is_reported_with_the_action() {
     );
 }
 
-/// The OAuth flow of the OAuth issue with both keys in the TPM: `keybound dev-server` knows
+/// The OAuth flow of the OAuth issue with both keys in the TPM: the dev-server knows
 /// the client by the JWKS of its TPM key; `token` and `call` succeed.
 #[test]
 fn oauth_end_to_end_with_both_keys_in_the_tpm() {
@@ -507,8 +506,15 @@ fn oauth_end_to_end_with_both_keys_in_the_tpm() {
     home.generate("dpop", "ES256");
     let jwks_path = home.path("jwks.json");
     fs::write(&jwks_path, home.run_ok(&["jwks", "--label", "client-auth"])).unwrap();
-    let server = DevServer::start(&home, jwks_path.to_str().unwrap());
-    let base = server.base.clone();
+    let server = keybound_devserver::Background::start(
+        0,
+        keybound_devserver::Settings::new(
+            CLIENT_ID,
+            keybound_devserver::JwksSource::File(jwks_path.clone()),
+        ),
+    )
+    .unwrap_or_else(|e| panic!("the dev-server did not start: {e}"));
+    let base = server.base().to_owned();
 
     home.write_config(&home.config_text(&format!(
         "[[client]]\nname = \"dev\"\nserver = \"okta\"\n\
@@ -579,53 +585,4 @@ fn sign_and_verify(key: &keybound::keyring::SigningKey, verifier: &Verifier, mes
         .unwrap_or_else(|e| panic!("{message}: {e}"));
     let jws = Jws::parse(&format!("{input}.{}", support::b64(sig.as_bytes())));
     assert_signature(verifier, &jws);
-}
-
-/// `keybound dev-server --port 0` for `jwks`, killed on drop.
-struct DevServer {
-    child: Child,
-    base: String,
-}
-
-impl DevServer {
-    fn start(home: &TpmHome, jwks: &str) -> DevServer {
-        let mut child = home
-            .command(&[
-                "dev-server",
-                "--port",
-                "0",
-                "--client-id",
-                CLIENT_ID,
-                "--jwks",
-                jwks,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn dev-server");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut server = DevServer {
-            child,
-            base: String::new(),
-        };
-        let mut line = String::new();
-        while server.base.is_empty() {
-            line.clear();
-            let n = stdout.read_line(&mut line).expect("read dev-server output");
-            assert!(n > 0, "dev-server exited before saying where it listens");
-            if let Some(rest) = line.trim().strip_prefix("listening on ") {
-                server.base = rest.split_whitespace().next().unwrap_or(rest).to_string();
-            }
-        }
-        // Keep draining, so the server never writes into a closed pipe.
-        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        server
-    }
-}
-
-impl Drop for DevServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

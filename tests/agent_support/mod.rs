@@ -10,7 +10,7 @@
 //! * [`curl_as`]: the same request from another uid, through `setpriv` or `runuser` + curl.
 //! * [`check_proof`], [`check_assertion`]: every JWS the agent hands out, verified with the
 //!   independent [`Verifier`] of `tests/support` against the published JWKS.
-//! * [`DevServerProcess`]: `keybound dev-server --port 0` as a child process.
+//! * [`DevServer`]: the dev-server on 127.0.0.1:0, in-process.
 //! * [`metric`]: one sample of the Prometheus text.
 
 // Each test uses its own subset of these helpers.
@@ -983,75 +983,39 @@ pub fn samples(text: &str, name: &str) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------
-// keybound dev-server as a child process
+// The dev-server, in-process
 // ---------------------------------------------------------------------------
 
-/// `keybound dev-server --port 0 ...`, SIGKILLed on drop.
-pub struct DevServerProcess {
-    child: Child,
+/// The dev-server (`keybound-devserver`) on 127.0.0.1:0, on a thread and runtime of its
+/// own; stopped on drop.
+pub struct DevServer {
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    _server: keybound_devserver::Background,
 }
 
-impl DevServerProcess {
-    pub fn start(token: &DevToken, client_id: &str, jwks: &Path) -> DevServerProcess {
-        DevServerProcess::start_with(token, client_id, jwks, &[])
+impl DevServer {
+    /// A dev-server that knows the client `client_id` by the JWKS file `jwks`.
+    pub fn start(client_id: &str, jwks: &Path) -> DevServer {
+        DevServer::start_with(client_id, jwks, |_| {})
     }
 
-    /// `start` with more dev-server flags (`--clock-offset-secs=120`).
+    /// `start` with settings changed by `adjust` (a clock offset).
     pub fn start_with(
-        token: &DevToken,
         client_id: &str,
         jwks: &Path,
-        extra: &[&str],
-    ) -> DevServerProcess {
-        let mut args = vec![
-            OsArg::from("dev-server"),
-            "--port".into(),
-            "0".into(),
-            "--client-id".into(),
-            client_id.into(),
-            "--jwks".into(),
-            jwks.into(),
-        ];
-        args.extend(extra.iter().map(OsArg::from));
-        let mut child = token
-            .command(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn keybound dev-server");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Reads to EOF, so the server never blocks on a full pipe.
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("listening on ") {
-                    let base = rest.split_whitespace().next().unwrap_or("").to_owned();
-                    let _ = tx.send(base);
-                }
-            }
-        });
-        let base = match rx.recv_timeout(GUARD) {
-            Ok(base) => base,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("keybound dev-server did not report its address");
-            }
-        };
-        assert!(
-            base.starts_with("http://127.0.0.1:"),
-            "dev-server listens on loopback: {base}"
+        adjust: impl FnOnce(&mut keybound_devserver::Settings),
+    ) -> DevServer {
+        let mut settings = keybound_devserver::Settings::new(
+            client_id,
+            keybound_devserver::JwksSource::File(jwks.to_owned()),
         );
-        DevServerProcess { child, base }
-    }
-}
-
-impl Drop for DevServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        adjust(&mut settings);
+        let server = keybound_devserver::Background::start(0, settings)
+            .unwrap_or_else(|e| panic!("the dev-server did not start: {e}"));
+        DevServer {
+            base: server.base().to_owned(),
+            _server: server,
+        }
     }
 }
