@@ -2,7 +2,7 @@
 # scripts/demo.sh [DIR] — Quickstart (1): install what is needed, build
 # keybound, set up the SoftHSM2 development token in DIR (default:
 # <repo>/.keybound-dev), then run keybound's main job against
-# `keybound dev-server`, a strict Okta-like server on 127.0.0.1: a DPoP-bound
+# `keybound-devserver`, a strict Okta-like server on 127.0.0.1: a DPoP-bound
 # access token through client_credentials + private_key_jwt, a paginated user
 # list, one user, a profile update; then show that the same token sent as
 # Bearer, or with a proof from another key, is refused. Finally openssl,
@@ -22,9 +22,10 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
   . "$HOME/.cargo/env"
 fi
 
-step "Building keybound (cargo build --release --locked)"
-(cd "$repo" && cargo build --release --locked)
+step "Building keybound and its dev-server (cargo build --release --locked --workspace)"
+(cd "$repo" && cargo build --release --locked --workspace)
 keybound=${CARGO_TARGET_DIR:-$repo/target}/release/keybound
+devserver=${CARGO_TARGET_DIR:-$repo/target}/release/keybound-devserver
 
 step "Setting up the SoftHSM2 development token in $dir"
 KEYBOUND_BIN=$keybound "$repo/softhsm-setup/setup.sh" "$dir"
@@ -48,8 +49,8 @@ jwks=$("$keybound" jwks --label client-auth)
 printf '%s\n' "$jwks" > "$work/jwks.json"
 printf '%s\n' "$jwks"
 
-step "keybound dev-server --port 0 --client-id 0oa-keybound-dev --jwks jwks.json &"
-"$keybound" dev-server --port 0 --client-id 0oa-keybound-dev --jwks "$work/jwks.json" \
+step "keybound-devserver --port 0 --client-id 0oa-keybound-dev --jwks jwks.json &"
+"$devserver" --port 0 --client-id 0oa-keybound-dev --jwks "$work/jwks.json" \
   >"$work/server.out" 2>"$work/server.log" &
 server_pid=$!
 base=

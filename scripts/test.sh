@@ -19,10 +19,11 @@ fi
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets --locked -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
+# The workspace: keybound (the product, at the root) and crates/keybound-devserver.
+step "cargo clippy --workspace --all-targets --locked -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "cargo test --locked"
-cargo test --locked
+step "cargo test --workspace --locked"
+cargo test --workspace --locked
 
 step "All checks passed"

@@ -972,13 +972,9 @@ async fn run_serves_until_shutdown_and_refuses_bad_settings() {
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(keybound_devserver::run(
-        listener,
-        settings.clone(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let server = tokio::spawn(keybound_devserver::run(listener, settings.clone(), async {
+        let _ = stopped.await;
+    }));
     let keys = get_json(&http(), &format!("{base}/oauth2/v1/keys")).await;
     assert_eq!(keys["keys"][0]["kid"], thumbprint(&keys["keys"][0]));
     stop.send(()).expect("server still running");

@@ -56,10 +56,11 @@ impl Background {
                     let serving = tokio::spawn(server.serve(std::future::pending()));
                     tokio::select! {
                         _ = stopped => {}
-                        ended = serving => match ended {
-                            Ok(Err(e)) => tracing::error!("the dev-server stopped: {e}"),
-                            Ok(Ok(())) | Err(_) => {}
-                        },
+                        ended = serving => {
+                            if let Ok(Err(e)) = ended {
+                                tracing::error!("the dev-server stopped: {e}");
+                            }
+                        }
                     }
                 });
             })
@@ -111,4 +112,67 @@ async fn bind_and_load(port: u16, settings: Settings) -> Result<DevServer, DevSe
         .await
         .map_err(|source| DevServerError::Bind { port, source })?;
     DevServer::new(listener, settings).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::JwksSource;
+
+    /// An RFC 7517 Appendix A.1 public key.
+    const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","x":"MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4","y":"4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM","kid":"1"}]}"#;
+
+    fn settings(dir: &tempfile::TempDir) -> Settings {
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, JWKS).unwrap();
+        Settings::new("0oa-background", JwksSource::File(path))
+    }
+
+    // A plain #[test]: the caller is not async, and Background needs no runtime of its own.
+    #[test]
+    fn serves_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Background::start(0, settings(&dir)).unwrap();
+        assert!(
+            server.base().starts_with("http://127.0.0.1:"),
+            "{}",
+            server.base()
+        );
+        assert_eq!(
+            server.endpoints().jwks,
+            format!("{}/oauth2/v1/keys", server.base())
+        );
+        let jwks = server.endpoints().jwks.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let get = |url: String| {
+            runtime.block_on(async move {
+                let http = reqwest::Client::builder().no_proxy().build().unwrap();
+                http.get(url).send().await.map(|r| r.status().as_u16())
+            })
+        };
+        assert_eq!(get(jwks.clone()).unwrap(), 200);
+        drop(server);
+        assert!(get(jwks).is_err(), "nothing listens after the drop");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn refusals_come_back_from_start_inside_a_runtime_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = Settings {
+            client_id: " ".into(),
+            ..settings(&dir)
+        };
+        assert!(matches!(
+            Background::start(0, empty),
+            Err(DevServerError::EmptyClientId)
+        ));
+        let missing = Settings::new("c", JwksSource::File(dir.path().join("missing.json")));
+        let err = Background::start(0, missing).err().unwrap();
+        assert!(matches!(err, DevServerError::JwksRead { .. }), "{err}");
+        // And one that starts is stopped by a drop inside the runtime without a panic.
+        drop(Background::start(0, settings(&dir)).unwrap());
+    }
 }

@@ -15,8 +15,8 @@
 
 mod access_token;
 mod api;
-mod background;
 mod assertion;
+mod background;
 mod client_keys;
 mod dpop;
 mod nonce;
