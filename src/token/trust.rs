@@ -153,6 +153,22 @@ fn kind(meta: &Metadata) -> &'static str {
     }
 }
 
+/// `[token]` paths must be absolute: a relative one would follow the working directory,
+/// which whoever starts keybound chooses. The error names the key.
+pub fn absolute_paths(paths: &[(&str, Option<&Path>)]) -> Result<(), String> {
+    for (key, path) in paths {
+        if let Some(path) = path
+            && !path.is_absolute()
+        {
+            return Err(format!(
+                "token.{key}: must be an absolute path, not '{}'",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
