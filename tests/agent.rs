@@ -2339,6 +2339,40 @@ async fn socket_mode_0666_lets_a_ruled_uid_in() {
     .assert_closed();
 }
 
+/// F7 (review): the agent never widens a directory it shares with other files (a user's
+/// runtime directory guards other sockets), and a second agent refused as `Live` changes
+/// nothing of the running one's directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_directories_are_never_widened() {
+    let (token, _) = token_with_keys(&[("dpop", "ES256")]);
+    token.write_config(&config_text(
+        "",
+        &format!(
+            "socket_mode = \"0666\"\n{}{}",
+            allow_uid(own_uid(), ""),
+            allow_uid(NOBODY, "keys = [\"dpop\"]")
+        ),
+    ));
+    // A directory the agent did not create, holding another program's socket.
+    let dir = SocketDir::new();
+    std::fs::create_dir(dir.run_dir()).expect("mkdir run");
+    chmod(&dir.run_dir(), 0o700);
+    let other = std::os::unix::net::UnixListener::bind(dir.run_dir().join("other.sock"))
+        .expect("bind another program's socket");
+    assert_serve_refuses(&token, &dir, &["holds other files", "does not widen"]);
+    assert_eq!(mode_and_owner(&dir.run_dir()), (0o700, own_uid()));
+    drop(other);
+
+    // The agent's own directory: a second agent is refused and leaves it as it was.
+    let dir = SocketDir::new();
+    chmod(dir.root(), 0o711);
+    let agent = Agent::start(&token, &dir.socket());
+    assert_eq!(mode_and_owner(&dir.run_dir()), (0o711, own_uid()));
+    assert_serve_refuses(&token, &dir, &["another keybound agent is listening"]);
+    assert_eq!(mode_and_owner(&dir.run_dir()), (0o711, own_uid()));
+    assert_eq!(mode_and_owner(agent.socket()), (0o666, own_uid()));
+}
+
 /// F7: with socket_mode 0660 and socket_group, members of the group reach the socket
 /// (and their rule decides); others cannot connect at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
