@@ -1957,6 +1957,23 @@ async fn silent_connections_from_an_unruled_uid_do_not_starve_healthz() {
     healthz_is_served(&agent, "by silent connections from uid 65534").await;
     silent.wait_for(&format!("closed {SILENT}"));
     healthz_is_served(&agent, "after the silent connections").await;
+    // Every refusal is counted; the log gets a line at 1, 2, 4, 8, 16 refusals only.
+    let metrics = Conn::open(agent.socket())
+        .await
+        .get("/metrics")
+        .await
+        .text();
+    assert_eq!(
+        metric(
+            &metrics,
+            "keybound_refused_connections_total",
+            &[("reason", "no_rule")]
+        ),
+        Some(SILENT as f64),
+        "{metrics}"
+    );
+    let lines = agent.log().matches("refused caller").count();
+    assert_eq!(lines, 5, "{}", agent.log());
 }
 
 /// F3: a uid a rule names gets at most max_connections_per_uid connections; the rest are
@@ -2165,6 +2182,17 @@ async fn many_names_for_one_key_cache_one_entry_and_an_over_long_name_is_400() {
         conn.get("/healthz").await.ok("GET /healthz")["cached_keys"],
         1
     );
+    // Nor does each name cost a device lookup: the key was proven once for the JWKS and
+    // once when first named, never again per name.
+    let proofs = metric(
+        &metrics,
+        "keybound_possession_proofs_total",
+        &[("key", "dpop"), ("outcome", "ok")],
+    );
+    assert!(
+        proofs.is_some_and(|n| n <= 2.0),
+        "{NAMES} names of one key, proofs of possession: {proofs:?}\n{metrics}"
+    );
 
     let long = format!("pkcs11:object=dpop;manufacturer={}", "m".repeat(10_000));
     conn.post(
@@ -2220,6 +2248,10 @@ async fn htu_prefixes_match_origins_exactly_and_paths_by_segment() {
         "http://example.okta.com/oauth2/v1/token",
         "https://api.example/v10/users",
         "https://api.example/",
+        // An encoded separator is one segment here and two at a server that decodes it.
+        "https://api.example/v1/..%2f..%2fadmin",
+        "https://api.example/v1/x%5C..%5C..%5Cadmin",
+        "https://api.example/v1/%2e%2e/admin",
     ] {
         conn.post("/v1/dpop", &dpop_request("dpop", "POST", htu))
             .await

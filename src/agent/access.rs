@@ -3,14 +3,16 @@
 //! The fields are private to this module, so a handler cannot go around the doors.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 
 use super::api::ApiError;
 use super::authz::Caller;
-use crate::keyring::{Keyring, SigningKey};
+use crate::keyring::{Inventory, Keyring, SigningKey};
 use crate::oauth::client::OAuthClient;
+use crate::token::KeyName;
 
 /// The longest key name accepted, in bytes: labels and `pkcs11:` URIs are far shorter.
 pub const MAX_KEY_NAME_BYTES: usize = 512;
@@ -18,12 +20,22 @@ pub const MAX_KEY_NAME_BYTES: usize = 512;
 /// More keys than a device holds in practice; past it the cache starts over.
 const MAX_CACHED_KEYS: usize = 64;
 
+/// How long one audit of every key (`/v1/jwks`, `/v1/keys`) answers further requests: each
+/// audit lists the device and signs a proof of possession per key.
+const INVENTORY_FRESH: Duration = Duration::from_secs(2);
+
 pub struct Access {
     keyring: Keyring,
     clients: HashMap<String, OAuthClient>,
     /// Keys already found and approved by the policy, one entry per key on the device
     /// (never per name a caller used: see `cached`), at most `MAX_CACHED_KEYS`.
     keys: Mutex<Vec<SigningKey>>,
+    /// Device lookups and approvals (each signs a proof of possession) run one at a time,
+    /// outside the signing queue: callers cannot make the device sign without bound by
+    /// naming keys or asking for the JWKS.
+    lookups: tokio::sync::Semaphore,
+    /// The last audit of every key, and when it was made.
+    inventory: Mutex<Option<(Instant, Arc<Inventory>)>>,
 }
 
 impl Access {
@@ -35,7 +47,37 @@ impl Access {
                 .map(|c| (c.config().name.clone(), c))
                 .collect(),
             keys: Mutex::new(Vec::new()),
+            lookups: tokio::sync::Semaphore::new(1),
+            inventory: Mutex::new(None),
         }
+    }
+
+    /// Every key audited (policy and proof of possession) and the unusable objects. One
+    /// audit at a time, and one answers all requests for [`INVENTORY_FRESH`].
+    pub async fn inventory(&self, _caller: &Caller) -> Result<Arc<Inventory>, ApiError> {
+        let fresh = || {
+            self.inventory
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .filter(|(at, _)| at.elapsed() < INVENTORY_FRESH)
+                .map(|(_, inv)| inv.clone())
+        };
+        if let Some(inv) = fresh() {
+            return Ok(inv);
+        }
+        let _one = self.lookups.acquire().await;
+        // Another request may have made one while this one waited.
+        if let Some(inv) = fresh() {
+            return Ok(inv);
+        }
+        let keyring = self.keyring.clone();
+        let inv = Arc::new(tokio::task::spawn_blocking(move || keyring.inventory()).await??);
+        *self
+            .inventory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), inv.clone()));
+        Ok(inv)
     }
 
     /// A client the caller's rule allows, by name.
@@ -81,6 +123,7 @@ impl Access {
         let key = match self.cached(name) {
             Some(k) => k,
             None => {
+                let _one = self.lookups.acquire().await;
                 let keyring = self.keyring.clone();
                 let owned = name.to_string();
                 // Finding a key and reading its attributes are blocking device calls.
@@ -99,21 +142,35 @@ impl Access {
         &self.keyring
     }
 
-    /// The clients, for their counters in `/metrics`.
-    pub fn clients(&self, _caller: &Caller) -> impl Iterator<Item = (&String, &OAuthClient)> {
-        self.clients.iter()
+    /// The clients the caller's rule allows, for their counters in `/metrics`: a caller
+    /// limited to some clients does not learn the others' names.
+    pub fn clients<'a>(
+        &'a self,
+        caller: &'a Caller,
+    ) -> impl Iterator<Item = (&'a String, &'a OAuthClient)> + 'a {
+        self.clients
+            .iter()
+            .filter(|(name, _)| caller.check_client(name).is_ok())
     }
 
-    /// A cached key for a plain label. A `pkcs11:` URI is found on the device each time
-    /// (its attributes are many and free-form: caching by its text let callers fill the
-    /// memory with names of one key), then lands on its key's one entry.
+    /// The cached key a name means: a label, or a `pkcs11:` URI matched against each
+    /// cached key's label and id (never cached by its text: its attributes are many and
+    /// free-form, and caching by text let callers fill the memory with names of one key).
     fn cached(&self, name: &str) -> Option<SigningKey> {
-        if name.starts_with("pkcs11:") {
-            return None;
-        }
+        let uri = match name.starts_with("pkcs11:") {
+            true => {
+                let uri = KeyName::parse(name).ok()?;
+                uri.check_token(&self.keyring.describe().token_label).ok()?;
+                Some(uri)
+            }
+            false => None,
+        };
         let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut labelled = keys.iter().filter(|k| k.label() == name);
-        match (labelled.next(), labelled.next()) {
+        let mut named = keys.iter().filter(|k| match &uri {
+            Some(uri) => uri.matches(k.label(), k.info().id()),
+            None => k.label() == name,
+        });
+        match (named.next(), named.next()) {
             (Some(k), None) => Some(k.clone()),
             // Two keys with one label: let the device lookup say what is ambiguous.
             _ => None,

@@ -199,7 +199,8 @@ impl From<TokenError> for ApiError {
             TokenError::BadKeyName { .. }
             | TokenError::OtherToken { .. }
             | TokenError::Ambiguous { .. } => ApiError::bad(message),
-            TokenError::Unusable { .. } => {
+            // A malformed or duplicated object: no retry will fix it.
+            TokenError::Unusable { .. } | TokenError::BadPublicKey { .. } => {
                 ApiError::new(StatusCode::FORBIDDEN, "policy_refused", message)
             }
             TokenError::AlgUnavailable { .. } | TokenError::Jose(_) => {
@@ -530,9 +531,8 @@ async fn token_handler(
 async fn audited(
     agent: &Arc<Agent>,
     caller: &Caller,
-) -> Result<crate::keyring::Inventory, ApiError> {
-    let keyring = agent.access.device(caller).clone();
-    Ok(tokio::task::spawn_blocking(move || keyring.inventory()).await??)
+) -> Result<Arc<crate::keyring::Inventory>, ApiError> {
+    agent.access.inventory(caller).await
 }
 
 async fn jwks_handler(

@@ -27,11 +27,30 @@ pub struct Metrics {
     buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_micros: AtomicU64,
+    /// Connections closed at accept: no rule names the peer, or its uid is at its cap.
+    refused_no_rule: AtomicU64,
+    refused_per_uid_cap: AtomicU64,
     /// key → outcome → count of the challenges signed to approve a key.
     possession: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
 }
 
+/// Why a connection was closed as soon as it was accepted.
+#[derive(Clone, Copy, Debug)]
+pub enum Refusal {
+    NoRule,
+    PerUidCap,
+}
+
 impl Metrics {
+    /// Counts a refused connection; returns how many of its kind so far.
+    pub fn refused(&self, why: Refusal) -> u64 {
+        let counter = match why {
+            Refusal::NoRule => &self.refused_no_rule,
+            Refusal::PerUidCap => &self.refused_per_uid_cap,
+        };
+        counter.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     pub fn possession_proof(&self, key: &str, outcome: &'static str) {
         let mut proofs = self
             .possession
@@ -147,6 +166,22 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
         &mut out,
     );
     let _ = writeln!(out, "keybound_sign_queue_depth {}", agent.queue_depth());
+    head(
+        "keybound_refused_connections_total",
+        "counter",
+        "Connections closed as soon as they were accepted, by reason.",
+        &mut out,
+    );
+    for (reason, counter) in [
+        ("no_rule", &m.refused_no_rule),
+        ("per_uid_cap", &m.refused_per_uid_cap),
+    ] {
+        let _ = writeln!(
+            out,
+            "keybound_refused_connections_total{{reason=\"{reason}\"}} {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
     head(
         "keybound_cached_keys",
         "gauge",
