@@ -192,12 +192,14 @@ impl Access {
         keys.push(key.clone());
     }
 
-    /// Drops every cached key (one was deleted or replaced on the device).
+    /// Drops every cached key and the last audit (a key was deleted or replaced on the
+    /// device).
     pub fn forget_keys(&self) {
         self.keys
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+        *self.inventory.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 
     /// Keys in the cache (for `/healthz` and `/metrics`).
