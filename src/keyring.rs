@@ -427,8 +427,11 @@ impl SigningKey {
                 reasons: format!(
                     "it was replaced on the device after keybound approved it (kid {} is now \
                      kid {}), and keybound does not sign with a key other than the one it \
-                     approved; if the replacement is meant, name the key again or restart \
-                     keybound, which audits it afresh",
+                     approved, so this signature is refused. The approved key is forgotten: \
+                     the next request that names it audits whatever key then has that name \
+                     afresh (policy and proof of possession), exactly as a restart would. An \
+                     imported replacement is refused by the policy; a key newly generated on \
+                     the device under that name is approved (a rotation)",
                     self.kid,
                     found.public().thumbprint()
                 ),
