@@ -587,6 +587,12 @@ fn an_untrusted_key_store_is_refused() {
     chmod(&state, 0o700);
     let out = home.run_ok(&["keys", "list"]);
     assert!(out.contains('k') && !out.contains("new"), "{out}");
+
+    // No key directory yet: an open state directory is refused all the same.
+    fs::remove_dir_all(state.join("keys")).expect("remove keys/");
+    chmod(&state, 0o777);
+    let (_, err) = home.run_fail(&["keys", "list"], 1);
+    assert!(err.contains("mode 777"), "{err}");
 }
 
 // ---------------------------------------------------------------------------

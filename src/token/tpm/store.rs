@@ -95,6 +95,12 @@ impl Store {
         let mut damaged = Vec::new();
         let real = match fs::symlink_metadata(&self.dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // No keys yet; a state directory others can write is refused all the same.
+                if let Some(state) = self.dir.parent()
+                    && fs::symlink_metadata(state).is_ok()
+                {
+                    trust::check_dir(state).map_err(|reason| self.untrusted(state, reason))?;
+                }
                 return Ok((Vec::new(), damaged));
             }
             _ => self.trusted_dir()?,
@@ -122,15 +128,17 @@ impl Store {
     /// The key directory, resolved, when it and every directory above it pass
     /// `trust::check_dir`.
     fn trusted_dir(&self) -> Result<PathBuf, TokenError> {
-        trust::check_dir(&self.dir).map_err(|reason| {
-            self.error(
-                &self.dir,
-                format!(
-                    "{reason}. keybound does not use TPM keys from a directory another user \
-                     can write: they could plant a key of theirs there"
-                ),
-            )
-        })
+        trust::check_dir(&self.dir).map_err(|reason| self.untrusted(&self.dir, reason))
+    }
+
+    fn untrusted(&self, dir: &Path, reason: String) -> TokenError {
+        self.error(
+            dir,
+            format!(
+                "{reason}. keybound does not use TPM keys from a directory another user can \
+                 write: they could plant a key of theirs there"
+            ),
+        )
     }
 
     /// Writes a new key file; fails if the label is taken (atomically: no two writers can
