@@ -343,6 +343,26 @@ fn pin_file_in_directory_others_can_write_is_refused() {
     token.run_ok(&["keys", "list"]);
 }
 
+/// A symbolic link in the middle of the path is resolved: the directories checked are the
+/// ones the opened file is really in (and the resolved path must still be the opened file).
+#[test]
+fn pin_file_behind_a_symlinked_directory_is_checked_where_it_is() {
+    let token = DevToken::new();
+    let real = token.path("real");
+    fs::create_dir(&real).unwrap();
+    chmod(&real, 0o700);
+    let pin = real.join("pin");
+    fs::write(&pin, support::USER_PIN).unwrap();
+    chmod(&pin, 0o600);
+    let link = token.path("via");
+    symlink(&real, &link).unwrap();
+    with_pin_file(&token, &link.join("pin"));
+    token.run_ok(&["keys", "list"]);
+    chmod(&real, 0o777);
+    let line = token.run_err(&["keys", "list"]);
+    assert_mentions(&line, &[real.to_str().unwrap(), "mode 777", "chmod go-w"]);
+}
+
 #[test]
 fn pin_file_readable_by_group_is_refused() {
     let token = DevToken::new();
