@@ -78,7 +78,7 @@ impl Config {
         };
         let (mut file, meta) = trust::open_regular(&path, false).map_err(read_err)?;
         trust::check_file(&path, &meta, Owners::UserOrRoot).map_err(unsafe_err)?;
-        trust::check_dirs(&path).map_err(unsafe_err)?;
+        trust::check_dirs_of(&path, &meta).map_err(unsafe_err)?;
         let mut text = String::new();
         file.read_to_string(&mut text)
             .map_err(|e| read_err(e.to_string()))?;
