@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::http::StatusCode;
 
@@ -20,10 +20,6 @@ pub const MAX_KEY_NAME_BYTES: usize = 512;
 /// More keys than a device holds in practice; past it the cache starts over.
 const MAX_CACHED_KEYS: usize = 64;
 
-/// How long one audit of every key (`/v1/jwks`, `/v1/keys`) answers further requests: each
-/// audit lists the device and signs a proof of possession per key.
-const INVENTORY_FRESH: Duration = Duration::from_secs(2);
-
 pub struct Access {
     keyring: Keyring,
     clients: HashMap<String, OAuthClient>,
@@ -34,7 +30,7 @@ pub struct Access {
     /// outside the signing queue: callers cannot make the device sign without bound by
     /// naming keys or asking for the JWKS.
     lookups: tokio::sync::Semaphore,
-    /// The last audit of every key, and when it was made.
+    /// The last audit of every key, and when it started.
     inventory: Mutex<Option<(Instant, Arc<Inventory>)>>,
 }
 
@@ -53,30 +49,28 @@ impl Access {
     }
 
     /// Every key audited (policy and proof of possession) and the unusable objects. One
-    /// audit at a time, and one answers all requests for [`INVENTORY_FRESH`].
+    /// audit at a time; requests that arrive while one runs share the next one, which
+    /// starts after they arrived (single flight: never older than the request, and a flood
+    /// of requests costs the device one audit at a time, not one each).
     pub async fn inventory(&self, _caller: &Caller) -> Result<Arc<Inventory>, ApiError> {
-        let fresh = || {
-            self.inventory
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .as_ref()
-                .filter(|(at, _)| at.elapsed() < INVENTORY_FRESH)
-                .map(|(_, inv)| inv.clone())
-        };
-        if let Some(inv) = fresh() {
-            return Ok(inv);
-        }
+        let asked = Instant::now();
         let _one = self.lookups.acquire().await;
-        // Another request may have made one while this one waited.
-        if let Some(inv) = fresh() {
-            return Ok(inv);
+        if let Some((started, inv)) = self
+            .inventory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            && *started >= asked
+        {
+            return Ok(inv.clone());
         }
+        let started = Instant::now();
         let keyring = self.keyring.clone();
         let inv = Arc::new(tokio::task::spawn_blocking(move || keyring.inventory()).await??);
         *self
             .inventory
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), inv.clone()));
+            .unwrap_or_else(PoisonError::into_inner) = Some((started, inv.clone()));
         Ok(inv)
     }
 
@@ -199,7 +193,10 @@ impl Access {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
-        *self.inventory.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *self
+            .inventory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
     }
 
     /// Keys in the cache (for `/healthz` and `/metrics`).
