@@ -141,4 +141,33 @@ mod tests {
         assert_eq!(open.failures, 1);
         assert!(open.retry_in > Duration::from_secs(50));
     }
+
+    /// A half-open probe whose future is dropped (the caller timed out, the connection
+    /// closed) reports nothing: the half-open slot must be free again, not taken forever.
+    #[test]
+    fn a_dropped_probe_frees_the_half_open_slot() {
+        use std::future::Future as _;
+        use std::task::{Context, Waker};
+
+        let b = Breaker::new(1, Duration::ZERO);
+        b.failure("timeout");
+        {
+            let probe = async {
+                let _admitted = b.admit().unwrap();
+                std::future::pending::<()>().await;
+            };
+            let mut probe = std::pin::pin!(probe);
+            // Polled once: admitted, now waiting on the server; then dropped.
+            assert!(
+                probe
+                    .as_mut()
+                    .poll(&mut Context::from_waker(Waker::noop()))
+                    .is_pending()
+            );
+        }
+        assert!(
+            b.admit().is_ok(),
+            "the breaker refuses forever after a dropped probe"
+        );
+    }
 }
