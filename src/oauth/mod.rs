@@ -6,21 +6,28 @@ pub mod api;
 pub mod assertion;
 pub mod cache;
 pub mod client;
+mod discovery;
 pub mod dpop;
 pub mod http;
+pub mod nonce;
+pub mod observe;
 pub mod resilience;
 pub mod response;
+mod retry;
 pub mod secret;
 pub mod server;
 pub mod settings;
 pub mod state;
+mod token_endpoint;
+pub mod transport;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use self::http::TransportError;
 use self::state::{ClockNote, TOLERATED_SKEW_SECS};
+use self::transport::TransportError;
+use crate::error::ErrorKind;
 use crate::jose::{self, Header, JoseError};
 use crate::keyring::{KeyError, SigningKey};
 use crate::token::TokenError;
@@ -54,8 +61,38 @@ pub enum OAuthError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Transport(#[from] TransportError),
-    #[error("{0}")]
-    Config(String),
+    #[error("client '{client}' has neither token_endpoint nor issuer: set one of them")]
+    NoEndpoint { client: String },
+    #[error("client '{client}' has dpop = \"off\": it has no DPoP key to sign a proof with")]
+    DpopOff { client: String },
+    #[error(
+        "client '{client}': key '{key}' is {alg}, which {server} does not accept for client assertions (accepted: {accepted})"
+    )]
+    AssertionAlg {
+        client: String,
+        key: String,
+        alg: String,
+        server: &'static str,
+        accepted: String,
+    },
+    #[error(
+        "client '{client}': the DPoP key and the assertion key are the same key (kid {kid}); {server} requires two keys"
+    )]
+    SameKey {
+        client: String,
+        kid: String,
+        server: &'static str,
+    },
+    #[error("cannot build the request to {url}: {reason}")]
+    Request { url: String, reason: String },
+    #[error("{url} {reason}; set token_endpoint")]
+    Metadata { url: String, reason: String },
+    #[error("cannot discover the token endpoint of {issuer}: {last}; set token_endpoint")]
+    Discovery { issuer: String, last: String },
+    #[error("the next link '{link}' is not a URL: {reason}")]
+    BadLink { link: String, reason: String },
+    #[error("{what} stopped before it finished: {reason}")]
+    Stopped { what: &'static str, reason: String },
     #[error("{url} answered HTTP {status}: {error}{}{}",
         .description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default(),
         server_advice(.error, .description.as_deref(), .clock.as_ref()))]
@@ -164,6 +201,44 @@ pub async fn sign_async<C: Serialize>(
 }
 
 impl OAuthError {
+    /// What kind of failure this is (see [`ErrorKind`]); errors of the layers below keep
+    /// their own kind.
+    pub fn kind(&self) -> ErrorKind {
+        use OAuthError as E;
+        match self {
+            E::BadUrl { .. }
+            | E::BadLifetime { .. }
+            | E::BadMethod(_)
+            | E::Empty { .. }
+            | E::NoEndpoint { .. }
+            | E::DpopOff { .. }
+            | E::AssertionAlg { .. }
+            | E::SameKey { .. }
+            | E::Request { .. }
+            | E::Jose(_) => ErrorKind::Configuration,
+            E::Rng(_) | E::Token(_) | E::Key(KeyError::Token(_)) => ErrorKind::Device,
+            E::Key(KeyError::Policy(_))
+            | E::Downgrade { .. }
+            | E::ScopeGuard { .. }
+            | E::CrossOriginLink { .. }
+            | E::ForeignOrigin { .. } => ErrorKind::Refused,
+            E::Server { .. } => ErrorKind::Authentication,
+            E::BreakerOpen { .. }
+            | E::Exhausted { .. }
+            | E::RetryTooLate { .. }
+            | E::Stopped { .. } => ErrorKind::Transient,
+            E::Transport(_) | E::Status { .. } if self.retryable() => ErrorKind::Transient,
+            E::Transport(_)
+            | E::Status { .. }
+            | E::Parse { .. }
+            | E::Redirected { .. }
+            | E::NonceLoop { .. }
+            | E::Metadata { .. }
+            | E::Discovery { .. }
+            | E::BadLink { .. } => ErrorKind::Upstream,
+        }
+    }
+
     /// The key is no longer on the device under the id it was approved with (deleted, or
     /// rotated under the same name): worth looking it up again by name.
     pub fn key_gone(&self) -> bool {

@@ -60,11 +60,16 @@ impl Breaker {
         }
     }
 
-    /// May a request go out now?
-    pub fn admit(&self) -> Result<(), Open> {
+    /// May a request go out now? The answer is an [`Admission`] to report the outcome
+    /// through; dropped without one (the request's future was cancelled), a half-open
+    /// probe frees its slot, so the next request probes instead of being refused forever.
+    pub fn admit(&self) -> Result<Admission<'_>, Open> {
         let mut s = self.lock();
         let Some(until) = s.open_until else {
-            return Ok(());
+            return Ok(Admission {
+                breaker: self,
+                probe: false,
+            });
         };
         let now = Instant::now();
         if now < until || s.probing {
@@ -75,14 +80,17 @@ impl Breaker {
             });
         }
         s.probing = true;
-        Ok(())
+        Ok(Admission {
+            breaker: self,
+            probe: true,
+        })
     }
 
-    pub fn success(&self) {
+    fn success(&self) {
         *self.lock() = State::default();
     }
 
-    pub fn failure(&self, what: &str) {
+    fn failure(&self, what: &str) {
         let mut s = self.lock();
         s.consecutive += 1;
         s.last = what.to_string();
@@ -107,6 +115,45 @@ impl Breaker {
     }
 }
 
+/// One admitted request. Its outcome is reported through it; a half-open probe dropped
+/// without an outcome (its future was cancelled) is a drop guard that frees the probe slot.
+#[must_use = "report the outcome, or drop it to release a half-open probe"]
+pub struct Admission<'a> {
+    breaker: &'a Breaker,
+    /// This request holds the half-open slot (`State::probing`) until it reports.
+    probe: bool,
+}
+
+impl Admission<'_> {
+    pub fn success(mut self) {
+        self.probe = false;
+        self.breaker.success();
+    }
+
+    pub fn failure(mut self, what: &str) {
+        self.probe = false;
+        self.breaker.failure(what);
+    }
+}
+
+impl std::fmt::Debug for Admission<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("probe", &self.probe)
+            .finish()
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            // Only one probe at a time, and it is this one: nobody else set the flag.
+            // The breaker stays open, its cool-down over: the next request probes.
+            self.breaker.lock().probing = false;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,11 +174,11 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Closed);
         b.failure("500");
         // Cool-down of zero: the next admit is the single probe.
-        assert!(b.admit().is_ok());
+        let probe = b.admit().unwrap();
         assert!(b.admit().is_err(), "only one probe while half-open");
-        b.failure("500 again");
-        assert!(b.admit().is_ok());
-        b.success();
+        probe.failure("500 again");
+        let probe = b.admit().unwrap();
+        probe.success();
         assert_eq!(b.state(), BreakerState::Closed);
         assert!(b.admit().is_ok());
 
