@@ -245,6 +245,46 @@ mod tests {
         assert_eq!(next_link(&h).as_deref(), Some("https://o.example/b"));
     }
 
+    /// A comma inside a quoted string or a `<…>` target is part of its element (RFC 9110
+    /// §5.6.1, RFC 8288 §3), and `rel` may list several relation types.
+    #[test]
+    fn links_with_commas_in_targets_and_quoted_params() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "link",
+            HeaderValue::from_static(
+                r#"<https://o.example/a?x=1,2>; rel="self", <https://o.example/b?x=3,4>; title="page, next"; rel="next""#,
+            ),
+        );
+        assert_eq!(next_link(&h).as_deref(), Some("https://o.example/b?x=3,4"));
+        let mut h = HeaderMap::new();
+        h.append(
+            "link",
+            HeaderValue::from_static(r#"<https://o.example/c>; title="x;rel=next", <https://o.example/d>; rel="prev next""#),
+        );
+        assert_eq!(next_link(&h).as_deref(), Some("https://o.example/d"));
+    }
+
+    /// Several challenges in one `WWW-Authenticate` value (RFC 9110 §11.6.1), quoted
+    /// commas in their parameters.
+    #[test]
+    fn several_challenges_in_one_header() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "www-authenticate",
+            HeaderValue::from_static(
+                r#"Bearer realm="api, v1", DPoP algs="ES256", error="use_dpop_nonce", error_description="nonce, please""#,
+            ),
+        );
+        let c = challenges(&h);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(c[0].scheme, "Bearer");
+        assert_eq!(c[0].error, None);
+        assert_eq!(c[1].scheme, "DPoP");
+        assert_eq!(c[1].error.as_deref(), Some("use_dpop_nonce"));
+        assert_eq!(c[1].error_description.as_deref(), Some("nonce, please"));
+    }
+
     #[test]
     fn retry_after_forms() {
         let mut h = HeaderMap::new();
