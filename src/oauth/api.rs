@@ -51,9 +51,8 @@ impl OAuthClient {
         loop {
             let token = self.token().await?;
             let Answer { response, clock } = self
-                .send_with_nonce(
-                    Role::ResourceServer,
-                    &origin,
+                .peer(Role::ResourceServer, &origin)
+                .send(
                     &mut budget,
                     &mut round_trips,
                     |nonce| self.api_request(request, &token, &origin, nonce),

@@ -13,9 +13,10 @@ use url::Url;
 
 use super::cache::{AccessToken, TokenCache};
 use super::http::HttpClient;
+use super::nonce::Peer;
 use super::observe::{NoObserver, UpstreamObserver};
 use super::resilience::{Breaker, BreakerState};
-use super::response::{TokenResponse, server_time};
+use super::response::TokenResponse;
 use super::secret::Secret;
 use super::settings::ClientConfig;
 use super::state::{Role, ServerState};
@@ -215,11 +216,19 @@ impl OAuthClient {
     /// Nonce and clock offset from a response, any response: 200s, refusals, 5xx. Returns
     /// the offset its `Date` shows, if it has one.
     pub fn observe(&self, origin: &str, role: Role, headers: &http::HeaderMap) -> Option<i64> {
-        if let Some(n) = headers.get("dpop-nonce").and_then(|v| v.to_str().ok()) {
-            self.state.set_nonce(role, origin, n);
+        self.state.observe(role, origin, headers)
+    }
+
+    /// This client's side of an exchange with the server at `origin` in `role`.
+    pub(super) fn peer<'a>(&'a self, role: Role, origin: &'a str) -> Peer<'a> {
+        Peer {
+            transport: &*self.transport,
+            state: &self.state,
+            observer: &*self.observer,
+            client: &self.config.name,
+            role,
+            origin,
         }
-        let server_now = server_time(headers)?;
-        Some(self.state.observe_clock(origin, server_now, unix_now()))
     }
 
     /// Token response checks: DPoP downgrade, scope guard.

@@ -31,9 +31,8 @@ impl OAuthClient {
         let dpop = self.dpop_key.is_some();
         let lifetime = self.config.assertion_lifetime;
         let Answer { response, clock } = self
-            .send_with_nonce(
-                Role::AuthorizationServer,
-                &origin,
+            .peer(Role::AuthorizationServer, &origin)
+            .send(
                 &mut Budget::default(),
                 round_trips,
                 |nonce| {
