@@ -1,5 +1,8 @@
 //! Prometheus text exposition (format 0.0.4), kept by hand: a few counters, gauges and one
-//! latency histogram do not need a metrics framework.
+//! latency histogram do not need a metrics framework. (`prometheus-client` writes
+//! OpenMetrics instead: a counter's `# TYPE` without `_total`, `# EOF`, another content
+//! type; the gauges read at scrape time would each need a custom collector.) The OAuth
+//! clients' counters come in through [`UpstreamObserver`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
