@@ -48,6 +48,8 @@ struct Upstream {
     fetch_ok: u64,
     fetch_failed: u64,
     fetch_micros: u64,
+    cache_hits: u64,
+    cache_misses: u64,
 }
 
 impl Metrics {
@@ -132,6 +134,16 @@ impl UpstreamObserver for Metrics {
                 u.fetch_failed += 1;
             }
             u.fetch_micros = u.fetch_micros.saturating_add(micros);
+        });
+    }
+
+    fn token_cache(&self, client: &str, hit: bool) {
+        self.upstream(client, |u| {
+            if hit {
+                u.cache_hits += 1;
+            } else {
+                u.cache_misses += 1;
+            }
         });
     }
 }
@@ -258,13 +270,14 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
         "Token cache lookups by result.",
         &mut out,
     );
-    for (name, c) in agent.access.clients(caller) {
+    for (name, _) in agent.access.clients(caller) {
+        let s = m.upstream_of(name);
         let _ = writeln!(
             out,
             "keybound_token_cache_total{{client=\"{0}\",result=\"hit\"}} {1}\nkeybound_token_cache_total{{client=\"{0}\",result=\"miss\"}} {2}",
             escape(name),
-            c.cache().hits.load(Ordering::Relaxed),
-            c.cache().misses.load(Ordering::Relaxed)
+            s.cache_hits,
+            s.cache_misses
         );
     }
     head(

@@ -172,15 +172,24 @@ impl OAuthClient {
     /// A token for `scopes`, which must lie inside `allowed_scopes`.
     pub async fn token_for(&self, scopes: &[String]) -> Result<Arc<AccessToken>, OAuthError> {
         self.scope_guard(scopes)?;
-        self.cache
-            .get(scopes, self.config.refresh_ahead, || async {
-                let started = Instant::now();
-                let result = self.fetch(scopes).await;
-                self.observer
-                    .token_fetch(&self.config.name, result.is_ok(), started.elapsed());
-                result
+        let lookup = self
+            .cache
+            .get(scopes, self.config.refresh_ahead, || {
+                // Called on a miss only, whatever the fetch then brings.
+                self.observer.token_cache(&self.config.name, false);
+                async {
+                    let started = Instant::now();
+                    let result = self.fetch(scopes).await;
+                    self.observer
+                        .token_fetch(&self.config.name, result.is_ok(), started.elapsed());
+                    result
+                }
             })
-            .await
+            .await?;
+        if lookup.hit {
+            self.observer.token_cache(&self.config.name, true);
+        }
+        Ok(lookup.token)
     }
 
     /// Forgets the cached token (an API said it is no longer valid).

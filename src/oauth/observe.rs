@@ -14,6 +14,8 @@ pub trait UpstreamObserver: Send + Sync {
     fn nonce_challenge(&self, _client: &str) {}
     /// A token fetch ended (retries included), and how long it took.
     fn token_fetch(&self, _client: &str, _ok: bool, _took: Duration) {}
+    /// A token asked of the cache: there and fresh (`hit`), or fetched.
+    fn token_cache(&self, _client: &str, _hit: bool) {}
 }
 
 /// Observes nothing: the CLI's one-shot commands have no metrics.
