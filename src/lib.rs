@@ -8,6 +8,7 @@ pub mod agent;
 pub mod bench;
 pub mod config;
 pub mod devserver;
+pub mod error;
 pub mod jose;
 pub mod keyring;
 pub mod oauth;

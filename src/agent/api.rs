@@ -246,7 +246,18 @@ impl From<OAuthError> for ApiError {
             OAuthError::BreakerOpen { retry_in_secs, .. } => {
                 ApiError::unavailable(message, retry_in_secs.max(1))
             }
-            OAuthError::Config(_) | OAuthError::Rng(_) | OAuthError::Jose(_) => {
+            // What `OAuthError::Config` was before it was split (issue #10): still a 500.
+            OAuthError::NoEndpoint { .. }
+            | OAuthError::DpopOff { .. }
+            | OAuthError::AssertionAlg { .. }
+            | OAuthError::SameKey { .. }
+            | OAuthError::Request { .. }
+            | OAuthError::Metadata { .. }
+            | OAuthError::Discovery { .. }
+            | OAuthError::BadLink { .. }
+            | OAuthError::Stopped { .. }
+            | OAuthError::Rng(_)
+            | OAuthError::Jose(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
             }
             _ => ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", message),

@@ -66,6 +66,16 @@ impl ServerState {
         offset
     }
 
+    /// Nonce and clock offset from a response, any response: 200s, refusals, 5xx. Returns
+    /// the offset its `Date` shows, if it has one.
+    pub fn observe(&self, role: Role, origin: &str, headers: &http::HeaderMap) -> Option<i64> {
+        if let Some(n) = headers.get("dpop-nonce").and_then(|v| v.to_str().ok()) {
+            self.set_nonce(role, origin, n);
+        }
+        let server_now = super::response::server_time(headers)?;
+        Some(self.observe_clock(origin, server_now, super::unix_now()))
+    }
+
     /// `iat` for a server: this machine's clock moved by the offset last measured to that
     /// server, so that `iat`/`exp` are right in the server's time whichever clock is wrong.
     /// `Date` truncates to the second and is stamped before the response travels, so the
