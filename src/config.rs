@@ -78,7 +78,7 @@ impl Config {
         };
         let (mut file, meta) = trust::open_regular(&path, false).map_err(read_err)?;
         trust::check_file(&path, &meta, Owners::UserOrRoot).map_err(unsafe_err)?;
-        trust::check_dirs(&path).map_err(unsafe_err)?;
+        trust::check_dirs_of(&path, &meta).map_err(unsafe_err)?;
         let mut text = String::new();
         file.read_to_string(&mut text)
             .map_err(|e| read_err(e.to_string()))?;
@@ -299,6 +299,13 @@ token_label = "t"
         assert!(e.starts_with("token.tcti: 'usb' is not a TCTI"), "{e}");
         let e = Config::parse(&format!("{tpm}rsa_bits = 1024\n")).unwrap_err();
         assert!(e.starts_with("token.rsa_bits"), "{e}");
+        for key in ["state_dir", "key_auth_file"] {
+            let e = Config::parse(&format!("{tpm}{key} = \"x/y\"\n")).unwrap_err();
+            assert_eq!(
+                e,
+                format!("token.{key}: must be an absolute path, not 'x/y'")
+            );
+        }
     }
 
     /// The commented `backend = "tpm"` block of the example, uncommented, is a valid

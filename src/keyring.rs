@@ -189,7 +189,10 @@ impl Keyring {
     }
 
     /// Every key audited, and the objects that are not usable keys. A key whose audit fails
-    /// on its own (not the device as a whole) becomes a problem; the others go on.
+    /// because of its objects (`TokenError::about_the_object`) becomes a problem and the
+    /// others go on; any other failure (the device busy, a lost session, a timeout) fails
+    /// the whole inventory, so a JWKS never silently leaves out a key that is only
+    /// unreachable for the moment.
     pub fn inventory(&self) -> Result<Inventory, TokenError> {
         let listing = self.backend.keys()?;
         let mut problems = listing.problems;
@@ -197,7 +200,7 @@ impl Keyring {
         for key in listing.keys {
             match self.audit(&key) {
                 Ok(audit) => audits.push(audit),
-                Err(e) if device_wide(&e) => return Err(e),
+                Err(e) if !e.about_the_object() => return Err(e),
                 Err(e) => problems.push(Problem {
                     label: key.label().to_string(),
                     id: key.id().to_vec(),
@@ -424,8 +427,11 @@ impl SigningKey {
                 reasons: format!(
                     "it was replaced on the device after keybound approved it (kid {} is now \
                      kid {}), and keybound does not sign with a key other than the one it \
-                     approved; if the replacement is meant, name the key again or restart \
-                     keybound, which audits it afresh",
+                     approved, so this signature is refused. The approved key is forgotten: \
+                     the next request that names it audits whatever key then has that name \
+                     afresh (policy and proof of possession), exactly as a restart would. An \
+                     imported replacement is refused by the policy; a key newly generated on \
+                     the device under that name is approved (a rotation)",
                     self.kid,
                     found.public().thumbprint()
                 ),
@@ -484,7 +490,9 @@ impl Keyring {
         let (signature, binding) = match answer {
             Ok((Proof::Signed(signature), binding)) => (signature, binding),
             Ok((Proof::LoadedByDevice, binding)) => return Ok(Ok(binding)),
-            Err(e) if device_wide(&e) => return Err(e),
+            // Only the key's own objects make a failing finding; the device failing for
+            // the moment fails the approval instead.
+            Err(e) if !e.about_the_object() => return Err(e),
             Err(e) => {
                 return Ok(Err(finding(format!(
                     "the device could not sign a challenge with the key ({e}), so keybound cannot \
@@ -547,17 +555,4 @@ impl WeakSigningKey {
             approval: self.approval,
         })
     }
-}
-
-/// Errors about the device as a whole, not about one key: they end a listing instead of
-/// becoming one key's finding.
-fn device_wide(e: &TokenError) -> bool {
-    matches!(
-        e,
-        TokenError::Unavailable { .. }
-            | TokenError::WorkersGone
-            | TokenError::PinIncorrect { .. }
-            | TokenError::PinLocked { .. }
-            | TokenError::Rng(_)
-    )
 }

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod bench;
 pub mod config;
+pub mod error;
 pub mod jose;
 pub mod keyring;
 pub mod oauth;

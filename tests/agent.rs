@@ -1954,6 +1954,23 @@ async fn silent_connections_from_an_unruled_uid_do_not_starve_healthz() {
     healthz_is_served(&agent, "by silent connections from uid 65534").await;
     silent.wait_for(&format!("closed {SILENT}"));
     healthz_is_served(&agent, "after the silent connections").await;
+    // Every refusal is counted; the log gets a line at 1, 2, 4, 8, 16 refusals only.
+    let metrics = Conn::open(agent.socket())
+        .await
+        .get("/metrics")
+        .await
+        .text();
+    assert_eq!(
+        metric(
+            &metrics,
+            "keybound_refused_connections_total",
+            &[("reason", "no_rule")]
+        ),
+        Some(SILENT as f64),
+        "{metrics}"
+    );
+    let lines = agent.log().matches("refused caller").count();
+    assert_eq!(lines, 5, "{}", agent.log());
 }
 
 /// F3: a uid a rule names gets at most max_connections_per_uid connections; the rest are
@@ -2162,6 +2179,17 @@ async fn many_names_for_one_key_cache_one_entry_and_an_over_long_name_is_400() {
         conn.get("/healthz").await.ok("GET /healthz")["cached_keys"],
         1
     );
+    // Nor does each name cost a device lookup: the key was proven once for the JWKS and
+    // once when first named, never again per name.
+    let proofs = metric(
+        &metrics,
+        "keybound_possession_proofs_total",
+        &[("key", "dpop"), ("outcome", "ok")],
+    );
+    assert!(
+        proofs.is_some_and(|n| n <= 2.0),
+        "{NAMES} names of one key, proofs of possession: {proofs:?}\n{metrics}"
+    );
 
     let long = format!("pkcs11:object=dpop;manufacturer={}", "m".repeat(10_000));
     conn.post(
@@ -2217,6 +2245,10 @@ async fn htu_prefixes_match_origins_exactly_and_paths_by_segment() {
         "http://example.okta.com/oauth2/v1/token",
         "https://api.example/v10/users",
         "https://api.example/",
+        // An encoded separator is one segment here and two at a server that decodes it.
+        "https://api.example/v1/..%2f..%2fadmin",
+        "https://api.example/v1/x%5C..%5C..%5Cadmin",
+        "https://api.example/v1/%2e%2e/admin",
     ] {
         conn.post("/v1/dpop", &dpop_request("dpop", "POST", htu))
             .await
@@ -2334,6 +2366,40 @@ async fn socket_mode_0666_lets_a_ruled_uid_in() {
         &dpop_request("dpop", "GET", "https://o.example/api"),
     )
     .assert_closed();
+}
+
+/// F7 (review): the agent never widens a directory it shares with other files (a user's
+/// runtime directory guards other sockets), and a second agent refused as `Live` changes
+/// nothing of the running one's directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_directories_are_never_widened() {
+    let (token, _) = token_with_keys(&[("dpop", "ES256")]);
+    token.write_config(&config_text(
+        "",
+        &format!(
+            "socket_mode = \"0666\"\n{}{}",
+            allow_uid(own_uid(), ""),
+            allow_uid(NOBODY, "keys = [\"dpop\"]")
+        ),
+    ));
+    // A directory the agent did not create, holding another program's socket.
+    let dir = SocketDir::new();
+    std::fs::create_dir(dir.run_dir()).expect("mkdir run");
+    chmod(&dir.run_dir(), 0o700);
+    let other = std::os::unix::net::UnixListener::bind(dir.run_dir().join("other.sock"))
+        .expect("bind another program's socket");
+    assert_serve_refuses(&token, &dir, &["holds other files", "does not widen"]);
+    assert_eq!(mode_and_owner(&dir.run_dir()), (0o700, own_uid()));
+    drop(other);
+
+    // The agent's own directory: a second agent is refused and leaves it as it was.
+    let dir = SocketDir::new();
+    chmod(dir.root(), 0o711);
+    let agent = Agent::start(&token, &dir.socket());
+    assert_eq!(mode_and_owner(&dir.run_dir()), (0o711, own_uid()));
+    assert_serve_refuses(&token, &dir, &["another keybound agent is listening"]);
+    assert_eq!(mode_and_owner(&dir.run_dir()), (0o711, own_uid()));
+    assert_eq!(mode_and_owner(agent.socket()), (0o666, own_uid()));
 }
 
 /// F7: with socket_mode 0660 and socket_group, members of the group reach the socket

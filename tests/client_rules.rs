@@ -8,6 +8,8 @@
 
 mod fake_server;
 mod support;
+#[cfg(feature = "tpm")]
+mod tpm_support;
 
 use std::collections::HashSet;
 use std::process::Output;
@@ -31,7 +33,9 @@ const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-be
 /// One test's world: a SoftHSM2 token with the `client-auth` and `dpop` ES256 keys, a
 /// `[[client]]` pointing at a [`FakeServer`], and the access token that server hands out.
 struct Rig {
-    hsm: Arc<DevToken>,
+    /// The SoftHSM2 token that `keybound` runs against; `None` for a client built in this
+    /// process (see `in_memory_nonce_challenge_is_answered_once_with_a_fresh_assertion`).
+    hsm: Option<Arc<DevToken>>,
     server: FakeServer,
     /// The `client-auth` entry of `keybound jwks`.
     assertion_jwk: Value,
@@ -63,7 +67,7 @@ impl Rig {
         .expect("set up the SoftHSM2 token");
         let rig = Rig {
             access_token: fake_access_token(&dpop_kid),
-            hsm: Arc::new(hsm),
+            hsm: Some(Arc::new(hsm)),
             server,
             assertion_jwk,
             dpop_kid,
@@ -102,7 +106,7 @@ impl Rig {
 
     /// Runs the real binary on a blocking thread, so the fake server keeps serving.
     async fn keybound(&self, args: &[&str]) -> Output {
-        let hsm = Arc::clone(&self.hsm);
+        let hsm = Arc::clone(self.hsm.as_ref().expect("a rig with a SoftHSM2 token"));
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         tokio::task::spawn_blocking(move || hsm.keybound(&args))
             .await
@@ -451,7 +455,12 @@ async fn as_nonce_challenge_is_answered_once_with_a_fresh_assertion() {
     let out = rig.keybound(&["token", "--json"]).await;
 
     rig.assert_token_json(&out);
-    let seen = rig.received();
+    assert_one_nonce_retry(&rig.received());
+}
+
+/// What rule 1 leaves on the server: the challenged request, then one retry with the
+/// nonce, a new assertion and a new proof.
+fn assert_one_nonce_retry(seen: &Received) {
     assert_eq!(seen.token.len(), 2, "challenge, then the retry");
     assert_nonce(&seen.token[0].proof, None);
     assert_nonce(&seen.token[1].proof, Some("n1"));
@@ -1049,4 +1058,74 @@ fn rs_proof(rig: &Rig, rs: &FakeServer, call: &Recorded) -> Jws {
         "ath"
     );
     proof
+}
+
+// ---------------------------------------------------------------------------
+// In memory: the engine behind keybound's Transport trait, without a socket
+// ---------------------------------------------------------------------------
+
+/// Rule 1 again, on a client built in this process (its keys in a swtpm) that reaches the
+/// fake server through the in-memory transport: the same engine, the same rules, every
+/// assertion and proof verified independently, and no socket or binary in between.
+#[cfg(feature = "tpm")]
+#[tokio::test(flavor = "multi_thread")]
+async fn in_memory_nonce_challenge_is_answered_once_with_a_fresh_assertion() {
+    use keybound::config::Config;
+    use keybound::keyring::Keyring;
+    use keybound::oauth::client::OAuthClient;
+
+    let server = FakeServer::in_memory();
+    let endpoint = server.url(TOKEN_PATH);
+    let (home, keyring, settings, assertion_jwk, dpop_kid) =
+        // Blocking (the binary, the device) on this thread: `TpmHome` holds a lock guard.
+        tokio::task::block_in_place(|| {
+            let home = tpm_support::TpmHome::in_process();
+            let jwk = |label: &str| {
+                let kid = home.generate(label, "ES256");
+                let doc: Value = serde_json::from_str(&home.run_ok(&["jwks", "--label", label]))
+                    .expect("jwks is JSON");
+                let keys = doc["keys"].as_array().expect("a keys array");
+                assert_eq!(keys.len(), 1, "{doc}");
+                assert_jwks_entry(&keys[0], "ES256");
+                assert_eq!(keys[0]["kid"], kid.as_str(), "jwks kid of {label}");
+                keys[0].clone()
+            };
+            let (assertion_jwk, dpop_jwk) = (jwk("client-auth"), jwk("dpop"));
+            // No child process from here on while the keyring lives (tpm_support).
+            let config = Config::parse(&home.config_text(&client_section(&endpoint, "")))
+                .expect("the test config");
+            let settings = config.client(None).expect("one client").clone();
+            let keyring =
+                Keyring::open(&config.token, config.policy, None).expect("open the swtpm");
+            (
+                home,
+                keyring,
+                settings,
+                assertion_jwk,
+                jwk_thumbprint(&dpop_jwk),
+            )
+        });
+    let rig = Rig {
+        hsm: None,
+        access_token: fake_access_token(&dpop_kid),
+        server,
+        assertion_jwk,
+        dpop_kid,
+    };
+    rig.server
+        .script(TOKEN_PATH, [as_nonce_challenge("n1"), rig.token_reply()]);
+    let client = tokio::task::block_in_place(|| OAuthClient::new(settings, &keyring))
+        .expect("the client's keys pass the policy")
+        .with_transport(rig.server.transport());
+
+    let token = client.token().await.expect("a token");
+
+    assert_eq!(token.secret.expose(), rig.access_token);
+    assert_eq!(token.token_type, "DPoP");
+    assert_eq!(token.scopes, [SCOPE]);
+    assert_eq!(token.round_trips, 2);
+    assert_one_nonce_retry(&rig.received());
+    // The device goes before its swtpm.
+    drop((client, keyring));
+    drop(home);
 }

@@ -30,6 +30,22 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// Whether `test`, which runs keybound as another uid (`setpriv`), can run: it needs root.
+/// Elsewhere it is skipped with a note; in CI (the environment variable CI is set) it fails
+/// instead, so CI can never pass by skipping it.
+fn root_or_skip(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root to run keybound as another uid (setpriv), and CI is set: run the \
+         tests as root in CI (they are never skipped there)"
+    );
+    eprintln!("SKIPPED {test}: needs root to run keybound as another uid (setpriv)");
+    false
+}
+
 /// A token whose config uses `module`.
 fn with_module(token: &DevToken, module: &str) {
     token.write_config(
@@ -327,6 +343,26 @@ fn pin_file_in_directory_others_can_write_is_refused() {
     token.run_ok(&["keys", "list"]);
 }
 
+/// A symbolic link in the middle of the path is resolved: the directories checked are the
+/// ones the opened file is really in (and the resolved path must still be the opened file).
+#[test]
+fn pin_file_behind_a_symlinked_directory_is_checked_where_it_is() {
+    let token = DevToken::new();
+    let real = token.path("real");
+    fs::create_dir(&real).unwrap();
+    chmod(&real, 0o700);
+    let pin = real.join("pin");
+    fs::write(&pin, support::USER_PIN).unwrap();
+    chmod(&pin, 0o600);
+    let link = token.path("via");
+    symlink(&real, &link).unwrap();
+    with_pin_file(&token, &link.join("pin"));
+    token.run_ok(&["keys", "list"]);
+    chmod(&real, 0o777);
+    let line = token.run_err(&["keys", "list"]);
+    assert_mentions(&line, &[real.to_str().unwrap(), "mode 777", "chmod go-w"]);
+}
+
 #[test]
 fn pin_file_readable_by_group_is_refused() {
     let token = DevToken::new();
@@ -398,11 +434,7 @@ impl Drop for Killed {
 /// which holds the PIN.
 #[test]
 fn keybound_is_not_dumpable_and_has_no_core_limit() {
-    if !is_root() {
-        eprintln!(
-            "SKIPPED keybound_is_not_dumpable_and_has_no_core_limit: needs root to run \
-             keybound as another uid (setpriv)"
-        );
+    if !root_or_skip("keybound_is_not_dumpable_and_has_no_core_limit") {
         return;
     }
     let agent = AgentAsNobody::start();
@@ -477,11 +509,7 @@ fn agent_status(socket: &Path, as_nobody: bool) -> Option<u16> {
 /// no rules, as the only uid it serves.
 #[test]
 fn non_dumpable_agent_of_another_uid_knows_its_own_uid() {
-    if !is_root() {
-        eprintln!(
-            "SKIPPED non_dumpable_agent_of_another_uid_knows_its_own_uid: needs root to run \
-             keybound as another uid (setpriv)"
-        );
+    if !root_or_skip("non_dumpable_agent_of_another_uid_knows_its_own_uid") {
         return;
     }
     let agent = AgentAsNobody::start();

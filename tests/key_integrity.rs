@@ -16,7 +16,9 @@ mod raw_support;
 mod support;
 
 use agent_support::*;
-use cryptoki::object::{Attribute, AttributeType};
+use std::collections::HashSet;
+
+use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
 use p256::elliptic_curve::rand_core::OsRng;
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use raw_support::*;
@@ -409,4 +411,50 @@ async fn agent_refuses_a_key_replaced_after_approval() {
         &want_proof(&other, "GET", "https://a.example/after"),
         window_end(start),
     );
+}
+
+/// F5's detection relies on the token never handing out an object handle again for a new
+/// object within one library session (C_Initialize to C_Finalize): a replaced key must come
+/// back under a handle keybound has not seen, so its signature fails with
+/// CKR_KEY_HANDLE_INVALID and the key is approved afresh. SoftHSM's handle manager counts
+/// handles up and never reuses one (src/lib/handle_mgr/HandleManager.cpp); this checks it
+/// on the installed SoftHSM, deleting and making keys under one label and CKA_ID, and public
+/// objects without the PIN, in one library session each.
+#[test]
+fn softhsm_never_reuses_an_object_handle_in_one_library_session() {
+    let token = DevToken::new();
+    let id = b"handle-reuse".to_vec();
+    fn fresh(seen: &mut HashSet<u64>, handles: &[ObjectHandle]) {
+        for h in handles {
+            assert!(
+                seen.insert(h.handle()),
+                "handle {} issued again",
+                h.handle()
+            );
+        }
+    }
+    with_session(&token, |s| {
+        let mut seen = HashSet::new();
+        for _ in 0..25 {
+            generate_p256(s, "k", &id);
+            let handles = objects_with_id(s, &id);
+            assert_eq!(handles.len(), 2);
+            fresh(&mut seen, &handles);
+            for h in handles {
+                s.destroy_object(h).expect("C_DestroyObject");
+            }
+        }
+    });
+    let point = p256_ec_point(&p256::SecretKey::random(&mut OsRng).public_key());
+    // Only handles within one library session are compared.
+    with_public_session(&token, |s| {
+        let mut seen = HashSet::new();
+        for _ in 0..25 {
+            create_p256_public(s, "k", &id, point.clone());
+            let handles = public_keys(s, &id);
+            assert_eq!(handles.len(), 1);
+            fresh(&mut seen, &handles);
+            s.destroy_object(handles[0]).expect("C_DestroyObject");
+        }
+    });
 }

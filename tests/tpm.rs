@@ -535,6 +535,72 @@ fn oauth_end_to_end_with_both_keys_in_the_tpm() {
     assert_eq!(transient_handles(&home.tpm), Vec::<String>::new());
 }
 
+/// The key store is trusted like the PIN file (review of issue #9): a key file another user
+/// owns or can write, or a state directory others can write, is refused by everything that
+/// reads the store (`keys list`, `jwks`, signing), with the file and the fix named. A key
+/// file planted there (for instance one made with tpm2-tools under the same storage key,
+/// which passes the policy and TPM2_Load) never becomes a published key.
+#[test]
+fn an_untrusted_key_store_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let home = TpmHome::new();
+    home.generate("k", "ES256");
+    let file = home.key_file("k");
+    let chmod = |p: &std::path::Path, mode: u32| {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    let sign = [
+        "assertion",
+        "--key",
+        "k",
+        "--client-id",
+        "c",
+        "--audience",
+        AUDIENCE,
+    ];
+    let refused_everywhere = |needles: &[&str]| {
+        for args in [&["keys", "list"][..], &["jwks"][..], &sign[..]] {
+            let out = home.keybound(args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} accepted it: {out:?}");
+            assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+            for needle in needles {
+                assert!(stderr.contains(needle), "{args:?}: {needle:?} in {stderr}");
+            }
+        }
+    };
+    let file_name = file.display().to_string();
+
+    chmod(&file, 0o666);
+    refused_everywhere(&[&file_name, "writable by group or others", "chmod go-w"]);
+    chmod(&file, 0o600);
+    home.run_ok(&["jwks"]);
+
+    // Giving a file away takes root (tests run as root in CI).
+    if rustix::process::geteuid().is_root() {
+        std::os::unix::fs::chown(&file, Some(65534), None).expect("chown 65534");
+        refused_everywhere(&[&file_name, "owned by uid 65534"]);
+        std::os::unix::fs::chown(&file, Some(0), None).expect("chown back");
+        home.run_ok(&["jwks"]);
+    }
+
+    let state = home.state_dir();
+    chmod(&state, 0o777);
+    refused_everywhere(&[&state.display().to_string(), "mode 777", "chmod go-w"]);
+    // Generating a key refuses it too, instead of writing into it with a warning.
+    let (_, err) = home.run_fail(&["keys", "generate", "--label", "new"], 1);
+    assert!(err.contains("mode 777"), "{err}");
+    chmod(&state, 0o700);
+    let out = home.run_ok(&["keys", "list"]);
+    assert!(out.contains('k') && !out.contains("new"), "{out}");
+
+    // No key directory yet: an open state directory is refused all the same.
+    fs::remove_dir_all(state.join("keys")).expect("remove keys/");
+    chmod(&state, 0o777);
+    let (_, err) = home.run_fail(&["keys", "list"], 1);
+    assert!(err.contains("mode 777"), "{err}");
+}
+
 // ---------------------------------------------------------------------------
 
 /// A key file replaced under its label while a keyring holds the key approved (issue #9

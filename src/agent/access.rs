@@ -3,14 +3,16 @@
 //! The fields are private to this module, so a handler cannot go around the doors.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use axum::http::StatusCode;
 
 use super::api::ApiError;
 use super::authz::Caller;
-use crate::keyring::{Keyring, SigningKey};
+use crate::keyring::{Inventory, Keyring, SigningKey};
 use crate::oauth::client::OAuthClient;
+use crate::token::KeyName;
 
 /// The longest key name accepted, in bytes: labels and `pkcs11:` URIs are far shorter.
 pub const MAX_KEY_NAME_BYTES: usize = 512;
@@ -24,6 +26,12 @@ pub struct Access {
     /// Keys already found and approved by the policy, one entry per key on the device
     /// (never per name a caller used: see `cached`), at most `MAX_CACHED_KEYS`.
     keys: Mutex<Vec<SigningKey>>,
+    /// Device lookups and approvals (each signs a proof of possession) run one at a time,
+    /// outside the signing queue: callers cannot make the device sign without bound by
+    /// naming keys or asking for the JWKS.
+    lookups: tokio::sync::Semaphore,
+    /// The last audit of every key, and when it started.
+    inventory: Mutex<Option<(Instant, Arc<Inventory>)>>,
 }
 
 impl Access {
@@ -35,7 +43,35 @@ impl Access {
                 .map(|c| (c.config().name.clone(), c))
                 .collect(),
             keys: Mutex::new(Vec::new()),
+            lookups: tokio::sync::Semaphore::new(1),
+            inventory: Mutex::new(None),
         }
+    }
+
+    /// Every key audited (policy and proof of possession) and the unusable objects. One
+    /// audit at a time; requests that arrive while one runs share the next one, which
+    /// starts after they arrived (single flight: never older than the request, and a flood
+    /// of requests costs the device one audit at a time, not one each).
+    pub async fn inventory(&self, _caller: &Caller) -> Result<Arc<Inventory>, ApiError> {
+        let asked = Instant::now();
+        let _one = self.lookups.acquire().await;
+        if let Some((started, inv)) = self
+            .inventory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            && *started >= asked
+        {
+            return Ok(inv.clone());
+        }
+        let started = Instant::now();
+        let keyring = self.keyring.clone();
+        let inv = Arc::new(tokio::task::spawn_blocking(move || keyring.inventory()).await??);
+        *self
+            .inventory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((started, inv.clone()));
+        Ok(inv)
     }
 
     /// A client the caller's rule allows, by name.
@@ -81,6 +117,7 @@ impl Access {
         let key = match self.cached(name) {
             Some(k) => k,
             None => {
+                let _one = self.lookups.acquire().await;
                 let keyring = self.keyring.clone();
                 let owned = name.to_string();
                 // Finding a key and reading its attributes are blocking device calls.
@@ -99,21 +136,35 @@ impl Access {
         &self.keyring
     }
 
-    /// The clients, for their counters in `/metrics`.
-    pub fn clients(&self, _caller: &Caller) -> impl Iterator<Item = (&String, &OAuthClient)> {
-        self.clients.iter()
+    /// The clients the caller's rule allows, for their counters in `/metrics`: a caller
+    /// limited to some clients does not learn the others' names.
+    pub fn clients<'a>(
+        &'a self,
+        caller: &'a Caller,
+    ) -> impl Iterator<Item = (&'a String, &'a OAuthClient)> + 'a {
+        self.clients
+            .iter()
+            .filter(|(name, _)| caller.check_client(name).is_ok())
     }
 
-    /// A cached key for a plain label. A `pkcs11:` URI is found on the device each time
-    /// (its attributes are many and free-form: caching by its text let callers fill the
-    /// memory with names of one key), then lands on its key's one entry.
+    /// The cached key a name means: a label, or a `pkcs11:` URI matched against each
+    /// cached key's label and id (never cached by its text: its attributes are many and
+    /// free-form, and caching by text let callers fill the memory with names of one key).
     fn cached(&self, name: &str) -> Option<SigningKey> {
-        if name.starts_with("pkcs11:") {
-            return None;
-        }
+        let uri = match name.starts_with("pkcs11:") {
+            true => {
+                let uri = KeyName::parse(name).ok()?;
+                uri.check_token(&self.keyring.describe().token_label).ok()?;
+                Some(uri)
+            }
+            false => None,
+        };
         let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut labelled = keys.iter().filter(|k| k.label() == name);
-        match (labelled.next(), labelled.next()) {
+        let mut named = keys.iter().filter(|k| match &uri {
+            Some(uri) => uri.matches(k.label(), k.info().id()),
+            None => k.label() == name,
+        });
+        match (named.next(), named.next()) {
             (Some(k), None) => Some(k.clone()),
             // Two keys with one label: let the device lookup say what is ambiguous.
             _ => None,
@@ -135,12 +186,17 @@ impl Access {
         keys.push(key.clone());
     }
 
-    /// Drops every cached key (one was deleted or replaced on the device).
+    /// Drops every cached key and the last audit (a key was deleted or replaced on the
+    /// device).
     pub fn forget_keys(&self) {
         self.keys
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+        *self
+            .inventory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
     }
 
     /// Keys in the cache (for `/healthz` and `/metrics`).

@@ -199,7 +199,8 @@ impl From<TokenError> for ApiError {
             TokenError::BadKeyName { .. }
             | TokenError::OtherToken { .. }
             | TokenError::Ambiguous { .. } => ApiError::bad(message),
-            TokenError::Unusable { .. } => {
+            // A malformed or duplicated object: no retry will fix it.
+            TokenError::Unusable { .. } | TokenError::BadPublicKey { .. } => {
                 ApiError::new(StatusCode::FORBIDDEN, "policy_refused", message)
             }
             TokenError::AlgUnavailable { .. } | TokenError::Jose(_) => {
@@ -245,7 +246,18 @@ impl From<OAuthError> for ApiError {
             OAuthError::BreakerOpen { retry_in_secs, .. } => {
                 ApiError::unavailable(message, retry_in_secs.max(1))
             }
-            OAuthError::Config(_) | OAuthError::Rng(_) | OAuthError::Jose(_) => {
+            // What `OAuthError::Config` was before it was split (issue #10): still a 500.
+            OAuthError::NoEndpoint { .. }
+            | OAuthError::DpopOff { .. }
+            | OAuthError::AssertionAlg { .. }
+            | OAuthError::SameKey { .. }
+            | OAuthError::Request { .. }
+            | OAuthError::Metadata { .. }
+            | OAuthError::Discovery { .. }
+            | OAuthError::BadLink { .. }
+            | OAuthError::Stopped { .. }
+            | OAuthError::Rng(_)
+            | OAuthError::Jose(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
             }
             _ => ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", message),
@@ -530,9 +542,8 @@ async fn token_handler(
 async fn audited(
     agent: &Arc<Agent>,
     caller: &Caller,
-) -> Result<crate::keyring::Inventory, ApiError> {
-    let keyring = agent.access.device(caller).clone();
-    Ok(tokio::task::spawn_blocking(move || keyring.inventory()).await??)
+) -> Result<Arc<crate::keyring::Inventory>, ApiError> {
+    agent.access.inventory(caller).await
 }
 
 async fn jwks_handler(

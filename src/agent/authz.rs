@@ -11,12 +11,38 @@ use url::Url;
 
 use crate::oauth::assertion::MAX_LIFETIME_SECS;
 
-/// The connecting process, from the socket's peer credentials.
+/// The connecting process, from the socket's peer credentials. Built only from an accepted
+/// stream ([`Peer::of`]): a handler, which has no stream, cannot make one up, and so cannot
+/// make up a [`Caller`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peer {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: Option<i32>,
+    uid: u32,
+    gid: u32,
+    pid: Option<i32>,
+}
+
+impl Peer {
+    /// The kernel's record of who connected (SO_PEERCRED).
+    pub fn of(stream: &tokio::net::UnixStream) -> std::io::Result<Peer> {
+        let c = stream.peer_cred()?;
+        Ok(Peer {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid(),
+        })
+    }
+
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    pub fn gid(&self) -> u32 {
+        self.gid
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.pid
+    }
 }
 
 /// One `[[agent.allow]]` entry, parsed. A field left out places no limit on that dimension.
@@ -177,6 +203,14 @@ impl HtuPrefix {
     }
 }
 
+/// A path with an encoded `/` or `\\` in a segment: matching on segments would see one
+/// segment where a server that decodes it sees two (`/api/..%2fadmin`). `url` already
+/// resolves `.`/`..` segments, `%2e` included.
+fn hides_a_separator(url: &Url) -> bool {
+    let path = url.path().to_ascii_lowercase();
+    path.contains("%2f") || path.contains("%5c")
+}
+
 impl fmt::Display for HtuPrefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
@@ -283,7 +317,7 @@ impl Caller {
         let parsed = Url::parse(htu).ok();
         if parsed
             .as_ref()
-            .is_some_and(|u| prefixes.iter().any(|p| p.matches(u)))
+            .is_some_and(|u| !hides_a_separator(u) && prefixes.iter().any(|p| p.matches(u)))
         {
             return Ok(());
         }

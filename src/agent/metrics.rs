@@ -1,5 +1,8 @@
 //! Prometheus text exposition (format 0.0.4), kept by hand: a few counters, gauges and one
-//! latency histogram do not need a metrics framework.
+//! latency histogram do not need a metrics framework. (`prometheus-client` writes
+//! OpenMetrics instead: a counter's `# TYPE` without `_total`, `# EOF`, another content
+//! type; the gauges read at scrape time would each need a custom collector.) The OAuth
+//! clients' counters come in through [`UpstreamObserver`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -7,8 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use http::StatusCode;
+
 use super::Agent;
 use super::authz::Caller;
+use crate::oauth::observe::UpstreamObserver;
 use crate::oauth::resilience::BreakerState;
 
 /// Upper bounds of the sign-latency buckets, seconds.
@@ -27,11 +33,45 @@ pub struct Metrics {
     buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_micros: AtomicU64,
+    /// Connections closed at accept: no rule names the peer, or its uid is at its cap.
+    refused_no_rule: AtomicU64,
+    refused_per_uid_cap: AtomicU64,
     /// key → outcome → count of the challenges signed to approve a key.
     possession: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
+    /// client → what its exchanges with its servers came to (see `UpstreamObserver`).
+    upstream: Mutex<BTreeMap<String, Upstream>>,
+}
+
+/// One client's upstream counters.
+#[derive(Clone, Copy, Default)]
+struct Upstream {
+    /// Responses by status class: 2xx, 3xx, 4xx, 5xx.
+    responses: [u64; 4],
+    nonce_challenges: u64,
+    fetch_ok: u64,
+    fetch_failed: u64,
+    fetch_micros: u64,
+    cache_hits: u64,
+    cache_misses: u64,
+}
+
+/// Why a connection was closed as soon as it was accepted.
+#[derive(Clone, Copy, Debug)]
+pub enum Refusal {
+    NoRule,
+    PerUidCap,
 }
 
 impl Metrics {
+    /// Counts a refused connection; returns how many of its kind so far.
+    pub fn refused(&self, why: Refusal) -> u64 {
+        let counter = match why {
+            Refusal::NoRule => &self.refused_no_rule,
+            Refusal::PerUidCap => &self.refused_per_uid_cap,
+        };
+        counter.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     pub fn possession_proof(&self, key: &str, outcome: &'static str) {
         let mut proofs = self
             .possession
@@ -66,6 +106,64 @@ impl Metrics {
             u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+}
+
+impl Metrics {
+    fn upstream(&self, client: &str, count: impl FnOnce(&mut Upstream)) {
+        let mut upstream = self.upstream.lock().unwrap_or_else(PoisonError::into_inner);
+        match upstream.get_mut(client) {
+            Some(u) => count(u),
+            None => count(upstream.entry(client.to_owned()).or_default()),
+        }
+    }
+
+    /// A client's counters as they are now (zeros before its first exchange).
+    fn upstream_of(&self, client: &str) -> Upstream {
+        self.upstream
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(client)
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+impl UpstreamObserver for Metrics {
+    fn response(&self, client: &str, status: StatusCode) {
+        let class = match status.as_u16() {
+            200..=299 => 0,
+            300..=399 => 1,
+            400..=499 => 2,
+            _ => 3,
+        };
+        self.upstream(client, |u| u.responses[class] += 1);
+    }
+
+    fn nonce_challenge(&self, client: &str) {
+        self.upstream(client, |u| u.nonce_challenges += 1);
+    }
+
+    fn token_fetch(&self, client: &str, ok: bool, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.upstream(client, |u| {
+            if ok {
+                u.fetch_ok += 1;
+            } else {
+                u.fetch_failed += 1;
+            }
+            u.fetch_micros = u.fetch_micros.saturating_add(micros);
+        });
+    }
+
+    fn token_cache(&self, client: &str, hit: bool) {
+        self.upstream(client, |u| {
+            if hit {
+                u.cache_hits += 1;
+            } else {
+                u.cache_misses += 1;
+            }
+        });
     }
 }
 
@@ -148,6 +246,22 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
     );
     let _ = writeln!(out, "keybound_sign_queue_depth {}", agent.queue_depth());
     head(
+        "keybound_refused_connections_total",
+        "counter",
+        "Connections closed as soon as they were accepted, by reason.",
+        &mut out,
+    );
+    for (reason, counter) in [
+        ("no_rule", &m.refused_no_rule),
+        ("per_uid_cap", &m.refused_per_uid_cap),
+    ] {
+        let _ = writeln!(
+            out,
+            "keybound_refused_connections_total{{reason=\"{reason}\"}} {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
+    head(
         "keybound_cached_keys",
         "gauge",
         "Approved keys the agent keeps, one per key on the device.",
@@ -161,14 +275,14 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
         "Token fetches by client and outcome.",
         &mut out,
     );
-    for (name, c) in agent.access.clients(caller) {
-        let s = &c.stats;
+    for (name, _) in agent.access.clients(caller) {
+        let s = m.upstream_of(name);
         let _ = writeln!(
             out,
             "keybound_token_fetches_total{{client=\"{0}\",outcome=\"ok\"}} {1}\nkeybound_token_fetches_total{{client=\"{0}\",outcome=\"error\"}} {2}",
             escape(name),
-            s.fetch_ok.load(Ordering::Relaxed),
-            s.fetch_failed.load(Ordering::Relaxed)
+            s.fetch_ok,
+            s.fetch_failed
         );
     }
     head(
@@ -177,12 +291,12 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
         "Time spent fetching tokens.",
         &mut out,
     );
-    for (name, c) in agent.access.clients(caller) {
+    for (name, _) in agent.access.clients(caller) {
         let _ = writeln!(
             out,
             "keybound_token_fetch_seconds_total{{client=\"{}\"}} {}",
             escape(name),
-            c.stats.fetch_micros.load(Ordering::Relaxed) as f64 / 1e6
+            m.upstream_of(name).fetch_micros as f64 / 1e6
         );
     }
     head(
@@ -191,13 +305,14 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
         "Token cache lookups by result.",
         &mut out,
     );
-    for (name, c) in agent.access.clients(caller) {
+    for (name, _) in agent.access.clients(caller) {
+        let s = m.upstream_of(name);
         let _ = writeln!(
             out,
             "keybound_token_cache_total{{client=\"{0}\",result=\"hit\"}} {1}\nkeybound_token_cache_total{{client=\"{0}\",result=\"miss\"}} {2}",
             escape(name),
-            c.cache().hits.load(Ordering::Relaxed),
-            c.cache().misses.load(Ordering::Relaxed)
+            s.cache_hits,
+            s.cache_misses
         );
     }
     head(
@@ -206,13 +321,13 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
         "HTTP responses from authorization and resource servers by status class.",
         &mut out,
     );
-    for (name, c) in agent.access.clients(caller) {
-        for (i, class) in ["2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+    for (name, _) in agent.access.clients(caller) {
+        let responses = m.upstream_of(name).responses;
+        for (class, n) in ["2xx", "3xx", "4xx", "5xx"].iter().zip(responses) {
             let _ = writeln!(
                 out,
-                "keybound_upstream_responses_total{{client=\"{}\",class=\"{class}\"}} {}",
+                "keybound_upstream_responses_total{{client=\"{}\",class=\"{class}\"}} {n}",
                 escape(name),
-                c.stats.responses[i].load(Ordering::Relaxed)
             );
         }
     }
@@ -222,12 +337,12 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
         "use_dpop_nonce challenges answered.",
         &mut out,
     );
-    for (name, c) in agent.access.clients(caller) {
+    for (name, _) in agent.access.clients(caller) {
         let _ = writeln!(
             out,
             "keybound_dpop_nonce_challenges_total{{client=\"{}\"}} {}",
             escape(name),
-            c.stats.nonce_challenges.load(Ordering::Relaxed)
+            m.upstream_of(name).nonce_challenges
         );
     }
     head(

@@ -229,12 +229,8 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
                 }
             },
         };
-        let peer = match stream.peer_cred() {
-            Ok(c) => Peer {
-                uid: c.uid(),
-                gid: c.gid(),
-                pid: c.pid(),
-            },
+        let peer = match Peer::of(&stream) {
+            Ok(peer) => peer,
             Err(e) => {
                 tracing::warn!("no peer credentials on a connection, dropped: {e}");
                 continue;
@@ -245,24 +241,33 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
         let caller = match agent.authz.caller(peer) {
             Ok(caller) => caller,
             Err(reason) => {
-                tracing::warn!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "refused caller, connection closed: {reason}");
+                let n = agent.metrics.refused(metrics::Refusal::NoRule);
+                // Logged at 1, 2, 4, 8, ... refusals: a flood of connections cannot flood
+                // the log; the metric counts every one.
+                if n.is_power_of_two() {
+                    tracing::warn!(uid = peer.uid(), gid = peer.gid(), pid = ?peer.pid(), refused = n, "refused caller, connection closed: {reason}");
+                }
                 continue;
             }
         };
-        let Some(uid_slot) = UidSlot::take(&agent, peer.uid) else {
-            tracing::warn!(
-                uid = peer.uid,
-                pid = ?peer.pid,
-                "uid {} already has {} connections open (agent.max_connections_per_uid); closing a new one",
-                peer.uid,
-                agent.settings.per_uid_cap()
-            );
+        let Some(uid_slot) = UidSlot::take(&agent, peer.uid()) else {
+            let n = agent.metrics.refused(metrics::Refusal::PerUidCap);
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    uid = peer.uid(),
+                    pid = ?peer.pid(),
+                    refused = n,
+                    "uid {} already has {} connections open (agent.max_connections_per_uid); closing a new one",
+                    peer.uid(),
+                    agent.settings.per_uid_cap()
+                );
+            }
             continue;
         };
         let service = TowerToHyperService::new(router.clone().layer(axum::Extension(caller)));
         let mut stopping = stopping.clone();
         let header_timeout = Duration::from_secs(agent.settings.header_timeout_secs);
-        let span = tracing::info_span!("connection", uid = peer.uid);
+        let span = tracing::info_span!("connection", uid = peer.uid());
         tokio::spawn(
             async move {
                 let conn = hyper::server::conn::http1::Builder::new()

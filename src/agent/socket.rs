@@ -88,6 +88,8 @@ pub enum SocketError {
     Owner { path: PathBuf, owner: u32, me: u32 },
     #[error("{} has mode {mode:o}, more open than agent.socket_mode needs ({want:o}); run: chmod {want:o} {}", .path.display(), .path.display())]
     DirMode { path: PathBuf, mode: u32, want: u32 },
+    #[error("{} holds other files and has mode {mode:o}, so callers of agent.socket_mode cannot reach a socket in it; keybound does not widen a directory it shares (its mode guards the other files): give the agent a directory of its own, e.g. agent.socket = \"{}/keybound/agent.sock\" (keybound creates it {want:o})", .path.display(), .path.display())]
+    Shared { path: PathBuf, mode: u32, want: u32 },
     #[error("agent.socket_group: {reason}")]
     Group { reason: String },
     #[error("another keybound agent is listening on {}; stop it first", .0.display())]
@@ -107,13 +109,16 @@ pub fn default_path() -> PathBuf {
     }
 }
 
-/// This process's effective uid: the owner of `/proc/self` (no unsafe libc call needed).
+/// This process's effective uid.
 pub fn own_uid() -> io::Result<u32> {
-    std::fs::metadata("/proc/self").map(|m| m.uid())
+    Ok(rustix::process::geteuid().as_raw())
 }
 
 /// Prepares the directory and binds the socket with `mode` and `group` (call inside a tokio
-/// runtime).
+/// runtime). Every check (symlinks, owner, a live agent) comes before anything is changed.
+/// The directory's mode and group are managed only when keybound created it or it holds
+/// nothing else (systemd's `RuntimeDirectory=`): a directory shared with other sockets (a
+/// user's `$XDG_RUNTIME_DIR`) is never widened, since its mode is what guards them.
 pub fn bind(
     path: &Path,
     mode: SocketMode,
@@ -128,9 +133,7 @@ pub fn bind(
         path: "/proc/self".into(),
         reason: e.to_string(),
     })?;
-    prepare_dir(dir, me, mode)?;
-    // Closed while the socket is made, so nobody reaches it before its mode is set.
-    set_mode(dir, 0o700)?;
+    let created = prepare_dir(dir, me, mode)?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => return Err(SocketError::Symlink(path.into())),
         Ok(m) if m.file_type().is_socket() => {
@@ -146,12 +149,20 @@ pub fn bind(
         Ok(_) => return Err(SocketError::NotSocket(path.into())),
         Err(_) => {}
     }
+    let managed = created || is_empty(dir)?;
+    if managed {
+        // Closed while the socket is made, so nobody reaches it before its mode is set.
+        set_mode(dir, 0o700)?;
+    } else {
+        check_shared_dir(dir, mode, gid)?;
+    }
     let listener = UnixListener::bind(path).map_err(|e| SocketError::Bind {
         path: path.into(),
         reason: e.to_string(),
     })?;
     if let Some(gid) = gid {
-        for p in [path, dir] {
+        let owned: &[&Path] = if managed { &[path, dir] } else { &[path] };
+        for p in owned {
             std::os::unix::fs::chown(p, None, Some(gid)).map_err(|e| SocketError::Group {
                 reason: format!(
                     "cannot give {} to gid {gid}: {e} (the agent's uid must be a member of that group)",
@@ -161,8 +172,41 @@ pub fn bind(
         }
     }
     set_mode(path, mode.socket_bits())?;
-    set_mode(dir, mode.dir_bits())?;
+    if managed {
+        set_mode(dir, mode.dir_bits())?;
+    }
     Ok(listener)
+}
+
+fn is_empty(dir: &Path) -> Result<bool, SocketError> {
+    let mut entries = std::fs::read_dir(dir).map_err(|e| SocketError::Create {
+        path: dir.into(),
+        reason: e.to_string(),
+    })?;
+    Ok(entries.next().is_none())
+}
+
+/// A directory keybound shares with other files must already let `mode`'s callers reach
+/// the socket; keybound does not widen it.
+fn check_shared_dir(dir: &Path, mode: SocketMode, gid: Option<u32>) -> Result<(), SocketError> {
+    let m = std::fs::metadata(dir).map_err(|e| SocketError::Create {
+        path: dir.into(),
+        reason: e.to_string(),
+    })?;
+    let bits = m.permissions().mode() & 0o777;
+    let reachable = match mode {
+        SocketMode::Owner => true,
+        SocketMode::Group => bits & 0o010 != 0 && gid == Some(m.gid()),
+        SocketMode::Everyone => bits & 0o001 != 0,
+    };
+    if reachable {
+        return Ok(());
+    }
+    Err(SocketError::Shared {
+        path: dir.into(),
+        mode: bits,
+        want: mode.dir_bits(),
+    })
 }
 
 fn set_mode(path: &Path, bits: u32) -> Result<(), SocketError> {
@@ -195,8 +239,10 @@ fn group_id(group: &str) -> Result<u32, SocketError> {
         })
 }
 
-fn prepare_dir(dir: &Path, me: u32, mode: SocketMode) -> Result<(), SocketError> {
-    if std::fs::symlink_metadata(dir).is_err() {
+/// Checks the directory, creating it (0700) when missing; returns whether it created it.
+fn prepare_dir(dir: &Path, me: u32, mode: SocketMode) -> Result<bool, SocketError> {
+    let created = std::fs::symlink_metadata(dir).is_err();
+    if created {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -232,7 +278,7 @@ fn prepare_dir(dir: &Path, me: u32, mode: SocketMode) -> Result<(), SocketError>
             want,
         });
     }
-    Ok(())
+    Ok(created)
 }
 
 #[cfg(test)]

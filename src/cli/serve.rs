@@ -16,7 +16,10 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
     let clients = config
         .clients
         .iter()
-        .map(|c| OAuthClient::new(c.clone(), &keyring))
+        .map(|c| {
+            OAuthClient::new(c.clone(), &keyring)
+                .map(|client| client.with_observer(metrics.clone()))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let socket_path = socket_flag.unwrap_or_else(|| config.agent.socket_path());
     let own_uid = socket::own_uid().context("cannot read this process's uid")?;

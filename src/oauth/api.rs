@@ -8,10 +8,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use url::Url;
 
 use super::OAuthError;
+use super::cache::AccessToken;
 use super::client::OAuthClient;
+use super::nonce::{Answer, Ask, Budget};
 use super::response::{OktaError, challenges, excerpt, next_link};
 use super::settings::origin;
-use super::state::{Role, TOLERATED_SKEW_SECS, drift_matters};
+use super::state::{Role, TOLERATED_SKEW_SECS};
 
 pub struct ApiRequest {
     pub method: Method,
@@ -41,78 +43,43 @@ impl OAuthClient {
                 allowed: self.config().api_origins.join(", "),
             });
         }
-        let mut nonce_retried = false;
+        // One budget for the whole call: a fresh token does not buy more nonce or clock
+        // retries.
+        let mut budget = Budget::default();
         let mut token_retried = false;
-        let mut clock_retried = false;
         let mut round_trips = 0;
         loop {
             let token = self.token().await?;
-            let nonce = self.state().nonce(Role::ResourceServer, &origin);
-            // The offset this proof's iat is stated with (0: this machine's clock).
-            let assumed = self.state().offset(&origin).unwrap_or(0);
-            let proof = self
-                .proof(
-                    request.method.as_str(),
-                    request.url.as_str(),
-                    &origin,
-                    nonce.as_deref(),
-                    Some(&token.secret),
+            let Answer { response, clock } = self
+                .peer(Role::ResourceServer, &origin)
+                .send(
+                    &mut budget,
+                    &mut round_trips,
+                    |nonce| self.api_request(request, &token, &origin, nonce),
+                    |response| {
+                        let errors = challenge_errors(response.headers());
+                        if !matches!(response.status().as_u16(), 400 | 401) {
+                            Ask::Nothing
+                        } else if errors.iter().any(|e| e == "use_dpop_nonce") {
+                            Ask::Nonce
+                        } else if errors.iter().any(|e| e == "invalid_dpop_proof") {
+                            // A proof has no lifetime of its own: only the server's
+                            // tolerance counts.
+                            Ask::Clock { lifetime: u64::MAX }
+                        } else {
+                            Ask::Nothing
+                        }
+                    },
                 )
                 .await?;
-            let scheme = if proof.is_some() { "DPoP" } else { "Bearer" };
-            let mut builder = Request::builder()
-                .method(request.method.clone())
-                .uri(request.url.as_str())
-                .header(http::header::ACCEPT, "application/json");
-            for (k, v) in &request.headers {
-                builder = builder.header(k, v);
-            }
-            builder = builder.header(
-                http::header::AUTHORIZATION,
-                format!("{scheme} {}", token.secret.expose()),
-            );
-            if let Some(p) = proof {
-                builder = builder.header("DPoP", p);
-            }
-            let http_request = builder
-                .body(request.body.clone().unwrap_or_default())
-                .map_err(|e| OAuthError::Config(format!("cannot build the request: {e}")))?;
-            round_trips += 1;
-            let (parts, body) = self.http().send(http_request).await?.into_parts();
-            self.stats.response(parts.status);
+            let (parts, body) = response.into_parts();
             let (status, headers) = (parts.status, parts.headers);
-            let measured = self.observe(&origin, Role::ResourceServer, &headers);
             tracing::info!(method = %request.method, url = %request.url, status = status.as_u16(),
                 token = %token.secret.redacted(), "API answered");
-            let errors: Vec<String> = challenges(&headers)
-                .into_iter()
-                .filter_map(|c| c.error)
-                .collect();
-            let challenged = matches!(status.as_u16(), 400 | 401);
-            if challenged && errors.iter().any(|e| e == "use_dpop_nonce") {
-                let fresh = self.state().nonce(Role::ResourceServer, &origin);
-                if nonce_retried || fresh.is_none() || fresh == nonce {
-                    return Err(OAuthError::NonceLoop { origin });
-                }
-                nonce_retried = true;
-                self.stats
-                    .nonce_challenges
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                continue;
-            }
-            // A proof has no lifetime of its own: only the server's tolerance counts.
-            if challenged
-                && !clock_retried
-                && errors.iter().any(|e| e == "invalid_dpop_proof")
-                && measured.is_some_and(|m| drift_matters(m - assumed, u64::MAX))
-            {
-                clock_retried = true;
-                tracing::warn!(url = %request.url, offset = ?measured,
-                    "the resource server refused the proof, and its clock is off from this machine's; retrying once with iat in its time");
-                continue;
-            }
             if status == StatusCode::UNAUTHORIZED
-                && errors.iter().any(|e| e == "invalid_token")
+                && challenge_errors(&headers)
+                    .iter()
+                    .any(|e| e == "invalid_token")
                 && !token_retried
             {
                 // Revoked or expired early: one fresh token, then report whatever comes.
@@ -125,9 +92,50 @@ impl OAuthClient {
                 headers,
                 body,
                 round_trips,
-                clock_offset: measured,
+                clock_offset: clock.map(|c| c.offset),
             });
         }
+    }
+
+    /// The request with the client's token (`Authorization: DPoP`, RFC 9449 §7.1) and a
+    /// fresh proof with `ath` and `nonce`.
+    async fn api_request(
+        &self,
+        request: &ApiRequest,
+        token: &AccessToken,
+        origin: &str,
+        nonce: Option<String>,
+    ) -> Result<Request<Vec<u8>>, OAuthError> {
+        let proof = self
+            .proof(
+                request.method.as_str(),
+                request.url.as_str(),
+                origin,
+                nonce.as_deref(),
+                Some(&token.secret),
+            )
+            .await?;
+        let scheme = if proof.is_some() { "DPoP" } else { "Bearer" };
+        let mut builder = Request::builder()
+            .method(request.method.clone())
+            .uri(request.url.as_str())
+            .header(http::header::ACCEPT, "application/json");
+        for (k, v) in &request.headers {
+            builder = builder.header(k, v);
+        }
+        builder = builder.header(
+            http::header::AUTHORIZATION,
+            format!("{scheme} {}", token.secret.expose()),
+        );
+        if let Some(p) = proof {
+            builder = builder.header("DPoP", p);
+        }
+        builder
+            .body(request.body.clone().unwrap_or_default())
+            .map_err(|e| OAuthError::Request {
+                url: request.url.to_string(),
+                reason: e.to_string(),
+            })
     }
 
     /// Follows `rel="next"` links from a GET and gathers every page's JSON array.
@@ -155,8 +163,9 @@ impl OAuthClient {
             let Some(next) = next_link(&response.headers) else {
                 return Ok((items, response));
             };
-            let next = request.url.join(&next).map_err(|e| {
-                OAuthError::Config(format!("the next link '{next}' is not a URL: {e}"))
+            let next = request.url.join(&next).map_err(|e| OAuthError::BadLink {
+                link: next.clone(),
+                reason: e.to_string(),
             })?;
             if origin(&next) != start {
                 return Err(OAuthError::CrossOriginLink {
@@ -170,6 +179,14 @@ impl OAuthClient {
             };
         }
     }
+}
+
+/// The `error` of every `WWW-Authenticate` challenge (RFC 6750 §3, RFC 9449 §7.1).
+fn challenge_errors(headers: &HeaderMap) -> Vec<String> {
+    challenges(headers)
+        .into_iter()
+        .filter_map(|c| c.error)
+        .collect()
 }
 
 impl ApiResponse {

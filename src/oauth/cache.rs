@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -44,8 +43,12 @@ type Slot = Arc<tokio::sync::Mutex<Option<Arc<AccessToken>>>>;
 #[derive(Default)]
 pub struct TokenCache {
     slots: Mutex<HashMap<Vec<String>, Slot>>,
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
+}
+
+/// A token from the cache, and whether it was there (`hit`) or fetched for this call.
+pub struct Lookup {
+    pub token: Arc<AccessToken>,
+    pub hit: bool,
 }
 
 impl TokenCache {
@@ -56,7 +59,7 @@ impl TokenCache {
         scopes: &[String],
         refresh_ahead: Duration,
         fetch: F,
-    ) -> Result<Arc<AccessToken>, OAuthError>
+    ) -> Result<Lookup, OAuthError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<AccessToken, OAuthError>>,
@@ -64,11 +67,12 @@ impl TokenCache {
         let slot = self.slot(scopes);
         let mut entry = slot.lock().await;
         if let Some(t) = entry.as_ref().filter(|t| t.valid_for(refresh_ahead)) {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(t.clone());
+            return Ok(Lookup {
+                token: t.clone(),
+                hit: true,
+            });
         }
-        self.misses.fetch_add(1, Ordering::Relaxed);
-        match fetch().await {
+        let token = match fetch().await {
             Ok(t) => {
                 let t = Arc::new(t);
                 *entry = Some(t.clone());
@@ -84,7 +88,8 @@ impl TokenCache {
                 }
                 None => Err(e),
             },
-        }
+        };
+        token.map(|token| Lookup { token, hit: false })
     }
 
     /// Forgets the token for `scopes` (the server said it is no longer valid).
@@ -117,7 +122,7 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::{AtomicU32, Ordering};
 
     fn token(expires_in: u64) -> AccessToken {
         AccessToken {
@@ -145,15 +150,19 @@ mod tests {
                         Ok(token(3600))
                     })
                     .await
-                    .map(|_| ())
+                    .map(|lookup| lookup.hit)
             }));
         }
+        let (mut hits, mut misses) = (0, 0);
         for t in tasks {
-            t.await.unwrap().unwrap();
+            match t.await.unwrap().unwrap() {
+                true => hits += 1,
+                false => misses += 1,
+            }
         }
         assert_eq!(fetches.load(Ordering::SeqCst), 1);
-        assert_eq!(cache.misses.load(Ordering::SeqCst), 1);
-        assert_eq!(cache.hits.load(Ordering::SeqCst), 15);
+        assert_eq!(misses, 1);
+        assert_eq!(hits, 15);
     }
 
     #[tokio::test]
@@ -169,7 +178,7 @@ mod tests {
             .get(&s, Duration::from_secs(60), || async { Ok(token(3600)) })
             .await
             .unwrap();
-        assert_eq!(t.expires_in, Some(3600));
+        assert_eq!(t.token.expires_in, Some(3600));
         // A failed refresh keeps a still-valid token.
         let t = cache
             .get(&s, Duration::from_secs(7200), || async {
@@ -177,6 +186,6 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(t.expires_in, Some(3600));
+        assert_eq!(t.token.expires_in, Some(3600));
     }
 }

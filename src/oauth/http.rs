@@ -1,34 +1,16 @@
-//! The one-file HTTP adapter: protocol code builds `http::Request`s, this sends them with
-//! reqwest (rustls). Redirects are never followed: a token request that is redirected could
-//! carry an assertion and proof to a host nobody configured (SSRF), so a 3xx is an answer.
+//! The product's [`Transport`]: a one-file reqwest (rustls) adapter. Redirects are never
+//! followed: a token request that is redirected could carry an assertion and proof to a
+//! host nobody configured (SSRF), so a 3xx is an answer.
 
 use std::time::Duration;
 
 use http::{Request, Response};
 
+pub use super::transport::TransportError;
+use super::transport::{Sending, Transport};
+
 /// Bodies above this are refused: no server keybound talks to needs more.
 const MAX_BODY: usize = 8 * 1024 * 1024;
-
-#[derive(Debug, thiserror::Error)]
-pub enum TransportError {
-    #[error("cannot connect to {url}: {reason}")]
-    Connect { url: String, reason: String },
-    #[error("{url} did not answer within {secs:.1} s")]
-    Timeout { url: String, secs: f64 },
-    #[error("HTTP exchange with {url} failed: {reason}")]
-    Other { url: String, reason: String },
-}
-
-impl TransportError {
-    /// Connect errors and timeouts are worth another attempt; a broken exchange is not
-    /// necessarily idempotent, but token requests are, so the caller decides.
-    pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            TransportError::Connect { .. } | TransportError::Timeout { .. }
-        )
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct HttpClient {
@@ -51,7 +33,7 @@ impl HttpClient {
         Ok(HttpClient { inner, timeout })
     }
 
-    pub async fn send(
+    async fn exchange(
         &self,
         request: Request<Vec<u8>>,
     ) -> Result<Response<Vec<u8>>, TransportError> {
@@ -98,6 +80,12 @@ impl HttpClient {
         *out.status_mut() = status;
         *out.headers_mut() = headers;
         Ok(out)
+    }
+}
+
+impl Transport for HttpClient {
+    fn send(&self, request: Request<Vec<u8>>) -> Sending<'_> {
+        Box::pin(self.exchange(request))
     }
 }
 

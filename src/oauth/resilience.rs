@@ -60,11 +60,16 @@ impl Breaker {
         }
     }
 
-    /// May a request go out now?
-    pub fn admit(&self) -> Result<(), Open> {
+    /// May a request go out now? The answer is an [`Admission`] to report the outcome
+    /// through; dropped without one (the request's future was cancelled), a half-open
+    /// probe frees its slot, so the next request probes instead of being refused forever.
+    pub fn admit(&self) -> Result<Admission<'_>, Open> {
         let mut s = self.lock();
         let Some(until) = s.open_until else {
-            return Ok(());
+            return Ok(Admission {
+                breaker: self,
+                probe: false,
+            });
         };
         let now = Instant::now();
         if now < until || s.probing {
@@ -75,14 +80,17 @@ impl Breaker {
             });
         }
         s.probing = true;
-        Ok(())
+        Ok(Admission {
+            breaker: self,
+            probe: true,
+        })
     }
 
-    pub fn success(&self) {
+    fn success(&self) {
         *self.lock() = State::default();
     }
 
-    pub fn failure(&self, what: &str) {
+    fn failure(&self, what: &str) {
         let mut s = self.lock();
         s.consecutive += 1;
         s.last = what.to_string();
@@ -107,6 +115,45 @@ impl Breaker {
     }
 }
 
+/// One admitted request. Its outcome is reported through it; a half-open probe dropped
+/// without an outcome (its future was cancelled) is a drop guard that frees the probe slot.
+#[must_use = "report the outcome, or drop it to release a half-open probe"]
+pub struct Admission<'a> {
+    breaker: &'a Breaker,
+    /// This request holds the half-open slot (`State::probing`) until it reports.
+    probe: bool,
+}
+
+impl Admission<'_> {
+    pub fn success(mut self) {
+        self.probe = false;
+        self.breaker.success();
+    }
+
+    pub fn failure(mut self, what: &str) {
+        self.probe = false;
+        self.breaker.failure(what);
+    }
+}
+
+impl std::fmt::Debug for Admission<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("probe", &self.probe)
+            .finish()
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            // Only one probe at a time, and it is this one: nobody else set the flag.
+            // The breaker stays open, its cool-down over: the next request probes.
+            self.breaker.lock().probing = false;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,11 +174,11 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Closed);
         b.failure("500");
         // Cool-down of zero: the next admit is the single probe.
-        assert!(b.admit().is_ok());
+        let probe = b.admit().unwrap();
         assert!(b.admit().is_err(), "only one probe while half-open");
-        b.failure("500 again");
-        assert!(b.admit().is_ok());
-        b.success();
+        probe.failure("500 again");
+        let probe = b.admit().unwrap();
+        probe.success();
         assert_eq!(b.state(), BreakerState::Closed);
         assert!(b.admit().is_ok());
 
@@ -140,5 +187,34 @@ mod tests {
         let open = b.admit().unwrap_err();
         assert_eq!(open.failures, 1);
         assert!(open.retry_in > Duration::from_secs(50));
+    }
+
+    /// A half-open probe whose future is dropped (the caller timed out, the connection
+    /// closed) reports nothing: the half-open slot must be free again, not taken forever.
+    #[test]
+    fn a_dropped_probe_frees_the_half_open_slot() {
+        use std::future::Future as _;
+        use std::task::{Context, Waker};
+
+        let b = Breaker::new(1, Duration::ZERO);
+        b.failure("timeout");
+        {
+            let probe = async {
+                let _admitted = b.admit().unwrap();
+                std::future::pending::<()>().await;
+            };
+            let mut probe = std::pin::pin!(probe);
+            // Polled once: admitted, now waiting on the server; then dropped.
+            assert!(
+                probe
+                    .as_mut()
+                    .poll(&mut Context::from_waker(Waker::noop()))
+                    .is_pending()
+            );
+        }
+        assert!(
+            b.admit().is_ok(),
+            "the breaker refuses forever after a dropped probe"
+        );
     }
 }

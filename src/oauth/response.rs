@@ -75,79 +75,121 @@ pub fn hint(error: &str) -> &'static str {
     }
 }
 
-/// Parses every `WWW-Authenticate` challenge with the DPoP or Bearer scheme.
+/// Parses every `WWW-Authenticate` challenge with the DPoP or Bearer scheme, several in
+/// one header value included (RFC 9110 §11.6.1).
 pub fn challenges(headers: &HeaderMap) -> Vec<Challenge> {
-    headers
-        .get_all(http::header::WWW_AUTHENTICATE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .filter_map(parse_challenge)
-        .collect()
+    let mut out = Vec::new();
+    for value in headers.get_all(http::header::WWW_AUTHENTICATE) {
+        let Ok(value) = value.to_str() else { continue };
+        let mut current: Option<Challenge> = None;
+        for element in split_outside(value, ',') {
+            let element = element.trim();
+            let param = match scheme_of(element) {
+                Some((scheme, rest)) => {
+                    out.extend(current.take());
+                    let known = ["dpop", "bearer"].contains(&scheme.to_ascii_lowercase().as_str());
+                    current = known.then(|| Challenge {
+                        scheme: scheme.into(),
+                        ..Challenge::default()
+                    });
+                    rest
+                }
+                None => element,
+            };
+            let (Some(c), Some((name, value))) = (current.as_mut(), auth_param(param)) else {
+                continue;
+            };
+            match name.to_ascii_lowercase().as_str() {
+                "error" => c.error = Some(value),
+                "error_description" => c.error_description = Some(value),
+                _ => {}
+            }
+        }
+        out.extend(current);
+    }
+    out
 }
 
-fn parse_challenge(value: &str) -> Option<Challenge> {
-    let value = value.trim();
-    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
-    if !["dpop", "bearer"].contains(&scheme.to_ascii_lowercase().as_str()) {
+/// `scheme [params]` when a list element starts a challenge: a token that is not a
+/// parameter's name (no `=` follows it).
+fn scheme_of(element: &str) -> Option<(&str, &str)> {
+    let end = element
+        .find(|c: char| c.is_whitespace() || c == '=')
+        .unwrap_or(element.len());
+    let (scheme, rest) = element.split_at(end);
+    if scheme.is_empty() || rest.trim_start().starts_with('=') {
         return None;
     }
-    let mut c = Challenge {
-        scheme: scheme.into(),
-        ..Challenge::default()
+    Some((scheme, rest.trim_start()))
+}
+
+/// `name=value` or `name="quoted \"value\""` (RFC 9110 §5.6.4, §11.2), unquoted.
+fn auth_param(s: &str) -> Option<(String, String)> {
+    let (name, value) = s.split_once('=')?;
+    let (name, value) = (name.trim(), value.trim());
+    if name.is_empty() {
+        return None;
+    }
+    Some((name.to_string(), unquote(value)))
+}
+
+/// A quoted-string's content with its escapes undone; a token as it is.
+fn unquote(value: &str) -> String {
+    let Some(inner) = value.strip_prefix('"') else {
+        return value.to_string();
     };
-    for (k, v) in auth_params(rest) {
-        match k.to_ascii_lowercase().as_str() {
-            "error" => c.error = Some(v),
-            "error_description" => c.error_description = Some(v),
+    let mut out = String::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.extend(chars.next()),
+            '"' => break,
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Splits on `sep` where it is not inside a quoted string (RFC 9110 §5.6.4) or a `<…>`
+/// URI reference (RFC 8288 §3): a comma in a link target or a quoted parameter is data.
+fn split_outside(value: &str, sep: char) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted, mut bracketed, mut escaped) = (0, false, false, false);
+    for (i, c) in value.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' if !bracketed => quoted = !quoted,
+            '<' if !quoted => bracketed = true,
+            '>' if !quoted => bracketed = false,
+            c if c == sep && !quoted && !bracketed => {
+                out.push(&value[start..i]);
+                start = i + c.len_utf8();
+            }
             _ => {}
         }
     }
-    Some(c)
+    out.push(&value[start..]);
+    out
 }
 
-/// `k=v, k="quoted, with \"escapes\""` (RFC 9110 §11.2).
-fn auth_params(s: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
-            chars.next();
-        }
-        let key: String =
-            std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
-        if key.trim().is_empty() || chars.next() != Some('=') {
-            return out;
-        }
-        let mut value = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' => value.extend(chars.next()),
-                    '"' => break,
-                    c => value.push(c),
-                }
-            }
-        } else {
-            value = std::iter::from_fn(|| chars.next_if(|c| *c != ',')).collect();
-        }
-        out.push((key.trim().to_string(), value.trim().to_string()));
-    }
-}
-
-/// The `rel="next"` target among all `Link` headers.
+/// The `rel="next"` target among all `Link` headers (RFC 8288 §3: `rel` may list several
+/// relation types, compared case-insensitively).
 pub fn next_link(headers: &HeaderMap) -> Option<String> {
     for value in headers.get_all(http::header::LINK) {
         let Ok(value) = value.to_str() else { continue };
-        for link in value.split(',') {
-            let mut parts = link.split(';');
-            let target = parts.next()?.trim();
-            let is_next = parts.any(|p| {
-                let p = p.trim().to_ascii_lowercase();
-                p == "rel=\"next\"" || p == "rel=next"
+        for link in split_outside(value, ',') {
+            let mut parts = split_outside(link, ';').into_iter();
+            let Some(target) = parts.next() else { continue };
+            let is_next = parts.filter_map(auth_param).any(|(name, value)| {
+                name.eq_ignore_ascii_case("rel")
+                    && value
+                        .split_ascii_whitespace()
+                        .any(|r| r.eq_ignore_ascii_case("next"))
             });
             if is_next {
                 return target
+                    .trim()
                     .strip_prefix('<')
                     .and_then(|t| t.strip_suffix('>'))
                     .map(str::to_string);
@@ -243,6 +285,46 @@ mod tests {
             ),
         );
         assert_eq!(next_link(&h).as_deref(), Some("https://o.example/b"));
+    }
+
+    /// A comma inside a quoted string or a `<…>` target is part of its element (RFC 9110
+    /// §5.6.1, RFC 8288 §3), and `rel` may list several relation types.
+    #[test]
+    fn links_with_commas_in_targets_and_quoted_params() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "link",
+            HeaderValue::from_static(
+                r#"<https://o.example/a?x=1,2>; rel="self", <https://o.example/b?x=3,4>; title="page, next"; rel="next""#,
+            ),
+        );
+        assert_eq!(next_link(&h).as_deref(), Some("https://o.example/b?x=3,4"));
+        let mut h = HeaderMap::new();
+        h.append(
+            "link",
+            HeaderValue::from_static(r#"<https://o.example/c>; title="x;rel=next", <https://o.example/d>; rel="prev next""#),
+        );
+        assert_eq!(next_link(&h).as_deref(), Some("https://o.example/d"));
+    }
+
+    /// Several challenges in one `WWW-Authenticate` value (RFC 9110 §11.6.1), quoted
+    /// commas in their parameters.
+    #[test]
+    fn several_challenges_in_one_header() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "www-authenticate",
+            HeaderValue::from_static(
+                r#"Bearer realm="api, v1", DPoP algs="ES256", error="use_dpop_nonce", error_description="nonce, please""#,
+            ),
+        );
+        let c = challenges(&h);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(c[0].scheme, "Bearer");
+        assert_eq!(c[0].error, None);
+        assert_eq!(c[1].scheme, "DPoP");
+        assert_eq!(c[1].error.as_deref(), Some("use_dpop_nonce"));
+        assert_eq!(c[1].error_description.as_deref(), Some("nonce, please"));
     }
 
     #[test]

@@ -66,19 +66,39 @@ impl ServerState {
         offset
     }
 
+    /// Nonce and clock offset from a response, any response: 200s, refusals, 5xx. Returns
+    /// the offset its `Date` shows, if it has one.
+    pub fn observe(&self, role: Role, origin: &str, headers: &http::HeaderMap) -> Option<i64> {
+        if let Some(n) = headers.get("dpop-nonce").and_then(|v| v.to_str().ok()) {
+            self.set_nonce(role, origin, n);
+        }
+        let server_now = super::response::server_time(headers)?;
+        Some(self.observe_clock(origin, server_now, super::unix_now()))
+    }
+
     /// `iat` for a server: this machine's clock moved by the offset last measured to that
     /// server, so that `iat`/`exp` are right in the server's time whichever clock is wrong.
     /// `Date` truncates to the second and is stamped before the response travels, so the
     /// estimate errs on the early side: never ahead of the server's clock (Okta refuses a
     /// future `iat`).
+    ///
+    /// An offset beyond [`MAX_FOLLOWED_OFFSET_SECS`] is not followed: a far-off `Date` (a
+    /// broken proxy or error page) must not make keybound sign assertions and proofs that
+    /// only become valid hours from now. Such a server refuses, and the error says the
+    /// offset.
     pub fn iat_for(&self, origin: &str, local_now: u64) -> u64 {
         match self.offset(origin) {
+            Some(off) if off.unsigned_abs() > MAX_FOLLOWED_OFFSET_SECS => local_now,
             Some(off) if off < 0 => local_now.saturating_sub(off.unsigned_abs()),
             Some(off) => local_now.saturating_add(off.unsigned_abs()),
             None => local_now,
         }
     }
 }
+
+/// The largest server clock offset keybound states `iat`/`exp` in (2 hours): a server that
+/// far off is broken, not merely drifting.
+pub const MAX_FOLLOWED_OFFSET_SECS: u64 = 2 * 3600;
 
 /// `server - local` in seconds.
 pub fn offset(server_now: u64, local_now: u64) -> i64 {
@@ -128,10 +148,15 @@ mod tests {
         assert_eq!(s.observe_clock("b", 1030, 1000), 30);
         assert_eq!(s.iat_for("b", 1000), 1030);
         assert_eq!(s.iat_for("c", 5), 5);
+        // Beyond two hours the offset is reported, not followed.
+        assert_eq!(s.observe_clock("d", 1_000_000, 1_000_000 - 7201), 7201);
+        assert_eq!(s.iat_for("d", 5000), 5000);
+        assert_eq!(s.observe_clock("e", 1_000_000, 1_000_000 + 7200), -7200);
+        assert_eq!(s.iat_for("e", 9000), 1800);
         assert_eq!(s.offset("a"), Some(-30));
         let mut all = s.offsets();
         all.sort();
-        assert_eq!(all, [("a".to_string(), -30), ("b".to_string(), 30)]);
+        assert_eq!(all[..2], [("a".to_string(), -30), ("b".to_string(), 30)]);
     }
 
     #[test]

@@ -137,6 +137,67 @@ pub enum TokenError {
     Jose(#[from] JoseError),
 }
 
+impl TokenError {
+    /// Whether the error is about one key's objects (malformed, duplicated, unusable, gone,
+    /// or refused by the device for what the object is), not about the device or the
+    /// moment. Only these make a key a problem of a listing or a failing finding of its
+    /// audit, so that key is left out of a JWKS; anything else (a failed function, a busy
+    /// or lost session, a timeout, an unreachable device) fails the whole request, because
+    /// a JWKS answered without a key that is merely unreachable now makes its consumers
+    /// drop its kid.
+    pub fn about_the_object(&self) -> bool {
+        match self {
+            TokenError::Unusable { .. }
+            | TokenError::BadPublicKey { .. }
+            | TokenError::Ambiguous { .. }
+            | TokenError::KeyNotFound { .. }
+            | TokenError::TpmKey { .. }
+            | TokenError::AlgUnavailable { .. }
+            | TokenError::Jose(_) => true,
+            TokenError::Pkcs11 { rv, .. } => OBJECT_CKR.contains(&rv.as_str()),
+            TokenError::Tpm { code, .. } => {
+                let name = code.split([',', ' ']).next().unwrap_or_default();
+                OBJECT_TPM_RC.contains(&name)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// PKCS#11 return values that say what the object is, not what the device is doing.
+const OBJECT_CKR: &[&str] = &[
+    "CKR_KEY_TYPE_INCONSISTENT",
+    "CKR_KEY_FUNCTION_NOT_PERMITTED",
+    "CKR_KEY_SIZE_RANGE",
+    "CKR_MECHANISM_INVALID",
+    "CKR_MECHANISM_PARAM_INVALID",
+    "CKR_ATTRIBUTE_SENSITIVE",
+    "CKR_ATTRIBUTE_TYPE_INVALID",
+    "CKR_ATTRIBUTE_VALUE_INVALID",
+];
+
+/// TPM response codes for a key blob or public area that is damaged, foreign or unusable
+/// (TPM 2.0 Part 2 §6.6.3): what TPM2_Load or TPM2_Sign answer for the key itself.
+const OBJECT_TPM_RC: &[&str] = &[
+    "TPM_RC_INTEGRITY",
+    "TPM_RC_BINDING",
+    "TPM_RC_KEY",
+    "TPM_RC_KEY_SIZE",
+    "TPM_RC_ASYMMETRIC",
+    "TPM_RC_ATTRIBUTES",
+    "TPM_RC_HASH",
+    "TPM_RC_TYPE",
+    "TPM_RC_SCHEME",
+    "TPM_RC_SIZE",
+    "TPM_RC_SYMMETRIC",
+    "TPM_RC_CURVE",
+    "TPM_RC_ECC_POINT",
+    "TPM_RC_VALUE",
+    "TPM_RC_SENSITIVE",
+    "TPM_RC_KDF",
+    "TPM_RC_MGF",
+];
+
 fn list_or_none(items: &[String]) -> String {
     if items.is_empty() {
         "(none)".into()
@@ -148,4 +209,103 @@ fn list_or_none(items: &[String]) -> String {
 fn list_paths(paths: &[PathBuf]) -> String {
     let v: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     list_or_none(&v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ck(rv: &str) -> TokenError {
+        TokenError::Pkcs11 {
+            function: "C_Sign".into(),
+            rv: rv.into(),
+            hint: String::new(),
+        }
+    }
+
+    fn tpm(code: &str) -> TokenError {
+        TokenError::Tpm {
+            function: "TPM2_Load".into(),
+            code: code.into(),
+            meaning: String::new(),
+            hint: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_errors_about_the_object_leave_a_key_out() {
+        let object = [
+            TokenError::Unusable {
+                label: "k".into(),
+                id: "01".into(),
+                reason: "2 public key objects".into(),
+            },
+            TokenError::BadPublicKey {
+                label: "k".into(),
+                reason: "empty CKA_EC_POINT".into(),
+            },
+            TokenError::Ambiguous {
+                name: "'k'".into(),
+                token: "t".into(),
+                ids: vec![],
+                uris: vec![],
+            },
+            TokenError::KeyNotFound {
+                name: "'k'".into(),
+                token: "t".into(),
+                known: vec![],
+            },
+            TokenError::TpmKey {
+                label: "k".into(),
+                reason: "another storage key".into(),
+            },
+            TokenError::Jose(JoseError::BadSignature {
+                alg: Alg::ES256,
+                reason: "63 bytes".into(),
+            }),
+            ck("CKR_KEY_FUNCTION_NOT_PERMITTED"),
+            ck("CKR_KEY_TYPE_INCONSISTENT"),
+            tpm("TPM_RC_INTEGRITY, parameter 1 (0x19f)"),
+            tpm("TPM_RC_BINDING (0x1a5, from the resource manager)"),
+            tpm("TPM_RC_KEY (0x1dc)"),
+        ];
+        for e in &object {
+            assert!(e.about_the_object(), "{e}");
+        }
+        // The device or the moment: the request fails (the agent answers 503) instead.
+        let device = [
+            ck("CKR_FUNCTION_FAILED"),
+            ck("CKR_GENERAL_ERROR"),
+            ck("CKR_SESSION_HANDLE_INVALID"),
+            ck("CKR_SESSION_CLOSED"),
+            ck("CKR_SESSION_COUNT"),
+            ck("CKR_OBJECT_HANDLE_INVALID"),
+            ck("CKR_KEY_HANDLE_INVALID"),
+            ck("CKR_OPERATION_ACTIVE"),
+            ck("CKR_DEVICE_MEMORY"),
+            ck("CKR_HOST_MEMORY"),
+            ck("CKR_CANT_LOCK"),
+            tpm("TPM_RC_RETRY (0x922)"),
+            tpm("TPM_RC_OBJECT_MEMORY (0x902)"),
+            tpm("TPM_RC_KEY_SIZEX (0x0)"),
+            tpm("TSS2_TCTI_RC_IO_ERROR (0xa000a)"),
+            tpm("TSS2_ESYS_RC_TRY_AGAIN (0x70009)"),
+            tpm("TPM_RC_AUTH_FAIL, session 1 (0x98e)"),
+            TokenError::Unavailable {
+                reason: "timed out".into(),
+            },
+            TokenError::WorkersGone,
+            TokenError::Reapprove { label: "k".into() },
+            TokenError::PinIncorrect { token: "t".into() },
+            TokenError::PinLocked { token: "t".into() },
+            TokenError::Rng("no entropy".into()),
+            TokenError::TpmStore {
+                path: "/s".into(),
+                reason: "mode 777".into(),
+            },
+        ];
+        for e in &device {
+            assert!(!e.about_the_object(), "{e}");
+        }
+    }
 }

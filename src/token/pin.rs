@@ -49,7 +49,7 @@ impl Pin {
                     });
                 }
                 trust::check_file(path, &meta, Owners::User).map_err(err)?;
-                trust::check_dirs(path).map_err(err)?;
+                trust::check_dirs_of(path, &meta).map_err(err)?;
                 // Room for the whole read up front: a growing String would leave copies of
                 // the PIN behind in freed memory that Zeroizing never sees.
                 let mut text = zeroize::Zeroizing::new(String::with_capacity(MAX_PIN_FILE + 1));

@@ -130,8 +130,9 @@ impl Profiles {
             let unsafe_profile = |path: &Path, reason: String| {
                 TokenError::Profile(format!("{} is not safe to use: {reason}", path.display()))
             };
-            trust::check_dir(dir).map_err(|r| unsafe_profile(dir, r))?;
-            let entries = std::fs::read_dir(dir).map_err(|e| {
+            // The directory as resolved and checked is the one read.
+            let real = trust::check_dir(dir).map_err(|r| unsafe_profile(dir, r))?;
+            let entries = std::fs::read_dir(&real).map_err(|e| {
                 TokenError::Profile(format!("cannot read profiles_dir {}: {e}", dir.display()))
             })?;
             let mut paths: Vec<PathBuf> = entries
@@ -144,6 +145,7 @@ impl Profiles {
                     TokenError::Profile(format!("cannot read {}: {e}", path.display()))
                 })?;
                 trust::check_file(&path, &meta, Owners::UserOrRoot)
+                    .and_then(|()| trust::check_dirs_of(&path, &meta).map(drop))
                     .map_err(|r| unsafe_profile(&path, r))?;
                 let mut text = String::new();
                 file.read_to_string(&mut text).map_err(|e| {

@@ -88,6 +88,29 @@ pub(crate) fn check_dirs(path: &Path) -> Result<PathBuf, String> {
     Ok(real)
 }
 
+/// [`check_dirs`] for a file already opened (`opened` is its metadata as opened): the
+/// directories checked are the ones the opened file is in. The path is resolved again to
+/// find them, so the resolved path must still name the opened file (same device and inode);
+/// a file swapped in between is refused.
+pub(crate) fn check_dirs_of(path: &Path, opened: &Metadata) -> Result<PathBuf, String> {
+    let real = check_dirs(path)?;
+    let now = std::fs::metadata(&real).map_err(|e| format!("{}: {e}", real.display()))?;
+    same_file(&real, &now, opened)?;
+    Ok(real)
+}
+
+/// `resolved` (at `real`) is the file that was opened: same device, same inode.
+fn same_file(real: &Path, resolved: &Metadata, opened: &Metadata) -> Result<(), String> {
+    if (resolved.dev(), resolved.ino()) != (opened.dev(), opened.ino()) {
+        return Err(format!(
+            "it changed while being checked ({} is no longer the file keybound opened); \
+             find out what replaces it, then try again",
+            real.display()
+        ));
+    }
+    Ok(())
+}
+
 /// [`check_dirs`] for a directory itself: it and every directory above it.
 pub(crate) fn check_dir(dir: &Path) -> Result<PathBuf, String> {
     let real = std::fs::canonicalize(dir).map_err(|e| e.to_string())?;
@@ -153,6 +176,22 @@ fn kind(meta: &Metadata) -> &'static str {
     }
 }
 
+/// `[token]` paths must be absolute: a relative one would follow the working directory,
+/// which whoever starts keybound chooses. The error names the key.
+pub fn absolute_paths(paths: &[(&str, Option<&Path>)]) -> Result<(), String> {
+    for (key, path) in paths {
+        if let Some(path) = path
+            && !path.is_absolute()
+        {
+            return Err(format!(
+                "token.{key}: must be an absolute path, not '{}'",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +225,35 @@ mod tests {
         assert!(e.contains("mode 777"), "{e}");
         chmod(dir.path(), 0o1777);
         check_path(&file, Owners::UserOrRoot).unwrap();
+    }
+
+    #[test]
+    fn the_checked_directories_are_those_of_the_opened_file() {
+        let dir = tempfile::tempdir().unwrap();
+        chmod(dir.path(), 0o755);
+        let (first, second) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&first, "a").unwrap();
+        std::fs::write(&second, "b").unwrap();
+        // Through a symbolic link to the parent: resolved, checked, and the same file.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        let (_, opened) = open_regular(&link.join("a"), true).unwrap();
+        assert_eq!(
+            check_dirs_of(&link.join("a"), &opened).unwrap(),
+            std::fs::canonicalize(&first).unwrap()
+        );
+        // The name now resolves to another file than the one opened: refused.
+        let (_, opened_second) = open_regular(&second, true).unwrap();
+        let e = check_dirs_of(&first, &opened_second).unwrap_err();
+        assert!(e.contains("changed while being checked"), "{e}");
+        let e = same_file(&first, &std::fs::metadata(&first).unwrap(), &opened_second).unwrap_err();
+        assert!(e.contains(&first.display().to_string()), "{e}");
+        same_file(
+            &second,
+            &std::fs::metadata(&second).unwrap(),
+            &opened_second,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! A scripted HTTP server on 127.0.0.1 for the OAuth client tests: each path answers from
 //! its own list of [`Reply`]s (the last one repeats), and every request is recorded with
-//! its arrival time and the reply it got.
+//! its arrival time and the reply it got. The same scripts also answer in memory
+//! ([`FakeServer::in_memory`], [`FakeServer::transport`]): keybound's `Transport` trait
+//! without a socket, for a client built in the test's own process.
 //!
 //! Nothing here knows OAuth: the tests script protocol answers and judge what arrived.
 
@@ -18,6 +20,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use http::{HeaderMap, Method, StatusCode};
+use keybound::oauth::transport::{Sending, Transport, TransportError};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -155,7 +158,8 @@ impl Recorded {
 pub struct FakeServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    task: JoinHandle<()>,
+    /// The socket's serving task; `None` in memory.
+    task: Option<JoinHandle<()>>,
 }
 
 #[derive(Default)]
@@ -183,7 +187,32 @@ impl FakeServer {
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.expect("fake server runs");
         });
-        FakeServer { addr, shared, task }
+        FakeServer {
+            addr,
+            shared,
+            task: Some(task),
+        }
+    }
+
+    /// The same server without a socket: reached only through [`FakeServer::transport`].
+    /// Its URLs name 127.0.0.1 port 1, where nothing listens, so a request that went to
+    /// the network instead would fail to connect.
+    pub fn in_memory() -> FakeServer {
+        FakeServer {
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            shared: Arc::new(Shared::default()),
+            task: None,
+        }
+    }
+
+    /// An in-memory `Transport` to this server: requests to its address are answered from
+    /// the scripts and recorded like those that arrive on the socket; any other address
+    /// is a connection error.
+    pub fn transport(&self) -> Arc<dyn Transport> {
+        Arc::new(InMemory {
+            authority: self.addr.to_string(),
+            shared: Arc::clone(&self.shared),
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -231,7 +260,51 @@ impl FakeServer {
 
 impl Drop for FakeServer {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// The transport of [`FakeServer::transport`].
+struct InMemory {
+    authority: String,
+    shared: Arc<Shared>,
+}
+
+impl Transport for InMemory {
+    fn send(&self, request: http::Request<Vec<u8>>) -> Sending<'_> {
+        let at = Instant::now();
+        let url = request.uri().to_string();
+        if request.uri().authority().map(|a| a.as_str()) != Some(self.authority.as_str()) {
+            return Box::pin(async move {
+                Err(TransportError::Connect {
+                    url,
+                    reason: "not the in-memory server".into(),
+                })
+            });
+        }
+        let (parts, body) = request.into_parts();
+        let reply = self
+            .shared
+            .answer(parts.method, &parts.uri, parts.headers, body, at);
+        let mut response = http::Response::new(reply.body.into_bytes());
+        *response.status_mut() = reply.status;
+        for (name, value) in &reply.headers {
+            response.headers_mut().append(
+                http::HeaderName::from_bytes(name.as_bytes()).expect("scripted header name"),
+                http::HeaderValue::from_str(value).expect("scripted header value"),
+            );
+        }
+        if !response.headers().contains_key(http::header::DATE) {
+            // What hyper adds on the socket.
+            let now = httpdate::fmt_http_date(SystemTime::now());
+            response.headers_mut().insert(
+                http::header::DATE,
+                http::HeaderValue::from_str(&now).expect("an HTTP date"),
+            );
+        }
+        Box::pin(async move { Ok(response) })
     }
 }
 
@@ -261,27 +334,43 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// The next reply for a request, recorded with it.
+    fn answer(
+        &self,
+        method: Method,
+        uri: &http::Uri,
+        headers: HeaderMap,
+        body: Vec<u8>,
+        at: Instant,
+    ) -> Reply {
+        let path = uri.path().to_owned();
+        let mut reply = self.next_reply(&path);
+        if let Some(date) = self.date() {
+            reply = reply.header("Date", &date);
+        }
+        lock(&self.log).push(Recorded {
+            method,
+            path,
+            query: uri.query().map(str::to_owned),
+            headers,
+            body,
+            at,
+            reply: reply.clone(),
+        });
+        reply
+    }
+}
+
 async fn answer(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let at = Instant::now();
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, usize::MAX)
         .await
         .expect("read the request body");
-    let path = parts.uri.path().to_owned();
-    let mut reply = shared.next_reply(&path);
-    if let Some(date) = shared.date() {
-        reply = reply.header("Date", &date);
-    }
-    lock(&shared.log).push(Recorded {
-        method: parts.method,
-        path,
-        query: parts.uri.query().map(str::to_owned),
-        headers: parts.headers,
-        body: body.to_vec(),
-        at,
-        reply: reply.clone(),
-    });
-    reply.into_response()
+    shared
+        .answer(parts.method, &parts.uri, parts.headers, body.to_vec(), at)
+        .into_response()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

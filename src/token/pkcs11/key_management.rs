@@ -73,14 +73,19 @@ pub(super) fn keys(conn: &Connection) -> Result<Listing, TokenError> {
                 Ok(Examined::Problem(p)) => listing.problems.push(p),
                 Ok(Examined::Skipped) => {}
                 Err(f) if f.session_lost() => return Err(f),
-                Err(f) => listing.problems.push(Problem {
-                    label: String::new(),
-                    id: Vec::new(),
-                    reason: format!(
-                        "a private key object cannot be read: {}",
-                        TokenError::from(f)
-                    ),
-                }),
+                Err(f) => {
+                    // Only what the object is makes it a problem; a failing device fails
+                    // the listing (a key merely unreachable now must not leave a JWKS).
+                    let e = TokenError::from(f);
+                    if !e.about_the_object() {
+                        return Err(e.into());
+                    }
+                    listing.problems.push(Problem {
+                        label: String::new(),
+                        id: Vec::new(),
+                        reason: format!("a private key object cannot be read: {e}"),
+                    });
+                }
             }
         }
         // A CKA_ID names one key: several private keys under one id are copies

@@ -52,20 +52,11 @@ impl Settings {
         // A relative path would follow the working directory, which whoever starts
         // keybound chooses: the module is code run with the PIN in memory, the profiles
         // name modules, and the PIN file is the PIN.
-        for (key, path) in [
-            ("module", &self.module),
-            ("profiles_dir", &self.profiles_dir),
-            ("pin_file", &self.pin_file),
-        ] {
-            if let Some(path) = path
-                && !path.is_absolute()
-            {
-                return Err(format!(
-                    "token.{key}: must be an absolute path, not '{}'",
-                    path.display()
-                ));
-            }
-        }
+        super::trust::absolute_paths(&[
+            ("module", self.module.as_deref()),
+            ("profiles_dir", self.profiles_dir.as_deref()),
+            ("pin_file", self.pin_file.as_deref()),
+        ])?;
         if let Some(n) = self.sessions
             && !(1..=64).contains(&n)
         {

@@ -52,6 +52,12 @@ impl Settings {
     /// Checks what TOML types cannot; each message names the key.
     pub fn validate(&self) -> Result<(), String> {
         parse_tcti(&self.tcti).map_err(|e| format!("token.tcti: {e}"))?;
+        // As for PKCS#11: the working directory is whoever starts keybound's choice. The
+        // state directory holds the key blobs, the auth file the keys' authorization.
+        crate::token::trust::absolute_paths(&[
+            ("state_dir", self.state_dir.as_deref()),
+            ("key_auth_file", self.key_auth_file.as_deref()),
+        ])?;
         if let Some(h) = self.primary_handle
             && !PERSISTENT_OWNER.contains(&h)
         {

@@ -15,7 +15,7 @@
 //! inspected with tpm2-tools (`tpm2_print -t TPM2B_PUBLIC`).
 
 use std::fs::{self, OpenOptions};
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
@@ -28,6 +28,7 @@ use tss_esapi::traits::{Marshall as _, UnMarshall as _};
 
 use crate::jose::Alg;
 use crate::token::TokenError;
+use crate::token::trust::{self, Owners};
 
 const VERSION: u32 = 1;
 
@@ -84,25 +85,35 @@ impl Store {
     }
 
     /// Every readable key file, sorted by label, and every file that does not parse with
-    /// the reason, so one damaged file does not hide the other keys.
+    /// the reason, so one damaged file does not hide the other keys. The store is trusted
+    /// like the PIN file, or not read at all: the key directory, the state directory and
+    /// every directory above them no other user can write, and each key file a regular file
+    /// of the effective user's that group and others cannot write. A key file someone else
+    /// could plant (one made with tpm2-tools under the same storage key passes the policy
+    /// and TPM2_Load) is refused with the file and the fix named, never skipped or warned.
     pub(super) fn list(&self) -> Result<(Vec<StoredKey>, Vec<Damaged>), TokenError> {
         let mut damaged = Vec::new();
-        let entries = match fs::read_dir(&self.dir) {
-            Ok(e) => e,
+        let real = match fs::symlink_metadata(&self.dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // No keys yet; a state directory others can write is refused all the same.
+                if let Some(state) = self.dir.parent()
+                    && fs::symlink_metadata(state).is_ok()
+                {
+                    trust::check_dir(state).map_err(|reason| self.untrusted(state, reason))?;
+                }
                 return Ok((Vec::new(), damaged));
             }
-            Err(e) => return Err(self.error(&self.dir, e.to_string())),
+            _ => self.trusted_dir()?,
         };
+        let entries = fs::read_dir(&real).map_err(|e| self.error(&real, e.to_string()))?;
         let mut keys = Vec::new();
         for entry in entries {
-            let path = entry
-                .map_err(|e| self.error(&self.dir, e.to_string()))?
-                .path();
+            let path = entry.map_err(|e| self.error(&real, e.to_string()))?.path();
             if path.extension().is_none_or(|x| x != "json") {
                 continue;
             }
-            match read(&path) {
+            let file = open_trusted(&path).map_err(|reason| self.error(&path, reason))?;
+            match read(file, &path) {
                 Ok(key) => keys.push(key),
                 Err(reason) => {
                     tracing::warn!(file = %path.display(), "TPM key file skipped: {reason}");
@@ -114,12 +125,29 @@ impl Store {
         Ok((keys, damaged))
     }
 
+    /// The key directory, resolved, when it and every directory above it pass
+    /// `trust::check_dir`.
+    fn trusted_dir(&self) -> Result<PathBuf, TokenError> {
+        trust::check_dir(&self.dir).map_err(|reason| self.untrusted(&self.dir, reason))
+    }
+
+    fn untrusted(&self, dir: &Path, reason: String) -> TokenError {
+        self.error(
+            dir,
+            format!(
+                "{reason}. keybound does not use TPM keys from a directory another user can \
+                 write: they could plant a key of theirs there"
+            ),
+        )
+    }
+
     /// Writes a new key file; fails if the label is taken (atomically: no two writers can
     /// both win).
     pub(super) fn save(&self, key: &StoredKey, created: u64) -> Result<PathBuf, TokenError> {
         create_private_dir(self.dir.parent().unwrap_or(&self.dir))
             .and_then(|()| create_private_dir(&self.dir))
             .map_err(|e| self.error(&self.dir, e))?;
+        self.trusted_dir()?;
         let file = KeyFile {
             version: VERSION,
             label: key.label.clone(),
@@ -214,8 +242,22 @@ pub(super) fn key_id(public: &Public) -> Result<Vec<u8>, String> {
     Ok(sha2::Sha256::digest(&bytes)[..16].to_vec())
 }
 
-fn read(path: &Path) -> Result<StoredKey, String> {
-    let text = fs::read_to_string(path).map_err(|e| e.to_string())?;
+/// A key file opened for reading: a regular file (not a symbolic link, not a FIFO) of the
+/// effective user's, which group and others cannot write.
+fn open_trusted(path: &Path) -> Result<fs::File, String> {
+    let (file, meta) = trust::open_regular(path, true)?;
+    trust::check_file(path, &meta, Owners::User).map_err(|reason| {
+        format!(
+            "{reason}. keybound does not use a key file another user could have written: it \
+             may hold their key; if you did not create it, delete it"
+        )
+    })?;
+    Ok(file)
+}
+
+fn read(mut file: fs::File, path: &Path) -> Result<StoredKey, String> {
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(|e| e.to_string())?;
     let file: KeyFile = serde_json::from_str(&text).map_err(|e| e.to_string())?;
     if file.version != VERSION {
         return Err(format!(
@@ -251,21 +293,11 @@ fn read(path: &Path) -> Result<StoredKey, String> {
     })
 }
 
-/// A directory only the owner can enter; an existing one open to others is reported.
+/// Creates a missing directory, only the owner can enter it. An existing one is checked by
+/// the caller (`Store::trusted_dir`), which refuses one that others can write.
 fn create_private_dir(dir: &Path) -> Result<(), String> {
-    match fs::metadata(dir) {
-        Ok(meta) => {
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o022 != 0 {
-                tracing::warn!(
-                    dir = %dir.display(),
-                    "the TPM state directory is writable by group or others (mode {mode:o}); \
-                     run: chmod 700 {}",
-                    dir.display()
-                );
-            }
-            Ok(())
-        }
+    match fs::symlink_metadata(dir) {
+        Ok(_) => Ok(()),
         Err(_) => {
             fs::create_dir_all(dir).map_err(|e| format!("cannot create it: {e}"))?;
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
