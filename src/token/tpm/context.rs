@@ -1,19 +1,18 @@
-//! The owner thread: one `tss_esapi::Context` (every call takes `&mut`), owned by one thread
-//! and reached through a queue of jobs; answers come back by callback, as from the PKCS#11
-//! workers. The thread also owns what is loaded in the TPM: the storage primary and at most
-//! one signing key, kept while jobs are queued back to back and flushed as soon as the queue
-//! is empty, after any failure, and before the thread ends. A bare TPM or swtpm has about
-//! three object slots; nothing keybound loads outlives a burst of work.
+//! The TPM's worker: one `tss_esapi::Context` (every call takes `&mut`), owned by the one
+//! thread of a `token::worker` and reached through its queue of jobs; answers come back by
+//! callback, as from the PKCS#11 workers. The worker also owns what is loaded in the TPM: the
+//! storage primary and at most one signing key, kept while jobs are queued back to back and
+//! flushed as soon as the queue is empty, after any failure, and before the worker ends. A
+//! bare TPM or swtpm has about three object slots; nothing keybound loads outlives a burst of
+//! work.
 //!
 //! A TPM that goes away (swtpm restarted, device busy, daemon down) costs the request that
 //! hit it one retry on a fresh context; if that fails too the error is reported and the
 //! next request connects again. keybound never needs a restart for it.
 
 use std::collections::HashSet;
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use tss_esapi::constants::tss::TPM2_PT_MANUFACTURER;
 use tss_esapi::constants::{CapabilityType, PropertyTag};
 use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, TpmHandle};
@@ -23,23 +22,46 @@ use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{Auth, CapabilityData};
 use tss_esapi::{Context, TctiNameConf};
 
+use super::asym_sign;
 use super::errors::{Failure, Recovery, Tag as _};
-use super::key_management::primary_template;
+use super::key_management::{self, Created, primary_template};
 use super::store::StoredKey;
-use crate::token::{Pin, TokenError};
+use crate::jose::{Alg, JwsSignature, ToBeSigned};
+use crate::token::worker::{self, Device};
+use crate::token::{KeyFacts, Pin, Proof, TokenError};
 
-/// A unit of work for the owner thread. It gets `None` when the thread is gone, so a job
-/// that carries a reply can still answer.
-pub(super) type Job = Box<dyn FnOnce(Option<&mut Tpm>) + Send>;
-
-/// The owner thread and its queue.
-pub(super) struct Owner {
-    /// `None` once shutting down.
-    jobs: Option<Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
+/// A job for the TPM's worker: plain data.
+pub(super) enum Job {
+    /// The TPM's manufacturer and model, and the storage primary's name.
+    Identify,
+    /// One command that must reach the TPM.
+    Ping,
+    Create {
+        alg: Alg,
+        rsa_bits: u32,
+    },
+    Facts(Arc<StoredKey>),
+    /// Proof of possession: a signature, or for a key with an auth value, the TPM's own
+    /// binding of the key blob to its public area (`TPM2_Load`).
+    Prove(Arc<StoredKey>, ToBeSigned),
+    Sign(Arc<StoredKey>, ToBeSigned),
 }
 
-/// What the owner thread owns: the context and the objects loaded through it.
+/// The answer to each [`Job`], in the same order.
+pub(super) enum Answer {
+    Identified {
+        manufacturer: String,
+        model: String,
+        primary: Vec<u8>,
+    },
+    Pong,
+    Created(Created),
+    Facts(KeyFacts),
+    Proved(Proof),
+    Signed(JwsSignature),
+}
+
+/// What the worker owns: the context and the objects loaded through it.
 pub(super) struct Tpm {
     tcti: TctiNameConf,
     /// The TCTI as configured, for messages.
@@ -68,83 +90,61 @@ struct Loaded {
     handle: KeyHandle,
 }
 
-impl Owner {
-    pub(super) fn start(tpm: Tpm) -> Result<Owner, TokenError> {
-        let (jobs, queue) = crossbeam_channel::unbounded();
-        let thread = std::thread::Builder::new()
-            .name("keybound-tpm".into())
-            .spawn(move || serve(tpm, queue))
-            .map_err(|e| TokenError::Unavailable {
-                reason: format!("cannot start the TPM thread: {e}"),
-            })?;
-        Ok(Owner {
-            jobs: Some(jobs),
-            thread: Some(thread),
-        })
-    }
+impl Device for Tpm {
+    type Job = Job;
+    type Answer = Answer;
 
-    /// Queues a job; runs it with `None` at once when the thread is gone.
-    pub(super) fn submit(&self, job: Job) {
-        let refused = match &self.jobs {
-            Some(jobs) => jobs.send(job).err().map(|e| e.0),
-            None => Some(job),
-        };
-        if let Some(job) = refused {
-            job(None);
-        }
-    }
-
-    /// Runs `f` on the owner thread and waits for its result.
-    pub(super) fn call<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Tpm) -> Result<T, TokenError> + Send + 'static,
-    ) -> Result<T, TokenError> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.submit(Box::new(move |tpm| {
-            let result = match tpm {
-                Some(tpm) => f(tpm),
-                None => Err(TokenError::WorkersGone),
-            };
-            // The caller waits below; if it went away there is nobody to tell.
-            let _ = tx.send(result);
-        }));
-        rx.recv().map_err(|_| TokenError::WorkersGone)?
-    }
-}
-
-/// Closing the queue ends the thread once the queued jobs are done; joining it means no
-/// thread is inside the TSS libraries, and every object is flushed, when the process exits.
-impl Drop for Owner {
-    fn drop(&mut self) {
-        self.jobs = None;
-        // A reply runs on the TPM thread and may hold the last reference to its owner; that
-        // thread cannot join itself (EDEADLK). It ends on its own once the queue is closed.
-        if let Some(thread) = self.thread.take()
-            && thread.thread().id() != std::thread::current().id()
-            && thread.join().is_err()
-        {
-            tracing::error!("the TPM thread panicked");
-        }
-    }
-}
-
-fn serve(mut tpm: Tpm, queue: Receiver<Job>) {
-    loop {
-        let job = match queue.try_recv() {
-            Ok(job) => job,
-            Err(TryRecvError::Empty) => {
-                // Idle: nothing stays loaded in the TPM while no work is queued.
-                tpm.release();
-                match queue.recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                }
+    fn run(&mut self, job: Job) -> Result<Answer, TokenError> {
+        match job {
+            Job::Identify => self.retrying(|t| {
+                let (manufacturer, model) = t.identity()?;
+                let (_, primary) = t.primary()?;
+                Ok(Answer::Identified {
+                    manufacturer,
+                    model,
+                    primary,
+                })
+            }),
+            Job::Ping => self.retrying(|t| t.ping().map(|()| Answer::Pong)),
+            Job::Create { alg, rsa_bits } => self
+                .retrying(|t| key_management::create(t, alg, rsa_bits))
+                .map(Answer::Created),
+            Job::Facts(key) => self
+                .retrying(|t| key_management::facts(t, &key))
+                .map(Answer::Facts),
+            Job::Prove(key, tbs) => {
+                let proof = if key.auth {
+                    // Signing would need the key's auth value (a wrong one is a
+                    // dictionary-attack strike); loading it needs none and binds the public
+                    // area to the key.
+                    self.retrying(|t| t.load(&key).map(|_| ()))
+                        .map(|()| Proof::LoadedByDevice)
+                } else {
+                    asym_sign::sign(self, &key, &tbs).map(Proof::Signed)
+                };
+                proof.map(Answer::Proved)
             }
-            Err(TryRecvError::Disconnected) => break,
-        };
-        job(Some(&mut tpm));
+            Job::Sign(key, tbs) => asym_sign::sign(self, &key, &tbs).map(Answer::Signed),
+        }
     }
-    tpm.release();
+
+    /// Nothing stays loaded in the TPM while no work is queued.
+    fn idle(&mut self) {
+        self.release();
+    }
+}
+
+/// A worker answered a job with the answer to another: a bug, reported rather than
+/// trusted.
+pub(super) fn mismatch(job: &str) -> TokenError {
+    TokenError::Unavailable {
+        reason: format!("internal error: the TPM worker gave a {job} job another job's answer"),
+    }
+}
+
+/// The TPM's single worker thread.
+pub(super) fn start(tpm: Tpm) -> Result<worker::Threads<Tpm>, TokenError> {
+    worker::Threads::start("keybound-tpm", vec![tpm])
 }
 
 impl Tpm {
@@ -169,29 +169,37 @@ impl Tpm {
     /// Runs one operation; when it fails because the TPM restarted or the connection broke,
     /// retries it once on a fresh context. Whatever a failed attempt loaded is flushed
     /// before the error is returned.
-    pub(super) fn run<T>(
+    pub(super) fn retrying<T>(
         &mut self,
-        mut op: impl FnMut(&mut Tpm) -> Result<T, Failure>,
+        op: impl FnMut(&mut Tpm) -> Result<T, Failure>,
     ) -> Result<T, TokenError> {
-        let mut retried = false;
-        loop {
-            let failure = match op(self) {
-                Ok(v) => return Ok(v),
-                Err(f) => f,
-            };
-            let recovery = failure.recovery();
-            self.release();
-            if recovery == Recovery::Reconnect {
-                self.ctx = None;
-            }
-            if matches!(recovery, Recovery::Reconnect | Recovery::Reload) && !retried {
-                tracing::info!(tcti = %self.tcti_text,
-                    "TPM request failed ({}); retrying once", failure.summary());
-                retried = true;
-                continue;
-            }
-            return Err(failure.into_token_error(&self.tcti_text));
+        worker::retry_once(
+            self,
+            op,
+            |t, failure| match t.after_failure(&failure) {
+                Recovery::Reconnect | Recovery::Reload => {
+                    tracing::info!(tcti = %t.tcti_text,
+                        "TPM request failed ({}); retrying once", failure.summary());
+                    Ok(())
+                }
+                _ => Err(failure.into_token_error(&t.tcti_text)),
+            },
+            |t, failure| {
+                t.after_failure(&failure);
+                failure.into_token_error(&t.tcti_text)
+            },
+        )
+    }
+
+    /// Flushes what a failed attempt loaded, drops a broken connection, and says what the
+    /// failure calls for.
+    fn after_failure(&mut self, failure: &Failure) -> Recovery {
+        let recovery = failure.recovery();
+        self.release();
+        if recovery == Recovery::Reconnect {
+            self.ctx = None;
         }
+        recovery
     }
 
     /// The ESAPI context, connected on first use.
