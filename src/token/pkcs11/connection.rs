@@ -327,7 +327,7 @@ impl Connection {
     ) -> Result<T, TokenError> {
         let mut keeper = self.keeper.lock().unwrap_or_else(PoisonError::into_inner);
         // A failure carries the session it happened on (`None`: none could be opened, which
-        // is not retried).
+        // is not retried); boxed, as failures are rare and large.
         worker::retry_once(
             &mut *keeper,
             |keeper| {
@@ -335,7 +335,7 @@ impl Connection {
                     Some(l) if self.is_current(&l) => l,
                     _ => self
                         .open_session(true)
-                        .map_err(|e| (Failure::Token(e), None))?,
+                        .map_err(|e| Box::new((Failure::Token(e), None)))?,
                 };
                 let result = {
                     let _gate = self.read();
@@ -346,10 +346,11 @@ impl Connection {
                         *keeper = Some(live);
                         Ok(v)
                     }
-                    Err(failure) => Err((failure, Some(live))),
+                    Err(failure) => Err(Box::new((failure, Some(live)))),
                 }
             },
-            |keeper, (failure, live)| {
+            |keeper, failed| {
+                let (failure, live) = *failed;
                 let Some(live) = live else {
                     return Err(failure.into());
                 };
@@ -362,7 +363,8 @@ impl Connection {
                 self.discard(live);
                 self.reconnect_if_gone()
             },
-            |keeper, (failure, live)| {
+            |keeper, failed| {
+                let (failure, live) = *failed;
                 if let Some(live) = live {
                     *keeper = Some(live);
                 }
