@@ -1,17 +1,17 @@
-//! The TPM's worker: one `tss_esapi::Context` (every call takes `&mut`), owned by the one
-//! thread of a `token::worker` and reached through its queue of jobs; answers come back by
-//! callback, as from the PKCS#11 workers. The worker also owns what is loaded in the TPM: the
-//! storage primary and at most one signing key, kept while jobs are queued back to back and
-//! flushed as soon as the queue is empty, after any failure, and before the worker ends. A
-//! bare TPM or swtpm has about three object slots; nothing keybound loads outlives a burst of
-//! work.
+//! The TPM context: one `tss_esapi::Context` (every call takes `&mut`), owned by the one
+//! thread of a `token::worker` and reached through its queue of jobs (`jobs`); answers come
+//! back by callback, as from the PKCS#11 workers. The worker also owns what is loaded in the
+//! TPM: the storage primary and at most one signing key, kept while jobs are queued back to
+//! back and flushed as soon as the queue is empty, after any failure, and before the worker
+//! ends. A bare TPM or swtpm has about three object slots; nothing keybound loads outlives a
+//! burst of work. (Over 400 lines: the context and what is loaded through it are one type,
+//! each step of loading and releasing next to the state it changes.)
 //!
 //! A TPM that goes away (swtpm restarted, device busy, daemon down) costs the request that
 //! hit it one retry on a fresh context; if that fails too the error is reported and the
 //! next request connects again. keybound never needs a restart for it.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use tss_esapi::constants::tss::TPM2_PT_MANUFACTURER;
 use tss_esapi::constants::{CapabilityType, PropertyTag};
@@ -22,44 +22,11 @@ use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{Auth, CapabilityData};
 use tss_esapi::{Context, TctiNameConf};
 
-use super::asym_sign;
 use super::errors::{Failure, Recovery, Tag as _};
-use super::key_management::{self, Created, primary_template};
+use super::key_management::primary_template;
 use super::store::StoredKey;
-use crate::jose::{Alg, JwsSignature, ToBeSigned};
-use crate::token::worker::{self, Device};
-use crate::token::{KeyFacts, Pin, Proof, TokenError};
-
-/// A job for the TPM's worker: plain data.
-pub(super) enum Job {
-    /// The TPM's manufacturer and model, and the storage primary's name.
-    Identify,
-    /// One command that must reach the TPM.
-    Ping,
-    Create {
-        alg: Alg,
-        rsa_bits: u32,
-    },
-    Facts(Arc<StoredKey>),
-    /// Proof of possession: a signature, or for a key with an auth value, the TPM's own
-    /// binding of the key blob to its public area (`TPM2_Load`).
-    Prove(Arc<StoredKey>, ToBeSigned),
-    Sign(Arc<StoredKey>, ToBeSigned),
-}
-
-/// The answer to each [`Job`], in the same order.
-pub(super) enum Answer {
-    Identified {
-        manufacturer: String,
-        model: String,
-        primary: Vec<u8>,
-    },
-    Pong,
-    Created(Created),
-    Facts(KeyFacts),
-    Proved(Proof),
-    Signed(JwsSignature),
-}
+use crate::token::worker;
+use crate::token::{Pin, TokenError};
 
 /// What the worker owns: the context and the objects loaded through it.
 pub(super) struct Tpm {
@@ -88,63 +55,6 @@ struct Primary {
 struct Loaded {
     id: Vec<u8>,
     handle: KeyHandle,
-}
-
-impl Device for Tpm {
-    type Job = Job;
-    type Answer = Answer;
-
-    fn run(&mut self, job: Job) -> Result<Answer, TokenError> {
-        match job {
-            Job::Identify => self.retrying(|t| {
-                let (manufacturer, model) = t.identity()?;
-                let (_, primary) = t.primary()?;
-                Ok(Answer::Identified {
-                    manufacturer,
-                    model,
-                    primary,
-                })
-            }),
-            Job::Ping => self.retrying(|t| t.ping().map(|()| Answer::Pong)),
-            Job::Create { alg, rsa_bits } => self
-                .retrying(|t| key_management::create(t, alg, rsa_bits))
-                .map(Answer::Created),
-            Job::Facts(key) => self
-                .retrying(|t| key_management::facts(t, &key))
-                .map(Answer::Facts),
-            Job::Prove(key, tbs) => {
-                let proof = if key.auth {
-                    // Signing would need the key's auth value (a wrong one is a
-                    // dictionary-attack strike); loading it needs none and binds the public
-                    // area to the key.
-                    self.retrying(|t| t.load(&key).map(|_| ()))
-                        .map(|()| Proof::LoadedByDevice)
-                } else {
-                    asym_sign::sign(self, &key, &tbs).map(Proof::Signed)
-                };
-                proof.map(Answer::Proved)
-            }
-            Job::Sign(key, tbs) => asym_sign::sign(self, &key, &tbs).map(Answer::Signed),
-        }
-    }
-
-    /// Nothing stays loaded in the TPM while no work is queued.
-    fn idle(&mut self) {
-        self.release();
-    }
-}
-
-/// A worker answered a job with the answer to another: a bug, reported rather than
-/// trusted.
-pub(super) fn mismatch(job: &str) -> TokenError {
-    TokenError::Unavailable {
-        reason: format!("internal error: the TPM worker gave a {job} job another job's answer"),
-    }
-}
-
-/// The TPM's single worker thread.
-pub(super) fn start(tpm: Tpm) -> Result<worker::Threads<Tpm>, TokenError> {
-    worker::Threads::start("keybound-tpm", vec![tpm])
 }
 
 impl Tpm {

@@ -1,12 +1,14 @@
 //! The TPM 2.0 backend (tss-esapi): keys generated inside the TPM under a storage primary,
 //! kept as blobs in a state directory, every TPM command on the one thread of a
-//! `token::worker` that owns the ESAPI context. One file per operation family: `context`
-//! (the worker's jobs, loading and flushing, reconnecting), `key_management` (templates, creation, facts), `asym_sign`
-//! (schemes and `TPM2_Sign`), `store` (the key files), `errors` (response codes in words).
+//! `token::worker` that owns the ESAPI context. One file per operation family: `jobs` (what
+//! the worker is asked), `context` (the context, loading and flushing, reconnecting),
+//! `key_management` (templates, creation, facts), `asym_sign` (schemes and `TPM2_Sign`),
+//! `store` (the key files), `errors` (response codes in words).
 
 mod asym_sign;
 mod context;
 mod errors;
+mod jobs;
 mod key_management;
 mod store;
 
@@ -25,7 +27,8 @@ use super::{
     Reply, TokenDescription, TokenError,
 };
 use crate::jose::{Alg, ToBeSigned};
-use context::{Answer, Job, Tpm, mismatch};
+use context::Tpm;
+use jobs::{Answer, Job, mismatch};
 use store::{Store, StoredKey};
 
 /// `[token]` settings for `backend = "tpm"` (see keybound.example.toml).
@@ -148,7 +151,7 @@ impl TpmToken {
             })?),
         };
         let store = Store::new(&settings.state_dir()?);
-        let worker = context::start(Tpm::new(
+        let worker = jobs::start(Tpm::new(
             tcti,
             settings.tcti.clone(),
             settings.primary_handle,
