@@ -40,6 +40,8 @@ pub(crate) trait Workers<J, A: Send + 'static>: Send + Sync {
     fn submit(&self, job: J, reply: Reply<A>);
 
     /// Runs `job` and waits for its outcome. Blocking: never call it on a worker itself.
+    /// (PKCS#11 only submits; its management calls use their own session.)
+    #[cfg_attr(not(feature = "tpm"), allow(dead_code))]
     fn call(&self, job: J) -> Result<A, TokenError> {
         wait(|reply| self.submit(job, reply))
     }
