@@ -249,7 +249,7 @@ fn measure_with(
         .to_be_signed(b"keybound bench: raw device signature");
     let (mut raw, mut made, mut latencies) = (0u64, 0u64, Vec::new());
     for _ in 0..rounds {
-        raw += around_raw(&mut || raw_phase(key, &tbs, phase))?;
+        raw += around_raw(&mut || raw_phase(key, sessions, &tbs, phase))?;
         let (n, mut lat) = measured(phase)?;
         made += n;
         latencies.append(&mut lat);
@@ -283,14 +283,44 @@ fn measure_with(
     })
 }
 
-fn raw_phase(key: &SigningKey, tbs: &ToBeSigned, phase: Duration) -> Result<u64, BenchError> {
-    Ok(key.raw_rate(tbs, phase).map_err(OAuthError::from)?)
+/// The device's own rate: `sessions` threads each calling [`SigningKey::sign`] on the same
+/// prepared input until the deadline (the public signing path, no JOSE work).
+fn raw_phase(
+    key: &SigningKey,
+    sessions: usize,
+    tbs: &ToBeSigned,
+    phase: Duration,
+) -> Result<u64, BenchError> {
+    let until = Instant::now() + phase;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..sessions.max(1))
+            .map(|_| {
+                scope.spawn(move || -> Result<u64, OAuthError> {
+                    let mut n = 0;
+                    while Instant::now() < until {
+                        key.sign(tbs.clone())?;
+                        n += 1;
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        let mut made = 0;
+        for h in handles {
+            match h.join() {
+                Ok(n) => made += n?,
+                Err(_) => return Err(OAuthError::Token(crate::token::TokenError::WorkersGone)),
+            }
+        }
+        Ok(made)
+    })
+    .map_err(BenchError::from)
 }
 
 /// `callers` threads each building, signing and serialising DPoP proofs until the deadline.
 fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, OAuthError> {
     let until = Instant::now() + phase;
-    let header = dpop::header(key.alg(), key.public());
+    let header = dpop::header(key.alg(), key.jwk());
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..callers)
             .map(|_| {

@@ -11,14 +11,14 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::TokenConfig;
-use crate::jose::{self, Alg, JwsSignature, PublicKey, ToBeSigned};
+use crate::jose::{self, Alg, Jwk, JwsSignature, PublicKey, ToBeSigned};
 use crate::policy::{self, Finding, PolicyError, Rules, Severity, Verdict};
 use crate::token::pkcs11::Pkcs11Token;
 #[cfg(feature = "tpm")]
 use crate::token::tpm::TpmToken;
 use crate::token::{
-    Backend, Binding, KeyFacts, KeyInfo, KeyName, Listing, Problem, Proof, TokenDescription,
-    TokenError,
+    Backend, Binding, KeyFacts, KeyInfo, KeyName, Label, Listing, Problem, Proof, TokenDescription,
+    TokenError, worker,
 };
 
 /// Errors of resolving a key for signing.
@@ -83,12 +83,13 @@ pub struct Inventory {
     pub problems: Vec<Problem>,
 }
 
-/// An approved key, with its `kid` (RFC 7638 thumbprint). Cheap to clone: the agent hands
-/// one to every request; clones share the approval.
+/// An approved key, with its `kid` (RFC 7638 thumbprint) and public JWK, each computed once.
+/// Cheap to clone: the agent hands one to every request; clones share the approval.
 #[derive(Clone)]
 pub struct SigningKey {
     info: Arc<KeyInfo>,
     kid: Arc<str>,
+    jwk: Arc<Jwk>,
     keyring: Keyring,
     approval: Arc<Approval>,
 }
@@ -163,7 +164,7 @@ impl Keyring {
     }
 
     /// Generates a key inside the device and audits it.
-    pub fn generate(&self, label: &str, alg: Alg) -> Result<Audit, TokenError> {
+    pub fn generate(&self, label: &Label, alg: Alg) -> Result<Audit, TokenError> {
         let key = self.backend.generate(label, alg)?;
         self.audit(&key)
     }
@@ -262,6 +263,7 @@ impl SigningKey {
     fn new(keyring: Keyring, info: KeyInfo, binding: Binding) -> SigningKey {
         SigningKey {
             kid: info.public().thumbprint().into(),
+            jwk: Arc::new(info.public().jwk()),
             info: Arc::new(info),
             keyring,
             approval: Arc::new(Approval {
@@ -287,6 +289,11 @@ impl SigningKey {
         self.info.public()
     }
 
+    /// The public key as a JWK with only the key members (what a DPoP header carries).
+    pub fn jwk(&self) -> &Jwk {
+        &self.jwk
+    }
+
     pub fn info(&self) -> &KeyInfo {
         &self.info
     }
@@ -307,23 +314,6 @@ impl SigningKey {
             Err(TokenError::Reapprove { .. }) => {
                 let renewed = self.renew(seen.epoch)?;
                 Ok(backend.sign(&self.info, &renewed.binding, tbs)?)
-            }
-            other => Ok(other?),
-        }
-    }
-
-    /// The device's raw rate for this key: see `Backend::bench_raw`.
-    pub fn raw_rate(
-        &self,
-        tbs: &ToBeSigned,
-        duration: std::time::Duration,
-    ) -> Result<u64, KeyError> {
-        let seen = self.current();
-        let backend = &self.keyring.backend;
-        match backend.bench_raw(&self.info, &seen.binding, tbs, duration) {
-            Err(TokenError::Reapprove { .. }) => {
-                let renewed = self.renew(seen.epoch)?;
-                Ok(backend.bench_raw(&self.info, &renewed.binding, tbs, duration)?)
             }
             other => Ok(other?),
         }
@@ -378,6 +368,7 @@ impl SigningKey {
         WeakSigningKey {
             info: self.info.clone(),
             kid: self.kid.clone(),
+            jwk: self.jwk.clone(),
             backend: Arc::downgrade(&self.keyring.backend),
             rules: self.keyring.rules.clone(),
             observer: self.keyring.observer.clone(),
@@ -468,22 +459,14 @@ impl Keyring {
         getrandom::getrandom(&mut challenge).map_err(|e| TokenError::Rng(e.to_string()))?;
         let mut message = b"keybound proof of possession ".to_vec();
         message.extend_from_slice(jose::b64(challenge).as_bytes());
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let start = Instant::now();
-        backend.prove(
-            key,
-            key.alg().to_be_signed(&message),
-            Box::new(move |result| {
-                // The receiver waits below; a failed send means it is gone, nothing to do.
-                let _ = tx.send(result);
-            }),
-        );
+        let answer =
+            worker::wait(|reply| backend.prove(key, key.alg().to_be_signed(&message), reply));
         let finding = |message: String| Finding {
             severity: Severity::Fail,
             attribute: POSSESSION,
             message,
         };
-        let answer = rx.recv().map_err(|_| TokenError::WorkersGone)?;
         if let Ok((Proof::Signed(_), _)) | Err(_) = &answer {
             self.observed(Purpose::Possession, key, answer.is_ok(), start);
         }
@@ -536,6 +519,7 @@ fn observe(
 struct WeakSigningKey {
     info: Arc<KeyInfo>,
     kid: Arc<str>,
+    jwk: Arc<Jwk>,
     backend: std::sync::Weak<dyn Backend>,
     rules: Rules,
     observer: Option<SignObserver>,
@@ -547,6 +531,7 @@ impl WeakSigningKey {
         Some(SigningKey {
             info: self.info,
             kid: self.kid,
+            jwk: self.jwk,
             keyring: Keyring {
                 backend: self.backend.upgrade()?,
                 rules: self.rules,

@@ -188,6 +188,25 @@ fn keys_list_audit_and_jwks_agree_on_generated_keys() {
     assert_exit(&token.keybound(&["keys", "audit"]), 0, &"keys audit");
 }
 
+/// One label rule for every backend (`token::Label`): a PKCS#11 token refuses what the TPM
+/// store refuses, before anything is created on the token.
+#[test]
+fn bad_labels_are_refused_with_the_rule() {
+    let token = DevToken::new();
+    for bad in ["", "pkcs11:object=x", "tab\there"] {
+        let out = token.keybound(&["keys", "generate", "--label", bad]);
+        assert_exit(&out, 1, &format!("keys generate --label {bad:?}"));
+        let err = stderr(&out);
+        assert!(
+            err.contains("non-empty, printable and not start with 'pkcs11:'"),
+            "{bad:?}: {err}"
+        );
+    }
+    let listed: Vec<Value> =
+        serde_json::from_str(&token.run_ok(&["keys", "list", "--json"])).expect("keys list --json");
+    assert!(listed.is_empty(), "no key was created: {listed:?}");
+}
+
 #[test]
 fn bench_json_reports_positive_rates() {
     let token = DevToken::new();

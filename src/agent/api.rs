@@ -495,7 +495,7 @@ async fn dpop_handler(
         oauth::new_jti()?,
     )?;
     caller.check_htu(&claims.htu).map_err(ApiError::forbidden)?;
-    let header = |k: &SigningKey| dpop::header(k.alg(), k.public());
+    let header = |k: &SigningKey| dpop::header(k.alg(), k.jwk());
     let jws = match (&req.client, &req.key) {
         (Some(name), None) => {
             let c = agent.access.client(&caller, name)?;

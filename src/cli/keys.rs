@@ -6,12 +6,13 @@ use std::process::ExitCode;
 use keybound::jose::Alg;
 use keybound::keyring::{Audit, Inventory};
 use keybound::policy::{Outcome, Verdict};
-use keybound::token::{KeyFacts, KeyInfo, KeyName, Problem, hex};
+use keybound::token::{KeyFacts, KeyInfo, KeyName, Label, Problem, hex};
 use serde_json::{Value, json};
 
 pub fn generate(config: Option<&Path>, label: &str, alg: Alg) -> anyhow::Result<ExitCode> {
+    let label = Label::parse(label)?;
     let keyring = super::open(config, None)?;
-    let audit = keyring.generate(label, alg)?;
+    let audit = keyring.generate(&label, alg)?;
     let token = keyring.describe().token_label;
     let key = audit.key().clone();
     if let Err(refusal) = audit.into_signing_key() {

@@ -59,7 +59,7 @@ pub fn dpop(
         oauth::new_jti()?,
     )?;
     let key = super::open(config, None)?.signing_key(key)?;
-    let jws = oauth::sign(&key, &dpop::header(key.alg(), key.public()), &claims)?;
+    let jws = oauth::sign(&key, &dpop::header(key.alg(), key.jwk()), &claims)?;
     out!("{jws}");
     Ok(ExitCode::SUCCESS)
 }

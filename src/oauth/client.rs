@@ -217,7 +217,7 @@ impl OAuthClient {
             self.state.iat_for(origin, unix_now()),
             super::new_jti()?,
         )?;
-        self.sign_with(true, |k| dpop::header(k.alg(), k.public()), &claims)
+        self.sign_with(true, |k| dpop::header(k.alg(), k.jwk()), &claims)
             .await
             .map(Some)
     }

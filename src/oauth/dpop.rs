@@ -5,7 +5,7 @@ use sha2::Digest as _;
 use url::Url;
 
 use super::OAuthError;
-use crate::jose::{self, Alg, Header, PublicKey};
+use crate::jose::{self, Alg, Header, Jwk};
 
 /// RFC 9449 §4.2 claims. `nonce` and `ath` only when present.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,13 +20,14 @@ pub struct Claims {
     pub ath: Option<String>,
 }
 
-/// RFC 9449 §4.2: `typ: dpop+jwt`, `alg`, and the public key as `jwk`.
-pub fn header(alg: Alg, key: &PublicKey) -> Header {
+/// RFC 9449 §4.2: `typ: dpop+jwt`, `alg`, and the public key as `jwk` (a key's JWK is
+/// computed once, `SigningKey::jwk`).
+pub fn header(alg: Alg, jwk: &Jwk) -> Header {
     Header {
         typ: Some("dpop+jwt".into()),
         alg,
         kid: None,
-        jwk: Some(key.jwk()),
+        jwk: Some(jwk.clone()),
     }
 }
 

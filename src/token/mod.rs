@@ -1,5 +1,6 @@
-//! The hardware seam: one trait every key store implements (PKCS#11; TPM 2.0 with the `tpm` feature),
-//! the key facts the policy judges, and the errors a device can give.
+//! The hardware seam: one trait every key store implements (`pkcs11`; `tpm` with the `tpm`
+//! feature), the one device worker their device calls run on (`worker`), key names and
+//! labels, the key facts the policy judges, and the errors a device can give.
 
 pub mod pkcs11;
 pub mod profile;
@@ -10,12 +11,10 @@ mod error;
 mod name;
 mod pin;
 pub(crate) mod trust;
-
-use std::sync::mpsc;
-use std::time::Duration;
+pub(crate) mod worker;
 
 pub use error::TokenError;
-pub use name::KeyName;
+pub use name::{KeyName, Label};
 pub use pin::{Pin, PinSource};
 
 use crate::jose::{Alg, JwsSignature, PublicKey, ToBeSigned};
@@ -136,7 +135,7 @@ pub struct TokenDescription {
 }
 
 /// Receives the outcome of a signature made on a worker thread.
-pub(crate) type Reply = Box<dyn FnOnce(Result<JwsSignature, TokenError>) + Send>;
+pub(crate) type Reply = worker::Reply<JwsSignature>;
 
 /// What a backend offers as proof that the device holds the private half of a key's public
 /// key.
@@ -154,7 +153,7 @@ pub(crate) enum Proof {
 }
 
 /// Receives a proof of possession and the binding it was made with.
-pub(crate) type ProofReply = Box<dyn FnOnce(Result<(Proof, Binding), TokenError>) + Send>;
+pub(crate) type ProofReply = worker::Reply<(Proof, Binding)>;
 
 /// A key store. Methods a device family lacks answer "not supported" (Parsec style).
 /// Implementations are blocking; the agent calls them off the async reactor. Crate-private:
@@ -168,7 +167,7 @@ pub(crate) trait Backend: Send + Sync {
     }
 
     /// Generates a sign-only, non-extractable key pair inside the device.
-    fn generate(&self, label: &str, alg: Alg) -> Result<KeyInfo, TokenError> {
+    fn generate(&self, label: &Label, alg: Alg) -> Result<KeyInfo, TokenError> {
         let _ = (label, alg);
         Err(TokenError::NotSupported {
             what: "key generation",
@@ -245,38 +244,12 @@ pub(crate) trait Backend: Send + Sync {
         binding: &Binding,
         tbs: ToBeSigned,
     ) -> Result<JwsSignature, TokenError> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.submit(
-            key,
-            binding,
-            tbs,
-            Box::new(move |result| {
-                // The receiver waits below; a failed send means it is gone, nothing to do.
-                let _ = tx.send(result);
-            }),
-        );
-        rx.recv().map_err(|_| TokenError::WorkersGone)?
+        worker::wait(|reply| self.submit(key, binding, tbs, reply))
     }
 
     /// Queues a signature with the approved object and calls `reply` with the outcome,
     /// possibly on another thread.
     fn submit(&self, key: &KeyInfo, binding: &Binding, tbs: ToBeSigned, reply: Reply);
-
-    /// The device's own speed: signs the same prepared input on every signing session in
-    /// parallel for `duration`, with no JOSE work, and returns how many signatures were made.
-    fn bench_raw(
-        &self,
-        key: &KeyInfo,
-        binding: &Binding,
-        tbs: &ToBeSigned,
-        duration: Duration,
-    ) -> Result<u64, TokenError> {
-        let _ = (key, binding, tbs, duration);
-        Err(TokenError::NotSupported {
-            what: "raw benchmarking",
-            backend: self.describe().backend,
-        })
-    }
 }
 
 /// `tbs` was prepared for `alg`, the algorithm of the key `label`: a signature from one

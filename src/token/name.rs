@@ -4,6 +4,51 @@ use std::fmt;
 
 use super::TokenError;
 
+/// The label of a key keybound creates: non-empty, printable (no control characters: it
+/// is shown in logs and names a TPM key file) and not a `pkcs11:` URI (names starting
+/// with `pkcs11:` are parsed as URIs). One rule for every backend; parse it where a label
+/// comes in.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Label(String);
+
+impl Label {
+    pub fn parse(text: &str) -> Result<Label, TokenError> {
+        let bad = |reason: &str| TokenError::BadKeyName {
+            name: text.into(),
+            reason: format!(
+                "{reason}; a label must be non-empty, printable and not start with 'pkcs11:'"
+            ),
+        };
+        if text.is_empty() {
+            return Err(bad("it is empty"));
+        }
+        if text.starts_with("pkcs11:") {
+            return Err(bad("it starts with 'pkcs11:'"));
+        }
+        if text.chars().any(char::is_control) {
+            return Err(bad("it contains a control character"));
+        }
+        Ok(Label(text.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for Label {
+    type Err = TokenError;
+    fn from_str(s: &str) -> Result<Label, TokenError> {
+        Label::parse(s)
+    }
+}
+
 /// A parsed key name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyName {
@@ -146,6 +191,22 @@ fn utf8(v: Vec<u8>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_follow_one_rule() {
+        for ok in ["dpop", "client-auth", "a b", "clé"] {
+            assert_eq!(Label::parse(ok).unwrap().as_str(), ok);
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("pkcs11:object=x", "pkcs11:"),
+            ("a\nb", "control"),
+            ("\u{7f}", "control"),
+        ] {
+            let e = Label::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn labels_and_uris() {

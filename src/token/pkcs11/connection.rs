@@ -16,6 +16,7 @@ use super::Settings;
 use super::errors::{ck, session_lost};
 use crate::token::profile::{Profile, Profiles};
 use crate::token::trust::{self, Owners};
+use crate::token::worker;
 use crate::token::{Pin, TokenDescription, TokenError};
 
 /// A failure inside a PKCS#11 operation: the device's code (maybe worth a retry on a new
@@ -325,30 +326,51 @@ impl Connection {
         mut f: impl FnMut(&Session) -> Result<T, Failure>,
     ) -> Result<T, TokenError> {
         let mut keeper = self.keeper.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut retried = false;
-        loop {
-            let live = match keeper.take() {
-                Some(l) if self.is_current(&l) => l,
-                _ => self.open_session(true)?,
-            };
-            let result = {
-                let _gate = self.read();
-                f(&live.session)
-            };
-            match result {
-                Err(failure) if !retried && (failure.session_lost() || self.probe().is_err()) => {
-                    tracing::warn!(token = %self.description.token_label,
-                        "management session lost; reopening and logging in again");
-                    retried = true;
-                    self.discard(live);
-                    self.reconnect_if_gone()?;
+        // A failure carries the session it happened on (`None`: none could be opened, which
+        // is not retried); boxed, as failures are rare and large.
+        worker::retry_once(
+            &mut *keeper,
+            |keeper| {
+                let live = match keeper.take() {
+                    Some(l) if self.is_current(&l) => l,
+                    _ => self
+                        .open_session(true)
+                        .map_err(|e| Box::new((Failure::Token(e), None)))?,
+                };
+                let result = {
+                    let _gate = self.read();
+                    f(&live.session)
+                };
+                match result {
+                    Ok(v) => {
+                        *keeper = Some(live);
+                        Ok(v)
+                    }
+                    Err(failure) => Err(Box::new((failure, Some(live)))),
                 }
-                other => {
+            },
+            |keeper, failed| {
+                let (failure, live) = *failed;
+                let Some(live) = live else {
+                    return Err(failure.into());
+                };
+                if !(failure.session_lost() || self.probe().is_err()) {
                     *keeper = Some(live);
-                    return other.map_err(TokenError::from);
+                    return Err(failure.into());
                 }
-            }
-        }
+                tracing::warn!(token = %self.description.token_label,
+                    "management session lost; reopening and logging in again");
+                self.discard(live);
+                self.reconnect_if_gone()
+            },
+            |keeper, failed| {
+                let (failure, live) = *failed;
+                if let Some(live) = live {
+                    *keeper = Some(live);
+                }
+                failure.into()
+            },
+        )
     }
 }
 

@@ -8,23 +8,18 @@ use cryptoki::session::Session;
 use super::connection::{Connection, Failure};
 use crate::jose::{Alg, Curve, PublicKey};
 use crate::token::profile::{EcPointEncoding, Profile, Usage};
-use crate::token::{Fact, KeyFacts, KeyInfo, Listing, Problem, TokenError, hex};
+use crate::token::{Fact, KeyFacts, KeyInfo, Label, Listing, Problem, TokenError, hex};
 
 /// Generates a key pair inside the token: private key sensitive, never extractable,
 /// sign-only, restricted to the algorithm's mechanisms; public key verify-only.
 pub(super) fn generate(
     conn: &Connection,
-    label: &str,
+    label: &Label,
     alg: Alg,
     rsa_bits: u32,
 ) -> Result<KeyInfo, TokenError> {
     conn.profile.mechanism(alg)?;
-    if label.is_empty() || label.starts_with("pkcs11:") {
-        return Err(TokenError::BadKeyName {
-            name: label.into(),
-            reason: "a label must be non-empty and not start with 'pkcs11:'".into(),
-        });
-    }
+    let label = label.as_str();
     let token = conn.description.token_label.clone();
     conn.with_session(|s| {
         if !s

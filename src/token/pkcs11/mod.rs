@@ -9,14 +9,13 @@ mod key_management;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::profile::Profiles;
 use super::{
-    Backend, Binding, KeyFacts, KeyInfo, Listing, PinSource, ProofReply, Reply, TokenDescription,
-    TokenError,
+    Backend, Binding, KeyFacts, KeyInfo, Label, Listing, PinSource, ProofReply, Reply,
+    TokenDescription, TokenError,
 };
 use crate::jose::{Alg, ToBeSigned};
 use asym_sign::Pool;
@@ -108,9 +107,15 @@ impl Pkcs11Token {
         })
     }
 
-    fn pool(&self) -> &Pool {
-        self.pool
-            .get_or_init(|| Pool::start(self.conn.clone(), self.sessions))
+    fn pool(&self) -> Result<&Pool, TokenError> {
+        if let Some(pool) = self.pool.get() {
+            return Ok(pool);
+        }
+        let pool = Pool::start(self.conn.clone(), self.sessions)?;
+        // Another thread may have started the workers meanwhile; its pool wins and this one
+        // is joined (it has run nothing).
+        let _ = self.pool.set(pool);
+        self.pool.get().ok_or(TokenError::WorkersGone)
     }
 }
 
@@ -123,7 +128,7 @@ impl Backend for Pkcs11Token {
         self.sessions
     }
 
-    fn generate(&self, label: &str, alg: Alg) -> Result<KeyInfo, TokenError> {
+    fn generate(&self, label: &Label, alg: Alg) -> Result<KeyInfo, TokenError> {
         key_management::generate(&self.conn, label, alg, self.rsa_bits)
     }
 
@@ -141,20 +146,16 @@ impl Backend for Pkcs11Token {
     }
 
     fn prove(&self, key: &KeyInfo, tbs: ToBeSigned, reply: ProofReply) {
-        self.pool().prove(key, tbs, reply);
+        match self.pool() {
+            Ok(pool) => pool.prove(key, tbs, reply),
+            Err(e) => reply(Err(e)),
+        }
     }
 
     fn submit(&self, key: &KeyInfo, binding: &Binding, tbs: ToBeSigned, reply: Reply) {
-        self.pool().submit(key, binding, tbs, reply);
-    }
-
-    fn bench_raw(
-        &self,
-        key: &KeyInfo,
-        binding: &Binding,
-        tbs: &ToBeSigned,
-        duration: Duration,
-    ) -> Result<u64, TokenError> {
-        self.pool().bench_raw(key, binding, tbs, duration)
+        match self.pool() {
+            Ok(pool) => pool.submit(key, binding, tbs, reply),
+            Err(e) => reply(Err(e)),
+        }
     }
 }

@@ -3,8 +3,6 @@
 //! needs no proof that it hashed the data itself), and the TPM's answer becomes JWS bytes:
 //! ECDSA r and s left-padded to the curve size (`jose`), RSA as it is.
 
-use std::time::Instant;
-
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::session_handles::AuthSession;
@@ -24,24 +22,8 @@ pub(super) fn sign(
     tbs: &ToBeSigned,
 ) -> Result<JwsSignature, TokenError> {
     crate::token::check_alg(&key.label, key.alg, tbs)?;
-    let raw = tpm.run(|t| sign_raw(t, key, tbs))?;
+    let raw = tpm.retrying(|t| sign_raw(t, key, tbs))?;
     Ok(tbs.alg().to_jws_signature(raw)?)
-}
-
-/// Signs `tbs` over and over until `until`; returns how many signatures were made.
-pub(super) fn raw(
-    tpm: &mut Tpm,
-    key: &StoredKey,
-    tbs: &ToBeSigned,
-    until: Instant,
-) -> Result<u64, TokenError> {
-    crate::token::check_alg(&key.label, key.alg, tbs)?;
-    let mut n = 0;
-    while Instant::now() < until {
-        tpm.run(|t| sign_raw(t, key, tbs))?;
-        n += 1;
-    }
-    Ok(n)
 }
 
 fn sign_raw(tpm: &mut Tpm, key: &StoredKey, tbs: &ToBeSigned) -> Result<RawSignature, Failure> {

@@ -1,19 +1,18 @@
-//! The owner thread: one `tss_esapi::Context` (every call takes `&mut`), owned by one thread
-//! and reached through a queue of jobs; answers come back by callback, as from the PKCS#11
-//! workers. The thread also owns what is loaded in the TPM: the storage primary and at most
-//! one signing key, kept while jobs are queued back to back and flushed as soon as the queue
-//! is empty, after any failure, and before the thread ends. A bare TPM or swtpm has about
-//! three object slots; nothing keybound loads outlives a burst of work.
+//! The TPM context: one `tss_esapi::Context` (every call takes `&mut`), owned by the one
+//! thread of a `token::worker` and reached through its queue of jobs (`jobs`); answers come
+//! back by callback, as from the PKCS#11 workers. The worker also owns what is loaded in the
+//! TPM: the storage primary and at most one signing key, kept while jobs are queued back to
+//! back and flushed as soon as the queue is empty, after any failure, and before the worker
+//! ends. A bare TPM or swtpm has about three object slots; nothing keybound loads outlives a
+//! burst of work. (Over 400 lines: the context and what is loaded through it are one type,
+//! each step of loading and releasing next to the state it changes.)
 //!
 //! A TPM that goes away (swtpm restarted, device busy, daemon down) costs the request that
 //! hit it one retry on a fresh context; if that fails too the error is reported and the
 //! next request connects again. keybound never needs a restart for it.
 
 use std::collections::HashSet;
-use std::sync::mpsc;
-use std::thread::JoinHandle;
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use tss_esapi::constants::tss::TPM2_PT_MANUFACTURER;
 use tss_esapi::constants::{CapabilityType, PropertyTag};
 use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, TpmHandle};
@@ -26,20 +25,10 @@ use tss_esapi::{Context, TctiNameConf};
 use super::errors::{Failure, Recovery, Tag as _};
 use super::key_management::primary_template;
 use super::store::StoredKey;
+use crate::token::worker;
 use crate::token::{Pin, TokenError};
 
-/// A unit of work for the owner thread. It gets `None` when the thread is gone, so a job
-/// that carries a reply can still answer.
-pub(super) type Job = Box<dyn FnOnce(Option<&mut Tpm>) + Send>;
-
-/// The owner thread and its queue.
-pub(super) struct Owner {
-    /// `None` once shutting down.
-    jobs: Option<Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-/// What the owner thread owns: the context and the objects loaded through it.
+/// What the worker owns: the context and the objects loaded through it.
 pub(super) struct Tpm {
     tcti: TctiNameConf,
     /// The TCTI as configured, for messages.
@@ -68,85 +57,6 @@ struct Loaded {
     handle: KeyHandle,
 }
 
-impl Owner {
-    pub(super) fn start(tpm: Tpm) -> Result<Owner, TokenError> {
-        let (jobs, queue) = crossbeam_channel::unbounded();
-        let thread = std::thread::Builder::new()
-            .name("keybound-tpm".into())
-            .spawn(move || serve(tpm, queue))
-            .map_err(|e| TokenError::Unavailable {
-                reason: format!("cannot start the TPM thread: {e}"),
-            })?;
-        Ok(Owner {
-            jobs: Some(jobs),
-            thread: Some(thread),
-        })
-    }
-
-    /// Queues a job; runs it with `None` at once when the thread is gone.
-    pub(super) fn submit(&self, job: Job) {
-        let refused = match &self.jobs {
-            Some(jobs) => jobs.send(job).err().map(|e| e.0),
-            None => Some(job),
-        };
-        if let Some(job) = refused {
-            job(None);
-        }
-    }
-
-    /// Runs `f` on the owner thread and waits for its result.
-    pub(super) fn call<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Tpm) -> Result<T, TokenError> + Send + 'static,
-    ) -> Result<T, TokenError> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.submit(Box::new(move |tpm| {
-            let result = match tpm {
-                Some(tpm) => f(tpm),
-                None => Err(TokenError::WorkersGone),
-            };
-            // The caller waits below; if it went away there is nobody to tell.
-            let _ = tx.send(result);
-        }));
-        rx.recv().map_err(|_| TokenError::WorkersGone)?
-    }
-}
-
-/// Closing the queue ends the thread once the queued jobs are done; joining it means no
-/// thread is inside the TSS libraries, and every object is flushed, when the process exits.
-impl Drop for Owner {
-    fn drop(&mut self) {
-        self.jobs = None;
-        // A reply runs on the TPM thread and may hold the last reference to its owner; that
-        // thread cannot join itself (EDEADLK). It ends on its own once the queue is closed.
-        if let Some(thread) = self.thread.take()
-            && thread.thread().id() != std::thread::current().id()
-            && thread.join().is_err()
-        {
-            tracing::error!("the TPM thread panicked");
-        }
-    }
-}
-
-fn serve(mut tpm: Tpm, queue: Receiver<Job>) {
-    loop {
-        let job = match queue.try_recv() {
-            Ok(job) => job,
-            Err(TryRecvError::Empty) => {
-                // Idle: nothing stays loaded in the TPM while no work is queued.
-                tpm.release();
-                match queue.recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                }
-            }
-            Err(TryRecvError::Disconnected) => break,
-        };
-        job(Some(&mut tpm));
-    }
-    tpm.release();
-}
-
 impl Tpm {
     pub(super) fn new(
         tcti: TctiNameConf,
@@ -169,29 +79,37 @@ impl Tpm {
     /// Runs one operation; when it fails because the TPM restarted or the connection broke,
     /// retries it once on a fresh context. Whatever a failed attempt loaded is flushed
     /// before the error is returned.
-    pub(super) fn run<T>(
+    pub(super) fn retrying<T>(
         &mut self,
-        mut op: impl FnMut(&mut Tpm) -> Result<T, Failure>,
+        op: impl FnMut(&mut Tpm) -> Result<T, Failure>,
     ) -> Result<T, TokenError> {
-        let mut retried = false;
-        loop {
-            let failure = match op(self) {
-                Ok(v) => return Ok(v),
-                Err(f) => f,
-            };
-            let recovery = failure.recovery();
-            self.release();
-            if recovery == Recovery::Reconnect {
-                self.ctx = None;
-            }
-            if matches!(recovery, Recovery::Reconnect | Recovery::Reload) && !retried {
-                tracing::info!(tcti = %self.tcti_text,
-                    "TPM request failed ({}); retrying once", failure.summary());
-                retried = true;
-                continue;
-            }
-            return Err(failure.into_token_error(&self.tcti_text));
+        worker::retry_once(
+            self,
+            op,
+            |t, failure| match t.after_failure(&failure) {
+                Recovery::Reconnect | Recovery::Reload => {
+                    tracing::info!(tcti = %t.tcti_text,
+                        "TPM request failed ({}); retrying once", failure.summary());
+                    Ok(())
+                }
+                _ => Err(failure.into_token_error(&t.tcti_text)),
+            },
+            |t, failure| {
+                t.after_failure(&failure);
+                failure.into_token_error(&t.tcti_text)
+            },
+        )
+    }
+
+    /// Flushes what a failed attempt loaded, drops a broken connection, and says what the
+    /// failure calls for.
+    fn after_failure(&mut self, failure: &Failure) -> Recovery {
+        let recovery = failure.recovery();
+        self.release();
+        if recovery == Recovery::Reconnect {
+            self.ctx = None;
         }
+        recovery
     }
 
     /// The ESAPI context, connected on first use.

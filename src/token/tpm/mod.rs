@@ -1,12 +1,14 @@
 //! The TPM 2.0 backend (tss-esapi): keys generated inside the TPM under a storage primary,
-//! kept as blobs in a state directory, signing through one thread that owns the ESAPI
-//! context. One file per operation family: `context` (the owner thread, loading and
-//! flushing, reconnecting), `key_management` (templates, creation, facts), `asym_sign`
-//! (schemes and `TPM2_Sign`), `store` (the key files), `errors` (response codes in words).
+//! kept as blobs in a state directory, every TPM command on the one thread of a
+//! `token::worker` that owns the ESAPI context. One file per operation family: `jobs` (what
+//! the worker is asked), `context` (the context, loading and flushing, reconnecting),
+//! `key_management` (templates, creation, facts), `asym_sign` (schemes and `TPM2_Sign`),
+//! `store` (the key files), `errors` (response codes in words).
 
 mod asym_sign;
 mod context;
 mod errors;
+mod jobs;
 mod key_management;
 mod store;
 
@@ -14,17 +16,19 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr as _;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use tss_esapi::TctiNameConf;
 
+use super::worker::{Threads, Workers as _};
 use super::{
-    Backend, Binding, KeyFacts, KeyInfo, Listing, Pin, PinSource, Problem, Proof, ProofReply,
+    Backend, Binding, KeyFacts, KeyInfo, Label, Listing, Pin, PinSource, Problem, ProofReply,
     Reply, TokenDescription, TokenError,
 };
 use crate::jose::{Alg, ToBeSigned};
-use context::{Owner, Tpm};
+use context::Tpm;
+use jobs::{Answer, Job, mismatch};
 use store::{Store, StoredKey};
 
 /// `[token]` settings for `backend = "tpm"` (see keybound.example.toml).
@@ -127,7 +131,7 @@ fn parse_tcti(text: &str) -> Result<TctiNameConf, String> {
 
 /// A TPM reached through its TCTI, with keybound's keys in the state directory.
 pub struct TpmToken {
-    owner: Owner,
+    worker: Threads<Tpm>,
     store: Store,
     rsa_bits: u32,
     description: TokenDescription,
@@ -153,19 +157,20 @@ impl TpmToken {
             })?),
         };
         let store = Store::new(&settings.state_dir()?);
-        let owner = Owner::start(Tpm::new(
+        let worker = jobs::start(Tpm::new(
             tcti,
             settings.tcti.clone(),
             settings.primary_handle,
             key_auth,
         ))?;
-        let (manufacturer, model, primary) = owner.call(|tpm| {
-            tpm.run(|t| {
-                let (manufacturer, model) = t.identity()?;
-                let (_, name) = t.primary()?;
-                Ok((manufacturer, model, name))
-            })
-        })?;
+        let Answer::Identified {
+            manufacturer,
+            model,
+            primary,
+        } = worker.call(Job::Identify)?
+        else {
+            return Err(mismatch("identify"));
+        };
         let description = TokenDescription {
             backend: "tpm",
             token_label: "tpm".into(),
@@ -178,7 +183,7 @@ impl TpmToken {
         };
         tracing::debug!(tcti = %settings.tcti, state = %store.dir().display(), "TPM opened");
         Ok(TpmToken {
-            owner,
+            worker,
             store,
             rsa_bits: settings.rsa_bits,
             description,
@@ -228,13 +233,8 @@ impl Backend for TpmToken {
         self.description.clone()
     }
 
-    fn generate(&self, label: &str, alg: Alg) -> Result<KeyInfo, TokenError> {
-        if label.is_empty() || label.starts_with("pkcs11:") || label.chars().any(char::is_control) {
-            return Err(TokenError::BadKeyName {
-                name: label.into(),
-                reason: "a label must be non-empty, printable and not start with 'pkcs11:'".into(),
-            });
-        }
+    fn generate(&self, label: &Label, alg: Alg) -> Result<KeyInfo, TokenError> {
+        let label = label.as_str();
         let listing = self.keys()?;
         let labels = listing.keys.iter().map(|k| &k.label);
         if labels
@@ -247,9 +247,9 @@ impl Backend for TpmToken {
             });
         }
         let rsa_bits = self.rsa_bits;
-        let created = self
-            .owner
-            .call(move |tpm| tpm.run(|t| key_management::create(t, alg, rsa_bits)))?;
+        let Answer::Created(created) = self.worker.call(Job::Create { alg, rsa_bits })? else {
+            return Err(mismatch("create"));
+        };
         let stored = StoredKey::new(
             label,
             alg,
@@ -277,7 +277,10 @@ impl Backend for TpmToken {
 
     /// The TPM answers a command (reconnecting if it went away).
     fn health(&self) -> Result<(), TokenError> {
-        self.owner.call(|tpm| tpm.run(|t| t.ping()))
+        match self.worker.call(Job::Ping)? {
+            Answer::Pong => Ok(()),
+            _ => Err(mismatch("ping")),
+        }
     }
 
     fn keys(&self) -> Result<Listing, TokenError> {
@@ -329,9 +332,10 @@ impl Backend for TpmToken {
     }
 
     fn facts(&self, key: &KeyInfo) -> Result<KeyFacts, TokenError> {
-        let stored = self.stored(key)?;
-        self.owner
-            .call(move |tpm| tpm.run(|t| key_management::facts(t, &stored)))
+        match self.worker.call(Job::Facts(self.stored(key)?))? {
+            Answer::Facts(facts) => Ok(facts),
+            _ => Err(mismatch("facts")),
+        }
     }
 
     fn prove(&self, key: &KeyInfo, tbs: ToBeSigned, reply: ProofReply) {
@@ -339,20 +343,17 @@ impl Backend for TpmToken {
             Ok(k) => k,
             Err(e) => return reply(Err(e)),
         };
-        self.owner.submit(Box::new(move |tpm| {
-            let Some(tpm) = tpm else {
-                return reply(Err(TokenError::WorkersGone));
-            };
-            let proof = if stored.auth {
-                // Signing would need the key's auth value (a wrong one is a dictionary-attack
-                // strike); loading it needs none and binds the public area to the key.
-                tpm.run(|t| t.load(&stored).map(|_| ()))
-                    .map(|()| Proof::LoadedByDevice)
-            } else {
-                asym_sign::sign(tpm, &stored, &tbs).map(Proof::Signed)
-            };
-            reply(proof.map(|p| (p, Binding::new(stored))))
-        }));
+        let binding = Binding::new(stored.clone());
+        self.worker.submit(
+            Job::Prove(stored, tbs),
+            Box::new(move |answer| {
+                reply(match answer {
+                    Ok(Answer::Proved(proof)) => Ok((proof, binding)),
+                    Ok(_) => Err(mismatch("prove")),
+                    Err(e) => Err(e),
+                })
+            }),
+        );
     }
 
     /// Signs with the approved blob. If the key file under its label now holds another key,
@@ -367,30 +368,16 @@ impl Backend for TpmToken {
                 }));
             }
         };
-        self.owner.submit(Box::new(move |tpm| {
-            reply(match tpm {
-                Some(tpm) => asym_sign::sign(tpm, &stored, &tbs),
-                None => Err(TokenError::WorkersGone),
-            })
-        }));
-    }
-
-    fn bench_raw(
-        &self,
-        key: &KeyInfo,
-        binding: &Binding,
-        tbs: &ToBeSigned,
-        duration: Duration,
-    ) -> Result<u64, TokenError> {
-        let Some(stored) = binding.get::<Arc<StoredKey>>().cloned() else {
-            return Err(TokenError::Reapprove {
-                label: key.label.clone(),
-            });
-        };
-        let tbs = tbs.clone();
-        let until = Instant::now() + duration;
-        self.owner
-            .call(move |tpm| asym_sign::raw(tpm, &stored, &tbs, until))
+        self.worker.submit(
+            Job::Sign(stored, tbs),
+            Box::new(move |answer| {
+                reply(match answer {
+                    Ok(Answer::Signed(signature)) => Ok(signature),
+                    Ok(_) => Err(mismatch("sign")),
+                    Err(e) => Err(e),
+                })
+            }),
+        );
     }
 }
 
