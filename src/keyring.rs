@@ -6,6 +6,9 @@
 //! When the device has to find the key again (lost session, stale handle, re-initialised
 //! library, replaced key file), the key is approved again, and must still have the public
 //! key it was approved with, before it signs.
+//!
+//! Over 400 lines: approval, the signing key and its re-approval are one guarantee (a key
+//! signs only while approved), kept in one file.
 
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};

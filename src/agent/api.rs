@@ -1,6 +1,9 @@
 //! The agent's HTTP API. Errors are JSON `{error, message}` with the status that says what
 //! to do: 400 fix the request, 403 not allowed, 404 unknown name, 413 too large,
 //! 502 the upstream server failed, 503 (+ Retry-After) try again later.
+//!
+//! Over 400 lines: every route, its request type and its error mapping, read top to bottom
+//! like docs/agent-api.yaml.
 
 use std::sync::Arc;
 use std::time::Duration;

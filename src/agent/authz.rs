@@ -2,6 +2,9 @@
 //! (SO_PEERCRED: uid, gid, pid of the connecting process). Rules are parsed into types when
 //! the config loads ("parse, don't validate"), and a [`Caller`] — the only way a handler
 //! reaches a rule — exists only for a connection whose peer a rule names.
+//!
+//! Over 400 lines with its tests: the rules, their parsing and the extractor are one
+//! security check.
 
 use std::fmt;
 use std::sync::Arc;

@@ -1,4 +1,7 @@
 //! JWS algorithms (RFC 7518 §3): digest in software, device output to JWS signature bytes.
+//!
+//! Over 400 lines with its tests: the four algorithms, their curves and hashes and the
+//! conversion of every device output shape are one table, tested together.
 
 use std::fmt;
 use std::str::FromStr;
@@ -123,9 +126,16 @@ impl Alg {
                 }
                 Ok(JwsSignature(bytes))
             }
-            (Some(curve), RawSignature::EcdsaDer(der)) => {
-                let (r, s) = parse_ecdsa_der(&der).map_err(bad)?;
-                fixed_width(curve, &r, &s).map_err(bad)
+            // RustCrypto parses the DER (strict, r and s in 1..n) and gives the fixed width.
+            (Some(Curve::P256), RawSignature::EcdsaDer(der)) => {
+                p256::ecdsa::Signature::from_der(&der)
+                    .map(|sig| JwsSignature(sig.to_bytes().to_vec()))
+                    .map_err(|e| bad(format!("not a DER ECDSA P-256 signature: {e}")))
+            }
+            (Some(Curve::P384), RawSignature::EcdsaDer(der)) => {
+                p384::ecdsa::Signature::from_der(&der)
+                    .map(|sig| JwsSignature(sig.to_bytes().to_vec()))
+                    .map_err(|e| bad(format!("not a DER ECDSA P-384 signature: {e}")))
             }
             (Some(curve), RawSignature::EcdsaParts { r, s }) => {
                 fixed_width(curve, &r, &s).map_err(bad)
@@ -308,20 +318,6 @@ pub(super) fn strip_leading_zeros(mut bytes: &[u8]) -> &[u8] {
     bytes
 }
 
-/// Parses `ECDSA-Sig-Value ::= SEQUENCE { r INTEGER, s INTEGER }` (RFC 3279 §2.2.3).
-fn parse_ecdsa_der(der: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
-    let (body, rest) = der_take(der, 0x30)?;
-    if !rest.is_empty() {
-        return Err("trailing bytes after the DER sequence".into());
-    }
-    let (r, body) = der_take(body, 0x02)?;
-    let (s, body) = der_take(body, 0x02)?;
-    if !body.is_empty() {
-        return Err("extra fields in the DER sequence".into());
-    }
-    Ok((r.to_vec(), s.to_vec()))
-}
-
 /// Takes one DER element with the given tag; returns its contents and what follows.
 pub(super) fn der_take(input: &[u8], tag: u8) -> Result<(&[u8], &[u8]), String> {
     let [t, first, rest @ ..] = input else {
@@ -374,6 +370,56 @@ mod tests {
         assert_eq!(&b[1..32], &[0x11; 31]);
         assert_eq!(&b[32..62], &[0u8; 30]);
         assert_eq!(&b[62..], &[0x01, 0x02]);
+    }
+
+    /// `SEQUENCE { INTEGER r, INTEGER s }` with short-form lengths.
+    fn der_sig(r: &[u8], s: &[u8]) -> Vec<u8> {
+        let mut der = vec![0x30, (2 + r.len() + 2 + s.len()) as u8, 0x02, r.len() as u8];
+        der.extend(r);
+        der.extend([0x02, s.len() as u8]);
+        der.extend(s);
+        der
+    }
+
+    #[test]
+    fn der_p384_signature_becomes_fixed_width() {
+        let r = vec![0x7f; 48];
+        let sig = Alg::ES384
+            .to_jws_signature(RawSignature::EcdsaDer(der_sig(&r, &[0x05])))
+            .unwrap();
+        let b = sig.as_bytes();
+        assert_eq!(b.len(), 96);
+        assert_eq!(&b[..48], &r[..]);
+        assert_eq!(&b[48..95], &[0u8; 47]);
+        assert_eq!(b[95], 0x05);
+    }
+
+    #[test]
+    fn malformed_der_signatures_are_errors() {
+        let good = der_sig(&[0x01], &[0x02]);
+        assert!(
+            Alg::ES256
+                .to_jws_signature(RawSignature::EcdsaDer(good.clone()))
+                .is_ok()
+        );
+        let mut trailing = good.clone();
+        trailing.push(0);
+        for (alg, der) in [
+            (Alg::ES256, trailing),
+            // r = 0 is outside 1..n.
+            (Alg::ES256, der_sig(&[0x00], &[0x02])),
+            // r wider than the P-256 field.
+            (Alg::ES256, der_sig(&[0x01; 33], &[0x02])),
+            // Non-minimal INTEGER encoding.
+            (Alg::ES384, der_sig(&[0x00, 0x01], &[0x02])),
+            (Alg::ES384, vec![0x30, 0x00]),
+        ] {
+            assert!(
+                alg.to_jws_signature(RawSignature::EcdsaDer(der.clone()))
+                    .is_err(),
+                "{alg} accepted {der:02x?}"
+            );
+        }
     }
 
     #[test]

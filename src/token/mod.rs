@@ -268,5 +268,5 @@ pub(crate) fn check_alg(label: &str, alg: Alg, tbs: &ToBeSigned) -> Result<(), T
 
 /// Lower-case hex, for key ids (`CKA_ID`) and serial numbers.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    base16ct::lower::encode_string(bytes)
 }

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
 use super::TokenError;
 
 /// The label of a key keybound creates: non-empty, printable (no control characters: it
@@ -140,14 +142,7 @@ impl KeyName {
     /// `pkcs11:object=<label>;id=%xx%xx`: a name for one key when its label is shared.
     pub fn uri(label: &str, id: &[u8]) -> String {
         let mut uri = String::from("pkcs11:object=");
-        for b in label.bytes() {
-            // RFC 3986 unreserved characters stay as they are.
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                uri.push(char::from(b));
-            } else {
-                uri.push_str(&format!("%{b:02X}"));
-            }
-        }
+        uri.extend(utf8_percent_encode(label, NOT_UNRESERVED));
         uri.push_str(";id=");
         for b in id {
             uri.push_str(&format!("%{b:02x}"));
@@ -167,21 +162,23 @@ impl fmt::Display for KeyName {
     }
 }
 
+/// RFC 3986 unreserved characters: everything else in a label is %-encoded in a URI.
+const NOT_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Decodes `%XX` escapes. `percent-encoding` passes a malformed escape (`%zz`, `%+1`, a
+/// trailing `%`) through as text; in a key name that is an error, so it is refused first.
 fn pct_decode(s: &str) -> Option<Vec<u8>> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    Some(out)
+    let well_formed = s.split('%').skip(1).all(|after| {
+        after
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    well_formed.then(|| percent_decode_str(s).collect())
 }
 
 fn utf8(v: Vec<u8>) -> Option<String> {
@@ -219,6 +216,18 @@ mod tests {
         let n = KeyName::parse("pkcs11:id=%01%02").unwrap();
         assert!(n.matches("anything", &[1, 2]));
         assert!(!n.matches("anything", &[1]));
+        let n = KeyName::parse("pkcs11:object=%41%2fb%2F%7e~;id=%Ff%00").unwrap();
+        assert!(n.matches("A/b/~~", &[0xff, 0]));
+        let label = "clé-1._~ a/b%";
+        assert_eq!(
+            KeyName::uri(label, &[]),
+            "pkcs11:object=cl%C3%A9-1._~%20a%2Fb%25;id="
+        );
+        assert!(
+            KeyName::parse(&KeyName::uri(label, &[7]))
+                .unwrap()
+                .matches(label, &[7])
+        );
         let uri = KeyName::uri("dp op;x", &[1, 0xab]);
         assert_eq!(uri, "pkcs11:object=dp%20op%3Bx;id=%01%ab");
         assert!(KeyName::parse(&uri).unwrap().matches("dp op;x", &[1, 0xab]));
@@ -230,6 +239,17 @@ mod tests {
             "pkcs11:object",
             "pkcs11:foo=1",
             "pkcs11:id=%zz",
+            // Malformed escapes are errors, not text and not a lenient parse.
+            "pkcs11:id=%+1",
+            "pkcs11:id=%-1",
+            "pkcs11:id=%1",
+            "pkcs11:id=%",
+            "pkcs11:object=a%",
+            "pkcs11:object=a%2",
+            "pkcs11:object=%%41",
+            "pkcs11:object=%é1",
+            // Decodes to bytes that are not UTF-8.
+            "pkcs11:object=%ff",
             "pkcs11:object=a;type=public",
         ] {
             assert!(KeyName::parse(bad).is_err(), "{bad}");

@@ -1,5 +1,8 @@
 //! Module, token and login: `C_Initialize` with `OS_LOCKING_OK`, the token found by label or
 //! serial (never slot id), one login kept alive by a long-lived session, re-done after loss.
+//!
+//! Over 400 lines: opening, login, session loss and recovery share one lock and one
+//! generation counter, so they stay in one file.
 
 use std::fmt;
 use std::path::PathBuf;

@@ -1,5 +1,7 @@
 //! Key generation on the token, finding keys, reading their public halves and the facts the
 //! policy judges. Nothing here reads, wraps or exports a private key.
+//!
+//! Over 400 lines: `examine` reads, one attribute at a time, every fact the policy judges.
 
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};

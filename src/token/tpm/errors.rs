@@ -1,6 +1,8 @@
 //! TPM and TSS errors in words: which command failed, the response code decoded (layer, name,
 //! handle/parameter/session number), what it means and what to do. "The wrapper refused"
 //! (tss-esapi) is kept apart from "the TPM said no".
+//!
+//! Over 400 lines: most of it is the table of response codes and hints in words.
 
 use tss_esapi::constants::Tss2ResponseCode;
 use tss_esapi::{Error, WrapperErrorKind};

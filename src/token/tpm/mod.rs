@@ -4,6 +4,9 @@
 //! the worker is asked), `context` (the context, loading and flushing, reconnecting),
 //! `key_management` (templates, creation, facts), `asym_sign` (schemes and `TPM2_Sign`),
 //! `store` (the key files), `errors` (response codes in words).
+//!
+//! Over 400 lines with its tests: the TPM settings and the `Backend` implementation that
+//! routes each call to those files are the seam the rest of keybound sees.
 
 mod asym_sign;
 mod context;

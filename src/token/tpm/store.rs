@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use tss_esapi::structures::{Private, Public};
@@ -309,15 +310,8 @@ fn create_private_dir(dir: &Path) -> Result<(), String> {
 /// A file name for any label: letters, digits, `-` and `_` as they are, every other byte
 /// %-escaped, so names are reversible and never contain a path separator.
 fn file_stem(label: &str) -> String {
-    let mut out = String::new();
-    for b in label.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    const KEEP: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
+    utf8_percent_encode(label, KEEP).to_string()
 }
 
 /// A TPM2B: big-endian u16 size, then the bytes.
@@ -337,14 +331,9 @@ fn untpm2b(bytes: &[u8]) -> Option<Vec<u8>> {
     (rest.len() == n).then(|| rest.to_vec())
 }
 
+/// Strict hex (two digits a byte, no sign, no space), either case.
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
+    base16ct::mixed::decode_vec(text).ok()
 }
 
 #[cfg(test)]
@@ -368,5 +357,9 @@ mod tests {
             vec![0, 255, 16]
         );
         assert!(unhex("abc").is_none());
+        assert_eq!(unhex("00FFab").unwrap(), vec![0, 255, 0xab]);
+        for bad in ["+1", "-1", " 1", "0x", "zz", "é1"] {
+            assert!(unhex(bad).is_none(), "{bad}");
+        }
     }
 }
