@@ -64,6 +64,18 @@ pub enum ConfigError {
     Unsafe { path: PathBuf, reason: String },
 }
 
+impl ConfigError {
+    /// Every config error is fixed in the config: [`ErrorKind::Configuration`].
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            ConfigError::NotFound { .. }
+            | ConfigError::Read { .. }
+            | ConfigError::Invalid { .. }
+            | ConfigError::Unsafe { .. } => crate::error::ErrorKind::Configuration,
+        }
+    }
+}
+
 impl Config {
     /// Finds and parses the configuration; returns it with the path it came from.
     pub fn load(explicit: Option<&Path>) -> Result<(Config, PathBuf), ConfigError> {

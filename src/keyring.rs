@@ -30,6 +30,16 @@ pub enum KeyError {
     Policy(#[from] PolicyError),
 }
 
+impl KeyError {
+    /// The kind of the error underneath.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            KeyError::Token(e) => e.kind(),
+            KeyError::Policy(e) => e.kind(),
+        }
+    }
+}
+
 /// Receives the outcome of a signature queued with [`SigningKey::submit`].
 pub type Reply = Box<dyn FnOnce(Result<JwsSignature, KeyError>) + Send>;
 

@@ -1,6 +1,8 @@
 //! The agent's HTTP API. Errors are JSON `{error, message}` with the status that says what
 //! to do: 400 fix the request, 403 not allowed, 404 unknown name, 413 too large,
-//! 502 the upstream server failed, 503 (+ Retry-After) try again later.
+//! 500 an operator must fix the config or the device's PIN, 502 the upstream server
+//! failed, 503 (+ Retry-After) try again later. Statuses follow the error's
+//! [`ErrorKind`] (`ApiError::of_kind`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,7 @@ use serde_json::{Value, json};
 use super::Agent;
 use super::access::check_key;
 use super::authz::Caller;
+use crate::error::ErrorKind;
 use crate::jose::Header;
 use crate::keyring::{KeyError, SigningKey};
 use crate::oauth::client::OAuthClient;
@@ -189,25 +192,51 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl ApiError {
+    /// The answer a kind of failure gets (docs/agent-api.yaml, "Errors"): 503 +
+    /// Retry-After when waiting helps (transient, device), 500 `configuration` when an
+    /// operator must fix keybound's config, 500 `authentication` when the device refused
+    /// its PIN or key auth (no Retry-After: waiting does not help, and a retry must not
+    /// spend PIN attempts), 502 when a server answered something unusable or refused
+    /// keybound's credentials, 403 when keybound's own rules refused.
+    fn of_kind(kind: ErrorKind, message: String) -> ApiError {
+        match kind {
+            ErrorKind::Transient | ErrorKind::Device => ApiError::unavailable(message, 5),
+            ErrorKind::Configuration => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "configuration", message)
+            }
+            ErrorKind::Authentication => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "authentication", message)
+            }
+            ErrorKind::Upstream => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", message)
+            }
+            ErrorKind::Refused => ApiError::new(StatusCode::FORBIDDEN, "policy_refused", message),
+        }
+    }
+}
+
 impl From<TokenError> for ApiError {
     fn from(e: TokenError) -> Self {
         let message = e.to_string();
-        match e {
-            TokenError::KeyNotFound { .. } => {
+        match e.kind() {
+            // Names in the request: the caller fixes them.
+            _ if matches!(e, TokenError::KeyNotFound { .. }) => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_key", message)
             }
-            TokenError::BadKeyName { .. }
-            | TokenError::OtherToken { .. }
-            | TokenError::Ambiguous { .. } => ApiError::bad(message),
-            // A malformed or duplicated object: no retry will fix it.
-            TokenError::Unusable { .. } | TokenError::BadPublicKey { .. } => {
-                ApiError::new(StatusCode::FORBIDDEN, "policy_refused", message)
+            _ if matches!(
+                e,
+                TokenError::BadKeyName { .. }
+                    | TokenError::OtherToken { .. }
+                    | TokenError::Ambiguous { .. }
+            ) =>
+            {
+                ApiError::bad(message)
             }
-            TokenError::AlgUnavailable { .. } | TokenError::Jose(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+            ErrorKind::Transient | ErrorKind::Device => {
+                ApiError::unavailable(format!("the token is unavailable: {message}"), 5)
             }
-            // The device is gone, busy or lost its session: the request may succeed later.
-            _ => ApiError::unavailable(format!("the token is unavailable: {message}"), 5),
+            kind => ApiError::of_kind(kind, message),
         }
     }
 }
@@ -223,9 +252,7 @@ impl From<KeyError> for ApiError {
     fn from(e: KeyError) -> Self {
         match e {
             KeyError::Token(t) => t.into(),
-            KeyError::Policy(p) => {
-                ApiError::new(StatusCode::FORBIDDEN, "policy_refused", p.to_string())
-            }
+            KeyError::Policy(p) => ApiError::of_kind(p.kind(), p.to_string()),
         }
     }
 }
@@ -236,6 +263,7 @@ impl From<OAuthError> for ApiError {
         match e {
             OAuthError::Token(t) => t.into(),
             OAuthError::Key(k) => k.into(),
+            // Values in the request: the caller fixes them.
             OAuthError::BadUrl { .. }
             | OAuthError::BadLifetime { .. }
             | OAuthError::BadMethod(_)
@@ -246,21 +274,12 @@ impl From<OAuthError> for ApiError {
             OAuthError::BreakerOpen { retry_in_secs, .. } => {
                 ApiError::unavailable(message, retry_in_secs.max(1))
             }
-            // What `OAuthError::Config` was before it was split (issue #10): still a 500.
-            OAuthError::NoEndpoint { .. }
-            | OAuthError::DpopOff { .. }
-            | OAuthError::AssertionAlg { .. }
-            | OAuthError::SameKey { .. }
-            | OAuthError::Request { .. }
-            | OAuthError::Metadata { .. }
-            | OAuthError::Discovery { .. }
-            | OAuthError::BadLink { .. }
-            | OAuthError::Stopped { .. }
-            | OAuthError::Rng(_)
-            | OAuthError::Jose(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+            // The authorization server refused keybound's credentials: relayed as a
+            // gateway's failure, the server's error code in the message.
+            OAuthError::Server { .. } => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", message)
             }
-            _ => ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", message),
+            e => ApiError::of_kind(e.kind(), message),
         }
     }
 }

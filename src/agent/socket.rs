@@ -100,6 +100,27 @@ pub enum SocketError {
     Bind { path: PathBuf, reason: String },
 }
 
+impl SocketError {
+    /// A socket path or directory keybound must not use is a configuration matter; one
+    /// the machine would not create or bind is the machine's (`Device`); another agent on
+    /// the socket goes away when it is stopped.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            SocketError::NoParent(_)
+            | SocketError::Symlink(_)
+            | SocketError::NotDirectory(_)
+            | SocketError::Owner { .. }
+            | SocketError::DirMode { .. }
+            | SocketError::Shared { .. }
+            | SocketError::Group { .. }
+            | SocketError::NotSocket(_) => ErrorKind::Configuration,
+            SocketError::Live(_) => ErrorKind::Transient,
+            SocketError::Create { .. } | SocketError::Bind { .. } => ErrorKind::Device,
+        }
+    }
+}
+
 /// The default: `$XDG_RUNTIME_DIR/keybound/agent.sock`, else `/run/keybound/agent.sock`
 /// (a system service, with systemd's `RuntimeDirectory=keybound`).
 pub fn default_path() -> PathBuf {

@@ -299,11 +299,7 @@ fn allowed_mechanisms(alg: Alg) -> Vec<MechanismType> {
 fn fresh_id(s: &Session) -> Result<Vec<u8>, Failure> {
     loop {
         let mut id = vec![0u8; 16];
-        getrandom::getrandom(&mut id).map_err(|e| TokenError::Pkcs11 {
-            function: "getrandom".into(),
-            rv: e.to_string(),
-            hint: "the operating system's random number generator failed".into(),
-        })?;
+        getrandom::getrandom(&mut id).map_err(|e| TokenError::Rng(e.to_string()))?;
         if s.find_objects(&[Attribute::Id(id.clone())])?.is_empty() {
             return Ok(id);
         }

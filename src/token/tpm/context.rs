@@ -25,6 +25,7 @@ use tss_esapi::{Context, TctiNameConf};
 use super::errors::{Failure, Recovery, Tag as _};
 use super::key_management::primary_template;
 use super::store::StoredKey;
+use crate::error::ErrorKind;
 use crate::token::worker;
 use crate::token::{Pin, TokenError};
 
@@ -213,6 +214,8 @@ impl Tpm {
                 hint: "point token.primary_handle at a storage key (SRK), or at a free handle \
                        keybound can fill"
                     .into(),
+                kind: ErrorKind::Configuration,
+                about_the_object: false,
             }
             .into());
         }
@@ -283,11 +286,10 @@ impl Tpm {
             .into()
         };
         if self.refused.contains(&key.id) {
-            return Err(refuse(
-                "the TPM refused its auth value earlier; keybound does not send it again, \
-                 to keep the TPM out of dictionary-attack lockout. Fix token.key_auth_env / \
-                 token.key_auth_file and restart keybound",
-            ));
+            return Err(TokenError::KeyAuthRefused {
+                label: key.label.clone(),
+            }
+            .into());
         }
         match self.auth_value()? {
             Some(auth) => Ok(Some(auth)),
@@ -418,6 +420,8 @@ fn internal(what: &str) -> Failure {
         code: "internal error".into(),
         meaning: what.into(),
         hint: String::new(),
+        kind: ErrorKind::Device,
+        about_the_object: false,
     }
     .into()
 }

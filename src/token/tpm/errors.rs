@@ -2,9 +2,11 @@
 //! handle/parameter/session number), what it means and what to do. "The wrapper refused"
 //! (tss-esapi) is kept apart from "the TPM said no".
 
-use tss_esapi::constants::Tss2ResponseCode;
+use bitfield::BitRange;
+use tss_esapi::constants::{Tss2ResponseCode, Tss2ResponseCodeKind};
 use tss_esapi::{Error, WrapperErrorKind};
 
+use crate::error::ErrorKind;
 use crate::token::TokenError;
 
 /// A failure inside one TPM operation: a TSS/TPM code (maybe worth a retry on a fresh
@@ -131,6 +133,8 @@ impl Failure {
                     code: format!("tss-esapi refused the call ({kind:?})"),
                     meaning: kind.to_string(),
                     hint: wrapper_hint(kind).into(),
+                    kind: ErrorKind::Device,
+                    about_the_object: false,
                 };
             }
             Error::Tss2Error(rc) => rc,
@@ -141,27 +145,88 @@ impl Failure {
                 code: "an unreadable response code".into(),
                 meaning: rc.to_string(),
                 hint: String::new(),
+                kind: ErrorKind::Device,
+                about_the_object: false,
             };
         };
         let (code, meaning) = decode(raw, rc);
+        let (kind, about_the_object) = classify(raw);
         TokenError::Tpm {
             function: function.into(),
             code,
             meaning,
             hint: capitalized(hint(function, raw, tcti)),
+            kind,
+            about_the_object,
         }
     }
 }
 
-/// tss-esapi 7.7 hides the numeric code; its `Display` of the inner code prints it in hex.
+/// The numeric TSS2_RC. tss-esapi 7.7 has no getter for it, but its code types are
+/// `bitfield` structs over the raw value: all 32 bits of that range are the code.
 fn raw(rc: Tss2ResponseCode) -> Option<u32> {
-    let text = match rc {
-        Tss2ResponseCode::Success => return Some(0),
-        Tss2ResponseCode::FormatZero(c) => c.to_string(),
-        Tss2ResponseCode::FormatOne(c) => c.to_string(),
-    };
-    let hex = text.rsplit("0x").next()?;
-    u32::from_str_radix(hex.trim(), 16).ok()
+    match rc {
+        Tss2ResponseCode::Success => Some(0),
+        Tss2ResponseCode::FormatZero(c) => Some(c.bit_range(31, 0)),
+        Tss2ResponseCode::FormatOne(c) => Some(c.bit_range(31, 0)),
+    }
+}
+
+/// The [`ErrorKind`] of a TSS2_RC, and whether it is about the key object itself (a
+/// damaged, foreign or unusable blob or public area, TPM 2.0 Part 2 §6.6.3). TPM codes are
+/// classified by tss-esapi's own [`Tss2ResponseCodeKind`]; the TSS layers by their layer.
+fn classify(raw: u32) -> (ErrorKind, bool) {
+    use Tss2ResponseCodeKind as K;
+    let (layer, base) = ((raw >> 16) & 0xff, raw & 0xffff);
+    match layer {
+        // The connection to the TPM: keybound reconnects on the next request.
+        LAYER_TCTI => (ErrorKind::Transient, false),
+        LAYER_ESAPI | LAYER_SYS if matches!(base, 8 | 9 | 10 | 17 | 19) => {
+            (ErrorKind::Transient, false)
+        }
+        LAYER_TPM | LAYER_RESMGR_TPM => match Tss2ResponseCode::from(base).kind() {
+            Some(K::AuthFail | K::BadAuth | K::Lockout) => (ErrorKind::Authentication, false),
+            Some(
+                K::Retry
+                | K::Yielded
+                | K::Testing
+                | K::Canceled
+                | K::NvRate
+                | K::NvUnavailable
+                | K::ContextGap
+                | K::ObjectMemory
+                | K::SessionMemory
+                | K::Memory
+                | K::Initialize
+                | K::Reboot
+                | K::Handle
+                | K::ReferenceH0
+                | K::ReferenceH1
+                | K::ReferenceH2,
+            ) => (ErrorKind::Transient, false),
+            Some(
+                K::Integrity
+                | K::Binding
+                | K::Key
+                | K::KeySize
+                | K::Asymmetric
+                | K::Attributes
+                | K::Hash
+                | K::Type
+                | K::Scheme
+                | K::Size
+                | K::Symmetric
+                | K::Curve
+                | K::EccPoint
+                | K::Value
+                | K::Sensitive
+                | K::Kdf
+                | K::Mgf,
+            ) => (ErrorKind::Configuration, true),
+            _ => (ErrorKind::Device, false),
+        },
+        _ => (ErrorKind::Device, false),
+    }
 }
 
 /// `TPM_RC_OBJECT_MEMORY (0x902)` and what it means.
@@ -492,6 +557,33 @@ mod tests {
             .to_string();
         assert!(e.contains("TSS2_TCTI_RC_IO_ERROR (0xa000a)"), "{e}");
         assert!(e.contains("swtpm:host=127.0.0.1,port=1"), "{e}");
+    }
+
+    #[test]
+    fn kinds_and_objects_come_from_the_typed_code() {
+        let of = |raw| match rc(raw).into_token_error("swtpm") {
+            TokenError::Tpm {
+                kind,
+                about_the_object,
+                ..
+            } => (kind, about_the_object),
+            other => panic!("{other}"),
+        };
+        // About the key object: TPM_RC_INTEGRITY parameter 1, TPM_RC_BINDING from the
+        // resource manager, TPM_RC_KEY.
+        assert_eq!(of(0x19f), (ErrorKind::Configuration, true));
+        assert_eq!(of(0x1df), (ErrorKind::Configuration, true));
+        assert_eq!(of(0xc01a5), (ErrorKind::Configuration, true));
+        assert_eq!(of(0x1dc), (ErrorKind::Configuration, true));
+        // The device or the moment.
+        assert_eq!(of(0x922), (ErrorKind::Transient, false));
+        assert_eq!(of(0x902), (ErrorKind::Transient, false));
+        assert_eq!(of(0xa000a), (ErrorKind::Transient, false));
+        assert_eq!(of(0x70009), (ErrorKind::Transient, false));
+        assert_eq!(of(0x101), (ErrorKind::Device, false));
+        // The key's auth value refused, and dictionary-attack lockout: authentication.
+        assert_eq!(of(0x98e), (ErrorKind::Authentication, false));
+        assert_eq!(of(0x921), (ErrorKind::Authentication, false));
     }
 
     #[test]

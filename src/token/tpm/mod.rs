@@ -148,6 +148,8 @@ impl TpmToken {
             code: "invalid TCTI".into(),
             meaning: e,
             hint: String::new(),
+            kind: crate::error::ErrorKind::Configuration,
+            about_the_object: false,
         })?;
         let key_auth = match settings.key_auth_source() {
             None => None,
