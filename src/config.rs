@@ -22,15 +22,15 @@ pub struct Config {
     /// `[[client]]` entries, in file order.
     pub clients: Vec<ClientConfig>,
     /// `[agent]`, for `keybound serve`.
-    pub agent: crate::agent::Settings,
+    pub agent: crate::agent::AgentSettings,
 }
 
 /// `[token]`, chosen by its `backend` key.
 #[derive(Clone, Debug)]
 pub enum TokenConfig {
-    Pkcs11(pkcs11::Settings),
+    Pkcs11(pkcs11::Pkcs11Settings),
     #[cfg(feature = "tpm")]
-    Tpm(tpm::Settings),
+    Tpm(tpm::TpmSettings),
 }
 
 /// The file's shape before `[token]` is resolved by its backend. Parsing in two steps keeps
@@ -44,7 +44,7 @@ struct RawConfig {
     #[serde(default)]
     client: Vec<ClientSettings>,
     #[serde(default)]
-    agent: crate::agent::Settings,
+    agent: crate::agent::AgentSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,13 +120,13 @@ impl Config {
         };
         let token = match backend.as_str() {
             "pkcs11" => {
-                let settings: pkcs11::Settings = token_settings(raw.token)?;
+                let settings: pkcs11::Pkcs11Settings = token_settings(raw.token)?;
                 settings.validate()?;
                 TokenConfig::Pkcs11(settings)
             }
             #[cfg(feature = "tpm")]
             "tpm" => {
-                let settings: tpm::Settings = token_settings(raw.token)?;
+                let settings: tpm::TpmSettings = token_settings(raw.token)?;
                 settings.validate()?;
                 TokenConfig::Tpm(settings)
             }

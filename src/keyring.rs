@@ -41,7 +41,7 @@ impl KeyError {
 }
 
 /// Receives the outcome of a signature queued with [`SigningKey::submit`].
-pub type Reply = Box<dyn FnOnce(Result<JwsSignature, KeyError>) + Send>;
+pub type SignReply = Box<dyn FnOnce(Result<JwsSignature, KeyError>) + Send>;
 
 /// The finding's attribute for a failed proof of possession.
 pub const POSSESSION: &str = "proof of possession";
@@ -330,7 +330,7 @@ impl SigningKey {
     }
 
     /// Queues a signature; `reply` gets the outcome on another thread.
-    pub fn submit(&self, tbs: ToBeSigned, reply: Reply) {
+    pub fn submit(&self, tbs: ToBeSigned, reply: SignReply) {
         let (observer, info, start) = (
             self.keyring.observer.clone(),
             self.info.clone(),
@@ -339,7 +339,7 @@ impl SigningKey {
         // The reply runs on a worker thread: the caller's span goes along, so the
         // observer's log line carries the request's fields (the agent's caller uid).
         let span = tracing::Span::current();
-        let reply: Reply = Box::new(move |result| {
+        let reply: SignReply = Box::new(move |result| {
             let _entered = span.enter();
             observe(&observer, Purpose::Jws, &info, result.is_ok(), start);
             reply(result);

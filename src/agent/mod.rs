@@ -30,7 +30,7 @@ use socket::SocketMode;
 /// `[agent]` in the config (see keybound.example.toml).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Settings {
+pub struct AgentSettings {
     pub socket: Option<PathBuf>,
     /// Who may open the socket besides the agent's own uid (see `socket::SocketMode`).
     #[serde(default)]
@@ -84,9 +84,9 @@ mod defaults {
     }
 }
 
-impl Default for Settings {
+impl Default for AgentSettings {
     fn default() -> Self {
-        Settings {
+        AgentSettings {
             socket: None,
             socket_mode: SocketMode::default(),
             socket_group: None,
@@ -103,7 +103,7 @@ impl Default for Settings {
     }
 }
 
-impl Settings {
+impl AgentSettings {
     pub fn validate(&self) -> Result<(), String> {
         let range = |key: &str, v: usize, lo: usize, hi: usize| {
             if (lo..=hi).contains(&v) {
@@ -146,7 +146,7 @@ pub struct Agent {
     access: access::Access,
     /// Signing requests in flight; `try_acquire` failing is the "queue full" answer.
     queue: Semaphore,
-    settings: Settings,
+    settings: AgentSettings,
     authz: Policy,
     metrics: Arc<Metrics>,
     /// Open connections per uid, for `max_connections_per_uid`.
@@ -178,7 +178,7 @@ impl Agent {
     pub fn new(
         keyring: Keyring,
         clients: Vec<OAuthClient>,
-        settings: Settings,
+        settings: AgentSettings,
         own_uid: u32,
         metrics: Arc<Metrics>,
     ) -> Result<Agent, String> {

@@ -13,7 +13,7 @@ use url::Url;
 
 use super::cache::{AccessToken, TokenCache};
 use super::http::HttpClient;
-use super::nonce::Peer;
+use super::nonce::NoncePeer;
 use super::observe::{NoObserver, UpstreamObserver};
 use super::resilience::{Breaker, BreakerState};
 use super::response::TokenResponse;
@@ -229,8 +229,8 @@ impl OAuthClient {
     }
 
     /// This client's side of an exchange with the server at `origin` in `role`.
-    pub(super) fn peer<'a>(&'a self, role: Role, origin: &'a str) -> Peer<'a> {
-        Peer {
+    pub(super) fn peer<'a>(&'a self, role: Role, origin: &'a str) -> NoncePeer<'a> {
+        NoncePeer {
             transport: &*self.transport,
             state: &self.state,
             observer: &*self.observer,

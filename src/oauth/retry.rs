@@ -13,14 +13,14 @@ use super::resilience::{BreakerState, backoff};
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// One failed exchange, and how long the server asked us to wait.
-pub(super) struct Failure {
+pub(super) struct AttemptFailure {
     pub(super) error: OAuthError,
     pub(super) retry_after: Option<Duration>,
 }
 
-impl From<OAuthError> for Failure {
+impl From<OAuthError> for AttemptFailure {
     fn from(error: OAuthError) -> Self {
-        Failure {
+        AttemptFailure {
             error,
             retry_after: None,
         }

@@ -2,7 +2,7 @@
 
 use cryptoki::error::{Error, RvError};
 
-use super::connection::Failure;
+use super::connection::Pkcs11Failure;
 use crate::token::TokenError;
 
 /// Whether the session (or the login it carried) is gone and worth one reopen.
@@ -24,10 +24,10 @@ pub(super) fn session_lost(e: &Error) -> bool {
 }
 
 /// The object a handle named is gone (deleted, or the handle belongs to an older session).
-pub(super) fn object_gone(f: &Failure) -> bool {
+pub(super) fn object_gone(f: &Pkcs11Failure) -> bool {
     matches!(
         f,
-        Failure::Ck(Error::Pkcs11(
+        Pkcs11Failure::Ck(Error::Pkcs11(
             RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid,
             _
         ))

@@ -24,7 +24,7 @@ use connection::Connection;
 /// `[token]` settings for `backend = "pkcs11"` (see keybound.example.toml).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Settings {
+pub struct Pkcs11Settings {
     pub module: Option<PathBuf>,
     pub token_label: Option<String>,
     pub token_serial: Option<String>,
@@ -42,7 +42,7 @@ fn default_pin_env() -> String {
     "KEYBOUND_PIN".into()
 }
 
-impl Settings {
+impl Pkcs11Settings {
     /// Checks what TOML types cannot; each message names the key.
     pub fn validate(&self) -> Result<(), String> {
         if self.token_label.is_none() && self.token_serial.is_none() {
@@ -91,7 +91,10 @@ pub struct Pkcs11Token {
 impl Pkcs11Token {
     /// Loads the module, finds the token, logs in. `sessions` overrides the configured
     /// number of signing sessions (for `bench --sessions`).
-    pub fn open(settings: &Settings, sessions: Option<usize>) -> Result<Pkcs11Token, TokenError> {
+    pub fn open(
+        settings: &Pkcs11Settings,
+        sessions: Option<usize>,
+    ) -> Result<Pkcs11Token, TokenError> {
         let profiles = Profiles::load(settings.profiles_dir.as_deref())?;
         let conn = Connection::open(settings, &profiles)?;
         let limits = conn.profile.sessions;

@@ -22,7 +22,7 @@ use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{Auth, CapabilityData};
 use tss_esapi::{Context, TctiNameConf};
 
-use super::errors::{Failure, Recovery, Tag as _};
+use super::errors::{Recovery, Tag as _, TpmFailure};
 use super::key_management::primary_template;
 use super::store::StoredKey;
 use crate::error::ErrorKind;
@@ -82,7 +82,7 @@ impl Tpm {
     /// before the error is returned.
     pub(super) fn retrying<T>(
         &mut self,
-        op: impl FnMut(&mut Tpm) -> Result<T, Failure>,
+        op: impl FnMut(&mut Tpm) -> Result<T, TpmFailure>,
     ) -> Result<T, TokenError> {
         worker::retry_once(
             self,
@@ -104,7 +104,7 @@ impl Tpm {
 
     /// Flushes what a failed attempt loaded, drops a broken connection, and says what the
     /// failure calls for.
-    fn after_failure(&mut self, failure: &Failure) -> Recovery {
+    fn after_failure(&mut self, failure: &TpmFailure) -> Recovery {
         let recovery = failure.recovery();
         self.release();
         if recovery == Recovery::Reconnect {
@@ -114,7 +114,7 @@ impl Tpm {
     }
 
     /// The ESAPI context, connected on first use.
-    pub(super) fn ctx(&mut self) -> Result<&mut Context, Failure> {
+    pub(super) fn ctx(&mut self) -> Result<&mut Context, TpmFailure> {
         let ctx = match self.ctx.take() {
             Some(ctx) => ctx,
             None => Context::new(self.tcti.clone()).tag("TCTI/ESYS initialisation")?,
@@ -125,7 +125,7 @@ impl Tpm {
     /// The storage primary's handle and name: created from the fixed template (the TPM
     /// derives the same key from the same template every time), or the persistent object
     /// at `token.primary_handle`, made there on first use.
-    pub(super) fn primary(&mut self) -> Result<(KeyHandle, Vec<u8>), Failure> {
+    pub(super) fn primary(&mut self) -> Result<(KeyHandle, Vec<u8>), TpmFailure> {
         if let Some(p) = &self.primary {
             return Ok((p.handle, p.name.clone()));
         }
@@ -139,7 +139,7 @@ impl Tpm {
         }
     }
 
-    fn create_primary(&mut self) -> Result<(), Failure> {
+    fn create_primary(&mut self) -> Result<(), TpmFailure> {
         let template = primary_template().tag("building the storage key template")?;
         let ctx = self.ctx()?;
         let created = ctx
@@ -164,7 +164,7 @@ impl Tpm {
         Ok(())
     }
 
-    fn persistent_primary(&mut self, handle: u32) -> Result<(), Failure> {
+    fn persistent_primary(&mut self, handle: u32) -> Result<(), TpmFailure> {
         let persistent = PersistentTpmHandle::new(handle).tag("parsing token.primary_handle")?;
         let tpm_handle = TpmHandle::Persistent(persistent);
         let ctx = self.ctx()?;
@@ -228,7 +228,7 @@ impl Tpm {
     /// Loads `key` under the primary, or returns it if it is the one loaded. Loading needs
     /// only the primary's (empty) auth; the key's own auth value is for signing
     /// (`authorize`).
-    pub(super) fn load(&mut self, key: &StoredKey) -> Result<KeyHandle, Failure> {
+    pub(super) fn load(&mut self, key: &StoredKey) -> Result<KeyHandle, TpmFailure> {
         if let Some(l) = &self.loaded {
             if l.id == key.id {
                 return Ok(l.handle);
@@ -264,7 +264,11 @@ impl Tpm {
     }
 
     /// Gives ESYS the auth value for using the loaded `key` (nothing for keys without one).
-    pub(super) fn authorize(&mut self, key: &StoredKey, handle: KeyHandle) -> Result<(), Failure> {
+    pub(super) fn authorize(
+        &mut self,
+        key: &StoredKey,
+        handle: KeyHandle,
+    ) -> Result<(), TpmFailure> {
         if let Some(auth) = self.auth_for(key)? {
             self.ctx()?
                 .tr_set_auth(handle.into(), auth)
@@ -274,11 +278,11 @@ impl Tpm {
     }
 
     /// The auth value to use with `key`, checked before anything is sent to the TPM.
-    fn auth_for(&self, key: &StoredKey) -> Result<Option<Auth>, Failure> {
+    fn auth_for(&self, key: &StoredKey) -> Result<Option<Auth>, TpmFailure> {
         if !key.auth {
             return Ok(None);
         }
-        let refuse = |reason: &str| -> Failure {
+        let refuse = |reason: &str| -> TpmFailure {
             TokenError::TpmKey {
                 label: key.label.clone(),
                 reason: reason.into(),
@@ -301,7 +305,7 @@ impl Tpm {
     }
 
     /// The configured key auth value, in the TPM's form.
-    pub(super) fn auth_value(&self) -> Result<Option<Auth>, Failure> {
+    pub(super) fn auth_value(&self) -> Result<Option<Auth>, TpmFailure> {
         let Some(pin) = &self.key_auth else {
             return Ok(None);
         };
@@ -362,7 +366,7 @@ impl Tpm {
 
     /// One cheap command that must reach the TPM (tss-esapi caches properties, so
     /// `get_tpm_property` would not).
-    pub(super) fn ping(&mut self) -> Result<(), Failure> {
+    pub(super) fn ping(&mut self) -> Result<(), TpmFailure> {
         self.ctx()?
             .execute_without_session(|c| {
                 c.get_capability(CapabilityType::TpmProperties, TPM2_PT_MANUFACTURER, 1)
@@ -372,9 +376,9 @@ impl Tpm {
     }
 
     /// Manufacturer, vendor string and firmware version, as the TPM reports them.
-    pub(super) fn identity(&mut self) -> Result<(String, String), Failure> {
+    pub(super) fn identity(&mut self) -> Result<(String, String), TpmFailure> {
         let ctx = self.ctx()?;
-        let mut read = |tag: PropertyTag| -> Result<u32, Failure> {
+        let mut read = |tag: PropertyTag| -> Result<u32, TpmFailure> {
             Ok(ctx
                 .get_tpm_property(tag)
                 .tag("TPM2_GetCapability")?
@@ -414,7 +418,7 @@ fn ascii(words: &[u32]) -> String {
     String::from_utf8_lossy(&bytes).trim().to_string()
 }
 
-fn internal(what: &str) -> Failure {
+fn internal(what: &str) -> TpmFailure {
     TokenError::Tpm {
         function: "keybound".into(),
         code: "internal error".into(),

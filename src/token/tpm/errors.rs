@@ -12,7 +12,7 @@ use crate::token::TokenError;
 /// A failure inside one TPM operation: a TSS/TPM code (maybe worth a retry on a fresh
 /// context) or keybound's own verdict.
 #[derive(Debug)]
-pub(super) enum Failure {
+pub(super) enum TpmFailure {
     Tss {
         /// The TPM command or TSS call, e.g. `TPM2_Sign`.
         function: &'static str,
@@ -21,20 +21,20 @@ pub(super) enum Failure {
     Token(TokenError),
 }
 
-impl From<TokenError> for Failure {
+impl From<TokenError> for TpmFailure {
     fn from(e: TokenError) -> Self {
-        Failure::Token(e)
+        TpmFailure::Token(e)
     }
 }
 
 /// Tags a tss-esapi result with the command it came from.
 pub(super) trait Tag<T> {
-    fn tag(self, function: &'static str) -> Result<T, Failure>;
+    fn tag(self, function: &'static str) -> Result<T, TpmFailure>;
 }
 
 impl<T> Tag<T> for Result<T, Error> {
-    fn tag(self, function: &'static str) -> Result<T, Failure> {
-        self.map_err(|error| Failure::Tss { function, error })
+    fn tag(self, function: &'static str) -> Result<T, TpmFailure> {
+        self.map_err(|error| TpmFailure::Tss { function, error })
     }
 }
 
@@ -60,11 +60,11 @@ const LAYER_TCTI: u32 = 10;
 const LAYER_RESMGR: u32 = 11;
 const LAYER_RESMGR_TPM: u32 = 12;
 
-impl Failure {
+impl TpmFailure {
     /// The raw TSS2_RC, if the TSS or the TPM produced this failure.
     pub(super) fn code(&self) -> Option<u32> {
         match self {
-            Failure::Tss {
+            TpmFailure::Tss {
                 error: Error::Tss2Error(rc),
                 ..
             } => raw(*rc),
@@ -75,15 +75,15 @@ impl Failure {
     /// One line for logs.
     pub(super) fn summary(&self) -> String {
         match self {
-            Failure::Token(e) => e.to_string(),
-            Failure::Tss {
+            TpmFailure::Token(e) => e.to_string(),
+            TpmFailure::Tss {
                 function,
                 error: Error::Tss2Error(rc),
             } => match raw(*rc) {
                 Some(raw) => format!("{function}: {}", decode(raw, *rc).0),
                 None => format!("{function}: {rc}"),
             },
-            Failure::Tss { function, error } => format!("{function}: {error}"),
+            TpmFailure::Tss { function, error } => format!("{function}: {error}"),
         }
     }
 
@@ -123,8 +123,8 @@ impl Failure {
     /// `tcti` names the configured TCTI for connection hints.
     pub(super) fn into_token_error(self, tcti: &str) -> TokenError {
         let (function, error) = match self {
-            Failure::Token(e) => return e,
-            Failure::Tss { function, error } => (function, error),
+            TpmFailure::Token(e) => return e,
+            TpmFailure::Tss { function, error } => (function, error),
         };
         let rc = match error {
             Error::WrapperError(kind) => {
@@ -526,10 +526,10 @@ fn wrapper_hint(kind: WrapperErrorKind) -> &'static str {
 mod tests {
     use super::*;
 
-    fn rc(raw: u32) -> Failure {
+    fn rc(raw: u32) -> TpmFailure {
         // Round-trip through tss-esapi's own type, as the TSS hands it over.
         let error = tss_esapi::Error::Tss2Error(Tss2ResponseCode::from(raw));
-        Failure::Tss {
+        TpmFailure::Tss {
             function: "TPM2_Load",
             error,
         }

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr as _;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use tss_esapi::TctiNameConf;
@@ -34,7 +33,7 @@ use store::{Store, StoredKey};
 /// `[token]` settings for `backend = "tpm"` (see keybound.example.toml).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Settings {
+pub struct TpmSettings {
     #[serde(default = "default_tcti")]
     pub tcti: String,
     pub state_dir: Option<PathBuf>,
@@ -52,7 +51,7 @@ fn default_tcti() -> String {
 /// The owner's persistent handle range (TPM 2.0 Part 2 §7.5, TCG handle registry).
 const PERSISTENT_OWNER: std::ops::RangeInclusive<u32> = 0x8100_0000..=0x817f_ffff;
 
-impl Settings {
+impl TpmSettings {
     /// Checks what TOML types cannot; each message names the key.
     pub fn validate(&self) -> Result<(), String> {
         parse_tcti(&self.tcti).map_err(|e| format!("token.tcti: {e}"))?;
@@ -142,7 +141,7 @@ pub struct TpmToken {
 impl TpmToken {
     /// Connects to the TPM (so a wrong TCTI or a missing device is reported at start) and
     /// derives the storage primary once.
-    pub fn open(settings: &Settings) -> Result<TpmToken, TokenError> {
+    pub fn open(settings: &TpmSettings) -> Result<TpmToken, TokenError> {
         let tcti = parse_tcti(&settings.tcti).map_err(|e| TokenError::Tpm {
             function: "reading token.tcti".into(),
             code: "invalid TCTI".into(),
@@ -266,10 +265,7 @@ impl Backend for TpmToken {
             reason,
         })?;
         let info = key_management::key_info(&stored)?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.store.save(&stored, now)?;
+        self.store.save(&stored, crate::jose::unix_now())?;
         self.known
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -387,8 +383,8 @@ impl Backend for TpmToken {
 mod tests {
     use super::*;
 
-    fn settings(tcti: &str) -> Settings {
-        Settings {
+    fn settings(tcti: &str) -> TpmSettings {
+        TpmSettings {
             tcti: tcti.into(),
             state_dir: None,
             primary_handle: None,
