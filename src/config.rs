@@ -10,27 +10,19 @@ use serde::Deserialize;
 
 use crate::oauth::settings::{ClientConfig, ClientSettings};
 use crate::policy::Rules;
-use crate::token::pkcs11;
 #[cfg(feature = "tpm")]
 use crate::token::tpm;
 use crate::token::trust::{self, Owners};
+use crate::token::{DeviceSettings, pkcs11};
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub token: TokenConfig,
+    pub token: DeviceSettings,
     pub policy: Rules,
     /// `[[client]]` entries, in file order.
     pub clients: Vec<ClientConfig>,
     /// `[agent]`, for `keybound serve`.
     pub agent: crate::agent::AgentSettings,
-}
-
-/// `[token]`, chosen by its `backend` key.
-#[derive(Clone, Debug)]
-pub enum TokenConfig {
-    Pkcs11(pkcs11::Pkcs11Settings),
-    #[cfg(feature = "tpm")]
-    Tpm(tpm::TpmSettings),
 }
 
 /// The file's shape before `[token]` is resolved by its backend. Parsing in two steps keeps
@@ -122,13 +114,13 @@ impl Config {
             "pkcs11" => {
                 let settings: pkcs11::Pkcs11Settings = token_settings(raw.token)?;
                 settings.validate()?;
-                TokenConfig::Pkcs11(settings)
+                DeviceSettings::Pkcs11(settings)
             }
             #[cfg(feature = "tpm")]
             "tpm" => {
                 let settings: tpm::TpmSettings = token_settings(raw.token)?;
                 settings.validate()?;
-                TokenConfig::Tpm(settings)
+                DeviceSettings::Tpm(settings)
             }
             #[cfg(not(feature = "tpm"))]
             "tpm" => {
@@ -269,7 +261,7 @@ token_label = "t"
     #[cfg_attr(not(feature = "tpm"), allow(irrefutable_let_patterns))]
     fn minimal_config_gets_defaults() {
         let c = Config::parse(GOOD).unwrap();
-        let TokenConfig::Pkcs11(s) = &c.token else {
+        let DeviceSettings::Pkcs11(s) = &c.token else {
             panic!("not pkcs11: {:?}", c.token);
         };
         assert_eq!(s.pin_env, "KEYBOUND_PIN");
@@ -281,7 +273,7 @@ token_label = "t"
     #[test]
     fn tpm_config_gets_defaults_and_errors_name_the_key() {
         let c = Config::parse("[token]\nbackend = \"tpm\"\n").unwrap();
-        let TokenConfig::Tpm(s) = &c.token else {
+        let DeviceSettings::Tpm(s) = &c.token else {
             panic!("not tpm: {:?}", c.token);
         };
         assert_eq!(s.tcti, "device:/dev/tpmrm0");
@@ -294,7 +286,7 @@ token_label = "t"
              key_auth_env = \"KEYBOUND_KEY_AUTH\"\nrsa_bits = 3072\n",
         )
         .unwrap();
-        let TokenConfig::Tpm(s) = &c.token else {
+        let DeviceSettings::Tpm(s) = &c.token else {
             panic!("not tpm: {:?}", c.token);
         };
         assert_eq!(s.primary_handle, Some(0x8100_0001));
@@ -342,7 +334,7 @@ token_label = "t"
             }
         }
         let c = Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-        let TokenConfig::Tpm(s) = &c.token else {
+        let DeviceSettings::Tpm(s) = &c.token else {
             panic!("not tpm: {text}");
         };
         assert_eq!(s.primary_handle, Some(0x8100_0001), "{text}");

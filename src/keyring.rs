@@ -10,15 +10,14 @@
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::config::TokenConfig;
 use crate::jose::{self, Alg, Jwk, JwsSignature, PublicKey, ToBeSigned};
 use crate::policy::{self, Finding, PolicyError, Rules, Severity, Verdict};
 use crate::token::pkcs11::Pkcs11Token;
 #[cfg(feature = "tpm")]
 use crate::token::tpm::TpmToken;
 use crate::token::{
-    Backend, Binding, KeyFacts, KeyInfo, KeyName, Label, Listing, Problem, Proof, TokenDescription,
-    TokenError, worker,
+    Backend, Binding, DeviceSettings, KeyFacts, KeyInfo, KeyName, Label, Listing, Problem, Proof,
+    TokenDescription, TokenError, worker,
 };
 
 /// Errors of resolving a key for signing.
@@ -123,15 +122,15 @@ impl Keyring {
     /// Opens the device named by the config. `sessions` overrides the number of signing
     /// sessions.
     pub fn open(
-        token: &TokenConfig,
+        token: &DeviceSettings,
         rules: Rules,
         sessions: Option<usize>,
     ) -> Result<Keyring, TokenError> {
         let backend: Arc<dyn Backend> = match token {
-            TokenConfig::Pkcs11(settings) => Arc::new(Pkcs11Token::open(settings, sessions)?),
+            DeviceSettings::Pkcs11(settings) => Arc::new(Pkcs11Token::open(settings, sessions)?),
             // One thread owns the TPM context: `sessions` does not apply.
             #[cfg(feature = "tpm")]
-            TokenConfig::Tpm(settings) => Arc::new(TpmToken::open(settings)?),
+            DeviceSettings::Tpm(settings) => Arc::new(TpmToken::open(settings)?),
         };
         Ok(Keyring {
             backend,
