@@ -113,13 +113,13 @@ impl Config {
         let token = match backend.as_str() {
             "pkcs11" => {
                 let settings: pkcs11::Pkcs11Settings = token_settings(raw.token)?;
-                settings.validate()?;
+                settings.validate().map_err(|e| e.to_string())?;
                 DeviceSettings::Pkcs11(settings)
             }
             #[cfg(feature = "tpm")]
             "tpm" => {
                 let settings: tpm::TpmSettings = token_settings(raw.token)?;
-                settings.validate()?;
+                settings.validate().map_err(|e| e.to_string())?;
                 DeviceSettings::Tpm(settings)
             }
             #[cfg(not(feature = "tpm"))]
@@ -148,7 +148,7 @@ impl Config {
             }
             clients.push(c);
         }
-        raw.agent.validate()?;
+        raw.agent.validate().map_err(|e| e.to_string())?;
         Ok(Config {
             token,
             policy: raw.policy,

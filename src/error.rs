@@ -17,3 +17,27 @@ pub enum ErrorKind {
     /// The server refused the client's credentials or request (RFC 6749 §5.2 error).
     Authentication,
 }
+
+/// A setting that is not valid, found when the config is loaded: the key as written in the
+/// file (`token.sessions`, `agent.max_queue`, `client[0].scopes`) and why. Each layer's
+/// settings validate themselves with it; `config` adds the file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct InvalidSetting {
+    pub key: String,
+    pub reason: String,
+}
+
+impl InvalidSetting {
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> InvalidSetting {
+        InvalidSetting {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Always [`ErrorKind::Configuration`]: fix the file.
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::Configuration
+    }
+}

@@ -655,3 +655,53 @@ async fn metrics_handler(
     )
         .into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(e: impl Into<ApiError>) -> (u16, &'static str, Option<u64>) {
+        let e = e.into();
+        (e.status.as_u16(), e.error, e.retry_after)
+    }
+
+    #[test]
+    fn statuses_follow_the_kind() {
+        // The device refused its PIN or a key's auth value: an operator must act, and a
+        // retry would spend PIN attempts. Not "503, retry in 5 s".
+        let locked = TokenError::PinLocked { token: "t".into() };
+        assert_eq!(answer(locked), (500, "authentication", None));
+        let wrong = TokenError::PinIncorrect { token: "t".into() };
+        assert_eq!(answer(wrong), (500, "authentication", None));
+        let refused = TokenError::KeyAuthRefused { label: "k".into() };
+        assert_eq!(answer(refused), (500, "authentication", None));
+        // A device that is gone comes back: 503 + Retry-After.
+        let gone = TokenError::Unavailable {
+            reason: "removed".into(),
+        };
+        assert_eq!(answer(gone), (503, "unavailable", Some(5)));
+        // Discovery failed: the server's fault, not an internal error.
+        let discovery = OAuthError::Discovery {
+            issuer: "https://as.example".into(),
+            last: "HTTP 404".into(),
+        };
+        assert_eq!(answer(discovery), (502, "upstream_error", None));
+        // keybound's config lacks what the request needs.
+        let no_endpoint = OAuthError::NoEndpoint { client: "c".into() };
+        assert_eq!(answer(no_endpoint), (500, "configuration", None));
+        let unknown = TokenError::KeyNotFound {
+            name: "'k'".into(),
+            token: "t".into(),
+            known: vec![],
+        };
+        assert_eq!(answer(unknown), (404, "unknown_key", None));
+        let refused = OAuthError::Server {
+            url: "u".into(),
+            status: 401,
+            error: "invalid_client".into(),
+            description: None,
+            clock: None,
+        };
+        assert_eq!(answer(refused), (502, "upstream_error", None));
+    }
+}

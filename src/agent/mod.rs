@@ -21,6 +21,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument as _;
 
+use crate::error::InvalidSetting;
 use crate::keyring::{Keyring, Purpose, SignEvent, SignObserver};
 use crate::oauth::client::OAuthClient;
 use authz::{Peer, Policy};
@@ -104,12 +105,15 @@ impl Default for AgentSettings {
 }
 
 impl AgentSettings {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         let range = |key: &str, v: usize, lo: usize, hi: usize| {
             if (lo..=hi).contains(&v) {
                 Ok(())
             } else {
-                Err(format!("agent.{key}: {v} is out of range {lo} to {hi}"))
+                Err(InvalidSetting::new(
+                    format!("agent.{key}"),
+                    format!("{v} is out of range {lo} to {hi}"),
+                ))
             }
         };
         range("max_connections", self.max_connections, 1, 65_536)?;
@@ -181,7 +185,7 @@ impl Agent {
         settings: AgentSettings,
         own_uid: u32,
         metrics: Arc<Metrics>,
-    ) -> Result<Agent, String> {
+    ) -> Result<Agent, InvalidSetting> {
         settings.validate()?;
         let names: Vec<&str> = clients.iter().map(|c| c.config().name.as_str()).collect();
         Policy::check_clients(&settings.allow, &names)?;

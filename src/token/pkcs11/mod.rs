@@ -17,6 +17,7 @@ use super::{
     Backend, Binding, KeyFacts, KeyInfo, Label, Listing, PinSource, ProofReply, Reply,
     TokenDescription, TokenError,
 };
+use crate::error::InvalidSetting;
 use crate::jose::{Alg, ToBeSigned};
 use asym_sign::Pool;
 use connection::Connection;
@@ -44,9 +45,12 @@ fn default_pin_env() -> String {
 
 impl Pkcs11Settings {
     /// Checks what TOML types cannot; each message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.token_label.is_none() && self.token_serial.is_none() {
-            return Err("token: set token_label or token_serial".into());
+            return Err(InvalidSetting::new(
+                "token",
+                "set token_label or token_serial",
+            ));
         }
         // A relative path would follow the working directory, which whoever starts
         // keybound chooses: the module is code run with the PIN in memory, the profiles
@@ -59,12 +63,15 @@ impl Pkcs11Settings {
         if let Some(n) = self.sessions
             && !(1..=64).contains(&n)
         {
-            return Err(format!("token.sessions: {n} is out of range 1 to 64"));
+            return Err(InvalidSetting::new(
+                "token.sessions",
+                format!("{n} is out of range 1 to 64"),
+            ));
         }
         if ![2048, 3072, 4096].contains(&self.rsa_bits) {
-            return Err(format!(
-                "token.rsa_bits: {} is not one of 2048, 3072, 4096",
-                self.rsa_bits
+            return Err(InvalidSetting::new(
+                "token.rsa_bits",
+                format!("{} is not one of 2048, 3072, 4096", self.rsa_bits),
             ));
         }
         Ok(())

@@ -25,6 +25,7 @@ use super::{
     Backend, Binding, KeyFacts, KeyInfo, Label, Listing, Pin, PinSource, Problem, ProofReply,
     Reply, TokenDescription, TokenError,
 };
+use crate::error::InvalidSetting;
 use crate::jose::{Alg, ToBeSigned};
 use context::Tpm;
 use jobs::{Answer, Job, mismatch};
@@ -53,8 +54,8 @@ const PERSISTENT_OWNER: std::ops::RangeInclusive<u32> = 0x8100_0000..=0x817f_fff
 
 impl TpmSettings {
     /// Checks what TOML types cannot; each message names the key.
-    pub fn validate(&self) -> Result<(), String> {
-        parse_tcti(&self.tcti).map_err(|e| format!("token.tcti: {e}"))?;
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        parse_tcti(&self.tcti).map_err(|e| InvalidSetting::new("token.tcti", e))?;
         // As for PKCS#11: the working directory is whoever starts keybound's choice. The
         // state directory holds the key blobs, the auth file the keys' authorization.
         crate::token::trust::absolute_paths(&[
@@ -64,19 +65,25 @@ impl TpmSettings {
         if let Some(h) = self.primary_handle
             && !PERSISTENT_OWNER.contains(&h)
         {
-            return Err(format!(
-                "token.primary_handle: {h:#x} is not an owner persistent handle \
-                 (0x81000000 to 0x817fffff)"
+            return Err(InvalidSetting::new(
+                "token.primary_handle",
+                format!("{h:#x} is not an owner persistent handle (0x81000000 to 0x817fffff)"),
             ));
         }
         if ![2048, 3072].contains(&self.rsa_bits) {
-            return Err(format!(
-                "token.rsa_bits: {} is not one of 2048, 3072 (the RSA sizes TPMs offer)",
-                self.rsa_bits
+            return Err(InvalidSetting::new(
+                "token.rsa_bits",
+                format!(
+                    "{} is not one of 2048, 3072 (the RSA sizes TPMs offer)",
+                    self.rsa_bits
+                ),
             ));
         }
         if self.key_auth_env.as_deref() == Some("") {
-            return Err("token.key_auth_env: empty; name an environment variable".into());
+            return Err(InvalidSetting::new(
+                "token.key_auth_env",
+                "empty; name an environment variable",
+            ));
         }
         Ok(())
     }
@@ -407,9 +414,10 @@ mod tests {
         }
         let e = settings("swtpm:path=/run/swtpm.sock")
             .validate()
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unix-socket") && e.contains("token.tcti"), "{e}");
-        let e = settings("tpm0").validate().unwrap_err();
+        let e = settings("tpm0").validate().unwrap_err().to_string();
         assert!(e.starts_with("token.tcti: 'tpm0' is not a TCTI"), "{e}");
     }
 
@@ -419,10 +427,10 @@ mod tests {
         s.primary_handle = Some(0x8100_0001);
         s.validate().unwrap();
         s.primary_handle = Some(0x8180_0001);
-        assert!(s.validate().unwrap_err().contains("token.primary_handle"));
+        assert_eq!(s.validate().unwrap_err().key, "token.primary_handle");
         let mut s = settings("tabrmd");
         s.rsa_bits = 4096;
-        assert!(s.validate().unwrap_err().contains("token.rsa_bits"));
+        assert_eq!(s.validate().unwrap_err().key, "token.rsa_bits");
     }
 
     #[test]
