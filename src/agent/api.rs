@@ -27,8 +27,10 @@ use crate::error::ErrorKind;
 use crate::jose::Header;
 use crate::keyring::{KeyError, SigningKey};
 use crate::oauth::client::OAuthClient;
+use crate::oauth::secret::Redacted as _;
 use crate::oauth::{self, OAuthError, assertion, dpop};
 use crate::token::TokenError;
+use secrecy::ExposeSecret as _;
 
 pub fn router(agent: Arc<Agent>) -> Router {
     let limit = agent.settings.max_body_bytes;
@@ -549,7 +551,7 @@ async fn token_handler(
     });
     tracing::info!(client = %req.client, token = %token.secret.redacted(), "token handed out");
     Ok(Json(json!({
-        "access_token": token.secret.expose(),
+        "access_token": token.secret.expose_secret(),
         "token_type": token.token_type,
         "expires_in": remaining,
         "scope": token.scopes.join(" "),

@@ -8,6 +8,7 @@ use super::OAuthError;
 use super::cache::AccessToken;
 use super::client::OAuthClient;
 use super::resilience::{BreakerState, backoff};
+use super::secret::Redacted as _;
 
 /// Longest `Retry-After` keybound waits out; a longer one ends the attempt with its value.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
