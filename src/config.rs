@@ -139,7 +139,9 @@ impl Config {
         };
         let mut clients: Vec<ClientConfig> = Vec::new();
         for (i, c) in raw.client.into_iter().enumerate() {
-            let c = c.validate(&format!("client[{i}]"))?;
+            let c = c
+                .validate(&format!("client[{i}]"))
+                .map_err(|e| e.to_string())?;
             if clients.iter().any(|d| d.name == c.name) {
                 return Err(format!(
                     "client[{i}].name: '{}' is used by another client",
