@@ -276,6 +276,8 @@ impl From<OAuthError> for ApiError {
             OAuthError::BreakerOpen { retry_in_secs, .. } => {
                 ApiError::unavailable(message, retry_in_secs.max(1))
             }
+            // The server's own Retry-After, longer than keybound waits itself.
+            OAuthError::RetryTooLate { secs, .. } => ApiError::unavailable(message, secs.max(1)),
             // The authorization server refused keybound's credentials: relayed as a
             // gateway's failure, the server's error code in the message.
             OAuthError::Server { .. } => {
@@ -705,5 +707,15 @@ mod tests {
             clock: None,
         };
         assert_eq!(answer(refused), (502, "upstream_error", None));
+        // The server said to come back later than keybound waits: its time, passed on.
+        let late = OAuthError::RetryTooLate {
+            secs: 120,
+            last: Box::new(OAuthError::Status {
+                url: "u".into(),
+                status: 503,
+                body: String::new(),
+            }),
+        };
+        assert_eq!(answer(late), (503, "unavailable", Some(120)));
     }
 }

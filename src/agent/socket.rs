@@ -107,9 +107,9 @@ pub enum SocketError {
 }
 
 impl SocketError {
-    /// A socket path or directory keybound must not use is a configuration matter; one
-    /// the machine would not create or bind is the machine's (`Device`); another agent on
-    /// the socket goes away when it is stopped.
+    /// A socket path or directory keybound must not use, or one another agent holds, is a
+    /// configuration matter; one the machine would not create or bind is the machine's
+    /// (`Device`).
     pub fn kind(&self) -> crate::error::ErrorKind {
         use crate::error::ErrorKind;
         match self {
@@ -120,8 +120,8 @@ impl SocketError {
             | SocketError::DirMode { .. }
             | SocketError::Shared { .. }
             | SocketError::Group { .. }
-            | SocketError::NotSocket(_) => ErrorKind::Configuration,
-            SocketError::Live(_) => ErrorKind::Transient,
+            | SocketError::NotSocket(_)
+            | SocketError::Live(_) => ErrorKind::Configuration,
             SocketError::Create { .. } | SocketError::Bind { .. } => ErrorKind::Device,
         }
     }
