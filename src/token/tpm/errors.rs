@@ -88,6 +88,7 @@ impl TpmFailure {
     }
 
     pub(super) fn recovery(&self) -> Recovery {
+        use Tss2ResponseCodeKind as K;
         let Some(rc) = self.code() else {
             return Recovery::Report;
         };
@@ -101,18 +102,15 @@ impl TpmFailure {
             }
             // ESYS_RC_BAD_TR: an ESYS handle for an object that is gone.
             LAYER_ESAPI if base == 24 => Recovery::Reload,
-            LAYER_TPM | LAYER_RESMGR_TPM => match tpm_name(base).0 {
+            LAYER_TPM | LAYER_RESMGR_TPM => match tpm_kind(base) {
                 // Not started (a restarted simulator without startup-clear) or needs reboot.
-                "TPM_RC_INITIALIZE" | "TPM_RC_REBOOT" => Recovery::Reconnect,
-                "TPM_RC_HANDLE"
-                | "TPM_RC_REFERENCE_H0"
-                | "TPM_RC_REFERENCE_H1"
-                | "TPM_RC_REFERENCE_H2" => Recovery::Reload,
-                // keybound's own objects may hold slots: flushing them first can help.
-                "TPM_RC_OBJECT_MEMORY" => Recovery::Reload,
-                "TPM_RC_AUTH_FAIL" | "TPM_RC_BAD_AUTH" if session_error(base) => {
-                    Recovery::AuthRejected
+                Some(K::Initialize | K::Reboot) => Recovery::Reconnect,
+                Some(K::Handle | K::ReferenceH0 | K::ReferenceH1 | K::ReferenceH2) => {
+                    Recovery::Reload
                 }
+                // keybound's own objects may hold slots: flushing them first can help.
+                Some(K::ObjectMemory) => Recovery::Reload,
+                Some(K::AuthFail | K::BadAuth) if session_error(base) => Recovery::AuthRejected,
                 _ => Recovery::Report,
             },
             _ => Recovery::Report,
@@ -172,6 +170,17 @@ fn raw(rc: Tss2ResponseCode) -> Option<u32> {
     }
 }
 
+/// tss-esapi's classification of a TPM 2.0 response code (the layer bits removed); `None`
+/// for TPM 1.2 codes, which tss-esapi would read as TPM 2.0 ones, and for unknown codes.
+fn tpm_kind(base: u32) -> Option<Tss2ResponseCodeKind> {
+    let format_one = base & 0x80 != 0;
+    let tpm2 = base & 0x100 != 0;
+    if !format_one && !tpm2 {
+        return None;
+    }
+    Tss2ResponseCode::from(base).kind()
+}
+
 /// The [`ErrorKind`] of a TSS2_RC, and whether it is about the key object itself (a
 /// damaged, foreign or unusable blob or public area, TPM 2.0 Part 2 §6.6.3). TPM codes are
 /// classified by tss-esapi's own [`Tss2ResponseCodeKind`]; the TSS layers by their layer.
@@ -184,7 +193,7 @@ fn classify(raw: u32) -> (ErrorKind, bool) {
         LAYER_ESAPI | LAYER_SYS if matches!(base, 8 | 9 | 10 | 17 | 19) => {
             (ErrorKind::Transient, false)
         }
-        LAYER_TPM | LAYER_RESMGR_TPM => match Tss2ResponseCode::from(base).kind() {
+        LAYER_TPM | LAYER_RESMGR_TPM => match tpm_kind(base) {
             Some(K::AuthFail | K::BadAuth | K::Lockout) => (ErrorKind::Authentication, false),
             Some(
                 K::Retry
@@ -446,59 +455,56 @@ fn hint(function: &str, raw: u32, tcti: &str) -> String {
     if !matches!(layer, LAYER_TPM | LAYER_RESMGR_TPM) {
         return String::new();
     }
-    let text = match tpm_name(base).0 {
-        "TPM_RC_OBJECT_MEMORY" | "TPM_RC_MEMORY" => {
+    use Tss2ResponseCodeKind as K;
+    let text = match tpm_kind(base) {
+        Some(K::ObjectMemory | K::Memory) => {
             "the TPM has no free object slot: another program left objects loaded. Use the \
              kernel resource manager (tcti device:/dev/tpmrm0) or tpm2-abrmd, or flush them \
              with `tpm2_flushcontext -t`"
         }
-        "TPM_RC_SESSION_MEMORY" | "TPM_RC_SESSION_HANDLES" => {
+        Some(K::SessionMemory | K::SessionHandles) => {
             "the TPM has no free session slot; flush sessions with `tpm2_flushcontext -s`, or \
              use a resource manager (device:/dev/tpmrm0, tabrmd)"
         }
-        "TPM_RC_LOCKOUT" => {
+        Some(K::Lockout) => {
             "the TPM is in dictionary-attack lockout after failed authorizations; wait for it \
              to recover, or reset it with `tpm2_dictionarylockout -c -p <lockout auth>`"
         }
-        "TPM_RC_AUTH_FAIL" | "TPM_RC_BAD_AUTH" if function == "TPM2_CreatePrimary" => {
+        Some(K::AuthFail | K::BadAuth) if function == "TPM2_CreatePrimary" => {
             "the owner hierarchy has an authorization value; keybound creates its storage key \
              with an empty owner auth. Persist a storage key once (`tpm2_createprimary` + \
              `tpm2_evictcontrol`) and set token.primary_handle to it"
         }
-        "TPM_RC_AUTH_FAIL" | "TPM_RC_BAD_AUTH" => {
+        Some(K::AuthFail | K::BadAuth) => {
             "the key's authorization value was refused: check token.key_auth_env / \
              token.key_auth_file. keybound does not send a refused value again, to keep the \
              TPM out of dictionary-attack lockout"
         }
-        "TPM_RC_INTEGRITY" | "TPM_RC_BINDING" | "TPM_RC_SENSITIVE" => {
+        Some(K::Integrity | K::Binding | K::Sensitive) => {
             "the key blob does not fit this TPM's storage key: the TPM was cleared, the state \
              directory comes from another machine, or the file was altered. The key cannot be \
              recovered; generate a new one"
         }
-        "TPM_RC_HIERARCHY" => "the owner hierarchy is disabled; enable it (firmware settings)",
-        "TPM_RC_INITIALIZE" | "TPM_RC_REBOOT" => {
+        Some(K::Hierarchy) => "the owner hierarchy is disabled; enable it (firmware settings)",
+        Some(K::Initialize | K::Reboot) => {
             "the TPM was not started: run `tpm2_startup -c` (swtpm: --flags startup-clear); \
              keybound retries on the next request"
         }
-        "TPM_RC_NV_SPACE" => {
+        Some(K::NvSpace) => {
             "the TPM has no room for another persistent object; remove one with \
              `tpm2_evictcontrol`"
         }
-        "TPM_RC_NV_DEFINED" => "another object already occupies token.primary_handle",
-        "TPM_RC_CURVE" | "TPM_RC_KEY_SIZE" | "TPM_RC_SCHEME" | "TPM_RC_ASYMMETRIC"
-            if function == "TPM2_Create" =>
-        {
+        Some(K::NvDefined) => "another object already occupies token.primary_handle",
+        Some(K::Curve | K::KeySize | K::Scheme | K::Asymmetric) if function == "TPM2_Create" => {
             "this TPM does not offer that algorithm or key size; use ES256 (every TPM 2.0 \
              has P-256), or rsa_bits = 2048 for RS256/PS256"
         }
-        "TPM_RC_HANDLE" | "TPM_RC_REFERENCE_H0" => {
+        Some(K::Handle | K::ReferenceH0) => {
             "an object keybound used is gone (the TPM restarted); keybound reloads it on the \
              next request"
         }
-        "TPM_RC_RETRY" | "TPM_RC_YIELDED" | "TPM_RC_TESTING" | "TPM_RC_NV_RATE" => {
-            "the TPM is busy; try again"
-        }
-        "TPM_RC_FAILURE" => "the TPM is in failure mode; it needs a reset (reboot the machine)",
+        Some(K::Retry | K::Yielded | K::Testing | K::NvRate) => "the TPM is busy; try again",
+        Some(K::Failure) => "the TPM is in failure mode; it needs a reset (reboot the machine)",
         _ => "",
     };
     text.to_string()
