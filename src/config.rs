@@ -10,27 +10,19 @@ use serde::Deserialize;
 
 use crate::oauth::settings::{ClientConfig, ClientSettings};
 use crate::policy::Rules;
-use crate::token::pkcs11;
 #[cfg(feature = "tpm")]
 use crate::token::tpm;
 use crate::token::trust::{self, Owners};
+use crate::token::{DeviceSettings, pkcs11};
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub token: TokenConfig,
+    pub token: DeviceSettings,
     pub policy: Rules,
     /// `[[client]]` entries, in file order.
     pub clients: Vec<ClientConfig>,
     /// `[agent]`, for `keybound serve`.
-    pub agent: crate::agent::Settings,
-}
-
-/// `[token]`, chosen by its `backend` key.
-#[derive(Clone, Debug)]
-pub enum TokenConfig {
-    Pkcs11(pkcs11::Settings),
-    #[cfg(feature = "tpm")]
-    Tpm(tpm::Settings),
+    pub agent: crate::agent::AgentSettings,
 }
 
 /// The file's shape before `[token]` is resolved by its backend. Parsing in two steps keeps
@@ -44,7 +36,7 @@ struct RawConfig {
     #[serde(default)]
     client: Vec<ClientSettings>,
     #[serde(default)]
-    agent: crate::agent::Settings,
+    agent: crate::agent::AgentSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +54,18 @@ pub enum ConfigError {
     /// another user can change is someone else's choice of code and PIN source.
     #[error("config {} is not safe to use: {reason}", .path.display())]
     Unsafe { path: PathBuf, reason: String },
+}
+
+impl ConfigError {
+    /// Every config error is fixed in the config: [`ErrorKind::Configuration`].
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            ConfigError::NotFound { .. }
+            | ConfigError::Read { .. }
+            | ConfigError::Invalid { .. }
+            | ConfigError::Unsafe { .. } => crate::error::ErrorKind::Configuration,
+        }
+    }
 }
 
 impl Config {
@@ -108,15 +112,15 @@ impl Config {
         };
         let token = match backend.as_str() {
             "pkcs11" => {
-                let settings: pkcs11::Settings = token_settings(raw.token)?;
-                settings.validate()?;
-                TokenConfig::Pkcs11(settings)
+                let settings: pkcs11::Pkcs11Settings = token_settings(raw.token)?;
+                settings.validate().map_err(|e| e.to_string())?;
+                DeviceSettings::Pkcs11(settings)
             }
             #[cfg(feature = "tpm")]
             "tpm" => {
-                let settings: tpm::Settings = token_settings(raw.token)?;
-                settings.validate()?;
-                TokenConfig::Tpm(settings)
+                let settings: tpm::TpmSettings = token_settings(raw.token)?;
+                settings.validate().map_err(|e| e.to_string())?;
+                DeviceSettings::Tpm(settings)
             }
             #[cfg(not(feature = "tpm"))]
             "tpm" => {
@@ -135,7 +139,9 @@ impl Config {
         };
         let mut clients: Vec<ClientConfig> = Vec::new();
         for (i, c) in raw.client.into_iter().enumerate() {
-            let c = c.validate(&format!("client[{i}]"))?;
+            let c = c
+                .validate(&format!("client[{i}]"))
+                .map_err(|e| e.to_string())?;
             if clients.iter().any(|d| d.name == c.name) {
                 return Err(format!(
                     "client[{i}].name: '{}' is used by another client",
@@ -144,7 +150,7 @@ impl Config {
             }
             clients.push(c);
         }
-        raw.agent.validate()?;
+        raw.agent.validate().map_err(|e| e.to_string())?;
         Ok(Config {
             token,
             policy: raw.policy,
@@ -257,7 +263,7 @@ token_label = "t"
     #[cfg_attr(not(feature = "tpm"), allow(irrefutable_let_patterns))]
     fn minimal_config_gets_defaults() {
         let c = Config::parse(GOOD).unwrap();
-        let TokenConfig::Pkcs11(s) = &c.token else {
+        let DeviceSettings::Pkcs11(s) = &c.token else {
             panic!("not pkcs11: {:?}", c.token);
         };
         assert_eq!(s.pin_env, "KEYBOUND_PIN");
@@ -269,7 +275,7 @@ token_label = "t"
     #[test]
     fn tpm_config_gets_defaults_and_errors_name_the_key() {
         let c = Config::parse("[token]\nbackend = \"tpm\"\n").unwrap();
-        let TokenConfig::Tpm(s) = &c.token else {
+        let DeviceSettings::Tpm(s) = &c.token else {
             panic!("not tpm: {:?}", c.token);
         };
         assert_eq!(s.tcti, "device:/dev/tpmrm0");
@@ -282,7 +288,7 @@ token_label = "t"
              key_auth_env = \"KEYBOUND_KEY_AUTH\"\nrsa_bits = 3072\n",
         )
         .unwrap();
-        let TokenConfig::Tpm(s) = &c.token else {
+        let DeviceSettings::Tpm(s) = &c.token else {
             panic!("not tpm: {:?}", c.token);
         };
         assert_eq!(s.primary_handle, Some(0x8100_0001));
@@ -330,7 +336,7 @@ token_label = "t"
             }
         }
         let c = Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-        let TokenConfig::Tpm(s) = &c.token else {
+        let DeviceSettings::Tpm(s) = &c.token else {
             panic!("not tpm: {text}");
         };
         assert_eq!(s.primary_handle, Some(0x8100_0001), "{text}");

@@ -1,5 +1,11 @@
-//! What kind of failure an error is, across layers: what a caller can do about it. The
-//! agent's HTTP statuses and the CLI's exit codes are meant to follow from the kind.
+//! What kind of failure an error is, across layers: what a caller can do about it. Every
+//! error enum has a `kind()` next to its variants. The agent answers by kind
+//! (`agent::api`, docs/agent-api.yaml): transient and device 503 + Retry-After,
+//! configuration 500 `configuration`, authentication 500 `authentication` (no
+//! Retry-After: a retry would spend PIN attempts), upstream 502, refused 403; a few
+//! variants that name the caller's own input answer 400/404 instead. The CLI exits 1 for
+//! every kind (README "Exit codes"): its codes 2, 3 and 4 are about usage, the audit and
+//! `call`, and scripts already rely on 1 for a device, PIN or server failure alike.
 
 /// The kinds of failure, each with what to do about it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -16,4 +22,28 @@ pub enum ErrorKind {
     Refused,
     /// The server refused the client's credentials or request (RFC 6749 §5.2 error).
     Authentication,
+}
+
+/// A setting that is not valid, found when the config is loaded: the key as written in the
+/// file (`token.sessions`, `agent.max_queue`, `client[0].scopes`) and why. Each layer's
+/// settings validate themselves with it; `config` adds the file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct InvalidSetting {
+    pub key: String,
+    pub reason: String,
+}
+
+impl InvalidSetting {
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> InvalidSetting {
+        InvalidSetting {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Always [`ErrorKind::Configuration`]: fix the file.
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::Configuration
+    }
 }

@@ -13,15 +13,14 @@
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::config::TokenConfig;
 use crate::jose::{self, Alg, Jwk, JwsSignature, PublicKey, ToBeSigned};
 use crate::policy::{self, Finding, PolicyError, Rules, Severity, Verdict};
 use crate::token::pkcs11::Pkcs11Token;
 #[cfg(feature = "tpm")]
 use crate::token::tpm::TpmToken;
 use crate::token::{
-    Backend, Binding, KeyFacts, KeyInfo, KeyName, Label, Listing, Problem, Proof, TokenDescription,
-    TokenError, worker,
+    Backend, Binding, DeviceSettings, KeyFacts, KeyInfo, KeyName, Label, Listing, Problem, Proof,
+    TokenDescription, TokenError, worker,
 };
 
 /// Errors of resolving a key for signing.
@@ -33,8 +32,18 @@ pub enum KeyError {
     Policy(#[from] PolicyError),
 }
 
+impl KeyError {
+    /// The kind of the error underneath.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            KeyError::Token(e) => e.kind(),
+            KeyError::Policy(e) => e.kind(),
+        }
+    }
+}
+
 /// Receives the outcome of a signature queued with [`SigningKey::submit`].
-pub type Reply = Box<dyn FnOnce(Result<JwsSignature, KeyError>) + Send>;
+pub type SignReply = Box<dyn FnOnce(Result<JwsSignature, KeyError>) + Send>;
 
 /// The finding's attribute for a failed proof of possession.
 pub const POSSESSION: &str = "proof of possession";
@@ -116,15 +125,15 @@ impl Keyring {
     /// Opens the device named by the config. `sessions` overrides the number of signing
     /// sessions.
     pub fn open(
-        token: &TokenConfig,
+        token: &DeviceSettings,
         rules: Rules,
         sessions: Option<usize>,
     ) -> Result<Keyring, TokenError> {
         let backend: Arc<dyn Backend> = match token {
-            TokenConfig::Pkcs11(settings) => Arc::new(Pkcs11Token::open(settings, sessions)?),
+            DeviceSettings::Pkcs11(settings) => Arc::new(Pkcs11Token::open(settings, sessions)?),
             // One thread owns the TPM context: `sessions` does not apply.
             #[cfg(feature = "tpm")]
-            TokenConfig::Tpm(settings) => Arc::new(TpmToken::open(settings)?),
+            DeviceSettings::Tpm(settings) => Arc::new(TpmToken::open(settings)?),
         };
         Ok(Keyring {
             backend,
@@ -323,7 +332,7 @@ impl SigningKey {
     }
 
     /// Queues a signature; `reply` gets the outcome on another thread.
-    pub fn submit(&self, tbs: ToBeSigned, reply: Reply) {
+    pub fn submit(&self, tbs: ToBeSigned, reply: SignReply) {
         let (observer, info, start) = (
             self.keyring.observer.clone(),
             self.info.clone(),
@@ -332,7 +341,7 @@ impl SigningKey {
         // The reply runs on a worker thread: the caller's span goes along, so the
         // observer's log line carries the request's fields (the agent's caller uid).
         let span = tracing::Span::current();
-        let reply: Reply = Box::new(move |result| {
+        let reply: SignReply = Box::new(move |result| {
             let _entered = span.enter();
             observe(&observer, Purpose::Jws, &info, result.is_ok(), start);
             reply(result);

@@ -1120,7 +1120,10 @@ async fn in_memory_nonce_challenge_is_answered_once_with_a_fresh_assertion() {
 
     let token = client.token().await.expect("a token");
 
-    assert_eq!(token.secret.expose(), rig.access_token);
+    assert_eq!(
+        secrecy::ExposeSecret::expose_secret(&token.secret),
+        rig.access_token
+    );
     assert_eq!(token.token_type, "DPoP");
     assert_eq!(token.scopes, [SCOPE]);
     assert_eq!(token.round_trips, 2);

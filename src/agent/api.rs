@@ -1,6 +1,8 @@
 //! The agent's HTTP API. Errors are JSON `{error, message}` with the status that says what
 //! to do: 400 fix the request, 403 not allowed, 404 unknown name, 413 too large,
-//! 502 the upstream server failed, 503 (+ Retry-After) try again later.
+//! 500 an operator must fix the config or the device's PIN, 502 the upstream server
+//! failed, 503 (+ Retry-After) try again later. Statuses follow the error's
+//! [`ErrorKind`] (`ApiError::of_kind`).
 //!
 //! Over 400 lines: every route, its request type and its error mapping, read top to bottom
 //! like docs/agent-api.yaml.
@@ -24,11 +26,14 @@ use serde_json::{Value, json};
 use super::Agent;
 use super::access::check_key;
 use super::authz::Caller;
+use crate::error::ErrorKind;
 use crate::jose::Header;
 use crate::keyring::{KeyError, SigningKey};
 use crate::oauth::client::OAuthClient;
+use crate::oauth::secret::Redacted as _;
 use crate::oauth::{self, OAuthError, assertion, dpop};
 use crate::token::TokenError;
+use secrecy::ExposeSecret as _;
 
 pub fn router(agent: Arc<Agent>) -> Router {
     let limit = agent.settings.max_body_bytes;
@@ -192,25 +197,51 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl ApiError {
+    /// The answer a kind of failure gets (docs/agent-api.yaml, "Errors"): 503 +
+    /// Retry-After when waiting helps (transient, device), 500 `configuration` when an
+    /// operator must fix keybound's config, 500 `authentication` when the device refused
+    /// its PIN or key auth (no Retry-After: waiting does not help, and a retry must not
+    /// spend PIN attempts), 502 when a server answered something unusable or refused
+    /// keybound's credentials, 403 when keybound's own rules refused.
+    fn of_kind(kind: ErrorKind, message: String) -> ApiError {
+        match kind {
+            ErrorKind::Transient | ErrorKind::Device => ApiError::unavailable(message, 5),
+            ErrorKind::Configuration => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "configuration", message)
+            }
+            ErrorKind::Authentication => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "authentication", message)
+            }
+            ErrorKind::Upstream => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", message)
+            }
+            ErrorKind::Refused => ApiError::new(StatusCode::FORBIDDEN, "policy_refused", message),
+        }
+    }
+}
+
 impl From<TokenError> for ApiError {
     fn from(e: TokenError) -> Self {
         let message = e.to_string();
-        match e {
-            TokenError::KeyNotFound { .. } => {
+        match e.kind() {
+            // Names in the request: the caller fixes them.
+            _ if matches!(e, TokenError::KeyNotFound { .. }) => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_key", message)
             }
-            TokenError::BadKeyName { .. }
-            | TokenError::OtherToken { .. }
-            | TokenError::Ambiguous { .. } => ApiError::bad(message),
-            // A malformed or duplicated object: no retry will fix it.
-            TokenError::Unusable { .. } | TokenError::BadPublicKey { .. } => {
-                ApiError::new(StatusCode::FORBIDDEN, "policy_refused", message)
+            _ if matches!(
+                e,
+                TokenError::BadKeyName { .. }
+                    | TokenError::OtherToken { .. }
+                    | TokenError::Ambiguous { .. }
+            ) =>
+            {
+                ApiError::bad(message)
             }
-            TokenError::AlgUnavailable { .. } | TokenError::Jose(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+            ErrorKind::Transient | ErrorKind::Device => {
+                ApiError::unavailable(format!("the token is unavailable: {message}"), 5)
             }
-            // The device is gone, busy or lost its session: the request may succeed later.
-            _ => ApiError::unavailable(format!("the token is unavailable: {message}"), 5),
+            kind => ApiError::of_kind(kind, message),
         }
     }
 }
@@ -226,9 +257,7 @@ impl From<KeyError> for ApiError {
     fn from(e: KeyError) -> Self {
         match e {
             KeyError::Token(t) => t.into(),
-            KeyError::Policy(p) => {
-                ApiError::new(StatusCode::FORBIDDEN, "policy_refused", p.to_string())
-            }
+            KeyError::Policy(p) => ApiError::of_kind(p.kind(), p.to_string()),
         }
     }
 }
@@ -239,6 +268,7 @@ impl From<OAuthError> for ApiError {
         match e {
             OAuthError::Token(t) => t.into(),
             OAuthError::Key(k) => k.into(),
+            // Values in the request: the caller fixes them.
             OAuthError::BadUrl { .. }
             | OAuthError::BadLifetime { .. }
             | OAuthError::BadMethod(_)
@@ -249,21 +279,14 @@ impl From<OAuthError> for ApiError {
             OAuthError::BreakerOpen { retry_in_secs, .. } => {
                 ApiError::unavailable(message, retry_in_secs.max(1))
             }
-            // What `OAuthError::Config` was before it was split (issue #10): still a 500.
-            OAuthError::NoEndpoint { .. }
-            | OAuthError::DpopOff { .. }
-            | OAuthError::AssertionAlg { .. }
-            | OAuthError::SameKey { .. }
-            | OAuthError::Request { .. }
-            | OAuthError::Metadata { .. }
-            | OAuthError::Discovery { .. }
-            | OAuthError::BadLink { .. }
-            | OAuthError::Stopped { .. }
-            | OAuthError::Rng(_)
-            | OAuthError::Jose(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+            // The server's own Retry-After, longer than keybound waits itself.
+            OAuthError::RetryTooLate { secs, .. } => ApiError::unavailable(message, secs.max(1)),
+            // The authorization server refused keybound's credentials: relayed as a
+            // gateway's failure, the server's error code in the message.
+            OAuthError::Server { .. } => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", message)
             }
-            _ => ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", message),
+            e => ApiError::of_kind(e.kind(), message),
         }
     }
 }
@@ -533,7 +556,7 @@ async fn token_handler(
     });
     tracing::info!(client = %req.client, token = %token.secret.redacted(), "token handed out");
     Ok(Json(json!({
-        "access_token": token.secret.expose(),
+        "access_token": token.secret.expose_secret(),
         "token_type": token.token_type,
         "expires_in": remaining,
         "scope": token.scopes.join(" "),
@@ -638,4 +661,64 @@ async fn metrics_handler(
         super::metrics::render(&agent, &caller),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(e: impl Into<ApiError>) -> (u16, &'static str, Option<u64>) {
+        let e = e.into();
+        (e.status.as_u16(), e.error, e.retry_after)
+    }
+
+    #[test]
+    fn statuses_follow_the_kind() {
+        // The device refused its PIN or a key's auth value: an operator must act, and a
+        // retry would spend PIN attempts. Not "503, retry in 5 s".
+        let locked = TokenError::PinLocked { token: "t".into() };
+        assert_eq!(answer(locked), (500, "authentication", None));
+        let wrong = TokenError::PinIncorrect { token: "t".into() };
+        assert_eq!(answer(wrong), (500, "authentication", None));
+        let refused = TokenError::KeyAuthRefused { label: "k".into() };
+        assert_eq!(answer(refused), (500, "authentication", None));
+        // A device that is gone comes back: 503 + Retry-After.
+        let gone = TokenError::Unavailable {
+            reason: "removed".into(),
+        };
+        assert_eq!(answer(gone), (503, "unavailable", Some(5)));
+        // Discovery failed: the server's fault, not an internal error.
+        let discovery = OAuthError::Discovery {
+            issuer: "https://as.example".into(),
+            last: "HTTP 404".into(),
+        };
+        assert_eq!(answer(discovery), (502, "upstream_error", None));
+        // keybound's config lacks what the request needs.
+        let no_endpoint = OAuthError::NoEndpoint { client: "c".into() };
+        assert_eq!(answer(no_endpoint), (500, "configuration", None));
+        let unknown = TokenError::KeyNotFound {
+            name: "'k'".into(),
+            token: "t".into(),
+            known: vec![],
+        };
+        assert_eq!(answer(unknown), (404, "unknown_key", None));
+        let refused = OAuthError::Server {
+            url: "u".into(),
+            status: 401,
+            error: "invalid_client".into(),
+            description: None,
+            clock: None,
+        };
+        assert_eq!(answer(refused), (502, "upstream_error", None));
+        // The server said to come back later than keybound waits: its time, passed on.
+        let late = OAuthError::RetryTooLate {
+            secs: 120,
+            last: Box::new(OAuthError::Status {
+                url: "u".into(),
+                status: 503,
+                body: String::new(),
+            }),
+        };
+        assert_eq!(answer(late), (503, "unavailable", Some(120)));
+    }
 }

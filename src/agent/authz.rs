@@ -230,20 +230,26 @@ pub struct Policy {
 impl Policy {
     /// A rule naming a client that is not configured is a typo that would refuse that
     /// client forever: refused at start, named.
-    pub fn check_clients(rules: &[Rule], configured: &[&str]) -> Result<(), String> {
+    pub fn check_clients(
+        rules: &[Rule],
+        configured: &[&str],
+    ) -> Result<(), crate::error::InvalidSetting> {
         for (i, rule) in rules.iter().enumerate() {
             let Allow::Only(names) = &rule.clients else {
                 continue;
             };
             for (j, name) in names.iter().enumerate() {
                 if !configured.contains(&name.as_str()) {
-                    return Err(format!(
-                        "agent.allow[{i}].clients[{j}]: no [[client]] is named '{name}' (configured: {})",
-                        if configured.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            configured.join(", ")
-                        }
+                    return Err(crate::error::InvalidSetting::new(
+                        format!("agent.allow[{i}].clients[{j}]"),
+                        format!(
+                            "no [[client]] is named '{name}' (configured: {})",
+                            if configured.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                configured.join(", ")
+                            }
+                        ),
                     ));
                 }
             }

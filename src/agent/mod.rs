@@ -21,6 +21,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument as _;
 
+use crate::error::InvalidSetting;
 use crate::keyring::{Keyring, Purpose, SignEvent, SignObserver};
 use crate::oauth::client::OAuthClient;
 use authz::{Peer, Policy};
@@ -30,7 +31,7 @@ use socket::SocketMode;
 /// `[agent]` in the config (see keybound.example.toml).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Settings {
+pub struct AgentSettings {
     pub socket: Option<PathBuf>,
     /// Who may open the socket besides the agent's own uid (see `socket::SocketMode`).
     #[serde(default)]
@@ -84,9 +85,9 @@ mod defaults {
     }
 }
 
-impl Default for Settings {
+impl Default for AgentSettings {
     fn default() -> Self {
-        Settings {
+        AgentSettings {
             socket: None,
             socket_mode: SocketMode::default(),
             socket_group: None,
@@ -103,13 +104,16 @@ impl Default for Settings {
     }
 }
 
-impl Settings {
-    pub fn validate(&self) -> Result<(), String> {
+impl AgentSettings {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         let range = |key: &str, v: usize, lo: usize, hi: usize| {
             if (lo..=hi).contains(&v) {
                 Ok(())
             } else {
-                Err(format!("agent.{key}: {v} is out of range {lo} to {hi}"))
+                Err(InvalidSetting::new(
+                    format!("agent.{key}"),
+                    format!("{v} is out of range {lo} to {hi}"),
+                ))
             }
         };
         range("max_connections", self.max_connections, 1, 65_536)?;
@@ -146,7 +150,7 @@ pub struct Agent {
     access: access::Access,
     /// Signing requests in flight; `try_acquire` failing is the "queue full" answer.
     queue: Semaphore,
-    settings: Settings,
+    settings: AgentSettings,
     authz: Policy,
     metrics: Arc<Metrics>,
     /// Open connections per uid, for `max_connections_per_uid`.
@@ -178,10 +182,10 @@ impl Agent {
     pub fn new(
         keyring: Keyring,
         clients: Vec<OAuthClient>,
-        settings: Settings,
+        settings: AgentSettings,
         own_uid: u32,
         metrics: Arc<Metrics>,
-    ) -> Result<Agent, String> {
+    ) -> Result<Agent, InvalidSetting> {
         settings.validate()?;
         let names: Vec<&str> = clients.iter().map(|c| c.config().name.as_str()).collect();
         Policy::check_clients(&settings.allow, &names)?;

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tokio::net::UnixListener;
 
+use crate::error::InvalidSetting;
+
 /// `agent.socket_mode`: who besides the agent's uid may connect(2). The peer's rule still
 /// decides what a connection may do; this only decides who can reach the rules.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -61,13 +63,17 @@ impl SocketMode {
     }
 
     /// `socket_group` goes with `"0660"` and only with it.
-    pub fn check_group(self, group: Option<&str>) -> Result<(), String> {
+    pub fn check_group(self, group: Option<&str>) -> Result<(), InvalidSetting> {
         match (self, group) {
-            (SocketMode::Group, None) => Err(
-                "agent.socket_mode: \"0660\" needs agent.socket_group (the group whose members may connect)".into(),
-            ),
-            (SocketMode::Owner | SocketMode::Everyone, Some(g)) => Err(format!(
-                "agent.socket_group: '{g}' has no effect unless agent.socket_mode = \"0660\"; set both or neither"
+            (SocketMode::Group, None) => Err(InvalidSetting::new(
+                "agent.socket_mode",
+                "\"0660\" needs agent.socket_group (the group whose members may connect)",
+            )),
+            (SocketMode::Owner | SocketMode::Everyone, Some(g)) => Err(InvalidSetting::new(
+                "agent.socket_group",
+                format!(
+                    "'{g}' has no effect unless agent.socket_mode = \"0660\"; set both or neither"
+                ),
             )),
             _ => Ok(()),
         }
@@ -98,6 +104,27 @@ pub enum SocketError {
     NotSocket(PathBuf),
     #[error("cannot listen on {}: {reason}", .path.display())]
     Bind { path: PathBuf, reason: String },
+}
+
+impl SocketError {
+    /// A socket path or directory keybound must not use, or one another agent holds, is a
+    /// configuration matter; one the machine would not create or bind is the machine's
+    /// (`Device`).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            SocketError::NoParent(_)
+            | SocketError::Symlink(_)
+            | SocketError::NotDirectory(_)
+            | SocketError::Owner { .. }
+            | SocketError::DirMode { .. }
+            | SocketError::Shared { .. }
+            | SocketError::Group { .. }
+            | SocketError::NotSocket(_)
+            | SocketError::Live(_) => ErrorKind::Configuration,
+            SocketError::Create { .. } | SocketError::Bind { .. } => ErrorKind::Device,
+        }
+    }
 }
 
 /// The default: `$XDG_RUNTIME_DIR/keybound/agent.sock`, else `/run/keybound/agent.sock`

@@ -12,6 +12,7 @@ use keybound::keyring::Keyring;
 use keybound::oauth::api::ApiRequest;
 use keybound::oauth::client::OAuthClient;
 use keybound::oauth::settings::{endpoint_url, origin};
+use secrecy::ExposeSecret as _;
 use serde_json::json;
 
 /// Exit status when the API answered with an HTTP error.
@@ -62,7 +63,7 @@ pub fn token(
     let client = open_client(config, client)?;
     let rt = runtime()?;
     let token = rt.block_on(client.token())?;
-    let jkt = jwt_claims(token.secret.expose())
+    let jkt = jwt_claims(token.secret.expose_secret())
         .and_then(|c| c["cnf"]["jkt"].as_str().map(str::to_string));
     let dpop_kid = client.dpop_key().map(|k| k.kid().to_string());
     let bound = jkt.is_some() && jkt == dpop_kid;
@@ -131,7 +132,7 @@ pub fn token(
             "expires_in": token.expires_in,
             "scope": scope,
             "cnf_jkt": jkt,
-            "access_token": token.secret.expose(),
+            "access_token": token.secret.expose_secret(),
         });
         out!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -144,7 +145,7 @@ pub fn token(
         );
         out!("scope         {scope}");
         out!("cnf.jkt       {}", jkt.as_deref().unwrap_or("(none)"));
-        out!("access_token  {}", token.secret.expose());
+        out!("access_token  {}", token.secret.expose_secret());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -12,6 +12,8 @@ pub use jwk::{Jwk, PublicKey};
 pub use jws::{Decoded, Header, compact, decode, signing_input};
 pub use verify::verify;
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
@@ -55,4 +57,11 @@ pub fn b64_decode(s: &str, what: &str) -> Result<Vec<u8>, JoseError> {
     URL_SAFE_NO_PAD
         .decode(s)
         .map_err(|e| JoseError::BadCompact(format!("{what} is not base64url: {e}")))
+}
+
+/// Seconds since the Unix epoch (`iat`, `exp`, a key's creation time).
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

@@ -12,8 +12,10 @@ use super::cache::AccessToken;
 use super::client::OAuthClient;
 use super::nonce::{Answer, Ask, Budget};
 use super::response::{OktaError, challenges, excerpt, next_link};
+use super::secret::Redacted as _;
 use super::settings::origin;
 use super::state::{Role, TOLERATED_SKEW_SECS};
+use secrecy::ExposeSecret as _;
 
 pub struct ApiRequest {
     pub method: Method,
@@ -125,7 +127,7 @@ impl OAuthClient {
         }
         builder = builder.header(
             http::header::AUTHORIZATION,
-            format!("{scheme} {}", token.secret.expose()),
+            format!("{scheme} {}", token.secret.expose_secret()),
         );
         if let Some(p) = proof {
             builder = builder.header("DPoP", p);

@@ -12,7 +12,7 @@ pub const DEFAULT_LIFETIME_SECS: u64 = 60;
 
 /// RFC 7523 §3 claims. `iss` and `sub` are both the client id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claims {
+pub struct AssertionClaims {
     pub iss: String,
     pub sub: String,
     pub aud: String,
@@ -40,7 +40,7 @@ pub fn claims(
     max_lifetime: u64,
     iat: u64,
     jti: String,
-) -> Result<Claims, OAuthError> {
+) -> Result<AssertionClaims, OAuthError> {
     if client_id.trim().is_empty() {
         return Err(OAuthError::Empty { what: "client id" });
     }
@@ -53,7 +53,7 @@ pub fn claims(
     }
     // Validated, but sent verbatim: servers compare `aud` as a string (RFC 7523 §3 item 3).
     super::dpop::absolute_http_url("audience", audience)?;
-    Ok(Claims {
+    Ok(AssertionClaims {
         iss: client_id.into(),
         sub: client_id.into(),
         aud: audience.into(),

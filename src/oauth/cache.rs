@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::OAuthError;
-use super::secret::Secret;
+use super::secret::SecretString;
 
 /// A token as the server granted it.
 #[derive(Debug)]
 pub struct AccessToken {
-    pub secret: Secret,
+    pub secret: SecretString,
     pub token_type: String,
     pub expires_in: Option<u64>,
     /// Granted scopes (the requested ones when the response omitted `scope`).
@@ -126,7 +126,7 @@ mod tests {
 
     fn token(expires_in: u64) -> AccessToken {
         AccessToken {
-            secret: Secret::new("t".into()),
+            secret: SecretString::from("t"),
             token_type: "DPoP".into(),
             expires_in: Some(expires_in),
             scopes: vec![],

@@ -13,17 +13,18 @@ use url::Url;
 
 use super::cache::{AccessToken, TokenCache};
 use super::http::HttpClient;
-use super::nonce::Peer;
+use super::nonce::NoncePeer;
 use super::observe::{NoObserver, UpstreamObserver};
 use super::resilience::{Breaker, BreakerState};
 use super::response::TokenResponse;
-use super::secret::Secret;
+use super::secret::SecretString;
 use super::settings::ClientConfig;
 use super::state::{Role, ServerState};
 use super::transport::Transport;
 use super::{OAuthError, dpop, sign_async, unix_now};
 use crate::jose::Header;
 use crate::keyring::{Keyring, SigningKey};
+use secrecy::ExposeSecret as _;
 
 pub struct OAuthClient {
     pub(super) config: ClientConfig,
@@ -204,7 +205,7 @@ impl OAuthClient {
         url: &str,
         origin: &str,
         nonce: Option<&str>,
-        access_token: Option<&Secret>,
+        access_token: Option<&SecretString>,
     ) -> Result<Option<String>, OAuthError> {
         if self.dpop_key.is_none() {
             return Ok(None);
@@ -213,7 +214,7 @@ impl OAuthClient {
             method,
             url,
             nonce,
-            access_token.map(Secret::expose),
+            access_token.map(|t| t.expose_secret()),
             self.state.iat_for(origin, unix_now()),
             super::new_jti()?,
         )?;
@@ -229,8 +230,8 @@ impl OAuthClient {
     }
 
     /// This client's side of an exchange with the server at `origin` in `role`.
-    pub(super) fn peer<'a>(&'a self, role: Role, origin: &'a str) -> Peer<'a> {
-        Peer {
+    pub(super) fn peer<'a>(&'a self, role: Role, origin: &'a str) -> NoncePeer<'a> {
+        NoncePeer {
             transport: &*self.transport,
             state: &self.state,
             observer: &*self.observer,
@@ -257,7 +258,7 @@ impl OAuthClient {
         };
         self.scope_guard(&scopes)?;
         Ok(AccessToken {
-            secret: Secret::new(response.access_token),
+            secret: SecretString::from(response.access_token),
             token_type: response.token_type,
             expires_in: response.expires_in,
             scopes,

@@ -9,7 +9,7 @@ use crate::jose::{self, Alg, Header, Jwk};
 
 /// RFC 9449 §4.2 claims. `nonce` and `ath` only when present.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claims {
+pub struct ProofClaims {
     pub jti: String,
     pub htm: String,
     pub htu: String,
@@ -40,8 +40,8 @@ pub fn claims(
     access_token: Option<&str>,
     iat: u64,
     jti: String,
-) -> Result<Claims, OAuthError> {
-    Ok(Claims {
+) -> Result<ProofClaims, OAuthError> {
+    Ok(ProofClaims {
         jti,
         htm: htm(method)?,
         htu: htu(url)?,

@@ -162,9 +162,10 @@ impl OAuthError {
             | E::SameKey { .. }
             | E::Request { .. }
             | E::Jose(_) => ErrorKind::Configuration,
-            E::Rng(_) | E::Token(_) | E::Key(KeyError::Token(_)) => ErrorKind::Device,
-            E::Key(KeyError::Policy(_))
-            | E::Downgrade { .. }
+            E::Rng(_) => ErrorKind::Device,
+            E::Token(e) => e.kind(),
+            E::Key(e) => e.kind(),
+            E::Downgrade { .. }
             | E::ScopeGuard { .. }
             | E::CrossOriginLink { .. }
             | E::ForeignOrigin { .. } => ErrorKind::Refused,
@@ -373,6 +374,8 @@ mod tests {
         };
         assert_eq!(server.kind(), Authentication);
         assert_eq!(OAuthError::Token(TokenError::WorkersGone).kind(), Device);
+        let locked = TokenError::PinLocked { token: "t".into() };
+        assert_eq!(OAuthError::Token(locked).kind(), Authentication);
         let exhausted = OAuthError::Exhausted {
             attempts: 3,
             last: Box::new(status(503)),

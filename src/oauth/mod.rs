@@ -25,8 +25,6 @@ pub mod state;
 mod token_endpoint;
 pub mod transport;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use serde::Serialize;
 
 pub use self::error::OAuthError;
@@ -89,9 +87,5 @@ pub fn new_jti() -> Result<String, OAuthError> {
     })
 }
 
-/// Seconds since the Unix epoch, for `iat`.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+/// Seconds since the Unix epoch, for `iat` (one clock for every layer: `jose`).
+pub use crate::jose::unix_now;

@@ -49,7 +49,7 @@ pub struct Answer {
 
 /// Who talks to whom: the client's transport, server state and observer, and the
 /// server (`role` at `origin`) the request goes to.
-pub struct Peer<'a> {
+pub struct NoncePeer<'a> {
     pub transport: &'a dyn Transport,
     pub state: &'a ServerState,
     pub observer: &'a dyn UpstreamObserver,
@@ -59,7 +59,7 @@ pub struct Peer<'a> {
     pub origin: &'a str,
 }
 
-impl Peer<'_> {
+impl NoncePeer<'_> {
     /// Sends the request `build` makes for the current nonce under the policy of this
     /// module; `ask` reads each response. Every response is observed (nonce, clock,
     /// observer); `exchanges` counts each one sent.
@@ -165,7 +165,7 @@ mod tests {
             ..Scripted::default()
         };
         let state = ServerState::default();
-        let peer = Peer {
+        let peer = NoncePeer {
             transport: &transport,
             state: &state,
             observer: &NoObserver,

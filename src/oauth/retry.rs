@@ -8,19 +8,20 @@ use super::OAuthError;
 use super::cache::AccessToken;
 use super::client::OAuthClient;
 use super::resilience::{BreakerState, backoff};
+use super::secret::Redacted as _;
 
 /// Longest `Retry-After` keybound waits out; a longer one ends the attempt with its value.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// One failed exchange, and how long the server asked us to wait.
-pub(super) struct Failure {
+pub(super) struct AttemptFailure {
     pub(super) error: OAuthError,
     pub(super) retry_after: Option<Duration>,
 }
 
-impl From<OAuthError> for Failure {
+impl From<OAuthError> for AttemptFailure {
     fn from(error: OAuthError) -> Self {
-        Failure {
+        AttemptFailure {
             error,
             retry_after: None,
         }

@@ -1,38 +1,26 @@
-//! Access tokens as secrets: zeroized on drop, `Debug` redacted, logged at most as their
-//! first 6 characters and a hash.
+//! Access tokens as secrets: secrecy's `SecretString`, the one secret type of keybound (the
+//! PIN is one too): zeroized on drop, `Debug` redacted, read only through `expose_secret`,
+//! and logged at most as [`Redacted::redacted`], their first 6 characters and a hash.
 
-use std::fmt;
-
+use secrecy::ExposeSecret as _;
+pub use secrecy::SecretString;
 use sha2::Digest as _;
-use zeroize::Zeroizing;
 
-#[derive(Clone)]
-pub struct Secret(Zeroizing<String>);
-
-impl Secret {
-    pub fn new(value: String) -> Secret {
-        Secret(Zeroizing::new(value))
-    }
-
-    /// The one accessor, for the `Authorization` header and `ath`.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
+/// The short form of a secret for logs.
+pub trait Redacted {
     /// `eyJhbG…#3f2a9c1b`: enough to tell tokens apart in logs, not to use one.
-    pub fn redacted(&self) -> String {
-        let head: String = self.0.chars().take(6).collect();
-        let hash = sha2::Sha256::digest(self.0.as_bytes());
+    fn redacted(&self) -> String;
+}
+
+impl Redacted for SecretString {
+    fn redacted(&self) -> String {
+        let value = self.expose_secret();
+        let head: String = value.chars().take(6).collect();
+        let hash = sha2::Sha256::digest(value.as_bytes());
         format!(
             "{head}…#{:02x}{:02x}{:02x}{:02x}",
             hash[0], hash[1], hash[2], hash[3]
         )
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Secret({})", self.redacted())
     }
 }
 
@@ -42,9 +30,11 @@ mod tests {
 
     #[test]
     fn debug_never_shows_the_token() {
-        let s = Secret::new("eyJhbGciOiJFUzI1NiJ9.secret-part".into());
+        let s = SecretString::from("eyJhbGciOiJFUzI1NiJ9.secret-part");
         let d = format!("{s:?}");
-        assert!(d.starts_with("Secret(eyJhbG…#"), "{d}");
-        assert!(!d.contains("secret-part"));
+        assert!(!d.contains("secret-part") && !d.contains("eyJhbG"), "{d}");
+        let r = s.redacted();
+        assert!(r.starts_with("eyJhbG…#"), "{r}");
+        assert!(!r.contains("secret-part"), "{r}");
     }
 }

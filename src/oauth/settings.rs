@@ -7,6 +7,7 @@ use serde::Deserialize;
 use url::Url;
 
 use super::server::{AudienceRule, ServerKind};
+use crate::error::InvalidSetting;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -115,13 +116,13 @@ pub struct ClientConfig {
 
 impl ClientSettings {
     /// Validates; `at` is the key path prefix for messages (`client[0]`).
-    pub fn validate(self, at: &str) -> Result<ClientConfig, String> {
-        let err = |key: &str, msg: String| format!("{at}.{key}: {msg}");
+    pub fn validate(self, at: &str) -> Result<ClientConfig, InvalidSetting> {
+        let err = |key: &str, msg: String| InvalidSetting::new(format!("{at}.{key}"), msg);
         if self.name.trim().is_empty() {
             return Err(err("name", "must not be empty".into()));
         }
         let at = format!("{at} ('{}')", self.name);
-        let err = |key: &str, msg: String| format!("{at}.{key}: {msg}");
+        let err = |key: &str, msg: String| InvalidSetting::new(format!("{at}.{key}"), msg);
         if self.client_id.trim().is_empty() {
             return Err(err("client_id", "must not be empty".into()));
         }
@@ -288,7 +289,7 @@ scopes = ["okta.users.read"]
 {extra}"#
         );
         let s: ClientSettings = toml::from_str(&text).map_err(|e| e.to_string())?;
-        s.validate("client[0]")
+        s.validate("client[0]").map_err(|e| e.to_string())
     }
 
     #[test]
@@ -323,7 +324,8 @@ dpop_key = "k"
 "#;
         let s: ClientSettings = toml::from_str(text).unwrap();
         let e = s.validate("client[0]").unwrap_err();
-        assert!(e.contains("dpop_key") && e.contains("separate"), "{e}");
+        assert_eq!(e.key, "client[0] ('okta').dpop_key");
+        assert!(e.reason.contains("separate"), "{e}");
     }
 
     #[test]

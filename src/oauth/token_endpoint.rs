@@ -9,7 +9,7 @@ use super::cache::AccessToken;
 use super::client::OAuthClient;
 use super::nonce::{Answer, Ask, Budget};
 use super::response::{ErrorBody, TokenResponse, excerpt, retry_after};
-use super::retry::Failure;
+use super::retry::AttemptFailure;
 use super::server::AudienceRule;
 use super::settings::origin;
 use super::state::Role;
@@ -26,7 +26,7 @@ impl OAuthClient {
         endpoint: &Url,
         scopes: &[String],
         round_trips: &mut u32,
-    ) -> Result<AccessToken, Failure> {
+    ) -> Result<AccessToken, AttemptFailure> {
         let origin = origin(endpoint);
         let dpop = self.dpop_key.is_some();
         let lifetime = self.config.assertion_lifetime;
@@ -100,7 +100,7 @@ impl OAuthClient {
                 body: excerpt(body),
             },
         };
-        Err(Failure {
+        Err(AttemptFailure {
             error: failure,
             retry_after: retry_after(&headers),
         })

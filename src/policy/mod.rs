@@ -49,6 +49,15 @@ pub enum PolicyError {
     Refused { label: String, reasons: String },
 }
 
+impl PolicyError {
+    /// keybound's own key policy refused: [`ErrorKind::Refused`](crate::error::ErrorKind).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            PolicyError::Refused { .. } => crate::error::ErrorKind::Refused,
+        }
+    }
+}
+
 const REGENERATE: &str = "generate a new key on the device with `keybound keys generate`";
 
 /// Judges a key.

@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+use cryptoki::error::RvError;
+
+use crate::error::ErrorKind;
 use crate::jose::{Alg, JoseError};
 
 #[derive(Debug, thiserror::Error)]
@@ -96,12 +99,15 @@ pub enum TokenError {
     },
     #[error("key '{label}' has an unusable public key: {reason}")]
     BadPublicKey { label: String, reason: String },
-    #[error("{function} failed: {rv}{}", if .hint.is_empty() { String::new() } else { format!("; {}", .hint) })]
+    #[error("{function} failed: {}{}", rv_name(*.rv), if .hint.is_empty() { String::new() } else { format!("; {}", .hint) })]
     Pkcs11 {
         function: String,
-        rv: String,
+        /// The PKCS#11 return value, typed: kinds and recovery match on it, never on text.
+        rv: RvError,
         hint: String,
     },
+    #[error("cryptoki failed: {reason}")]
+    Cryptoki { reason: String },
     #[error(
         "{function} failed: {code}: {meaning}{}",
         if .hint.is_empty() { String::new() } else { format!(". {}", .hint) }
@@ -111,11 +117,20 @@ pub enum TokenError {
         code: String,
         meaning: String,
         hint: String,
+        /// Classified where the response code is still typed (`token::tpm::errors`).
+        kind: ErrorKind,
+        /// The code is about the key object itself (a damaged or foreign blob).
+        about_the_object: bool,
     },
     #[error("TPM key store {}: {reason}", .path.display())]
     TpmStore { path: PathBuf, reason: String },
     #[error("TPM key '{label}' cannot be used: {reason}")]
     TpmKey { label: String, reason: String },
+    /// The TPM refused the key's auth value once; keybound never sends it again.
+    #[error(
+        "TPM key '{label}' cannot be used: the TPM refused its auth value earlier; keybound does not send it again, to keep the TPM out of dictionary-attack lockout. Fix token.key_auth_env / token.key_auth_file and restart keybound"
+    )]
+    KeyAuthRefused { label: String },
     #[error(
         "no TPM key auth value: set the environment variable {env}, or token.key_auth_file, or remove token.key_auth_env"
     )]
@@ -138,6 +153,59 @@ pub enum TokenError {
 }
 
 impl TokenError {
+    /// What kind of failure this is (see [`ErrorKind`]): what the agent answers and what a
+    /// caller can do.
+    pub fn kind(&self) -> ErrorKind {
+        use TokenError as E;
+        match self {
+            E::ModuleNotFound { .. }
+            | E::ModuleLoad { .. }
+            | E::NoTokenSelector
+            | E::PinMissing { .. }
+            | E::PinFile { .. }
+            | E::PinFilePermissions { .. }
+            | E::KeyNotFound { .. }
+            | E::Ambiguous { .. }
+            | E::LabelExists { .. }
+            | E::BadKeyName { .. }
+            | E::OtherToken { .. }
+            | E::AlgUnavailable { .. }
+            | E::TpmStore { .. }
+            | E::TpmKey { .. }
+            | E::TpmKeyAuthMissing { .. }
+            | E::NotSupported { .. }
+            | E::Profile(_)
+            | E::Jose(_) => ErrorKind::Configuration,
+            // A token that is not there may be unplugged: it can come back.
+            E::TokenNotFound { .. } | E::Cryptoki { .. } | E::Rng(_) | E::WorkersGone => {
+                ErrorKind::Device
+            }
+            E::PinIncorrect { .. } | E::PinLocked { .. } | E::KeyAuthRefused { .. } => {
+                ErrorKind::Authentication
+            }
+            // A malformed or duplicated object: keybound refuses to sign with it.
+            E::Unusable { .. } | E::BadPublicKey { .. } => ErrorKind::Refused,
+            E::Reapprove { .. } | E::Unavailable { .. } => ErrorKind::Transient,
+            E::Pkcs11 { rv, .. } => match rv {
+                RvError::PinIncorrect
+                | RvError::PinLocked
+                | RvError::PinExpired
+                | RvError::PinInvalid
+                | RvError::PinLenRange => ErrorKind::Authentication,
+                RvError::SessionCount
+                | RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::UserNotLoggedIn
+                | RvError::OperationActive
+                | RvError::DeviceRemoved
+                | RvError::TokenNotPresent => ErrorKind::Transient,
+                rv if OBJECT_CKR.contains(rv) => ErrorKind::Configuration,
+                _ => ErrorKind::Device,
+            },
+            E::Tpm { kind, .. } => *kind,
+        }
+    }
+
     /// Whether the error is about one key's objects (malformed, duplicated, unusable, gone,
     /// or refused by the device for what the object is), not about the device or the
     /// moment. Only these make a key a problem of a listing or a failing finding of its
@@ -154,49 +222,39 @@ impl TokenError {
             | TokenError::TpmKey { .. }
             | TokenError::AlgUnavailable { .. }
             | TokenError::Jose(_) => true,
-            TokenError::Pkcs11 { rv, .. } => OBJECT_CKR.contains(&rv.as_str()),
-            TokenError::Tpm { code, .. } => {
-                let name = code.split([',', ' ']).next().unwrap_or_default();
-                OBJECT_TPM_RC.contains(&name)
-            }
+            TokenError::Pkcs11 { rv, .. } => OBJECT_CKR.contains(rv),
+            TokenError::Tpm {
+                about_the_object, ..
+            } => *about_the_object,
             _ => false,
         }
     }
 }
 
 /// PKCS#11 return values that say what the object is, not what the device is doing.
-const OBJECT_CKR: &[&str] = &[
-    "CKR_KEY_TYPE_INCONSISTENT",
-    "CKR_KEY_FUNCTION_NOT_PERMITTED",
-    "CKR_KEY_SIZE_RANGE",
-    "CKR_MECHANISM_INVALID",
-    "CKR_MECHANISM_PARAM_INVALID",
-    "CKR_ATTRIBUTE_SENSITIVE",
-    "CKR_ATTRIBUTE_TYPE_INVALID",
-    "CKR_ATTRIBUTE_VALUE_INVALID",
+const OBJECT_CKR: &[RvError] = &[
+    RvError::KeyTypeInconsistent,
+    RvError::KeyFunctionNotPermitted,
+    RvError::KeySizeRange,
+    RvError::MechanismInvalid,
+    RvError::MechanismParamInvalid,
+    RvError::AttributeSensitive,
+    RvError::AttributeTypeInvalid,
+    RvError::AttributeValueInvalid,
 ];
 
-/// TPM response codes for a key blob or public area that is damaged, foreign or unusable
-/// (TPM 2.0 Part 2 §6.6.3): what TPM2_Load or TPM2_Sign answer for the key itself.
-const OBJECT_TPM_RC: &[&str] = &[
-    "TPM_RC_INTEGRITY",
-    "TPM_RC_BINDING",
-    "TPM_RC_KEY",
-    "TPM_RC_KEY_SIZE",
-    "TPM_RC_ASYMMETRIC",
-    "TPM_RC_ATTRIBUTES",
-    "TPM_RC_HASH",
-    "TPM_RC_TYPE",
-    "TPM_RC_SCHEME",
-    "TPM_RC_SIZE",
-    "TPM_RC_SYMMETRIC",
-    "TPM_RC_CURVE",
-    "TPM_RC_ECC_POINT",
-    "TPM_RC_VALUE",
-    "TPM_RC_SENSITIVE",
-    "TPM_RC_KDF",
-    "TPM_RC_MGF",
-];
+/// `PinIncorrect` → `CKR_PIN_INCORRECT`.
+pub(crate) fn rv_name(rv: RvError) -> String {
+    let camel = format!("{rv:?}");
+    let mut out = String::from("CKR_");
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
 
 fn list_or_none(items: &[String]) -> String {
     if items.is_empty() {
@@ -215,19 +273,10 @@ fn list_paths(paths: &[PathBuf]) -> String {
 mod tests {
     use super::*;
 
-    fn ck(rv: &str) -> TokenError {
+    fn ck(rv: RvError) -> TokenError {
         TokenError::Pkcs11 {
             function: "C_Sign".into(),
-            rv: rv.into(),
-            hint: String::new(),
-        }
-    }
-
-    fn tpm(code: &str) -> TokenError {
-        TokenError::Tpm {
-            function: "TPM2_Load".into(),
-            code: code.into(),
-            meaning: String::new(),
+            rv,
             hint: String::new(),
         }
     }
@@ -263,34 +312,26 @@ mod tests {
                 alg: Alg::ES256,
                 reason: "63 bytes".into(),
             }),
-            ck("CKR_KEY_FUNCTION_NOT_PERMITTED"),
-            ck("CKR_KEY_TYPE_INCONSISTENT"),
-            tpm("TPM_RC_INTEGRITY, parameter 1 (0x19f)"),
-            tpm("TPM_RC_BINDING (0x1a5, from the resource manager)"),
-            tpm("TPM_RC_KEY (0x1dc)"),
+            ck(RvError::KeyFunctionNotPermitted),
+            ck(RvError::KeyTypeInconsistent),
         ];
         for e in &object {
             assert!(e.about_the_object(), "{e}");
         }
+        // TPM response codes are classified where they are typed (token::tpm::errors).
         // The device or the moment: the request fails (the agent answers 503) instead.
         let device = [
-            ck("CKR_FUNCTION_FAILED"),
-            ck("CKR_GENERAL_ERROR"),
-            ck("CKR_SESSION_HANDLE_INVALID"),
-            ck("CKR_SESSION_CLOSED"),
-            ck("CKR_SESSION_COUNT"),
-            ck("CKR_OBJECT_HANDLE_INVALID"),
-            ck("CKR_KEY_HANDLE_INVALID"),
-            ck("CKR_OPERATION_ACTIVE"),
-            ck("CKR_DEVICE_MEMORY"),
-            ck("CKR_HOST_MEMORY"),
-            ck("CKR_CANT_LOCK"),
-            tpm("TPM_RC_RETRY (0x922)"),
-            tpm("TPM_RC_OBJECT_MEMORY (0x902)"),
-            tpm("TPM_RC_KEY_SIZEX (0x0)"),
-            tpm("TSS2_TCTI_RC_IO_ERROR (0xa000a)"),
-            tpm("TSS2_ESYS_RC_TRY_AGAIN (0x70009)"),
-            tpm("TPM_RC_AUTH_FAIL, session 1 (0x98e)"),
+            ck(RvError::FunctionFailed),
+            ck(RvError::GeneralError),
+            ck(RvError::SessionHandleInvalid),
+            ck(RvError::SessionClosed),
+            ck(RvError::SessionCount),
+            ck(RvError::ObjectHandleInvalid),
+            ck(RvError::KeyHandleInvalid),
+            ck(RvError::OperationActive),
+            ck(RvError::DeviceMemory),
+            ck(RvError::HostMemory),
+            ck(RvError::CantLock),
             TokenError::Unavailable {
                 reason: "timed out".into(),
             },
@@ -307,5 +348,43 @@ mod tests {
         for e in &device {
             assert!(!e.about_the_object(), "{e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::*;
+
+    #[test]
+    fn kinds_follow_what_a_caller_can_do() {
+        let pin = TokenError::PinIncorrect { token: "t".into() };
+        assert_eq!(pin.kind(), ErrorKind::Authentication);
+        let locked = TokenError::PinLocked { token: "t".into() };
+        assert_eq!(locked.kind(), ErrorKind::Authentication);
+        let refused = TokenError::KeyAuthRefused { label: "k".into() };
+        assert_eq!(refused.kind(), ErrorKind::Authentication);
+        let gone = TokenError::Unavailable {
+            reason: "removed".into(),
+        };
+        assert_eq!(gone.kind(), ErrorKind::Transient);
+        let ck = |rv| TokenError::Pkcs11 {
+            function: "C_Login".into(),
+            rv,
+            hint: String::new(),
+        };
+        assert_eq!(ck(RvError::PinIncorrect).kind(), ErrorKind::Authentication);
+        assert_eq!(
+            ck(RvError::SessionHandleInvalid).kind(),
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            ck(RvError::MechanismInvalid).kind(),
+            ErrorKind::Configuration
+        );
+        assert_eq!(ck(RvError::GeneralError).kind(), ErrorKind::Device);
+        assert_eq!(
+            ck(RvError::PinIncorrect).to_string(),
+            "C_Login failed: CKR_PIN_INCORRECT"
+        );
     }
 }

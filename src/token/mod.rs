@@ -19,6 +19,15 @@ pub use pin::{Pin, PinSource};
 
 use crate::jose::{Alg, JwsSignature, PublicKey, ToBeSigned};
 
+/// `[token]`: the device to open, chosen by its `backend` key. The token layer owns it;
+/// `config` only parses it into this shape.
+#[derive(Clone, Debug)]
+pub enum DeviceSettings {
+    Pkcs11(pkcs11::Pkcs11Settings),
+    #[cfg(feature = "tpm")]
+    Tpm(tpm::TpmSettings),
+}
+
 /// RSA modulus size for generated keys unless `token.rsa_bits` says otherwise.
 pub(crate) fn default_rsa_bits() -> u32 {
     2048

@@ -178,14 +178,14 @@ fn kind(meta: &Metadata) -> &'static str {
 
 /// `[token]` paths must be absolute: a relative one would follow the working directory,
 /// which whoever starts keybound chooses. The error names the key.
-pub fn absolute_paths(paths: &[(&str, Option<&Path>)]) -> Result<(), String> {
+pub fn absolute_paths(paths: &[(&str, Option<&Path>)]) -> Result<(), crate::error::InvalidSetting> {
     for (key, path) in paths {
         if let Some(path) = path
             && !path.is_absolute()
         {
-            return Err(format!(
-                "token.{key}: must be an absolute path, not '{}'",
-                path.display()
+            return Err(crate::error::InvalidSetting::new(
+                format!("token.{key}"),
+                format!("must be an absolute path, not '{}'", path.display()),
             ));
         }
     }

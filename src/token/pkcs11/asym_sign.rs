@@ -15,7 +15,7 @@ use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 
-use super::connection::{Connection, Failure, Live};
+use super::connection::{Connection, Live, Pkcs11Failure};
 use super::errors::object_gone;
 use super::key_management::find_private;
 use crate::jose::{Alg, JwsSignature, RawSignature, ToBeSigned};
@@ -244,7 +244,7 @@ impl Worker {
     }
 
     /// A logged-in session of the current library generation. Called without the gate.
-    fn ensure_session(&mut self) -> Result<(), Failure> {
+    fn ensure_session(&mut self) -> Result<(), Pkcs11Failure> {
         if let Some(live) = &self.session
             && !self.conn.is_current(live)
         {
@@ -265,7 +265,7 @@ fn device_sign(
     key: ObjectHandle,
     mechanism: SignMechanism,
     tbs: &ToBeSigned,
-) -> Result<Vec<u8>, Failure> {
+) -> Result<Vec<u8>, Pkcs11Failure> {
     let pss = PkcsPssParams {
         hash_alg: MechanismType::SHA256,
         mgf: PkcsMgfType::MGF1_SHA256,

@@ -15,7 +15,7 @@ use cryptoki::error::{Error, RvError};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 
-use super::Settings;
+use super::Pkcs11Settings;
 use super::errors::{ck, session_lost};
 use crate::token::profile::{Profile, Profiles};
 use crate::token::trust::{self, Owners};
@@ -24,36 +24,36 @@ use crate::token::{Pin, TokenDescription, TokenError};
 
 /// A failure inside a PKCS#11 operation: the device's code (maybe worth a retry on a new
 /// session) or keybound's own verdict.
-pub(super) enum Failure {
+pub(super) enum Pkcs11Failure {
     Ck(Error),
     Token(TokenError),
 }
 
-impl From<Error> for Failure {
+impl From<Error> for Pkcs11Failure {
     fn from(e: Error) -> Self {
-        Failure::Ck(e)
+        Pkcs11Failure::Ck(e)
     }
 }
 
-impl From<TokenError> for Failure {
+impl From<TokenError> for Pkcs11Failure {
     fn from(e: TokenError) -> Self {
-        Failure::Token(e)
+        Pkcs11Failure::Token(e)
     }
 }
 
-impl From<Failure> for TokenError {
-    fn from(f: Failure) -> Self {
+impl From<Pkcs11Failure> for TokenError {
+    fn from(f: Pkcs11Failure) -> Self {
         match f {
-            Failure::Ck(e) => ck(e),
-            Failure::Token(e) => e,
+            Pkcs11Failure::Ck(e) => ck(e),
+            Pkcs11Failure::Token(e) => e,
         }
     }
 }
 
-impl Failure {
+impl Pkcs11Failure {
     /// Worth one retry on a fresh session.
     pub(super) fn session_lost(&self) -> bool {
-        matches!(self, Failure::Ck(e) if session_lost(e))
+        matches!(self, Pkcs11Failure::Ck(e) if session_lost(e))
     }
 }
 
@@ -105,7 +105,10 @@ pub(super) struct Connection {
 }
 
 impl Connection {
-    pub(super) fn open(settings: &Settings, profiles: &Profiles) -> Result<Connection, TokenError> {
+    pub(super) fn open(
+        settings: &Pkcs11Settings,
+        profiles: &Profiles,
+    ) -> Result<Connection, TokenError> {
         let selector = match (&settings.token_serial, &settings.token_label) {
             (Some(serial), _) => Selector::Serial(serial.clone()),
             (None, Some(label)) => Selector::Label(label.clone()),
@@ -326,7 +329,7 @@ impl Connection {
     /// re-initialising the library first when the token itself is gone.
     pub(super) fn with_session<T>(
         &self,
-        mut f: impl FnMut(&Session) -> Result<T, Failure>,
+        mut f: impl FnMut(&Session) -> Result<T, Pkcs11Failure>,
     ) -> Result<T, TokenError> {
         let mut keeper = self.keeper.lock().unwrap_or_else(PoisonError::into_inner);
         // A failure carries the session it happened on (`None`: none could be opened, which
@@ -338,7 +341,7 @@ impl Connection {
                     Some(l) if self.is_current(&l) => l,
                     _ => self
                         .open_session(true)
-                        .map_err(|e| Box::new((Failure::Token(e), None)))?,
+                        .map_err(|e| Box::new((Pkcs11Failure::Token(e), None)))?,
                 };
                 let result = {
                     let _gate = self.read();
@@ -411,7 +414,7 @@ impl fmt::Display for Selector {
 /// code that runs with the PIN in memory, so it is loaded only when no other user can
 /// change it or a directory above it (resolved through symbolic links, and loaded by its
 /// resolved path so that a link swapped later does not matter).
-fn resolve_module(settings: &Settings, profiles: &Profiles) -> Result<PathBuf, TokenError> {
+fn resolve_module(settings: &Pkcs11Settings, profiles: &Profiles) -> Result<PathBuf, TokenError> {
     let tried = match &settings.module {
         Some(path) => vec![path.clone()],
         None => profiles.module_paths(settings.profile.as_deref()),

@@ -2,7 +2,7 @@
 
 use cryptoki::error::{Error, RvError};
 
-use super::connection::Failure;
+use super::connection::Pkcs11Failure;
 use crate::token::TokenError;
 
 /// Whether the session (or the login it carried) is gone and worth one reopen.
@@ -24,10 +24,10 @@ pub(super) fn session_lost(e: &Error) -> bool {
 }
 
 /// The object a handle named is gone (deleted, or the handle belongs to an older session).
-pub(super) fn object_gone(f: &Failure) -> bool {
+pub(super) fn object_gone(f: &Pkcs11Failure) -> bool {
     matches!(
         f,
-        Failure::Ck(Error::Pkcs11(
+        Pkcs11Failure::Ck(Error::Pkcs11(
             RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid,
             _
         ))
@@ -37,10 +37,8 @@ pub(super) fn object_gone(f: &Failure) -> bool {
 /// Maps a cryptoki error to a `TokenError` naming the function and a hint.
 pub(super) fn ck(e: Error) -> TokenError {
     let Error::Pkcs11(rv, function) = &e else {
-        return TokenError::Pkcs11 {
-            function: "cryptoki".into(),
-            rv: e.to_string(),
-            hint: String::new(),
+        return TokenError::Cryptoki {
+            reason: e.to_string(),
         };
     };
     let hint = match rv {
@@ -67,23 +65,12 @@ pub(super) fn ck(e: Error) -> TokenError {
     };
     TokenError::Pkcs11 {
         function: format!("C_{function:?}"),
-        rv: rv_name(*rv),
+        rv: *rv,
         hint: hint.into(),
     }
 }
 
-/// `PinIncorrect` → `CKR_PIN_INCORRECT`.
-pub(super) fn rv_name(rv: RvError) -> String {
-    let camel = format!("{rv:?}");
-    let mut out = String::from("CKR_");
-    for (i, c) in camel.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_uppercase());
-    }
-    out
-}
+pub(super) use crate::token::error::rv_name;
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@ use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
-use super::connection::{Connection, Failure};
+use super::connection::{Connection, Pkcs11Failure};
 use crate::jose::{Alg, Curve, PublicKey};
 use crate::token::profile::{EcPointEncoding, Profile, Usage};
 use crate::token::{Fact, KeyFacts, KeyInfo, Label, Listing, Problem, TokenError, hex};
@@ -180,7 +180,7 @@ pub(super) fn facts(conn: &Connection, key: &KeyInfo) -> Result<KeyFacts, TokenE
 
 /// The one public-key object with this `CKA_ID`. Public objects can be created without the
 /// PIN on some tokens (SoftHSM), so a second one is refused, not guessed between.
-fn one_public(s: &Session, id: &[u8], label: &str) -> Result<ObjectHandle, Failure> {
+fn one_public(s: &Session, id: &[u8], label: &str) -> Result<ObjectHandle, Pkcs11Failure> {
     let publics = s.find_objects(&[
         Attribute::Class(ObjectClass::PUBLIC_KEY),
         Attribute::Id(id.to_vec()),
@@ -217,7 +217,7 @@ pub(super) fn find_private(
     id: &[u8],
     label: &str,
     token: &str,
-) -> Result<ObjectHandle, Failure> {
+) -> Result<ObjectHandle, Pkcs11Failure> {
     let template = [
         Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::Token(true),
@@ -298,14 +298,10 @@ fn allowed_mechanisms(alg: Alg) -> Vec<MechanismType> {
 }
 
 /// A 16-byte random CKA_ID no object on the token uses yet.
-fn fresh_id(s: &Session) -> Result<Vec<u8>, Failure> {
+fn fresh_id(s: &Session) -> Result<Vec<u8>, Pkcs11Failure> {
     loop {
         let mut id = vec![0u8; 16];
-        getrandom::getrandom(&mut id).map_err(|e| TokenError::Pkcs11 {
-            function: "getrandom".into(),
-            rv: e.to_string(),
-            hint: "the operating system's random number generator failed".into(),
-        })?;
+        getrandom::getrandom(&mut id).map_err(|e| TokenError::Rng(e.to_string()))?;
         if s.find_objects(&[Attribute::Id(id.clone())])?.is_empty() {
             return Ok(id);
         }
@@ -323,7 +319,11 @@ enum Examined {
 
 /// Label, id, algorithm and public key of a private-key object, paired with its one
 /// public-key object by `CKA_ID`.
-fn examine(s: &Session, handle: ObjectHandle, profile: &Profile) -> Result<Examined, Failure> {
+fn examine(
+    s: &Session,
+    handle: ObjectHandle,
+    profile: &Profile,
+) -> Result<Examined, Pkcs11Failure> {
     let attrs = s.get_attributes(
         handle,
         &[

@@ -17,6 +17,7 @@ use super::{
     Backend, Binding, KeyFacts, KeyInfo, Label, Listing, PinSource, ProofReply, Reply,
     TokenDescription, TokenError,
 };
+use crate::error::InvalidSetting;
 use crate::jose::{Alg, ToBeSigned};
 use asym_sign::Pool;
 use connection::Connection;
@@ -24,7 +25,7 @@ use connection::Connection;
 /// `[token]` settings for `backend = "pkcs11"` (see keybound.example.toml).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Settings {
+pub struct Pkcs11Settings {
     pub module: Option<PathBuf>,
     pub token_label: Option<String>,
     pub token_serial: Option<String>,
@@ -42,11 +43,14 @@ fn default_pin_env() -> String {
     "KEYBOUND_PIN".into()
 }
 
-impl Settings {
+impl Pkcs11Settings {
     /// Checks what TOML types cannot; each message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.token_label.is_none() && self.token_serial.is_none() {
-            return Err("token: set token_label or token_serial".into());
+            return Err(InvalidSetting::new(
+                "token",
+                "set token_label or token_serial",
+            ));
         }
         // A relative path would follow the working directory, which whoever starts
         // keybound chooses: the module is code run with the PIN in memory, the profiles
@@ -59,12 +63,15 @@ impl Settings {
         if let Some(n) = self.sessions
             && !(1..=64).contains(&n)
         {
-            return Err(format!("token.sessions: {n} is out of range 1 to 64"));
+            return Err(InvalidSetting::new(
+                "token.sessions",
+                format!("{n} is out of range 1 to 64"),
+            ));
         }
         if ![2048, 3072, 4096].contains(&self.rsa_bits) {
-            return Err(format!(
-                "token.rsa_bits: {} is not one of 2048, 3072, 4096",
-                self.rsa_bits
+            return Err(InvalidSetting::new(
+                "token.rsa_bits",
+                format!("{} is not one of 2048, 3072, 4096", self.rsa_bits),
             ));
         }
         Ok(())
@@ -91,7 +98,10 @@ pub struct Pkcs11Token {
 impl Pkcs11Token {
     /// Loads the module, finds the token, logs in. `sessions` overrides the configured
     /// number of signing sessions (for `bench --sessions`).
-    pub fn open(settings: &Settings, sessions: Option<usize>) -> Result<Pkcs11Token, TokenError> {
+    pub fn open(
+        settings: &Pkcs11Settings,
+        sessions: Option<usize>,
+    ) -> Result<Pkcs11Token, TokenError> {
         let profiles = Profiles::load(settings.profiles_dir.as_deref())?;
         let conn = Connection::open(settings, &profiles)?;
         let limits = conn.profile.sessions;

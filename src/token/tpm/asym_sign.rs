@@ -10,7 +10,7 @@ use tss_esapi::structures::{Digest, HashScheme, HashcheckTicket, Signature, Sign
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 
 use super::context::Tpm;
-use super::errors::{Failure, Recovery, Tag as _};
+use super::errors::{Recovery, Tag as _, TpmFailure};
 use super::store::StoredKey;
 use crate::jose::{Alg, JoseError, JwsSignature, RawSignature, ToBeSigned};
 use crate::token::TokenError;
@@ -26,7 +26,7 @@ pub(super) fn sign(
     Ok(tbs.alg().to_jws_signature(raw)?)
 }
 
-fn sign_raw(tpm: &mut Tpm, key: &StoredKey, tbs: &ToBeSigned) -> Result<RawSignature, Failure> {
+fn sign_raw(tpm: &mut Tpm, key: &StoredKey, tbs: &ToBeSigned) -> Result<RawSignature, TpmFailure> {
     let handle = tpm.load(key)?;
     tpm.authorize(key, handle)?;
     let digest = Digest::try_from(tbs.digest().as_bytes()).tag("preparing the digest")?;

@@ -22,9 +22,10 @@ use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{Auth, CapabilityData};
 use tss_esapi::{Context, TctiNameConf};
 
-use super::errors::{Failure, Recovery, Tag as _};
+use super::errors::{Recovery, Tag as _, TpmFailure};
 use super::key_management::primary_template;
 use super::store::StoredKey;
+use crate::error::ErrorKind;
 use crate::token::worker;
 use crate::token::{Pin, TokenError};
 
@@ -81,7 +82,7 @@ impl Tpm {
     /// before the error is returned.
     pub(super) fn retrying<T>(
         &mut self,
-        op: impl FnMut(&mut Tpm) -> Result<T, Failure>,
+        op: impl FnMut(&mut Tpm) -> Result<T, TpmFailure>,
     ) -> Result<T, TokenError> {
         worker::retry_once(
             self,
@@ -103,7 +104,7 @@ impl Tpm {
 
     /// Flushes what a failed attempt loaded, drops a broken connection, and says what the
     /// failure calls for.
-    fn after_failure(&mut self, failure: &Failure) -> Recovery {
+    fn after_failure(&mut self, failure: &TpmFailure) -> Recovery {
         let recovery = failure.recovery();
         self.release();
         if recovery == Recovery::Reconnect {
@@ -113,7 +114,7 @@ impl Tpm {
     }
 
     /// The ESAPI context, connected on first use.
-    pub(super) fn ctx(&mut self) -> Result<&mut Context, Failure> {
+    pub(super) fn ctx(&mut self) -> Result<&mut Context, TpmFailure> {
         let ctx = match self.ctx.take() {
             Some(ctx) => ctx,
             None => Context::new(self.tcti.clone()).tag("TCTI/ESYS initialisation")?,
@@ -124,7 +125,7 @@ impl Tpm {
     /// The storage primary's handle and name: created from the fixed template (the TPM
     /// derives the same key from the same template every time), or the persistent object
     /// at `token.primary_handle`, made there on first use.
-    pub(super) fn primary(&mut self) -> Result<(KeyHandle, Vec<u8>), Failure> {
+    pub(super) fn primary(&mut self) -> Result<(KeyHandle, Vec<u8>), TpmFailure> {
         if let Some(p) = &self.primary {
             return Ok((p.handle, p.name.clone()));
         }
@@ -138,7 +139,7 @@ impl Tpm {
         }
     }
 
-    fn create_primary(&mut self) -> Result<(), Failure> {
+    fn create_primary(&mut self) -> Result<(), TpmFailure> {
         let template = primary_template().tag("building the storage key template")?;
         let ctx = self.ctx()?;
         let created = ctx
@@ -163,7 +164,7 @@ impl Tpm {
         Ok(())
     }
 
-    fn persistent_primary(&mut self, handle: u32) -> Result<(), Failure> {
+    fn persistent_primary(&mut self, handle: u32) -> Result<(), TpmFailure> {
         let persistent = PersistentTpmHandle::new(handle).tag("parsing token.primary_handle")?;
         let tpm_handle = TpmHandle::Persistent(persistent);
         let ctx = self.ctx()?;
@@ -213,6 +214,8 @@ impl Tpm {
                 hint: "point token.primary_handle at a storage key (SRK), or at a free handle \
                        keybound can fill"
                     .into(),
+                kind: ErrorKind::Configuration,
+                about_the_object: false,
             }
             .into());
         }
@@ -225,7 +228,7 @@ impl Tpm {
     /// Loads `key` under the primary, or returns it if it is the one loaded. Loading needs
     /// only the primary's (empty) auth; the key's own auth value is for signing
     /// (`authorize`).
-    pub(super) fn load(&mut self, key: &StoredKey) -> Result<KeyHandle, Failure> {
+    pub(super) fn load(&mut self, key: &StoredKey) -> Result<KeyHandle, TpmFailure> {
         if let Some(l) = &self.loaded {
             if l.id == key.id {
                 return Ok(l.handle);
@@ -261,7 +264,11 @@ impl Tpm {
     }
 
     /// Gives ESYS the auth value for using the loaded `key` (nothing for keys without one).
-    pub(super) fn authorize(&mut self, key: &StoredKey, handle: KeyHandle) -> Result<(), Failure> {
+    pub(super) fn authorize(
+        &mut self,
+        key: &StoredKey,
+        handle: KeyHandle,
+    ) -> Result<(), TpmFailure> {
         if let Some(auth) = self.auth_for(key)? {
             self.ctx()?
                 .tr_set_auth(handle.into(), auth)
@@ -271,11 +278,11 @@ impl Tpm {
     }
 
     /// The auth value to use with `key`, checked before anything is sent to the TPM.
-    fn auth_for(&self, key: &StoredKey) -> Result<Option<Auth>, Failure> {
+    fn auth_for(&self, key: &StoredKey) -> Result<Option<Auth>, TpmFailure> {
         if !key.auth {
             return Ok(None);
         }
-        let refuse = |reason: &str| -> Failure {
+        let refuse = |reason: &str| -> TpmFailure {
             TokenError::TpmKey {
                 label: key.label.clone(),
                 reason: reason.into(),
@@ -283,11 +290,10 @@ impl Tpm {
             .into()
         };
         if self.refused.contains(&key.id) {
-            return Err(refuse(
-                "the TPM refused its auth value earlier; keybound does not send it again, \
-                 to keep the TPM out of dictionary-attack lockout. Fix token.key_auth_env / \
-                 token.key_auth_file and restart keybound",
-            ));
+            return Err(TokenError::KeyAuthRefused {
+                label: key.label.clone(),
+            }
+            .into());
         }
         match self.auth_value()? {
             Some(auth) => Ok(Some(auth)),
@@ -299,7 +305,7 @@ impl Tpm {
     }
 
     /// The configured key auth value, in the TPM's form.
-    pub(super) fn auth_value(&self) -> Result<Option<Auth>, Failure> {
+    pub(super) fn auth_value(&self) -> Result<Option<Auth>, TpmFailure> {
         let Some(pin) = &self.key_auth else {
             return Ok(None);
         };
@@ -360,7 +366,7 @@ impl Tpm {
 
     /// One cheap command that must reach the TPM (tss-esapi caches properties, so
     /// `get_tpm_property` would not).
-    pub(super) fn ping(&mut self) -> Result<(), Failure> {
+    pub(super) fn ping(&mut self) -> Result<(), TpmFailure> {
         self.ctx()?
             .execute_without_session(|c| {
                 c.get_capability(CapabilityType::TpmProperties, TPM2_PT_MANUFACTURER, 1)
@@ -370,9 +376,9 @@ impl Tpm {
     }
 
     /// Manufacturer, vendor string and firmware version, as the TPM reports them.
-    pub(super) fn identity(&mut self) -> Result<(String, String), Failure> {
+    pub(super) fn identity(&mut self) -> Result<(String, String), TpmFailure> {
         let ctx = self.ctx()?;
-        let mut read = |tag: PropertyTag| -> Result<u32, Failure> {
+        let mut read = |tag: PropertyTag| -> Result<u32, TpmFailure> {
             Ok(ctx
                 .get_tpm_property(tag)
                 .tag("TPM2_GetCapability")?
@@ -412,12 +418,14 @@ fn ascii(words: &[u32]) -> String {
     String::from_utf8_lossy(&bytes).trim().to_string()
 }
 
-fn internal(what: &str) -> Failure {
+fn internal(what: &str) -> TpmFailure {
     TokenError::Tpm {
         function: "keybound".into(),
         code: "internal error".into(),
         meaning: what.into(),
         hint: String::new(),
+        kind: ErrorKind::Device,
+        about_the_object: false,
     }
     .into()
 }

@@ -4,15 +4,17 @@
 //!
 //! Over 400 lines: most of it is the table of response codes and hints in words.
 
-use tss_esapi::constants::Tss2ResponseCode;
+use bitfield::BitRange;
+use tss_esapi::constants::{Tss2ResponseCode, Tss2ResponseCodeKind};
 use tss_esapi::{Error, WrapperErrorKind};
 
+use crate::error::ErrorKind;
 use crate::token::TokenError;
 
 /// A failure inside one TPM operation: a TSS/TPM code (maybe worth a retry on a fresh
 /// context) or keybound's own verdict.
 #[derive(Debug)]
-pub(super) enum Failure {
+pub(super) enum TpmFailure {
     Tss {
         /// The TPM command or TSS call, e.g. `TPM2_Sign`.
         function: &'static str,
@@ -21,20 +23,20 @@ pub(super) enum Failure {
     Token(TokenError),
 }
 
-impl From<TokenError> for Failure {
+impl From<TokenError> for TpmFailure {
     fn from(e: TokenError) -> Self {
-        Failure::Token(e)
+        TpmFailure::Token(e)
     }
 }
 
 /// Tags a tss-esapi result with the command it came from.
 pub(super) trait Tag<T> {
-    fn tag(self, function: &'static str) -> Result<T, Failure>;
+    fn tag(self, function: &'static str) -> Result<T, TpmFailure>;
 }
 
 impl<T> Tag<T> for Result<T, Error> {
-    fn tag(self, function: &'static str) -> Result<T, Failure> {
-        self.map_err(|error| Failure::Tss { function, error })
+    fn tag(self, function: &'static str) -> Result<T, TpmFailure> {
+        self.map_err(|error| TpmFailure::Tss { function, error })
     }
 }
 
@@ -60,11 +62,11 @@ const LAYER_TCTI: u32 = 10;
 const LAYER_RESMGR: u32 = 11;
 const LAYER_RESMGR_TPM: u32 = 12;
 
-impl Failure {
+impl TpmFailure {
     /// The raw TSS2_RC, if the TSS or the TPM produced this failure.
     pub(super) fn code(&self) -> Option<u32> {
         match self {
-            Failure::Tss {
+            TpmFailure::Tss {
                 error: Error::Tss2Error(rc),
                 ..
             } => raw(*rc),
@@ -75,19 +77,20 @@ impl Failure {
     /// One line for logs.
     pub(super) fn summary(&self) -> String {
         match self {
-            Failure::Token(e) => e.to_string(),
-            Failure::Tss {
+            TpmFailure::Token(e) => e.to_string(),
+            TpmFailure::Tss {
                 function,
                 error: Error::Tss2Error(rc),
             } => match raw(*rc) {
                 Some(raw) => format!("{function}: {}", decode(raw, *rc).0),
                 None => format!("{function}: {rc}"),
             },
-            Failure::Tss { function, error } => format!("{function}: {error}"),
+            TpmFailure::Tss { function, error } => format!("{function}: {error}"),
         }
     }
 
     pub(super) fn recovery(&self) -> Recovery {
+        use Tss2ResponseCodeKind as K;
         let Some(rc) = self.code() else {
             return Recovery::Report;
         };
@@ -101,18 +104,15 @@ impl Failure {
             }
             // ESYS_RC_BAD_TR: an ESYS handle for an object that is gone.
             LAYER_ESAPI if base == 24 => Recovery::Reload,
-            LAYER_TPM | LAYER_RESMGR_TPM => match tpm_name(base).0 {
+            LAYER_TPM | LAYER_RESMGR_TPM => match tpm_kind(base) {
                 // Not started (a restarted simulator without startup-clear) or needs reboot.
-                "TPM_RC_INITIALIZE" | "TPM_RC_REBOOT" => Recovery::Reconnect,
-                "TPM_RC_HANDLE"
-                | "TPM_RC_REFERENCE_H0"
-                | "TPM_RC_REFERENCE_H1"
-                | "TPM_RC_REFERENCE_H2" => Recovery::Reload,
-                // keybound's own objects may hold slots: flushing them first can help.
-                "TPM_RC_OBJECT_MEMORY" => Recovery::Reload,
-                "TPM_RC_AUTH_FAIL" | "TPM_RC_BAD_AUTH" if session_error(base) => {
-                    Recovery::AuthRejected
+                Some(K::Initialize | K::Reboot) => Recovery::Reconnect,
+                Some(K::Handle | K::ReferenceH0 | K::ReferenceH1 | K::ReferenceH2) => {
+                    Recovery::Reload
                 }
+                // keybound's own objects may hold slots: flushing them first can help.
+                Some(K::ObjectMemory) => Recovery::Reload,
+                Some(K::AuthFail | K::BadAuth) if session_error(base) => Recovery::AuthRejected,
                 _ => Recovery::Report,
             },
             _ => Recovery::Report,
@@ -123,8 +123,8 @@ impl Failure {
     /// `tcti` names the configured TCTI for connection hints.
     pub(super) fn into_token_error(self, tcti: &str) -> TokenError {
         let (function, error) = match self {
-            Failure::Token(e) => return e,
-            Failure::Tss { function, error } => (function, error),
+            TpmFailure::Token(e) => return e,
+            TpmFailure::Tss { function, error } => (function, error),
         };
         let rc = match error {
             Error::WrapperError(kind) => {
@@ -133,6 +133,8 @@ impl Failure {
                     code: format!("tss-esapi refused the call ({kind:?})"),
                     meaning: kind.to_string(),
                     hint: wrapper_hint(kind).into(),
+                    kind: ErrorKind::Device,
+                    about_the_object: false,
                 };
             }
             Error::Tss2Error(rc) => rc,
@@ -143,27 +145,99 @@ impl Failure {
                 code: "an unreadable response code".into(),
                 meaning: rc.to_string(),
                 hint: String::new(),
+                kind: ErrorKind::Device,
+                about_the_object: false,
             };
         };
         let (code, meaning) = decode(raw, rc);
+        let (kind, about_the_object) = classify(raw);
         TokenError::Tpm {
             function: function.into(),
             code,
             meaning,
             hint: capitalized(hint(function, raw, tcti)),
+            kind,
+            about_the_object,
         }
     }
 }
 
-/// tss-esapi 7.7 hides the numeric code; its `Display` of the inner code prints it in hex.
+/// The numeric TSS2_RC. tss-esapi 7.7 has no getter for it, but its code types are
+/// `bitfield` structs over the raw value: all 32 bits of that range are the code.
 fn raw(rc: Tss2ResponseCode) -> Option<u32> {
-    let text = match rc {
-        Tss2ResponseCode::Success => return Some(0),
-        Tss2ResponseCode::FormatZero(c) => c.to_string(),
-        Tss2ResponseCode::FormatOne(c) => c.to_string(),
-    };
-    let hex = text.rsplit("0x").next()?;
-    u32::from_str_radix(hex.trim(), 16).ok()
+    match rc {
+        Tss2ResponseCode::Success => Some(0),
+        Tss2ResponseCode::FormatZero(c) => Some(c.bit_range(31, 0)),
+        Tss2ResponseCode::FormatOne(c) => Some(c.bit_range(31, 0)),
+    }
+}
+
+/// tss-esapi's classification of a TPM 2.0 response code (the layer bits removed); `None`
+/// for TPM 1.2 codes, which tss-esapi would read as TPM 2.0 ones, and for unknown codes.
+fn tpm_kind(base: u32) -> Option<Tss2ResponseCodeKind> {
+    let format_one = base & 0x80 != 0;
+    let tpm2 = base & 0x100 != 0;
+    if !format_one && !tpm2 {
+        return None;
+    }
+    Tss2ResponseCode::from(base).kind()
+}
+
+/// The [`ErrorKind`] of a TSS2_RC, and whether it is about the key object itself (a
+/// damaged, foreign or unusable blob or public area, TPM 2.0 Part 2 §6.6.3). TPM codes are
+/// classified by tss-esapi's own [`Tss2ResponseCodeKind`]; the TSS layers by their layer.
+fn classify(raw: u32) -> (ErrorKind, bool) {
+    use Tss2ResponseCodeKind as K;
+    let (layer, base) = ((raw >> 16) & 0xff, raw & 0xffff);
+    match layer {
+        // The connection to the TPM: keybound reconnects on the next request.
+        LAYER_TCTI => (ErrorKind::Transient, false),
+        LAYER_ESAPI | LAYER_SYS if matches!(base, 8 | 9 | 10 | 17 | 19) => {
+            (ErrorKind::Transient, false)
+        }
+        LAYER_TPM | LAYER_RESMGR_TPM => match tpm_kind(base) {
+            Some(K::AuthFail | K::BadAuth | K::Lockout) => (ErrorKind::Authentication, false),
+            Some(
+                K::Retry
+                | K::Yielded
+                | K::Testing
+                | K::Canceled
+                | K::NvRate
+                | K::NvUnavailable
+                | K::ContextGap
+                | K::ObjectMemory
+                | K::SessionMemory
+                | K::Memory
+                | K::Initialize
+                | K::Reboot
+                | K::Handle
+                | K::ReferenceH0
+                | K::ReferenceH1
+                | K::ReferenceH2,
+            ) => (ErrorKind::Transient, false),
+            Some(
+                K::Integrity
+                | K::Binding
+                | K::Key
+                | K::KeySize
+                | K::Asymmetric
+                | K::Attributes
+                | K::Hash
+                | K::Type
+                | K::Scheme
+                | K::Size
+                | K::Symmetric
+                | K::Curve
+                | K::EccPoint
+                | K::Value
+                | K::Sensitive
+                | K::Kdf
+                | K::Mgf,
+            ) => (ErrorKind::Configuration, true),
+            _ => (ErrorKind::Device, false),
+        },
+        _ => (ErrorKind::Device, false),
+    }
 }
 
 /// `TPM_RC_OBJECT_MEMORY (0x902)` and what it means.
@@ -383,59 +457,56 @@ fn hint(function: &str, raw: u32, tcti: &str) -> String {
     if !matches!(layer, LAYER_TPM | LAYER_RESMGR_TPM) {
         return String::new();
     }
-    let text = match tpm_name(base).0 {
-        "TPM_RC_OBJECT_MEMORY" | "TPM_RC_MEMORY" => {
+    use Tss2ResponseCodeKind as K;
+    let text = match tpm_kind(base) {
+        Some(K::ObjectMemory | K::Memory) => {
             "the TPM has no free object slot: another program left objects loaded. Use the \
              kernel resource manager (tcti device:/dev/tpmrm0) or tpm2-abrmd, or flush them \
              with `tpm2_flushcontext -t`"
         }
-        "TPM_RC_SESSION_MEMORY" | "TPM_RC_SESSION_HANDLES" => {
+        Some(K::SessionMemory | K::SessionHandles) => {
             "the TPM has no free session slot; flush sessions with `tpm2_flushcontext -s`, or \
              use a resource manager (device:/dev/tpmrm0, tabrmd)"
         }
-        "TPM_RC_LOCKOUT" => {
+        Some(K::Lockout) => {
             "the TPM is in dictionary-attack lockout after failed authorizations; wait for it \
              to recover, or reset it with `tpm2_dictionarylockout -c -p <lockout auth>`"
         }
-        "TPM_RC_AUTH_FAIL" | "TPM_RC_BAD_AUTH" if function == "TPM2_CreatePrimary" => {
+        Some(K::AuthFail | K::BadAuth) if function == "TPM2_CreatePrimary" => {
             "the owner hierarchy has an authorization value; keybound creates its storage key \
              with an empty owner auth. Persist a storage key once (`tpm2_createprimary` + \
              `tpm2_evictcontrol`) and set token.primary_handle to it"
         }
-        "TPM_RC_AUTH_FAIL" | "TPM_RC_BAD_AUTH" => {
+        Some(K::AuthFail | K::BadAuth) => {
             "the key's authorization value was refused: check token.key_auth_env / \
              token.key_auth_file. keybound does not send a refused value again, to keep the \
              TPM out of dictionary-attack lockout"
         }
-        "TPM_RC_INTEGRITY" | "TPM_RC_BINDING" | "TPM_RC_SENSITIVE" => {
+        Some(K::Integrity | K::Binding | K::Sensitive) => {
             "the key blob does not fit this TPM's storage key: the TPM was cleared, the state \
              directory comes from another machine, or the file was altered. The key cannot be \
              recovered; generate a new one"
         }
-        "TPM_RC_HIERARCHY" => "the owner hierarchy is disabled; enable it (firmware settings)",
-        "TPM_RC_INITIALIZE" | "TPM_RC_REBOOT" => {
+        Some(K::Hierarchy) => "the owner hierarchy is disabled; enable it (firmware settings)",
+        Some(K::Initialize | K::Reboot) => {
             "the TPM was not started: run `tpm2_startup -c` (swtpm: --flags startup-clear); \
              keybound retries on the next request"
         }
-        "TPM_RC_NV_SPACE" => {
+        Some(K::NvSpace) => {
             "the TPM has no room for another persistent object; remove one with \
              `tpm2_evictcontrol`"
         }
-        "TPM_RC_NV_DEFINED" => "another object already occupies token.primary_handle",
-        "TPM_RC_CURVE" | "TPM_RC_KEY_SIZE" | "TPM_RC_SCHEME" | "TPM_RC_ASYMMETRIC"
-            if function == "TPM2_Create" =>
-        {
+        Some(K::NvDefined) => "another object already occupies token.primary_handle",
+        Some(K::Curve | K::KeySize | K::Scheme | K::Asymmetric) if function == "TPM2_Create" => {
             "this TPM does not offer that algorithm or key size; use ES256 (every TPM 2.0 \
              has P-256), or rsa_bits = 2048 for RS256/PS256"
         }
-        "TPM_RC_HANDLE" | "TPM_RC_REFERENCE_H0" => {
+        Some(K::Handle | K::ReferenceH0) => {
             "an object keybound used is gone (the TPM restarted); keybound reloads it on the \
              next request"
         }
-        "TPM_RC_RETRY" | "TPM_RC_YIELDED" | "TPM_RC_TESTING" | "TPM_RC_NV_RATE" => {
-            "the TPM is busy; try again"
-        }
-        "TPM_RC_FAILURE" => "the TPM is in failure mode; it needs a reset (reboot the machine)",
+        Some(K::Retry | K::Yielded | K::Testing | K::NvRate) => "the TPM is busy; try again",
+        Some(K::Failure) => "the TPM is in failure mode; it needs a reset (reboot the machine)",
         _ => "",
     };
     text.to_string()
@@ -463,10 +534,10 @@ fn wrapper_hint(kind: WrapperErrorKind) -> &'static str {
 mod tests {
     use super::*;
 
-    fn rc(raw: u32) -> Failure {
+    fn rc(raw: u32) -> TpmFailure {
         // Round-trip through tss-esapi's own type, as the TSS hands it over.
         let error = tss_esapi::Error::Tss2Error(Tss2ResponseCode::from(raw));
-        Failure::Tss {
+        TpmFailure::Tss {
             function: "TPM2_Load",
             error,
         }
@@ -494,6 +565,33 @@ mod tests {
             .to_string();
         assert!(e.contains("TSS2_TCTI_RC_IO_ERROR (0xa000a)"), "{e}");
         assert!(e.contains("swtpm:host=127.0.0.1,port=1"), "{e}");
+    }
+
+    #[test]
+    fn kinds_and_objects_come_from_the_typed_code() {
+        let of = |raw| match rc(raw).into_token_error("swtpm") {
+            TokenError::Tpm {
+                kind,
+                about_the_object,
+                ..
+            } => (kind, about_the_object),
+            other => panic!("{other}"),
+        };
+        // About the key object: TPM_RC_INTEGRITY parameter 1, TPM_RC_BINDING from the
+        // resource manager, TPM_RC_KEY.
+        assert_eq!(of(0x19f), (ErrorKind::Configuration, true));
+        assert_eq!(of(0x1df), (ErrorKind::Configuration, true));
+        assert_eq!(of(0xc01a5), (ErrorKind::Configuration, true));
+        assert_eq!(of(0x1dc), (ErrorKind::Configuration, true));
+        // The device or the moment.
+        assert_eq!(of(0x922), (ErrorKind::Transient, false));
+        assert_eq!(of(0x902), (ErrorKind::Transient, false));
+        assert_eq!(of(0xa000a), (ErrorKind::Transient, false));
+        assert_eq!(of(0x70009), (ErrorKind::Transient, false));
+        assert_eq!(of(0x101), (ErrorKind::Device, false));
+        // The key's auth value refused, and dictionary-attack lockout: authentication.
+        assert_eq!(of(0x98e), (ErrorKind::Authentication, false));
+        assert_eq!(of(0x921), (ErrorKind::Authentication, false));
     }
 
     #[test]

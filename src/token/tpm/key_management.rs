@@ -16,7 +16,7 @@ use tss_esapi::structures::{
 };
 
 use super::context::Tpm;
-use super::errors::{Failure, Tag as _};
+use super::errors::{Tag as _, TpmFailure};
 use super::store::StoredKey;
 use crate::jose::{Alg, Curve, PublicKey};
 use crate::token::{Fact, KeyFacts, KeyInfo, TokenError};
@@ -122,7 +122,7 @@ pub(super) struct Created {
 }
 
 /// Creates a key inside the TPM under the storage primary.
-pub(super) fn create(tpm: &mut Tpm, alg: Alg, rsa_bits: u32) -> Result<Created, Failure> {
+pub(super) fn create(tpm: &mut Tpm, alg: Alg, rsa_bits: u32) -> Result<Created, TpmFailure> {
     let template = key_template(alg, rsa_bits).tag("building the key template")?;
     let auth = tpm.auth_value()?;
     let has_auth = auth.is_some();
@@ -143,7 +143,7 @@ pub(super) fn create(tpm: &mut Tpm, alg: Alg, rsa_bits: u32) -> Result<Created, 
 
 /// The facts of a key as the TPM reports them: loaded under this TPM's storage key (which
 /// proves the stored public area is the one bound to the private blob), then read back.
-pub(super) fn facts(tpm: &mut Tpm, key: &StoredKey) -> Result<KeyFacts, Failure> {
+pub(super) fn facts(tpm: &mut Tpm, key: &StoredKey) -> Result<KeyFacts, TpmFailure> {
     let handle = tpm.load(key)?;
     let (public, _, _) = tpm
         .ctx()?

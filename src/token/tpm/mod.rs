@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr as _;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use tss_esapi::TctiNameConf;
@@ -29,6 +28,7 @@ use super::{
     Backend, Binding, KeyFacts, KeyInfo, Label, Listing, Pin, PinSource, Problem, ProofReply,
     Reply, TokenDescription, TokenError,
 };
+use crate::error::InvalidSetting;
 use crate::jose::{Alg, ToBeSigned};
 use context::Tpm;
 use jobs::{Answer, Job, mismatch};
@@ -37,7 +37,7 @@ use store::{Store, StoredKey};
 /// `[token]` settings for `backend = "tpm"` (see keybound.example.toml).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Settings {
+pub struct TpmSettings {
     #[serde(default = "default_tcti")]
     pub tcti: String,
     pub state_dir: Option<PathBuf>,
@@ -55,10 +55,10 @@ fn default_tcti() -> String {
 /// The owner's persistent handle range (TPM 2.0 Part 2 §7.5, TCG handle registry).
 const PERSISTENT_OWNER: std::ops::RangeInclusive<u32> = 0x8100_0000..=0x817f_ffff;
 
-impl Settings {
+impl TpmSettings {
     /// Checks what TOML types cannot; each message names the key.
-    pub fn validate(&self) -> Result<(), String> {
-        parse_tcti(&self.tcti).map_err(|e| format!("token.tcti: {e}"))?;
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        parse_tcti(&self.tcti).map_err(|e| InvalidSetting::new("token.tcti", e))?;
         // As for PKCS#11: the working directory is whoever starts keybound's choice. The
         // state directory holds the key blobs, the auth file the keys' authorization.
         crate::token::trust::absolute_paths(&[
@@ -68,19 +68,25 @@ impl Settings {
         if let Some(h) = self.primary_handle
             && !PERSISTENT_OWNER.contains(&h)
         {
-            return Err(format!(
-                "token.primary_handle: {h:#x} is not an owner persistent handle \
-                 (0x81000000 to 0x817fffff)"
+            return Err(InvalidSetting::new(
+                "token.primary_handle",
+                format!("{h:#x} is not an owner persistent handle (0x81000000 to 0x817fffff)"),
             ));
         }
         if ![2048, 3072].contains(&self.rsa_bits) {
-            return Err(format!(
-                "token.rsa_bits: {} is not one of 2048, 3072 (the RSA sizes TPMs offer)",
-                self.rsa_bits
+            return Err(InvalidSetting::new(
+                "token.rsa_bits",
+                format!(
+                    "{} is not one of 2048, 3072 (the RSA sizes TPMs offer)",
+                    self.rsa_bits
+                ),
             ));
         }
         if self.key_auth_env.as_deref() == Some("") {
-            return Err("token.key_auth_env: empty; name an environment variable".into());
+            return Err(InvalidSetting::new(
+                "token.key_auth_env",
+                "empty; name an environment variable",
+            ));
         }
         Ok(())
     }
@@ -145,12 +151,14 @@ pub struct TpmToken {
 impl TpmToken {
     /// Connects to the TPM (so a wrong TCTI or a missing device is reported at start) and
     /// derives the storage primary once.
-    pub fn open(settings: &Settings) -> Result<TpmToken, TokenError> {
+    pub fn open(settings: &TpmSettings) -> Result<TpmToken, TokenError> {
         let tcti = parse_tcti(&settings.tcti).map_err(|e| TokenError::Tpm {
             function: "reading token.tcti".into(),
             code: "invalid TCTI".into(),
             meaning: e,
             hint: String::new(),
+            kind: crate::error::ErrorKind::Configuration,
+            about_the_object: false,
         })?;
         let key_auth = match settings.key_auth_source() {
             None => None,
@@ -267,10 +275,7 @@ impl Backend for TpmToken {
             reason,
         })?;
         let info = key_management::key_info(&stored)?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.store.save(&stored, now)?;
+        self.store.save(&stored, crate::jose::unix_now())?;
         self.known
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -388,8 +393,8 @@ impl Backend for TpmToken {
 mod tests {
     use super::*;
 
-    fn settings(tcti: &str) -> Settings {
-        Settings {
+    fn settings(tcti: &str) -> TpmSettings {
+        TpmSettings {
             tcti: tcti.into(),
             state_dir: None,
             primary_handle: None,
@@ -412,9 +417,10 @@ mod tests {
         }
         let e = settings("swtpm:path=/run/swtpm.sock")
             .validate()
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unix-socket") && e.contains("token.tcti"), "{e}");
-        let e = settings("tpm0").validate().unwrap_err();
+        let e = settings("tpm0").validate().unwrap_err().to_string();
         assert!(e.starts_with("token.tcti: 'tpm0' is not a TCTI"), "{e}");
     }
 
@@ -424,10 +430,10 @@ mod tests {
         s.primary_handle = Some(0x8100_0001);
         s.validate().unwrap();
         s.primary_handle = Some(0x8180_0001);
-        assert!(s.validate().unwrap_err().contains("token.primary_handle"));
+        assert_eq!(s.validate().unwrap_err().key, "token.primary_handle");
         let mut s = settings("tabrmd");
         s.rsa_bits = 4096;
-        assert!(s.validate().unwrap_err().contains("token.rsa_bits"));
+        assert_eq!(s.validate().unwrap_err().key, "token.rsa_bits");
     }
 
     #[test]
