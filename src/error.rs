@@ -22,6 +22,9 @@ pub enum ErrorKind {
     Refused,
     /// The server refused the client's credentials or request (RFC 6749 §5.2 error).
     Authentication,
+    /// A bug in keybound (a task that panicked, a worker's answer of the wrong type):
+    /// neither waiting nor the config will fix it; report it.
+    Internal,
 }
 
 /// A setting that is not valid, found when the config is loaded: the key as written in the

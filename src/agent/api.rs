@@ -217,6 +217,9 @@ impl ApiError {
                 ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", message)
             }
             ErrorKind::Refused => ApiError::new(StatusCode::FORBIDDEN, "policy_refused", message),
+            ErrorKind::Internal => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+            }
         }
     }
 }

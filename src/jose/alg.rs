@@ -126,16 +126,16 @@ impl Alg {
                 }
                 Ok(JwsSignature(bytes))
             }
-            // RustCrypto parses the DER (strict, r and s in 1..n) and gives the fixed width.
-            (Some(Curve::P256), RawSignature::EcdsaDer(der)) => {
-                p256::ecdsa::Signature::from_der(&der)
-                    .map(|sig| JwsSignature(sig.to_bytes().to_vec()))
-                    .map_err(|e| bad(format!("not a DER ECDSA P-256 signature: {e}")))
-            }
-            (Some(Curve::P384), RawSignature::EcdsaDer(der)) => {
-                p384::ecdsa::Signature::from_der(&der)
-                    .map(|sig| JwsSignature(sig.to_bytes().to_vec()))
-                    .map_err(|e| bad(format!("not a DER ECDSA P-384 signature: {e}")))
+            // RustCrypto parses the DER (strict, r and s in 1..n) and gives the fixed width;
+            // a device whose firmware pads or forgets a sign byte gets the lenient reading.
+            (Some(curve), RawSignature::EcdsaDer(der)) => {
+                strict_der(curve, &der).or_else(|strict| match lenient_der(curve, &der) {
+                    Ok(sig) => {
+                        warn_once_lenient_der();
+                        Ok(sig)
+                    }
+                    Err(_) => Err(bad(strict)),
+                })
             }
             (Some(curve), RawSignature::EcdsaParts { r, s }) => {
                 fixed_width(curve, &r, &s).map_err(bad)
@@ -311,6 +311,50 @@ fn fixed_width(curve: Curve, r: &[u8], s: &[u8]) -> Result<JwsSignature, String>
     Ok(JwsSignature(out))
 }
 
+/// A DER `ECDSA-Sig-Value` as RFC 3279 §2.2.3 and X.690 want it: minimal integers, r and s
+/// in 1..n.
+fn strict_der(curve: Curve, der: &[u8]) -> Result<JwsSignature, String> {
+    match curve {
+        Curve::P256 => p256::ecdsa::Signature::from_der(der)
+            .map(|sig| JwsSignature(sig.to_bytes().to_vec()))
+            .map_err(|e| format!("not a DER ECDSA P-256 signature: {e}")),
+        Curve::P384 => p384::ecdsa::Signature::from_der(der)
+            .map(|sig| JwsSignature(sig.to_bytes().to_vec()))
+            .map_err(|e| format!("not a DER ECDSA P-384 signature: {e}")),
+    }
+}
+
+/// The same, read as some smart-card and HSM firmwares write it: an integer padded with
+/// extra zero bytes, or one whose high bit is set without the sign byte. The structure must
+/// still be exact (one SEQUENCE of two INTEGERs, nothing after), and r and s in 1..n.
+fn lenient_der(curve: Curve, der: &[u8]) -> Result<JwsSignature, String> {
+    let (seq, after) = der_take(der, 0x30)?;
+    let (r, rest) = der_take(seq, 0x02)?;
+    let (s, rest) = der_take(rest, 0x02)?;
+    if !after.is_empty() || !rest.is_empty() {
+        return Err("bytes after the signature".into());
+    }
+    let sig = fixed_width(curve, r, s)?;
+    let in_range = match curve {
+        Curve::P256 => p256::ecdsa::Signature::from_slice(&sig.0).is_ok(),
+        Curve::P384 => p384::ecdsa::Signature::from_slice(&sig.0).is_ok(),
+    };
+    if !in_range {
+        return Err("r or s is 0 or not below the curve order".into());
+    }
+    Ok(sig)
+}
+
+fn warn_once_lenient_der() {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "the device's DER ECDSA signatures are not minimal DER (padded or unsigned \
+             integers); keybound reads them leniently"
+        );
+    }
+}
+
 pub(super) fn strip_leading_zeros(mut bytes: &[u8]) -> &[u8] {
     while let [0, rest @ ..] = bytes {
         bytes = rest;
@@ -410,15 +454,43 @@ mod tests {
             (Alg::ES256, der_sig(&[0x00], &[0x02])),
             // r wider than the P-256 field.
             (Alg::ES256, der_sig(&[0x01; 33], &[0x02])),
-            // Non-minimal INTEGER encoding.
-            (Alg::ES384, der_sig(&[0x00, 0x01], &[0x02])),
             (Alg::ES384, vec![0x30, 0x00]),
+            // s = 0, even when read leniently.
+            (Alg::ES384, der_sig(&[0x00, 0x01], &[0x00, 0x00])),
         ] {
             assert!(
                 alg.to_jws_signature(RawSignature::EcdsaDer(der.clone()))
                     .is_err(),
                 "{alg} accepted {der:02x?}"
             );
+        }
+    }
+
+    /// Firmware that pads an INTEGER or leaves out the sign byte still gets its r||s.
+    #[test]
+    fn non_minimal_der_from_a_device_is_read_leniently() {
+        for (alg, r, s, width) in [
+            // Padded with a zero byte before a byte below 0x80.
+            (Alg::ES384, vec![0x00, 0x01], vec![0x02], 48),
+            // High bit set without the 0x00 sign byte ("negative").
+            (Alg::ES256, vec![0x80; 32], vec![0x05], 32),
+            // The correct form for a high-bit P-384 integer, for comparison.
+            (
+                Alg::ES384,
+                [&[0x00][..], &[0x90; 48]].concat(),
+                vec![0x05],
+                48,
+            ),
+        ] {
+            let sig = alg
+                .to_jws_signature(RawSignature::EcdsaDer(der_sig(&r, &s)))
+                .unwrap_or_else(|e| panic!("{alg} refused r={r:02x?}: {e}"));
+            let bytes = sig.as_bytes();
+            assert_eq!(bytes.len(), 2 * width);
+            let r = strip_leading_zeros(&r);
+            assert_eq!(&bytes[width - r.len()..width], r);
+            let s = strip_leading_zeros(&s);
+            assert_eq!(&bytes[2 * width - s.len()..], s);
         }
     }
 

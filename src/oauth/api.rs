@@ -10,7 +10,7 @@ use url::Url;
 use super::OAuthError;
 use super::cache::AccessToken;
 use super::client::OAuthClient;
-use super::nonce::{Answer, Ask, Budget};
+use super::nonce::{Ask, Budget, NonceAnswer};
 use super::response::{OktaError, challenges, excerpt, next_link};
 use super::secret::Redacted as _;
 use super::settings::origin;
@@ -52,7 +52,7 @@ impl OAuthClient {
         let mut round_trips = 0;
         loop {
             let token = self.token().await?;
-            let Answer { response, clock } = self
+            let NonceAnswer { response, clock } = self
                 .peer(Role::ResourceServer, &origin)
                 .send(
                     &mut budget,

@@ -170,10 +170,11 @@ impl OAuthError {
             | E::CrossOriginLink { .. }
             | E::ForeignOrigin { .. } => ErrorKind::Refused,
             E::Server { .. } => ErrorKind::Authentication,
-            E::BreakerOpen { .. }
-            | E::Exhausted { .. }
-            | E::RetryTooLate { .. }
-            | E::Stopped { .. } => ErrorKind::Transient,
+            E::BreakerOpen { .. } | E::Exhausted { .. } | E::RetryTooLate { .. } => {
+                ErrorKind::Transient
+            }
+            // A spawned task that failed or panicked (docs/agent-api.yaml: 500 internal).
+            E::Stopped { .. } => ErrorKind::Internal,
             E::Transport(_) | E::Status { .. } if self.retryable() => ErrorKind::Transient,
             E::Transport(_)
             | E::Status { .. }

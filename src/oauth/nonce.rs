@@ -15,7 +15,7 @@ use http::{Request, Response};
 
 use super::OAuthError;
 use super::observe::UpstreamObserver;
-use super::state::{ClockNote, Role, ServerState, drift_matters};
+use super::state::{ClockNote, Role, ServerState, drift_matters, followable};
 use super::transport::Transport;
 
 /// Exchanges one logical request may cost: the first, one nonce retry, one clock retry.
@@ -41,7 +41,7 @@ pub struct Budget {
 }
 
 /// The answer, and what was known of the server's clock when it came.
-pub struct Answer {
+pub struct NonceAnswer {
     pub response: Response<Vec<u8>>,
     /// Offset from this response's `Date`, and the drift of the request's times from it.
     pub clock: Option<ClockNote>,
@@ -69,7 +69,7 @@ impl NoncePeer<'_> {
         exchanges: &mut u32,
         mut build: B,
         ask: impl Fn(&Response<Vec<u8>>) -> Ask,
-    ) -> Result<Answer, OAuthError>
+    ) -> Result<NonceAnswer, OAuthError>
     where
         B: FnMut(Option<String>) -> Fut,
         Fut: Future<Output = Result<Request<Vec<u8>>, OAuthError>>,
@@ -78,7 +78,7 @@ impl NoncePeer<'_> {
         loop {
             let nonce = self.state.nonce(role, origin);
             // The offset this request's times are stated with (0: this machine's clock).
-            let assumed = self.state.offset(origin).unwrap_or(0);
+            let assumed = self.state.applied_offset(origin);
             let request = build(nonce.clone()).await?;
             *exchanges = exchanges.saturating_add(1);
             let response = self.transport.send(request).await?;
@@ -102,13 +102,16 @@ impl NoncePeer<'_> {
                     tracing::info!(%client, %origin, "DPoP nonce challenge; retrying once with the nonce");
                 }
                 Ask::Clock { lifetime }
-                    if !budget.clock && clock.is_some_and(|c| drift_matters(c.drift, lifetime)) =>
+                    if !budget.clock
+                        && clock.is_some_and(|c| {
+                            followable(c.offset) && drift_matters(c.drift, lifetime)
+                        }) =>
                 {
                     budget.clock = true;
                     tracing::warn!(%client, %origin, offset = ?measured,
                         "request refused, and the server's clock is off from this machine's; retrying once with iat/exp in the server's time");
                 }
-                _ => return Ok(Answer { response, clock }),
+                _ => return Ok(NonceAnswer { response, clock }),
             }
         }
     }
@@ -159,7 +162,7 @@ mod tests {
     /// request sent carried.
     async fn run(
         replies: Vec<Response<Vec<u8>>>,
-    ) -> (Result<Answer, OAuthError>, u32, Vec<Option<String>>) {
+    ) -> (Result<NonceAnswer, OAuthError>, u32, Vec<Option<String>>) {
         let transport = Scripted {
             replies: Mutex::new(replies.into()),
             ..Scripted::default()
@@ -251,6 +254,15 @@ mod tests {
         let clock = r.unwrap().clock.unwrap();
         assert_eq!(n, 2);
         assert!(clock.retried && clock.offset >= 118, "{clock:?}");
+        // Over two hours off: reported, not followed, so no retry that could not help.
+        let (r, n, _) = run(vec![
+            reply(401, "clock", None, Some(7300)),
+            reply(401, "clock", None, Some(7300)),
+        ])
+        .await;
+        let clock = r.unwrap().clock.unwrap();
+        assert_eq!(n, 1);
+        assert!(!clock.retried && clock.offset >= 7298, "{clock:?}");
     }
 
     /// Both retries in either order, then the third answer stands: at most three

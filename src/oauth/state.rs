@@ -87,18 +87,29 @@ impl ServerState {
     /// only become valid hours from now. Such a server refuses, and the error says the
     /// offset.
     pub fn iat_for(&self, origin: &str, local_now: u64) -> u64 {
-        match self.offset(origin) {
-            Some(off) if off.unsigned_abs() > MAX_FOLLOWED_OFFSET_SECS => local_now,
-            Some(off) if off < 0 => local_now.saturating_sub(off.unsigned_abs()),
-            Some(off) => local_now.saturating_add(off.unsigned_abs()),
-            None => local_now,
+        match self.applied_offset(origin) {
+            off if off < 0 => local_now.saturating_sub(off.unsigned_abs()),
+            off => local_now.saturating_add(off.unsigned_abs()),
         }
+    }
+
+    /// The offset `iat_for` states times with: the measured one, or 0 when there is none
+    /// or it is beyond [`MAX_FOLLOWED_OFFSET_SECS`].
+    pub fn applied_offset(&self, origin: &str) -> i64 {
+        self.offset(origin)
+            .filter(|off| followable(*off))
+            .unwrap_or(0)
     }
 }
 
 /// The largest server clock offset keybound states `iat`/`exp` in (2 hours): a server that
 /// far off is broken, not merely drifting.
 pub const MAX_FOLLOWED_OFFSET_SECS: u64 = 2 * 3600;
+
+/// Whether keybound states times in a server's clock that is `offset` seconds off.
+pub fn followable(offset: i64) -> bool {
+    offset.unsigned_abs() <= MAX_FOLLOWED_OFFSET_SECS
+}
 
 /// `server - local` in seconds.
 pub fn offset(server_now: u64, local_now: u64) -> i64 {

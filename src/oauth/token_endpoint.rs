@@ -7,7 +7,7 @@ use url::Url;
 
 use super::cache::AccessToken;
 use super::client::OAuthClient;
-use super::nonce::{Answer, Ask, Budget};
+use super::nonce::{Ask, Budget, NonceAnswer};
 use super::response::{ErrorBody, TokenResponse, excerpt, retry_after};
 use super::retry::AttemptFailure;
 use super::server::AudienceRule;
@@ -30,7 +30,7 @@ impl OAuthClient {
         let origin = origin(endpoint);
         let dpop = self.dpop_key.is_some();
         let lifetime = self.config.assertion_lifetime;
-        let Answer { response, clock } = self
+        let NonceAnswer { response, clock } = self
             .peer(Role::AuthorizationServer, &origin)
             .send(
                 &mut Budget::default(),

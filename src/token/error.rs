@@ -148,6 +148,9 @@ pub enum TokenError {
     Rng(String),
     #[error("the signing workers stopped; restart keybound")]
     WorkersGone,
+    /// A bug: reported, never trusted.
+    #[error("internal error: {0}; please report it")]
+    Internal(String),
     #[error(transparent)]
     Jose(#[from] JoseError),
 }
@@ -186,6 +189,7 @@ impl TokenError {
             // A malformed or duplicated object: keybound refuses to sign with it.
             E::Unusable { .. } | E::BadPublicKey { .. } => ErrorKind::Refused,
             E::Reapprove { .. } | E::Unavailable { .. } => ErrorKind::Transient,
+            E::Internal(_) => ErrorKind::Internal,
             E::Pkcs11 { rv, .. } => match rv {
                 RvError::PinIncorrect
                 | RvError::PinLocked

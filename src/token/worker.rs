@@ -147,7 +147,15 @@ fn serve<D: Device>(mut device: D, queue: Receiver<Queued<D>>) {
             }
             Err(TryRecvError::Disconnected) => break,
         };
-        reply(device.run(job));
+        // A panic in a job (a bug) answers that job and leaves the worker serving: a dead
+        // worker would strand every job queued behind it, and their callers wait forever.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| device.run(job)))
+            .unwrap_or_else(|_| {
+                Err(TokenError::Internal(
+                    "a device worker panicked while running a job".into(),
+                ))
+            });
+        reply(outcome);
     }
     device.idle();
 }
@@ -184,12 +192,27 @@ mod tests {
         type Answer = u32;
         fn run(&mut self, job: u32) -> Result<u32, TokenError> {
             self.runs += 1;
+            assert!(job != 666, "a job that panics");
             Ok(job + self.runs)
         }
         fn idle(&mut self) {
             self.idles
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    #[test]
+    fn a_job_that_panics_is_answered_and_the_worker_serves_on() {
+        let threads = Threads::start(
+            "test-worker",
+            vec![Counter {
+                runs: 0,
+                idles: Default::default(),
+            }],
+        )
+        .unwrap();
+        assert!(matches!(threads.call(666), Err(TokenError::Internal(_))));
+        assert_eq!(threads.call(10).unwrap(), 12);
     }
 
     #[test]

@@ -90,6 +90,8 @@ pub struct Pkcs11Token {
     /// Signing workers start on the first signature: listing keys needs none. Declared
     /// first so it drops first: the workers are joined before the connection finalises.
     pool: OnceLock<Pool>,
+    /// Held while the pool is being started.
+    starting: std::sync::Mutex<()>,
     conn: Arc<Connection>,
     sessions: usize,
     rsa_bits: u32,
@@ -114,6 +116,7 @@ impl Pkcs11Token {
             sessions,
             rsa_bits: settings.rsa_bits,
             pool: OnceLock::new(),
+            starting: std::sync::Mutex::new(()),
         })
     }
 
@@ -121,9 +124,16 @@ impl Pkcs11Token {
         if let Some(pool) = self.pool.get() {
             return Ok(pool);
         }
+        // One starter at a time: a second pool would be started for nothing and then
+        // joined on the caller's thread, which may be the async reactor.
+        let _one = self
+            .starting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(pool) = self.pool.get() {
+            return Ok(pool);
+        }
         let pool = Pool::start(self.conn.clone(), self.sessions)?;
-        // Another thread may have started the workers meanwhile; its pool wins and this one
-        // is joined (it has run nothing).
         let _ = self.pool.set(pool);
         self.pool.get().ok_or(TokenError::WorkersGone)
     }

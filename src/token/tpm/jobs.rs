@@ -89,9 +89,9 @@ impl Device for Tpm {
 /// A worker answered a job with the answer to another: a bug, reported rather than
 /// trusted.
 pub(super) fn mismatch(job: &str) -> TokenError {
-    TokenError::Unavailable {
-        reason: format!("internal error: the TPM worker gave a {job} job another job's answer"),
-    }
+    TokenError::Internal(format!(
+        "the TPM worker gave a {job} job another job's answer"
+    ))
 }
 
 /// The TPM's single worker thread.
