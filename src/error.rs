@@ -3,9 +3,11 @@
 //! (`agent::api`, docs/agent-api.yaml): transient and device 503 + Retry-After,
 //! configuration 500 `configuration`, authentication 500 `authentication` (no
 //! Retry-After: a retry would spend PIN attempts), upstream 502, refused 403; a few
-//! variants that name the caller's own input answer 400/404 instead. The CLI exits 1 for
-//! every kind (README "Exit codes"): its codes 2, 3 and 4 are about usage, the audit and
-//! `call`, and scripts already rely on 1 for a device, PIN or server failure alike.
+//! variants that name the caller's own input answer 400/404 instead; internal 500
+//! `internal`. The CLI's exit status follows the kind too (README "Exit codes"): 75
+//! (`EX_TEMPFAIL`) for transient and device failures, 77 (`EX_NOPERM`) for refused
+//! credentials (PIN, key authorization, the server's refusal), 1 for the rest; 2, 3 and 4
+//! stay about usage, the audit and `call`.
 
 /// The kinds of failure, each with what to do about it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

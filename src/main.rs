@@ -175,8 +175,36 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// The exit status of a failed command, from its error's kind (README "Exit codes"):
+/// 75 (sysexits `EX_TEMPFAIL`) when trying again later may succeed (the device or the
+/// server is unavailable for now), 77 (`EX_NOPERM`) when a PIN, key authorization or the
+/// server refused the credentials (retrying blindly would spend PIN attempts), else 1.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use keybound::config::ConfigError;
+    use keybound::error::{ErrorKind, InvalidSetting};
+    use keybound::keyring::KeyError;
+    use keybound::oauth::OAuthError;
+    use keybound::policy::PolicyError;
+    use keybound::token::TokenError;
+    let kind = e.chain().find_map(|cause| {
+        let c = cause;
+        c.downcast_ref::<TokenError>()
+            .map(TokenError::kind)
+            .or_else(|| c.downcast_ref::<KeyError>().map(KeyError::kind))
+            .or_else(|| c.downcast_ref::<OAuthError>().map(OAuthError::kind))
+            .or_else(|| c.downcast_ref::<PolicyError>().map(PolicyError::kind))
+            .or_else(|| c.downcast_ref::<ConfigError>().map(ConfigError::kind))
+            .or_else(|| c.downcast_ref::<InvalidSetting>().map(InvalidSetting::kind))
+    });
+    match kind {
+        Some(ErrorKind::Transient | ErrorKind::Device) => 75,
+        Some(ErrorKind::Authentication) => 77,
+        _ => 1,
     }
 }
 

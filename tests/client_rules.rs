@@ -562,7 +562,7 @@ async fn breaker_stops_retries_after_breaker_failures() {
 
     let out = rig.keybound(&["token", "--json"]).await;
 
-    let line = error_line(&out, 1);
+    let line = error_line(&out, 75);
     assert_mentions(&line, &["circuit breaker"]);
     assert_eq!(rig.received().token.len(), 2, "the breaker opened at 2");
 }
@@ -752,7 +752,7 @@ async fn clock_retry_is_bounded_and_the_error_says_the_offset() {
         TOKEN_PATH,
         [invalid_client("The client_assertion JWT kid is invalid.")],
     );
-    let line = error_line(&rig.keybound(&["token"]).await, 1);
+    let line = error_line(&rig.keybound(&["token"]).await, 77);
     assert_eq!(rig.received().token.len(), 2, "one retry: {line}");
     assert_mentions(
         &line,
@@ -770,7 +770,7 @@ async fn clock_retry_is_bounded_and_the_error_says_the_offset() {
     rig.server.set_clock_offset(-120);
     rig.server
         .script(TOKEN_PATH, [invalid_client("iat is in the future")]);
-    let line = error_line(&rig.keybound(&["token"]).await, 1);
+    let line = error_line(&rig.keybound(&["token"]).await, 77);
     assert_eq!(rig.received().token.len(), 2, "one retry: {line}");
     assert_mentions(&line, &["most likely about time", "refused too"]);
     assert!(line.contains("-120 s") || line.contains("-121 s"), "{line}");
@@ -797,7 +797,7 @@ async fn clock_retry_is_bounded_and_the_error_says_the_offset() {
         TOKEN_PATH,
         [invalid_client("The client_assertion JWT kid is invalid.")],
     );
-    let line = error_line(&rig.keybound(&["token"]).await, 1);
+    let line = error_line(&rig.keybound(&["token"]).await, 77);
     assert_eq!(rig.received().token.len(), 1, "no retry: {line}");
     assert_mentions(&line, &["kid is registered"]);
     assert!(!line.contains("retry"), "{line}");

@@ -194,7 +194,8 @@ fn a_scope_the_server_does_not_grant_is_reported_with_a_hint() {
         server.url("/oauth2/v1/token")
     ));
     let out = token.keybound(&["token"]);
-    assert_exit(&out, 1, &"token for an ungranted scope");
+    // The server refused the request: EX_NOPERM.
+    assert_exit(&out, 77, &"token for an ungranted scope");
     let err = stderr(&out);
     assert!(
         err.contains("invalid_scope") && err.contains("grant it"),

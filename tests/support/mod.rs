@@ -397,7 +397,13 @@ pub fn assert_exit(out: &Output, code: i32, what: &dyn Debug) {
 /// The error contract: exit code 1, stderr is exactly one line starting with
 /// `error: `, no panic. Returns that line (without the newline).
 pub fn assert_error(out: &Output, what: &dyn Debug) -> String {
-    assert_exit(out, 1, what);
+    assert_error_code(out, 1, what)
+}
+
+/// [`assert_error`] for a failure whose kind has its own exit status (README "Exit codes":
+/// 75 try again later, 77 credentials refused).
+pub fn assert_error_code(out: &Output, code: i32, what: &dyn Debug) -> String {
+    assert_exit(out, code, what);
     let err = stderr(out);
     let line = err.strip_suffix('\n').unwrap_or(&err);
     assert!(
