@@ -274,7 +274,7 @@ impl Policy {
 
     /// The caller, when a rule names it: the first rule naming its uid, else the first
     /// naming its gid (and no uid).
-    pub fn caller(&self, peer: Peer) -> Result<Caller, String> {
+    pub fn caller(&self, peer: Peer) -> Result<Caller, NotAllowed> {
         self.rules
             .iter()
             .find(|r| r.uid == Some(peer.uid))
@@ -288,11 +288,29 @@ impl Policy {
                 rule: rule.clone(),
             })
             .ok_or_else(|| {
-                format!(
+                NotAllowed(format!(
                     "uid {} (gid {}) is not allowed to use this agent; add an [[agent.allow]] rule (without rules only uid {} may)",
                     peer.uid, peer.gid, self.own_uid
-                )
+                ))
             })
+    }
+}
+
+/// What a caller's rule does not allow, in words the caller can act on (the agent answers
+/// it as 403, or closes the connection of a peer no rule names).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotAllowed(String);
+
+impl NotAllowed {
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Refused
+    }
+}
+
+impl From<NotAllowed> for String {
+    fn from(e: NotAllowed) -> String {
+        e.0
     }
 }
 
@@ -310,16 +328,16 @@ impl Caller {
         self.peer
     }
 
-    pub fn check_client(&self, name: &str) -> Result<(), String> {
-        self.rule.clients.check(name, "client")
+    pub fn check_client(&self, name: &str) -> Result<(), NotAllowed> {
+        self.rule.clients.check(name, "client").map_err(NotAllowed)
     }
 
-    pub fn check_key(&self, name: &str) -> Result<(), String> {
-        self.rule.keys.check(name, "key")
+    pub fn check_key(&self, name: &str) -> Result<(), NotAllowed> {
+        self.rule.keys.check(name, "key").map_err(NotAllowed)
     }
 
     /// `htu` as `dpop::htu` normalised it.
-    pub fn check_htu(&self, htu: &str) -> Result<(), String> {
+    pub fn check_htu(&self, htu: &str) -> Result<(), NotAllowed> {
         let Some(prefixes) = &self.rule.htu_prefixes else {
             return Ok(());
         };
@@ -331,10 +349,10 @@ impl Caller {
             return Ok(());
         }
         let list: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
-        Err(format!(
+        Err(NotAllowed(format!(
             "htu '{htu}' is outside this caller's htu_prefixes ({})",
             list.join(", ")
-        ))
+        )))
     }
 
     /// The longest assertion lifetime this caller may ask for, when its rule sets one.
@@ -363,7 +381,12 @@ mod tests {
     fn default_is_own_uid_only() {
         let p = Policy::new(vec![], 1000);
         assert!(p.caller(peer(1000, 5)).is_ok());
-        assert!(p.caller(peer(65534, 65534)).unwrap_err().contains("65534"));
+        assert!(
+            p.caller(peer(65534, 65534))
+                .unwrap_err()
+                .to_string()
+                .contains("65534")
+        );
     }
 
     #[test]
