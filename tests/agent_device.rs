@@ -127,11 +127,7 @@ async fn device_removed_then_restored_mid_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_client_key_is_found_again_without_a_restart() {
     let (token, kids) = token_with_keys(&[("client-auth", "ES256"), ("dpop", "ES256")]);
-    let jwks_file = token.write_file(
-        "client-jwks.json",
-        &json!({ "keys": token.jwks(&["client-auth"]) }).to_string(),
-    );
-    let server = DevServer::start(DEV_CLIENT_ID, &jwks_file);
+    let server = DevServer::for_client_auth(&token, |_| {});
     let second = dev_client(&server.base).replace("name = \"dev\"", "name = \"dev2\"");
     token.write_config(&config_text(
         &format!("{}\n{second}", dev_client(&server.base)),

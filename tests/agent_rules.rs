@@ -101,20 +101,13 @@ async fn allow_rules_limit_another_uid_to_its_keys_and_htu_prefixes() {
         ),
         ("HTTPS://O.EXAMPLE:443/api?limit=3", "https://o.example/api"),
     ] {
-        let start = window_start();
-        let reply = curl_as(
+        proof_as(
             nobody,
             agent.socket(),
-            "/v1/dpop",
-            &dpop_request("dpop", "GET", htu),
-        );
-        assert_eq!(reply.status, 200, "{reply:?}");
-        let proof = reply.json()["proof"].as_str().expect("proof").to_owned();
-        check_proof(
             &jwks,
-            &proof,
-            &want_proof(&kids["dpop"], "GET", want),
-            window_end(start),
+            ("dpop", &kids["dpop"]),
+            htu,
+            want,
         );
     }
     // Refused: another htu, a look-alike host, the client-auth key (for a proof or an

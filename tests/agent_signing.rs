@@ -74,11 +74,7 @@ async fn concurrent_clients_get_proofs_and_assertions_that_verify_independently(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_endpoint_caches_answers_nonce_challenges_and_obeys_client_rules() {
     let (token, kids) = token_with_keys(&[("client-auth", "ES256"), ("dpop", "ES256")]);
-    let jwks_file = token.write_file(
-        "client-jwks.json",
-        &json!({ "keys": token.jwks(&["client-auth"]) }).to_string(),
-    );
-    let server = DevServer::start(DEV_CLIENT_ID, &jwks_file);
+    let server = DevServer::for_client_auth(&token, |_| {});
     token.write_config(&config_text(&dev_client(&server.base), ""));
     let dir = SocketDir::new();
     let mut agent = Agent::start(&token, &dir.socket());
@@ -257,11 +253,7 @@ async fn a_skewed_server_is_survived_and_its_offset_exported() {
         ("dpop", "ES256"),
         ("stranger", "ES256"),
     ]);
-    let jwks_file = token.write_file(
-        "client-jwks.json",
-        &json!({ "keys": token.jwks(&["client-auth"]) }).to_string(),
-    );
-    let server = DevServer::start_with(DEV_CLIENT_ID, &jwks_file, |settings| {
+    let server = DevServer::for_client_auth(&token, |settings| {
         settings.clock_offset_secs = 120;
     });
     let stranger = dev_client(&server.base)
@@ -373,11 +365,7 @@ async fn many_names_for_one_key_cache_one_entry_and_an_over_long_name_is_400() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_obey_key_limits_and_their_signatures_are_recorded() {
     let (token, _) = token_with_keys(&[("client-auth", "ES256"), ("dpop", "ES256")]);
-    let jwks_file = token.write_file(
-        "client-jwks.json",
-        &json!({ "keys": token.jwks(&["client-auth"]) }).to_string(),
-    );
-    let server = DevServer::start(DEV_CLIENT_ID, &jwks_file);
+    let server = DevServer::for_client_auth(&token, |_| {});
     token.write_config(&config_text(
         &dev_client(&server.base),
         &format!(

@@ -147,22 +147,16 @@ async fn socket_mode_0666_lets_a_ruled_uid_in() {
     assert_eq!(mode_and_owner(agent.socket()), (0o666, own_uid()));
     let jwks = served_jwks(&agent, &token.jwks(&[])).await;
 
-    let start = window_start();
-    let reply = curl_as(
+    proof_as(
         As::Setpriv {
             uid: NOBODY,
             gid: NOBODY,
         },
         agent.socket(),
-        "/v1/dpop",
-        &dpop_request("dpop", "GET", "https://o.example/api"),
-    );
-    assert_eq!(reply.status, 200, "{reply:?}");
-    check_proof(
         &jwks,
-        reply.json()["proof"].as_str().expect("proof"),
-        &want_proof(&kids["dpop"], "GET", "https://o.example/api"),
-        window_end(start),
+        ("dpop", &kids["dpop"]),
+        "https://o.example/api",
+        "https://o.example/api",
     );
     curl_as(
         As::Setpriv {
@@ -238,23 +232,17 @@ async fn socket_group_lets_its_members_in() {
     assert_eq!(group(agent.socket()), NOBODY);
     let jwks = served_jwks(&agent, &token.jwks(&[])).await;
 
-    let start = window_start();
-    let reply = curl_as(
+    proof_as(
         As::SetprivInGroup {
             uid: member,
             gid: member,
             group: NOBODY,
         },
         agent.socket(),
-        "/v1/dpop",
-        &dpop_request("dpop", "GET", "https://o.example/api"),
-    );
-    assert_eq!(reply.status, 200, "{reply:?}");
-    check_proof(
         &jwks,
-        reply.json()["proof"].as_str().expect("proof"),
-        &want_proof(&kids["dpop"], "GET", "https://o.example/api"),
-        window_end(start),
+        ("dpop", &kids["dpop"]),
+        "https://o.example/api",
+        "https://o.example/api",
     );
     // A ruled uid outside the group: the file modes keep it out (curl cannot connect).
     let outside = curl_as(

@@ -111,3 +111,25 @@ pub fn curl_as(who: As, socket: &Path, path: &str, body: &Value) -> CurlReply {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// `POST /v1/dpop` for `key` and `GET htu`, sent as `who`: answered 200, and the proof
+/// verified independently against `jwks` as signed by `kid` for `want_htu` (the `htu` as
+/// the agent normalises it).
+pub fn proof_as(
+    who: As,
+    socket: &Path,
+    jwks: &std::collections::BTreeMap<String, Value>,
+    (key, kid): (&str, &str),
+    htu: &str,
+    want_htu: &str,
+) {
+    let start = window_start();
+    let reply = curl_as(who, socket, "/v1/dpop", &dpop_request(key, "GET", htu));
+    assert_eq!(reply.status, 200, "{reply:?}");
+    check_proof(
+        jwks,
+        reply.json()["proof"].as_str().expect("proof"),
+        &want_proof(kid, "GET", want_htu),
+        window_end(start),
+    );
+}

@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use crate::support::DevToken;
+
 /// The dev-server (`keybound-devserver`) on 127.0.0.1:0, on a thread and runtime of its
 /// own; stopped on drop.
 pub struct DevServer {
@@ -34,6 +36,21 @@ impl DevServer {
             base: server.base().to_owned(),
             _server: server,
         }
+    }
+}
+
+impl DevServer {
+    /// A dev-server that knows [`DEV_CLIENT_ID`] by the token's `client-auth` key (its
+    /// JWKS as `keybound jwks` prints it), with settings changed by `adjust`.
+    pub fn for_client_auth(
+        token: &DevToken,
+        adjust: impl FnOnce(&mut keybound_devserver::Settings),
+    ) -> DevServer {
+        let jwks_file = token.write_file(
+            "client-jwks.json",
+            &serde_json::json!({ "keys": token.jwks(&["client-auth"]) }).to_string(),
+        );
+        DevServer::start_with(DEV_CLIENT_ID, &jwks_file, adjust)
     }
 }
 
