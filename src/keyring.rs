@@ -237,6 +237,25 @@ impl Keyring {
     }
 }
 
+impl Inventory {
+    /// The keys a JWKS publishes: every approved key (policy and proof of possession) that
+    /// is not a retired generation of a rotated slot (so prepared, active and retiring
+    /// generations, and keys outside any rotation).
+    pub fn published(&self) -> impl Iterator<Item = &SigningKey> {
+        self.audits.iter().filter_map(Audit::signing_key)
+    }
+
+    /// The published JWKS document (`{"keys": [...]}`, public members only): what
+    /// `keybound jwks`, the agent's `/v1/jwks` and the hosted JWKS URL serve.
+    pub fn jwks(&self) -> serde_json::Value {
+        let keys: Vec<Jwk> = self
+            .published()
+            .map(|k| k.public().jwks_entry(k.kid(), k.alg()))
+            .collect();
+        serde_json::json!({ "keys": keys })
+    }
+}
+
 impl Audit {
     pub fn key(&self) -> &KeyInfo {
         &self.key

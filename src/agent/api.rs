@@ -579,14 +579,7 @@ async fn jwks_handler(
     State(agent): State<Arc<Agent>>,
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    let keys: Vec<Value> = audited(&agent, &caller)
-        .await?
-        .audits
-        .iter()
-        .filter_map(|a| a.signing_key())
-        .map(|k| json!(k.public().jwks_entry(k.kid(), k.alg())))
-        .collect();
-    Ok(Json(json!({ "keys": keys })))
+    Ok(Json(audited(&agent, &caller).await?.jwks()))
 }
 
 async fn keys_handler(
