@@ -23,6 +23,8 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     /// `[agent]`, for `keybound serve`.
     pub agent: crate::agent::AgentSettings,
+    /// `[rotation]`: `retire_after` for `keys rotate --retire`, the agent's schedule.
+    pub rotation: crate::rotation::RotationSettings,
 }
 
 /// The file's shape before `[token]` is resolved by its backend. Parsing in two steps keeps
@@ -37,6 +39,8 @@ struct RawConfig {
     client: Vec<ClientSettings>,
     #[serde(default)]
     agent: crate::agent::AgentSettings,
+    #[serde(default)]
+    rotation: crate::rotation::RotationSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,11 +155,13 @@ impl Config {
             clients.push(c);
         }
         raw.agent.validate().map_err(|e| e.to_string())?;
+        raw.rotation.validate().map_err(|e| e.to_string())?;
         Ok(Config {
             token,
             policy: raw.policy,
             clients,
             agent: raw.agent,
+            rotation: raw.rotation,
         })
     }
 }

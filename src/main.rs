@@ -137,6 +137,31 @@ enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Rotate a key slot: prepare the next generation, then --activate, then --retire
+    Rotate {
+        /// The slot: the key's label, as the config names it
+        #[arg(long)]
+        label: String,
+        /// Make the prepared generation active (after the server accepted a token request
+        /// signed with it); the active one becomes retiring
+        #[arg(long, conflicts_with = "retire")]
+        activate: bool,
+        /// Retire the retiring generation (no longer published)
+        #[arg(long)]
+        retire: bool,
+        /// With --activate: skip the proof against the server. With --retire: do not wait
+        /// for retire_after or for tokens bound to the key
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete a retired key generation from the device
+    Destroy {
+        #[arg(long)]
+        label: String,
+        /// The kid of the retired generation
+        #[arg(long)]
+        kid: String,
+    },
     /// Full attribute report per key; exit status 3 if any audited key fails the policy
     Audit {
         /// Key label or pkcs11: URI (default: every key)
@@ -198,6 +223,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             .or_else(|| c.downcast_ref::<KeyError>().map(KeyError::kind))
             .or_else(|| c.downcast_ref::<OAuthError>().map(OAuthError::kind))
             .or_else(|| c.downcast_ref::<PolicyError>().map(PolicyError::kind))
+            .or_else(|| {
+                c.downcast_ref::<keybound::rotation::StepError>()
+                    .map(keybound::rotation::StepError::kind)
+            })
             .or_else(|| c.downcast_ref::<ConfigError>().map(ConfigError::kind))
             .or_else(|| c.downcast_ref::<InvalidSetting>().map(InvalidSetting::kind))
     });
@@ -230,6 +259,25 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             cli::keys::generate(config, &label, alg.parse()?)
         }
         Command::Keys(KeysCommand::List { json }) => cli::keys::list(config, json),
+        Command::Keys(KeysCommand::Rotate {
+            label,
+            activate,
+            retire,
+            force,
+        }) => {
+            let step = match (activate, retire) {
+                (true, _) => cli::keys::RotateStep::Activate,
+                (_, true) => cli::keys::RotateStep::Retire,
+                _ => cli::keys::RotateStep::Prepare,
+            };
+            if force && matches!(step, cli::keys::RotateStep::Prepare) {
+                anyhow::bail!("--force goes with --activate or --retire");
+            }
+            cli::keys::rotate(config, &label, step, force)
+        }
+        Command::Keys(KeysCommand::Destroy { label, kid }) => {
+            cli::keys::destroy(config, &label, &kid)
+        }
         Command::Keys(KeysCommand::Audit { label, json }) => {
             cli::keys::audit(config, label.as_deref(), json)
         }

@@ -162,7 +162,8 @@ impl Access {
         let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
         let mut named = keys.iter().filter(|k| match &uri {
             Some(uri) => uri.matches(k.label(), k.info().id()),
-            None => k.label() == name,
+            // A rotated slot's label means its active generation, whatever its own label.
+            None => k.name() == name,
         });
         match (named.next(), named.next()) {
             (Some(k), None) => Some(k.clone()),
@@ -175,7 +176,7 @@ impl Access {
     /// the name a caller used.
     fn remember(&self, key: &SigningKey) {
         let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        let same = |k: &SigningKey| k.label() == key.label() && k.kid() == key.kid();
+        let same = |k: &SigningKey| k.name() == key.name() && k.kid() == key.kid();
         if let Some(old) = keys.iter_mut().find(|k| same(k)) {
             *old = key.clone();
             return;
@@ -208,7 +209,8 @@ impl Access {
     }
 }
 
-/// The caller's rule allows `key` (by its label on the device).
+/// The caller's rule allows `key` (by its name: a rotated slot's label for each of its
+/// generations, else the key's label on the device).
 pub fn check_key(caller: &Caller, key: &SigningKey) -> Result<(), ApiError> {
-    caller.check_key(key.label()).map_err(ApiError::forbidden)
+    caller.check_key(key.name()).map_err(ApiError::forbidden)
 }

@@ -261,6 +261,7 @@ impl From<KeyError> for ApiError {
         match e {
             KeyError::Token(t) => t.into(),
             KeyError::Policy(p) => ApiError::of_kind(p.kind(), p.to_string()),
+            KeyError::Rotation(r) => ApiError::of_kind(r.kind(), r.to_string()),
         }
     }
 }

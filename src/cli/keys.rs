@@ -3,9 +3,12 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use keybound::jose::Alg;
+use keybound::jose::{self, Alg};
+use keybound::keyring::rotation::{GenState, Generation};
 use keybound::keyring::{Audit, Inventory};
+use keybound::oauth::client::OAuthClient;
 use keybound::policy::{Outcome, Verdict};
+use keybound::rotation;
 use keybound::token::{KeyFacts, KeyInfo, KeyName, Label, Problem, hex};
 use serde_json::{Value, json};
 
@@ -29,12 +32,23 @@ pub fn generate(config: Option<&Path>, label: &str, alg: Alg) -> anyhow::Result<
 
 pub fn list(config: Option<&Path>, as_json: bool) -> anyhow::Result<ExitCode> {
     let keyring = super::open(config, None)?;
-    let Inventory { audits, problems } = keyring.inventory()?;
+    let Inventory {
+        audits,
+        problems,
+        rotations: _,
+    } = keyring.inventory()?;
     if as_json {
         let out: Vec<Value> = audits
             .iter()
             .map(|a| {
                 let mut o = summary(a.key(), a.verdict());
+                if let Some((slot, g)) = a.generation() {
+                    o["slot"] = json!(slot);
+                    o["generation"] = json!(g.n);
+                    o["state"] = json!(g.state.name());
+                    o["published"] = json!(g.state.published());
+                    o["dates"] = dates(g);
+                }
                 o["reasons"] = a
                     .verdict()
                     .findings
@@ -64,19 +78,31 @@ pub fn list(config: Option<&Path>, as_json: bool) -> anyhow::Result<ExitCode> {
         .max()
         .unwrap_or(5)
         .max(5);
-    out!("{:width$}  {:5}  {:43}  POLICY", "LABEL", "ALG", "KID");
+    out!(
+        "{:width$}  {:5}  {:43}  {:6}  {:10}  SINCE",
+        "LABEL",
+        "ALG",
+        "KID",
+        "POLICY",
+        "STATE"
+    );
     for a in &audits {
         let k = a.key();
+        let (state, since) = match a.generation() {
+            Some((_, g)) => (g.state.name(), since(g)),
+            None => ("-", String::new()),
+        };
         out!(
-            "{:width$}  {:5}  {:43}  {}",
+            "{:width$}  {:5}  {:43}  {:6}  {:10}  {since}",
             k.label(),
             k.alg().name(),
             k.public().thumbprint(),
-            outcome_name(a.verdict().outcome())
+            outcome_name(a.verdict().outcome()),
+            state
         );
     }
     for p in &problems {
-        out!("{:width$}  {:5}  {:43}  fail", p.label, "-", "-");
+        out!("{:width$}  {:5}  {:43}  fail    -", p.label, "-", "-");
     }
     for p in &problems {
         out!(
@@ -99,6 +125,7 @@ pub fn audit(
     let Inventory {
         mut audits,
         mut problems,
+        rotations: _,
     } = keyring.inventory()?;
     if let Some(text) = label {
         let name = KeyName::parse(text)?;
@@ -199,9 +226,11 @@ pub fn jwks(config: Option<&Path>, labels: &[String]) -> anyhow::Result<ExitCode
     let mut entries = Vec::new();
     if labels.is_empty() {
         let inventory = keyring.inventory()?;
+        // Exactly what the agent's JWKS URL serves.
+        out!("{}", serde_json::to_string_pretty(&inventory.jwks())?);
         for audit in &inventory.audits {
             match audit.signing_key() {
-                Some(k) => entries.push(k.public().jwks_entry(k.kid(), k.alg())),
+                Some(_) => {}
                 None => {
                     let why = audit
                         .verdict()
@@ -222,6 +251,7 @@ pub fn jwks(config: Option<&Path>, labels: &[String]) -> anyhow::Result<ExitCode
                 p.reason
             );
         }
+        return Ok(ExitCode::SUCCESS);
     } else {
         for name in labels {
             let k = keyring.signing_key(name)?;
@@ -270,4 +300,191 @@ fn outcome_name(o: Outcome) -> &'static str {
         Outcome::Warn => "warn",
         Outcome::Fail => "fail",
     }
+}
+
+/// When a generation entered its state, as Unix seconds and age.
+fn since(g: &Generation) -> String {
+    let at = match g.state {
+        GenState::Pending => Some(g.created),
+        GenState::Prepared => g.prepared,
+        GenState::Active => g.activated,
+        GenState::Retiring => g.retiring_since,
+        GenState::Retired => g.retired,
+        GenState::Destroying | GenState::Destroyed => g.destroyed,
+    };
+    match at {
+        Some(t) => format!(
+            "{} ({} ago)",
+            httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)),
+            age(jose::unix_now().saturating_sub(t))
+        ),
+        None => String::new(),
+    }
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn dates(g: &Generation) -> Value {
+    json!({
+        "created": g.created, "prepared": g.prepared, "activated": g.activated,
+        "retiring_since": g.retiring_since, "retired": g.retired,
+        "destroyed": g.destroyed, "tokens_until": g.tokens_until,
+    })
+}
+
+/// `keys rotate --label L [--activate | --retire] [--force]`.
+pub fn rotate(
+    config: Option<&Path>,
+    slot: &str,
+    step: RotateStep,
+    force: bool,
+) -> anyhow::Result<ExitCode> {
+    let (config, _, keyring) = super::load(config, None)?;
+    let token = keyring.describe().token_label;
+    match step {
+        RotateStep::Prepare => {
+            let prepared = keyring.prepare(slot)?;
+            let g = &prepared.generation;
+            let kid = g.kid.as_deref().unwrap_or("?");
+            out!(
+                "{} generation {} of '{slot}': label '{}', kid {kid} ({}), on token '{token}'",
+                if prepared.resumed {
+                    "finished preparing"
+                } else {
+                    "prepared"
+                },
+                g.n,
+                g.label,
+                prepared.rotation.alg
+            );
+            out!("It is published from now on and does not sign until it is activated.");
+            let users: Vec<&str> = config
+                .clients
+                .iter()
+                .filter(|c| c.assertion_key == slot)
+                .map(|c| c.name.as_str())
+                .collect();
+            if users.is_empty() {
+                out!(
+                    "No [[client]] signs assertions with '{slot}' (a DPoP key has nothing to \
+                     register): activate it when you like; new tokens are then bound to it."
+                );
+            } else {
+                let jwks = keyring.inventory()?.jwks();
+                out!();
+                out!(
+                    "Next, the server must learn the new key (client {}):",
+                    users.join(", ")
+                );
+                out!(
+                    "  * Okta, \"Use a URL to fetch keys dynamically\": nothing to do: your JWKS URL"
+                );
+                out!(
+                    "    (keybound serve with [jwks] listen) serves it now. Okta fetches it again"
+                );
+                out!("    on its own schedule or when it sees an unknown kid.");
+                out!(
+                    "  * Okta, \"Save keys\" (pasted keys): replace the app's public keys with this"
+                );
+                out!(
+                    "    JWKS (also printed by `keybound jwks`), which holds every published key:"
+                );
+                out!("{}", serde_json::to_string_pretty(&jwks)?);
+            }
+            out!();
+            out!(
+                "Then: keybound keys rotate --label {slot} --activate   (it first gets a token \
+                 with the new key, and switches only if the server accepts it)"
+            );
+        }
+        RotateStep::Activate => {
+            let mut clients = Vec::new();
+            for c in config.clients.iter().filter(|c| c.assertion_key == slot) {
+                clients.push(OAuthClient::new(c.clone(), &keyring)?);
+            }
+            let refs: Vec<&OAuthClient> = clients.iter().collect();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let (rotation, accepted) =
+                runtime.block_on(rotation::activate(&keyring, &refs, slot, force))?;
+            let active = rotation.active().map(|g| g.describe()).unwrap_or_default();
+            if accepted.is_forced() {
+                eprintln!(
+                    "WARNING: --force: kid {} was activated WITHOUT asking any server whether it \
+                     knows it. If a server does not, every token request of '{slot}' fails until \
+                     you publish the key there",
+                    accepted.kid()
+                );
+            } else if accepted.clients().is_empty() {
+                out!("no [[client]] signs assertions with '{slot}': nothing to prove");
+            } else {
+                out!(
+                    "the token endpoint issued a token for an assertion signed by kid {} \
+                     (client {})",
+                    accepted.kid(),
+                    accepted.clients().join(", ")
+                );
+            }
+            out!("activated: {active}");
+            for g in rotation.in_state(GenState::Retiring) {
+                out!(
+                    "retiring: {}; still published, no longer signs. Retire it after \
+                     retire_after ({} s): keybound keys rotate --label {slot} --retire",
+                    g.describe(),
+                    config.rotation.schedule(slot).retire_after.as_secs()
+                );
+            }
+        }
+        RotateStep::Retire => {
+            let after = config.rotation.schedule(slot).retire_after.as_secs();
+            let before = keyring.rotation(slot)?;
+            let rotation = keyring.retire(slot, after, force)?;
+            for g in rotation.in_state(GenState::Retired) {
+                let was = before
+                    .as_ref()
+                    .and_then(|b| b.generations.iter().find(|o| o.n == g.n))
+                    .is_some_and(|o| o.state == GenState::Retiring);
+                if was {
+                    out!(
+                        "retired: {}; no longer published. With pasted keys, remove kid {} from \
+                         the app's keys. It stays on the device until: keybound keys destroy \
+                         --label {slot} --kid {}",
+                        g.describe(),
+                        g.kid.as_deref().unwrap_or("?"),
+                        g.kid.as_deref().unwrap_or("?")
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The step `keys rotate` takes.
+#[derive(Clone, Copy, Debug)]
+pub enum RotateStep {
+    Prepare,
+    Activate,
+    Retire,
+}
+
+/// `keys destroy --label L --kid K`.
+pub fn destroy(config: Option<&Path>, slot: &str, kid: &str) -> anyhow::Result<ExitCode> {
+    let keyring = super::open(config, None)?;
+    let rotation = keyring.destroy(slot, kid)?;
+    let g = rotation
+        .by_kid(kid)
+        .map(|g| g.describe())
+        .unwrap_or_default();
+    out!("destroyed: {g}; its key is deleted from the device");
+    Ok(ExitCode::SUCCESS)
 }

@@ -38,6 +38,9 @@ pub struct OAuthClient {
     cache: TokenCache,
     pub(super) breaker: Breaker,
     pub(super) endpoint: OnceCell<Url>,
+    /// Signs only with the keys it was made with, never looking them up again (the
+    /// activation proof of a prepared key must not fall back to the active one).
+    pinned: bool,
 }
 
 impl OAuthClient {
@@ -58,7 +61,47 @@ impl OAuthClient {
             dpop_key: dpop_key.map(RwLock::new),
             state: Arc::new(ServerState::default()),
             cache: TokenCache::default(),
+            pinned: false,
         })
+    }
+
+    /// Asks this client's token endpoint for a token with an assertion signed by `key`
+    /// instead of the configured assertion key (a prepared key generation): `Ok` only when
+    /// the server issued one, which proves it knows `key`. The token is dropped, never
+    /// cached or used. Nonces and clock offsets are shared with the client.
+    pub async fn prove_assertion_key(&self, key: SigningKey) -> Result<(), OAuthError> {
+        let accepted = self.config.server.assertion_algs();
+        if !accepted.contains(&key.alg()) {
+            let names: Vec<&str> = accepted.iter().map(|a| a.name()).collect();
+            return Err(OAuthError::AssertionAlg {
+                client: self.config.name.clone(),
+                key: key.label().to_string(),
+                alg: key.alg().to_string(),
+                server: self.config.server.name(),
+                accepted: names.join(", "),
+            });
+        }
+        let endpoint = OnceCell::new();
+        if let Some(u) = self.endpoint.get() {
+            let _ = endpoint.set(u.clone());
+        } else if let Some(u) = &self.config.token_endpoint {
+            let _ = endpoint.set(u.clone());
+        }
+        let probe = OAuthClient {
+            config: self.config.clone(),
+            keyring: self.keyring.clone(),
+            assertion_key: RwLock::new(key),
+            dpop_key: self.dpop_key().map(RwLock::new),
+            transport: self.transport.clone(),
+            observer: self.observer.clone(),
+            state: self.state.clone(),
+            cache: TokenCache::default(),
+            breaker: Breaker::new(self.config.breaker_failures, self.config.breaker_cooldown),
+            endpoint,
+            pinned: true,
+        };
+        let scopes = self.config.scopes.clone();
+        probe.fetch(&scopes).await.map(drop)
     }
 
     /// Reports this client's exchanges to `observer` (the agent's metrics).
@@ -126,7 +169,7 @@ impl OAuthClient {
         };
         let first = key(self)?;
         match sign_async(&first, &header(&first), claims).await {
-            Err(e) if e.key_gone() => {
+            Err(e) if e.key_gone() && !self.pinned => {
                 self.reresolve_keys().await?;
                 let again = key(self)?;
                 sign_async(&again, &header(&again), claims).await

@@ -83,6 +83,12 @@ pub enum TokenError {
         "a key labelled '{label}' already exists on token '{token}'; choose another label or use the existing key"
     )]
     LabelExists { label: String, token: String },
+    #[error(
+        "another keybound changed the rotation record of '{slot}' at the same moment (record \
+         {seq}); nothing was changed by this one. Look at `keybound keys list` and run the step \
+         again if it is still needed"
+    )]
+    RecordConflict { slot: String, seq: u64 },
     #[error("key name '{name}' is not valid: {reason}")]
     BadKeyName { name: String, reason: String },
     #[error("key '{name}' names token '{named}', but the configured token is '{configured}'")]
@@ -188,7 +194,9 @@ impl TokenError {
             }
             // A malformed or duplicated object: keybound refuses to sign with it.
             E::Unusable { .. } | E::BadPublicKey { .. } => ErrorKind::Refused,
-            E::Reapprove { .. } | E::Unavailable { .. } => ErrorKind::Transient,
+            E::Reapprove { .. } | E::Unavailable { .. } | E::RecordConflict { .. } => {
+                ErrorKind::Transient
+            }
             E::Internal(_) => ErrorKind::Internal,
             E::Pkcs11 { rv, .. } => match rv {
                 RvError::PinIncorrect

@@ -237,6 +237,48 @@ pub(crate) trait Backend: Send + Sync {
         }
     }
 
+    /// Every rotation record of `slot` stored with the keys (opaque bytes, in no order; the
+    /// keyring parses them and takes the newest). Devices without a place for them answer
+    /// "not supported".
+    fn records(&self, slot: &Label) -> Result<Vec<Vec<u8>>, TokenError> {
+        let _ = slot;
+        Err(TokenError::NotSupported {
+            what: "key rotation records",
+            backend: self.describe().backend,
+        })
+    }
+
+    /// Stores a new record of `slot` with sequence number `seq`, whole or not at all.
+    /// [`TokenError::RecordConflict`] when the device can tell that another writer already
+    /// stored `seq` (the keyring also checks by reading back, for devices that cannot).
+    fn put_record(&self, slot: &Label, seq: u64, bytes: &[u8]) -> Result<(), TokenError> {
+        let _ = (slot, seq, bytes);
+        Err(TokenError::NotSupported {
+            what: "key rotation records",
+            backend: self.describe().backend,
+        })
+    }
+
+    /// Removes the record of `slot` stored as `seq` with these bytes (an older one, or one
+    /// that lost to another writer's).
+    fn remove_record(&self, slot: &Label, seq: u64, bytes: &[u8]) -> Result<(), TokenError> {
+        let _ = (slot, seq, bytes);
+        Err(TokenError::NotSupported {
+            what: "key rotation records",
+            backend: self.describe().backend,
+        })
+    }
+
+    /// Deletes a key from the device for good (a retired generation, after the rotation
+    /// record says so). Never exports or wraps it.
+    fn destroy(&self, key: &KeyInfo) -> Result<(), TokenError> {
+        let _ = key;
+        Err(TokenError::NotSupported {
+            what: "destroying keys",
+            backend: self.describe().backend,
+        })
+    }
+
     /// The attributes the policy judges.
     fn facts(&self, key: &KeyInfo) -> Result<KeyFacts, TokenError>;
 

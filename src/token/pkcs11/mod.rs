@@ -6,6 +6,7 @@ mod asym_sign;
 mod connection;
 mod errors;
 mod key_management;
+mod records;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -154,6 +155,22 @@ impl Backend for Pkcs11Token {
 
     fn keys(&self) -> Result<Listing, TokenError> {
         key_management::keys(&self.conn)
+    }
+
+    fn records(&self, slot: &Label) -> Result<Vec<Vec<u8>>, TokenError> {
+        records::records(&self.conn, slot.as_str())
+    }
+
+    fn put_record(&self, slot: &Label, _seq: u64, bytes: &[u8]) -> Result<(), TokenError> {
+        records::put(&self.conn, slot.as_str(), bytes)
+    }
+
+    fn remove_record(&self, slot: &Label, _seq: u64, bytes: &[u8]) -> Result<(), TokenError> {
+        records::remove(&self.conn, slot.as_str(), bytes)
+    }
+
+    fn destroy(&self, key: &KeyInfo) -> Result<(), TokenError> {
+        records::destroy(&self.conn, key)
     }
 
     fn health(&self) -> Result<(), TokenError> {

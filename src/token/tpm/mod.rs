@@ -339,6 +339,30 @@ impl Backend for TpmToken {
         Ok(listing)
     }
 
+    fn records(&self, slot: &Label) -> Result<Vec<Vec<u8>>, TokenError> {
+        self.store.records(slot.as_str())
+    }
+
+    fn put_record(&self, slot: &Label, seq: u64, bytes: &[u8]) -> Result<(), TokenError> {
+        self.store.put_record(slot.as_str(), seq, bytes)
+    }
+
+    fn remove_record(&self, slot: &Label, seq: u64, _bytes: &[u8]) -> Result<(), TokenError> {
+        self.store.remove_record(slot.as_str(), seq)
+    }
+
+    /// Deletes the key file. The TPM never stored the key: the file's blob is the only way
+    /// to load it (a backup copy of the file still loads into this TPM until its owner
+    /// seed changes, `tpm2_clear`).
+    fn destroy(&self, key: &KeyInfo) -> Result<(), TokenError> {
+        self.store.remove_key(key.label(), key.id())?;
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key.label());
+        Ok(())
+    }
+
     fn facts(&self, key: &KeyInfo) -> Result<KeyFacts, TokenError> {
         match self.worker.call(Job::Facts(self.stored(key)?))? {
             Answer::Facts(facts) => Ok(facts),

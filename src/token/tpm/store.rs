@@ -196,6 +196,106 @@ impl Store {
         }
     }
 
+    /// The rotation records of `slot`: `<state>/rotation/<slot>/<seq>.json`, each written
+    /// once (temporary file, then a hard link that fails if another writer took the
+    /// sequence number: a compare-and-swap two agents sharing the directory cannot both
+    /// win), trusted like key files.
+    fn records_dir(&self, slot: &str) -> PathBuf {
+        self.dir
+            .parent()
+            .unwrap_or(&self.dir)
+            .join("rotation")
+            .join(file_stem(slot))
+    }
+
+    pub(super) fn records(&self, slot: &str) -> Result<Vec<Vec<u8>>, TokenError> {
+        let dir = self.records_dir(slot);
+        if fs::symlink_metadata(&dir).is_err() {
+            return Ok(Vec::new());
+        }
+        let real = trust::check_dir(&dir).map_err(|reason| self.untrusted(&dir, reason))?;
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&real).map_err(|e| self.error(&real, e.to_string()))? {
+            let path = entry.map_err(|e| self.error(&real, e.to_string()))?.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let mut file = open_trusted(&path).map_err(|reason| self.error(&path, reason))?;
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes)
+                .map_err(|e| self.error(&path, e.to_string()))?;
+            out.push(bytes);
+        }
+        Ok(out)
+    }
+
+    pub(super) fn put_record(&self, slot: &str, seq: u64, bytes: &[u8]) -> Result<(), TokenError> {
+        let dir = self.records_dir(slot);
+        let state = self.dir.parent().unwrap_or(&self.dir).to_path_buf();
+        create_private_dir(&state)
+            .and_then(|()| create_private_dir(&state.join("rotation")))
+            .and_then(|()| create_private_dir(&dir))
+            .map_err(|e| self.error(&dir, e))?;
+        trust::check_dir(&dir).map_err(|reason| self.untrusted(&dir, reason))?;
+        let path = dir.join(format!("{seq:020}.json"));
+        let temp = dir.join(format!(".{seq}.{}.tmp", std::process::id()));
+        let written = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .and_then(|mut f| {
+                f.write_all(bytes)?;
+                f.sync_all()
+            });
+        let linked = written.and_then(|()| fs::hard_link(&temp, &path));
+        let _ = fs::remove_file(&temp);
+        match linked {
+            Ok(()) => {
+                // The new name must survive a power cut before anything relies on it.
+                if let Ok(d) = fs::File::open(&dir) {
+                    let _ = d.sync_all();
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(TokenError::RecordConflict {
+                    slot: slot.into(),
+                    seq,
+                })
+            }
+            Err(e) => Err(self.error(&path, e.to_string())),
+        }
+    }
+
+    pub(super) fn remove_record(&self, slot: &str, seq: u64) -> Result<(), TokenError> {
+        let path = self.records_dir(slot).join(format!("{seq:020}.json"));
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(self.error(&path, e.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes the key file of `label` if it still holds the key `id` names.
+    pub(super) fn remove_key(&self, label: &str, id: &[u8]) -> Result<(), TokenError> {
+        let path = self.path_of(label);
+        let file = match open_trusted(&path) {
+            Ok(f) => f,
+            Err(_) if fs::symlink_metadata(&path).is_err() => return Ok(()),
+            Err(reason) => return Err(self.error(&path, reason)),
+        };
+        let key = read(file, &path).map_err(|reason| self.error(&path, reason))?;
+        if key.id != id {
+            return Err(self.error(
+                &path,
+                "it holds another key than the one to destroy; nothing was deleted".into(),
+            ));
+        }
+        fs::remove_file(&path).map_err(|e| self.error(&path, e.to_string()))
+    }
+
     /// Where the key labelled `label` lives.
     pub(super) fn path_of(&self, label: &str) -> PathBuf {
         self.dir.join(format!("{}.json", file_stem(label)))

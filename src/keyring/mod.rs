@@ -7,8 +7,13 @@
 //! library, replaced key file), the key is approved again, and must still have the public
 //! key it was approved with, before it signs.
 //!
+//! Rotation (`rotation`): a slot's label names its active generation; the others are
+//! published or kept as the slot's record says.
+//!
 //! Over 400 lines: approval, the signing key and its re-approval are one guarantee (a key
 //! signs only while approved), kept in one file.
+
+pub mod rotation;
 
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -30,6 +35,8 @@ pub enum KeyError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Rotation(#[from] rotation::RotationError),
 }
 
 impl KeyError {
@@ -38,6 +45,7 @@ impl KeyError {
         match self {
             KeyError::Token(e) => e.kind(),
             KeyError::Policy(e) => e.kind(),
+            KeyError::Rotation(e) => e.kind(),
         }
     }
 }
@@ -87,12 +95,16 @@ pub struct Audit {
     facts: KeyFacts,
     verdict: Verdict,
     signer: Option<SigningKey>,
+    /// The slot and generation state, for a generation of a rotated slot.
+    generation: Option<(String, rotation::Generation)>,
 }
 
-/// Every key on the device, audited, and the objects that are not usable keys.
+/// Every key on the device, audited, and the objects that are not usable keys, with the
+/// rotation records of the slots that have one.
 pub struct Inventory {
     pub audits: Vec<Audit>,
     pub problems: Vec<Problem>,
+    pub rotations: Vec<rotation::Rotation>,
 }
 
 /// An approved key, with its `kid` (RFC 7638 thumbprint) and public JWK, each computed once.
@@ -100,6 +112,8 @@ pub struct Inventory {
 #[derive(Clone)]
 pub struct SigningKey {
     info: Arc<KeyInfo>,
+    /// The rotated slot this key is a generation of, when it was found through one.
+    slot: Option<Arc<str>>,
     kid: Arc<str>,
     jwk: Arc<Jwk>,
     keyring: Keyring,
@@ -175,8 +189,17 @@ impl Keyring {
         self.backend.find(&KeyName::parse(name)?)
     }
 
-    /// Generates a key inside the device and audits it.
+    /// Generates a key inside the device and audits it. Labels of the form `<slot>#<n>`
+    /// are the generations of a rotated slot, made only by `prepare`.
     pub fn generate(&self, label: &Label, alg: Alg) -> Result<Audit, TokenError> {
+        if rotation::split_generation(label.as_str()).is_some() {
+            return Err(TokenError::BadKeyName {
+                name: label.to_string(),
+                reason: "labels ending in #<number> are the generations of a rotated key; \
+                         `keybound keys rotate` makes them"
+                    .into(),
+            });
+        }
         let key = self.backend.generate(label, alg)?;
         self.audit(&key)
     }
@@ -198,6 +221,7 @@ impl Keyring {
             facts,
             verdict,
             signer,
+            generation: None,
         })
     }
 
@@ -206,13 +230,65 @@ impl Keyring {
     /// others go on; any other failure (the device busy, a lost session, a timeout) fails
     /// the whole inventory, so a JWKS never silently leaves out a key that is only
     /// unreachable for the moment.
+    ///
+    /// Keys of rotated slots carry their generation; a generation key its slot's record
+    /// does not list, or the keys of a slot whose record cannot be trusted, are problems
+    /// (never published, never signing).
     pub fn inventory(&self) -> Result<Inventory, TokenError> {
         let listing = self.backend.keys()?;
+        let (rotations, broken) = self.rotations(&listing)?;
         let mut problems = listing.problems;
         let mut audits = Vec::with_capacity(listing.keys.len());
         for key in listing.keys {
+            let slot = rotation::split_generation(key.label()).map_or(key.label(), |(s, _)| s);
+            if let Some((_, why)) = broken.iter().find(|(s, _)| s == slot) {
+                problems.push(Problem {
+                    label: key.label().to_string(),
+                    id: key.id().to_vec(),
+                    reason: why.clone(),
+                });
+                continue;
+            }
+            let generation = rotations.iter().find(|r| r.slot == slot).map(|r| {
+                let g = r.generations.iter().find(|g| {
+                    g.label == key.label() && g.id.as_deref() == Some(&crate::token::hex(key.id()))
+                });
+                (r.slot.clone(), g.cloned())
+            });
+            let generation = match generation {
+                None if rotation::split_generation(key.label()).is_some() => {
+                    problems.push(Problem {
+                        label: key.label().to_string(),
+                        id: key.id().to_vec(),
+                        reason: format!(
+                            "a generation label of '{slot}', which has no rotation record"
+                        ),
+                    });
+                    continue;
+                }
+                None => None,
+                Some((slot, Some(g))) => Some((slot, g)),
+                Some((slot, None)) => {
+                    // A key a stopped `prepare` generated before recording it.
+                    problems.push(Problem {
+                        label: key.label().to_string(),
+                        id: key.id().to_vec(),
+                        reason: format!(
+                            "not in the rotation record of '{slot}' yet (a rotation that \
+                             stopped half-way: `keybound keys rotate --label {slot}` finishes it)"
+                        ),
+                    });
+                    continue;
+                }
+            };
             match self.audit(&key) {
-                Ok(audit) => audits.push(audit),
+                Ok(mut audit) => {
+                    if let Some((slot, g)) = generation {
+                        audit.signer = audit.signer.map(|k| k.in_slot(&slot));
+                        audit.generation = Some((slot, g));
+                    }
+                    audits.push(audit)
+                }
                 Err(e) if !e.about_the_object() => return Err(e),
                 Err(e) => problems.push(Problem {
                     label: key.label().to_string(),
@@ -221,12 +297,40 @@ impl Keyring {
                 }),
             }
         }
-        Ok(Inventory { audits, problems })
+        Ok(Inventory {
+            audits,
+            problems,
+            rotations,
+        })
     }
 
-    /// Finds a key by label or `pkcs11:` URI and approves it.
+    /// Finds a key by label or `pkcs11:` URI and approves it. A rotated slot's label means
+    /// its active generation; another generation is refused (see `rotation`).
     pub fn signing_key(&self, name: &str) -> Result<SigningKey, KeyError> {
-        let info = self.find(name)?;
+        let info = self.resolve(name)?;
+        let key = self.approve(&info)?;
+        Ok(match rotation::split_generation(info.label()) {
+            Some((slot, _)) => key.in_slot(slot),
+            None if !name.starts_with("pkcs11:") && self.is_rotated(info.label()) => {
+                key.in_slot(info.label())
+            }
+            None => key,
+        })
+    }
+
+    /// Whether `slot` has a rotation record (errors count as "no": the caller has already
+    /// resolved through it).
+    fn is_rotated(&self, slot: &str) -> bool {
+        Label::parse(slot)
+            .ok()
+            .and_then(|l| self.backend.records(&l).ok())
+            .is_some_and(|r| !r.is_empty())
+    }
+
+    /// A key by name, approved, without looking at rotation records (adopting a slot's
+    /// first key).
+    fn signing_key_unrotated(&self, name: &KeyName) -> Result<SigningKey, KeyError> {
+        let info = self.backend.find(name)?;
         self.approve(&info)
     }
 
@@ -242,7 +346,14 @@ impl Inventory {
     /// is not a retired generation of a rotated slot (so prepared, active and retiring
     /// generations, and keys outside any rotation).
     pub fn published(&self) -> impl Iterator<Item = &SigningKey> {
-        self.audits.iter().filter_map(Audit::signing_key)
+        self.audits
+            .iter()
+            .filter(|a| {
+                a.generation
+                    .as_ref()
+                    .is_none_or(|(_, g)| g.state.published())
+            })
+            .filter_map(Audit::signing_key)
     }
 
     /// The published JWKS document (`{"keys": [...]}`, public members only): what
@@ -269,6 +380,11 @@ impl Audit {
         &self.verdict
     }
 
+    /// The slot and the generation's record, for a generation of a rotated slot.
+    pub fn generation(&self) -> Option<(&str, &rotation::Generation)> {
+        self.generation.as_ref().map(|(s, g)| (s.as_str(), g))
+    }
+
     /// The approved key, when the verdict allows signing.
     pub fn signing_key(&self) -> Option<&SigningKey> {
         self.signer.as_ref()
@@ -293,6 +409,7 @@ impl Audit {
 impl SigningKey {
     fn new(keyring: Keyring, info: KeyInfo, binding: Binding) -> SigningKey {
         SigningKey {
+            slot: None,
             kid: info.public().thumbprint().into(),
             jwk: Arc::new(info.public().jwk()),
             info: Arc::new(info),
@@ -306,6 +423,22 @@ impl SigningKey {
 
     pub fn label(&self) -> &str {
         self.info.label()
+    }
+
+    /// The rotated slot this key is a generation of, when it was found through one.
+    pub fn slot(&self) -> Option<&str> {
+        self.slot.as_deref()
+    }
+
+    /// The name the configuration and the caller rules use for this key: its slot when it
+    /// is a generation of one, else its label.
+    pub fn name(&self) -> &str {
+        self.slot().unwrap_or(self.label())
+    }
+
+    pub(crate) fn in_slot(mut self, slot: &str) -> SigningKey {
+        self.slot = Some(slot.into());
+        self
     }
 
     pub fn alg(&self) -> Alg {
@@ -397,6 +530,7 @@ impl SigningKey {
     /// This key without a strong hold on the device.
     fn downgrade(&self) -> WeakSigningKey {
         WeakSigningKey {
+            slot: self.slot.clone(),
             info: self.info.clone(),
             kid: self.kid.clone(),
             jwk: self.jwk.clone(),
@@ -548,6 +682,7 @@ fn observe(
 /// A [`SigningKey`] that does not keep the device open: what a queued signature's reply
 /// holds, so the device is never dropped on its own worker thread.
 struct WeakSigningKey {
+    slot: Option<Arc<str>>,
     info: Arc<KeyInfo>,
     kid: Arc<str>,
     jwk: Arc<Jwk>,
@@ -560,6 +695,7 @@ struct WeakSigningKey {
 impl WeakSigningKey {
     fn upgrade(self) -> Option<SigningKey> {
         Some(SigningKey {
+            slot: self.slot,
             info: self.info,
             kid: self.kid,
             jwk: self.jwk,
