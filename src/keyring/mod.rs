@@ -120,6 +120,17 @@ pub struct SigningKey {
     approval: Arc<Approval>,
 }
 
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("label", &self.label())
+            .field("slot", &self.slot())
+            .field("alg", &self.alg())
+            .field("kid", &self.kid())
+            .finish()
+    }
+}
+
 /// The device object the key was approved with, renewed by each re-approval.
 struct Approval {
     current: RwLock<Approved>,

@@ -109,12 +109,12 @@ impl OAuthClient {
         nonce: Option<String>,
     ) -> Result<Request<Vec<u8>>, OAuthError> {
         let proof = self
-            .proof(
+            .token_proof(
+                token,
                 request.method.as_str(),
                 request.url.as_str(),
                 origin,
                 nonce.as_deref(),
-                Some(&token.secret),
             )
             .await?;
         let scheme = if proof.is_some() { "DPoP" } else { "Bearer" };

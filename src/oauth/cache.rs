@@ -21,6 +21,10 @@ pub struct AccessToken {
     pub received: Instant,
     /// HTTP exchanges this token cost, nonce challenges and retries included.
     pub round_trips: u32,
+    /// The DPoP key the token is bound to (its `cnf.jkt`): every proof sent with this token
+    /// is signed by this key, even after the slot rotated to another generation, so a
+    /// token is never sent with a proof from another key.
+    pub dpop_key: Option<crate::keyring::SigningKey>,
 }
 
 impl AccessToken {
@@ -97,8 +101,27 @@ impl TokenCache {
         *self.slot(scopes).lock().await = None;
     }
 
-    /// Forgets every token (their DPoP key was replaced). A fetch in flight keeps its own
-    /// slot, so nothing waits here.
+    /// The DPoP key a cached token (by its secret) is bound to. A slot whose fetch is under
+    /// way is skipped.
+    pub fn bound_key(&self, secret: &str) -> Option<crate::keyring::SigningKey> {
+        use secrecy::ExposeSecret as _;
+        let slots: Vec<Slot> = self
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        slots.iter().find_map(|slot| {
+            let entry = slot.try_lock().ok()?;
+            let t = entry.as_ref()?;
+            (t.secret.expose_secret() == secret)
+                .then(|| t.dpop_key.clone())
+                .flatten()
+        })
+    }
+
+    /// Forgets every token. A fetch in flight keeps its own slot, so nothing waits here.
     pub fn clear(&self) {
         self.slots
             .lock()
@@ -132,6 +155,7 @@ mod tests {
             scopes: vec![],
             received: Instant::now(),
             round_trips: 1,
+            dpop_key: None,
         }
     }
 

@@ -136,15 +136,9 @@ impl OAuthClient {
             .write()
             .unwrap_or_else(PoisonError::into_inner) = assertion_key;
         if let (Some(slot), Some(key)) = (&self.dpop_key, dpop_key) {
-            let old = std::mem::replace(
-                &mut *slot.write().unwrap_or_else(PoisonError::into_inner),
-                key,
-            );
-            if Some(old.kid()) != self.dpop_key().as_ref().map(SigningKey::kid) {
-                // Cached tokens are bound to the old key (cnf.jkt): proofs by the new key
-                // would not match them.
-                self.cache.clear();
-            }
+            // New tokens are bound to the new key; a cached token keeps the key it is bound
+            // to (`AccessToken::dpop_key`) and is used with it until it expires.
+            *slot.write().unwrap_or_else(PoisonError::into_inner) = key;
         }
         Ok(())
     }
@@ -226,6 +220,9 @@ impl OAuthClient {
                     let result = self.fetch(scopes).await;
                     self.observer
                         .token_fetch(&self.config.name, result.is_ok(), started.elapsed());
+                    if let Ok(t) = &result {
+                        self.note_bound(t);
+                    }
                     result
                 }
             })
@@ -236,9 +233,55 @@ impl OAuthClient {
         Ok(lookup.token)
     }
 
+    /// Records on the device, in the background, how long a token bound to a rotated DPoP
+    /// key generation is held, so that generation is not retired or destroyed under it.
+    fn note_bound(&self, token: &AccessToken) {
+        let (Some(key), Some(secs)) = (&token.dpop_key, token.expires_in) else {
+            return;
+        };
+        if key.slot().is_none() || self.pinned {
+            return;
+        }
+        let (keyring, key) = (self.keyring.clone(), key.clone());
+        let until = unix_now().saturating_add(secs);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = keyring.note_bound_token(&key, until) {
+                tracing::warn!(key = key.label(), kid = key.kid(),
+                    "cannot record the token bound to this key in its rotation record: {e}");
+            }
+        });
+    }
+
     /// Forgets the cached token (an API said it is no longer valid).
     pub async fn invalidate(&self) {
         self.cache.invalidate(&self.config.scopes).await;
+    }
+
+    /// A DPoP proof for a request with `token`: signed by the key the token is bound to
+    /// (never another: after a rotation the token keeps its key until it expires), or
+    /// `None` for a Bearer token.
+    pub async fn token_proof(
+        &self,
+        token: &AccessToken,
+        method: &str,
+        url: &str,
+        origin: &str,
+        nonce: Option<&str>,
+    ) -> Result<Option<String>, OAuthError> {
+        let Some(key) = &token.dpop_key else {
+            return Ok(None);
+        };
+        let claims = dpop::claims(
+            method,
+            url,
+            nonce,
+            Some(token.secret.expose_secret()),
+            self.state.iat_for(origin, unix_now()),
+            super::new_jti()?,
+        )?;
+        sign_async(key, &dpop::header(key.alg(), key.jwk()), &claims)
+            .await
+            .map(Some)
     }
 
     /// A DPoP proof with this client's key, or `None` when DPoP is off.
@@ -307,6 +350,10 @@ impl OAuthClient {
             scopes,
             received: Instant::now(),
             round_trips: 0,
+            // The key the request's proofs were signed with (a rotation between the proof
+            // and this answer is caught by the resource server, which refuses the proof,
+            // and the token is fetched again).
+            dpop_key: self.dpop_key(),
         })
     }
 
