@@ -23,6 +23,8 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     /// `[agent]`, for `keybound serve`.
     pub agent: crate::agent::AgentSettings,
+    /// `[jwks]`, the hosted JWKS of `keybound serve`; absent: not hosted.
+    pub jwks: Option<crate::agent::jwks_host::JwksSettings>,
 }
 
 /// The file's shape before `[token]` is resolved by its backend. Parsing in two steps keeps
@@ -37,6 +39,7 @@ struct RawConfig {
     client: Vec<ClientSettings>,
     #[serde(default)]
     agent: crate::agent::AgentSettings,
+    jwks: Option<crate::agent::jwks_host::JwksSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,11 +154,15 @@ impl Config {
             clients.push(c);
         }
         raw.agent.validate().map_err(|e| e.to_string())?;
+        if let Some(jwks) = &raw.jwks {
+            jwks.validate().map_err(|e| e.to_string())?;
+        }
         Ok(Config {
             token,
             policy: raw.policy,
             clients,
             agent: raw.agent,
+            jwks: raw.jwks,
         })
     }
 }
