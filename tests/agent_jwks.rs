@@ -95,7 +95,7 @@ async fn hosted_jwks_serves_the_published_keys_with_validators_and_nothing_else(
     // socket API's or the test's, never the listener's.
     jwks_config(&token, "max_age_secs = 120\nrefresh_secs = 3600");
     let dir = SocketDir::new();
-    let agent = Agent::start(&token, &dir.socket());
+    let mut agent = Agent::start(&token, &dir.socket());
     let url = jwks_url(&agent);
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     assert!(url.ends_with("/.well-known/jwks.json"), "{url}");
@@ -247,6 +247,15 @@ async fn hosted_jwks_serves_the_published_keys_with_validators_and_nothing_else(
     assert_eq!(count("304"), 3.0, "{metrics}");
     assert_eq!(count("405"), 4.0, "{metrics}");
     assert_eq!(count("404"), 7.0, "{metrics}");
+
+    // SIGTERM stops the listener with the agent: a clean exit, the port closed.
+    agent.terminate();
+    agent.assert_clean_exit();
+    let addr = &url["http://".len()..url.len() - "/.well-known/jwks.json".len()];
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the JWKS listener is closed after the agent exits"
+    );
 }
 
 /// A request the listener must not read a body from, or that is malformed: sent raw.

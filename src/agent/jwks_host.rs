@@ -51,6 +51,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// far less.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 
+/// Before the first document, failed audits are retried at least this often (and 503
+/// answers say `Retry-After` this long at most).
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+
 /// The longest `max_age_secs` accepted: a day.
 const MAX_MAX_AGE_SECS: u64 = 86_400;
 
@@ -286,6 +290,19 @@ impl JwksHost {
         self.wake.notify_one();
     }
 
+    /// How long until the next refresh: `refresh_secs`, or sooner while nothing was
+    /// published yet.
+    fn next_wait(&self) -> Duration {
+        match self.state().published {
+            Some(_) => self.refresh,
+            None => self.first_wait(),
+        }
+    }
+
+    fn first_wait(&self) -> Duration {
+        self.refresh.min(FIRST_RETRY)
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -440,7 +457,7 @@ impl JwksHost {
             );
             r.headers_mut().insert(
                 header::RETRY_AFTER,
-                HeaderValue::from(self.refresh.as_secs().clamp(1, 60)),
+                HeaderValue::from(self.first_wait().as_secs().max(1)),
             );
             return r;
         };
@@ -514,7 +531,7 @@ pub async fn refresh(agent: Arc<Agent>, host: Arc<JwksHost>, mut stop: watch::Re
         }
         host.record(result);
         tokio::select! {
-            _ = tokio::time::sleep(host.refresh) => {}
+            _ = tokio::time::sleep(host.next_wait()) => {}
             _ = host.wake.notified() => {}
             _ = stop.changed() => return,
         }
@@ -642,6 +659,24 @@ mod tests {
             "listen = \"127.0.0.1:1\"\nrefresh_secs = 3601",
             "jwks.refresh_secs",
         );
+    }
+
+    /// The commented `[jwks]` of keybound.example.toml, uncommented, is a valid section
+    /// naming every setting.
+    #[test]
+    fn the_example_config_documents_every_setting() {
+        let example = include_str!("../../keybound.example.toml");
+        let (_, section) = example
+            .split_once("\n# [jwks]\n")
+            .expect("a [jwks] section");
+        let lines: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
+            .collect();
+        let s = settings(&lines.join("\n")).expect("the example [jwks] is valid");
+        assert!(s.tls_cert.is_some() && s.tls_key.is_some());
+        assert_eq!(lines.len(), 5, "{lines:?}");
     }
 
     #[test]
