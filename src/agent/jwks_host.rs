@@ -226,13 +226,66 @@ fn read_key(path: &Path) -> Result<rustls_pki_types::PrivateKeyDer<'static>, Str
 }
 
 /// Binds `listen` (before the agent says it is ready): the error names the setting, the
-/// address and the system's reason.
-pub fn bind(settings: &JwksSettings) -> Result<TcpListener, String> {
+/// address and the system's reason. Needs the async runtime.
+fn bind(settings: &JwksSettings) -> Result<TcpListener, String> {
     let addr = settings.addr().map_err(|e| e.to_string())?;
     let fail = |e: std::io::Error| format!("jwks.listen: cannot listen on {addr}: {e}");
     let listener = std::net::TcpListener::bind(addr).map_err(fail)?;
     listener.set_nonblocking(true).map_err(fail)?;
     TcpListener::from_std(listener).map_err(fail)
+}
+
+/// The hosted JWKS, bound and ready to start: `keybound serve` binds it before it says it
+/// is ready, gives [`Hosted::host`] to the agent ([`Agent::with_jwks`]), then
+/// [`Hosted::spawn`]s it.
+pub struct Hosted {
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    host: Arc<JwksHost>,
+    url: String,
+}
+
+impl Hosted {
+    /// Binds `settings.listen` with `tls` ([`JwksSettings::tls`], read before); `max_age`
+    /// from [`JwksSettings::max_age`].
+    pub fn bind(
+        settings: &JwksSettings,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        max_age: u64,
+    ) -> Result<Hosted, String> {
+        let listener = bind(settings)?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("jwks.listen: no local address: {e}"))?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        Ok(Hosted {
+            listener,
+            tls,
+            host: Arc::new(JwksHost::new(settings, addr, max_age)),
+            url: format!("{scheme}://{addr}{PATH}"),
+        })
+    }
+
+    pub fn host(&self) -> Arc<JwksHost> {
+        self.host.clone()
+    }
+
+    /// The document's URL on the bound address (port 0 resolved).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Starts the refresher and the listener; both end when `stop` turns true.
+    pub fn spawn(
+        self,
+        agent: &Arc<Agent>,
+        stop: &watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(refresh(agent.clone(), self.host.clone(), stop.clone())),
+            tokio::spawn(run(self.listener, self.tls, self.host, stop.clone())),
+        ]
+    }
 }
 
 /// What the listener serves, and how the refreshes went.
@@ -521,7 +574,7 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
 
 /// Keeps the published document current: one audit now, then one every `refresh_secs` or
 /// when [`JwksHost::refresh_now`] asks, until `stop` turns true.
-pub async fn refresh(agent: Arc<Agent>, host: Arc<JwksHost>, mut stop: watch::Receiver<bool>) {
+async fn refresh(agent: Arc<Agent>, host: Arc<JwksHost>, mut stop: watch::Receiver<bool>) {
     loop {
         let result = agent.access.audit_for_publishing().await;
         if let Err(reason) = &result {
@@ -543,7 +596,7 @@ pub async fn refresh(agent: Arc<Agent>, host: Arc<JwksHost>, mut stop: watch::Re
 
 /// Serves the listener until `stop` turns true; connections in flight are then closed
 /// gracefully (they only ever wait for the client).
-pub async fn run(
+async fn run(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     host: Arc<JwksHost>,

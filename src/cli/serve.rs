@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use keybound::agent::jwks_host::{self, JwksHost};
+use keybound::agent::jwks_host::Hosted;
 use keybound::agent::{self, Agent, socket};
 use keybound::oauth::client::OAuthClient;
 
@@ -44,39 +44,23 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
         // soon as the agent is ready must find them.
         let shutdown = super::shutdown_signal()?;
         // Bound before the ready message: an address in use is an error at start.
-        let jwks_listener = match &config.jwks {
+        let hosted = match &config.jwks {
+            // TODO(rotation): bound max_age by the schedule's publish_lead.
             Some(jwks) => {
-                let listener = jwks_host::bind(jwks).map_err(anyhow::Error::msg)?;
-                let addr = listener.local_addr().context("jwks.listen: no local address")?;
-                // TODO(rotation): pass the schedule's publish_lead.
-                let host = Arc::new(JwksHost::new(jwks, addr, jwks.max_age(None)));
-                agent = agent.with_jwks(host.clone());
-                Some((listener, host, addr))
+                Some(Hosted::bind(jwks, jwks_tls, jwks.max_age(None)).map_err(anyhow::Error::msg)?)
             }
             None => None,
         };
+        if let Some(hosted) = &hosted {
+            agent = agent.with_jwks(hosted.host());
+        }
         let agent = Arc::new(agent);
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let mut jwks_tasks = Vec::new();
-        if let Some((listener, host, addr)) = jwks_listener {
-            jwks_tasks.push(tokio::spawn(jwks_host::refresh(
-                agent.clone(),
-                host.clone(),
-                stopping.clone(),
-            )));
-            jwks_tasks.push(tokio::spawn(jwks_host::run(
-                listener,
-                jwks_tls,
-                host,
-                stopping.clone(),
-            )));
-            let scheme = if config.jwks.as_ref().is_some_and(|j| j.tls_cert.is_some()) {
-                "https"
-            } else {
-                "http"
-            };
-            tracing::info!(url = %format!("{scheme}://{addr}{}", jwks_host::PATH), "hosted JWKS listening");
-            eprintln!("keybound JWKS on {scheme}://{addr}{}", jwks_host::PATH);
+        if let Some(hosted) = hosted {
+            tracing::info!(url = hosted.url(), "hosted JWKS listening");
+            eprintln!("keybound JWKS on {}", hosted.url());
+            jwks_tasks = hosted.spawn(&agent, &stopping);
         }
         let listener = socket::bind(
             &socket_path,
