@@ -334,6 +334,7 @@ async fn hosted_jwks_outlives_the_device_and_says_it_is_stale() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let restore = std::fs::rename(&gone, &tokens);
+    eprintln!("/healthz while the device was away: {health}");
     assert_eq!(health["jwks"]["stale"], true, "{health}");
     assert!(
         health["jwks"]["last_error"].is_string(),
