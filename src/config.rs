@@ -25,6 +25,8 @@ pub struct Config {
     pub agent: crate::agent::AgentSettings,
     /// `[rotation]`: `retire_after` for `keys rotate --retire`, the agent's schedule.
     pub rotation: crate::rotation::RotationSettings,
+    /// `[jwks]`, the hosted JWKS of `keybound serve`; absent: not hosted.
+    pub jwks: Option<crate::agent::jwks_host::JwksSettings>,
 }
 
 /// The file's shape before `[token]` is resolved by its backend. Parsing in two steps keeps
@@ -41,6 +43,7 @@ struct RawConfig {
     agent: crate::agent::AgentSettings,
     #[serde(default)]
     rotation: crate::rotation::RotationSettings,
+    jwks: Option<crate::agent::jwks_host::JwksSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,17 +159,41 @@ impl Config {
         }
         raw.agent.validate().map_err(|e| e.to_string())?;
         raw.rotation.validate().map_err(|e| e.to_string())?;
+        if let Some(jwks) = &raw.jwks {
+            jwks.validate().map_err(|e| e.to_string())?;
+        }
         Ok(Config {
             token,
             policy: raw.policy,
             clients,
             agent: raw.agent,
             rotation: raw.rotation,
+            jwks: raw.jwks,
         })
     }
 }
 
 impl Config {
+    /// The keys a JWKS publishes (`keybound jwks`, the agent's `/v1/jwks` and JWKS URL):
+    /// `[jwks] keys`, else every `[[client]]`'s `assertion_key`, else every approved key
+    /// (`None`).
+    pub fn published_keys(&self) -> Option<Vec<String>> {
+        if let Some(keys) = self.jwks.as_ref().and_then(|j| j.keys.clone()) {
+            return Some(keys);
+        }
+        if self.clients.is_empty() {
+            return None;
+        }
+        let mut keys: Vec<String> = self
+            .clients
+            .iter()
+            .map(|c| c.assertion_key.clone())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        Some(keys)
+    }
+
     /// The client named `name`, or the only one when `name` is `None`.
     pub fn client(&self, name: Option<&str>) -> Result<&ClientConfig, String> {
         let names = || {

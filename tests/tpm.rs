@@ -375,8 +375,7 @@ fn flush_discipline_1000_signatures_and_error_paths() {
             assert!(key.sign(Alg::RS256.to_be_signed(b"wrong alg")).is_err());
             let err = keyring
                 .signing_key("victim")
-                .err()
-                .expect("a corrupted blob is not approved");
+                .expect_err("a corrupted blob is not approved");
             assert!(!err.to_string().contains("OBJECT_MEMORY"), "{err}");
             wait_until_nothing_loaded(&home.tpm);
         }

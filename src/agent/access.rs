@@ -53,6 +53,24 @@ impl Access {
     /// starts after they arrived (single flight: never older than the request, and a flood
     /// of requests costs the device one audit at a time, not one each).
     pub async fn inventory(&self, _caller: &Caller) -> Result<Arc<Inventory>, ApiError> {
+        self.audit().await
+    }
+
+    /// The published JWKS (`Inventory::jwks`: public members only), for the hosted JWKS
+    /// listener's background refresh. Needs no [`Caller`] because it hands out only what
+    /// is public anyway; it shares the single flight of [`Access::inventory`], so the
+    /// refresher and the socket API together still cost the device one audit at a time.
+    /// Never call it from a request of the unauthenticated listener: its requests read
+    /// the refresher's snapshot and must not make the device sign proofs of possession.
+    pub async fn audit_for_publishing(&self) -> Result<serde_json::Value, String> {
+        match self.audit().await {
+            Ok(inventory) => Ok(inventory.jwks()),
+            Err(e) => Err(e.message().to_owned()),
+        }
+    }
+
+    /// One audit at a time (see [`Access::inventory`]).
+    async fn audit(&self) -> Result<Arc<Inventory>, ApiError> {
         let asked = Instant::now();
         let _one = self.lookups.acquire().await;
         if let Some((started, inv)) = self

@@ -158,6 +158,11 @@ impl ApiError {
         }
     }
 
+    /// What went wrong, for a log line or a status report.
+    pub(super) fn message(&self) -> &str {
+        &self.message
+    }
+
     pub(super) fn bad(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
@@ -631,7 +636,7 @@ async fn health_handler(
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("the device did not answer within 5 s".to_owned()),
     };
-    let answer = match probed {
+    let mut answer = match probed {
         Ok(keys) => (
             StatusCode::OK,
             json!({ "status": "ok", "token": token, "keys": keys, "cached_keys": agent.access.cached_keys(), "queue_depth": agent.queue_depth() }),
@@ -641,6 +646,9 @@ async fn health_handler(
             json!({ "status": "unavailable", "token": token, "message": message }),
         ),
     };
+    if let Some(host) = &agent.jwks {
+        answer.1["jwks"] = host.health();
+    }
     let mut r = (answer.0, Json(answer.1)).into_response();
     if answer.0 != StatusCode::OK {
         r.headers_mut()

@@ -382,6 +382,9 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
             escape(name)
         );
     }
+    if let Some(host) = &agent.jwks {
+        host.render_metrics(&mut out);
+    }
     out
 }
 

@@ -5,6 +5,7 @@
 mod access;
 mod api;
 pub mod authz;
+pub mod jwks_host;
 pub mod metrics;
 pub mod socket;
 
@@ -155,6 +156,8 @@ pub struct Agent {
     metrics: Arc<Metrics>,
     /// Open connections per uid, for `max_connections_per_uid`.
     per_uid: Mutex<HashMap<u32, usize>>,
+    /// The hosted JWKS (`[jwks]`), reported in `/healthz` and `/metrics`.
+    jwks: Option<Arc<jwks_host::JwksHost>>,
 }
 
 /// The signature observer the agent gives its keyring before any key is approved (the
@@ -197,7 +200,14 @@ impl Agent {
             authz,
             metrics,
             per_uid: Mutex::new(HashMap::new()),
+            jwks: None,
         })
+    }
+
+    /// Reports `host` in `/healthz` and `/metrics` (see [`jwks_host::refresh`]).
+    pub fn with_jwks(mut self, host: Arc<jwks_host::JwksHost>) -> Agent {
+        self.jwks = Some(host);
+        self
     }
 
     /// Signing requests queued or in progress.

@@ -33,9 +33,7 @@ pub fn generate(config: Option<&Path>, label: &str, alg: Alg) -> anyhow::Result<
 pub fn list(config: Option<&Path>, as_json: bool) -> anyhow::Result<ExitCode> {
     let keyring = super::open(config, None)?;
     let Inventory {
-        audits,
-        problems,
-        rotations: _,
+        audits, problems, ..
     } = keyring.inventory()?;
     if as_json {
         let out: Vec<Value> = audits
@@ -125,7 +123,7 @@ pub fn audit(
     let Inventory {
         mut audits,
         mut problems,
-        rotations: _,
+        ..
     } = keyring.inventory()?;
     if let Some(text) = label {
         let name = KeyName::parse(text)?;

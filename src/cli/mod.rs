@@ -29,7 +29,8 @@ pub fn load(
 ) -> anyhow::Result<(Config, PathBuf, Keyring)> {
     let (config, path) = Config::load(config)?;
     tracing::debug!(config = %path.display(), "config loaded");
-    let keyring = Keyring::open(&config.token, config.policy.clone(), sessions)?;
+    let mut keyring = Keyring::open(&config.token, config.policy.clone(), sessions)?;
+    keyring.publish_only(config.published_keys());
     Ok((config, path, keyring))
 }
 

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use keybound::agent::jwks_host::Hosted;
 use keybound::agent::{self, Agent, socket};
 use keybound::oauth::client::OAuthClient;
 
@@ -23,10 +24,13 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
         .collect::<Result<Vec<_>, _>>()?;
     let socket_path = socket_flag.unwrap_or_else(|| config.agent.socket_path());
     let own_uid = socket::own_uid().context("cannot read this process's uid")?;
-    let agent = Arc::new(
-        Agent::new(keyring, clients, config.agent.clone(), own_uid, metrics)
-            .map_err(anyhow::Error::msg)?,
-    );
+    let mut agent = Agent::new(keyring, clients, config.agent.clone(), own_uid, metrics)
+        .map_err(anyhow::Error::msg)?;
+    // The hosted JWKS's certificate and key are read now: a bad one stops the start.
+    let jwks_tls = match &config.jwks {
+        Some(jwks) => jwks.tls().map_err(anyhow::Error::msg)?,
+        None => None,
+    };
     // The HTTP side is light and the device works on the token's own signing threads, so
     // by default one async thread serves every connection: on a small machine more threads
     // only contend with the signing threads (see `keybound bench --agent`).
@@ -39,6 +43,31 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
         // Signal handlers go in before the socket and the ready message: a SIGTERM sent as
         // soon as the agent is ready must find them.
         let shutdown = super::shutdown_signal()?;
+        // Bound before the ready message: an address in use is an error at start.
+        let hosted = match &config.jwks {
+            // max-age never outlasts the shortest publish_lead: a server must see a prepared key
+            // before it is activated.
+            Some(jwks) => Some(
+                Hosted::bind(
+                    jwks,
+                    jwks_tls,
+                    jwks.max_age(Some(config.rotation.shortest_lead())),
+                )
+                .map_err(anyhow::Error::msg)?,
+            ),
+            None => None,
+        };
+        if let Some(hosted) = &hosted {
+            agent = agent.with_jwks(hosted.host());
+        }
+        let agent = Arc::new(agent);
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let mut jwks_tasks = Vec::new();
+        if let Some(hosted) = hosted {
+            tracing::info!(url = hosted.url(), "hosted JWKS listening");
+            eprintln!("keybound JWKS on {}", hosted.url());
+            jwks_tasks = hosted.spawn(&agent, &stopping);
+        }
         let listener = socket::bind(
             &socket_path,
             config.agent.socket_mode,
@@ -48,7 +77,15 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
             "keybound agent listening");
         eprintln!("keybound agent listening on {}", socket_path.display());
         agent::notify_ready();
-        agent::run(listener, agent, shutdown).await;
+        agent::run(listener, agent, async {
+            shutdown.await;
+            let _ = stop.send(true);
+        })
+        .await;
+        let _ = stop.send(true);
+        for task in jwks_tasks {
+            let _ = task.await;
+        }
         if let Err(e) = std::fs::remove_file(&socket_path) {
             tracing::warn!("cannot remove {}: {e}", socket_path.display());
         }

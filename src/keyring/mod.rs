@@ -62,6 +62,8 @@ pub struct Keyring {
     backend: Arc<dyn Backend>,
     rules: Rules,
     observer: Option<SignObserver>,
+    /// The key names (labels, rotated slots) a JWKS publishes; `None`: every approved key.
+    publish: Option<Arc<[String]>>,
 }
 
 /// One signature the device made or refused, as an observer sees it.
@@ -105,6 +107,8 @@ pub struct Inventory {
     pub audits: Vec<Audit>,
     pub problems: Vec<Problem>,
     pub rotations: Vec<rotation::Rotation>,
+    /// The names a JWKS publishes (`Keyring::publish_only`); `None`: every approved key.
+    pub publish: Option<Arc<[String]>>,
 }
 
 /// An approved key, with its `kid` (RFC 7638 thumbprint) and public JWK, each computed once.
@@ -164,7 +168,16 @@ impl Keyring {
             backend,
             rules,
             observer: None,
+            publish: None,
         })
+    }
+
+    /// Publishes only the keys with these names (a rotated slot's name covers its
+    /// generations) in every JWKS this keyring's inventories make: the servers' client
+    /// keys, never a DPoP key (Okta refuses a proof signed by a key registered for client
+    /// authentication).
+    pub fn publish_only(&mut self, names: Option<Vec<String>>) {
+        self.publish = names.map(Into::into);
     }
 
     /// Watches every signature of the keys approved from now on (see [`SignObserver`]).
@@ -312,6 +325,7 @@ impl Keyring {
             audits,
             problems,
             rotations,
+            publish: self.publish.clone(),
         })
     }
 
@@ -714,6 +728,7 @@ impl WeakSigningKey {
                 backend: self.backend.upgrade()?,
                 rules: self.rules,
                 observer: self.observer,
+                publish: None,
             },
             approval: self.approval,
         })

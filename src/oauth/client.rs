@@ -246,8 +246,11 @@ impl OAuthClient {
         let until = unix_now().saturating_add(secs);
         tokio::task::spawn_blocking(move || {
             if let Err(e) = keyring.note_bound_token(&key, until) {
-                tracing::warn!(key = key.label(), kid = key.kid(),
-                    "cannot record the token bound to this key in its rotation record: {e}");
+                tracing::warn!(
+                    key = key.label(),
+                    kid = key.kid(),
+                    "cannot record the token bound to this key in its rotation record: {e}"
+                );
             }
         });
     }
