@@ -77,30 +77,38 @@ pub fn list(config: Option<&Path>, as_json: bool) -> anyhow::Result<ExitCode> {
         .unwrap_or(5)
         .max(5);
     out!(
-        "{:width$}  {:5}  {:43}  {:6}  {:10}  SINCE",
+        "{:width$}  {:5}  {:43}  {:10}  {:23}  POLICY",
         "LABEL",
         "ALG",
         "KID",
-        "POLICY",
-        "STATE"
+        "STATE",
+        "SINCE"
     );
     for a in &audits {
         let k = a.key();
         let (state, since) = match a.generation() {
             Some((_, g)) => (g.state.name(), since(g)),
-            None => ("-", String::new()),
+            None => ("-", "-".to_string()),
         };
         out!(
-            "{:width$}  {:5}  {:43}  {:6}  {:10}  {since}",
+            "{:width$}  {:5}  {:43}  {:10}  {:23}  {}",
             k.label(),
             k.alg().name(),
             k.public().thumbprint(),
-            outcome_name(a.verdict().outcome()),
-            state
+            state,
+            since,
+            outcome_name(a.verdict().outcome())
         );
     }
     for p in &problems {
-        out!("{:width$}  {:5}  {:43}  fail    -", p.label, "-", "-");
+        out!(
+            "{:width$}  {:5}  {:43}  {:10}  {:23}  fail",
+            p.label,
+            "-",
+            "-",
+            "-",
+            "-"
+        );
     }
     for p in &problems {
         out!(
@@ -313,11 +321,32 @@ fn since(g: &Generation) -> String {
     match at {
         Some(t) => format!(
             "{} ({} ago)",
-            httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)),
+            utc_minute(t),
             age(jose::unix_now().saturating_sub(t))
         ),
-        None => String::new(),
+        None => "-".to_string(),
     }
+}
+
+/// `2026-12-01 01:49Z` (proleptic Gregorian, UTC).
+fn utc_minute(t: u64) -> String {
+    let days = i64::try_from(t / 86_400).unwrap_or(0);
+    let secs = t % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60
+    )
 }
 
 fn age(secs: u64) -> String {
@@ -485,4 +514,14 @@ pub fn destroy(config: Option<&Path>, slot: &str, kid: &str) -> anyhow::Result<E
         .unwrap_or_default();
     out!("destroyed: {g}; its key is deleted from the device");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates_are_utc() {
+        assert_eq!(super::utc_minute(0), "1970-01-01 00:00Z");
+        assert_eq!(super::utc_minute(1_796_090_999), "2026-12-01 02:09Z");
+        assert_eq!(super::utc_minute(951_782_400), "2000-02-29 00:00Z");
+    }
 }

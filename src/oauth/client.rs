@@ -136,9 +136,18 @@ impl OAuthClient {
             .write()
             .unwrap_or_else(PoisonError::into_inner) = assertion_key;
         if let (Some(slot), Some(key)) = (&self.dpop_key, dpop_key) {
-            // New tokens are bound to the new key; a cached token keeps the key it is bound
-            // to (`AccessToken::dpop_key`) and is used with it until it expires.
-            *slot.write().unwrap_or_else(PoisonError::into_inner) = key;
+            let old = std::mem::replace(
+                &mut *slot.write().unwrap_or_else(PoisonError::into_inner),
+                key.clone(),
+            );
+            // After a keybound rotation, new tokens are bound to the new generation and a
+            // cached token keeps the key it is bound to (`AccessToken::dpop_key`), which
+            // stays on the device while the token lives. A key replaced outside keybound
+            // (deleted, generated anew under its label) is gone: its tokens can never be
+            // proven again, so they are dropped.
+            if old.kid() != key.kid() && key.slot() != Some(old.name()) {
+                self.cache.clear();
+            }
         }
         Ok(())
     }
