@@ -534,7 +534,19 @@ async fn dpop_handler(
     let jws = match (&req.client, &req.key) {
         (Some(name), None) => {
             let c = agent.access.client(&caller, name)?;
-            sign_as_client(&agent, &caller, (c, name), ClientKey::Dpop, header, &claims).await?
+            // A token from this agent is proven by the key it is bound to, which after a
+            // rotation is not the client's active DPoP key until the token expires.
+            match req
+                .access_token
+                .as_deref()
+                .and_then(|t| c.cache().bound_key(t))
+            {
+                Some(key) => sign(&agent, &caller, &key, &header(&key), &claims).await?,
+                None => {
+                    sign_as_client(&agent, &caller, (c, name), ClientKey::Dpop, header, &claims)
+                        .await?
+                }
+            }
         }
         (None, Some(name)) => sign_as_key(&agent, &caller, name, header, &claims).await?,
         _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
