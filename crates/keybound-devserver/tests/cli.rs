@@ -195,6 +195,21 @@ fn cli_refuses_bad_flags_and_unusable_jwks() {
             "cannot be used with",
         ),
         (vec!["--jwks", good, "--rs-nonce-status", "403"], 2, "403"),
+        (
+            vec!["--jwks", good, "--jwks-refetch-interval", "1"],
+            2,
+            "--jwks-uri",
+        ),
+        (
+            vec![
+                "--jwks-uri",
+                "http://127.0.0.1:9/jwks",
+                "--jwks-refetch-interval",
+                "3601",
+            ],
+            2,
+            "3601",
+        ),
     ] {
         let (status, stderr) = run(&args);
         assert_eq!(status, Some(code), "{args:?}: {stderr}");
