@@ -720,11 +720,7 @@ async fn jwks_file_edits_add_and_remove_keys_without_a_restart() {
         assert_unknown_kid(&reply, &old_kid);
         reply.assert_oauth_error(401, "invalid_client", "The last good JWKS is still in use");
         reply.assert_oauth_error(401, "invalid_client", problem);
-        reply.assert_oauth_error(
-            401,
-            "invalid_client",
-            &jwks_file.display().to_string(),
-        );
+        reply.assert_oauth_error(401, "invalid_client", &jwks_file.display().to_string());
     }
 
     // Repaired: the file counts again, note gone.
@@ -826,10 +822,21 @@ async fn jwks_uri_picks_up_a_new_kid_and_revalidates_with_its_etag() {
     assert_assertion_passed(&post_token(&http, &server, &request(&second), None, READ).await);
     let counts = host.counts();
     assert_eq!((counts.served, counts.not_modified), (2, 0), "{counts:?}");
-    assert_eq!(counts.if_none_match, ["\"v1\""], "the ETag of the first fetch");
+    assert_eq!(
+        counts.if_none_match,
+        ["\"v1\""],
+        "the ETag of the first fetch"
+    );
 
     // An unknown kid again: revalidated, 304, still refused; the cached keys stand.
-    let reply = post_token(&http, &server, &request(&SoftKey::new("nobody")), None, READ).await;
+    let reply = post_token(
+        &http,
+        &server,
+        &request(&SoftKey::new("nobody")),
+        None,
+        READ,
+    )
+    .await;
     assert_unknown_kid(&reply, "nobody");
     let counts = host.counts();
     assert_eq!((counts.served, counts.not_modified), (2, 1), "{counts:?}");
@@ -840,7 +847,14 @@ async fn jwks_uri_picks_up_a_new_kid_and_revalidates_with_its_etag() {
 
     // With max-age=0 every assertion revalidates first; each 304 keeps the keys.
     host.set_cache_control(Some("no-cache"));
-    let reply = post_token(&http, &server, &request(&SoftKey::new("nobody")), None, READ).await;
+    let reply = post_token(
+        &http,
+        &server,
+        &request(&SoftKey::new("nobody")),
+        None,
+        READ,
+    )
+    .await;
     assert_unknown_kid(&reply, "nobody");
     assert_eq!(host.counts().not_modified, 2);
     for expected in [3, 4] {
