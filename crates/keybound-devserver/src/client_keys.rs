@@ -27,9 +27,9 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest JWKS document accepted, in bytes.
 const MAX_JWKS_BYTES: usize = 1 << 20;
 /// How long a fetched JWKS is used when its response has no `max-age`.
-pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(300);
+const DEFAULT_MAX_AGE: Duration = Duration::from_secs(300);
 /// The longest `max-age` honoured: a longer one would keep a removed key usable for hours.
-pub const MAX_MAX_AGE: Duration = Duration::from_secs(3600);
+const MAX_MAX_AGE: Duration = Duration::from_secs(3600);
 /// A file whose last change is less than this many seconds before it was read may have
 /// changed again since without changing its size or times (file times are coarse: a clock
 /// tick on Linux, a second on some file systems), so it is read again until it is older.
@@ -261,7 +261,8 @@ impl ClientKeys {
         kid: Option<&str>,
         alg: SigAlg,
     ) -> Result<Vec<Arc<RegisteredKey>>, NoKey> {
-        let fetched = match &self.origin {
+        // Whether this lookup already read the source: an unknown kid needs no second read.
+        let read_now = match &self.origin {
             Origin::File(file) => {
                 self.follow(file);
                 true
@@ -287,7 +288,7 @@ impl ClientKeys {
         };
         let key = match (by_kid(&current, kid), &self.origin) {
             (Some(key), _) => key,
-            (None, Origin::Uri(remote)) if !fetched && self.refetch_for(remote, kid).await => {
+            (None, Origin::Uri(remote)) if !read_now && self.refetch_for(remote, kid).await => {
                 by_kid(&self.snapshot(), kid)
                     .ok_or_else(|| refused(KeyLookupError::UnknownKid(kid.into())))?
             }

@@ -38,7 +38,9 @@ struct Args {
     #[arg(long, value_name = "URL")]
     jwks_uri: Option<Url>,
     /// With --jwks-uri: fewest seconds between two fetches an unknown kid causes
-    #[arg(long, value_name = "SECS", requires = "jwks_uri",
+    // conflicts_with, not requires = "jwks_uri": clap does not enforce that `requires` here
+    // (exactly one of the two is required, so both say the same).
+    #[arg(long, value_name = "SECS", conflicts_with = "jwks",
           default_value_t = devserver::DEFAULT_JWKS_REFETCH_INTERVAL,
           value_parser = clap::value_parser!(u64).range(0..=devserver::MAX_JWKS_REFETCH_INTERVAL))]
     jwks_refetch_interval: u64,

@@ -198,7 +198,7 @@ fn cli_refuses_bad_flags_and_unusable_jwks() {
         (
             vec!["--jwks", good, "--jwks-refetch-interval", "1"],
             2,
-            "--jwks-uri",
+            "cannot be used with",
         ),
         (
             vec![
