@@ -1234,10 +1234,26 @@ async fn run_serves_until_shutdown_and_refuses_bad_settings() {
         .expect("bind");
     let empty_client = Settings {
         client_id: " ".into(),
-        ..settings
+        ..settings.clone()
     };
     let err = keybound_devserver::run(listener, empty_client, std::future::pending())
         .await
         .expect_err("an empty client id is refused");
     assert!(err.to_string().contains("client id is empty"), "{err}");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let slow_refetch = Settings {
+        jwks_refetch_interval: 3601,
+        ..settings
+    };
+    let err = keybound_devserver::run(listener, slow_refetch, std::future::pending())
+        .await
+        .expect_err("a refetch interval over an hour is refused");
+    assert!(
+        err.to_string()
+            .contains("JWKS refetch interval 3601 s is out of range"),
+        "{err}"
+    );
 }

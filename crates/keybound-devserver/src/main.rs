@@ -30,7 +30,7 @@ struct Args {
     /// The OAuth client id: iss and sub of the client assertions
     #[arg(long)]
     client_id: String,
-    /// The client's public JWKS file, read again whenever it changes
+    /// The client's public JWKS file (as `keybound jwks` prints it), read again whenever it changes
     #[arg(long, value_name = "FILE")]
     jwks: Option<PathBuf>,
     /// Fetch the client's JWKS from this URL: at start, once its Cache-Control max-age has
