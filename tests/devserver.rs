@@ -657,6 +657,252 @@ async fn jwks_uri_is_fetched_at_start_and_again_for_an_unknown_kid() {
 }
 
 // ---------------------------------------------------------------------------
+// Key rotation: the registered JWKS changes under a running server
+// ---------------------------------------------------------------------------
+
+/// The reply to a token request whose client assertion passed, sent without a DPoP proof:
+/// the server stops at the missing proof.
+fn assert_assertion_passed(reply: &Reply) {
+    reply.assert_oauth_error(400, "invalid_dpop_proof", "header is missing");
+}
+
+/// The refusal of an assertion whose kid the registered JWKS does not hold.
+fn assert_unknown_kid(reply: &Reply, kid: &str) {
+    reply.assert_oauth_error(
+        401,
+        "invalid_client",
+        &format!("No key in the registered JWKS matches kid '{kid}'."),
+    );
+}
+
+/// Paste mode, with keys in a real SoftHSM token: the admin rewrites the JWKS file to add
+/// the next key before activation and to remove the old one at retirement, without
+/// restarting the server; a broken file keeps the last good keys.
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_file_edits_add_and_remove_keys_without_a_restart() {
+    let f = Fixture::new().await;
+    f.hsm.generate("client-auth-next", "ES256");
+    let old_jwk = f.hsm.jwk("client-auth");
+    let next_jwk = f.hsm.jwk("client-auth-next");
+    let old_kid = old_jwk["kid"].as_str().expect("kid").to_string();
+    let next_kid = next_jwk["kid"].as_str().expect("kid").to_string();
+    let jwks_file = f.hsm.path("jwks.json");
+    let with = |key: &str| f.hsm.assertion(key, f.token_url());
+
+    // Not pasted yet: refused, naming the kid.
+    let reply = f.request_token(&with("client-auth-next"), None, READ).await;
+    assert_unknown_kid(&reply, &next_kid);
+
+    // Pasted next to the old key: both get tokens.
+    f.hsm.write_jwks(&["client-auth", "client-auth-next"]);
+    f.access_token_for("dpop", "client-auth-next", READ).await;
+    f.access_token_for("dpop", "client-auth", READ).await;
+
+    // The old key removed at retirement: refused; the new one goes on.
+    f.hsm.write_jwks(&["client-auth-next"]);
+    let reply = f.request_token(&with("client-auth"), None, READ).await;
+    assert_unknown_kid(&reply, &old_kid);
+    f.access_token_for("dpop", "client-auth-next", READ).await;
+
+    // A broken file keeps the last good keys, and a refusal says why the file was not used.
+    let duplicate = json!({ "keys": [next_jwk.clone(), next_jwk.clone()] }).to_string();
+    for (content, problem) in [
+        (Some("{\"keys\": [".to_string()), "not JSON"),
+        (Some(duplicate), "appears twice"),
+        (None, "cannot read the client JWKS file"),
+    ] {
+        match content {
+            Some(text) => std::fs::write(&jwks_file, text).expect("write jwks.json"),
+            None => std::fs::remove_file(&jwks_file).expect("remove jwks.json"),
+        }
+        f.access_token_for("dpop", "client-auth-next", READ).await;
+        let reply = f.request_token(&with("client-auth"), None, READ).await;
+        assert_unknown_kid(&reply, &old_kid);
+        reply.assert_oauth_error(401, "invalid_client", "The last good JWKS is still in use");
+        reply.assert_oauth_error(401, "invalid_client", problem);
+        reply.assert_oauth_error(401, "invalid_client", &jwks_file.display().to_string());
+    }
+
+    // Repaired: the file counts again, note gone.
+    f.hsm.write_jwks(&["client-auth"]);
+    f.access_token_for("dpop", "client-auth", READ).await;
+    let reply = f.request_token(&with("client-auth-next"), None, READ).await;
+    assert_unknown_kid(&reply, &next_kid);
+    let description = reply.body["error_description"].as_str().expect("text");
+    assert!(!description.contains("last good"), "{description}");
+}
+
+/// An edit that keeps the file's size and mtime (two writes within one tick of the file
+/// system's clock, or an mtime put back) is still seen.
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_file_rewritten_with_the_same_size_and_mtime_is_read_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (SoftKey::new("soft-a"), SoftKey::new("soft-b"));
+    let path = write_jwks(dir.path(), "jwks.json", &[a.jwk()]);
+    let before = std::fs::metadata(&path).expect("stat");
+    let server = Server::start(Settings::new(CLIENT_ID, JwksSource::File(path.clone()))).await;
+    let http = http();
+    let token_url = server.endpoints.token.clone();
+    let request = |key: &SoftKey| {
+        let now = unix_now();
+        key.assertion(&token_url, now, now + 60)
+    };
+    assert_assertion_passed(&post_token(&http, &server, &request(&a), None, READ).await);
+
+    write_jwks(dir.path(), "jwks.json", &[b.jwk()]);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .expect("open")
+        .set_modified(before.modified().expect("mtime"))
+        .expect("put the mtime back");
+    let after = std::fs::metadata(&path).expect("stat");
+    assert_eq!(
+        (after.len(), after.modified().expect("mtime")),
+        (before.len(), before.modified().expect("mtime"))
+    );
+    assert_assertion_passed(&post_token(&http, &server, &request(&b), None, READ).await);
+    let reply = post_token(&http, &server, &request(&a), None, READ).await;
+    assert_unknown_kid(&reply, "soft-a");
+}
+
+/// URL mode: a key removed from the served JWKS is refused once the cached set is older
+/// than the response's max-age, without an unknown kid to trigger a fetch.
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_uri_forgets_a_removed_key_once_its_max_age_has_passed() {
+    let (old, next) = (SoftKey::new("old"), SoftKey::new("next"));
+    let host = JwksHost::start(&[old.jwk(), next.jwk()], Some("public, max-age=1"), false).await;
+    let server = Server::start(Settings::new(CLIENT_ID, JwksSource::Uri(host.url.clone()))).await;
+    let http = http();
+    let token_url = server.endpoints.token.clone();
+    let request = |key: &SoftKey| {
+        let now = unix_now();
+        key.assertion(&token_url, now, now + 60)
+    };
+    assert_assertion_passed(&post_token(&http, &server, &request(&old), None, READ).await);
+    assert_eq!(host.counts().served, 1);
+
+    host.set_keys(&[next.jwk()]);
+    // Bounded poll: accepted until the cached set is older than 1 s, then refused.
+    let mut refused = None;
+    for _ in 0..300 {
+        let reply = post_token(&http, &server, &request(&old), None, READ).await;
+        if reply.status == 401 {
+            refused = Some(reply);
+            break;
+        }
+        assert_assertion_passed(&reply);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let reply = refused.expect("the removed key is refused once max-age has passed");
+    assert_unknown_kid(&reply, "old");
+    assert!(host.counts().served >= 2, "{:?}", host.counts());
+    assert_assertion_passed(&post_token(&http, &server, &request(&next), None, READ).await);
+}
+
+/// URL mode: a new kid is fetched for at once (refetch interval 0), the cached set is
+/// revalidated with If-None-Match, and a 304 keeps the keys and restarts their max-age.
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_uri_picks_up_a_new_kid_and_revalidates_with_its_etag() {
+    let (first, second) = (SoftKey::new("first"), SoftKey::new("second"));
+    let host = JwksHost::start(&[first.jwk()], Some("max-age=3600"), true).await;
+    let mut settings = Settings::new(CLIENT_ID, JwksSource::Uri(host.url.clone()));
+    settings.jwks_refetch_interval = 0;
+    let server = Server::start(settings).await;
+    let http = http();
+    let token_url = server.endpoints.token.clone();
+    let request = |key: &SoftKey| {
+        let now = unix_now();
+        key.assertion(&token_url, now, now + 60)
+    };
+    assert_assertion_passed(&post_token(&http, &server, &request(&first), None, READ).await);
+
+    // The client publishes a second key: its unknown kid makes the server fetch again.
+    host.set_keys(&[first.jwk(), second.jwk()]);
+    assert_assertion_passed(&post_token(&http, &server, &request(&second), None, READ).await);
+    let counts = host.counts();
+    assert_eq!((counts.served, counts.not_modified), (2, 0), "{counts:?}");
+    assert_eq!(
+        counts.if_none_match,
+        ["\"v1\""],
+        "the ETag of the first fetch"
+    );
+
+    // An unknown kid again: revalidated, 304, still refused; the cached keys stand.
+    let reply = post_token(
+        &http,
+        &server,
+        &request(&SoftKey::new("nobody")),
+        None,
+        READ,
+    )
+    .await;
+    assert_unknown_kid(&reply, "nobody");
+    let counts = host.counts();
+    assert_eq!((counts.served, counts.not_modified), (2, 1), "{counts:?}");
+    assert_eq!(counts.if_none_match, ["\"v1\"", "\"v2\""]);
+    for key in [&first, &second] {
+        assert_assertion_passed(&post_token(&http, &server, &request(key), None, READ).await);
+    }
+
+    // With max-age=0 every assertion revalidates first; each 304 keeps the keys.
+    host.set_cache_control(Some("no-cache"));
+    let reply = post_token(
+        &http,
+        &server,
+        &request(&SoftKey::new("nobody")),
+        None,
+        READ,
+    )
+    .await;
+    assert_unknown_kid(&reply, "nobody");
+    assert_eq!(host.counts().not_modified, 2);
+    for expected in [3, 4] {
+        assert_assertion_passed(&post_token(&http, &server, &request(&first), None, READ).await);
+        assert_eq!(host.counts().not_modified, expected, "{:?}", host.counts());
+    }
+    assert_eq!(host.counts().served, 2, "{:?}", host.counts());
+
+    // A 304 that restates max-age=3600 resets the set's age: no fetch for a while.
+    host.set_cache_control(Some("max-age=3600"));
+    assert_assertion_passed(&post_token(&http, &server, &request(&first), None, READ).await);
+    let settled = host.counts();
+    assert_eq!(settled.not_modified, 5, "{settled:?}");
+    assert_assertion_passed(&post_token(&http, &server, &request(&second), None, READ).await);
+    assert_eq!(host.counts(), settled, "fresh for an hour: not fetched");
+}
+
+/// URL mode: a JWKS URL that is down keeps the last good keys; the refusal of an unknown
+/// kid says the URL failed; once it is back, its keys count again.
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_uri_that_is_down_keeps_the_last_good_keys() {
+    let (first, second) = (SoftKey::new("first"), SoftKey::new("second"));
+    let host = JwksHost::start(&[first.jwk()], Some("max-age=0"), false).await;
+    let mut settings = Settings::new(CLIENT_ID, JwksSource::Uri(host.url.clone()));
+    settings.jwks_refetch_interval = 0;
+    let server = Server::start(settings).await;
+    let http = http();
+    let token_url = server.endpoints.token.clone();
+    let request = |key: &SoftKey| {
+        let now = unix_now();
+        key.assertion(&token_url, now, now + 60)
+    };
+    assert_assertion_passed(&post_token(&http, &server, &request(&first), None, READ).await);
+
+    host.set_down(true);
+    host.set_keys(&[first.jwk(), second.jwk()]);
+    assert_assertion_passed(&post_token(&http, &server, &request(&first), None, READ).await);
+    assert!(host.counts().failed >= 1, "{:?}", host.counts());
+    let reply = post_token(&http, &server, &request(&second), None, READ).await;
+    assert_unknown_kid(&reply, "second");
+    reply.assert_oauth_error(401, "invalid_client", "The last good JWKS is still in use");
+    reply.assert_oauth_error(401, "invalid_client", "HTTP status 503");
+
+    host.set_down(false);
+    assert_assertion_passed(&post_token(&http, &server, &request(&second), None, READ).await);
+}
+
+// ---------------------------------------------------------------------------
 // Resource server
 // ---------------------------------------------------------------------------
 
@@ -988,10 +1234,26 @@ async fn run_serves_until_shutdown_and_refuses_bad_settings() {
         .expect("bind");
     let empty_client = Settings {
         client_id: " ".into(),
-        ..settings
+        ..settings.clone()
     };
     let err = keybound_devserver::run(listener, empty_client, std::future::pending())
         .await
         .expect_err("an empty client id is refused");
     assert!(err.to_string().contains("client id is empty"), "{err}");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let slow_refetch = Settings {
+        jwks_refetch_interval: 3601,
+        ..settings
+    };
+    let err = keybound_devserver::run(listener, slow_refetch, std::future::pending())
+        .await
+        .expect_err("a refetch interval over an hour is refused");
+    assert!(
+        err.to_string()
+            .contains("JWKS refetch interval 3601 s is out of range"),
+        "{err}"
+    );
 }

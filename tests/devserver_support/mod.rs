@@ -560,3 +560,128 @@ pub fn random_id() -> String {
     rand_core::OsRng.fill_bytes(&mut bytes);
     b64(&bytes)
 }
+
+// ---------------------------------------------------------------------------
+// A client's JWKS URL
+// ---------------------------------------------------------------------------
+
+/// A client's JWKS URL on 127.0.0.1:0 that the test controls: the keys, the
+/// `Cache-Control` header, whether it sends an `ETag` (and answers 304 to a matching
+/// `If-None-Match`), whether it is up (503 when not). It counts what it answered.
+pub struct JwksHost {
+    pub url: url::Url,
+    state: std::sync::Arc<std::sync::Mutex<HostState>>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct HostState {
+    keys: Vec<Value>,
+    /// Bumped with every change of `keys`: the ETag is `"v<version>"`.
+    version: u32,
+    cache_control: Option<String>,
+    etag: bool,
+    down: bool,
+    counts: HostCounts,
+}
+
+/// What a [`JwksHost`] answered so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostCounts {
+    /// 200 with the JWKS.
+    pub served: usize,
+    /// 304 to a matching `If-None-Match`.
+    pub not_modified: usize,
+    /// 503 while down.
+    pub failed: usize,
+    /// Every `If-None-Match` received, in order.
+    pub if_none_match: Vec<String>,
+}
+
+impl JwksHost {
+    pub async fn start(keys: &[Value], cache_control: Option<&str>, etag: bool) -> JwksHost {
+        use axum::http::{HeaderMap, StatusCode, header};
+        use axum::response::IntoResponse as _;
+        let state = std::sync::Arc::new(std::sync::Mutex::new(HostState {
+            keys: keys.to_vec(),
+            version: 1,
+            cache_control: cache_control.map(str::to_owned),
+            etag,
+            ..HostState::default()
+        }));
+        let app = {
+            let state = state.clone();
+            axum::Router::new().route(
+                "/jwks",
+                axum::routing::get(move |headers: HeaderMap| async move {
+                    let mut s = state.lock().expect("lock");
+                    let inm = headers
+                        .get(header::IF_NONE_MATCH)
+                        .map(|v| v.to_str().expect("ASCII If-None-Match").to_string());
+                    s.counts.if_none_match.extend(inm.clone());
+                    if s.down {
+                        s.counts.failed += 1;
+                        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                    }
+                    let etag = format!("\"v{}\"", s.version);
+                    let mut reply = HeaderMap::new();
+                    if let Some(cc) = &s.cache_control {
+                        reply.insert(header::CACHE_CONTROL, cc.parse().expect("Cache-Control"));
+                    }
+                    if s.etag {
+                        reply.insert(header::ETAG, etag.parse().expect("ETag"));
+                        if inm.as_deref() == Some(etag.as_str()) {
+                            s.counts.not_modified += 1;
+                            return (StatusCode::NOT_MODIFIED, reply).into_response();
+                        }
+                    }
+                    s.counts.served += 1;
+                    (reply, axum::Json(json!({ "keys": s.keys }))).into_response()
+                }),
+            )
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let url = format!("http://{}/jwks", listener.local_addr().expect("addr"));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        JwksHost {
+            url: url::Url::parse(&url).expect("URL"),
+            state,
+            task,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut HostState) -> T) -> T {
+        f(&mut self.state.lock().expect("lock"))
+    }
+
+    /// Publishes these keys (a new ETag).
+    pub fn set_keys(&self, keys: &[Value]) {
+        self.with(|s| {
+            s.keys = keys.to_vec();
+            s.version += 1;
+        });
+    }
+
+    pub fn set_cache_control(&self, value: Option<&str>) {
+        self.with(|s| s.cache_control = value.map(str::to_owned));
+    }
+
+    /// Down: every request gets 503.
+    pub fn set_down(&self, down: bool) {
+        self.with(|s| s.down = down);
+    }
+
+    pub fn counts(&self) -> HostCounts {
+        self.with(|s| s.counts.clone())
+    }
+}
+
+impl Drop for JwksHost {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -63,6 +63,11 @@ pub const DEFAULT_USERS: usize = 7;
 pub const MAX_USERS: usize = 10_000;
 /// Largest clock offset the settings accept, seconds (one year either way).
 pub const MAX_CLOCK_OFFSET: i64 = 366 * 86_400;
+/// Fewest seconds between two JWKS fetches an unknown `kid` causes, unless the settings say
+/// otherwise.
+pub const DEFAULT_JWKS_REFETCH_INTERVAL: u64 = 10;
+/// Longest JWKS refetch interval the settings accept, seconds.
+pub const MAX_JWKS_REFETCH_INTERVAL: u64 = 3600;
 
 const TOKEN_PATH: &str = "/oauth2/v1/token";
 const KEYS_PATH: &str = "/oauth2/v1/keys";
@@ -75,10 +80,14 @@ const REPLAY_CAPACITY: usize = 100_000;
 /// Where the client's public keys come from.
 #[derive(Clone, Debug)]
 pub enum JwksSource {
-    /// A JWKS file, as `keybound jwks` prints it; read once at start.
+    /// A JWKS file, as `keybound jwks` prints it ("paste this JWKS"): read at start, and
+    /// again whenever it changed, so that rewriting it adds and removes keys. A file that
+    /// became unusable keeps the last good keys.
     File(PathBuf),
-    /// A JWKS URL, fetched at start and again when an assertion names an unknown `kid`
-    /// (at most once per 10 s).
+    /// A JWKS URL ("Use a URL to fetch keys dynamically"): fetched at start, again once the
+    /// response's `Cache-Control: max-age` has passed (bounded to 0..=3600 s, 300 s when
+    /// absent), with `If-None-Match`, and again when an assertion names an unknown `kid`
+    /// (at most once per [`Settings::jwks_refetch_interval`]).
     Uri(Url),
 }
 
@@ -89,6 +98,9 @@ pub struct Settings {
     pub client_id: String,
     /// The client's registered public keys.
     pub jwks: JwksSource,
+    /// URL mode: fewest seconds between two fetches an unknown `kid` causes, and between
+    /// retries of a failed fetch (0 to 3600).
+    pub jwks_refetch_interval: u64,
     /// Scopes the client may request.
     pub granted_scopes: Vec<String>,
     /// Access-token lifetime in seconds (1 to 86400).
@@ -138,6 +150,10 @@ pub enum DevServerError {
         "clock offset {0} s is out of range: use -{MAX_CLOCK_OFFSET} to {MAX_CLOCK_OFFSET} seconds"
     )]
     BadClockOffset(i64),
+    #[error(
+        "JWKS refetch interval {0} s is out of range: use 0 to {MAX_JWKS_REFETCH_INTERVAL} seconds"
+    )]
+    BadRefetchInterval(u64),
     #[error("the listener is bound to {0}; the dev-server serves on 127.0.0.1 only")]
     NotLoopback(SocketAddr),
     #[error("cannot read the listener's address: {0}")]
@@ -205,6 +221,7 @@ impl Settings {
         Settings {
             client_id: client_id.into(),
             jwks,
+            jwks_refetch_interval: DEFAULT_JWKS_REFETCH_INTERVAL,
             granted_scopes: DEFAULT_SCOPES.map(String::from).to_vec(),
             token_lifetime: DEFAULT_TOKEN_LIFETIME,
             users: DEFAULT_USERS,
@@ -241,6 +258,11 @@ impl Settings {
         if !(-MAX_CLOCK_OFFSET..=MAX_CLOCK_OFFSET).contains(&self.clock_offset_secs) {
             return Err(DevServerError::BadClockOffset(self.clock_offset_secs));
         }
+        if self.jwks_refetch_interval > MAX_JWKS_REFETCH_INTERVAL {
+            return Err(DevServerError::BadRefetchInterval(
+                self.jwks_refetch_interval,
+            ));
+        }
         Ok(())
     }
 }
@@ -271,7 +293,11 @@ impl DevServer {
         }
         settings.validate()?;
         let endpoints = Endpoints::new(addr.port());
-        let client_keys = ClientKeys::load(settings.jwks).await?;
+        let client_keys = ClientKeys::load(
+            settings.jwks,
+            std::time::Duration::from_secs(settings.jwks_refetch_interval),
+        )
+        .await?;
         let now = unix_now() + settings.clock_offset_secs;
         let random = |e: rand_core::Error| DevServerError::Random(e.to_string());
         let app = App {

@@ -30,12 +30,20 @@ struct Args {
     /// The OAuth client id: iss and sub of the client assertions
     #[arg(long)]
     client_id: String,
-    /// The client's public JWKS file, as `keybound jwks` prints it
+    /// The client's public JWKS file (as `keybound jwks` prints it), read again whenever it changes
     #[arg(long, value_name = "FILE")]
     jwks: Option<PathBuf>,
-    /// Fetch the client's JWKS from this URL at start and when an unknown kid shows up
+    /// Fetch the client's JWKS from this URL: at start, once its Cache-Control max-age has
+    /// passed (at most 3600 s, 300 s without one), and when an unknown kid shows up
     #[arg(long, value_name = "URL")]
     jwks_uri: Option<Url>,
+    /// With --jwks-uri: fewest seconds between two fetches an unknown kid causes
+    // conflicts_with, not requires = "jwks_uri": clap does not enforce that `requires` here
+    // (exactly one of the two is required, so both say the same).
+    #[arg(long, value_name = "SECS", conflicts_with = "jwks",
+          default_value_t = devserver::DEFAULT_JWKS_REFETCH_INTERVAL,
+          value_parser = clap::value_parser!(u64).range(0..=devserver::MAX_JWKS_REFETCH_INTERVAL))]
+    jwks_refetch_interval: u64,
     /// Scopes granted to the client, space-separated
     #[arg(long, default_value_t = devserver::DEFAULT_SCOPES.join(" "))]
     scopes: String,
@@ -96,6 +104,7 @@ impl Args {
             users: usize::try_from(self.users).context("--users is too large")?,
             rs_nonce_status: self.rs_nonce_status,
             clock_offset_secs: self.clock_offset_secs,
+            jwks_refetch_interval: self.jwks_refetch_interval,
             ..Settings::new(self.client_id, jwks)
         })
     }

@@ -195,10 +195,133 @@ fn cli_refuses_bad_flags_and_unusable_jwks() {
             "cannot be used with",
         ),
         (vec!["--jwks", good, "--rs-nonce-status", "403"], 2, "403"),
+        (
+            vec!["--jwks", good, "--jwks-refetch-interval", "1"],
+            2,
+            "cannot be used with",
+        ),
+        (
+            vec![
+                "--jwks-uri",
+                "http://127.0.0.1:9/jwks",
+                "--jwks-refetch-interval",
+                "3601",
+            ],
+            2,
+            "3601",
+        ),
     ] {
         let (status, stderr) = run(&args);
         assert_eq!(status, Some(code), "{args:?}: {stderr}");
         assert!(stderr.contains(message), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+/// `--jwks FILE` follows edits: a broken file is warned about on stderr (the file and the
+/// fault) and keeps the last good keys; a repaired one is read again, and `-v` logs its kids.
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_follows_jwks_file_edits_and_warns_about_a_broken_one() {
+    use std::io::Read as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jwks = write_jwks(dir.path(), "jwks.json", &[SoftKey::new("soft-1").jwk()]);
+    let mut child = Spawned(
+        Command::new(env!("CARGO_BIN_EXE_keybound-devserver"))
+            .args(["-v", "--port", "0", "--client-id", CLIENT_ID])
+            .arg("--jwks")
+            .arg(&jwks)
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keybound-devserver"),
+    );
+    let mut stdout = BufReader::new(child.0.stdout.take().expect("stdout"));
+    let mut base = None;
+    for _ in 0..7 {
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read banner");
+        if let Some(url) = line.trim_end().strip_prefix("listening on ") {
+            base = Some(url.to_string());
+        }
+    }
+    let token_url = format!("{}/oauth2/v1/token", base.expect("listening on"));
+    // Refused at the key lookup, before the signature: a header naming a kid is enough.
+    let b64 = |v: Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    let assertion = format!(
+        "{}.{}.AAAA",
+        b64(json!({ "alg": "ES256", "kid": "soft-2" })),
+        b64(json!({ "iss": CLIENT_ID })),
+    );
+    let form = [
+        ("grant_type", "client_credentials"),
+        (
+            "client_assertion_type",
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        ),
+        ("client_assertion", assertion.as_str()),
+    ];
+    let post = || async {
+        let response = http()
+            .post(&token_url)
+            .form(&form)
+            .send()
+            .await
+            .expect("POST token");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        let body: Value = serde_json::from_str(&text).expect("JSON body");
+        (
+            status,
+            body["error_description"].as_str().unwrap_or("").to_string(),
+        )
+    };
+
+    std::fs::write(&jwks, "{\"keys\": [").expect("break the file");
+    let (status, description) = post().await;
+    assert_eq!(status, 401, "{description}");
+    assert!(
+        description.contains("kid 'soft-2'") && description.contains("not JSON"),
+        "{description}"
+    );
+
+    write_jwks(
+        dir.path(),
+        "jwks.json",
+        &[SoftKey::new("soft-1").jwk(), SoftKey::new("soft-2").jwk()],
+    );
+    let (status, description) = post().await;
+    assert_eq!(status, 401, "{description}");
+    assert!(
+        description.contains("signature is invalid"),
+        "soft-2 is known now: {description}"
+    );
+
+    terminate(child.0.id());
+    let status = child.0.wait().expect("wait for dev-server");
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    let mut stderr = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    let path = jwks.display().to_string();
+    let warned = stderr
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("not JSON"));
+    let warned = warned.unwrap_or_else(|| panic!("no warning about the file: {stderr}"));
+    assert!(
+        warned.contains(&format!("the client JWKS from {path} is not usable"))
+            && warned.contains("keeping the last good keys")
+            && warned.contains("soft-1"),
+        "{warned}"
+    );
+    let reread = stderr
+        .lines()
+        .find(|l| l.contains("client JWKS file read again"))
+        .unwrap_or_else(|| panic!("no info line for the reread: {stderr}"));
+    assert!(reread.contains(r#"["soft-1", "soft-2"]"#), "{reread}");
 }
