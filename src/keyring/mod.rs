@@ -369,7 +369,8 @@ impl Keyring {
 impl Inventory {
     /// The keys a JWKS publishes: every approved key (policy and proof of possession) that
     /// is not a retired generation of a rotated slot (so prepared, active and retiring
-    /// generations, and keys outside any rotation).
+    /// generations, and keys outside any rotation), of the names the keyring publishes
+    /// when it was told (`Keyring::publish_only`).
     pub fn published(&self) -> impl Iterator<Item = &SigningKey> {
         self.audits
             .iter()
@@ -379,6 +380,11 @@ impl Inventory {
                     .is_none_or(|(_, g)| g.state.published())
             })
             .filter_map(Audit::signing_key)
+            .filter(|k| {
+                self.publish
+                    .as_ref()
+                    .is_none_or(|names| names.iter().any(|n| n == k.name()))
+            })
     }
 
     /// The published JWKS document (`{"keys": [...]}`, public members only): what

@@ -115,20 +115,7 @@ impl Connection {
             (None, None) => return Err(TokenError::NoTokenSelector),
         };
         let module = resolve_module(settings, profiles)?;
-        let pkcs11 = Pkcs11::new(&module).map_err(|e| TokenError::ModuleLoad {
-            path: module.clone(),
-            reason: e.to_string(),
-        })?;
-        let finalize =
-            match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-                Ok(()) => true,
-                // Already initialised in this process (C_Initialize is process-global): whoever
-                // did it finalises it.
-                Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => false,
-                Err(e) => return Err(ck(e)),
-            };
-        let slot = find_slot(&pkcs11, &selector, &module)?;
-        let info = pkcs11.get_token_info(slot).map_err(ck)?;
+        let (pkcs11, finalize, slot, info) = initialize_and_find(&module, &selector)?;
         let profile = match &settings.profile {
             Some(name) => profiles.named(name)?,
             None => profiles.matching(info.manufacturer_id(), info.model())?,
@@ -435,6 +422,72 @@ fn resolve_module(settings: &Pkcs11Settings, profiles: &Profiles) -> Result<Path
     trust::check_path(found, Owners::UserOrRoot).map_err(refuse)
 }
 
+/// Loads and initialises the module and finds the token. SoftHSM reads its token files
+/// at `C_Initialize`; when another process was rewriting them at that moment (a key
+/// generated, a rotation record written by another keybound on the same token), the token
+/// is missing, unreadable or has an empty label in this process until it initialises
+/// again: so a token not found or `CKR_GENERAL_ERROR` is tried again, three times within
+/// about 300 ms, after `C_Finalize`.
+fn initialize_and_find(
+    module: &std::path::Path,
+    selector: &Selector,
+) -> Result<(Pkcs11, bool, Slot, cryptoki::slot::TokenInfo), TokenError> {
+    let mut tries = 0u64;
+    loop {
+        let pkcs11 = Pkcs11::new(module).map_err(|e| TokenError::ModuleLoad {
+            path: module.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let finalize =
+            match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+                Ok(()) => true,
+                // Already initialised in this process (C_Initialize is process-global): whoever
+                // did it finalises it.
+                Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => false,
+                Err(e) => return Err(ck(e)),
+            };
+        let found = find_slot(&pkcs11, selector, module)
+            .and_then(|slot| Ok((slot, token_info(&pkcs11, slot).map_err(ck)?)));
+        let passing = match &found {
+            // Also a token seen half-read (an empty label): the same moment of rewriting.
+            Err(TokenError::TokenNotFound { .. }) => true,
+            Err(e) => e.to_string().contains("CKR_GENERAL_ERROR"),
+            Ok(_) => false,
+        };
+        match found {
+            Ok((slot, info)) => return Ok((pkcs11, finalize, slot, info)),
+            Err(e) if !(passing && finalize && tries < 3) => {
+                if finalize {
+                    let _ = pkcs11.finalize();
+                }
+                return Err(e);
+            }
+            Err(e) => {
+                tries += 1;
+                tracing::debug!("token not readable yet ({e}); initialising the module again");
+                let _ = pkcs11.finalize();
+                std::thread::sleep(std::time::Duration::from_millis(50 * tries));
+            }
+        }
+    }
+}
+
+/// `C_GetTokenInfo`, tried again a few times on `CKR_GENERAL_ERROR`: SoftHSM answers that
+/// while another process rewrites the token's files (a key generated, a rotation record
+/// written by another keybound on the same token), and a moment later it reads them fine.
+fn token_info(pkcs11: &Pkcs11, slot: Slot) -> Result<cryptoki::slot::TokenInfo, Error> {
+    let mut tries = 0;
+    loop {
+        match pkcs11.get_token_info(slot) {
+            Err(Error::Pkcs11(RvError::GeneralError, _)) if tries < 5 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20 * tries));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn find_slot(
     pkcs11: &Pkcs11,
     selector: &Selector,
@@ -442,7 +495,7 @@ fn find_slot(
 ) -> Result<Slot, TokenError> {
     let mut seen = Vec::new();
     for slot in pkcs11.get_slots_with_token().map_err(ck)? {
-        let Ok(info) = pkcs11.get_token_info(slot) else {
+        let Ok(info) = token_info(pkcs11, slot) else {
             continue;
         };
         let (label, serial) = (info.label().trim(), info.serial_number().trim());
