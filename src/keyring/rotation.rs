@@ -246,7 +246,12 @@ impl Rotation {
                     g.n, g.label
                 ));
             }
-            let on_device = listing.keys.iter().find(|k| k.label() == g.label);
+            // The recorded key (label and id), else any key of that label.
+            let mut labelled = listing.keys.iter().filter(|k| k.label() == g.label);
+            let on_device = labelled
+                .clone()
+                .find(|k| Some(hex(k.id())) == g.id)
+                .or_else(|| labelled.next());
             let settled = !matches!(
                 g.state,
                 GenState::Pending | GenState::Destroying | GenState::Destroyed
@@ -310,12 +315,11 @@ pub enum RotationError {
         #[source]
         source: Box<KeyError>,
     },
-    #[error("a rotation of '{slot}' is already in progress: {state}. {next}")]
-    InProgress {
-        slot: String,
-        state: String,
-        next: &'static str,
-    },
+    #[error(
+        "a rotation of '{slot}' is already in progress: {state}. Activate it (`keybound keys \
+         rotate --label {slot} --activate`) before preparing another"
+    )]
+    InProgress { slot: String, state: String },
     #[error(
         "'{slot}' has no prepared generation ({state}); run `keybound keys rotate --label {slot}` first"
     )]
@@ -513,22 +517,8 @@ impl Keyring {
                 Ok(Some((r, bytes)))
             }
             None => {
-                let orphans: Vec<&str> = listing
-                    .keys
-                    .iter()
-                    .map(KeyInfo::label)
-                    .chain(listing.problems.iter().map(|p| p.label.as_str()))
-                    .filter(|l| split_generation(l).is_some_and(|(s, _)| s == slot.as_str()))
-                    .collect();
-                if orphans.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(RotationError::Lost {
-                        slot: slot.to_string(),
-                        labels: orphans.join(", "),
-                    }
-                    .into())
-                }
+                not_lost(slot, listing)?;
+                Ok(None)
             }
         }
     }
@@ -546,8 +536,18 @@ impl Keyring {
     ) -> Result<(), KeyError> {
         let bytes = next.encode()?;
         self.backend.put_record(slot, next.seq, &bytes)?;
+        // Where the device has no compare-and-swap (PKCS#11 objects), two writers of one
+        // sequence number can each read back before the other wrote: so any other record
+        // of this number or a later one makes this write lose. Of two such writers, the
+        // one that reads last sees both and backs off; at most one goes on.
+        let contested = self
+            .backend
+            .records(slot)?
+            .iter()
+            .filter(|b| **b != bytes)
+            .any(|b| Rotation::decode(slot.as_str(), b).map_or(true, |r| r.seq >= next.seq));
         match self.read_record(slot)? {
-            Some((winner, won)) if winner.seq == next.seq && won == bytes => {}
+            Some((winner, won)) if !contested && winner.seq == next.seq && won == bytes => {}
             _ => {
                 let _ = self.backend.remove_record(slot, next.seq, &bytes);
                 return Err(TokenError::RecordConflict {
@@ -578,15 +578,10 @@ impl Keyring {
             Some(found) => found,
             None => self.adopt(&slot)?,
         };
-        if let Some(g) = rotation.in_state(GenState::Prepared).next() {
+        if rotation.in_state(GenState::Prepared).next().is_some() {
             return Err(RotationError::InProgress {
                 slot: slot.to_string(),
                 state: rotation.summary(),
-                next: if g.state == GenState::Prepared {
-                    "Activate it (`keybound keys rotate --label <slot> --activate`) before preparing another"
-                } else {
-                    ""
-                },
             }
             .into());
         }
@@ -618,13 +613,23 @@ impl Keyring {
             }
         };
         let label = Label::parse(&pending.label)?;
-        let key = match listing.keys.iter().find(|k| k.label() == pending.label) {
+        let (key, generated) = match listing.keys.iter().find(|k| k.label() == pending.label) {
             // A run stopped after the device made the key.
-            Some(k) => k.clone(),
+            Some(k) => (k.clone(), false),
             None => {
-                let k = self.backend.generate(&label, rotation.alg)?;
+                let k = match self.backend.generate(&label, rotation.alg) {
+                    // Another run, resuming the same pending generation, made it just now.
+                    Err(TokenError::LabelExists { .. }) => {
+                        return Err(TokenError::RecordConflict {
+                            slot: slot.to_string(),
+                            seq: rotation.seq + 1,
+                        }
+                        .into());
+                    }
+                    made => made?,
+                };
                 crate::fault::point("rotate-key-generated");
-                k
+                (k, true)
             }
         };
         let approved = self.approve(&key)?;
@@ -636,7 +641,15 @@ impl Keyring {
                 g.prepared = Some(unix_now());
             }
         });
-        self.write_record(&slot, Some(&bytes), rotation.seq, &next)?;
+        if let Err(e) = self.write_record(&slot, Some(&bytes), rotation.seq, &next) {
+            // Another run finished this generation with its own key: ours is nobody's.
+            if generated && matches!(e, KeyError::Token(TokenError::RecordConflict { .. })) {
+                if let Err(d) = self.backend.destroy(&key) {
+                    tracing::warn!(slot = %slot, label = %pending.label, "the key this run generated stays: {d}");
+                }
+            }
+            return Err(e);
+        }
         crate::fault::point("rotate-prepared-written");
         let generation = next
             .generations
@@ -941,7 +954,21 @@ impl Keyring {
                     reason: "it has no active generation".into(),
                 })?;
             let id = g.id_bytes().unwrap_or_default();
-            let info = self.backend.find(&KeyName::exact(&g.label, &id))?;
+            let info = match self.backend.find(&KeyName::exact(&g.label, &id)) {
+                Err(TokenError::KeyNotFound { .. }) => {
+                    return Err(RotationError::Inconsistent {
+                        slot: slot.to_string(),
+                        reason: format!(
+                            "{}, but no usable key labelled '{}' is on the device (deleted \
+                             outside keybound?)",
+                            g.describe(),
+                            g.label
+                        ),
+                    }
+                    .into());
+                }
+                found => found?,
+            };
             if Some(info.public().thumbprint()) != g.kid {
                 return Err(RotationError::Inconsistent {
                     slot: slot.to_string(),
@@ -964,7 +991,13 @@ impl Keyring {
             return Ok(info);
         };
         match self.read_record(&slot_label)? {
-            None => Ok(info),
+            None => {
+                // Without its record, a slot whose generation keys are on the device has
+                // lost which one is active: never guessed (the label alone would name
+                // generation 1, perhaps long retired).
+                not_lost(&slot_label, &self.backend.keys()?)?;
+                Ok(info)
+            }
             Some((rotation, _)) => match rotation.generations.iter().find(|g| g.n == n) {
                 Some(g) if g.state == GenState::Active => Ok(info),
                 found => Err(RotationError::NotActive {
@@ -1013,6 +1046,27 @@ impl Keyring {
             }
         }
         Ok((found, broken))
+    }
+}
+
+/// A slot without a record has no generation keys on the device (`<slot>#<n>`): if it
+/// has, its record was lost, and which key is active is unknown.
+fn not_lost(slot: &Label, listing: &Listing) -> Result<(), KeyError> {
+    let orphans: Vec<&str> = listing
+        .keys
+        .iter()
+        .map(KeyInfo::label)
+        .chain(listing.problems.iter().map(|p| p.label.as_str()))
+        .filter(|l| split_generation(l).is_some_and(|(s, _)| s == slot.as_str()))
+        .collect();
+    if orphans.is_empty() {
+        Ok(())
+    } else {
+        Err(RotationError::Lost {
+            slot: slot.to_string(),
+            labels: orphans.join(", "),
+        }
+        .into())
     }
 }
 
