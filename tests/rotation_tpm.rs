@@ -134,7 +134,12 @@ fn the_life_cycle_on_the_tpm() {
         .unwrap_or_else(|| panic!("{out}"))
         .to_string();
     assert!(out.contains("on token 'tpm'"), "{out}");
-    assert_eq!(records(&home).len(), 1, "one record file: {:?}", records(&home));
+    assert_eq!(
+        records(&home).len(),
+        1,
+        "one record file: {:?}",
+        records(&home)
+    );
     assert!(published(&home).contains(&kid2));
     assert_eq!(dpop_kid(&home), kid1);
 
@@ -145,7 +150,15 @@ fn the_life_cycle_on_the_tpm() {
         "{err}"
     );
     let (_, err) = home.run_fail(
-        &["dpop", "--key", "dpop#2", "--method", "GET", "--url", "https://a.example/"],
+        &[
+            "dpop",
+            "--key",
+            "dpop#2",
+            "--method",
+            "GET",
+            "--url",
+            "https://a.example/",
+        ],
         1,
     );
     assert!(err.contains("only the active generation signs"), "{err}");
@@ -158,9 +171,15 @@ fn the_life_cycle_on_the_tpm() {
     home.run_ok(&["keys", "rotate", "--label", "dpop", "--retire", "--force"]);
     assert!(!published(&home).contains(&kid1));
     let (_, err) = home.run_fail(&["keys", "destroy", "--label", "dpop", "--kid", &kid2], 1);
-    assert!(err.contains("only a retired generation can be destroyed"), "{err}");
+    assert!(
+        err.contains("only a retired generation can be destroyed"),
+        "{err}"
+    );
     let out = home.run_ok(&["keys", "destroy", "--label", "dpop", "--kid", &kid1]);
-    assert!(out.contains("destroyed: generation 1 ('dpop', kid"), "{out}");
+    assert!(
+        out.contains("destroyed: generation 1 ('dpop', kid"),
+        "{out}"
+    );
     assert_eq!(
         key_files(&home),
         ["client-auth.json", "dpop%232.json"],
@@ -200,22 +219,43 @@ fn a_kill_at_the_tpm_steps_is_resumed() {
         ),
     ];
     let ends = [
-        state_map(&[("client-auth", "-"), ("dpop", "active"), ("dpop#2", "prepared")]),
-        state_map(&[("client-auth", "-"), ("dpop", "retiring"), ("dpop#2", "active")]),
-        state_map(&[("client-auth", "-"), ("dpop", "retired"), ("dpop#2", "active")]),
+        state_map(&[
+            ("client-auth", "-"),
+            ("dpop", "active"),
+            ("dpop#2", "prepared"),
+        ]),
+        state_map(&[
+            ("client-auth", "-"),
+            ("dpop", "retiring"),
+            ("dpop#2", "active"),
+        ]),
+        state_map(&[
+            ("client-auth", "-"),
+            ("dpop", "retired"),
+            ("dpop#2", "active"),
+        ]),
         state_map(&[("client-auth", "-"), ("dpop#2", "active")]),
     ];
     let only: Option<String> = std::env::var("KEYBOUND_TEST_FAULTS").ok();
     let mut report = Vec::new();
     for (step, (args, points)) in steps.iter().enumerate() {
         for point in *points {
-            if only.as_deref().is_some_and(|o| !o.split(',').any(|p| p == *point)) {
+            if only
+                .as_deref()
+                .is_some_and(|o| !o.split(',').any(|p| p == *point))
+            {
                 continue;
             }
             let (home, kid1) = home();
             let fill = |a: &[&str]| -> Vec<String> {
                 a.iter()
-                    .map(|s| if *s == "KID1" { kid1.clone() } else { (*s).to_string() })
+                    .map(|s| {
+                        if *s == "KID1" {
+                            kid1.clone()
+                        } else {
+                            (*s).to_string()
+                        }
+                    })
                     .collect()
             };
             for (before, _) in &steps[..step] {
@@ -247,7 +287,11 @@ fn a_kill_at_the_tpm_steps_is_resumed() {
                 assert!(!err.contains("panicked"), "{point}: {err}");
                 err.lines().last().unwrap_or_default().to_string()
             };
-            assert_eq!(assert_consistent(&home, point), ends[step], "{point}: {said}");
+            assert_eq!(
+                assert_consistent(&home, point),
+                ends[step],
+                "{point}: {said}"
+            );
             assert_eq!(records(&home).len(), 1, "{point}: one record file");
             let files = key_files(&home);
             assert_eq!(
@@ -273,11 +317,23 @@ fn an_edited_or_lost_record_file_is_refused() {
     assert_eq!(files.len(), 1, "{files:?}");
     let original = fs::read_to_string(&files[0]).expect("record");
     assert!(original.contains("\"prepared\""), "{original}");
-    fs::write(&files[0], original.replacen("\"prepared\"", "\"active\"", 1)).expect("edit");
+    fs::write(
+        &files[0],
+        original.replacen("\"prepared\"", "\"active\"", 1),
+    )
+    .expect("edit");
     let why = "the rotation record of 'dpop' cannot be trusted: a stored record: its digest \
                does not match its content (it was edited)";
     for args in [
-        &["dpop", "--key", "dpop", "--method", "GET", "--url", "https://a.example/"][..],
+        &[
+            "dpop",
+            "--key",
+            "dpop",
+            "--method",
+            "GET",
+            "--url",
+            "https://a.example/",
+        ][..],
         &["keys", "rotate", "--label", "dpop"],
         &["keys", "rotate", "--label", "dpop", "--activate"],
     ] {
@@ -286,7 +342,11 @@ fn an_edited_or_lost_record_file_is_refused() {
     }
     assert_eq!(
         states(&home),
-        state_map(&[("client-auth", "-"), ("dpop", "problem"), ("dpop#2", "problem")]),
+        state_map(&[
+            ("client-auth", "-"),
+            ("dpop", "problem"),
+            ("dpop#2", "problem")
+        ]),
         "keys list still lists client-auth"
     );
     // Lost: the file removed while dpop#2 is on the TPM.
@@ -294,7 +354,15 @@ fn an_edited_or_lost_record_file_is_refused() {
     let lost = "the rotation record of 'dpop' is missing, but keys of its generations are on \
                 the device (dpop#2)";
     for args in [
-        &["dpop", "--key", "dpop", "--method", "GET", "--url", "https://a.example/"][..],
+        &[
+            "dpop",
+            "--key",
+            "dpop",
+            "--method",
+            "GET",
+            "--url",
+            "https://a.example/",
+        ][..],
         &["keys", "rotate", "--label", "dpop", "--activate"],
     ] {
         let (_, err) = home.run_fail(args, 1);

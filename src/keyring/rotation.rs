@@ -523,6 +523,66 @@ impl Keyring {
         }
     }
 
+    /// Takes this slot's turn among the keybound processes of this host: held for a whole
+    /// step (read, device operation, writes). A device shared across hosts relies on the
+    /// record writes alone (`write_record`); on one host this lock also covers a device
+    /// whose library shows a process the objects another created only later (SoftHSM's
+    /// file store does, seen in tests/rotation.rs). Waits at most 30 s for another step.
+    fn step_lock(&self, slot: &Label) -> Result<std::fs::File, KeyError> {
+        use std::os::unix::fs::{
+            DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+        };
+        let t = self.describe();
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .filter(|d| !d.is_empty())
+            .map_or_else(std::env::temp_dir, std::path::PathBuf::from);
+        let uid = rustix::process::geteuid().as_raw();
+        let dir = base.join(format!("keybound-{uid}"));
+        let unusable = |why: String| {
+            internal(format!(
+                "cannot take the rotation lock in {}: {why}",
+                dir.display()
+            ))
+        };
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(unusable(e.to_string()));
+            }
+            _ => {}
+        }
+        let meta = std::fs::symlink_metadata(&dir).map_err(|e| unusable(e.to_string()))?;
+        if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
+            return Err(unusable(
+                "it must be a directory of this user that no one else can open".into(),
+            ));
+        }
+        let name =
+            digest(format!("{}\0{}\0{}\0{slot}", t.backend, t.token_label, t.serial).as_bytes());
+        let path = dir.join(format!("rotation-{name}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path)
+            .map_err(|e| unusable(e.to_string()))?;
+        for _ in 0..600 {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(file),
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(unusable(e.to_string())),
+            }
+        }
+        Err(TokenError::RecordConflict {
+            slot: slot.to_string(),
+            seq: 0,
+        }
+        .into())
+    }
+
     /// Stores `next` (whose `seq` is one past `old`'s), then removes `old`. Reads back
     /// first: if another writer stored the same sequence number and its record wins, ours
     /// is removed and the step reported as a conflict, so two agents never both believe
@@ -573,6 +633,7 @@ impl Keyring {
     /// prepared is an error that shows the state.
     pub fn prepare(&self, slot: &str) -> Result<Prepared, KeyError> {
         let slot = slot_label(slot)?;
+        let _turn = self.step_lock(&slot)?;
         let listing = self.backend.keys()?;
         let (mut rotation, mut bytes) = match self.checked(&slot, &listing)? {
             Some(found) => found,
@@ -643,10 +704,11 @@ impl Keyring {
         });
         if let Err(e) = self.write_record(&slot, Some(&bytes), rotation.seq, &next) {
             // Another run finished this generation with its own key: ours is nobody's.
-            if generated && matches!(e, KeyError::Token(TokenError::RecordConflict { .. })) {
-                if let Err(d) = self.backend.destroy(&key) {
-                    tracing::warn!(slot = %slot, label = %pending.label, "the key this run generated stays: {d}");
-                }
+            if generated
+                && matches!(e, KeyError::Token(TokenError::RecordConflict { .. }))
+                && let Err(d) = self.backend.destroy(&key)
+            {
+                tracing::warn!(slot = %slot, label = %pending.label, "the key this run generated stays: {d}");
             }
             return Err(e);
         }
@@ -748,6 +810,7 @@ impl Keyring {
     /// one record write. Needs the servers' acceptance of exactly that generation.
     pub fn activate(&self, slot: &str, accepted: &Accepted) -> Result<Rotation, KeyError> {
         let slot = slot_label(slot)?;
+        let _turn = self.step_lock(&slot)?;
         let listing = self.backend.keys()?;
         let Some((rotation, bytes)) = self.checked(&slot, &listing)? else {
             return Err(RotationError::NothingPrepared {
@@ -796,6 +859,7 @@ impl Keyring {
     /// it is held, unless `force`.
     pub fn retire(&self, slot: &str, retire_after: u64, force: bool) -> Result<Rotation, KeyError> {
         let slot = slot_label(slot)?;
+        let _turn = self.step_lock(&slot)?;
         let listing = self.backend.keys()?;
         let Some((rotation, bytes)) = self.checked(&slot, &listing)? else {
             return Err(RotationError::NothingRetiring {
@@ -846,6 +910,7 @@ impl Keyring {
     /// state is refused, and so is a key an access token held somewhere is bound to.
     pub fn destroy(&self, slot: &str, kid: &str) -> Result<Rotation, KeyError> {
         let slot = slot_label(slot)?;
+        let _turn = self.step_lock(&slot)?;
         let listing = self.backend.keys()?;
         let Some((mut rotation, mut bytes)) = self.checked(&slot, &listing)? else {
             return Err(RotationError::UnknownKid {
@@ -919,6 +984,7 @@ impl Keyring {
             return Ok(());
         };
         let slot = slot_label(slot)?;
+        let _turn = self.step_lock(&slot)?;
         let Some((rotation, bytes)) = self.read_record(&slot)? else {
             return Ok(());
         };
