@@ -651,6 +651,8 @@ fn a_generation_key_deleted_outside_keybound_is_named() {
         assert_mentions(&token.run_err(args), &["cannot be trusted", &gone]);
     }
     assert_listed_as_problems(&token, &["dpop"], &gone);
+    // The active generation is intact and still signs: only the steps are refused.
+    assert_eq!(dpop_kid(&token, "dpop"), kid1);
     // The active key deleted: signing names it.
     let (token, kid1) = setup();
     let kid2 = prepare(&token, "dpop", 2);
