@@ -373,3 +373,28 @@ fn an_edited_or_lost_record_file_is_refused() {
     fs::write(&files[0], &original).expect("restore");
     home.run_ok(&["keys", "rotate", "--label", "dpop", "--activate"]);
 }
+
+#[test]
+fn a_generation_key_file_deleted_outside_keybound_is_named() {
+    let (home, kid1) = home();
+    let out = home.run_ok(&["keys", "rotate", "--label", "dpop"]);
+    assert!(out.starts_with("prepared generation 2 of 'dpop'"), "{out}");
+    fs::remove_file(home.key_file("dpop%232")).expect("remove the key file of dpop#2");
+    for args in [
+        &["keys", "rotate", "--label", "dpop"][..],
+        &["keys", "rotate", "--label", "dpop", "--activate", "--force"],
+    ] {
+        let (_, err) = home.run_fail(args, 1);
+        assert!(
+            err.contains("cannot be trusted")
+                && err
+                    .contains("is prepared, but no usable key labelled 'dpop#2' is on the device"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(
+        states(&home),
+        state_map(&[("client-auth", "-"), ("dpop", "problem")])
+    );
+    assert_eq!(dpop_kid(&home), kid1, "the active generation still signs");
+}
