@@ -92,7 +92,7 @@ pub fn list(config: Option<&Path>, as_json: bool) -> anyhow::Result<ExitCode> {
             Some((_, g)) => (g.state.name(), since(g)),
             None => ("-", String::new()),
         };
-        out!(
+        let line = format!(
             "{:width$}  {:5}  {:43}  {:6}  {:10}  {since}",
             k.label(),
             k.alg().name(),
@@ -100,6 +100,7 @@ pub fn list(config: Option<&Path>, as_json: bool) -> anyhow::Result<ExitCode> {
             outcome_name(a.verdict().outcome()),
             state
         );
+        out!("{}", line.trim_end());
     }
     for p in &problems {
         out!("{:width$}  {:5}  {:43}  fail    -", p.label, "-", "-");
