@@ -90,7 +90,7 @@ pub fn list(config: Option<&Path>, as_json: bool) -> anyhow::Result<ExitCode> {
             Some((_, g)) => (g.state.name(), since(g)),
             None => ("-", "-".to_string()),
         };
-        out!(
+        let line = format!(
             "{:width$}  {:5}  {:43}  {:10}  {:23}  {}",
             k.label(),
             k.alg().name(),
@@ -99,6 +99,7 @@ pub fn list(config: Option<&Path>, as_json: bool) -> anyhow::Result<ExitCode> {
             since,
             outcome_name(a.verdict().outcome())
         );
+        out!("{}", line.trim_end());
     }
     for p in &problems {
         out!(

@@ -246,7 +246,12 @@ impl Rotation {
                     g.n, g.label
                 ));
             }
-            let on_device = listing.keys.iter().find(|k| k.label() == g.label);
+            // The recorded key (label and id), else any key of that label.
+            let mut labelled = listing.keys.iter().filter(|k| k.label() == g.label);
+            let on_device = labelled
+                .clone()
+                .find(|k| Some(hex(k.id())) == g.id)
+                .or_else(|| labelled.next());
             let settled = !matches!(
                 g.state,
                 GenState::Pending | GenState::Destroying | GenState::Destroyed
@@ -310,12 +315,11 @@ pub enum RotationError {
         #[source]
         source: Box<KeyError>,
     },
-    #[error("a rotation of '{slot}' is already in progress: {state}. {next}")]
-    InProgress {
-        slot: String,
-        state: String,
-        next: &'static str,
-    },
+    #[error(
+        "a rotation of '{slot}' is already in progress: {state}. Activate it (`keybound keys \
+         rotate --label {slot} --activate`) before preparing another"
+    )]
+    InProgress { slot: String, state: String },
     #[error(
         "'{slot}' has no prepared generation ({state}); run `keybound keys rotate --label {slot}` first"
     )]
@@ -513,24 +517,70 @@ impl Keyring {
                 Ok(Some((r, bytes)))
             }
             None => {
-                let orphans: Vec<&str> = listing
-                    .keys
-                    .iter()
-                    .map(KeyInfo::label)
-                    .chain(listing.problems.iter().map(|p| p.label.as_str()))
-                    .filter(|l| split_generation(l).is_some_and(|(s, _)| s == slot.as_str()))
-                    .collect();
-                if orphans.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(RotationError::Lost {
-                        slot: slot.to_string(),
-                        labels: orphans.join(", "),
-                    }
-                    .into())
-                }
+                not_lost(slot, listing)?;
+                Ok(None)
             }
         }
+    }
+
+    /// Takes this slot's turn among the keybound processes of this host: held for a whole
+    /// step (read, device operation, writes). A device shared across hosts relies on the
+    /// record writes alone (`write_record`); on one host this lock also covers a device
+    /// whose library shows a process the objects another created only later (SoftHSM's
+    /// file store does, seen in tests/rotation.rs). Waits at most 30 s for another step.
+    fn step_lock(&self, slot: &Label) -> Result<std::fs::File, KeyError> {
+        use std::os::unix::fs::{
+            DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+        };
+        let t = self.describe();
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .filter(|d| !d.is_empty())
+            .map_or_else(std::env::temp_dir, std::path::PathBuf::from);
+        let uid = rustix::process::geteuid().as_raw();
+        let dir = base.join(format!("keybound-{uid}"));
+        let unusable = |why: String| {
+            internal(format!(
+                "cannot take the rotation lock in {}: {why}",
+                dir.display()
+            ))
+        };
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(unusable(e.to_string()));
+            }
+            _ => {}
+        }
+        let meta = std::fs::symlink_metadata(&dir).map_err(|e| unusable(e.to_string()))?;
+        if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
+            return Err(unusable(
+                "it must be a directory of this user that no one else can open".into(),
+            ));
+        }
+        let name =
+            digest(format!("{}\0{}\0{}\0{slot}", t.backend, t.token_label, t.serial).as_bytes());
+        let path = dir.join(format!("rotation-{name}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path)
+            .map_err(|e| unusable(e.to_string()))?;
+        for _ in 0..600 {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(file),
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(unusable(e.to_string())),
+            }
+        }
+        Err(TokenError::RecordConflict {
+            slot: slot.to_string(),
+            seq: 0,
+        }
+        .into())
     }
 
     /// Stores `next` (whose `seq` is one past `old`'s), then removes `old`. Reads back
@@ -546,8 +596,18 @@ impl Keyring {
     ) -> Result<(), KeyError> {
         let bytes = next.encode()?;
         self.backend.put_record(slot, next.seq, &bytes)?;
+        // Where the device has no compare-and-swap (PKCS#11 objects), two writers of one
+        // sequence number can each read back before the other wrote: so any other record
+        // of this number or a later one makes this write lose. Of two such writers, the
+        // one that reads last sees both and backs off; at most one goes on.
+        let contested = self
+            .backend
+            .records(slot)?
+            .iter()
+            .filter(|b| **b != bytes)
+            .any(|b| Rotation::decode(slot.as_str(), b).map_or(true, |r| r.seq >= next.seq));
         match self.read_record(slot)? {
-            Some((winner, won)) if winner.seq == next.seq && won == bytes => {}
+            Some((winner, won)) if !contested && winner.seq == next.seq && won == bytes => {}
             _ => {
                 let _ = self.backend.remove_record(slot, next.seq, &bytes);
                 return Err(TokenError::RecordConflict {
@@ -573,20 +633,16 @@ impl Keyring {
     /// prepared is an error that shows the state.
     pub fn prepare(&self, slot: &str) -> Result<Prepared, KeyError> {
         let slot = slot_label(slot)?;
+        let _turn = self.step_lock(&slot)?;
         let listing = self.backend.keys()?;
         let (mut rotation, mut bytes) = match self.checked(&slot, &listing)? {
             Some(found) => found,
             None => self.adopt(&slot)?,
         };
-        if let Some(g) = rotation.in_state(GenState::Prepared).next() {
+        if rotation.in_state(GenState::Prepared).next().is_some() {
             return Err(RotationError::InProgress {
                 slot: slot.to_string(),
                 state: rotation.summary(),
-                next: if g.state == GenState::Prepared {
-                    "Activate it (`keybound keys rotate --label <slot> --activate`) before preparing another"
-                } else {
-                    ""
-                },
             }
             .into());
         }
@@ -618,13 +674,23 @@ impl Keyring {
             }
         };
         let label = Label::parse(&pending.label)?;
-        let key = match listing.keys.iter().find(|k| k.label() == pending.label) {
+        let (key, generated) = match listing.keys.iter().find(|k| k.label() == pending.label) {
             // A run stopped after the device made the key.
-            Some(k) => k.clone(),
+            Some(k) => (k.clone(), false),
             None => {
-                let k = self.backend.generate(&label, rotation.alg)?;
+                let k = match self.backend.generate(&label, rotation.alg) {
+                    // Another run, resuming the same pending generation, made it just now.
+                    Err(TokenError::LabelExists { .. }) => {
+                        return Err(TokenError::RecordConflict {
+                            slot: slot.to_string(),
+                            seq: rotation.seq + 1,
+                        }
+                        .into());
+                    }
+                    made => made?,
+                };
                 crate::fault::point("rotate-key-generated");
-                k
+                (k, true)
             }
         };
         let approved = self.approve(&key)?;
@@ -636,7 +702,16 @@ impl Keyring {
                 g.prepared = Some(unix_now());
             }
         });
-        self.write_record(&slot, Some(&bytes), rotation.seq, &next)?;
+        if let Err(e) = self.write_record(&slot, Some(&bytes), rotation.seq, &next) {
+            // Another run finished this generation with its own key: ours is nobody's.
+            if generated
+                && matches!(e, KeyError::Token(TokenError::RecordConflict { .. }))
+                && let Err(d) = self.backend.destroy(&key)
+            {
+                tracing::warn!(slot = %slot, label = %pending.label, "the key this run generated stays: {d}");
+            }
+            return Err(e);
+        }
         crate::fault::point("rotate-prepared-written");
         let generation = next
             .generations
@@ -735,6 +810,7 @@ impl Keyring {
     /// one record write. Needs the servers' acceptance of exactly that generation.
     pub fn activate(&self, slot: &str, accepted: &Accepted) -> Result<Rotation, KeyError> {
         let slot = slot_label(slot)?;
+        let _turn = self.step_lock(&slot)?;
         let listing = self.backend.keys()?;
         let Some((rotation, bytes)) = self.checked(&slot, &listing)? else {
             return Err(RotationError::NothingPrepared {
@@ -783,6 +859,7 @@ impl Keyring {
     /// it is held, unless `force`.
     pub fn retire(&self, slot: &str, retire_after: u64, force: bool) -> Result<Rotation, KeyError> {
         let slot = slot_label(slot)?;
+        let _turn = self.step_lock(&slot)?;
         let listing = self.backend.keys()?;
         let Some((rotation, bytes)) = self.checked(&slot, &listing)? else {
             return Err(RotationError::NothingRetiring {
@@ -833,6 +910,7 @@ impl Keyring {
     /// state is refused, and so is a key an access token held somewhere is bound to.
     pub fn destroy(&self, slot: &str, kid: &str) -> Result<Rotation, KeyError> {
         let slot = slot_label(slot)?;
+        let _turn = self.step_lock(&slot)?;
         let listing = self.backend.keys()?;
         let Some((mut rotation, mut bytes)) = self.checked(&slot, &listing)? else {
             return Err(RotationError::UnknownKid {
@@ -906,6 +984,7 @@ impl Keyring {
             return Ok(());
         };
         let slot = slot_label(slot)?;
+        let _turn = self.step_lock(&slot)?;
         let Some((rotation, bytes)) = self.read_record(&slot)? else {
             return Ok(());
         };
@@ -941,7 +1020,21 @@ impl Keyring {
                     reason: "it has no active generation".into(),
                 })?;
             let id = g.id_bytes().unwrap_or_default();
-            let info = self.backend.find(&KeyName::exact(&g.label, &id))?;
+            let info = match self.backend.find(&KeyName::exact(&g.label, &id)) {
+                Err(TokenError::KeyNotFound { .. }) => {
+                    return Err(RotationError::Inconsistent {
+                        slot: slot.to_string(),
+                        reason: format!(
+                            "{}, but no usable key labelled '{}' is on the device (deleted \
+                             outside keybound?)",
+                            g.describe(),
+                            g.label
+                        ),
+                    }
+                    .into());
+                }
+                found => found?,
+            };
             if Some(info.public().thumbprint()) != g.kid {
                 return Err(RotationError::Inconsistent {
                     slot: slot.to_string(),
@@ -964,7 +1057,13 @@ impl Keyring {
             return Ok(info);
         };
         match self.read_record(&slot_label)? {
-            None => Ok(info),
+            None => {
+                // Without its record, a slot whose generation keys are on the device has
+                // lost which one is active: never guessed (the label alone would name
+                // generation 1, perhaps long retired).
+                not_lost(&slot_label, &self.backend.keys()?)?;
+                Ok(info)
+            }
             Some((rotation, _)) => match rotation.generations.iter().find(|g| g.n == n) {
                 Some(g) if g.state == GenState::Active => Ok(info),
                 found => Err(RotationError::NotActive {
@@ -1013,6 +1112,27 @@ impl Keyring {
             }
         }
         Ok((found, broken))
+    }
+}
+
+/// A slot without a record has no generation keys on the device (`<slot>#<n>`): if it
+/// has, its record was lost, and which key is active is unknown.
+fn not_lost(slot: &Label, listing: &Listing) -> Result<(), KeyError> {
+    let orphans: Vec<&str> = listing
+        .keys
+        .iter()
+        .map(KeyInfo::label)
+        .chain(listing.problems.iter().map(|p| p.label.as_str()))
+        .filter(|l| split_generation(l).is_some_and(|(s, _)| s == slot.as_str()))
+        .collect();
+    if orphans.is_empty() {
+        Ok(())
+    } else {
+        Err(RotationError::Lost {
+            slot: slot.to_string(),
+            labels: orphans.join(", "),
+        }
+        .into())
     }
 }
 

@@ -7,6 +7,7 @@
 //! the two whole (the keyring reads the newest). And destroying a key generation: its
 //! private and public objects.
 
+use cryptoki::error::{Error, RvError};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
@@ -27,8 +28,12 @@ fn template(slot: &str) -> Vec<Attribute> {
 fn values(s: &Session, slot: &str) -> Result<Vec<(ObjectHandle, Vec<u8>)>, Pkcs11Failure> {
     let mut out = Vec::new();
     for handle in s.find_objects(&template(slot))? {
-        let value = s
-            .get_attributes(handle, &[AttributeType::Value])?
+        let attributes = match s.get_attributes(handle, &[AttributeType::Value]) {
+            // Another agent sharing the token removed it (an old record) since the search.
+            Err(Error::Pkcs11(RvError::ObjectHandleInvalid, _)) => continue,
+            found => found?,
+        };
+        let value = attributes
             .into_iter()
             .find_map(|a| match a {
                 Attribute::Value(v) => Some(v),
@@ -64,7 +69,11 @@ pub(super) fn remove(conn: &Connection, slot: &str, bytes: &[u8]) -> Result<(), 
     conn.with_session(|s| {
         for (handle, value) in values(s, slot)? {
             if value == bytes {
-                s.destroy_object(handle)?;
+                match s.destroy_object(handle) {
+                    // Removed by another agent meanwhile: gone either way.
+                    Err(Error::Pkcs11(RvError::ObjectHandleInvalid, _)) => {}
+                    done => done?,
+                }
             }
         }
         Ok(())
