@@ -650,8 +650,23 @@ fn a_generation_key_deleted_outside_keybound_is_named() {
     ] {
         assert_mentions(&token.run_err(args), &["cannot be trusted", &gone]);
     }
-    assert_listed_as_problems(&token, &["dpop"], &gone);
-    // The active generation is intact and still signs: only the steps are refused.
+    // The slot is listed as a problem with the reason; the active generation, intact, is
+    // still listed, published and signing (one broken generation is no outage): only the
+    // steps are refused.
+    let list = list_json(&token);
+    let problem = list
+        .iter()
+        .find(|e| e["label"] == "dpop" && e["policy"] == "fail")
+        .unwrap_or_else(|| panic!("no problem entry for the slot: {list:#?}"));
+    assert!(problem["reasons"][0].as_str().unwrap().contains(&gone), "{problem}");
+    let active = list
+        .iter()
+        .find(|e| e["label"] == "dpop" && e["state"] == "active")
+        .unwrap_or_else(|| panic!("no active generation listed: {list:#?}"));
+    assert_eq!(active["kid"], kid1.as_str());
+    assert!(token.run_ok(&["keys", "list"]).contains("unusable object 'dpop'"));
+    assert!(published(&token).contains(&kid1));
+    assert!(!published(&token).contains(&kid2));
     assert_eq!(dpop_kid(&token, "dpop"), kid1);
     // The active key deleted: signing names it.
     let (token, kid1) = setup();

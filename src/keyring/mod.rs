@@ -262,14 +262,21 @@ impl Keyring {
         let listing = self.backend.keys()?;
         let (rotations, broken) = self.rotations(&listing)?;
         let mut problems = listing.problems;
+        for b in broken.iter().filter(|b| b.readable) {
+            problems.push(Problem {
+                label: b.slot.clone(),
+                id: Vec::new(),
+                reason: b.reason.clone(),
+            });
+        }
         let mut audits = Vec::with_capacity(listing.keys.len());
         for key in listing.keys {
             let slot = rotation::split_generation(key.label()).map_or(key.label(), |(s, _)| s);
-            if let Some((_, why)) = broken.iter().find(|(s, _)| s == slot) {
+            if let Some(b) = broken.iter().find(|b| b.slot == slot && !b.readable) {
                 problems.push(Problem {
                     label: key.label().to_string(),
                     id: key.id().to_vec(),
-                    reason: why.clone(),
+                    reason: b.reason.clone(),
                 });
                 continue;
             }
@@ -293,14 +300,30 @@ impl Keyring {
                 None => None,
                 Some((slot, Some(g))) => Some((slot, g)),
                 Some((slot, None)) => {
-                    // A key a stopped `prepare` generated before recording it.
+                    let recorded = rotations
+                        .iter()
+                        .flat_map(|r| &r.generations)
+                        .find(|g| g.label == key.label() && g.id.is_some());
+                    let reason = match recorded {
+                        // Same label, another key: replaced outside keybound.
+                        Some(g) => format!(
+                            "the rotation record of '{slot}' says {}, id {}, but this key \
+                             is id {}: it was replaced outside keybound; never published",
+                            g.describe(),
+                            g.id.as_deref().unwrap_or("?"),
+                            crate::token::hex(key.id())
+                        ),
+                        // A key a stopped `prepare` generated before recording it.
+                        None => format!(
+                            "not in the rotation record of '{slot}' yet (a rotation that \
+                             stopped half-way: `keybound keys rotate --label {slot}` finishes \
+                             it)"
+                        ),
+                    };
                     problems.push(Problem {
                         label: key.label().to_string(),
                         id: key.id().to_vec(),
-                        reason: format!(
-                            "not in the rotation record of '{slot}' yet (a rotation that \
-                             stopped half-way: `keybound keys rotate --label {slot}` finishes it)"
-                        ),
+                        reason,
                     });
                     continue;
                 }

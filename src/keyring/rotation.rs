@@ -1108,7 +1108,24 @@ impl Keyring {
                 Ok(Some((r, _))) => found.push(r),
                 Ok(None) => {}
                 Err(KeyError::Token(e)) if !e.about_the_object() => return Err(e),
-                Err(e) => broken.push((slot, e.to_string())),
+                Err(e) => {
+                    // A record that reads but disagrees with the device (a generation's
+                    // key missing or replaced) still says which keys are which: the keys
+                    // that match it stay published and the active one keeps signing, so
+                    // one broken generation is no outage. Steps refuse until it is fixed.
+                    let readable = match self.read_record(&label) {
+                        Ok(Some((r, _))) => {
+                            found.push(r);
+                            true
+                        }
+                        _ => false,
+                    };
+                    broken.push(Untrusted {
+                        slot,
+                        reason: e.to_string(),
+                        readable,
+                    });
+                }
             }
         }
         Ok((found, broken))
@@ -1136,8 +1153,13 @@ fn not_lost(slot: &Label, listing: &Listing) -> Result<(), KeyError> {
     }
 }
 
-/// A slot whose record cannot be trusted, and why.
-pub(super) type Untrusted = (String, String);
+/// A slot whose record cannot be trusted, and why; `readable` when the record itself
+/// parsed (it disagrees with the device) and the inventory still follows it.
+pub(super) struct Untrusted {
+    pub slot: String,
+    pub reason: String,
+    pub readable: bool,
+}
 
 /// Refuses while a token bound to `g` is held.
 fn bound_tokens(
