@@ -158,8 +158,8 @@ enum KeysCommand {
     Destroy {
         #[arg(long)]
         label: String,
-        /// The kid of the retired generation
-        #[arg(long)]
+        /// The kid of the retired generation (a kid may start with '-')
+        #[arg(long, allow_hyphen_values = true)]
         kid: String,
     },
     /// Full attribute report per key; exit status 3 if any audited key fails the policy

@@ -658,13 +658,20 @@ fn a_generation_key_deleted_outside_keybound_is_named() {
         .iter()
         .find(|e| e["label"] == "dpop" && e["policy"] == "fail")
         .unwrap_or_else(|| panic!("no problem entry for the slot: {list:#?}"));
-    assert!(problem["reasons"][0].as_str().unwrap().contains(&gone), "{problem}");
+    assert!(
+        problem["reasons"][0].as_str().unwrap().contains(&gone),
+        "{problem}"
+    );
     let active = list
         .iter()
         .find(|e| e["label"] == "dpop" && e["state"] == "active")
         .unwrap_or_else(|| panic!("no active generation listed: {list:#?}"));
     assert_eq!(active["kid"], kid1.as_str());
-    assert!(token.run_ok(&["keys", "list"]).contains("unusable object 'dpop'"));
+    assert!(
+        token
+            .run_ok(&["keys", "list"])
+            .contains("unusable object 'dpop'")
+    );
     assert!(published(&token).contains(&kid1));
     assert!(!published(&token).contains(&kid2));
     assert_eq!(dpop_kid(&token, "dpop"), kid1);

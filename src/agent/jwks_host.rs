@@ -733,7 +733,8 @@ mod tests {
             .collect();
         let s = settings(&lines.join("\n")).expect("the example [jwks] is valid");
         assert!(s.tls_cert.is_some() && s.tls_key.is_some());
-        assert_eq!(lines.len(), 5, "{lines:?}");
+        assert_eq!(s.keys, Some(vec!["client-auth".to_string()]));
+        assert_eq!(lines.len(), 6, "{lines:?}");
     }
 
     #[test]

@@ -318,9 +318,24 @@ pub fn window_end(start: i64) -> (i64, i64) {
     (start, unix_now() + 1)
 }
 
-/// `/v1/jwks` by kid, after checking it equals `keybound jwks` and each entry's shape.
+/// Every key the agent may sign with, by kid (to verify what it signs), after checking
+/// that `/v1/jwks` equals `keybound jwks` and each entry's shape. The published JWKS
+/// holds only the clients' assertion keys when `[[client]]`s are configured (never a
+/// DPoP key), so the others come from `keybound jwks --label` for each passing key.
 pub async fn published_jwks(token: &DevToken, agent: &Agent) -> BTreeMap<String, Value> {
-    served_jwks(agent, &token.jwks(&[])).await
+    let mut all = served_jwks(agent, &token.jwks(&[])).await;
+    let keys = get(agent.socket(), "/v1/keys").await.ok("GET /v1/keys");
+    let labels: Vec<&str> = keys
+        .as_array()
+        .expect("GET /v1/keys is an array")
+        .iter()
+        .filter(|k| k["policy"] != "fail")
+        .filter_map(|k| k["label"].as_str())
+        .collect();
+    if !labels.is_empty() {
+        all.extend(by_kid(&token.jwks(&labels)));
+    }
+    all
 }
 
 /// One good request and its verification: the agent still signs correctly.
