@@ -324,12 +324,14 @@ pub fn window_end(start: i64) -> (i64, i64) {
 /// DPoP key), so the others come from `keybound jwks --label` for each passing key.
 pub async fn published_jwks(token: &DevToken, agent: &Agent) -> BTreeMap<String, Value> {
     let mut all = served_jwks(agent, &token.jwks(&[])).await;
-    let keys = get(agent.socket(), "/v1/keys").await.ok("GET /v1/keys");
-    let labels: Vec<&str> = keys
+    // From the CLI, so the agent's own counters (proofs of possession) stay the test's.
+    let list: Value =
+        serde_json::from_str(&token.run_ok(&["keys", "list", "--json"])).expect("keys list --json");
+    let labels: Vec<&str> = list
         .as_array()
-        .expect("GET /v1/keys is an array")
+        .expect("keys list --json is an array")
         .iter()
-        .filter(|k| k["policy"] != "fail")
+        .filter(|k| k["policy"] != "fail" && (k["state"].is_null() || k["state"] == "active"))
         .filter_map(|k| k["label"].as_str())
         .collect();
     if !labels.is_empty() {
