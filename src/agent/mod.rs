@@ -6,6 +6,7 @@ mod access;
 mod api;
 pub mod authz;
 pub mod metrics;
+pub mod rotation;
 pub mod socket;
 
 use std::collections::HashMap;
@@ -155,6 +156,8 @@ pub struct Agent {
     metrics: Arc<Metrics>,
     /// Open connections per uid, for `max_connections_per_uid`.
     per_uid: Mutex<HashMap<u32, usize>>,
+    /// What the rotation task knows of each slot (see `rotation`).
+    rotation: rotation::Status,
 }
 
 /// The signature observer the agent gives its keyring before any key is approved (the
@@ -197,7 +200,21 @@ impl Agent {
             authz,
             metrics,
             per_uid: Mutex::new(HashMap::new()),
+            rotation: rotation::Status::default(),
         })
+    }
+
+    /// A slot's rotation record changed (a step by this agent, by `keybound keys rotate`
+    /// or by another agent on the token): forgets the cached keys and looks every client's
+    /// keys up again, so the agent signs with the active generations from now on.
+    pub async fn rotation_changed(&self) {
+        // TODO(lead): also refresh the hosted JWKS
+        self.access.forget_keys();
+        for c in self.access.every_client() {
+            if let Err(e) = c.reresolve_keys().await {
+                tracing::warn!(client = %c.config().name, "cannot look the client's keys up again after a rotation: {e}");
+            }
+        }
     }
 
     /// Signing requests queued or in progress.

@@ -48,7 +48,9 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
             "keybound agent listening");
         eprintln!("keybound agent listening on {}", socket_path.display());
         agent::notify_ready();
+        let rotation = agent::rotation::spawn(agent.clone(), config.rotation.clone());
         agent::run(listener, agent, shutdown).await;
+        rotation.abort();
         if let Err(e) = std::fs::remove_file(&socket_path) {
             tracing::warn!("cannot remove {}: {e}", socket_path.display());
         }
