@@ -31,7 +31,7 @@ use super::Agent;
 use crate::jose::unix_now;
 use crate::keyring::KeyError;
 use crate::keyring::rotation::{GenState, Rotation, RotationError};
-use crate::rotation::{RotationSettings, StepError};
+use crate::rotation::{RotationSettings, Schedule, StepError};
 use crate::token::TokenError;
 
 /// The longest wait between two attempts of a failing step.
@@ -309,47 +309,11 @@ impl Runner {
         }
     }
 
-    /// The steps of `slot` and when each is due, by the schedule.
-    fn plan(&self, slot: &str, record: Option<&Rotation>) -> Vec<(Step, u64)> {
-        let sched = self.settings.schedule(slot);
-        let Some(interval) = sched.interval else {
-            return Vec::new();
-        };
-        let (lead, retire_after) = (sched.publish_lead.as_secs(), sched.retire_after.as_secs());
-        let every = interval.as_secs().saturating_sub(lead);
-        let Some(r) = record else {
-            return vec![(Step::Prepare, self.started.saturating_add(every))];
-        };
-        let mut plan = Vec::new();
-        if let Some(since) = r
-            .in_state(GenState::Retiring)
-            .map(|g| g.retiring_since.unwrap_or(g.created))
-            .max()
-        {
-            plan.push((Step::Retire, since.saturating_add(retire_after)));
-        }
-        if r.in_state(GenState::Pending).next().is_some() {
-            // A prepare that stopped half-way: finish it now.
-            plan.push((Step::Prepare, 0));
-        } else if let Some(p) = r.in_state(GenState::Prepared).next() {
-            plan.push((
-                Step::Activate,
-                p.prepared.unwrap_or(p.created).saturating_add(lead),
-            ));
-        } else {
-            let since = r
-                .active()
-                .map_or(self.started, |g| g.activated.unwrap_or(g.created));
-            plan.push((Step::Prepare, since.saturating_add(every)));
-        }
-        plan
-    }
-
     /// Takes the steps of `slot` that are due; `true` if one was taken.
     async fn step(&mut self, slot: &str, record: Option<&Rotation>) -> bool {
         let now = unix_now();
-        let plan = self.plan(slot, record);
-        let backoff = self.agent.rotation.update(slot, |s| {
+        let plan = plan(self.settings.schedule(slot), self.started, record);
+        let retry = self.agent.rotation.update(slot, |s| {
             s.next = plan.iter().copied().min_by_key(|(_, at)| *at);
             s.backoff
         });
@@ -358,7 +322,7 @@ impl Runner {
             if due > now {
                 continue;
             }
-            if let Some((what, _, until)) = backoff
+            if let Some((what, _, until)) = retry
                 && what == step
                 && until > now
             {
@@ -395,10 +359,7 @@ impl Runner {
                             Some((what, n, _)) if what == step => n.saturating_add(1),
                             _ => 1,
                         };
-                        let delay = start
-                            .saturating_mul(2u32.saturating_pow(n - 1))
-                            .min(MAX_BACKOFF)
-                            .as_secs();
+                        let delay = backoff(start, n);
                         s.backoff = Some((step, n, now.saturating_add(delay)));
                         s.next = Some((step, now.saturating_add(delay)));
                         s.last.insert(
@@ -497,6 +458,51 @@ impl Runner {
     }
 }
 
+/// The steps of a slot with schedule `sched` and when each is due (Unix seconds); a slot
+/// without a record counts from `started`.
+fn plan(sched: Schedule, started: u64, record: Option<&Rotation>) -> Vec<(Step, u64)> {
+    let Some(interval) = sched.interval else {
+        return Vec::new();
+    };
+    let (lead, retire_after) = (sched.publish_lead.as_secs(), sched.retire_after.as_secs());
+    let every = interval.as_secs().saturating_sub(lead);
+    let Some(r) = record else {
+        return vec![(Step::Prepare, started.saturating_add(every))];
+    };
+    let mut plan = Vec::new();
+    if let Some(since) = r
+        .in_state(GenState::Retiring)
+        .map(|g| g.retiring_since.unwrap_or(g.created))
+        .max()
+    {
+        plan.push((Step::Retire, since.saturating_add(retire_after)));
+    }
+    if r.in_state(GenState::Pending).next().is_some() {
+        // A prepare that stopped half-way: finish it now.
+        plan.push((Step::Prepare, 0));
+    } else if let Some(p) = r.in_state(GenState::Prepared).next() {
+        plan.push((
+            Step::Activate,
+            p.prepared.unwrap_or(p.created).saturating_add(lead),
+        ));
+    } else {
+        let since = r
+            .active()
+            .map_or(started, |g| g.activated.unwrap_or(g.created));
+        plan.push((Step::Prepare, since.saturating_add(every)));
+    }
+    plan
+}
+
+/// Seconds before the `n`th consecutive failure (n >= 1) is retried: `start`, doubling,
+/// at most [`MAX_BACKOFF`].
+fn backoff(start: Duration, n: u32) -> u64 {
+    start
+        .saturating_mul(2u32.saturating_pow(n.saturating_sub(1)))
+        .min(MAX_BACKOFF)
+        .as_secs()
+}
+
 /// Whether a step that did not happen is another process's doing or a rule of the keyring
 /// that only time lifts (wait), or a failure.
 fn missed(e: StepError) -> Missed {
@@ -511,5 +517,92 @@ fn missed(e: StepError) -> Missed {
             | RotationError::TokensBound { .. },
         )) => Missed::Wait(text),
         _ => Missed::Failed(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keyring::rotation::Generation;
+
+    fn gen_(n: u32, state: GenState, created: u64) -> Generation {
+        Generation {
+            n,
+            label: format!("s#{n}"),
+            state,
+            id: None,
+            kid: Some(format!("kid{n}")),
+            created,
+            prepared: None,
+            activated: None,
+            retiring_since: None,
+            retired: None,
+            destroyed: None,
+            tokens_until: None,
+        }
+    }
+
+    fn record(generations: Vec<Generation>) -> Rotation {
+        Rotation {
+            version: 1,
+            slot: "s".into(),
+            seq: 3,
+            alg: crate::jose::Alg::ES256,
+            generations,
+        }
+    }
+
+    const SCHED: Schedule = Schedule {
+        interval: Some(Duration::from_secs(100)),
+        publish_lead: Duration::from_secs(10),
+        retire_after: Duration::from_secs(20),
+    };
+
+    #[test]
+    fn the_plan_follows_the_generations() {
+        // Never rotated: counts from the agent's start.
+        assert_eq!(plan(SCHED, 1000, None), [(Step::Prepare, 1090)]);
+        // No interval: nothing.
+        let off = Schedule {
+            interval: None,
+            ..SCHED
+        };
+        assert!(plan(off, 1000, None).is_empty());
+        // Active since 2000: the next one is prepared publish_lead before interval ends.
+        let mut active = gen_(2, GenState::Active, 1500);
+        active.activated = Some(2000);
+        assert_eq!(
+            plan(SCHED, 0, Some(&record(vec![active.clone()]))),
+            [(Step::Prepare, 2090)]
+        );
+        // Prepared at 2090: activated publish_lead later; the retiring one after retire_after.
+        let mut prepared = gen_(3, GenState::Prepared, 2089);
+        prepared.prepared = Some(2090);
+        let mut retiring = gen_(1, GenState::Retiring, 1000);
+        retiring.retiring_since = Some(2000);
+        assert_eq!(
+            plan(
+                SCHED,
+                0,
+                Some(&record(vec![retiring, active.clone(), prepared]))
+            ),
+            [(Step::Retire, 2020), (Step::Activate, 2100)]
+        );
+        // A prepare that stopped half-way is finished at once.
+        let pending = gen_(3, GenState::Pending, 2089);
+        assert_eq!(
+            plan(SCHED, 0, Some(&record(vec![active, pending]))),
+            [(Step::Prepare, 0)]
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_an_hour() {
+        let s = Duration::from_secs(30);
+        assert_eq!(
+            (1..=9).map(|n| backoff(s, n)).collect::<Vec<_>>(),
+            [30, 60, 120, 240, 480, 960, 1920, 3600, 3600]
+        );
+        assert_eq!(backoff(s, u32::MAX), 3600);
     }
 }
