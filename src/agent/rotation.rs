@@ -347,10 +347,16 @@ impl Runner {
                     });
                 }
                 Err(Missed::Wait(reason)) => {
-                    tracing::info!(slot, step = step.name(), "rotation step waits: {reason}");
-                    self.agent
+                    // Said once when the wait starts, not at every check.
+                    let first = self
+                        .agent
                         .rotation
-                        .update(slot, |s| s.waiting = Some(reason));
+                        .update(slot, |s| s.waiting.replace(reason.clone()).is_none());
+                    if first {
+                        tracing::info!(slot, step = step.name(), "rotation step waits: {reason}");
+                    } else {
+                        tracing::debug!(slot, step = step.name(), "rotation step waits: {reason}");
+                    }
                 }
                 Err(Missed::Failed(reason)) => {
                     let start = self.settings.check_every();
@@ -513,6 +519,7 @@ fn missed(e: StepError) -> Missed {
             RotationError::InProgress { .. }
             | RotationError::NothingPrepared { .. }
             | RotationError::NothingRetiring { .. }
+            | RotationError::WrongProof { .. }
             | RotationError::TooYoung { .. }
             | RotationError::TokensBound { .. },
         )) => Missed::Wait(text),
