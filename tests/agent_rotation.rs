@@ -617,3 +617,92 @@ async fn a_cli_rotation_reaches_the_running_agent() {
     assert_eq!(jkt(&first), old.as_str());
     assert_eq!(jkt(&again), new.as_str());
 }
+
+/// Two agents on one token both run the schedule of `dpop`: the slot is rotated once per
+/// interval (no generation twice, exactly one active), a step the other agent took first
+/// is not a failure, and both agents sign with the new key without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_sharing_a_token_rotate_it_once() {
+    let (token, kids) = token_with_keys(&[("dpop", "ES256")]);
+    let old = kids["dpop"].clone();
+    token.write_config(&config_text(
+        r#"[rotation]
+interval = "6s"
+publish_lead = "2s"
+retire_after = "2s"
+check = "1s"
+slots = ["dpop"]"#,
+        "",
+    ));
+    let (dir_a, dir_b) = (SocketDir::new(), SocketDir::new());
+    let a = Agent::start(&token, &dir_a.socket());
+    let b = Agent::start(&token, &dir_b.socket());
+    let htu = "https://a.example/two";
+    let mut seen = BTreeMap::new();
+    let proof_kid = async |agent: &Agent, seen: &mut BTreeMap<String, Value>| -> String {
+        learn_jwks(agent, seen).await;
+        let start = window_start();
+        let proof = post(
+            agent.socket(),
+            "/v1/dpop",
+            &dpop_request("dpop", "GET", htu),
+        )
+        .await
+        .ok_member("POST /v1/dpop", "proof");
+        let kid = jwk_thumbprint(&Jws::parse(&proof).header["jwk"]);
+        check_proof(
+            seen,
+            &proof,
+            &want_proof(&kid, "GET", htu),
+            window_end(start),
+        );
+        kid
+    };
+    assert_eq!(proof_kid(&a, &mut seen).await, old);
+    assert_eq!(proof_kid(&b, &mut seen).await, old);
+
+    let deadline = Instant::now() + STEP_GUARD;
+    let mut switched = [false, false];
+    while switched != [true, true] {
+        for (i, agent) in [&a, &b].into_iter().enumerate() {
+            let kid = proof_kid(agent, &mut seen).await;
+            let metrics = metrics_text(agent).await;
+            let gens = generations(&metrics, "dpop");
+            // One record, read by both: one active generation, each generation once.
+            let active: Vec<_> = gens.values().filter(|(_, s)| s == "active").collect();
+            assert!(active.len() <= 1, "{gens:?}");
+            let mut kids_seen: Vec<_> = gens.values().map(|(k, _)| k).collect();
+            kids_seen.dedup();
+            assert_eq!(kids_seen.len(), gens.len(), "{gens:?}");
+            if kid != old && active.first().is_some_and(|(k, _)| *k == kid) {
+                switched[i] = true;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not both switched within {STEP_GUARD:?}: {switched:?}\n--- a ---\n{}\n--- b ---\n{}",
+            a.log(),
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Whatever step the other agent took first was not counted as a failure.
+    for agent in [&a, &b] {
+        let metrics = metrics_text(agent).await;
+        for step in ["prepare", "activate", "retire"] {
+            assert_eq!(
+                metric(
+                    &metrics,
+                    "keybound_rotation_failures_total",
+                    &[("slot", "dpop"), ("step", step)]
+                ),
+                Some(0.0),
+                "{}\n{}",
+                samples(&metrics, "keybound_rotation_failures_total").join("\n"),
+                agent.log()
+            );
+        }
+    }
+    let listing = token.run_ok(&["keys", "list", "--json"]);
+    eprintln!("{listing}");
+}
