@@ -703,6 +703,12 @@ slots = ["dpop"]"#,
             );
         }
     }
+    // Neither agent resumed the other's preparation: no second key under one label, no
+    // record that one of them cannot trust.
+    for agent in [&a, &b] {
+        let log = agent.log();
+        assert!(!log.contains("cannot read the rotation record"), "{log}");
+    }
     let listing = token.run_ok(&["keys", "list", "--json"]);
     eprintln!("{listing}");
 }

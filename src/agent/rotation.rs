@@ -9,7 +9,8 @@
 //! 2. for each scheduled slot (`slots`, else every client's `assertion_key` and `dpop_key`,
 //!    those whose `interval` is set) takes the step that is due:
 //!    * prepare: when the active generation has been active for `interval - publish_lead`
-//!      (a slot never rotated counts from the agent's start);
+//!      (a slot never rotated counts from the agent's start); a generation left `pending`
+//!      by a prepare that stopped half-way is finished after `PENDING_GRACE`;
 //!    * activate: when the prepared generation has been published for `publish_lead`; only
 //!      after every client whose assertions the slot signs got a token with the prepared
 //!      key (`rotation::activate`, never forced);
@@ -36,6 +37,11 @@ use crate::token::TokenError;
 
 /// The longest wait between two attempts of a failing step.
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// Seconds a generation stays `pending` before the schedule finishes its preparation: a
+/// prepare by another process (an agent sharing the token, `keybound keys rotate`) takes
+/// far less, so only a prepare that stopped half-way is resumed.
+const PENDING_GRACE: u64 = 60;
 
 /// A step of the schedule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -80,8 +86,8 @@ pub struct SlotStatus {
     pub last: BTreeMap<Step, Attempt>,
     /// Failed attempts of each step since the start.
     pub failures: BTreeMap<Step, u64>,
-    /// Consecutive failures of the due step and when it may be tried again.
-    backoff: Option<(Step, u32, u64)>,
+    /// Per failing step: its consecutive failures and when it may be tried again.
+    backoff: BTreeMap<Step, (u32, u64)>,
 }
 
 /// The rotation state of every slot the agent uses.
@@ -233,6 +239,14 @@ impl Runner {
             // The agent's own step: signing follows it now, not a check later.
             let records = self.read(&watched).await;
             self.notice(&records).await;
+            for slot in &scheduled {
+                if let Some(Ok(record)) = records.get(slot) {
+                    let next = plan(self.settings.schedule(slot), self.started, record.as_ref())
+                        .into_iter()
+                        .min_by_key(|(_, at)| *at);
+                    self.agent.rotation.update(slot, |s| s.next = next);
+                }
+            }
         }
     }
 
@@ -315,15 +329,14 @@ impl Runner {
         let plan = plan(self.settings.schedule(slot), self.started, record);
         let retry = self.agent.rotation.update(slot, |s| {
             s.next = plan.iter().copied().min_by_key(|(_, at)| *at);
-            s.backoff
+            s.backoff.clone()
         });
         let mut stepped = false;
         for (step, due) in plan {
             if due > now {
                 continue;
             }
-            if let Some((what, _, until)) = retry
-                && what == step
+            if let Some((_, until)) = retry.get(&step).copied()
                 && until > now
             {
                 self.agent
@@ -342,16 +355,16 @@ impl Runner {
                                 error: None,
                             },
                         );
-                        s.backoff = None;
+                        s.backoff.remove(&step);
                         s.waiting = None;
                     });
                 }
                 Err(Missed::Wait(reason)) => {
                     // Said once when the wait starts, not at every check.
-                    let first = self
-                        .agent
-                        .rotation
-                        .update(slot, |s| s.waiting.replace(reason.clone()).is_none());
+                    let first = self.agent.rotation.update(slot, |s| {
+                        s.backoff.remove(&step);
+                        s.waiting.replace(reason.clone()).is_none()
+                    });
                     if first {
                         tracing::info!(slot, step = step.name(), "rotation step waits: {reason}");
                     } else {
@@ -361,12 +374,9 @@ impl Runner {
                 Err(Missed::Failed(reason)) => {
                     let start = self.settings.check_every();
                     let (n, delay) = self.agent.rotation.update(slot, |s| {
-                        let n = match s.backoff {
-                            Some((what, n, _)) if what == step => n.saturating_add(1),
-                            _ => 1,
-                        };
+                        let n = s.backoff.get(&step).map_or(1, |(n, _)| n.saturating_add(1));
                         let delay = backoff(start, n);
-                        s.backoff = Some((step, n, now.saturating_add(delay)));
+                        s.backoff.insert(step, (n, now.saturating_add(delay)));
                         s.next = Some((step, now.saturating_add(delay)));
                         s.last.insert(
                             step,
@@ -483,9 +493,11 @@ fn plan(sched: Schedule, started: u64, record: Option<&Rotation>) -> Vec<(Step, 
     {
         plan.push((Step::Retire, since.saturating_add(retire_after)));
     }
-    if r.in_state(GenState::Pending).next().is_some() {
-        // A prepare that stopped half-way: finish it now.
-        plan.push((Step::Prepare, 0));
+    if let Some(g) = r.in_state(GenState::Pending).next() {
+        // A prepare that stopped half-way (a crash), or one another process is taking
+        // right now: finished once it has been pending for PENDING_GRACE, so that this
+        // agent does not generate a second key for a generation another one is making.
+        plan.push((Step::Prepare, g.created.saturating_add(PENDING_GRACE)));
     } else if let Some(p) = r.in_state(GenState::Prepared).next() {
         plan.push((
             Step::Activate,
@@ -595,11 +607,12 @@ mod tests {
             ),
             [(Step::Retire, 2020), (Step::Activate, 2100)]
         );
-        // A prepare that stopped half-way is finished at once.
+        // A prepare that stopped half-way is finished, once no other process can still
+        // be making its key.
         let pending = gen_(3, GenState::Pending, 2089);
         assert_eq!(
             plan(SCHED, 0, Some(&record(vec![active, pending]))),
-            [(Step::Prepare, 0)]
+            [(Step::Prepare, 2089 + PENDING_GRACE)]
         );
     }
 
