@@ -218,6 +218,27 @@ impl Access {
             .unwrap_or_else(PoisonError::into_inner) = None;
     }
 
+    /// Every client, for the agent's own rotation task (never for a request: requests go
+    /// through [`Access::client`] and [`Access::clients`]).
+    pub(super) fn every_client(&self) -> impl Iterator<Item = &OAuthClient> {
+        self.clients.values()
+    }
+
+    /// The device, for the agent's own rotation task (never for a request).
+    pub(super) fn own_keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// The rotated slots of the keys in the cache.
+    pub(super) fn cached_slots(&self) -> Vec<String> {
+        self.keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(|k| k.slot().map(str::to_owned))
+            .collect()
+    }
+
     /// Keys in the cache (for `/healthz` and `/metrics`).
     pub fn cached_keys(&self) -> usize {
         self.keys

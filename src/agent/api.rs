@@ -651,11 +651,11 @@ async fn health_handler(
     let mut answer = match probed {
         Ok(keys) => (
             StatusCode::OK,
-            json!({ "status": "ok", "token": token, "keys": keys, "cached_keys": agent.access.cached_keys(), "queue_depth": agent.queue_depth() }),
+            json!({ "status": "ok", "token": token, "keys": keys, "cached_keys": agent.access.cached_keys(), "queue_depth": agent.queue_depth(), "rotation": agent.rotation.health() }),
         ),
         Err(message) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            json!({ "status": "unavailable", "token": token, "message": message }),
+            json!({ "status": "unavailable", "token": token, "message": message, "rotation": agent.rotation.health() }),
         ),
     };
     if let Some(host) = &agent.jwks {

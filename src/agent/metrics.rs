@@ -14,6 +14,7 @@ use http::StatusCode;
 
 use super::Agent;
 use super::authz::Caller;
+use crate::keyring::rotation::GenState;
 use crate::oauth::observe::UpstreamObserver;
 use crate::oauth::resilience::BreakerState;
 
@@ -385,7 +386,111 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
     if let Some(host) = &agent.jwks {
         host.render_metrics(&mut out);
     }
+    render_rotation(agent, &mut out);
     out
+}
+
+/// The rotation series: per slot the agent uses and per generation on the device (never the
+/// destroyed ones), so their number stays small.
+fn render_rotation(agent: &Agent, out: &mut String) {
+    use super::rotation::Step;
+    let slots = agent.rotation.snapshot();
+    let now = crate::jose::unix_now();
+    let head = |name: &str, kind: &str, help: &str, out: &mut String| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    let generations = || {
+        slots.iter().flat_map(|(slot, s)| {
+            s.record
+                .iter()
+                .flat_map(|r| r.generations.iter())
+                .filter(|g| g.state != GenState::Destroyed)
+                .map(move |g| (slot, g))
+        })
+    };
+    head(
+        "keybound_key_age_seconds",
+        "gauge",
+        "Seconds since each key generation was created (generated, or adopted as generation 1).",
+        out,
+    );
+    for (slot, g) in generations() {
+        let _ = writeln!(
+            out,
+            "keybound_key_age_seconds{{slot=\"{}\",generation=\"{}\",kid=\"{}\"}} {}",
+            escape(slot),
+            g.n,
+            escape(g.kid.as_deref().unwrap_or("")),
+            now.saturating_sub(g.created)
+        );
+    }
+    head(
+        "keybound_key_generation_state",
+        "gauge",
+        "1 for the state each key generation is in (prepared, active, retiring, retired, ...).",
+        out,
+    );
+    for (slot, g) in generations() {
+        let _ = writeln!(
+            out,
+            "keybound_key_generation_state{{slot=\"{}\",generation=\"{}\",kid=\"{}\",state=\"{}\"}} 1",
+            escape(slot),
+            g.n,
+            escape(g.kid.as_deref().unwrap_or("")),
+            g.state.name()
+        );
+    }
+    head(
+        "keybound_rotation_last_result",
+        "gauge",
+        "Unix time of the last attempt of each rotation step the agent's schedule took, by result.",
+        out,
+    );
+    for (slot, s) in &slots {
+        for (step, a) in &s.last {
+            let result = if a.error.is_some() { "error" } else { "ok" };
+            let _ = writeln!(
+                out,
+                "keybound_rotation_last_result{{slot=\"{}\",step=\"{}\",result=\"{result}\"}} {}",
+                escape(slot),
+                step.name(),
+                a.at
+            );
+        }
+    }
+    head(
+        "keybound_rotation_failures_total",
+        "counter",
+        "Failed attempts of each rotation step of the agent's schedule.",
+        out,
+    );
+    for (slot, s) in slots.iter().filter(|(_, s)| s.scheduled) {
+        for step in [Step::Prepare, Step::Activate, Step::Retire] {
+            let _ = writeln!(
+                out,
+                "keybound_rotation_failures_total{{slot=\"{}\",step=\"{}\"}} {}",
+                escape(slot),
+                step.name(),
+                s.failures.get(&step).copied().unwrap_or(0)
+            );
+        }
+    }
+    head(
+        "keybound_rotation_next_step_timestamp_seconds",
+        "gauge",
+        "Unix time at which the schedule takes a slot's next step (a failing step: its next retry).",
+        out,
+    );
+    for (slot, s) in &slots {
+        if let Some((step, at)) = s.next {
+            let _ = writeln!(
+                out,
+                "keybound_rotation_next_step_timestamp_seconds{{slot=\"{}\",step=\"{}\"}} {at}",
+                escape(slot),
+                step.name()
+            );
+        }
+    }
 }
 
 /// Label values: backslash, quote and newline escaped.

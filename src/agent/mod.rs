@@ -7,6 +7,7 @@ mod api;
 pub mod authz;
 pub mod jwks_host;
 pub mod metrics;
+pub mod rotation;
 pub mod socket;
 
 use std::collections::HashMap;
@@ -158,6 +159,8 @@ pub struct Agent {
     per_uid: Mutex<HashMap<u32, usize>>,
     /// The hosted JWKS (`[jwks]`), reported in `/healthz` and `/metrics`.
     jwks: Option<Arc<jwks_host::JwksHost>>,
+    /// What the rotation task knows of each slot (see `rotation`).
+    rotation: rotation::Status,
 }
 
 /// The signature observer the agent gives its keyring before any key is approved (the
@@ -201,6 +204,7 @@ impl Agent {
             metrics,
             per_uid: Mutex::new(HashMap::new()),
             jwks: None,
+            rotation: rotation::Status::default(),
         })
     }
 
@@ -208,6 +212,23 @@ impl Agent {
     pub fn with_jwks(mut self, host: Arc<jwks_host::JwksHost>) -> Agent {
         self.jwks = Some(host);
         self
+    }
+
+    /// A slot's rotation record changed (a step by this agent, by `keybound keys rotate`
+    /// or by another agent on the token): forgets the cached keys, looks every client's
+    /// keys up again, so the agent signs with the active generations from now on, and
+    /// refreshes the hosted JWKS at once.
+    pub async fn rotation_changed(&self) {
+        self.access.forget_keys();
+        if let Some(host) = &self.jwks {
+            host.refresh_now();
+        }
+        for c in self.access.every_client() {
+            c.note_cached_tokens();
+            if let Err(e) = c.reresolve_keys().await {
+                tracing::warn!(client = %c.config().name, "cannot look the client's keys up again after a rotation: {e}");
+            }
+        }
     }
 
     /// Signing requests queued or in progress.

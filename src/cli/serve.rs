@@ -77,11 +77,13 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
             "keybound agent listening");
         eprintln!("keybound agent listening on {}", socket_path.display());
         agent::notify_ready();
+        let rotation = agent::rotation::spawn(agent.clone(), config.rotation.clone());
         agent::run(listener, agent, async {
             shutdown.await;
             let _ = stop.send(true);
         })
         .await;
+        rotation.abort();
         let _ = stop.send(true);
         for task in jwks_tasks {
             let _ = task.await;

@@ -980,10 +980,14 @@ impl Keyring {
     /// held until `until`, so the generation is not retired or destroyed under it. Writes
     /// only when that moves the recorded time later; keys outside a rotation are skipped.
     pub fn note_bound_token(&self, key: &SigningKey, until: u64) -> Result<(), KeyError> {
-        let Some(slot) = key.slot() else {
+        // A key approved before its slot's first rotation has no slot yet: its label is
+        // the slot's (generation 1).
+        let Ok(slot) = slot_label(key.name()) else {
             return Ok(());
         };
-        let slot = slot_label(slot)?;
+        if self.read_record(&slot)?.is_none() {
+            return Ok(());
+        }
         let _turn = self.step_lock(&slot)?;
         let Some((rotation, bytes)) = self.read_record(&slot)? else {
             return Ok(());

@@ -121,6 +121,21 @@ impl TokenCache {
         })
     }
 
+    /// Every cached token (a slot whose fetch is under way is skipped).
+    pub fn tokens(&self) -> Vec<Arc<AccessToken>> {
+        let slots: Vec<Slot> = self
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        slots
+            .iter()
+            .filter_map(|slot| slot.try_lock().ok()?.clone())
+            .collect()
+    }
+
     /// Forgets every token. A fetch in flight keeps its own slot, so nothing waits here.
     pub fn clear(&self) {
         self.slots

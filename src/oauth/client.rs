@@ -248,7 +248,7 @@ impl OAuthClient {
         let (Some(key), Some(secs)) = (&token.dpop_key, token.expires_in) else {
             return;
         };
-        if key.slot().is_none() || self.pinned {
+        if self.pinned {
             return;
         }
         let (keyring, key) = (self.keyring.clone(), key.clone());
@@ -262,6 +262,15 @@ impl OAuthClient {
                 );
             }
         });
+    }
+
+    /// Records every cached token's binding in its key's rotation record (after a slot's
+    /// record changed: a token fetched before the slot's first rotation was bound to a key
+    /// that had no record yet).
+    pub fn note_cached_tokens(&self) {
+        for token in self.cache.tokens() {
+            self.note_bound(&token);
+        }
     }
 
     /// Forgets the cached token (an API said it is no longer valid).
