@@ -161,6 +161,18 @@ impl Config {
         raw.rotation.validate().map_err(|e| e.to_string())?;
         if let Some(jwks) = &raw.jwks {
             jwks.validate().map_err(|e| e.to_string())?;
+            for c in &clients {
+                if let (Some(dpop), Some(keys)) = (&c.dpop_key, &jwks.keys)
+                    && keys.contains(dpop)
+                {
+                    return Err(format!(
+                        "jwks.keys: '{dpop}' is the dpop_key of [[client]] '{}'; a DPoP key is \
+                         never published (Okta refuses DPoP proofs signed by a key registered \
+                         for client authentication): remove it from jwks.keys",
+                        c.name
+                    ));
+                }
+            }
         }
         Ok(Config {
             token,

@@ -164,9 +164,8 @@ pub enum StepError {
     #[error(
         "activation refused, nothing changed: client '{client}' asked its token endpoint for a \
          token with an assertion signed by the prepared key (kid {kid}), and the server did \
-         not issue one: {source}. The server does not know the new key yet: paste the JWKS \
-         (`keybound jwks`) into the app's keys, or, with a JWKS URL, wait until the server \
-         fetched it again; then activate again"
+         not issue one: {source}.{}",
+        not_accepted_hint(source)
     )]
     NotAccepted {
         client: String,
@@ -176,6 +175,25 @@ pub enum StepError {
     },
     #[error("{what} stopped: {reason}")]
     Stopped { what: &'static str, reason: String },
+    #[error(
+        "no [[client]] in this config signs assertions or DPoP proofs with '{slot}', so \
+         keybound cannot prove that the servers know its prepared key: activate it with the \
+         config that has the clients, or pass --force to skip the proof"
+    )]
+    NoClient { slot: String },
+}
+
+/// What to do after a refused activation proof: when the server refused the client
+/// (`invalid_client`), it does not know the key yet; otherwise the error says what failed.
+fn not_accepted_hint(e: &OAuthError) -> &'static str {
+    match e {
+        OAuthError::Server { error, .. } if error == "invalid_client" => {
+            " The server does not know the new key yet: paste the JWKS (`keybound jwks`) \
+             into the app's keys, or, with a JWKS URL, wait until the server fetched it \
+             again; then activate again"
+        }
+        _ => " Fix that, then activate again",
+    }
 }
 
 impl StepError {
@@ -187,26 +205,47 @@ impl StepError {
                 _ => ErrorKind::Refused,
             },
             StepError::Stopped { .. } => ErrorKind::Internal,
+            StepError::NoClient { .. } => ErrorKind::Configuration,
         }
     }
 }
 
-/// The clients whose assertions `slot` signs.
-pub fn assertion_clients<'a>(clients: &'a [OAuthClient], slot: &str) -> Vec<&'a OAuthClient> {
-    clients
-        .iter()
-        .filter(|c| c.config().assertion_key == slot)
-        .collect()
+/// Whether `slot` is `c`'s assertion key (named as in the config, or found through it).
+fn signs_assertions(c: &OAuthClient, slot: &str) -> bool {
+    c.config().assertion_key == slot || c.assertion_key().name() == slot
+}
+
+/// Whether `slot` is `c`'s DPoP key.
+fn signs_proofs(c: &OAuthClient, slot: &str) -> bool {
+    c.config().dpop_key.as_deref() == Some(slot) || c.dpop_key().is_some_and(|k| k.name() == slot)
 }
 
 /// The activation proof: every client in `clients` gets a token for an assertion signed
 /// by `slot`'s prepared generation. With no client (a DPoP slot, or a key no client here
 /// signs assertions with) there is nothing to register and the acceptance names nobody.
+///
+/// `clients` are every configured client; those that sign assertions with `slot` are
+/// asked. When clients are configured and none uses the slot, neither for assertions nor
+/// for DPoP, it is refused: keybound cannot tell whether some server needs to know it
+/// (run with the config that has its clients, or force).
 pub async fn prove(
     keyring: &Keyring,
     clients: &[&OAuthClient],
     slot: &str,
 ) -> Result<Accepted, StepError> {
+    let asked: Vec<&OAuthClient> = clients
+        .iter()
+        .copied()
+        .filter(|c| signs_assertions(c, slot))
+        .collect();
+    // No client at all: keys used directly (`keybound dpop`, the agent's key names), no
+    // server known to ask.
+    if asked.is_empty() && !clients.is_empty() && !clients.iter().any(|c| signs_proofs(c, slot)) {
+        return Err(StepError::NoClient {
+            slot: slot.to_string(),
+        });
+    }
+    let clients = asked.as_slice();
     let (k, s) = (keyring.clone(), slot.to_string());
     let key = tokio::task::spawn_blocking(move || k.prepared_key(&s))
         .await

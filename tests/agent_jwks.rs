@@ -531,3 +531,58 @@ fn a_tls_key_others_can_read_stops_the_start() {
     jwks_config(&token, &format!("tls_cert = \"{}\"", cert.display()));
     assert_serve_refuses(&token, &dir, &["jwks.tls_key", "missing"]);
 }
+
+/// One address cannot take every connection slot of the listener: past 8 open
+/// connections from it, a new one is closed at once, while another address is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_every_jwks_connection() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (token, _) = token_with_keys(&[("client-auth", "ES256")]);
+    jwks_config(&token, "refresh_secs = 3600");
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let url = jwks_url(&agent);
+    first_document(&http_client(), &url).await;
+    let addr: std::net::SocketAddr = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let connect_from = async |source: &str| {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        socket.connect(addr).await.expect("connect")
+    };
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(connect_from("127.0.0.1").await);
+    }
+    // The ninth from the same address: closed without an answer.
+    let mut ninth = connect_from("127.0.0.1").await;
+    let _ = ninth
+        .write_all(b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(GUARD, ninth.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the ninth connection is closed: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    // Another address is served meanwhile.
+    let mut other = connect_from("127.0.0.2").await;
+    other
+        .write_all(b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(GUARD, other.read_to_end(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(idle);
+}

@@ -663,6 +663,22 @@ async fn a_cli_rotation_reaches_the_running_agent() {
     token.run_ok(&["keys", "rotate", "--label", "dpop", "--retire", "--force"]);
     let err = token.run_err(&["keys", "destroy", "--label", "dpop", "--kid", &old]);
     assert_mentions(&err, &["access token bound to it", "cnf.jkt"]);
+
+    // Recording the binding is itself a record change the agent sees: it must not record
+    // it again (a new record every check, for ever). Over several checks the record stays.
+    let seq = async || {
+        let health = get(agent.socket(), "/healthz").await.json();
+        health["rotation"]["dpop"]["seq"].as_u64().expect("seq")
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = seq().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        seq().await,
+        before,
+        "the agent keeps rewriting the record:\n{}",
+        agent.log()
+    );
 }
 
 /// Two agents on one token both run the schedule of `dpop`: the slot is rotated once per

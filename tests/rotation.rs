@@ -913,3 +913,61 @@ fn activation_is_proven_against_the_server_first() {
     assert_eq!(assertion_kid(&token), kid3);
     drop(server);
 }
+
+// ---------------------------------------------------------------------------
+// Activation without a server that can prove it
+// ---------------------------------------------------------------------------
+
+/// With clients configured, a slot none of them uses (neither for assertions nor DPoP)
+/// cannot be proven against any server: activation is refused, not silently skipped,
+/// unless forced. The DPoP key of a client has nothing to register.
+#[test]
+fn a_slot_no_configured_client_uses_is_not_activated_unproven() {
+    let (token, _) = setup();
+    let spare = token.generate("spare", "ES256");
+    token.write_config(&config(&dev_client("http://127.0.0.1:9")));
+    token.run_ok(&["keys", "rotate", "--label", "spare"]);
+    let err = token.run_err(&["keys", "rotate", "--label", "spare", "--activate"]);
+    assert_mentions(
+        &err,
+        &[
+            "no [[client]] in this config signs assertions or DPoP proofs with 'spare'",
+            "--force",
+        ],
+    );
+    let list = list_json(&token);
+    let active = list
+        .iter()
+        .find(|k| k["slot"] == "spare" && k["state"] == "active")
+        .expect("spare still has an active generation");
+    assert_eq!(active["kid"], spare.as_str(), "nothing changed");
+    let out = token.run_ok(&[
+        "keys",
+        "rotate",
+        "--label",
+        "spare",
+        "--activate",
+        "--force",
+    ]);
+    assert_mentions(&out, &["activated: generation 2"]);
+    // A client's DPoP key: nothing to register, no server asked (the endpoint is down).
+    token.run_ok(&["keys", "rotate", "--label", "dpop"]);
+    let out = token.run_ok(&["keys", "rotate", "--label", "dpop", "--activate"]);
+    assert_mentions(&out, &["nothing to prove", "is a DPoP key"]);
+}
+
+/// A DPoP key in `[jwks] keys` is refused when the config is loaded: it would be
+/// registered for client authentication, and Okta then refuses every DPoP proof.
+#[test]
+fn a_dpop_key_in_the_published_keys_is_refused_at_load() {
+    let (token, _) = setup();
+    token.write_config(&format!(
+        "{}[jwks]\nlisten = \"127.0.0.1:0\"\nkeys = [\"client-auth\", \"dpop\"]\n",
+        config(&dev_client("http://127.0.0.1:9"))
+    ));
+    let err = token.run_err(&["jwks"]);
+    assert_mentions(
+        &err,
+        &["jwks.keys", "'dpop' is the dpop_key of [[client]] 'dev'"],
+    );
+}

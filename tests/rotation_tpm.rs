@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 use support::{Jws, Verifier, assert_signature, jwk_thumbprint};
-use tpm_support::TpmHome;
+use tpm_support::{TpmHome, tpm2_ok};
 
 fn home() -> (TpmHome, String) {
     let home = TpmHome::new();
@@ -273,6 +273,10 @@ fn a_kill_at_the_tpm_steps_is_resumed() {
                 "{point}: SIGKILL\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            // What the kernel's resource manager (/dev/tpmrm0) does for a process that
+            // dies: swtpm has none, so the killed process's loaded objects are flushed
+            // here, or a few kills fill the TPM's object slots (TPM_RC_OBJECT_MEMORY).
+            tpm2_ok(&home.tpm, "flushcontext", &["-t"]);
             let left = assert_consistent(&home, point);
             let again = home.keybound(&args);
             let said = if again.status.success() {

@@ -42,6 +42,12 @@ pub const PATH: &str = "/.well-known/jwks.json";
 /// Open connections at most; more wait in the kernel's backlog. Fetchers of a JWKS are a
 /// handful of servers polling every few minutes, not a crowd.
 const MAX_CONNECTIONS: usize = 64;
+/// Connections one address may hold open at once: a server fetching the JWKS needs one
+/// or two, and one address cannot take every slot.
+const MAX_PER_ADDRESS: usize = 8;
+/// The longest a connection stays open, keep-alive included: a client that keeps its
+/// connections busy with requests still gives its slots back.
+const MAX_CONNECTION_LIFE: Duration = Duration::from_secs(60);
 
 /// Seconds a connection (or its TLS handshake) has to deliver a complete request head; also
 /// the keep-alive idle limit.
@@ -608,6 +614,7 @@ async fn run(
 ) {
     // One permit per open connection: at the cap, new ones wait in the backlog.
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_address: PerAddress = Arc::default();
     loop {
         let permit = tokio::select! {
             _ = stop.changed() => break,
@@ -626,10 +633,15 @@ async fn run(
                 }
             },
         };
+        let Some(slot) = AddressSlot::take(&per_address, peer.ip()) else {
+            tracing::debug!(%peer, "jwks listener: {MAX_PER_ADDRESS} connections from this address already; closed");
+            continue;
+        };
         let host = host.clone();
         let tls = tls.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             match tls {
                 None => serve_connection(stream, host, stop).await,
                 Some(tls) => match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(stream)).await {
@@ -642,6 +654,46 @@ async fn run(
             }
             drop(permit);
         });
+    }
+}
+
+type PerAddress = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One open connection counted against its address; dropping it gives the slot back.
+struct AddressSlot {
+    open: PerAddress,
+    ip: std::net::IpAddr,
+}
+
+impl AddressSlot {
+    fn take(open: &PerAddress, ip: std::net::IpAddr) -> Option<AddressSlot> {
+        let mut map = open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(ip).or_default();
+        if *n >= MAX_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            open: open.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -666,6 +718,10 @@ where
             }
         }
         _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(HEADER_TIMEOUT, conn).await;
+        }
+        _ = tokio::time::sleep(MAX_CONNECTION_LIFE) => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(HEADER_TIMEOUT, conn).await;
         }

@@ -432,12 +432,7 @@ impl Runner {
                 );
             }
             Step::Activate => {
-                let clients: Vec<_> = self
-                    .agent
-                    .access
-                    .every_client()
-                    .filter(|c| c.config().assertion_key == slot)
-                    .collect();
+                let clients: Vec<_> = self.agent.access.every_client().collect();
                 let (rotation, accepted) =
                     crate::rotation::activate(&keyring, &clients, slot, false)
                         .await

@@ -236,8 +236,10 @@ pub fn jwks(config: Option<&Path>, labels: &[String]) -> anyhow::Result<ExitCode
         // Exactly what the agent's JWKS URL serves.
         out!("{}", serde_json::to_string_pretty(&inventory.jwks())?);
         for audit in &inventory.audits {
+            // A generation that may not sign is left out or published by its state.
             match audit.signing_key() {
                 Some(_) => {}
+                None if audit.generation().is_some() && audit.verdict().refusal("").is_none() => {}
                 None => {
                     let why = audit
                         .verdict()
@@ -434,7 +436,7 @@ pub fn rotate(
         }
         RotateStep::Activate => {
             let mut clients = Vec::new();
-            for c in config.clients.iter().filter(|c| c.assertion_key == slot) {
+            for c in &config.clients {
                 clients.push(OAuthClient::new(c.clone(), &keyring)?);
             }
             let refs: Vec<&OAuthClient> = clients.iter().collect();
@@ -452,8 +454,16 @@ pub fn rotate(
                      you publish the key there",
                     accepted.kid()
                 );
+            } else if accepted.clients().is_empty() && config.clients.is_empty() {
+                out!(
+                    "no [[client]] signs assertions with '{slot}': nothing to prove (no \
+                     [[client]] is configured, so no server was asked)"
+                );
             } else if accepted.clients().is_empty() {
-                out!("no [[client]] signs assertions with '{slot}': nothing to prove");
+                out!(
+                    "no [[client]] signs assertions with '{slot}': nothing to prove ('{slot}' \
+                     is a DPoP key: new tokens are bound to it)"
+                );
             } else {
                 out!(
                     "the token endpoint issued a token for an assertion signed by kid {} \

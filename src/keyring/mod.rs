@@ -389,12 +389,25 @@ impl Keyring {
     }
 }
 
+/// A published key: public material only.
+#[derive(Clone, Copy, Debug)]
+pub struct Published<'a> {
+    /// The slot (or label) it is published for.
+    pub name: &'a str,
+    pub kid: &'a str,
+    pub alg: Alg,
+    pub public: &'a PublicKey,
+}
+
 impl Inventory {
     /// The keys a JWKS publishes: every approved key (policy and proof of possession) that
     /// is not a retired generation of a rotated slot (so prepared, active and retiring
     /// generations, and keys outside any rotation), of the names the keyring publishes
     /// when it was told (`Keyring::publish_only`).
-    pub fn published(&self) -> impl Iterator<Item = &SigningKey> {
+    ///
+    /// Public material only: a prepared or retiring generation is published but may not
+    /// sign, so no signing key comes out of here.
+    pub fn published(&self) -> impl Iterator<Item = Published<'_>> {
         self.audits
             .iter()
             .filter(|a| {
@@ -402,11 +415,17 @@ impl Inventory {
                     .as_ref()
                     .is_none_or(|(_, g)| g.state.published())
             })
-            .filter_map(Audit::signing_key)
+            .filter_map(|a| a.signer.as_ref())
             .filter(|k| {
                 self.publish
                     .as_ref()
                     .is_none_or(|names| names.iter().any(|n| n == k.name()))
+            })
+            .map(|k| Published {
+                name: k.name(),
+                kid: k.kid(),
+                alg: k.alg(),
+                public: k.public(),
             })
     }
 
@@ -415,7 +434,7 @@ impl Inventory {
     pub fn jwks(&self) -> serde_json::Value {
         let keys: Vec<Jwk> = self
             .published()
-            .map(|k| k.public().jwks_entry(k.kid(), k.alg()))
+            .map(|k| k.public.jwks_entry(k.kid, k.alg))
             .collect();
         serde_json::json!({ "keys": keys })
     }
@@ -440,14 +459,34 @@ impl Audit {
     }
 
     /// The approved key, when the verdict allows signing.
+    /// A generation of a rotated slot that is not active has none: it may be published,
+    /// never sign.
     pub fn signing_key(&self) -> Option<&SigningKey> {
-        self.signer.as_ref()
+        self.signer.as_ref().filter(|_| self.may_sign())
     }
 
-    /// The approved key, or the refusal naming every failing finding.
+    /// Outside a rotation, or the active generation of its slot.
+    fn may_sign(&self) -> bool {
+        self.generation
+            .as_ref()
+            .is_none_or(|(_, g)| g.state == rotation::GenState::Active)
+    }
+
+    /// The approved key, or the refusal naming every failing finding (or, for a
+    /// generation that is not active, that only the active one signs).
     pub fn into_signing_key(self) -> Result<SigningKey, KeyError> {
         if let Some(refusal) = self.verdict.refusal(self.key.label()) {
             return Err(refusal.into());
+        }
+        if let Some((slot, g)) = &self.generation
+            && !self.may_sign()
+        {
+            return Err(rotation::RotationError::NotActive {
+                slot: slot.clone(),
+                what: g.describe(),
+                state: g.state.to_string(),
+            }
+            .into());
         }
         self.signer.ok_or_else(|| {
             // Unreachable in practice: a verdict without failing findings got its proof.

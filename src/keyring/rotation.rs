@@ -533,10 +533,26 @@ impl Keyring {
             DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
         };
         let t = self.describe();
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .filter(|d| !d.is_empty())
-            .map_or_else(std::env::temp_dir, std::path::PathBuf::from);
         let uid = rustix::process::geteuid().as_raw();
+        // The same directory for the agent and for a command of the same user, whatever
+        // their environment: the agent's runtime directory under systemd
+        // (`RuntimeDirectory=keybound`, which `PrivateTmp` does not hide) when it is ours,
+        // else the user's runtime directory, else the temp directory.
+        let ours = |d: &std::path::Path| {
+            std::fs::symlink_metadata(d).is_ok_and(|m| m.is_dir() && m.uid() == uid)
+        };
+        let run = std::path::PathBuf::from("/run/keybound");
+        let base = if ours(&run) {
+            run
+        } else {
+            std::env::var_os("XDG_RUNTIME_DIR")
+                .filter(|d| !d.is_empty())
+                .map(std::path::PathBuf::from)
+                .or_else(|| {
+                    Some(std::path::PathBuf::from(format!("/run/user/{uid}"))).filter(|d| ours(d))
+                })
+                .unwrap_or_else(std::env::temp_dir)
+        };
         let dir = base.join(format!("keybound-{uid}"));
         let unusable = |why: String| {
             internal(format!(
@@ -703,9 +719,21 @@ impl Keyring {
             }
         });
         if let Err(e) = self.write_record(&slot, Some(&bytes), rotation.seq, &next) {
-            // Another run finished this generation with its own key: ours is nobody's.
+            // Another run finished this generation with its own key: ours is nobody's,
+            // unless the newest record names it after all (another writer built on ours).
+            let named = || {
+                self.read_record(&slot)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|(r, _)| {
+                        r.generations
+                            .iter()
+                            .any(|g| g.id.as_deref() == Some(hex(key.id()).as_str()))
+                    })
+            };
             if generated
                 && matches!(e, KeyError::Token(TokenError::RecordConflict { .. }))
+                && !named()
                 && let Err(d) = self.backend.destroy(&key)
             {
                 tracing::warn!(slot = %slot, label = %pending.label, "the key this run generated stays: {d}");
@@ -971,6 +999,15 @@ impl Keyring {
                 g.state = GenState::Destroyed;
                 g.destroyed = Some(unix_now());
             }
+            // The record stays small (a device's data objects may be small: 2 KB on some):
+            // of the destroyed generations only the latest is kept, as history.
+            let latest = r
+                .in_state(GenState::Destroyed)
+                .map(|g| g.n)
+                .max()
+                .unwrap_or(0);
+            r.generations
+                .retain(|g| g.state != GenState::Destroyed || g.n == latest);
         });
         self.write_record(&slot, Some(&bytes), rotation.seq, &next)?;
         Ok(next)
@@ -995,7 +1032,11 @@ impl Keyring {
         let Some(g) = rotation.by_kid(key.kid()) else {
             return Ok(());
         };
-        if g.tokens_until.is_some_and(|t| t >= until) {
+        // A minute's slack: the same token noted again (after every record change) must
+        // not write a record again, which would be a change of its own.
+        if g.tokens_until
+            .is_some_and(|t| t.saturating_add(60) >= until)
+        {
             return Ok(());
         }
         let n = g.n;
@@ -1069,7 +1110,25 @@ impl Keyring {
                 Ok(info)
             }
             Some((rotation, _)) => match rotation.generations.iter().find(|g| g.n == n) {
-                Some(g) if g.state == GenState::Active => Ok(info),
+                Some(g)
+                    if g.state == GenState::Active
+                        && g.id == Some(hex(info.id()))
+                        && g.kid.as_deref() == Some(info.public().thumbprint().as_str()) =>
+                {
+                    Ok(info)
+                }
+                // The active generation's label, but another key (a second object under
+                // that label, named by its id).
+                Some(g) if g.state == GenState::Active => Err(RotationError::Inconsistent {
+                    slot,
+                    reason: format!(
+                        "{}, but the key named is id {} kid {}",
+                        g.describe(),
+                        hex(info.id()),
+                        info.public().thumbprint()
+                    ),
+                }
+                .into()),
                 found => Err(RotationError::NotActive {
                     slot,
                     what: found.map_or_else(

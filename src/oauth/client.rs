@@ -251,8 +251,13 @@ impl OAuthClient {
         if self.pinned {
             return;
         }
+        if !token.valid_for(std::time::Duration::ZERO) {
+            return;
+        }
         let (keyring, key) = (self.keyring.clone(), key.clone());
-        let until = unix_now().saturating_add(secs);
+        // The token's own expiry, the same however often this runs.
+        let left = secs.saturating_sub(token.received.elapsed().as_secs());
+        let until = unix_now().saturating_add(left);
         tokio::task::spawn_blocking(move || {
             if let Err(e) = keyring.note_bound_token(&key, until) {
                 tracing::warn!(
