@@ -160,6 +160,18 @@ impl OAuthClient {
         header: impl Fn(&SigningKey) -> Header,
         claims: &C,
     ) -> Result<String, OAuthError> {
+        self.sign_with_key(dpop, header, claims)
+            .await
+            .map(|(jws, _)| jws)
+    }
+
+    /// [`Self::sign_with`], and the key that signed.
+    pub(super) async fn sign_with_key<C: serde::Serialize>(
+        &self,
+        dpop: bool,
+        header: impl Fn(&SigningKey) -> Header,
+        claims: &C,
+    ) -> Result<(String, SigningKey), OAuthError> {
         let key = |this: &Self| {
             if dpop {
                 this.dpop_key()
@@ -175,9 +187,10 @@ impl OAuthClient {
             Err(e) if e.key_gone() && !self.pinned => {
                 self.reresolve_keys().await?;
                 let again = key(self)?;
-                sign_async(&again, &header(&again), claims).await
+                let jws = sign_async(&again, &header(&again), claims).await?;
+                Ok((jws, again))
             }
-            other => other,
+            other => other.map(|jws| (jws, first)),
         }
     }
 
@@ -319,6 +332,22 @@ impl OAuthClient {
         nonce: Option<&str>,
         access_token: Option<&SecretString>,
     ) -> Result<Option<String>, OAuthError> {
+        Ok(self
+            .proof_with_key(method, url, origin, nonce, access_token)
+            .await?
+            .map(|(jws, _)| jws))
+    }
+
+    /// [`Self::proof`], and the key that signed it (a token the proof obtains is bound to
+    /// exactly that key).
+    pub(super) async fn proof_with_key(
+        &self,
+        method: &str,
+        url: &str,
+        origin: &str,
+        nonce: Option<&str>,
+        access_token: Option<&SecretString>,
+    ) -> Result<Option<(String, SigningKey)>, OAuthError> {
         if self.dpop_key.is_none() {
             return Ok(None);
         }
@@ -330,7 +359,7 @@ impl OAuthClient {
             self.state.iat_for(origin, unix_now()),
             super::new_jti()?,
         )?;
-        self.sign_with(true, |k| dpop::header(k.alg(), k.jwk()), &claims)
+        self.sign_with_key(true, |k| dpop::header(k.alg(), k.jwk()), &claims)
             .await
             .map(Some)
     }
@@ -354,10 +383,12 @@ impl OAuthClient {
     }
 
     /// Token response checks: DPoP downgrade, scope guard.
+    /// `dpop_key`: the key whose proof obtained the token (its `cnf.jkt`).
     pub(super) fn accept(
         &self,
         response: TokenResponse,
         requested: &[String],
+        dpop_key: Option<SigningKey>,
     ) -> Result<AccessToken, OAuthError> {
         if self.dpop_key.is_some() && !response.token_type.eq_ignore_ascii_case("DPoP") {
             return Err(OAuthError::Downgrade {
@@ -376,10 +407,7 @@ impl OAuthClient {
             scopes,
             received: Instant::now(),
             round_trips: 0,
-            // The key the request's proofs were signed with (a rotation between the proof
-            // and this answer is caught by the resource server, which refuses the proof,
-            // and the token is fetched again).
-            dpop_key: self.dpop_key(),
+            dpop_key,
         })
     }
 

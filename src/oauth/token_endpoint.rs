@@ -29,6 +29,9 @@ impl OAuthClient {
     ) -> Result<AccessToken, AttemptFailure> {
         let origin = origin(endpoint);
         let dpop = self.dpop_key.is_some();
+        // The key that signed the proof of the last request sent: the token it obtains is
+        // bound to that key, whatever the client's DPoP key is by the time it answers.
+        let proven_by = std::sync::Mutex::new(None);
         let lifetime = self.config.assertion_lifetime;
         let NonceAnswer { response, clock } = self
             .peer(Role::AuthorizationServer, &origin)
@@ -37,8 +40,9 @@ impl OAuthClient {
                 round_trips,
                 |nonce| {
                     let origin = origin.as_str();
+                    let proven_by = &proven_by;
                     async move {
-                        self.token_request(endpoint, origin, scopes, nonce.as_deref())
+                        self.token_request(endpoint, origin, scopes, nonce.as_deref(), proven_by)
                             .await
                     }
                 },
@@ -66,7 +70,10 @@ impl OAuthClient {
                     reason: e.to_string(),
                     body: excerpt(body),
                 })?;
-            return Ok(self.accept(parsed, scopes)?);
+            let key = proven_by
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            return Ok(self.accept(parsed, scopes, key)?);
         }
         let error: Option<ErrorBody> = serde_json::from_slice(body).ok();
         let failure = match (error, status) {
@@ -112,6 +119,7 @@ impl OAuthClient {
         origin: &str,
         scopes: &[String],
         nonce: Option<&str>,
+        proven_by: &std::sync::Mutex<Option<crate::keyring::SigningKey>>,
     ) -> Result<Request<Vec<u8>>, OAuthError> {
         let now = unix_now();
         let iat = self.state.iat_for(origin, now);
@@ -148,11 +156,14 @@ impl OAuthClient {
                 "application/x-www-form-urlencoded",
             )
             .header(http::header::ACCEPT, "application/json");
-        if let Some(proof) = self
-            .proof("POST", endpoint.as_str(), origin, nonce, None)
+        if let Some((proof, key)) = self
+            .proof_with_key("POST", endpoint.as_str(), origin, nonce, None)
             .await?
         {
             request = request.header("DPoP", proof);
+            *proven_by
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(key);
         }
         request
             .body(body.into_bytes())
