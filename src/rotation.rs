@@ -164,14 +164,14 @@ pub enum StepError {
     #[error(
         "activation refused, nothing changed: client '{client}' asked its token endpoint for a \
          token with an assertion signed by the prepared key (kid {kid}), and the server did \
-         not issue one: {source}.{}",
-        not_accepted_hint(source)
+         not issue one: {refusal}.{}",
+        not_accepted_hint(refusal)
     )]
     NotAccepted {
         client: String,
         kid: String,
-        #[source]
-        source: Box<OAuthError>,
+        /// In the message, not a source: the error chain would print it twice.
+        refusal: Box<OAuthError>,
     },
     #[error("{what} stopped: {reason}")]
     Stopped { what: &'static str, reason: String },
@@ -200,9 +200,10 @@ impl StepError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             StepError::Key(e) => e.kind(),
-            StepError::NotAccepted { source, .. } => match source.kind() {
-                ErrorKind::Transient | ErrorKind::Device => ErrorKind::Transient,
-                _ => ErrorKind::Refused,
+            // The server refusing the prepared key is a refused credential (exit 77).
+            StepError::NotAccepted { refusal, .. } => match refusal.kind() {
+                ErrorKind::Device => ErrorKind::Transient,
+                kind => kind,
             },
             StepError::Stopped { .. } => ErrorKind::Internal,
             StepError::NoClient { .. } => ErrorKind::Configuration,
@@ -260,7 +261,7 @@ pub async fn prove(
             .map_err(|e| StepError::NotAccepted {
                 client: c.config().name.clone(),
                 kid: key.kid().to_string(),
-                source: Box::new(e),
+                refusal: Box::new(e),
             })?;
         tracing::info!(client = %c.config().name, kid = key.kid(), slot, "the server accepted the prepared key");
         names.push(c.config().name.clone());

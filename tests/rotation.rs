@@ -860,7 +860,7 @@ fn activation_is_proven_against_the_server_first() {
     // The server knows only the old key: refused, nothing changed.
     let before = list_json(&token);
     let out = token.keybound(&["keys", "rotate", "--label", "client-auth", "--activate"]);
-    let err = assert_error(&out, &"activate unknown");
+    let err = assert_error_code(&out, 77, &"activate unknown");
     assert_mentions(&err, &["dev", &kid2]);
     assert!(
         err.contains("nothing changed") || err.contains("not activated"),

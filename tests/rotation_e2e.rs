@@ -266,7 +266,7 @@ async fn whole_rotation(mode: Mode) {
     // pasted yet; the URL mode's server learns it from the URL on its own).
     if mode == Mode::Pasted {
         let (out, _) = run(&["keys", "rotate", "--label", "client-auth", "--activate"]);
-        let err = assert_error(&out, &"activate before the server knows the key");
+        let err = assert_error_code(&out, 77, &"activate before the server knows the key");
         assert_mentions(
             &err,
             &[

@@ -402,3 +402,105 @@ fn a_generation_key_file_deleted_outside_keybound_is_named() {
     );
     assert_eq!(dpop_kid(&home), kid1, "the active generation still signs");
 }
+
+/// The client-authentication key rotated on the TPM with the activation proven against
+/// the dev-server (pasted keys): refused while the server knows only the old key, done
+/// once the admin pasted the JWKS; `keybound token` then signs its assertion with the new
+/// generation, and after retirement and a new paste the old key is gone from the server.
+#[test]
+fn the_client_key_rotates_on_the_tpm_with_the_activation_proven() {
+    let (home, _) = home();
+    let jwks_file = home.dir().join("app-keys.json");
+    let published = || home.run_ok(&["jwks"]);
+    fs::write(&jwks_file, home.run_ok(&["jwks", "--label", "client-auth"])).unwrap();
+    let server = keybound_devserver::Background::start(
+        0,
+        keybound_devserver::Settings::new(
+            "0oa-tpm-dev",
+            keybound_devserver::JwksSource::File(jwks_file.clone()),
+        ),
+    )
+    .expect("the dev-server starts");
+    let base = server.base().to_owned();
+    home.write_config(&home.config_text(&format!(
+        "[rotation]\nretire_after = \"1h\"\n\n[[client]]\nname = \"dev\"\nserver = \"okta\"\n\
+         token_endpoint = \"{base}/oauth2/v1/token\"\nclient_id = \"0oa-tpm-dev\"\n\
+         assertion_key = \"client-auth\"\ndpop_key = \"dpop\"\nscopes = [\"okta.users.read\"]\n\
+         allowed_scopes = [\"okta.users.read\"]\n"
+    )));
+    home.run_ok(&["token", "--client", "dev"]);
+    let old = Jws::parse(
+        home.run_ok(&[
+            "assertion",
+            "--key",
+            "client-auth",
+            "--client-id",
+            "x",
+            "--audience",
+            "https://a.example/",
+        ])
+        .trim(),
+    )
+    .header["kid"]
+        .as_str()
+        .expect("kid")
+        .to_owned();
+
+    let out = home.run_ok(&["keys", "rotate", "--label", "client-auth"]);
+    assert!(out.contains("client-auth#2"), "{out}");
+    let new = states_kid(&home, "client-auth", "prepared");
+    let (_, err) = home.run_fail(
+        &["keys", "rotate", "--label", "client-auth", "--activate"],
+        77,
+    );
+    assert!(
+        err.contains("activation refused, nothing changed") && err.contains(&new),
+        "{err}"
+    );
+    assert_eq!(states_kid(&home, "client-auth", "active"), old);
+
+    fs::write(&jwks_file, published()).unwrap();
+    let out = home.run_ok(&["keys", "rotate", "--label", "client-auth", "--activate"]);
+    assert!(
+        out.contains("issued a token") && out.contains(&new),
+        "{out}"
+    );
+    home.run_ok(&["token", "--client", "dev"]);
+    let assertion = home.run_ok(&[
+        "assertion",
+        "--key",
+        "client-auth",
+        "--client-id",
+        "0oa-tpm-dev",
+        "--audience",
+        &format!("{base}/oauth2/v1/token"),
+    ]);
+    let jws = Jws::parse(assertion.trim());
+    assert_eq!(jws.header["kid"], new.as_str());
+
+    home.run_ok(&[
+        "keys",
+        "rotate",
+        "--label",
+        "client-auth",
+        "--retire",
+        "--force",
+    ]);
+    let now = published();
+    assert!(!now.contains(&old) && now.contains(&new), "{now}");
+    fs::write(&jwks_file, now).unwrap();
+    home.run_ok(&["keys", "destroy", "--label", "client-auth", "--kid", &old]);
+    home.run_ok(&["token", "--client", "dev"]);
+    drop(server);
+}
+
+/// The kid of `slot`'s generation in `state`, from `keys list --json`.
+fn states_kid(home: &TpmHome, slot: &str, state: &str) -> String {
+    let list: Vec<Value> =
+        serde_json::from_str(&home.run_ok(&["keys", "list", "--json"])).expect("list --json");
+    list.iter()
+        .find(|k| k["slot"] == slot && k["state"] == state)
+        .and_then(|k| k["kid"].as_str())
+        .unwrap_or_else(|| panic!("no {state} generation of {slot}: {list:#?}"))
+        .to_owned()
+}
