@@ -18,13 +18,28 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use agent_support::{Agent, DevServer, SocketDir, check_proof, dpop_request, post, want_proof};
 use serde_json::Value;
 use support::*;
 
-/// The client module of package `p11-kit-modules` (Debian, amd64).
-const CLIENT_MODULE: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
+/// The client module of package `p11-kit-modules`, where Debian puts it.
+const CLIENT_MODULES: [&str; 2] = [
+    "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so",
+    "/usr/lib/aarch64-linux-gnu/pkcs11/p11-kit-client.so",
+];
+/// The server prints its address at once; this only keeps a broken server from hanging
+/// the test.
+const GUARD: Duration = Duration::from_secs(60);
+
+fn client_module() -> &'static str {
+    CLIENT_MODULES
+        .into_iter()
+        .find(|m| Path::new(m).is_file())
+        .expect("p11-kit-client.so not found: run scripts/install-deps.sh softhsm")
+}
 const CLIENT_ID: &str = "0oa-p11kit";
 
 /// `p11-kit server` exporting the test's SoftHSM token on `<tempdir>/p11kit.sock`, in the
@@ -51,10 +66,14 @@ impl P11KitServer {
             .expect("run p11-kit server (are p11-kit and p11-kit-modules installed?)");
         // The server prints `P11_KIT_SERVER_ADDRESS=unix:path=...; export ...;` once its
         // socket listens, or exits (stdout closes) when it cannot start.
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped stdout"))
-            .read_line(&mut line)
-            .expect("read p11-kit server's stdout");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(GUARD).unwrap_or_default();
         let address = line
             .strip_prefix("P11_KIT_SERVER_ADDRESS=")
             .and_then(|rest| rest.split(';').next())
@@ -136,7 +155,7 @@ impl Remote {
 /// The default test config with the p11-kit client module instead of SoftHSM's.
 fn client_config(more: &str) -> String {
     let mut text = Config {
-        module: CLIENT_MODULE.to_owned(),
+        module: client_module().to_owned(),
         ..Config::default()
     }
     .render();
