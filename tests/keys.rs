@@ -166,9 +166,17 @@ fn keys_list_audit_and_jwks_agree_on_generated_keys() {
         );
         assert_members(
             &entry["token"],
-            &["label", "manufacturer", "model", "serial", "profile"],
+            &[
+                "label",
+                "manufacturer",
+                "model",
+                "serial",
+                "profile",
+                "profile_tested_live",
+            ],
         );
         assert_eq!(entry["token"]["profile"], "softhsm2");
+        assert_eq!(entry["token"]["profile_tested_live"], true);
         let (label, alg, kid) = key_named(&keys, entry);
         let listed_entry = listed
             .iter()

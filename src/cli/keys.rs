@@ -151,6 +151,7 @@ pub fn audit(
     let token_json = json!({
         "label": token.token_label, "manufacturer": token.manufacturer,
         "model": token.model, "serial": token.serial, "profile": token.profile,
+        "profile_tested_live": token.profile_tested_live,
     });
     if as_json {
         let out: Vec<Value> = audits
@@ -186,6 +187,13 @@ pub fn audit(
             token.serial,
             token.profile
         );
+        if !token.profile_tested_live {
+            out!(
+                "profile not tested live: profile {} comes from the vendor's documentation; \
+                 check its mechanisms and this audit against the device",
+                token.profile
+            );
+        }
         for a in &audits {
             print_audit(a)?;
         }

@@ -141,6 +141,8 @@ pub struct TokenDescription {
     pub model: String,
     pub serial: String,
     pub profile: String,
+    /// False for a profile written from vendor documentation, never tried on the device.
+    pub profile_tested_live: bool,
 }
 
 /// Receives the outcome of a signature made on a worker thread.

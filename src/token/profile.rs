@@ -11,7 +11,7 @@ use super::TokenError;
 use super::trust::{self, Owners};
 use crate::jose::Alg;
 
-const EMBEDDED: [(&str, &str); 3] = [
+const EMBEDDED: [(&str, &str); 8] = [
     (
         "softhsm2.toml",
         include_str!("../../hsm-profiles/softhsm2.toml"),
@@ -24,6 +24,26 @@ const EMBEDDED: [(&str, &str); 3] = [
         "generic.toml",
         include_str!("../../hsm-profiles/generic.toml"),
     ),
+    (
+        "p11-kit-client.toml",
+        include_str!("../../hsm-profiles/p11-kit-client.toml"),
+    ),
+    (
+        "opensc-sc-hsm.toml",
+        include_str!("../../hsm-profiles/opensc-sc-hsm.toml"),
+    ),
+    (
+        "aws-cloudhsm.toml",
+        include_str!("../../hsm-profiles/aws-cloudhsm.toml"),
+    ),
+    (
+        "thales-luna.toml",
+        include_str!("../../hsm-profiles/thales-luna.toml"),
+    ),
+    (
+        "utimaco-cryptoserver.toml",
+        include_str!("../../hsm-profiles/utimaco-cryptoserver.toml"),
+    ),
 ];
 
 #[derive(Clone, Debug, Deserialize)]
@@ -31,6 +51,10 @@ const EMBEDDED: [(&str, &str); 3] = [
 pub struct Profile {
     pub name: String,
     pub description: String,
+    /// False for a profile written from the vendor's documentation only: `keys audit`
+    /// says so. Left out: tested live.
+    #[serde(default = "yes")]
+    pub tested_live: bool,
     #[serde(default, rename = "match")]
     pub match_rule: MatchRule,
     pub module: ModuleRule,
@@ -39,12 +63,40 @@ pub struct Profile {
     pub mechanisms: BTreeMap<Alg, SignMechanism>,
     pub encoding: Encoding,
     pub template: Template,
+    #[serde(default)]
+    pub attributes: Attributes,
     pub quirks: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Which attributes keybound may read on the token's keys.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attributes {
+    /// False when reading `CKA_ALLOWED_MECHANISMS` fails the whole read (p11-kit-client
+    /// 0.24.1: `CKR_DEVICE_ERROR`): keybound does not ask, and an RSA key is then RS256.
+    #[serde(default = "yes")]
+    pub allowed_mechanisms: bool,
+}
+
+impl Default for Attributes {
+    fn default() -> Self {
+        Attributes {
+            allowed_mechanisms: true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchRule {
+    /// File name of the loaded module (e.g. `p11-kit-client.so`). A profile matched by
+    /// module is chosen before any matched by manufacturer and model: a module that
+    /// forwards another token reports that token's manufacturer.
+    pub module: Option<String>,
     pub manufacturer: Option<String>,
     pub model: Option<String>,
 }
@@ -169,26 +221,47 @@ impl Profiles {
         })
     }
 
-    /// The profile whose match rule fits the token, else `generic`.
-    pub fn matching(&self, manufacturer: &str, model: &str) -> Result<&Profile, TokenError> {
-        match self
+    /// The profile whose match rule fits the module and token (rules naming the module
+    /// first), else `generic`.
+    pub fn matching(
+        &self,
+        module: &Path,
+        manufacturer: &str,
+        model: &str,
+    ) -> Result<&Profile, TokenError> {
+        let file = module.file_name().and_then(|f| f.to_str()).unwrap_or("");
+        let fits = |p: &&Profile| p.match_rule.fits(file, manufacturer, model);
+        let by_module = self
             .0
             .iter()
-            .find(|p| p.match_rule.fits(manufacturer, model))
-        {
+            .filter(|p| p.match_rule.module.is_some())
+            .find(fits);
+        match by_module.or_else(|| self.0.iter().find(fits)) {
             Some(p) => Ok(p),
             None => self.named("generic"),
         }
     }
 
-    /// Module paths of every profile, the named one first: where to look for a module.
+    /// Where to look for a module: the named profile's paths first, then those of every
+    /// profile that recognises its tokens by manufacturer or model. A profile chosen by its
+    /// module (p11-kit-client) or only by name (documentation-only ones) is never loaded
+    /// unless named: its module would otherwise be picked on a machine that merely has it.
     pub fn module_paths(&self, first: Option<&str>) -> Vec<PathBuf> {
         let mut out: Vec<PathBuf> = Vec::new();
+        let by_token = |p: &&Profile| {
+            p.match_rule.module.is_none()
+                && (p.match_rule.manufacturer.is_some() || p.match_rule.model.is_some())
+        };
         let ordered = self
             .0
             .iter()
             .filter(|p| Some(p.name.as_str()) == first)
-            .chain(self.0.iter().filter(|p| Some(p.name.as_str()) != first));
+            .chain(
+                self.0
+                    .iter()
+                    .filter(|p| Some(p.name.as_str()) != first)
+                    .filter(by_token),
+            );
         for p in ordered {
             for path in &p.module.paths {
                 if !out.contains(path) {
@@ -218,14 +291,16 @@ impl Profile {
 }
 
 impl MatchRule {
-    fn fits(&self, manufacturer: &str, model: &str) -> bool {
-        if self.manufacturer.is_none() && self.model.is_none() {
+    fn fits(&self, module_file: &str, manufacturer: &str, model: &str) -> bool {
+        if self.module.is_none() && self.manufacturer.is_none() && self.model.is_none() {
             return false;
         }
         let eq = |want: &Option<String>, got: &str| {
             want.as_deref().is_none_or(|w| unpad(w) == unpad(got))
         };
-        eq(&self.manufacturer, manufacturer) && eq(&self.model, model)
+        self.module.as_deref().is_none_or(|m| m == module_file)
+            && eq(&self.manufacturer, manufacturer)
+            && eq(&self.model, model)
     }
 }
 
@@ -297,14 +372,25 @@ mod tests {
     fn embedded_profiles_parse_and_match() {
         let p = Profiles::load(None).unwrap();
         assert_eq!(
-            p.matching("SoftHSM project", "SoftHSM v2      ")
+            p.matching(Path::new(SOFTHSM), "SoftHSM project", "SoftHSM v2      ")
                 .unwrap()
                 .name,
             "softhsm2"
         );
-        assert_eq!(p.matching("Acme", "HSM 9000").unwrap().name, "generic");
+        assert_eq!(
+            p.matching(Path::new("/opt/acme.so"), "Acme", "HSM 9000")
+                .unwrap()
+                .name,
+            "generic"
+        );
         // tpm2-pkcs11 over swtpm pads the model with NULs.
-        let tpm = p.matching("IBM", "SW   TPM\0\0\0\0\0\0\0\0").unwrap();
+        let tpm = p
+            .matching(
+                Path::new("/usr/lib/libtpm2_pkcs11.so.1"),
+                "IBM",
+                "SW   TPM\0\0\0\0\0\0\0\0",
+            )
+            .unwrap();
         assert_eq!(tpm.name, "tpm2-pkcs11");
         assert!(tpm.mechanism(Alg::PS256).is_err());
         assert!(tpm.omits(Usage::Decrypt) && tpm.omits(Usage::Encrypt));
@@ -314,6 +400,59 @@ mod tests {
             p.module_paths(Some("softhsm2"))[0],
             PathBuf::from("/usr/lib/softhsm/libsofthsm2.so")
         );
+        // Modules of profiles chosen by module or by name only are searched only when named.
+        let unnamed = p.module_paths(None);
+        assert!(
+            unnamed
+                .iter()
+                .all(|m| !m.ends_with("p11-kit-client.so") && !m.ends_with("opensc-pkcs11.so"))
+        );
+        assert!(p.module_paths(Some("p11-kit-client"))[0].ends_with("p11-kit-client.so"));
+    }
+
+    const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+    #[test]
+    fn p11_kit_client_is_chosen_by_module_before_the_forwarded_manufacturer() {
+        let p = Profiles::load(None).unwrap();
+        let client = Path::new("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so");
+        let chosen = p.matching(client, "SoftHSM project", "SoftHSM v2").unwrap();
+        assert_eq!(chosen.name, "p11-kit-client");
+        assert!(!chosen.attributes.allowed_mechanisms);
+        assert!(chosen.mechanism(Alg::PS256).is_err());
+        assert!(chosen.tested_live);
+        // The same token through its own module keeps its own profile, and reads
+        // CKA_ALLOWED_MECHANISMS.
+        let direct = p
+            .matching(Path::new(SOFTHSM), "SoftHSM project", "SoftHSM v2")
+            .unwrap();
+        assert_eq!(direct.name, "softhsm2");
+        assert!(direct.attributes.allowed_mechanisms);
+        // A module rule alone never matches another module.
+        assert_eq!(
+            p.matching(Path::new("/opt/other-client.so"), "Acme", "X")
+                .unwrap()
+                .name,
+            "generic"
+        );
+    }
+
+    #[test]
+    fn documentation_only_profiles_say_so() {
+        let p = Profiles::load(None).unwrap();
+        for name in [
+            "opensc-sc-hsm",
+            "aws-cloudhsm",
+            "thales-luna",
+            "utimaco-cryptoserver",
+        ] {
+            let profile = p.named(name).unwrap();
+            assert!(!profile.tested_live, "{name}");
+            assert!(profile.description.contains("documentation"), "{name}");
+        }
+        for name in ["softhsm2", "tpm2-pkcs11", "generic", "p11-kit-client"] {
+            assert!(p.named(name).unwrap().tested_live, "{name}");
+        }
     }
 
     #[test]

@@ -118,7 +118,7 @@ impl Connection {
         let (pkcs11, finalize, slot, info) = initialize_and_find(&module, &selector)?;
         let profile = match &settings.profile {
             Some(name) => profiles.named(name)?,
-            None => profiles.matching(info.manufacturer_id(), info.model())?,
+            None => profiles.matching(&module, info.manufacturer_id(), info.model())?,
         }
         .clone();
         let clean = |s: &str| crate::token::profile::unpad(s).to_string();
@@ -129,6 +129,7 @@ impl Connection {
             model: clean(info.model()),
             serial: clean(info.serial_number()),
             profile: profile.name.clone(),
+            profile_tested_live: profile.tested_live,
         };
         tracing::debug!(module = %module.display(), token = %description.token_label,
             profile = %profile.name, "token found");

@@ -324,15 +324,16 @@ fn examine(
     handle: ObjectHandle,
     profile: &Profile,
 ) -> Result<Examined, Pkcs11Failure> {
-    let attrs = s.get_attributes(
-        handle,
-        &[
-            AttributeType::Label,
-            AttributeType::Id,
-            AttributeType::KeyType,
-            AttributeType::AllowedMechanisms,
-        ],
-    )?;
+    let mut wanted = vec![
+        AttributeType::Label,
+        AttributeType::Id,
+        AttributeType::KeyType,
+    ];
+    // Some modules fail the whole read over this one attribute (see the profile).
+    if profile.attributes.allowed_mechanisms {
+        wanted.push(AttributeType::AllowedMechanisms);
+    }
+    let attrs = s.get_attributes(handle, &wanted)?;
     let (mut label, mut id, mut key_type, mut allowed) = (String::new(), Vec::new(), None, None);
     for a in attrs {
         match a {
