@@ -141,6 +141,23 @@ pub struct TokenDescription {
     pub model: String,
     pub serial: String,
     pub profile: String,
+    /// The PKCS#11 module loaded, for `pkcs11:` URIs that name it; `None` for a backend
+    /// that loads none (TPM).
+    pub module: Option<ModuleDescription>,
+}
+
+/// The PKCS#11 module a backend loaded and how it logs in: what the library and query
+/// attributes of a `pkcs11:` URI (RFC 7512 §2.3) are checked against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleDescription {
+    /// The module file, as the config (or the profile) named it.
+    pub path: std::path::PathBuf,
+    /// `C_GetInfo`: `manufacturerID`, `libraryDescription`, `libraryVersion`.
+    pub library_manufacturer: String,
+    pub library_description: String,
+    pub library_version: (u8, u8),
+    /// The config's PIN file; `None` when the PIN comes from an environment variable.
+    pub pin_file: Option<std::path::PathBuf>,
 }
 
 /// Receives the outcome of a signature made on a worker thread.
@@ -197,8 +214,9 @@ pub(crate) trait Backend: Send + Sync {
     /// The one key a name refers to. Errors: no key (listing those that exist), several
     /// keys (listing their ids), or an object that is not usable (saying why).
     fn find(&self, name: &KeyName) -> Result<KeyInfo, TokenError> {
-        let token = self.describe().token_label;
-        name.check_token(&token)?;
+        let described = self.describe();
+        name.check_token(&described)?;
+        let token = described.token_label;
         let listing = self.keys()?;
         let keys: Vec<&KeyInfo> = listing
             .keys

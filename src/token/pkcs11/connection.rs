@@ -20,7 +20,7 @@ use super::errors::{ck, session_lost};
 use crate::token::profile::{Profile, Profiles};
 use crate::token::trust::{self, Owners};
 use crate::token::worker;
-use crate::token::{Pin, TokenDescription, TokenError};
+use crate::token::{ModuleDescription, Pin, TokenDescription, TokenError};
 
 /// A failure inside a PKCS#11 operation: the device's code (maybe worth a retry on a new
 /// session) or keybound's own verdict.
@@ -122,6 +122,15 @@ impl Connection {
         }
         .clone();
         let clean = |s: &str| crate::token::profile::unpad(s).to_string();
+        let library = pkcs11.get_library_info().map_err(ck)?;
+        let version = library.library_version();
+        let module_description = ModuleDescription {
+            path: module.clone(),
+            library_manufacturer: clean(library.manufacturer_id()),
+            library_description: clean(library.library_description()),
+            library_version: (version.major(), version.minor()),
+            pin_file: settings.pin_file.clone(),
+        };
         let description = TokenDescription {
             backend: "pkcs11",
             token_label: clean(info.label()),
@@ -129,6 +138,7 @@ impl Connection {
             model: clean(info.model()),
             serial: clean(info.serial_number()),
             profile: profile.name.clone(),
+            module: Some(module_description),
         };
         tracing::debug!(module = %module.display(), token = %description.token_label,
             profile = %profile.name, "token found");

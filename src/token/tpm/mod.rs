@@ -191,6 +191,7 @@ impl TpmToken {
             // TPM is cleared, and with it every key becomes unloadable.
             serial: super::hex(primary.get(2..10).unwrap_or(&primary)),
             profile: format!("tpm2 (tcti {})", settings.tcti),
+            module: None,
         };
         tracing::debug!(tcti = %settings.tcti, state = %store.dir().display(), "TPM opened");
         Ok(TpmToken {
