@@ -150,8 +150,9 @@ pub struct TokenDescription {
 /// attributes of a `pkcs11:` URI (RFC 7512 §2.3) are checked against.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModuleDescription {
-    /// The module file, as the config (or the profile) named it.
-    pub path: std::path::PathBuf,
+    /// The module file as the config (or the profile) names it, first, and the file it
+    /// resolves to (symbolic links followed), which is the one loaded.
+    pub paths: Vec<std::path::PathBuf>,
     /// `C_GetInfo`: `manufacturerID`, `libraryDescription`, `libraryVersion`.
     pub library_manufacturer: String,
     pub library_description: String,

@@ -107,7 +107,7 @@ const QUERY_ATTRIBUTES: &str = "module-path, module-name, pin-source, x-*";
 impl KeyName {
     pub fn parse(text: &str) -> Result<KeyName, TokenError> {
         let bad = |reason: &str| TokenError::BadKeyName {
-            name: text.into(),
+            name: redacted(text),
             reason: reason.into(),
         };
         let Some(rest) = text.strip_prefix("pkcs11:") else {
@@ -334,22 +334,24 @@ impl KeyName {
         }
         // keybound loads one module, the one its config names (checked for who may change
         // it): a name a caller sends can only confirm that module, never choose another.
+        let config_module = module
+            .paths
+            .first()
+            .map_or_else(String::new, |p| p.display().to_string());
         if let Some(path) = &w.module_path
-            && Path::new(path) != module.path
+            && !module.paths.iter().any(|p| p == Path::new(path))
         {
             return Err(mismatch(format!(
                 "it names module-path '{path}', but keybound loads only the module of its \
-                 config, '{}'; a key name never makes keybound load a library",
-                module.path.display()
+                 config, '{config_module}'; a key name never makes keybound load a library"
             )));
         }
         if let Some(named) = &w.module_name
-            && !module_name_matches(named, &module.path)
+            && !module.paths.iter().any(|p| module_name_matches(named, p))
         {
             return Err(mismatch(format!(
                 "it names module-name '{named}', but keybound loads only the module of its \
-                 config, '{}'; a key name never makes keybound load a library",
-                module.path.display()
+                 config, '{config_module}'; a key name never makes keybound load a library"
             )));
         }
         // The PIN is read once, from the config's pin_env or pin_file (with the trust checks
@@ -455,6 +457,23 @@ fn pct_decode(s: &str, allowed: &[u8]) -> Result<Vec<u8>, String> {
         i += 1;
     }
     Ok(out)
+}
+
+/// `text` with the value of every `pin-value` attribute replaced: an error repeats the name
+/// it refuses, and a PIN never reaches a log or a reply.
+fn redacted(text: &str) -> String {
+    const KEY: &str = "pin-value=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(KEY) {
+        let (before, after) = rest.split_at(at + KEY.len());
+        out.push_str(before);
+        out.push_str("[redacted]");
+        let end = after.find([';', '&', '?', '#']).unwrap_or(after.len());
+        rest = after.get(end..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    out
 }
 
 /// RFC 7512 §2.3 `pk11-v-attr-nm-char`: `x-` and letters, digits, `-`, `_`.
@@ -598,7 +617,10 @@ mod tests {
             serial: "5c4bd1b2a1f0e3d7".into(),
             profile: "softhsm2".into(),
             module: Some(ModuleDescription {
-                path: "/usr/lib/softhsm/libsofthsm2.so".into(),
+                paths: vec![
+                    "/usr/lib/softhsm/libsofthsm2.so".into(),
+                    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so".into(),
+                ],
                 library_manufacturer: "SoftHSM".into(),
                 library_description: "Implementation of PKCS11".into(),
                 library_version: (2, 6),
@@ -625,6 +647,7 @@ mod tests {
             "pkcs11:library-manufacturer=SoftHSM;library-description=Implementation%20of%20\
              PKCS11;library-version=2.6;object=dpop",
             "pkcs11:object=dpop?module-path=/usr/lib/softhsm/libsofthsm2.so",
+            "pkcs11:object=dpop?module-path=/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
             "pkcs11:object=dpop?module-name=softhsm2",
             "pkcs11:object=dpop?module-name=libsofthsm2&x-vendor=1",
             "pkcs11:object=dpop?pin-source=/etc/keybound/pin",
@@ -713,6 +736,14 @@ mod tests {
             (
                 "pkcs11:object=a?pin-value=1234",
                 "a PIN never sits in a URI",
+            ),
+            (
+                "pkcs11:object=a?pin-value=1234&module-name=x",
+                "'pkcs11:object=a?pin-value=[redacted]&module-name=x'",
+            ),
+            (
+                "pkcs11:object=a;pin-value=1234;id=%01",
+                "pin-value=[redacted];id=%01'",
             ),
             (
                 "pkcs11:object=a;pin-value=1234",

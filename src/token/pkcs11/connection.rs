@@ -125,7 +125,10 @@ impl Connection {
         let library = pkcs11.get_library_info().map_err(ck)?;
         let version = library.library_version();
         let module_description = ModuleDescription {
-            path: module.clone(),
+            paths: named_module(settings, profiles)
+                .into_iter()
+                .chain([module.clone()])
+                .collect(),
             library_manufacturer: clean(library.manufacturer_id()),
             library_description: clean(library.library_description()),
             library_version: (version.major(), version.minor()),
@@ -430,6 +433,18 @@ fn resolve_module(settings: &Pkcs11Settings, profiles: &Profiles) -> Result<Path
         return Err(refuse("a module path must be absolute".into()));
     }
     trust::check_path(found, Owners::UserOrRoot).map_err(refuse)
+}
+
+/// The module file as the config or the profile names it (before symbolic links are
+/// followed), for `pkcs11:` URIs that name it with `module-path`.
+fn named_module(settings: &Pkcs11Settings, profiles: &Profiles) -> Option<PathBuf> {
+    match &settings.module {
+        Some(path) => Some(path.clone()),
+        None => profiles
+            .module_paths(settings.profile.as_deref())
+            .into_iter()
+            .find(|p| p.is_file()),
+    }
 }
 
 /// Loads and initialises the module and finds the token. SoftHSM reads its token files
