@@ -4,11 +4,13 @@
 //! a URI names (verified from the JWK with the p256 crate); the query attributes never
 //! choose the module or the PIN.
 
+mod agent_support;
 mod support;
 
 use std::collections::BTreeSet;
 use std::process::Command;
 
+use agent_support::*;
 use serde_json::Value;
 use support::*;
 
@@ -277,4 +279,89 @@ fn dpop_signs_with_the_key_a_uri_names_and_only_on_the_token_it_names() {
         assert_mentions(&line, &says);
         assert!(!line.contains(USER_PIN), "the PIN is not repeated: {line}");
     }
+}
+
+/// Through the agent's socket: a URI is checked before the key cache is asked, so a URI
+/// naming another serial, module or PIN file never reaches a key the cache holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_checks_every_attribute_before_its_key_cache() {
+    let (token, kids) = token_with_keys(&[("dpop", "ES256")]);
+    let serial = serial(&token);
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let jwks = published_jwks(&token, &agent).await;
+    let mut conn = Conn::open(agent.socket()).await;
+    let htu = "https://a.example/u";
+    // The key is cached by a URI that names it rightly...
+    let kid = &kids["dpop"];
+    proves(
+        &mut conn,
+        &jwks,
+        kid,
+        &format!("pkcs11:serial={serial};object=dpop"),
+    )
+    .await;
+    // ...and every name below is refused all the same.
+    for (uri, says) in [
+        (
+            "pkcs11:serial=0000000000000000;object=dpop".to_owned(),
+            vec!["serial '0000000000000000'", serial.as_str()],
+        ),
+        (
+            "pkcs11:manufacturer=Yubico;object=dpop".into(),
+            vec!["manufacturer 'Yubico'"],
+        ),
+        (
+            "pkcs11:object=dpop?module-path=/tmp/other-pkcs11.so".into(),
+            vec![
+                "/tmp/other-pkcs11.so",
+                "never makes keybound load a library",
+            ],
+        ),
+        (
+            "pkcs11:object=dpop?pin-source=file:///etc/shadow".into(),
+            vec![
+                "pin-source '/etc/shadow'",
+                "never reads a file a key name points to",
+            ],
+        ),
+        (
+            format!("pkcs11:object=dpop?pin-value={USER_PIN}"),
+            vec!["a PIN never sits in a URI", "pin-value=[redacted]"],
+        ),
+        (
+            "pkcs11:object=dpop;type=public".into(),
+            vec!["type=public names no private key"],
+        ),
+    ] {
+        let message = conn
+            .post("/v1/dpop", &dpop_request(&uri, "GET", htu))
+            .await
+            .error(400, "invalid_request", &says);
+        assert!(!message.contains(USER_PIN), "{message}");
+    }
+    // p11-kit's object-type, the module by its name, a vendor attribute.
+    let uri = "pkcs11:object=dpop;object-type=private;x-a=1?module-name=softhsm2";
+    proves(&mut conn, &jwks, kid, uri).await;
+}
+
+/// `POST /v1/dpop` naming `uri` gives a proof by the key `kid`, verified from the JWKS.
+async fn proves(
+    conn: &mut Conn,
+    jwks: &std::collections::BTreeMap<String, Value>,
+    kid: &str,
+    uri: &str,
+) {
+    let htu = "https://a.example/u";
+    let start = window_start();
+    let proof = conn
+        .post("/v1/dpop", &dpop_request(uri, "GET", htu))
+        .await
+        .ok_member("a proof by URI", "proof");
+    check_proof(
+        jwks,
+        &proof,
+        &want_proof(kid, "GET", htu),
+        window_end(start),
+    );
 }
