@@ -206,6 +206,16 @@ fn keybound_finds_exactly_the_private_keys_p11tool_resolves() {
             0,
             "library-manufacturer 'OpenSC'",
         ),
+        (
+            "pkcs11:library-description=Implementation%20of%20PKCS11;object=client".into(),
+            1,
+            "",
+        ),
+        (
+            "pkcs11:library-version=0.1;object=client".into(),
+            0,
+            "library-version 0.1",
+        ),
         ("pkcs11:object=nothing".into(), 0, "nothing"),
     ];
     for (uri, count, says) in &cases {

@@ -141,7 +141,9 @@ impl KeyName {
                 .split_once('=')
                 .ok_or_else(|| bad(&format!("attribute '{attr}' has no '='")))?;
             if is_vendor(k) {
-                // RFC 7512 §2.3: vendor attributes; keybound knows none and ignores them.
+                // RFC 7512 §2.3: vendor attributes; keybound knows none and ignores them,
+                // but a malformed one is still malformed.
+                pct_decode(raw, PATH_CHARS).map_err(|why| bad(&format!("{k}: {why}")))?;
                 continue;
             }
             // p11-kit reads `object-type` as `type`: one attribute under two names.
@@ -214,6 +216,7 @@ impl KeyName {
                 .split_once('=')
                 .ok_or_else(|| bad(&format!("attribute '{attr}' has no '='")))?;
             if is_vendor(k) {
+                pct_decode(raw, QUERY_CHARS).map_err(|why| bad(&format!("{k}: {why}")))?;
                 continue;
             }
             if seen_query.contains(&k) {
@@ -823,6 +826,14 @@ mod tests {
             ),
             // Malformed escapes and characters the grammar leaves out (RFC 7512 §2.3).
             ("pkcs11:id=%+1", "two hex digits"),
+            (
+                "pkcs11:id=%01;x-a=%zz",
+                "x-a: a '%' must be followed by two hex digits",
+            ),
+            (
+                "pkcs11:id=%01?x-a=%2",
+                "x-a: a '%' must be followed by two hex digits",
+            ),
             ("pkcs11:id=%1", "two hex digits"),
             ("pkcs11:id=%zz", "two hex digits"),
             ("pkcs11:id=%", "two hex digits"),
