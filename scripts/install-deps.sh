@@ -7,6 +7,7 @@
 #   softhsm  SoftHSM2, OpenSC (pkcs11-tool) and openssl: the dev token;
 #            p11-kit (server) and p11-kit-modules (p11-kit-client.so): the
 #            dev token forwarded over a socket
+#            gnutls-bin (p11tool): tests/uris.rs resolves pkcs11: URIs with it
 #   tpm      swtpm, tpm2-tools, tpm2-tss headers, tpm2-pkcs11: the TPM tests
 #   build    C linker and libc headers for cargo, pkg-config and the tpm2-tss
 #            headers (the default `tpm` feature links libtss2), TLS roots and
@@ -26,7 +27,7 @@ die() { say "error: $*"; exit 1; }
 # Sets pkgs to the Debian packages of group $1.
 packages_of() {
   case "$1" in
-    softhsm) pkgs=(softhsm2 opensc openssl p11-kit p11-kit-modules) ;;
+    softhsm) pkgs=(softhsm2 opensc openssl p11-kit p11-kit-modules gnutls-bin) ;;
     tpm) pkgs=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config libtpm2-pkcs11-1 libtpm2-pkcs11-tools) ;;
     build) pkgs=(gcc libc6-dev pkg-config libtss2-dev ca-certificates curl python3 util-linux) ;;
     rust) pkgs=() ;;

@@ -172,7 +172,7 @@ impl Access {
         let uri = match name.starts_with("pkcs11:") {
             true => {
                 let uri = KeyName::parse(name).ok()?;
-                uri.check_token(&self.keyring.describe().token_label).ok()?;
+                uri.check_token(&self.keyring.describe()).ok()?;
                 Some(uri)
             }
             false => None,

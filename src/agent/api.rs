@@ -241,6 +241,7 @@ impl From<TokenError> for ApiError {
                 e,
                 TokenError::BadKeyName { .. }
                     | TokenError::OtherToken { .. }
+                    | TokenError::UriMismatch { .. }
                     | TokenError::Ambiguous { .. }
             ) =>
             {

@@ -136,7 +136,7 @@ pub fn audit(
     } = keyring.inventory()?;
     if let Some(text) = label {
         let name = KeyName::parse(text)?;
-        name.check_token(&token.token_label)?;
+        name.check_token(&token)?;
         audits.retain(|a| name.matches(a.key().label(), a.key().id()));
         problems.retain(|p| name.matches(&p.label, &p.id));
         if audits.is_empty() && problems.is_empty() {

@@ -97,6 +97,8 @@ pub enum TokenError {
         named: String,
         configured: String,
     },
+    #[error("key '{name}' does not name the configured token: {reason}")]
+    UriMismatch { name: String, reason: String },
     #[error("{alg} is not available with profile '{profile}': {reason}")]
     AlgUnavailable {
         alg: Alg,
@@ -178,6 +180,7 @@ impl TokenError {
             | E::LabelExists { .. }
             | E::BadKeyName { .. }
             | E::OtherToken { .. }
+            | E::UriMismatch { .. }
             | E::AlgUnavailable { .. }
             | E::TpmStore { .. }
             | E::TpmKey { .. }

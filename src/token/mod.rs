@@ -143,6 +143,24 @@ pub struct TokenDescription {
     pub profile: String,
     /// False for a profile written from vendor documentation, never tried on the device.
     pub profile_tested_live: bool,
+    /// The PKCS#11 module loaded, for `pkcs11:` URIs that name it; `None` for a backend
+    /// that loads none (TPM).
+    pub module: Option<ModuleDescription>,
+}
+
+/// The PKCS#11 module a backend loaded and how it logs in: what the library and query
+/// attributes of a `pkcs11:` URI (RFC 7512 §2.3) are checked against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleDescription {
+    /// The module file as the config (or the profile) names it, first, and the file it
+    /// resolves to (symbolic links followed), which is the one loaded.
+    pub paths: Vec<std::path::PathBuf>,
+    /// `C_GetInfo`: `manufacturerID`, `libraryDescription`, `libraryVersion`.
+    pub library_manufacturer: String,
+    pub library_description: String,
+    pub library_version: (u8, u8),
+    /// The config's PIN file; `None` when the PIN comes from an environment variable.
+    pub pin_file: Option<std::path::PathBuf>,
 }
 
 /// Receives the outcome of a signature made on a worker thread.
@@ -199,8 +217,9 @@ pub(crate) trait Backend: Send + Sync {
     /// The one key a name refers to. Errors: no key (listing those that exist), several
     /// keys (listing their ids), or an object that is not usable (saying why).
     fn find(&self, name: &KeyName) -> Result<KeyInfo, TokenError> {
-        let token = self.describe().token_label;
-        name.check_token(&token)?;
+        let described = self.describe();
+        name.check_token(&described)?;
+        let token = described.token_label;
         let listing = self.keys()?;
         let keys: Vec<&KeyInfo> = listing
             .keys

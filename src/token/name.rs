@@ -1,10 +1,11 @@
 //! Naming a key: a label, or an RFC 7512 `pkcs11:` URI (`pkcs11:token=keybound-dev;object=dpop`).
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
-use super::TokenError;
+use super::{TokenDescription, TokenError};
 
 /// The label of a key keybound creates: non-empty, printable (no control characters: it
 /// is shown in logs and names a TPM key file) and not a `pkcs11:` URI (names starting
@@ -51,22 +52,65 @@ impl std::str::FromStr for Label {
     }
 }
 
-/// A parsed key name.
+/// A parsed key name: a label, or an RFC 7512 `pkcs11:` URI read as p11-kit reads it.
+/// Every attribute a URI holds is either checked against the token, the module or the
+/// key ([`KeyName::check_token`], [`KeyName::matches`]) or refused when parsed: none is
+/// accepted and then ignored, except `x-` vendor attributes (RFC 7512 §2.3).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyName {
     text: String,
     label: Option<String>,
     id: Option<Vec<u8>>,
     token: Option<String>,
+    /// The other token, library and query attributes, checked by [`KeyName::check_token`].
+    wants: Wants,
 }
+
+/// What a URI names besides the object: compared with the token and module keybound opened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Wants {
+    manufacturer: Option<String>,
+    serial: Option<String>,
+    model: Option<String>,
+    library_manufacturer: Option<String>,
+    library_description: Option<String>,
+    library_version: Option<(u8, u8)>,
+    module_path: Option<String>,
+    module_name: Option<String>,
+    pin_source: Option<PathBuf>,
+}
+
+/// The path attributes of RFC 7512 §2.3 keybound reads, and p11-kit's `object-type`.
+const PATH_ATTRIBUTES: &str = "token, manufacturer, serial, model, library-manufacturer, \
+    library-description, library-version, object, id, type (or object-type), x-*";
+/// Every path attribute name of RFC 7512 §2.3 (`type` standing for `object-type` too).
+const PATH_KEYS: &[&str] = &[
+    "token",
+    "manufacturer",
+    "serial",
+    "model",
+    "library-manufacturer",
+    "library-description",
+    "library-version",
+    "object",
+    "id",
+    "type",
+    "slot-id",
+    "slot-description",
+    "slot-manufacturer",
+];
+/// Every query attribute name of RFC 7512 §2.3.
+const QUERY_KEYS: &[&str] = &["pin-source", "pin-value", "module-path", "module-name"];
+/// The query attributes of RFC 7512 §2.3 keybound reads.
+const QUERY_ATTRIBUTES: &str = "module-path, module-name, pin-source, x-*";
 
 impl KeyName {
     pub fn parse(text: &str) -> Result<KeyName, TokenError> {
         let bad = |reason: &str| TokenError::BadKeyName {
-            name: text.into(),
+            name: redacted(text),
             reason: reason.into(),
         };
-        let Some(path) = text.strip_prefix("pkcs11:") else {
+        let Some(rest) = text.strip_prefix("pkcs11:") else {
             if text.is_empty() {
                 return Err(bad("it is empty"));
             }
@@ -75,40 +119,139 @@ impl KeyName {
                 label: Some(text.into()),
                 id: None,
                 token: None,
+                wants: Wants::default(),
             });
         };
-        // RFC 7512 §2.3: path attributes are ';'-separated; query attributes after '?'
-        // (pin-source, module-path) are not honoured: the config decides those.
-        let path = path.split('?').next().unwrap_or_default();
+        // RFC 7512 §2.3: pk11-path [ "?" pk11-query ]. The first '?' ends the path: a
+        // path value may not hold one unescaped, a query value may.
+        let (path, query) = match rest.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (rest, None),
+        };
         let mut name = KeyName {
             text: text.into(),
             label: None,
             id: None,
             token: None,
+            wants: Wants::default(),
         };
+        let mut seen: Vec<&str> = Vec::new();
         for attr in path.split(';').filter(|a| !a.is_empty()) {
-            let (k, v) = attr
+            let (k, raw) = attr
                 .split_once('=')
                 .ok_or_else(|| bad(&format!("attribute '{attr}' has no '='")))?;
-            let v = pct_decode(v).ok_or_else(|| bad(&format!("bad %-escape in '{attr}'")))?;
-            match k {
-                "object" => name.label = Some(utf8(v).ok_or_else(|| bad("object is not UTF-8"))?),
-                "token" => name.token = Some(utf8(v).ok_or_else(|| bad("token is not UTF-8"))?),
+            if is_vendor(k) {
+                // RFC 7512 §2.3: vendor attributes; keybound knows none and ignores them,
+                // but a malformed one is still malformed.
+                pct_decode(raw, PATH_CHARS).map_err(|why| bad(&format!("{k}: {why}")))?;
+                continue;
+            }
+            // p11-kit reads `object-type` as `type`: one attribute under two names.
+            let key = if k == "object-type" { "type" } else { k };
+            if seen.contains(&key) {
+                return Err(bad(&format!(
+                    "attribute '{k}' appears twice (RFC 7512 §2.3: each attribute at most \
+                     once; object-type is another name of type)"
+                )));
+            }
+            seen.push(key);
+            if !PATH_KEYS.contains(&key) {
+                return Err(bad(&format!(
+                    "unknown path attribute '{k}'; known: {PATH_ATTRIBUTES}"
+                )));
+            }
+            let v = pct_decode(raw, PATH_CHARS).map_err(|why| bad(&format!("{k}: {why}")))?;
+            let text = |v: Vec<u8>| utf8(v).ok_or_else(|| bad(&format!("{k} is not UTF-8")));
+            match key {
+                "object" => name.label = Some(text(v)?),
+                "token" => name.token = Some(text(v)?),
                 "id" => name.id = Some(v),
-                "type" if utf8(v.clone()).as_deref() == Some("private") => {}
-                "type" => return Err(bad("only type=private names a signing key")),
-                // Further identification of the token or library is accepted and left
-                // to the configuration, which selects exactly one token.
-                "manufacturer"
-                | "model"
-                | "serial"
-                | "library-manufacturer"
-                | "library-description"
-                | "library-version"
-                | "slot-description"
-                | "slot-manufacturer"
-                | "slot-id" => {}
-                other => return Err(bad(&format!("unknown attribute '{other}'"))),
+                "manufacturer" => name.wants.manufacturer = Some(text(v)?),
+                "serial" => name.wants.serial = Some(text(v)?),
+                "model" => name.wants.model = Some(text(v)?),
+                "library-manufacturer" => name.wants.library_manufacturer = Some(text(v)?),
+                "library-description" => name.wants.library_description = Some(text(v)?),
+                "library-version" => {
+                    let v = text(v)?;
+                    name.wants.library_version = Some(version(&v).ok_or_else(|| {
+                        bad(&format!(
+                            "library-version '{v}' is not <major>[.<minor>] (numbers up to 255)"
+                        ))
+                    })?);
+                }
+                "type" => match text(v)?.as_str() {
+                    "private" => {}
+                    kind @ ("public" | "cert" | "secret-key" | "data") => {
+                        return Err(bad(&format!(
+                            "{k}={kind} names no private key, and keybound signs only with \
+                             private keys; write {k}=private or leave {k} out"
+                        )));
+                    }
+                    other => {
+                        return Err(bad(&format!(
+                            "{k} '{other}' is not one of private, public, cert, secret-key, data"
+                        )));
+                    }
+                },
+                "slot-id" | "slot-description" | "slot-manufacturer" => {
+                    return Err(bad(&format!(
+                        "keybound does not read '{k}': the config selects the token by \
+                         token_label or token_serial, and slot numbers change when a token is \
+                         plugged in again; name the token with token=, serial= or leave {k} out"
+                    )));
+                }
+                other => {
+                    return Err(bad(&format!(
+                        "unknown path attribute '{other}'; known: {PATH_ATTRIBUTES}"
+                    )));
+                }
+            }
+        }
+        let mut seen_query: Vec<&str> = Vec::new();
+        for attr in query.into_iter().flat_map(|q| q.split('&')) {
+            if attr.is_empty() {
+                continue;
+            }
+            let (k, raw) = attr
+                .split_once('=')
+                .ok_or_else(|| bad(&format!("attribute '{attr}' has no '='")))?;
+            if is_vendor(k) {
+                pct_decode(raw, QUERY_CHARS).map_err(|why| bad(&format!("{k}: {why}")))?;
+                continue;
+            }
+            if seen_query.contains(&k) {
+                return Err(bad(&format!(
+                    "attribute '{k}' appears twice (RFC 7512 §2.3: each attribute at most once)"
+                )));
+            }
+            seen_query.push(k);
+            if !QUERY_KEYS.contains(&k) {
+                return Err(bad(&format!(
+                    "unknown query attribute '{k}'; known: {QUERY_ATTRIBUTES} \
+                     (pin-value is refused)"
+                )));
+            }
+            let v = pct_decode(raw, QUERY_CHARS).map_err(|why| bad(&format!("{k}: {why}")))?;
+            let text = |v: Vec<u8>| utf8(v).ok_or_else(|| bad(&format!("{k} is not UTF-8")));
+            match k {
+                "pin-value" => {
+                    return Err(bad(
+                        "pin-value is refused: a PIN never sits in a URI (URIs end up in logs, \
+                         shell history and process lists); keybound reads the PIN from the \
+                         config's pin_env or pin_file",
+                    ));
+                }
+                "pin-source" => {
+                    name.wants.pin_source = Some(pin_source(&text(v)?).map_err(|w| bad(&w))?)
+                }
+                "module-path" => name.wants.module_path = Some(text(v)?),
+                "module-name" => name.wants.module_name = Some(text(v)?),
+                other => {
+                    return Err(bad(&format!(
+                        "unknown query attribute '{other}'; known: {QUERY_ATTRIBUTES} \
+                         (pin-value is refused)"
+                    )));
+                }
             }
         }
         if name.label.is_none() && name.id.is_none() {
@@ -117,16 +260,122 @@ impl KeyName {
         Ok(name)
     }
 
-    /// Errors if the name pins a token other than the configured one.
-    pub fn check_token(&self, configured: &str) -> Result<(), TokenError> {
-        match &self.token {
-            Some(t) if t != configured => Err(TokenError::OtherToken {
+    /// Errors unless every token, library and query attribute of the name describes the
+    /// token and module keybound opened: a URI naming serial X never matches a token with
+    /// serial Y, and a URI never chooses the module or the PIN (the config does).
+    pub fn check_token(&self, opened: &TokenDescription) -> Result<(), TokenError> {
+        if let Some(t) = &self.token
+            && *t != opened.token_label
+        {
+            return Err(TokenError::OtherToken {
                 name: self.text.clone(),
                 named: t.clone(),
-                configured: configured.into(),
-            }),
-            _ => Ok(()),
+                configured: opened.token_label.clone(),
+            });
         }
+        let w = &self.wants;
+        let mismatch = |reason: String| TokenError::UriMismatch {
+            name: self.text.clone(),
+            reason,
+        };
+        for (attr, named, found) in [
+            ("manufacturer", &w.manufacturer, &opened.manufacturer),
+            ("serial", &w.serial, &opened.serial),
+            ("model", &w.model, &opened.model),
+        ] {
+            if let Some(named) = named
+                && named != found
+            {
+                return Err(mismatch(format!(
+                    "it names {attr} '{named}', but the configured token's {attr} is '{found}'"
+                )));
+            }
+        }
+        let wants_module = w.library_manufacturer.is_some()
+            || w.library_description.is_some()
+            || w.library_version.is_some()
+            || w.module_path.is_some()
+            || w.module_name.is_some()
+            || w.pin_source.is_some();
+        if !wants_module {
+            return Ok(());
+        }
+        let Some(module) = &opened.module else {
+            return Err(mismatch(format!(
+                "it names a PKCS#11 module, library or pin-source, and the {} backend loads \
+                 no PKCS#11 module",
+                opened.backend
+            )));
+        };
+        for (attr, named, found) in [
+            (
+                "library-manufacturer",
+                &w.library_manufacturer,
+                &module.library_manufacturer,
+            ),
+            (
+                "library-description",
+                &w.library_description,
+                &module.library_description,
+            ),
+        ] {
+            if let Some(named) = named
+                && named != found
+            {
+                return Err(mismatch(format!(
+                    "it names {attr} '{named}', but the module's is '{found}'"
+                )));
+            }
+        }
+        if let Some((major, minor)) = w.library_version
+            && (major, minor) != module.library_version
+        {
+            let (m, n) = module.library_version;
+            return Err(mismatch(format!(
+                "it names library-version {major}.{minor}, but the module's is {m}.{n}"
+            )));
+        }
+        // keybound loads one module, the one its config names (checked for who may change
+        // it): a name a caller sends can only confirm that module, never choose another.
+        let config_module = module
+            .paths
+            .first()
+            .map_or_else(String::new, |p| p.display().to_string());
+        if let Some(path) = &w.module_path
+            && !module.paths.iter().any(|p| p == Path::new(path))
+        {
+            return Err(mismatch(format!(
+                "it names module-path '{path}', but keybound loads only the module of its \
+                 config, '{config_module}'; a key name never makes keybound load a library"
+            )));
+        }
+        if let Some(named) = &w.module_name
+            && !module.paths.iter().any(|p| module_name_matches(named, p))
+        {
+            return Err(mismatch(format!(
+                "it names module-name '{named}', but keybound loads only the module of its \
+                 config, '{config_module}'; a key name never makes keybound load a library"
+            )));
+        }
+        // The PIN is read once, from the config's pin_env or pin_file (with the trust checks
+        // of `Pin::read`). A pin-source in a name may only repeat that file: keybound never
+        // opens a file a key name points to, since names also come from agent callers, who
+        // could otherwise probe files with keybound's rights or switch its login.
+        if let Some(path) = &w.pin_source {
+            let configured = match &module.pin_file {
+                Some(file) => format!("pin_file '{}'", file.display()),
+                None => "no pin_file (the PIN comes from pin_env)".into(),
+            };
+            if module.pin_file.as_deref() != Some(path.as_path()) {
+                return Err(mismatch(format!(
+                    "it names pin-source '{}', but the config has {configured}; keybound logs \
+                     in with the PIN its config names and never reads a file a key name \
+                     points to",
+                    path.display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The name of exactly the key with this label and id.
@@ -136,9 +385,9 @@ impl KeyName {
             label: Some(label.into()),
             id: Some(id.to_vec()),
             token: None,
+            wants: Wants::default(),
         }
     }
-
     /// `pkcs11:object=<label>;id=%xx%xx`: a name for one key when its label is shared.
     pub fn uri(label: &str, id: &[u8]) -> String {
         let mut uri = String::from("pkcs11:object=");
@@ -169,16 +418,116 @@ const NOT_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// Decodes `%XX` escapes. `percent-encoding` passes a malformed escape (`%zz`, `%+1`, a
-/// trailing `%`) through as text; in a key name that is an error, so it is refused first.
-fn pct_decode(s: &str) -> Option<Vec<u8>> {
-    let well_formed = s.split('%').skip(1).all(|after| {
-        after
-            .as_bytes()
-            .get(..2)
-            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
-    });
-    well_formed.then(|| percent_decode_str(s).collect())
+/// RFC 7512 §2.3 `pk11-pchar` besides unreserved characters and escapes: a path value
+/// holds no unescaped `;`, `/`, `?`, `#`, `%`, space or non-ASCII byte.
+const PATH_CHARS: &[u8] = b":[]@!$'()*+,=&";
+/// RFC 7512 §2.3 `pk11-qchar` besides unreserved characters and escapes (no `&`).
+const QUERY_CHARS: &[u8] = b":[]@!$'()*+,=/?|";
+
+/// Decodes a value per RFC 3986 §2.1: `%` and two hex digits. A malformed escape (`%zz`,
+/// `%+1`, `%1`, a lone `%`) or a character the grammar leaves out is an error, never text.
+fn pct_decode(s: &str, allowed: &[u8]) -> Result<Vec<u8>, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| {
+                    "a '%' must be followed by two hex digits (RFC 3986 §2.1); write %25 for '%'"
+                        .to_string()
+                })?;
+            out.push(hex);
+            i += 3;
+            continue;
+        }
+        let unreserved = b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+        if !unreserved && !allowed.contains(&b) {
+            return Err(
+                match char::from_u32(u32::from(b)).filter(|_| b.is_ascii()) {
+                    Some(c) => format!("'{c}' must be %-encoded (RFC 7512 §2.3)"),
+                    None => {
+                        "non-ASCII characters must be %-encoded as UTF-8 (RFC 7512 §2.3)".into()
+                    }
+                },
+            );
+        }
+        out.push(b);
+        i += 1;
+    }
+    Ok(out)
+}
+
+/// `text` with the value of every `pin-value` attribute replaced: an error repeats the name
+/// it refuses, and a PIN never reaches a log or a reply.
+fn redacted(text: &str) -> String {
+    const KEY: &str = "pin-value=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(KEY) {
+        let (before, after) = rest.split_at(at + KEY.len());
+        out.push_str(before);
+        out.push_str("[redacted]");
+        let end = after.find([';', '&', '?', '#']).unwrap_or(after.len());
+        rest = after.get(end..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    out
+}
+
+/// RFC 7512 §2.3 `pk11-v-attr-nm-char`: `x-` and letters, digits, `-`, `_`.
+fn is_vendor(key: &str) -> bool {
+    key.strip_prefix("x-").is_some_and(|rest| {
+        !rest.is_empty()
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
+}
+
+/// RFC 7512 §2.3 `pk11-lib-ver`: `1*DIGIT [ "." 1*DIGIT ]`; a missing minor is 0.
+fn version(v: &str) -> Option<(u8, u8)> {
+    let digits = |s: &str| {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u8>().ok())
+            .flatten()
+    };
+    match v.split_once('.') {
+        Some((major, minor)) => Some((digits(major)?, digits(minor)?)),
+        None => Some((digits(v)?, 0)),
+    }
+}
+
+/// RFC 7512 §2.3 `pin-source`: an absolute path, or a `file:` URI of one.
+fn pin_source(v: &str) -> Result<PathBuf, String> {
+    let path = match v.strip_prefix("file:") {
+        Some(rest) => rest
+            .strip_prefix("//localhost")
+            .or_else(|| rest.strip_prefix("//"))
+            .unwrap_or(rest),
+        None => v,
+    };
+    if !path.starts_with('/') {
+        return Err(format!(
+            "pin-source '{v}' is not an absolute path or a file: URI of one"
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// RFC 7512 §2.3 `module-name`: the module's file name without directory, `lib` prefix
+/// and `.so` suffix (`softhsm2` for `/usr/lib/softhsm/libsofthsm2.so`).
+fn module_name_matches(named: &str, path: &Path) -> bool {
+    let file = path
+        .file_name()
+        .and_then(|f| f.to_str())
+        .unwrap_or_default();
+    let stem = file.split(".so").next().unwrap_or(file);
+    !named.is_empty() && (stem == named || stem.strip_prefix("lib") == Some(named))
 }
 
 fn utf8(v: Vec<u8>) -> Option<String> {
@@ -188,6 +537,7 @@ fn utf8(v: Vec<u8>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::ModuleDescription;
 
     #[test]
     fn labels_follow_one_rule() {
@@ -211,8 +561,12 @@ mod tests {
         assert!(n.matches("dpop", b"x"));
         let n = KeyName::parse("pkcs11:token=keybound-dev;object=dp%6Fp;type=private").unwrap();
         assert!(n.matches("dpop", b"x"));
-        assert!(n.check_token("keybound-dev").is_ok());
-        assert!(n.check_token("other").is_err());
+        assert!(n.check_token(&opened()).is_ok());
+        let other = TokenDescription {
+            token_label: "other".into(),
+            ..opened()
+        };
+        assert!(n.check_token(&other).is_err());
         let n = KeyName::parse("pkcs11:id=%01%02").unwrap();
         assert!(n.matches("anything", &[1, 2]));
         assert!(!n.matches("anything", &[1]));
@@ -254,5 +608,279 @@ mod tests {
         ] {
             assert!(KeyName::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The token and module keybound opened, as SoftHSM describes them.
+    fn opened() -> TokenDescription {
+        TokenDescription {
+            backend: "pkcs11",
+            token_label: "keybound-dev".into(),
+            manufacturer: "SoftHSM project".into(),
+            model: "SoftHSM v2".into(),
+            serial: "5c4bd1b2a1f0e3d7".into(),
+            profile: "softhsm2".into(),
+            profile_tested_live: true,
+            module: Some(ModuleDescription {
+                paths: vec![
+                    "/usr/lib/softhsm/libsofthsm2.so".into(),
+                    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so".into(),
+                ],
+                library_manufacturer: "SoftHSM".into(),
+                library_description: "Implementation of PKCS11".into(),
+                library_version: (2, 6),
+                pin_file: Some("/etc/keybound/pin".into()),
+            }),
+        }
+    }
+
+    fn refusal(uri: &str) -> String {
+        match KeyName::parse(uri) {
+            Ok(n) => match n.check_token(&opened()) {
+                Ok(()) => panic!("{uri} was accepted"),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn every_token_and_library_attribute_is_checked() {
+        let ok = [
+            "pkcs11:token=keybound-dev;manufacturer=SoftHSM%20project;model=SoftHSM%20v2;\
+             serial=5c4bd1b2a1f0e3d7;object=dpop;type=private",
+            "pkcs11:library-manufacturer=SoftHSM;library-description=Implementation%20of%20\
+             PKCS11;library-version=2.6;object=dpop",
+            "pkcs11:object=dpop?module-path=/usr/lib/softhsm/libsofthsm2.so",
+            "pkcs11:object=dpop?module-path=/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+            "pkcs11:object=dpop?module-name=softhsm2",
+            "pkcs11:object=dpop?module-name=libsofthsm2&x-vendor=1",
+            "pkcs11:object=dpop?pin-source=/etc/keybound/pin",
+            "pkcs11:object=dpop?pin-source=file:///etc/keybound/pin",
+            "pkcs11:object=dpop;x-foo=bar;object-type=private",
+        ];
+        for uri in ok {
+            let n = KeyName::parse(uri).unwrap_or_else(|e| panic!("{uri}: {e}"));
+            n.check_token(&opened())
+                .unwrap_or_else(|e| panic!("{uri}: {e}"));
+            assert!(n.matches("dpop", b"x"), "{uri}");
+        }
+        for (uri, says) in [
+            (
+                "pkcs11:serial=0000000000000000;object=dpop",
+                "serial '0000000000000000', but the configured token's serial is '5c4bd1b2a1f0e3d7'",
+            ),
+            (
+                "pkcs11:manufacturer=Yubico;object=dpop",
+                "manufacturer 'Yubico'",
+            ),
+            ("pkcs11:model=YubiHSM;object=dpop", "model 'YubiHSM'"),
+            ("pkcs11:token=other;object=dpop", "names token 'other'"),
+            (
+                "pkcs11:library-manufacturer=Yubico;object=dpop",
+                "library-manufacturer 'Yubico'",
+            ),
+            (
+                "pkcs11:library-description=x;object=dpop",
+                "library-description 'x'",
+            ),
+            (
+                "pkcs11:library-version=2;object=dpop",
+                "library-version 2.0, but the module's is 2.6",
+            ),
+            (
+                "pkcs11:object=dpop?module-path=/tmp/evil.so",
+                "module-path '/tmp/evil.so', but keybound loads only the module of its config, \
+                 '/usr/lib/softhsm/libsofthsm2.so'",
+            ),
+            (
+                "pkcs11:object=dpop?module-name=opensc-pkcs11",
+                "module-name 'opensc-pkcs11'",
+            ),
+            ("pkcs11:object=dpop?module-name=", "module-name ''"),
+            (
+                "pkcs11:object=dpop?pin-source=/home/me/pin",
+                "pin-source '/home/me/pin', but the config has pin_file '/etc/keybound/pin'",
+            ),
+        ] {
+            let e = refusal(uri);
+            assert!(e.contains(says), "{uri}: {e}");
+        }
+        // A backend without a module: no library or query attribute can hold.
+        let tpm = TokenDescription {
+            module: None,
+            ..opened()
+        };
+        let n = KeyName::parse("pkcs11:object=dpop?module-name=softhsm2").unwrap();
+        assert!(
+            n.check_token(&tpm)
+                .unwrap_err()
+                .to_string()
+                .contains("loads no PKCS#11 module")
+        );
+        // A PIN from the environment: no pin-source names it.
+        let env = TokenDescription {
+            module: opened().module.map(|m| ModuleDescription {
+                pin_file: None,
+                ..m
+            }),
+            ..opened()
+        };
+        let n = KeyName::parse("pkcs11:object=dpop?pin-source=/etc/keybound/pin").unwrap();
+        assert!(
+            n.check_token(&env)
+                .unwrap_err()
+                .to_string()
+                .contains("no pin_file")
+        );
+    }
+
+    #[test]
+    fn refused_attributes_say_why() {
+        for (uri, says) in [
+            (
+                "pkcs11:object=a?pin-value=1234",
+                "a PIN never sits in a URI",
+            ),
+            (
+                "pkcs11:object=a?pin-value=1234&module-name=x",
+                "'pkcs11:object=a?pin-value=[redacted]&module-name=x'",
+            ),
+            (
+                "pkcs11:object=a;pin-value=1234;id=%01",
+                "pin-value=[redacted];id=%01'",
+            ),
+            (
+                "pkcs11:object=a;pin-value=1234",
+                "unknown path attribute 'pin-value'",
+            ),
+            (
+                "pkcs11:object=a;foo=1",
+                "unknown path attribute 'foo'; known: token, manufacturer",
+            ),
+            (
+                "pkcs11:object=a?foo=1",
+                "unknown query attribute 'foo'; known: module-path",
+            ),
+            (
+                "pkcs11:object=a?object=b",
+                "unknown query attribute 'object'",
+            ),
+            (
+                "pkcs11:object=a;module-path=/x",
+                "unknown path attribute 'module-path'",
+            ),
+            ("pkcs11:object=a;object=b", "'object' appears twice"),
+            (
+                "pkcs11:object=a;type=private;object-type=private",
+                "'object-type' appears twice",
+            ),
+            (
+                "pkcs11:object=a;serial=1;serial=1",
+                "'serial' appears twice",
+            ),
+            (
+                "pkcs11:object=a?module-name=x&module-name=x",
+                "'module-name' appears twice",
+            ),
+            (
+                "pkcs11:object=a;type=public",
+                "type=public names no private key",
+            ),
+            (
+                "pkcs11:object=a;object-type=cert",
+                "object-type=cert names no private key",
+            ),
+            (
+                "pkcs11:object=a;type=secret-key",
+                "keybound signs only with private keys",
+            ),
+            ("pkcs11:object=a;type=data", "names no private key"),
+            (
+                "pkcs11:object=a;type=privat",
+                "'privat' is not one of private",
+            ),
+            ("pkcs11:object=a;slot-id=1", "does not read 'slot-id'"),
+            (
+                "pkcs11:object=a;slot-description=x",
+                "does not read 'slot-description'",
+            ),
+            (
+                "pkcs11:object=a;slot-manufacturer=x",
+                "does not read 'slot-manufacturer'",
+            ),
+            (
+                "pkcs11:object=a;library-version=2.x",
+                "is not <major>[.<minor>]",
+            ),
+            (
+                "pkcs11:object=a;library-version=256",
+                "is not <major>[.<minor>]",
+            ),
+            ("pkcs11:object=a?pin-source=pin.txt", "not an absolute path"),
+            (
+                "pkcs11:object=a?pin-source=|/bin/cat",
+                "not an absolute path",
+            ),
+            (
+                "pkcs11:object=a?pin-source=https://x/pin",
+                "not an absolute path",
+            ),
+            // Malformed escapes and characters the grammar leaves out (RFC 7512 §2.3).
+            ("pkcs11:id=%+1", "two hex digits"),
+            (
+                "pkcs11:id=%01;x-a=%zz",
+                "x-a: a '%' must be followed by two hex digits",
+            ),
+            (
+                "pkcs11:id=%01?x-a=%2",
+                "x-a: a '%' must be followed by two hex digits",
+            ),
+            ("pkcs11:id=%1", "two hex digits"),
+            ("pkcs11:id=%zz", "two hex digits"),
+            ("pkcs11:id=%", "two hex digits"),
+            ("pkcs11:object=a/b", "'/' must be %-encoded"),
+            ("pkcs11:object=a b", "' ' must be %-encoded"),
+            ("pkcs11:object=a#b", "'#' must be %-encoded"),
+            (
+                "pkcs11:object=clé",
+                "non-ASCII characters must be %-encoded",
+            ),
+            (
+                "pkcs11:object=a?module-name=a&b",
+                "attribute 'b' has no '='",
+            ),
+            ("pkcs11:object=a?module-path=/a b", "' ' must be %-encoded"),
+        ] {
+            let e = refusal(uri);
+            assert!(e.contains(says), "{uri}: {e}");
+        }
+    }
+
+    #[test]
+    fn values_decode_per_rfc_3986() {
+        // '&' may stand in a path value, '/', '?' and '|' in a query value (RFC 7512 §2.3).
+        let n = KeyName::parse(
+            "pkcs11:object=a&b:c@d;id=%00%FF?module-path=/usr/lib/softhsm/libsofthsm2.so&x-q=a?b|c",
+        )
+        .unwrap();
+        assert!(n.matches("a&b:c@d", &[0, 0xff]));
+        n.check_token(&opened()).unwrap();
+        // '?' ends the path; object names before and after it stay apart.
+        let n = KeyName::parse("pkcs11:object=a%3Fb").unwrap();
+        assert!(n.matches("a?b", b""));
+        assert!(KeyName::parse("pkcs11:object=a?b").is_err());
+        // An empty object matches only an empty label (an empty value is a value).
+        let n = KeyName::parse("pkcs11:object=").unwrap();
+        assert!(n.matches("", b""));
+        assert!(!n.matches("a", b""));
+        // x- attributes hold any grammatical value and change nothing.
+        assert_eq!(
+            KeyName::parse("pkcs11:object=a;x-a=1;x-b_2=%41")
+                .unwrap()
+                .wants,
+            Wants::default()
+        );
+        // A name like "x-" alone is not a vendor attribute.
+        assert!(refusal("pkcs11:object=a;x-=1").contains("unknown path attribute 'x-'"));
     }
 }

@@ -20,7 +20,7 @@ use super::errors::{ck, session_lost};
 use crate::token::profile::{Profile, Profiles};
 use crate::token::trust::{self, Owners};
 use crate::token::worker;
-use crate::token::{Pin, TokenDescription, TokenError};
+use crate::token::{ModuleDescription, Pin, TokenDescription, TokenError};
 
 /// A failure inside a PKCS#11 operation: the device's code (maybe worth a retry on a new
 /// session) or keybound's own verdict.
@@ -122,6 +122,18 @@ impl Connection {
         }
         .clone();
         let clean = |s: &str| crate::token::profile::unpad(s).to_string();
+        let library = pkcs11.get_library_info().map_err(ck)?;
+        let version = library.library_version();
+        let module_description = ModuleDescription {
+            paths: named_module(settings, profiles)
+                .into_iter()
+                .chain([module.clone()])
+                .collect(),
+            library_manufacturer: clean(library.manufacturer_id()),
+            library_description: clean(library.library_description()),
+            library_version: (version.major(), version.minor()),
+            pin_file: settings.pin_file.clone(),
+        };
         let description = TokenDescription {
             backend: "pkcs11",
             token_label: clean(info.label()),
@@ -130,6 +142,7 @@ impl Connection {
             serial: clean(info.serial_number()),
             profile: profile.name.clone(),
             profile_tested_live: profile.tested_live,
+            module: Some(module_description),
         };
         tracing::debug!(module = %module.display(), token = %description.token_label,
             profile = %profile.name, "token found");
@@ -421,6 +434,18 @@ fn resolve_module(settings: &Pkcs11Settings, profiles: &Profiles) -> Result<Path
         return Err(refuse("a module path must be absolute".into()));
     }
     trust::check_path(found, Owners::UserOrRoot).map_err(refuse)
+}
+
+/// The module file as the config or the profile names it (before symbolic links are
+/// followed), for `pkcs11:` URIs that name it with `module-path`.
+fn named_module(settings: &Pkcs11Settings, profiles: &Profiles) -> Option<PathBuf> {
+    match &settings.module {
+        Some(path) => Some(path.clone()),
+        None => profiles
+            .module_paths(settings.profile.as_deref())
+            .into_iter()
+            .find(|p| p.is_file()),
+    }
 }
 
 /// Loads and initialises the module and finds the token. SoftHSM reads its token files

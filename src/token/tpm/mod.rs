@@ -192,6 +192,7 @@ impl TpmToken {
             serial: super::hex(primary.get(2..10).unwrap_or(&primary)),
             profile: format!("tpm2 (tcti {})", settings.tcti),
             profile_tested_live: true,
+            module: None,
         };
         tracing::debug!(tcti = %settings.tcti, state = %store.dir().display(), "TPM opened");
         Ok(TpmToken {
