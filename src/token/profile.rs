@@ -11,7 +11,7 @@ use super::TokenError;
 use super::trust::{self, Owners};
 use crate::jose::Alg;
 
-const EMBEDDED: [(&str, &str); 3] = [
+const EMBEDDED: [(&str, &str); 4] = [
     (
         "softhsm2.toml",
         include_str!("../../hsm-profiles/softhsm2.toml"),
@@ -21,9 +21,24 @@ const EMBEDDED: [(&str, &str); 3] = [
         include_str!("../../hsm-profiles/tpm2-pkcs11.toml"),
     ),
     (
+        "yubihsm2.toml",
+        include_str!("../../hsm-profiles/yubihsm2.toml"),
+    ),
+    (
         "generic.toml",
         include_str!("../../hsm-profiles/generic.toml"),
     ),
+];
+
+/// The key attributes a profile may explain in `[attributes]`: the names the policy's
+/// findings and `keys audit` use.
+pub const EXPLAINED_ATTRIBUTES: [&str; 6] = [
+    "CKA_EXTRACTABLE",
+    "CKA_NEVER_EXTRACTABLE",
+    "CKA_SENSITIVE",
+    "CKA_ALWAYS_SENSITIVE",
+    "CKA_LOCAL",
+    "public CKA_LOCAL",
 ];
 
 #[derive(Clone, Debug, Deserialize)]
@@ -39,6 +54,11 @@ pub struct Profile {
     pub mechanisms: BTreeMap<Alg, SignMechanism>,
     pub encoding: Encoding,
     pub template: Template,
+    /// What a key attribute means on this token where that differs from, or says more
+    /// than, PKCS#11's definition: attribute name -> meaning, shown by `keys audit` and in
+    /// the policy's findings.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
     pub quirks: Vec<String>,
 }
 
@@ -103,15 +123,18 @@ pub struct Template {
     pub omit: Vec<Usage>,
 }
 
-/// Usage attributes keybound sets to false on generated keys.
+/// Attributes keybound sets on generated keys that a token may refuse in a template: the
+/// usages it sets to false, and the list of mechanisms the key may be used with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Usage {
     Encrypt,
     Decrypt,
     Wrap,
     Unwrap,
     Derive,
+    /// `CKA_ALLOWED_MECHANISMS` on the private key.
+    AllowedMechanisms,
 }
 
 /// The profiles known to this run: embedded ones, replaced or extended from a directory.
@@ -215,6 +238,11 @@ impl Profile {
     pub fn omits(&self, usage: Usage) -> bool {
         self.template.omit.contains(&usage)
     }
+
+    /// What `attribute` means on this token, if the profile says.
+    pub fn meaning(&self, attribute: &str) -> Option<&str> {
+        self.attributes.get(attribute).map(String::as_str)
+    }
 }
 
 impl MatchRule {
@@ -275,6 +303,16 @@ fn parse(text: &str, origin: &str) -> Result<Profile, TokenError> {
             path.display()
         )));
     }
+    if let Some(name) = p
+        .attributes
+        .keys()
+        .find(|n| !EXPLAINED_ATTRIBUTES.contains(&n.as_str()))
+    {
+        return Err(TokenError::Profile(format!(
+            "{origin}: attributes: '{name}' is not one of {}",
+            EXPLAINED_ATTRIBUTES.join(", ")
+        )));
+    }
     if p.sessions.default == 0 || p.sessions.default > p.sessions.max {
         return Err(TokenError::Profile(format!(
             "{origin}: sessions.default must be between 1 and sessions.max"
@@ -310,6 +348,15 @@ mod tests {
         assert!(tpm.omits(Usage::Decrypt) && tpm.omits(Usage::Encrypt));
         let soft = p.named("softhsm2").unwrap();
         assert_eq!(soft.mechanism(Alg::ES256).unwrap(), SignMechanism::Ecdsa);
+        assert!(!soft.omits(Usage::AllowedMechanisms));
+        let yubi = p.matching("Yubico (www.yubico.com)", "YubiHSM").unwrap();
+        assert_eq!(yubi.name, "yubihsm2");
+        assert!(yubi.omits(Usage::AllowedMechanisms));
+        assert!(
+            yubi.meaning("CKA_EXTRACTABLE")
+                .is_some_and(|m| m.contains("exportable-under-wrap"))
+        );
+        assert_eq!(yubi.sessions.max, 1);
         assert_eq!(
             p.module_paths(Some("softhsm2"))[0],
             PathBuf::from("/usr/lib/softhsm/libsofthsm2.so")
@@ -335,6 +382,16 @@ mod tests {
             .replace("RS256 = \"rsa-pkcs\"", "RS256 = \"ecdsa\"");
         let err = parse(&text, "x.toml").unwrap_err().to_string();
         assert!(err.contains("mechanisms.RS256"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_attribute_meaning_is_refused() {
+        let text = format!(
+            "{}\n[attributes]\nCKA_COLOR = \"blue\"\n",
+            include_str!("../../hsm-profiles/generic.toml")
+        );
+        let err = parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("attributes: 'CKA_COLOR'"), "{err}");
     }
 
     #[test]

@@ -175,6 +175,12 @@ pub(super) fn facts(conn: &Connection, key: &KeyInfo) -> Result<KeyFacts, TokenE
             .map(|((_, name), v)| (*name, v))
             .chain([(public_fact.source, public_fact.value)])
             .collect(),
+        meanings: READ
+            .iter()
+            .map(|(_, name)| *name)
+            .chain([public_fact.source])
+            .filter_map(|name| Some((name, conn.profile.meaning(name)?.to_string())))
+            .collect(),
     })
 }
 
@@ -262,10 +268,13 @@ fn templates(
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
         Attribute::Sign(true),
-        Attribute::AllowedMechanisms(allowed_mechanisms(alg)),
         Attribute::Label(label.into()),
         Attribute::Id(id.to_vec()),
     ];
+    private.extend(usage(
+        Usage::AllowedMechanisms,
+        Attribute::AllowedMechanisms(allowed_mechanisms(alg)),
+    ));
     private.extend(usage(Usage::Decrypt, Attribute::Decrypt(false)));
     private.extend(usage(Usage::Unwrap, Attribute::Unwrap(false)));
     private.extend(usage(Usage::Derive, Attribute::Derive(false)));
