@@ -121,6 +121,15 @@ pub enum EcdsaSignatureEncoding {
 #[serde(deny_unknown_fields)]
 pub struct Template {
     pub omit: Vec<Usage>,
+    /// Length of the random `CKA_ID` keybound gives a generated key (default 16). A
+    /// YubiHSM 2 takes a 2-byte id as the device's own object id; a longer one it keeps in
+    /// an extra object.
+    #[serde(default = "default_id_bytes")]
+    pub id_bytes: usize,
+}
+
+fn default_id_bytes() -> usize {
+    16
 }
 
 /// Attributes keybound sets on generated keys that a token may refuse in a template: the
@@ -313,6 +322,11 @@ fn parse(text: &str, origin: &str) -> Result<Profile, TokenError> {
             EXPLAINED_ATTRIBUTES.join(", ")
         )));
     }
+    if !(2..=64).contains(&p.template.id_bytes) {
+        return Err(TokenError::Profile(format!(
+            "{origin}: template.id_bytes must be between 2 and 64"
+        )));
+    }
     if p.sessions.default == 0 || p.sessions.default > p.sessions.max {
         return Err(TokenError::Profile(format!(
             "{origin}: sessions.default must be between 1 and sessions.max"
@@ -357,6 +371,7 @@ mod tests {
                 .is_some_and(|m| m.contains("exportable-under-wrap"))
         );
         assert_eq!(yubi.sessions.max, 1);
+        assert_eq!((yubi.template.id_bytes, soft.template.id_bytes), (2, 16));
         assert_eq!(
             p.module_paths(Some("softhsm2"))[0],
             PathBuf::from("/usr/lib/softhsm/libsofthsm2.so")

@@ -34,7 +34,7 @@ pub(super) fn generate(
             }
             .into());
         }
-        let id = fresh_id(s)?;
+        let id = fresh_id(s, conn.profile.template.id_bytes)?;
         let (mechanism, public, private) = templates(&conn.profile, label, &id, alg, rsa_bits);
         let (_, handle) = s.generate_key_pair(&mechanism, &public, &private)?;
         match examine(s, handle, &conn.profile)? {
@@ -306,11 +306,16 @@ fn allowed_mechanisms(alg: Alg) -> Vec<MechanismType> {
     }
 }
 
-/// A 16-byte random CKA_ID no object on the token uses yet.
-fn fresh_id(s: &Session) -> Result<Vec<u8>, Pkcs11Failure> {
+/// A random CKA_ID of `len` bytes (the profile's `template.id_bytes`), not all zero (a
+/// YubiHSM 2 reads a 2-byte id of 0 as "the device picks"), that no object on the token
+/// uses yet.
+fn fresh_id(s: &Session, len: usize) -> Result<Vec<u8>, Pkcs11Failure> {
     loop {
-        let mut id = vec![0u8; 16];
+        let mut id = vec![0u8; len];
         getrandom::getrandom(&mut id).map_err(|e| TokenError::Rng(e.to_string()))?;
+        if id.iter().all(|b| *b == 0) {
+            continue;
+        }
         if s.find_objects(&[Attribute::Id(id.clone())])?.is_empty() {
             return Ok(id);
         }
