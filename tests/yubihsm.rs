@@ -273,7 +273,10 @@ async fn the_agent_signs_on_the_yubihsm() {
     let mut cmd = hsm.command(&["serve", "--socket"]);
     cmd.arg(dir.socket());
     let agent = Agent::start_command(cmd, &dir.socket());
-    let published = served_jwks(&agent, &cli).await;
+    served_jwks(&agent, &cli).await;
+    // Both public keys, as `keybound jwks --label` prints them (the DPoP key is not in the
+    // client's JWKS).
+    let published = by_kid(&jwks(&hsm, &["client-auth", "dpop"]));
 
     let start = window_start();
     let proof = post(
