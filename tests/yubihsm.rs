@@ -316,3 +316,18 @@ async fn the_agent_signs_on_the_yubihsm() {
     let claims = Jws::parse(token["access_token"].as_str().expect("access_token")).claims;
     assert_eq!(claims["cnf"]["jkt"], kids["dpop"].as_str(), "{claims}");
 }
+
+/// `keybound bench` runs on the YubiHSM (one session, as the profile says) and reports raw
+/// and pipeline rates; nothing is asserted about speed. `KEYBOUND_BENCH_SECONDS` (default
+/// 2) sets the measuring time.
+#[test]
+fn bench_runs_on_the_yubihsm() {
+    let hsm = MockYubiHsm::start();
+    generate(&hsm, "bench");
+    let seconds = std::env::var("KEYBOUND_BENCH_SECONDS").unwrap_or_else(|_| "2".into());
+    let args = ["bench", "--key", "bench", "--seconds", &seconds, "--json"];
+    let out = assert_success(&hsm.keybound(&args), &args);
+    eprintln!("keybound bench on the mock YubiHSM:\n{out}");
+    let report: Value = serde_json::from_str(&out).expect("bench --json");
+    assert!(report.is_object(), "{report}");
+}
