@@ -79,8 +79,8 @@ fn generate_audit_jwks_assertion_and_dpop_verify_independently() {
         assert!(audit.contains(needle), "audit says {needle:?}:\n{audit}");
     }
     let args = ["keys", "audit", "--json"];
-    let json: Value = serde_json::from_str(&assert_success(&hsm.keybound(&args), &args))
-        .expect("audit --json");
+    let json: Value =
+        serde_json::from_str(&assert_success(&hsm.keybound(&args), &args)).expect("audit --json");
     let key = &json[0];
     assert_eq!(key["verdict"], "pass", "{key}");
     assert_eq!(key["token"]["profile"], "yubihsm2");
@@ -117,7 +117,12 @@ fn generate_audit_jwks_assertion_and_dpop_verify_independently() {
     let proof = sign(
         &hsm,
         &[
-            "dpop", "--key", "client-auth", "--method", "post", "--url",
+            "dpop",
+            "--key",
+            "client-auth",
+            "--method",
+            "post",
+            "--url",
             "https://Server.example.com/token?x=1",
         ],
     );
@@ -195,15 +200,13 @@ fn a_key_exportable_under_wrap_is_refused() {
             line.contains(&format!("key '{label}' may not sign")),
             "{label}: {line}"
         );
-        let args = [
-            "dpop", "--key", label, "--method", "GET", "--url", AUDIENCE,
-        ];
+        let args = ["dpop", "--key", label, "--method", "GET", "--url", AUDIENCE];
         assert_error(&hsm.keybound(&args), &args);
     }
     let out = hsm.keybound(&["jwks"]);
-    let keys = serde_json::from_str::<Value>(&assert_success(&out, &"jwks"))
-        .expect("jwks JSON")["keys"]
-        .clone();
+    let keys =
+        serde_json::from_str::<Value>(&assert_success(&out, &"jwks")).expect("jwks JSON")["keys"]
+            .clone();
     assert_eq!(keys.as_array().map(Vec::len), Some(1), "{keys}");
     assert_eq!(keys[0]["kid"], good.as_str());
     assert!(
@@ -232,10 +235,14 @@ fn oauth_token_with_both_keys_on_the_yubihsm() {
     ));
 
     let args = ["token", "--json"];
-    let t: Value = serde_json::from_str(&assert_success(&hsm.keybound(&args), &args))
-        .expect("token JSON");
+    let t: Value =
+        serde_json::from_str(&assert_success(&hsm.keybound(&args), &args)).expect("token JSON");
     assert_eq!(t["token_type"], "DPoP");
-    assert_eq!(t["cnf_jkt"], dpop_kid.as_str(), "bound to the YubiHSM DPoP key");
+    assert_eq!(
+        t["cnf_jkt"],
+        dpop_kid.as_str(),
+        "bound to the YubiHSM DPoP key"
+    );
     let access = Jws::parse(t["access_token"].as_str().expect("access_token"));
     assert_eq!(access.claims["cnf"]["jkt"], dpop_kid.as_str());
     assert_eq!(access.claims["sub"], DEV_CLIENT_ID);

@@ -149,12 +149,8 @@ impl MockYubiHsm {
     /// The `yubihsm` crate's client on the same MockHsm, logged in with the default
     /// authentication key (0x0001, "password").
     pub fn client(&self) -> yubihsm::Client {
-        yubihsm::Client::open(
-            self.hsm.clone(),
-            yubihsm::Credentials::default(),
-            true,
-        )
-        .expect("open a yubihsm client session on the MockHsm")
+        yubihsm::Client::open(self.hsm.clone(), yubihsm::Credentials::default(), true)
+            .expect("open a yubihsm client session on the MockHsm")
     }
 }
 
