@@ -338,3 +338,24 @@ fn bench_runs_on_the_yubihsm() {
     let report: Value = serde_json::from_str(&out).expect("bench --json");
     assert!(report.is_object(), "{report}");
 }
+
+/// Why the profile leaves CKA_ALLOWED_MECHANISMS out: the same profile with it in the
+/// template (`omit = []`) cannot generate on the YubiHSM; the module answers
+/// CKR_ATTRIBUTE_TYPE_INVALID, and keybound says so in one line.
+#[test]
+fn the_module_refuses_allowed_mechanisms_in_a_template() {
+    let hsm = MockYubiHsm::start();
+    let dir = hsm.path("profiles");
+    std::fs::create_dir(&dir).expect("create profiles dir");
+    let profile = include_str!("../hsm-profiles/yubihsm2.toml")
+        .replace("omit = [\"allowed-mechanisms\"]", "omit = []");
+    assert!(profile.contains("omit = []"));
+    std::fs::write(dir.join("yubihsm2.toml"), profile).expect("write profile");
+    hsm.write_config(&hsm.config_text().replace(
+        "sessions = 1\n",
+        &format!("sessions = 1\nprofiles_dir = \"{}\"\n", dir.display()),
+    ));
+    let args = ["keys", "generate", "--label", "k", "--alg", "ES256"];
+    let line = assert_error(&hsm.keybound(&args), &args);
+    assert!(line.contains("CKR_ATTRIBUTE_TYPE_INVALID"), "{line}");
+}
