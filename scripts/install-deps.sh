@@ -15,6 +15,7 @@
 #            libyubihsm2, libyubihsm-http2): on Debian 12 only in
 #            bookworm-backports, so that suite is added (same mirror as the
 #            system's bookworm entry) and only these packages come from it
+#            (PKG/bookworm-backports; their dependencies stay from bookworm)
 #   all      every group above
 set -euo pipefail
 
@@ -157,10 +158,13 @@ if [ ${#missing[@]} -gt 0 ] || [ ${#missing_bpo[@]} -gt 0 ]; then
   apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y ${missing[*]}
   (and from bookworm-backports: ${missing_bpo[*]})"
   fi
-  bpo_target=()
+  # `PKG/bookworm-backports` takes exactly these packages from backports; their
+  # dependencies (libcurl4, libssl3) stay from bookworm. (`-t bookworm-backports` would
+  # prefer backports for the dependencies too: it pulls libcurl 8.14 on a fresh system.)
+  bpo_install=("${missing_bpo[@]}")
   if [ ${#missing_bpo[@]} -gt 0 ] && [ "$(codename)" = bookworm ]; then
     add_backports
-    bpo_target=(-t bookworm-backports)
+    bpo_install=("${missing_bpo[@]/%//bookworm-backports}")
   fi
   "${as_root[@]}" apt-get update -q
   if [ ${#missing[@]} -gt 0 ]; then
@@ -169,9 +173,9 @@ if [ ${#missing[@]} -gt 0 ] || [ ${#missing_bpo[@]} -gt 0 ]; then
       apt-get install -y -q "${missing[@]}"
   fi
   if [ ${#missing_bpo[@]} -gt 0 ]; then
-    say "installing ${bpo_target[*]:-}: ${missing_bpo[*]}"
+    say "installing: ${bpo_install[*]}"
     "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
-      apt-get install -y -q "${bpo_target[@]}" "${missing_bpo[@]}"
+      apt-get install -y -q "${bpo_install[@]}"
   fi
 else
   say "system packages: all present (${groups[*]})"
