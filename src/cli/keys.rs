@@ -160,6 +160,16 @@ pub fn audit(
                 let mut o = summary(a.key(), a.verdict());
                 o["token"] = token_json.clone();
                 o["attributes"] = attributes(a.facts());
+                if !a.facts().meanings.is_empty() {
+                    // What the attributes mean on this device, from its profile.
+                    o["meanings"] = a
+                        .facts()
+                        .meanings
+                        .iter()
+                        .map(|(name, m)| ((*name).to_string(), json!(m)))
+                        .collect::<serde_json::Map<_, _>>()
+                        .into();
+                }
                 o["verdict"] = o["policy"].take();
                 o["findings"] = json!(a.verdict().findings);
                 o.as_object_mut().map(|m| m.remove("policy"));
@@ -226,7 +236,10 @@ fn print_audit(a: &Audit) -> anyhow::Result<()> {
     );
     for (name, value) in &f.attributes {
         let shown = value.map_or("(not reported)".to_string(), |b| b.to_string());
-        out!("  {name:24} {shown}");
+        match f.meaning(name) {
+            Some(meaning) => out!("  {name:24} {shown:5}  {meaning}"),
+            None => out!("  {name:24} {shown}"),
+        }
     }
     for finding in &v.findings {
         let tag = format!("{:?}", finding.severity).to_uppercase();

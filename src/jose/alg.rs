@@ -55,7 +55,10 @@ pub struct ToBeSigned {
 pub enum RawSignature {
     /// ECDSA as fixed-width `r || s` (PKCS#11 `CKM_ECDSA` on most tokens).
     EcdsaFixed(Vec<u8>),
-    /// ECDSA as a DER `ECDSA-Sig-Value` (some HSMs, YubiHSM).
+    /// ECDSA as a DER `ECDSA-Sig-Value`: some PKCS#11 modules return it against the
+    /// standard (profile `ecdsa_signature = "der"`), and device protocols do (a YubiHSM 2's
+    /// native protocol). Yubico's PKCS#11 module is not one of them: it converts to raw
+    /// `r‖s` (hsm-profiles/yubihsm2.toml).
     EcdsaDer(Vec<u8>),
     /// ECDSA as separate big-endian integers (TPM 2.0).
     EcdsaParts { r: Vec<u8>, s: Vec<u8> },

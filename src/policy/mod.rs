@@ -69,15 +69,30 @@ pub fn evaluate(facts: &KeyFacts, rules: &Rules) -> Verdict {
     let imported_and_allowed =
         rules.danger_allow_imported_keys && facts.generated_on_device.value == Some(false);
     // `forgivable`: the fact records import history, which an allowed import explains.
+    // What the attribute means on this device, where its profile says (a YubiHSM 2's
+    // CKA_EXTRACTABLE is its exportable-under-wrap capability).
+    let on_device = |fact: &Fact| {
+        facts
+            .meaning(fact.source)
+            .map_or_else(String::new, |m| format!(" ({m})"))
+    };
     let mut require = |fact: &Fact, want: bool, forgivable: bool, meaning: &str| match fact.value {
         Some(v) if v == want => {}
         Some(v) if imported_and_allowed && forgivable => findings.push(warn(
             fact,
-            format!("{}={v}: {meaning} (it was imported)", fact.source),
+            format!(
+                "{}={v}{}: {meaning} (it was imported)",
+                fact.source,
+                on_device(fact)
+            ),
         )),
         Some(v) => findings.push(fail(
             fact,
-            format!("{}={v}: {meaning}; {REGENERATE}", fact.source),
+            format!(
+                "{}={v}{}: {meaning}; {REGENERATE}",
+                fact.source,
+                on_device(fact)
+            ),
         )),
         None => findings.push(fail(
             fact,
@@ -93,11 +108,12 @@ pub fn evaluate(facts: &KeyFacts, rules: &Rules) -> Verdict {
         false,
         "the key can be exported from the device",
     );
+    // Worded for both readings: PKCS#11's history, or (a YubiHSM 2) the state now.
     require(
         &facts.never_extractable,
         true,
         true,
-        "the key was extractable at some point, so copies may exist",
+        "the key is or was extractable, so copies may exist",
     );
     require(
         &facts.sensitive,
@@ -109,7 +125,7 @@ pub fn evaluate(facts: &KeyFacts, rules: &Rules) -> Verdict {
         &facts.always_sensitive,
         true,
         true,
-        "the private key value was readable at some point",
+        "the private key value is or was readable",
     );
     require(
         &facts.can_sign,
@@ -122,8 +138,9 @@ pub fn evaluate(facts: &KeyFacts, rules: &Rules) -> Verdict {
     if origin.value != Some(true) {
         let what = match origin.value {
             Some(v) => format!(
-                "{}={v}: the key was imported, so it existed outside the device",
-                origin.source
+                "{}={v}{}: the key was imported, so it existed outside the device",
+                origin.source,
+                on_device(origin)
             ),
             None => format!(
                 "the token did not report {}, so the key may have been imported",
@@ -239,6 +256,7 @@ mod tests {
             can_sign: fact(Some(true), "CKA_SIGN"),
             other_usages: vec![fact(Some(false), "CKA_DECRYPT")],
             attributes: vec![],
+            meanings: vec![],
         }
     }
 
@@ -304,6 +322,32 @@ mod tests {
         let mut f = good();
         f.other_usages[0].value = Some(true);
         assert_eq!(evaluate(&f, &Rules::default()).outcome(), Outcome::Warn);
+    }
+
+    #[test]
+    fn findings_name_what_the_attribute_means_on_the_device() {
+        let mut f = good();
+        f.extractable.value = Some(true);
+        f.never_extractable.value = Some(false);
+        f.meanings = vec![(
+            "CKA_EXTRACTABLE",
+            "YubiHSM 2: the exportable-under-wrap capability".into(),
+        )];
+        let msg = evaluate(&f, &Rules::default())
+            .refusal("k")
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains(
+                "CKA_EXTRACTABLE=true (YubiHSM 2: the exportable-under-wrap capability): \
+                 the key can be exported"
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("CKA_NEVER_EXTRACTABLE=false: the key is or was extractable"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -129,6 +129,19 @@ pub struct KeyFacts {
     pub other_usages: Vec<Fact>,
     /// Every attribute read, in the device's terms, for `keys audit`.
     pub attributes: Vec<(&'static str, Option<bool>)>,
+    /// What an attribute means on this device where its profile says (attribute name,
+    /// meaning): the policy's findings and `keys audit` name it.
+    pub meanings: Vec<(&'static str, String)>,
+}
+
+impl KeyFacts {
+    /// What `attribute` means on this device, if its profile says.
+    pub fn meaning(&self, attribute: &str) -> Option<&str> {
+        self.meanings
+            .iter()
+            .find(|(name, _)| *name == attribute)
+            .map(|(_, m)| m.as_str())
+    }
 }
 
 /// What a backend is and which token it reached, for logs and `keys audit`.

@@ -11,7 +11,7 @@ use super::TokenError;
 use super::trust::{self, Owners};
 use crate::jose::Alg;
 
-const EMBEDDED: [(&str, &str); 8] = [
+const EMBEDDED: [(&str, &str); 9] = [
     (
         "softhsm2.toml",
         include_str!("../../hsm-profiles/softhsm2.toml"),
@@ -19,6 +19,10 @@ const EMBEDDED: [(&str, &str); 8] = [
     (
         "tpm2-pkcs11.toml",
         include_str!("../../hsm-profiles/tpm2-pkcs11.toml"),
+    ),
+    (
+        "yubihsm2.toml",
+        include_str!("../../hsm-profiles/yubihsm2.toml"),
     ),
     (
         "generic.toml",
@@ -46,6 +50,17 @@ const EMBEDDED: [(&str, &str); 8] = [
     ),
 ];
 
+/// The key attributes a profile may explain in `[attributes]`: the names the policy's
+/// findings and `keys audit` use.
+pub const EXPLAINED_ATTRIBUTES: [&str; 6] = [
+    "CKA_EXTRACTABLE",
+    "CKA_NEVER_EXTRACTABLE",
+    "CKA_SENSITIVE",
+    "CKA_ALWAYS_SENSITIVE",
+    "CKA_LOCAL",
+    "public CKA_LOCAL",
+];
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
@@ -63,8 +78,14 @@ pub struct Profile {
     pub mechanisms: BTreeMap<Alg, SignMechanism>,
     pub encoding: Encoding,
     pub template: Template,
+    /// Which attributes keybound may read on the token's keys.
     #[serde(default)]
-    pub attributes: Attributes,
+    pub read: ReadRules,
+    /// What a key attribute means on this token where that differs from, or says more
+    /// than, PKCS#11's definition: attribute name -> meaning, shown by `keys audit` and in
+    /// the policy's findings.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
     pub quirks: Vec<String>,
 }
 
@@ -72,19 +93,19 @@ fn yes() -> bool {
     true
 }
 
-/// Which attributes keybound may read on the token's keys.
+/// Which attributes keybound may read on the token's keys (`[read]`).
 #[derive(Clone, Copy, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Attributes {
+pub struct ReadRules {
     /// False when reading `CKA_ALLOWED_MECHANISMS` fails the whole read (p11-kit-client
     /// 0.24.1: `CKR_DEVICE_ERROR`): keybound does not ask, and an RSA key is then RS256.
     #[serde(default = "yes")]
     pub allowed_mechanisms: bool,
 }
 
-impl Default for Attributes {
+impl Default for ReadRules {
     fn default() -> Self {
-        Attributes {
+        ReadRules {
             allowed_mechanisms: true,
         }
     }
@@ -153,17 +174,29 @@ pub enum EcdsaSignatureEncoding {
 #[serde(deny_unknown_fields)]
 pub struct Template {
     pub omit: Vec<Usage>,
+    /// Length of the random `CKA_ID` keybound gives a generated key (default 16). A
+    /// YubiHSM 2 takes a 2-byte id as the device's own object id; a longer one it keeps in
+    /// an extra object.
+    #[serde(default = "default_id_bytes")]
+    pub id_bytes: usize,
 }
 
-/// Usage attributes keybound sets to false on generated keys.
+fn default_id_bytes() -> usize {
+    16
+}
+
+/// Attributes keybound sets on generated keys that a token may refuse in a template: the
+/// usages it sets to false, and the list of mechanisms the key may be used with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Usage {
     Encrypt,
     Decrypt,
     Wrap,
     Unwrap,
     Derive,
+    /// `CKA_ALLOWED_MECHANISMS` on the private key.
+    AllowedMechanisms,
 }
 
 /// The profiles known to this run: embedded ones, replaced or extended from a directory.
@@ -288,6 +321,11 @@ impl Profile {
     pub fn omits(&self, usage: Usage) -> bool {
         self.template.omit.contains(&usage)
     }
+
+    /// What `attribute` means on this token, if the profile says.
+    pub fn meaning(&self, attribute: &str) -> Option<&str> {
+        self.attributes.get(attribute).map(String::as_str)
+    }
 }
 
 impl MatchRule {
@@ -350,6 +388,21 @@ fn parse(text: &str, origin: &str) -> Result<Profile, TokenError> {
             path.display()
         )));
     }
+    if let Some(name) = p
+        .attributes
+        .keys()
+        .find(|n| !EXPLAINED_ATTRIBUTES.contains(&n.as_str()))
+    {
+        return Err(TokenError::Profile(format!(
+            "{origin}: attributes: '{name}' is not one of {}",
+            EXPLAINED_ATTRIBUTES.join(", ")
+        )));
+    }
+    if !(2..=64).contains(&p.template.id_bytes) {
+        return Err(TokenError::Profile(format!(
+            "{origin}: template.id_bytes must be between 2 and 64"
+        )));
+    }
     if p.sessions.default == 0 || p.sessions.default > p.sessions.max {
         return Err(TokenError::Profile(format!(
             "{origin}: sessions.default must be between 1 and sessions.max"
@@ -396,6 +449,22 @@ mod tests {
         assert!(tpm.omits(Usage::Decrypt) && tpm.omits(Usage::Encrypt));
         let soft = p.named("softhsm2").unwrap();
         assert_eq!(soft.mechanism(Alg::ES256).unwrap(), SignMechanism::Ecdsa);
+        assert!(!soft.omits(Usage::AllowedMechanisms));
+        let yubi = p
+            .matching(
+                Path::new("/usr/lib/x86_64-linux-gnu/pkcs11/yubihsm_pkcs11.so"),
+                "Yubico (www.yubico.com)",
+                "YubiHSM",
+            )
+            .unwrap();
+        assert_eq!(yubi.name, "yubihsm2");
+        assert!(yubi.omits(Usage::AllowedMechanisms));
+        assert!(
+            yubi.meaning("CKA_EXTRACTABLE")
+                .is_some_and(|m| m.contains("exportable-under-wrap"))
+        );
+        assert_eq!(yubi.sessions.max, 1);
+        assert_eq!((yubi.template.id_bytes, soft.template.id_bytes), (2, 16));
         assert_eq!(
             p.module_paths(Some("softhsm2"))[0],
             PathBuf::from("/usr/lib/softhsm/libsofthsm2.so")
@@ -418,7 +487,7 @@ mod tests {
         let client = Path::new("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so");
         let chosen = p.matching(client, "SoftHSM project", "SoftHSM v2").unwrap();
         assert_eq!(chosen.name, "p11-kit-client");
-        assert!(!chosen.attributes.allowed_mechanisms);
+        assert!(!chosen.read.allowed_mechanisms);
         assert!(chosen.mechanism(Alg::PS256).is_err());
         assert!(chosen.tested_live);
         // The same token through its own module keeps its own profile, and reads
@@ -427,7 +496,7 @@ mod tests {
             .matching(Path::new(SOFTHSM), "SoftHSM project", "SoftHSM v2")
             .unwrap();
         assert_eq!(direct.name, "softhsm2");
-        assert!(direct.attributes.allowed_mechanisms);
+        assert!(direct.read.allowed_mechanisms);
         // A module rule alone never matches another module.
         assert_eq!(
             p.matching(Path::new("/opt/other-client.so"), "Acme", "X")
@@ -474,6 +543,16 @@ mod tests {
             .replace("RS256 = \"rsa-pkcs\"", "RS256 = \"ecdsa\"");
         let err = parse(&text, "x.toml").unwrap_err().to_string();
         assert!(err.contains("mechanisms.RS256"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_attribute_meaning_is_refused() {
+        let text = format!(
+            "{}\n[attributes]\nCKA_COLOR = \"blue\"\n",
+            include_str!("../../hsm-profiles/generic.toml")
+        );
+        let err = parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("attributes: 'CKA_COLOR'"), "{err}");
     }
 
     #[test]

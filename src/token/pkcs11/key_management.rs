@@ -34,7 +34,7 @@ pub(super) fn generate(
             }
             .into());
         }
-        let id = fresh_id(s)?;
+        let id = fresh_id(s, conn.profile.template.id_bytes)?;
         let (mechanism, public, private) = templates(&conn.profile, label, &id, alg, rsa_bits);
         let (_, handle) = s.generate_key_pair(&mechanism, &public, &private)?;
         match examine(s, handle, &conn.profile)? {
@@ -175,6 +175,12 @@ pub(super) fn facts(conn: &Connection, key: &KeyInfo) -> Result<KeyFacts, TokenE
             .map(|((_, name), v)| (*name, v))
             .chain([(public_fact.source, public_fact.value)])
             .collect(),
+        meanings: READ
+            .iter()
+            .map(|(_, name)| *name)
+            .chain([public_fact.source])
+            .filter_map(|name| Some((name, conn.profile.meaning(name)?.to_string())))
+            .collect(),
     })
 }
 
@@ -262,10 +268,13 @@ fn templates(
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
         Attribute::Sign(true),
-        Attribute::AllowedMechanisms(allowed_mechanisms(alg)),
         Attribute::Label(label.into()),
         Attribute::Id(id.to_vec()),
     ];
+    private.extend(usage(
+        Usage::AllowedMechanisms,
+        Attribute::AllowedMechanisms(allowed_mechanisms(alg)),
+    ));
     private.extend(usage(Usage::Decrypt, Attribute::Decrypt(false)));
     private.extend(usage(Usage::Unwrap, Attribute::Unwrap(false)));
     private.extend(usage(Usage::Derive, Attribute::Derive(false)));
@@ -297,11 +306,16 @@ fn allowed_mechanisms(alg: Alg) -> Vec<MechanismType> {
     }
 }
 
-/// A 16-byte random CKA_ID no object on the token uses yet.
-fn fresh_id(s: &Session) -> Result<Vec<u8>, Pkcs11Failure> {
+/// A random CKA_ID of `len` bytes (the profile's `template.id_bytes`), not all zero (a
+/// YubiHSM 2 reads a 2-byte id of 0 as "the device picks"), that no object on the token
+/// uses yet.
+fn fresh_id(s: &Session, len: usize) -> Result<Vec<u8>, Pkcs11Failure> {
     loop {
-        let mut id = vec![0u8; 16];
+        let mut id = vec![0u8; len];
         getrandom::getrandom(&mut id).map_err(|e| TokenError::Rng(e.to_string()))?;
+        if id.iter().all(|b| *b == 0) {
+            continue;
+        }
         if s.find_objects(&[Attribute::Id(id.clone())])?.is_empty() {
             return Ok(id);
         }
@@ -330,7 +344,7 @@ fn examine(
         AttributeType::KeyType,
     ];
     // Some modules fail the whole read over this one attribute (see the profile).
-    if profile.attributes.allowed_mechanisms {
+    if profile.read.allowed_mechanisms {
         wanted.push(AttributeType::AllowedMechanisms);
     }
     let attrs = s.get_attributes(handle, &wanted)?;

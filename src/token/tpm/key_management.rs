@@ -183,6 +183,7 @@ pub(super) fn facts_of(a: ObjectAttributes) -> KeyFacts {
             ("sign", Some(a.sign_encrypt())),
             ("decrypt", Some(a.decrypt())),
         ],
+        meanings: Vec::new(),
     }
 }
 
