@@ -375,3 +375,54 @@ async fn proves(
         window_end(start),
     );
 }
+
+/// `slot-id`, `slot-description` and `slot-manufacturer` are checked against the slot the
+/// configured token is in, as pkcs11-tool reports it: right values find the key, a wrong
+/// one is refused naming the attribute.
+#[test]
+fn slot_attributes_are_checked_against_the_tokens_slot() {
+    let token = DevToken::new();
+    token.generate("dpop", "ES256");
+    let out = token.pkcs11_tool(&["--list-slots"]);
+    let text = stdout(&out);
+    // "Slot 1 (0x2c8a1f3e): SoftHSM slot ID 0x2c8a1f3e" then "  token label : keybound-test"
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.contains("token label") && l.contains(TOKEN_LABEL))
+        .unwrap_or_else(|| panic!("no slot with the token:\n{text}"));
+    let header = lines[..at]
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("Slot "))
+        .expect("the slot line");
+    let hex = header
+        .split("(0x")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .expect("slot id");
+    let id = u64::from_str_radix(hex, 16).expect("hex slot id");
+    let description = header.split("): ").nth(1).expect("slot description").trim();
+    let enc = |s: &str| s.replace(' ', "%20");
+    let right = format!(
+        "pkcs11:slot-id={id};slot-description={};object=dpop",
+        enc(description)
+    );
+    let (found, err) = keybound_keys(&token, &right);
+    assert_eq!(found.len(), 1, "{right}: {err}");
+    for (uri, says) in [
+        (format!("pkcs11:slot-id={};object=dpop", id + 1), "slot-id"),
+        (
+            "pkcs11:slot-description=another%20slot;object=dpop".to_owned(),
+            "slot-description 'another slot'",
+        ),
+        (
+            "pkcs11:slot-manufacturer=Acme;object=dpop".to_owned(),
+            "slot-manufacturer 'Acme'",
+        ),
+    ] {
+        let (found, err) = keybound_keys(&token, &uri);
+        assert!(found.is_empty(), "{uri}");
+        assert!(err.contains(says), "{uri}: {err}");
+    }
+}

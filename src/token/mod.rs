@@ -174,6 +174,10 @@ pub struct ModuleDescription {
     pub library_version: (u8, u8),
     /// The config's PIN file; `None` when the PIN comes from an environment variable.
     pub pin_file: Option<std::path::PathBuf>,
+    /// The slot the configured token is in now (`C_GetSlotInfo`).
+    pub slot_id: u64,
+    pub slot_description: String,
+    pub slot_manufacturer: String,
 }
 
 /// Receives the outcome of a signature made on a worker thread.

@@ -78,11 +78,15 @@ struct Wants {
     module_path: Option<String>,
     module_name: Option<String>,
     pin_source: Option<PathBuf>,
+    slot_id: Option<u64>,
+    slot_description: Option<String>,
+    slot_manufacturer: Option<String>,
 }
 
 /// The path attributes of RFC 7512 §2.3 keybound reads, and p11-kit's `object-type`.
 const PATH_ATTRIBUTES: &str = "token, manufacturer, serial, model, library-manufacturer, \
-    library-description, library-version, object, id, type (or object-type), x-*";
+    library-description, library-version, slot-id, slot-description, slot-manufacturer, \
+    object, id, type (or object-type), x-*";
 /// Every path attribute name of RFC 7512 §2.3 (`type` standing for `object-type` too).
 const PATH_KEYS: &[&str] = &[
     "token",
@@ -193,13 +197,16 @@ impl KeyName {
                         )));
                     }
                 },
-                "slot-id" | "slot-description" | "slot-manufacturer" => {
-                    return Err(bad(&format!(
-                        "keybound does not read '{k}': the config selects the token by \
-                         token_label or token_serial, and slot numbers change when a token is \
-                         plugged in again; name the token with token=, serial= or leave {k} out"
-                    )));
+                // Checked against the slot the configured token is in now (slot numbers
+                // change when a token is plugged in again: prefer token= or serial=).
+                "slot-id" => {
+                    let v = text(v)?;
+                    name.wants.slot_id = Some(v.parse().map_err(|_| {
+                        bad(&format!("slot-id '{v}' is not a decimal slot number"))
+                    })?);
                 }
+                "slot-description" => name.wants.slot_description = Some(text(v)?),
+                "slot-manufacturer" => name.wants.slot_manufacturer = Some(text(v)?),
                 other => {
                     return Err(bad(&format!(
                         "unknown path attribute '{other}'; known: {PATH_ATTRIBUTES}"
@@ -292,6 +299,9 @@ impl KeyName {
             }
         }
         let wants_module = w.library_manufacturer.is_some()
+            || w.slot_id.is_some()
+            || w.slot_description.is_some()
+            || w.slot_manufacturer.is_some()
             || w.library_description.is_some()
             || w.library_version.is_some()
             || w.module_path.is_some()
@@ -307,7 +317,26 @@ impl KeyName {
                 opened.backend
             )));
         };
+        if let Some(id) = w.slot_id
+            && id != module.slot_id
+        {
+            return Err(mismatch(format!(
+                "it names slot-id {id}, but the configured token is in slot {} (slot numbers \
+                 change when a token is plugged in again: name the token with token= or serial=)",
+                module.slot_id
+            )));
+        }
         for (attr, named, found) in [
+            (
+                "slot-description",
+                &w.slot_description,
+                &module.slot_description,
+            ),
+            (
+                "slot-manufacturer",
+                &w.slot_manufacturer,
+                &module.slot_manufacturer,
+            ),
             (
                 "library-manufacturer",
                 &w.library_manufacturer,
@@ -629,6 +658,9 @@ mod tests {
                 library_description: "Implementation of PKCS11".into(),
                 library_version: (2, 6),
                 pin_file: Some("/etc/keybound/pin".into()),
+                slot_id: 1_234_567,
+                slot_description: "SoftHSM slot ID 0x12d687".into(),
+                slot_manufacturer: "SoftHSM project".into(),
             }),
         }
     }
@@ -657,6 +689,8 @@ mod tests {
             "pkcs11:object=dpop?pin-source=/etc/keybound/pin",
             "pkcs11:object=dpop?pin-source=file:///etc/keybound/pin",
             "pkcs11:object=dpop;x-foo=bar;object-type=private",
+            "pkcs11:slot-id=1234567;slot-description=SoftHSM%20slot%20ID%200x12d687;\
+             slot-manufacturer=SoftHSM%20project;object=dpop",
         ];
         for uri in ok {
             let n = KeyName::parse(uri).unwrap_or_else(|e| panic!("{uri}: {e}"));
@@ -674,6 +708,18 @@ mod tests {
                 "manufacturer 'Yubico'",
             ),
             ("pkcs11:model=YubiHSM;object=dpop", "model 'YubiHSM'"),
+            (
+                "pkcs11:slot-id=1;object=dpop",
+                "slot-id 1, but the configured token is in slot 1234567",
+            ),
+            (
+                "pkcs11:slot-description=other;object=dpop",
+                "slot-description 'other'",
+            ),
+            (
+                "pkcs11:slot-manufacturer=Acme;object=dpop",
+                "slot-manufacturer 'Acme'",
+            ),
             ("pkcs11:token=other;object=dpop", "names token 'other'"),
             (
                 "pkcs11:library-manufacturer=Yubico;object=dpop",
@@ -799,14 +845,9 @@ mod tests {
                 "pkcs11:object=a;type=privat",
                 "'privat' is not one of private",
             ),
-            ("pkcs11:object=a;slot-id=1", "does not read 'slot-id'"),
             (
-                "pkcs11:object=a;slot-description=x",
-                "does not read 'slot-description'",
-            ),
-            (
-                "pkcs11:object=a;slot-manufacturer=x",
-                "does not read 'slot-manufacturer'",
+                "pkcs11:object=a;slot-id=x1",
+                "slot-id 'x1' is not a decimal slot number",
             ),
             (
                 "pkcs11:object=a;library-version=2.x",

@@ -124,6 +124,9 @@ impl Connection {
         let clean = |s: &str| crate::token::profile::unpad(s).to_string();
         let library = pkcs11.get_library_info().map_err(ck)?;
         let version = library.library_version();
+        // For `slot-description` and `slot-manufacturer` in URIs; a module that cannot
+        // say leaves them empty (a URI naming them then does not match).
+        let slot_info = pkcs11.get_slot_info(slot).ok();
         let module_description = ModuleDescription {
             paths: named_module(settings, profiles)
                 .into_iter()
@@ -133,6 +136,13 @@ impl Connection {
             library_description: clean(library.library_description()),
             library_version: (version.major(), version.minor()),
             pin_file: settings.pin_file.clone(),
+            slot_id: slot.id(),
+            slot_description: slot_info
+                .as_ref()
+                .map_or_else(String::new, |i| clean(i.slot_description())),
+            slot_manufacturer: slot_info
+                .as_ref()
+                .map_or_else(String::new, |i| clean(i.manufacturer_id())),
         };
         let description = TokenDescription {
             backend: "pkcs11",
