@@ -37,7 +37,19 @@ pub(super) fn generate(
         let id = fresh_id(s, conn.profile.template.id_bytes)?;
         let (mechanism, public, private) = templates(&conn.profile, label, &id, alg, rsa_bits);
         let (_, handle) = s.generate_key_pair(&mechanism, &public, &private)?;
-        match examine(s, handle, &conn.profile)? {
+        // The key exists from here on: a failure to read it back must not retry the whole
+        // generation (a second key, or "label exists" for the one just made).
+        let examined = examine(s, handle, &conn.profile).map_err(|f| {
+            Pkcs11Failure::from(TokenError::BadPublicKey {
+                label: label.into(),
+                reason: format!(
+                    "the token generated the key, but reading it back failed ({}); see \
+                     `keybound keys list`",
+                    TokenError::from(f)
+                ),
+            })
+        })?;
+        match examined {
             Examined::Key(info) => Ok(info),
             Examined::Problem(p) => Err(TokenError::BadPublicKey {
                 label: label.into(),
