@@ -494,18 +494,12 @@ fn pct_decode(s: &str, allowed: &[u8]) -> Result<Vec<u8>, String> {
 /// `text` with the value of every `pin-value` attribute replaced: an error repeats the name
 /// it refuses, and a PIN never reaches a log or a reply.
 fn redacted(text: &str) -> String {
-    const KEY: &str = "pin-value=";
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find(KEY) {
-        let (before, after) = rest.split_at(at + KEY.len());
-        out.push_str(before);
-        out.push_str("[redacted]");
-        let end = after.find([';', '&', '?', '#']).unwrap_or(after.len());
-        rest = after.get(end..).unwrap_or_default();
+    // Everything from the first pin-value on (any case): a value may hold `?` and more,
+    // and what follows a PIN is not worth the risk of echoing part of it.
+    match text.to_ascii_lowercase().find("pin-value") {
+        Some(at) => format!("{}pin-value=[redacted]", text.get(..at).unwrap_or_default()),
+        None => text.to_string(),
     }
-    out.push_str(rest);
-    out
 }
 
 /// RFC 7512 §2.3 `pk11-v-attr-nm-char`: `x-` and letters, digits, `-`, `_`.
@@ -789,11 +783,20 @@ mod tests {
             ),
             (
                 "pkcs11:object=a?pin-value=1234&module-name=x",
-                "'pkcs11:object=a?pin-value=[redacted]&module-name=x'",
+                "'pkcs11:object=a?pin-value=[redacted]'",
             ),
             (
                 "pkcs11:object=a;pin-value=1234;id=%01",
-                "pin-value=[redacted];id=%01'",
+                "'pkcs11:object=a;pin-value=[redacted]'",
+            ),
+            // A `?` may sit inside a query value: nothing after pin-value is echoed.
+            (
+                "pkcs11:object=a?pin-value=12?34",
+                "'pkcs11:object=a?pin-value=[redacted]'",
+            ),
+            (
+                "pkcs11:object=a?PIN-VALUE=12?34",
+                "'pkcs11:object=a?pin-value=[redacted]'",
             ),
             (
                 "pkcs11:object=a;pin-value=1234",

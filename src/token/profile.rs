@@ -126,6 +126,11 @@ pub struct MatchRule {
 #[serde(deny_unknown_fields)]
 pub struct ModuleRule {
     pub paths: Vec<PathBuf>,
+    /// False for a module that reaches its device over the network (YubiHSM's connector):
+    /// tried only when the config names the profile or sets `token.module`, never found by
+    /// searching the usual paths.
+    #[serde(default = "yes")]
+    pub search: bool,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]
@@ -277,12 +282,14 @@ impl Profiles {
 
     /// Where to look for a module: the named profile's paths first, then those of every
     /// profile that recognises its tokens by manufacturer or model. A profile chosen by its
-    /// module (p11-kit-client) or only by name (documentation-only ones) is never loaded
-    /// unless named: its module would otherwise be picked on a machine that merely has it.
+    /// module (p11-kit-client), only by name (documentation-only ones) or whose module
+    /// goes to the network (`[module] search = false`: YubiHSM) is never loaded unless
+    /// named: its module would otherwise be picked on a machine that merely has it.
     pub fn module_paths(&self, first: Option<&str>) -> Vec<PathBuf> {
         let mut out: Vec<PathBuf> = Vec::new();
         let by_token = |p: &&Profile| {
-            p.match_rule.module.is_none()
+            p.module.search
+                && p.match_rule.module.is_none()
                 && (p.match_rule.manufacturer.is_some() || p.match_rule.model.is_some())
         };
         let ordered = self

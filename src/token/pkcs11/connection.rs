@@ -311,6 +311,23 @@ impl Connection {
         }
         let slot = find_slot(&self.pkcs11, &self.selector, &self.module)
             .map_err(|e| unavailable(e.to_string()))?;
+        // The same token, not another one that carries the label now: keys, URIs (serial=,
+        // manufacturer=) and the profile were all judged against the one opened at start.
+        let info = token_info(&self.pkcs11, slot).map_err(|e| unavailable(ck(e).to_string()))?;
+        let clean = |s: &str| crate::token::profile::unpad(s).to_string();
+        let d = &self.description;
+        if clean(info.serial_number()) != d.serial
+            || clean(info.manufacturer_id()) != d.manufacturer
+            || clean(info.model()) != d.model
+        {
+            return Err(unavailable(format!(
+                "token {} is back, but it is another token (serial '{}', was '{}'): keybound \
+                 keeps to the token it opened; restart it to use this one",
+                self.selector,
+                clean(info.serial_number()),
+                d.serial
+            )));
+        }
         *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = slot;
         tracing::info!(token = %self.description.token_label, "token found again");
         Ok(())
