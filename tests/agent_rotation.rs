@@ -190,10 +190,30 @@ async fn metrics_text(agent: &Agent) -> String {
 /// The public keys to verify with: the agent's published JWKS (the clients' assertion
 /// keys) and, from the CLI, every other passing key the agent may sign with (DPoP keys are
 /// never published).
+///
+/// No equality between the agent's and the CLI's view is asserted here: a rotation runs
+/// while these tests read, and the two may be a step apart.
 async fn learn_jwks(agent: &Agent, token: &DevToken, seen: &mut BTreeMap<String, Value>) {
     let body = get(agent.socket(), "/v1/jwks").await.ok("GET /v1/jwks");
     seen.extend(by_kid(body["keys"].as_array().expect("keys")));
-    seen.extend(published_jwks(token, agent).await);
+    let list: Value =
+        serde_json::from_str(&token.run_ok(&["keys", "list", "--json"])).expect("keys list --json");
+    let labels: Vec<&str> = list
+        .as_array()
+        .expect("keys list --json is an array")
+        .iter()
+        .filter(|k| k["policy"] != "fail" && (k["state"].is_null() || k["state"] == "active"))
+        .filter_map(|k| k["label"].as_str())
+        .collect();
+    for label in labels {
+        // A key may change state between the listing and this: skip what is refused now.
+        let out = token.keybound(&["jwks", "--label", label]);
+        if let Ok(doc) = serde_json::from_slice::<Value>(&out.stdout)
+            && let Some(keys) = doc["keys"].as_array()
+        {
+            seen.extend(by_kid(keys));
+        }
+    }
 }
 
 /// The kid of `slot`'s generation in `state`, from `keybound keys list --json`.
