@@ -314,26 +314,22 @@ async fn the_agent_checks_every_attribute_before_its_key_cache() {
     // ...and every name below is refused all the same.
     for (uri, says) in [
         (
+            // The caller learns which attribute differs, never the token's own values,
+            // module path or PIN file (the agent logs those).
             "pkcs11:serial=0000000000000000;object=dpop".to_owned(),
-            vec!["serial '0000000000000000'", serial.as_str()],
+            vec!["its serial does not match"],
         ),
         (
             "pkcs11:manufacturer=Yubico;object=dpop".into(),
-            vec!["manufacturer 'Yubico'"],
+            vec!["its manufacturer does not match"],
         ),
         (
             "pkcs11:object=dpop?module-path=/tmp/other-pkcs11.so".into(),
-            vec![
-                "/tmp/other-pkcs11.so",
-                "never makes keybound load a library",
-            ],
+            vec!["its module-path does not match"],
         ),
         (
             "pkcs11:object=dpop?pin-source=file:///etc/shadow".into(),
-            vec![
-                "pin-source '/etc/shadow'",
-                "never reads a file a key name points to",
-            ],
+            vec!["its pin-source does not match"],
         ),
         (
             format!("pkcs11:object=dpop?pin-value={USER_PIN}"),
@@ -349,6 +345,8 @@ async fn the_agent_checks_every_attribute_before_its_key_cache() {
             .await
             .error(400, "invalid_request", &says);
         assert!(!message.contains(USER_PIN), "{message}");
+        assert!(!message.contains(serial.as_str()), "{message}");
+        assert!(!message.contains("libsofthsm2"), "{message}");
     }
     // p11-kit's object-type, the module by its name, a vendor attribute.
     let uri = "pkcs11:object=dpop;object-type=private;x-a=1?module-name=softhsm2";

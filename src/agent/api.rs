@@ -231,6 +231,18 @@ impl ApiError {
 
 impl From<TokenError> for ApiError {
     fn from(e: TokenError) -> Self {
+        // A caller learns which attribute of its URI does not match, not the configured
+        // token's serial, module path or PIN file: those go to the agent's log only.
+        if let TokenError::UriMismatch {
+            name, attribute, ..
+        } = &e
+        {
+            tracing::info!("key name refused: {e}");
+            return ApiError::bad(format!(
+                "key '{name}' does not name the configured token: its {attribute} does not \
+                 match (the agent's log has the details)"
+            ));
+        }
         let message = e.to_string();
         match e.kind() {
             // Names in the request: the caller fixes them.

@@ -98,7 +98,12 @@ pub enum TokenError {
         configured: String,
     },
     #[error("key '{name}' does not name the configured token: {reason}")]
-    UriMismatch { name: String, reason: String },
+    UriMismatch {
+        name: String,
+        /// The URI attribute that does not match (`serial`, `module-path`, ...).
+        attribute: &'static str,
+        reason: String,
+    },
     #[error("{alg} is not available with profile '{profile}': {reason}")]
     AlgUnavailable {
         alg: Alg,

@@ -281,8 +281,9 @@ impl KeyName {
             });
         }
         let w = &self.wants;
-        let mismatch = |reason: String| TokenError::UriMismatch {
+        let mismatch = |attribute: &'static str, reason: String| TokenError::UriMismatch {
             name: self.text.clone(),
+            attribute,
             reason,
         };
         for (attr, named, found) in [
@@ -293,9 +294,12 @@ impl KeyName {
             if let Some(named) = named
                 && named != found
             {
-                return Err(mismatch(format!(
-                    "it names {attr} '{named}', but the configured token's {attr} is '{found}'"
-                )));
+                return Err(mismatch(
+                    attr,
+                    format!(
+                        "it names {attr} '{named}', but the configured token's {attr} is '{found}'"
+                    ),
+                ));
             }
         }
         let wants_module = w.library_manufacturer.is_some()
@@ -311,20 +315,26 @@ impl KeyName {
             return Ok(());
         }
         let Some(module) = &opened.module else {
-            return Err(mismatch(format!(
-                "it names a PKCS#11 module, library or pin-source, and the {} backend loads \
+            return Err(mismatch(
+                "module",
+                format!(
+                    "it names a PKCS#11 module, library or pin-source, and the {} backend loads \
                  no PKCS#11 module",
-                opened.backend
-            )));
+                    opened.backend
+                ),
+            ));
         };
         if let Some(id) = w.slot_id
             && id != module.slot_id
         {
-            return Err(mismatch(format!(
-                "it names slot-id {id}, but the configured token is in slot {} (slot numbers \
+            return Err(mismatch(
+                "slot-id",
+                format!(
+                    "it names slot-id {id}, but the configured token is in slot {} (slot numbers \
                  change when a token is plugged in again: name the token with token= or serial=)",
-                module.slot_id
-            )));
+                    module.slot_id
+                ),
+            ));
         }
         for (attr, named, found) in [
             (
@@ -351,18 +361,20 @@ impl KeyName {
             if let Some(named) = named
                 && named != found
             {
-                return Err(mismatch(format!(
-                    "it names {attr} '{named}', but the module's is '{found}'"
-                )));
+                return Err(mismatch(
+                    attr,
+                    format!("it names {attr} '{named}', but the module's is '{found}'"),
+                ));
             }
         }
         if let Some((major, minor)) = w.library_version
             && (major, minor) != module.library_version
         {
             let (m, n) = module.library_version;
-            return Err(mismatch(format!(
-                "it names library-version {major}.{minor}, but the module's is {m}.{n}"
-            )));
+            return Err(mismatch(
+                "library-version",
+                format!("it names library-version {major}.{minor}, but the module's is {m}.{n}"),
+            ));
         }
         // keybound loads one module, the one its config names (checked for who may change
         // it): a name a caller sends can only confirm that module, never choose another.
@@ -373,18 +385,24 @@ impl KeyName {
         if let Some(path) = &w.module_path
             && !module.paths.iter().any(|p| p == Path::new(path))
         {
-            return Err(mismatch(format!(
-                "it names module-path '{path}', but keybound loads only the module of its \
+            return Err(mismatch(
+                "module-path",
+                format!(
+                    "it names module-path '{path}', but keybound loads only the module of its \
                  config, '{config_module}'; a key name never makes keybound load a library"
-            )));
+                ),
+            ));
         }
         if let Some(named) = &w.module_name
             && !module.paths.iter().any(|p| module_name_matches(named, p))
         {
-            return Err(mismatch(format!(
-                "it names module-name '{named}', but keybound loads only the module of its \
+            return Err(mismatch(
+                "module-name",
+                format!(
+                    "it names module-name '{named}', but keybound loads only the module of its \
                  config, '{config_module}'; a key name never makes keybound load a library"
-            )));
+                ),
+            ));
         }
         // The PIN is read once, from the config's pin_env or pin_file (with the trust checks
         // of `Pin::read`). A pin-source in a name may only repeat that file: keybound never
@@ -396,12 +414,15 @@ impl KeyName {
                 None => "no pin_file (the PIN comes from pin_env)".into(),
             };
             if module.pin_file.as_deref() != Some(path.as_path()) {
-                return Err(mismatch(format!(
-                    "it names pin-source '{}', but the config has {configured}; keybound logs \
+                return Err(mismatch(
+                    "pin-source",
+                    format!(
+                        "it names pin-source '{}', but the config has {configured}; keybound logs \
                      in with the PIN its config names and never reads a file a key name \
                      points to",
-                    path.display()
-                )));
+                        path.display()
+                    ),
+                ));
             }
         }
         Ok(())
