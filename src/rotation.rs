@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::error::{ErrorKind, InvalidSetting};
 use crate::keyring::rotation::{Accepted, Rotation};
-use crate::keyring::{KeyError, Keyring};
+use crate::keyring::{KeyError, Keyring, SigningKey};
 use crate::oauth::OAuthError;
 use crate::oauth::client::OAuthClient;
 
@@ -247,13 +247,7 @@ pub async fn prove(
         });
     }
     let clients = asked.as_slice();
-    let (k, s) = (keyring.clone(), slot.to_string());
-    let key = tokio::task::spawn_blocking(move || k.prepared_key(&s))
-        .await
-        .map_err(|e| StepError::Stopped {
-            what: "the key lookup",
-            reason: e.to_string(),
-        })??;
+    let key = prepared_key(keyring, slot).await?;
     let mut names = Vec::new();
     for c in clients {
         c.prove_assertion_key(key.clone())
@@ -269,6 +263,17 @@ pub async fn prove(
     Ok(Accepted::by_servers(&key, names))
 }
 
+/// The slot's prepared generation, approved (a blocking device call, off the reactor).
+async fn prepared_key(keyring: &Keyring, slot: &str) -> Result<SigningKey, StepError> {
+    let (k, s) = (keyring.clone(), slot.to_string());
+    Ok(tokio::task::spawn_blocking(move || k.prepared_key(&s))
+        .await
+        .map_err(|e| StepError::Stopped {
+            what: "the key lookup",
+            reason: e.to_string(),
+        })??)
+}
+
 /// Proves (unless `force`) and activates `slot`'s prepared generation.
 pub async fn activate(
     keyring: &Keyring,
@@ -277,13 +282,7 @@ pub async fn activate(
     force: bool,
 ) -> Result<(Rotation, Accepted), StepError> {
     let accepted = if force {
-        let (k, s) = (keyring.clone(), slot.to_string());
-        let key = tokio::task::spawn_blocking(move || k.prepared_key(&s))
-            .await
-            .map_err(|e| StepError::Stopped {
-                what: "the key lookup",
-                reason: e.to_string(),
-            })??;
+        let key = prepared_key(keyring, slot).await?;
         tracing::warn!(
             slot,
             kid = key.kid(),

@@ -196,18 +196,9 @@ async fn metrics_text(agent: &Agent) -> String {
 async fn learn_jwks(agent: &Agent, token: &DevToken, seen: &mut BTreeMap<String, Value>) {
     let body = get(agent.socket(), "/v1/jwks").await.ok("GET /v1/jwks");
     seen.extend(by_kid(body["keys"].as_array().expect("keys")));
-    let list: Value =
-        serde_json::from_str(&token.run_ok(&["keys", "list", "--json"])).expect("keys list --json");
-    let labels: Vec<&str> = list
-        .as_array()
-        .expect("keys list --json is an array")
-        .iter()
-        .filter(|k| k["policy"] != "fail" && (k["state"].is_null() || k["state"] == "active"))
-        .filter_map(|k| k["label"].as_str())
-        .collect();
-    for label in labels {
+    for label in signing_labels(token) {
         // A key may change state between the listing and this: skip what is refused now.
-        let out = token.keybound(&["jwks", "--label", label]);
+        let out = token.keybound(&["jwks", "--label", &label]);
         if let Ok(doc) = serde_json::from_slice::<Value>(&out.stdout)
             && let Some(keys) = doc["keys"].as_array()
         {

@@ -83,15 +83,7 @@ fn published(token: &DevToken) -> Vec<String> {
 /// `keybound dpop --key <key>`: the proof, verified with p256 from its header JWK; returns
 /// the RFC 7638 thumbprint of that JWK.
 fn dpop_kid(token: &DevToken, key: &str) -> String {
-    let jws = token.sign(&[
-        "dpop",
-        "--key",
-        key,
-        "--method",
-        "POST",
-        "--url",
-        "https://server.example.com/token",
-    ]);
+    let jws = token.sign(&dpop_args(key));
     assert_eq!(jws.header["typ"], "dpop+jwt");
     let jwk = &jws.header["jwk"];
     assert_eq!(jws.header["alg"], "ES256");
@@ -100,7 +92,12 @@ fn dpop_kid(token: &DevToken, key: &str) -> String {
 }
 
 fn dpop_out(token: &DevToken, key: &str) -> Output {
-    token.keybound(&[
+    token.keybound(&dpop_args(key))
+}
+
+/// `dpop --key <key>` for one fixed request.
+fn dpop_args(key: &str) -> [&str; 7] {
+    [
         "dpop",
         "--key",
         key,
@@ -108,7 +105,7 @@ fn dpop_out(token: &DevToken, key: &str) -> Output {
         "POST",
         "--url",
         "https://server.example.com/token",
-    ])
+    ]
 }
 
 /// `keys rotate --label <slot>`: checks the report and returns the new kid.

@@ -355,24 +355,12 @@ impl Keyring {
     /// Finds a key by label or `pkcs11:` URI and approves it. A rotated slot's label means
     /// its active generation; another generation is refused (see `rotation`).
     pub fn signing_key(&self, name: &str) -> Result<SigningKey, KeyError> {
-        let info = self.resolve(name)?;
+        let (info, slot) = self.resolve(name)?;
         let key = self.approve(&info)?;
-        Ok(match rotation::split_generation(info.label()) {
-            Some((slot, _)) => key.in_slot(slot),
-            None if !name.starts_with("pkcs11:") && self.is_rotated(info.label()) => {
-                key.in_slot(info.label())
-            }
+        Ok(match slot {
+            Some(slot) => key.in_slot(&slot),
             None => key,
         })
-    }
-
-    /// Whether `slot` has a rotation record (errors count as "no": the caller has already
-    /// resolved through it).
-    fn is_rotated(&self, slot: &str) -> bool {
-        Label::parse(slot)
-            .ok()
-            .and_then(|l| self.backend.records(&l).ok())
-            .is_some_and(|r| !r.is_empty())
     }
 
     /// A key by name, approved, without looking at rotation records (adopting a slot's

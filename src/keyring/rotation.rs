@@ -1048,66 +1048,87 @@ impl Keyring {
         self.write_record(&slot, Some(&bytes), rotation.seq, &next)
     }
 
-    /// The key a name means, rotation included: a slot's label means its active
-    /// generation; a generation's own label or a `pkcs11:` URI that names one is refused
-    /// unless it is the active one. Names outside any rotation resolve as before.
-    pub(super) fn resolve(&self, name: &str) -> Result<KeyInfo, KeyError> {
-        let parsed = KeyName::parse(name)?;
-        if !name.starts_with("pkcs11:")
-            && let Ok(slot) = Label::parse(name)
-            && split_generation(name).is_none()
-            && let Some((rotation, _)) = self.read_record(&slot)?
-        {
-            let g = rotation
-                .active()
-                .ok_or_else(|| RotationError::Inconsistent {
-                    slot: slot.to_string(),
-                    reason: "it has no active generation".into(),
-                })?;
-            let id = g.id_bytes().unwrap_or_default();
-            let info = match self.backend.find(&KeyName::exact(&g.label, &id)) {
-                Err(TokenError::KeyNotFound { .. }) => {
-                    return Err(RotationError::Inconsistent {
-                        slot: slot.to_string(),
-                        reason: format!(
-                            "{}, but no usable key labelled '{}' is on the device (deleted \
-                             outside keybound?)",
-                            g.describe(),
-                            g.label
-                        ),
-                    }
-                    .into());
-                }
-                found => found?,
-            };
-            if Some(info.public().thumbprint()) != g.kid {
+    /// The active generation's key of a slot with a record, found exactly and with the
+    /// kid the record says.
+    fn active_key(&self, slot: &Label, rotation: &Rotation) -> Result<KeyInfo, KeyError> {
+        let g = rotation
+            .active()
+            .ok_or_else(|| RotationError::Inconsistent {
+                slot: slot.to_string(),
+                reason: "it has no active generation".into(),
+            })?;
+        let id = g.id_bytes().unwrap_or_default();
+        let info = match self.backend.find(&KeyName::exact(&g.label, &id)) {
+            Err(TokenError::KeyNotFound { .. }) => {
                 return Err(RotationError::Inconsistent {
                     slot: slot.to_string(),
                     reason: format!(
-                        "{}, but the device's key has kid {}",
+                        "{}, but no usable key labelled '{}' is on the device (deleted \
+                 outside keybound?)",
                         g.describe(),
-                        info.public().thumbprint()
+                        g.label
                     ),
                 }
                 .into());
             }
-            return Ok(info);
+            found => found?,
+        };
+        if Some(info.public().thumbprint()) != g.kid {
+            return Err(RotationError::Inconsistent {
+                slot: slot.to_string(),
+                reason: format!(
+                    "{}, but the device's key has kid {}",
+                    g.describe(),
+                    info.public().thumbprint()
+                ),
+            }
+            .into());
+        }
+        Ok(info)
+    }
+
+    /// The key a name means, rotation included: a slot's label means its active
+    /// generation; a generation's own label or a `pkcs11:` URI that names one is refused
+    /// unless it is the active one. Names outside any rotation resolve as before.
+    ///
+    /// Also returns the slot the key is a generation of, when the name went through a
+    /// rotation record by the slot's label or named a generation `<slot>#<n>`.
+    pub(super) fn resolve(&self, name: &str) -> Result<(KeyInfo, Option<String>), KeyError> {
+        let parsed = KeyName::parse(name)?;
+        // A plain label read without a record here is not read again below.
+        let mut unrotated: Option<Label> = None;
+        if !name.starts_with("pkcs11:")
+            && let Ok(slot) = Label::parse(name)
+            && split_generation(name).is_none()
+        {
+            match self.read_record(&slot)? {
+                Some((rotation, _)) => {
+                    let info = self.active_key(&slot, &rotation)?;
+                    return Ok((info, Some(slot.to_string())));
+                }
+                None => unrotated = Some(slot),
+            }
         }
         let info = self.backend.find(&parsed)?;
+        let generation_of = split_generation(info.label()).map(|(s, _)| s.to_string());
         let (slot, n) = match split_generation(info.label()) {
             Some((slot, n)) => (slot.to_string(), n),
             None => (info.label().to_string(), 1),
         };
         let Ok(slot_label) = Label::parse(&slot) else {
-            return Ok(info);
+            return Ok((info, generation_of));
         };
-        match self.read_record(&slot_label)? {
+        let record = match &unrotated {
+            Some(l) if *l == slot_label => None,
+            _ => self.read_record(&slot_label)?,
+        };
+        match record {
             None => {
                 // Without its record, a slot whose generation keys are on the device has
                 // lost which one is active: never guessed (the label alone would name
                 // generation 1, perhaps long retired).
                 not_lost(&slot_label, &self.backend.keys()?)?;
-                Ok(info)
+                Ok((info, generation_of))
             }
             Some((rotation, _)) => match rotation.generations.iter().find(|g| g.n == n) {
                 Some(g)
@@ -1115,7 +1136,7 @@ impl Keyring {
                         && g.id == Some(hex(info.id()))
                         && g.kid.as_deref() == Some(info.public().thumbprint().as_str()) =>
                 {
-                    Ok(info)
+                    Ok((info, generation_of))
                 }
                 // The active generation's label, but another key (a second object under
                 // that label, named by its id).

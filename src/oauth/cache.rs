@@ -105,20 +105,10 @@ impl TokenCache {
     /// way is skipped.
     pub fn bound_key(&self, secret: &str) -> Option<crate::keyring::SigningKey> {
         use secrecy::ExposeSecret as _;
-        let slots: Vec<Slot> = self
-            .slots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
-        slots.iter().find_map(|slot| {
-            let entry = slot.try_lock().ok()?;
-            let t = entry.as_ref()?;
-            (t.secret.expose_secret() == secret)
-                .then(|| t.dpop_key.clone())
-                .flatten()
-        })
+        self.tokens()
+            .into_iter()
+            .find(|t| t.secret.expose_secret() == secret)
+            .and_then(|t| t.dpop_key.clone())
     }
 
     /// Every cached token (a slot whose fetch is under way is skipped).

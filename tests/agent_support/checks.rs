@@ -318,22 +318,28 @@ pub fn window_end(start: i64) -> (i64, i64) {
     (start, unix_now() + 1)
 }
 
+/// The labels of the passing keys that may sign (outside a rotation, or the active
+/// generation), from the CLI: so the agent's own counters (proofs of possession) stay the
+/// test's.
+pub fn signing_labels(token: &DevToken) -> Vec<String> {
+    let list: Value =
+        serde_json::from_str(&token.run_ok(&["keys", "list", "--json"])).expect("keys list --json");
+    list.as_array()
+        .expect("keys list --json is an array")
+        .iter()
+        .filter(|k| k["policy"] != "fail" && (k["state"].is_null() || k["state"] == "active"))
+        .filter_map(|k| k["label"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// Every key the agent may sign with, by kid (to verify what it signs), after checking
 /// that `/v1/jwks` equals `keybound jwks` and each entry's shape. The published JWKS
 /// holds only the clients' assertion keys when `[[client]]`s are configured (never a
 /// DPoP key), so the others come from `keybound jwks --label` for each passing key.
 pub async fn published_jwks(token: &DevToken, agent: &Agent) -> BTreeMap<String, Value> {
     let mut all = served_jwks(agent, &token.jwks(&[])).await;
-    // From the CLI, so the agent's own counters (proofs of possession) stay the test's.
-    let list: Value =
-        serde_json::from_str(&token.run_ok(&["keys", "list", "--json"])).expect("keys list --json");
-    let labels: Vec<&str> = list
-        .as_array()
-        .expect("keys list --json is an array")
-        .iter()
-        .filter(|k| k["policy"] != "fail" && (k["state"].is_null() || k["state"] == "active"))
-        .filter_map(|k| k["label"].as_str())
-        .collect();
+    let labels = signing_labels(token);
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
     if !labels.is_empty() {
         all.extend(by_kid(&token.jwks(&labels)));
     }
