@@ -231,10 +231,65 @@ fn calls_through_the_agent_print_what_calls_in_process_print() {
         );
     }
 
-    // The agent sets Authorization and DPoP; a caller may not.
+    // The agent sets Authorization and DPoP; a caller may not, with the CLI or without.
     let out = token.keybound(&["call", "-H", "DPoP: x", &users]);
     let line = assert_error(&out, &"call -H DPoP");
     assert_mentions(&line, &["dpop", "-H"]);
+    for name in ["Authorization", "dpop"] {
+        let (status, answer) = agent_post(
+            agent.socket(),
+            "/v1/call",
+            &serde_json::json!({"client": "dev", "method": "GET", "url": users, "headers": [[name, "x"]]}),
+        );
+        assert_eq!(status, 400, "{answer}");
+        assert_mentions(
+            answer["message"].as_str().unwrap_or(""),
+            &["set by keybound"],
+        );
+    }
+    // The answer carries the response, never the token.
+    let (status, answer) = agent_post(
+        agent.socket(),
+        "/v1/call",
+        &serde_json::json!({"client": "dev", "method": "GET", "url": users}),
+    );
+    assert_eq!(
+        (status, answer["status"].as_u64()),
+        (200, Some(200)),
+        "{answer}"
+    );
+    let (_, t) = agent_post(
+        agent.socket(),
+        "/v1/token",
+        &serde_json::json!({"client": "dev"}),
+    );
+    let access = t["access_token"].as_str().expect("access_token");
+    assert!(!answer.to_string().contains(access), "{answer}");
+    assert!(!agent.log().contains(access), "the token is never logged");
+}
+
+/// `POST path` to the agent with curl: status and JSON answer.
+fn agent_post(socket: &Path, path: &str, body: &Value) -> (u16, Value) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "30", "--unix-socket"])
+        .arg(socket)
+        .args([
+            "-H",
+            "content-type: application/json",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .arg(format!("http://keybound{path}"))
+        .arg("--data-binary")
+        .arg(body.to_string())
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, code) = text.rsplit_once('\n').expect("status line");
+    (
+        code.trim().parse().expect("status"),
+        serde_json::from_str(json).unwrap_or_else(|_| panic!("JSON answer: {text}")),
+    )
 }
 
 #[test]
@@ -347,9 +402,11 @@ fn keybound_as(who: As, socket: &Path, args: &[&str]) -> Output {
 fn another_uid_goes_through_the_agent_as_its_rule_allows() {
     let dir = SocketDir::new();
     let rules = format!(
-        "{}{}",
+        "{}{}{}",
         allow_uid(own_uid(), ""),
-        allow_uid(NOBODY, "clients = [\"other\"]")
+        allow_uid(NOBODY, "clients = [\"other\"]"),
+        // Every client, but not the assertion key: no token, so no call either.
+        allow_uid(NOBODY - 2, "keys = [\"dpop\"]")
     );
     let (token, server) = setup(&dir, &["dev", "other"], &rules);
     let agent = Agent::start(&token, &dir.socket());
@@ -384,6 +441,25 @@ fn another_uid_goes_through_the_agent_as_its_rule_allows() {
                 "client 'dev' is not allowed",
                 "[[agent.allow]]",
                 &format!("uid {NOBODY}"),
+                "--no-agent",
+            ],
+        );
+    }
+    let dpop_only = As::Setpriv {
+        uid: NOBODY - 2,
+        gid: NOBODY - 2,
+    };
+    for args in [
+        vec!["call", "--client", "dev", users.as_str()],
+        vec!["token", "--client", "dev"],
+    ] {
+        let out = keybound_as(dpop_only, agent.socket(), &args);
+        let line = assert_error(&out, &args);
+        assert_mentions(
+            &line,
+            &[
+                "key 'client-auth' is not allowed",
+                &format!("uid {}", NOBODY - 2),
                 "--no-agent",
             ],
         );
