@@ -231,6 +231,12 @@ fn calls_through_the_agent_print_what_calls_in_process_print() {
         );
     }
 
+    // keybound's own refusals read as they do in-process (no rule to change).
+    let foreign = token.keybound(&["call", "https://api.example/v1/x"]);
+    let line = assert_error(&foreign, &"call to an origin outside api_origins");
+    assert_mentions(&line, &["api_origins"]);
+    assert!(!line.contains("[[agent.allow]]"), "{line}");
+
     // The agent sets Authorization and DPoP; a caller may not, with the CLI or without.
     let out = token.keybound(&["call", "-H", "DPoP: x", &users]);
     let line = assert_error(&out, &"call -H DPoP");
@@ -508,4 +514,12 @@ fn an_answer_over_max_call_bytes_is_refused_by_name() {
     // In-process there is no such bound.
     let out = token.keybound(&["call", "--no-agent", &users]);
     assert_exit(&out, 0, &"call --no-agent");
+
+    // A request body over the agent's max_body_bytes (base64 in JSON): named, with the way
+    // around it.
+    let big = token.write_file("big.json", &format!("\"{}\"", "x".repeat(100_000)));
+    let data = format!("@{}", big.display());
+    let out = token.keybound(&["call", "-X", "PUT", "-d", &data, &users]);
+    let line = assert_error(&out, &"call with a body over max_body_bytes");
+    assert_mentions(&line, &["413", "max_body_bytes", "--no-agent"]);
 }

@@ -134,8 +134,10 @@ impl AgentSocket {
             return Ok(value);
         }
         let text = |k: &str| value[k].as_str().unwrap_or_default().to_owned();
-        let message = text("message");
-        let hint = if status == http::StatusCode::FORBIDDEN {
+        let (error, message) = (text("error"), text("message"));
+        // "forbidden" is the caller's rule; other 403s (policy_refused, scope_not_allowed)
+        // are keybound's own checks, the same in-process.
+        let hint = if error == "forbidden" {
             let uid = rustix::process::getuid().as_raw();
             format!(
                 "; allow it in the agent's [[agent.allow]] rule for uid {uid} (its clients and keys), or pass --no-agent"
@@ -148,7 +150,7 @@ impl AgentSocket {
         Err(AgentError {
             socket,
             status: status.as_u16(),
-            error: text("error"),
+            error,
             message,
             hint,
         }
