@@ -48,7 +48,10 @@ pub fn reach(config: Option<&Config>, no_agent: bool) -> anyhow::Result<Option<A
     };
     let path = config.agent.socket_path();
     match UnixStream::connect(&path) {
-        Ok(stream) => Ok(Some(AgentSocket { path, stream })),
+        Ok(stream) => {
+            tracing::info!("through the agent at {}", path.display());
+            Ok(Some(AgentSocket { path, stream }))
+        }
         Err(e) => {
             tracing::info!("no agent at {} ({e}); working in-process", path.display());
             Ok(None)
@@ -144,6 +147,9 @@ impl AgentSocket {
             )
         } else if status == http::StatusCode::PAYLOAD_TOO_LARGE {
             "; pass --no-agent to send it in-process".to_owned()
+        } else if error == "unknown_client" {
+            // The agent runs with another config than this command reads.
+            "; pass --no-agent to use this config's client in-process".to_owned()
         } else {
             String::new()
         };
