@@ -142,15 +142,12 @@ async fn token_in_process(client: &OAuthClient, check: bool) -> anyhow::Result<T
             let c = client.config();
             let endpoint = client.endpoint().await?.clone();
             let dpop = token.dpop_key.clone().or_else(|| client.dpop_key());
+            let assertion = client.assertion_key();
             Some(CheckView {
                 client: c.name.clone(),
                 server: c.server.name().to_owned(),
                 endpoint: endpoint.to_string(),
-                assertion_key: key_line(
-                    client.assertion_key().label(),
-                    client.assertion_key().alg().name(),
-                    client.assertion_key().kid(),
-                ),
+                assertion_key: key_line(assertion.label(), assertion.alg().name(), assertion.kid()),
                 dpop_key: dpop.map(|k| {
                     (
                         key_line(k.label(), k.alg().name(), k.kid()),
