@@ -79,6 +79,9 @@ enum Command {
         /// Print an audit of the connection instead of the token
         #[arg(long)]
         check: bool,
+        /// Fetch in this process, not through a running agent
+        #[arg(long)]
+        no_agent: bool,
     },
     /// Call an API with a DPoP-bound token (like curl)
     Call(cli::oauth::CallArgs),
@@ -229,6 +232,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             })
             .or_else(|| c.downcast_ref::<ConfigError>().map(ConfigError::kind))
             .or_else(|| c.downcast_ref::<InvalidSetting>().map(InvalidSetting::kind))
+            .or_else(|| {
+                c.downcast_ref::<cli::agent::AgentError>()
+                    .map(cli::agent::AgentError::kind)
+            })
     });
     match kind {
         Some(ErrorKind::Transient | ErrorKind::Device) => 75,
@@ -306,7 +313,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             client,
             json,
             check,
-        } => cli::oauth::token(config, client.as_deref(), json, check),
+            no_agent,
+        } => cli::oauth::token(config, client.as_deref(), json, check, no_agent),
         Command::Call(call) => cli::oauth::call(config, call),
         Command::Serve { socket, .. } => cli::serve::run(config, socket),
         Command::Bench {

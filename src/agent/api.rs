@@ -41,6 +41,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/assertion", post(assertion_handler))
         .route("/v1/dpop", post(dpop_handler))
         .route("/v1/token", post(token_handler))
+        .route("/v1/call", post(super::call::call_handler))
         .route("/v1/jwks", get(jwks_handler))
         .route("/v1/keys", get(keys_handler))
         .route("/healthz", get(health_handler))
@@ -314,7 +315,9 @@ impl From<OAuthError> for ApiError {
 }
 
 /// The request body as `T`: 413 past the size limit, 400 naming what is wrong.
-fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(super) fn parse<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let bytes = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -572,6 +575,9 @@ async fn dpop_handler(
 struct TokenRequest {
     client: String,
     scopes: Option<Vec<String>>,
+    /// Add `details` (what `keybound token --check` prints).
+    #[serde(default)]
+    details: bool,
 }
 
 async fn token_handler(
@@ -582,19 +588,24 @@ async fn token_handler(
     let req: TokenRequest = parse(body)?;
     let c = agent.access.token_client(&caller, &req.client)?;
     let scopes = req.scopes.unwrap_or_else(|| c.config().scopes.clone());
-    let token = c.token_for(&scopes).await?;
+    let lookup = c.token_lookup(&scopes).await?;
+    let token = &lookup.token;
     let remaining = token.expires_in.map(|s| {
         Duration::from_secs(s)
             .saturating_sub(token.received.elapsed())
             .as_secs()
     });
     tracing::info!(client = %req.client, token = %token.secret.redacted(), "token handed out");
-    Ok(Json(json!({
+    let mut answer = json!({
         "access_token": token.secret.expose_secret(),
         "token_type": token.token_type,
         "expires_in": remaining,
         "scope": token.scopes.join(" "),
-    })))
+    });
+    if req.details {
+        answer["details"] = super::call::token_details(c, &lookup).await?;
+    }
+    Ok(Json(answer))
 }
 
 /// Every key audited (policy and proof of possession) and the unusable objects (blocking

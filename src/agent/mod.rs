@@ -5,6 +5,7 @@
 mod access;
 mod api;
 pub mod authz;
+mod call;
 pub mod jwks_host;
 pub mod metrics;
 pub mod rotation;
@@ -61,6 +62,9 @@ pub struct AgentSettings {
     pub async_threads: usize,
     #[serde(default)]
     pub allow: Vec<authz::Rule>,
+    /// The largest answer `/v1/call` relays (a body, or all pages of a `paginate`).
+    #[serde(default = "defaults::max_call_bytes")]
+    pub max_call_bytes: usize,
 }
 
 mod defaults {
@@ -85,6 +89,9 @@ mod defaults {
     pub fn async_threads() -> usize {
         1
     }
+    pub fn max_call_bytes() -> usize {
+        8 * 1024 * 1024
+    }
 }
 
 impl Default for AgentSettings {
@@ -102,6 +109,7 @@ impl Default for AgentSettings {
             shutdown_grace_secs: defaults::shutdown_grace_secs(),
             async_threads: defaults::async_threads(),
             allow: Vec::new(),
+            max_call_bytes: defaults::max_call_bytes(),
         }
     }
 }
@@ -132,6 +140,7 @@ impl AgentSettings {
         range("max_queue", self.max_queue, 1, 1_000_000)?;
         range("max_body_bytes", self.max_body_bytes, 256, 16 << 20)?;
         range("async_threads", self.async_threads, 1, 64)?;
+        range("max_call_bytes", self.max_call_bytes, 1024, 64 << 20)?;
         Ok(())
     }
 

@@ -5,15 +5,20 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use http::{HeaderName, HeaderValue, Method};
 use keybound::config::Config;
 use keybound::jose;
 use keybound::keyring::Keyring;
-use keybound::oauth::api::ApiRequest;
+use keybound::oauth::api::{ApiRequest, ApiResponse};
 use keybound::oauth::client::OAuthClient;
+use keybound::oauth::secret::SecretString;
 use keybound::oauth::settings::{endpoint_url, origin};
 use secrecy::ExposeSecret as _;
 use serde_json::json;
+
+use super::agent::AgentSocket;
 
 /// Exit status when the API answered with an HTTP error.
 const HTTP_ERROR: u8 = 4;
@@ -35,15 +40,43 @@ pub struct CallArgs {
     /// Follow Link rel="next" and print every page as one JSON array
     #[arg(long)]
     paginate: bool,
+    /// Call in this process, not through a running agent
+    #[arg(long)]
+    no_agent: bool,
     /// The URL to call
     url: String,
 }
 
-fn open_client(config: Option<&Path>, name: Option<&str>) -> anyhow::Result<OAuthClient> {
-    let (config, _) = Config::load(config)?;
+fn open_client(config: &Config, name: Option<&str>) -> anyhow::Result<OAuthClient> {
     let settings = config.client(name).map_err(anyhow::Error::msg)?.clone();
     let keyring = Keyring::open(&config.token, config.policy.clone(), None)?;
     Ok(OAuthClient::new(settings, &keyring)?)
+}
+
+/// The config, and the agent to go through (`None`: in-process). With
+/// `KEYBOUND_AGENT_SOCK` set the config may be missing, as long as `--client` names the
+/// client.
+fn setup(
+    config: Option<&Path>,
+    no_agent: bool,
+) -> anyhow::Result<(anyhow::Result<Config>, Option<AgentSocket>)> {
+    let loaded = Config::load(config)
+        .map(|(c, _)| c)
+        .map_err(anyhow::Error::from);
+    let agent = super::agent::reach(loaded.as_ref().ok(), no_agent)?;
+    Ok((loaded, agent))
+}
+
+/// The client's name for the agent: `--client`, else the config's only client.
+fn client_name(config: anyhow::Result<Config>, name: Option<&str>) -> anyhow::Result<String> {
+    match name {
+        Some(n) => Ok(n.to_owned()),
+        None => Ok(config?
+            .client(None)
+            .map_err(anyhow::Error::msg)?
+            .name
+            .clone()),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -54,33 +87,161 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// A token and, for `--check`, where it came from; the same whether the agent or this
+/// process fetched it.
+struct TokenView {
+    token_type: String,
+    expires_in: Option<u64>,
+    scopes: Vec<String>,
+    secret: SecretString,
+    check: Option<CheckView>,
+}
+
+struct CheckView {
+    client: String,
+    server: String,
+    endpoint: String,
+    assertion_key: String,
+    /// The DPoP key as printed, and its kid.
+    dpop_key: Option<(String, String)>,
+    allowed_scopes: Vec<String>,
+    round_trips: u32,
+    /// Through the agent: whether the agent had the token cached.
+    cached: Option<bool>,
+    clock_offset: Option<i64>,
+}
+
 pub fn token(
     config: Option<&Path>,
     client: Option<&str>,
     as_json: bool,
     check: bool,
+    no_agent: bool,
 ) -> anyhow::Result<ExitCode> {
-    let client = open_client(config, client)?;
+    let (loaded, agent) = setup(config, no_agent)?;
     let rt = runtime()?;
-    let token = rt.block_on(client.token())?;
+    let view = match agent {
+        Some(agent) => {
+            let name = client_name(loaded, client)?;
+            rt.block_on(token_via_agent(agent, &name, check))?
+        }
+        None => {
+            let client = open_client(&loaded?, client)?;
+            rt.block_on(token_in_process(&client, check))?
+        }
+    };
+    print_token(&view, as_json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn token_in_process(client: &OAuthClient, check: bool) -> anyhow::Result<TokenView> {
+    let token = client.token().await?;
+    let check = match check {
+        false => None,
+        true => {
+            let c = client.config();
+            let endpoint = client.endpoint().await?.clone();
+            let dpop = token.dpop_key.clone().or_else(|| client.dpop_key());
+            let assertion = client.assertion_key();
+            Some(CheckView {
+                client: c.name.clone(),
+                server: c.server.name().to_owned(),
+                endpoint: endpoint.to_string(),
+                assertion_key: key_line(assertion.label(), assertion.alg().name(), assertion.kid()),
+                dpop_key: dpop.map(|k| {
+                    (
+                        key_line(k.label(), k.alg().name(), k.kid()),
+                        k.kid().to_owned(),
+                    )
+                }),
+                allowed_scopes: c.allowed_scopes.clone(),
+                round_trips: token.round_trips,
+                cached: None,
+                clock_offset: client.state().offset(&origin(&endpoint)),
+            })
+        }
+    };
+    Ok(TokenView {
+        token_type: token.token_type.clone(),
+        expires_in: token.expires_in,
+        scopes: token.scopes.clone(),
+        secret: token.secret.clone(),
+        check,
+    })
+}
+
+async fn token_via_agent(
+    agent: AgentSocket,
+    client: &str,
+    check: bool,
+) -> anyhow::Result<TokenView> {
+    let socket = agent.path().display().to_string();
+    let v = agent
+        .post("/v1/token", &json!({ "client": client, "details": check }))
+        .await?;
+    let missing = |what: &str| anyhow::anyhow!("the agent at {socket} answered without {what}");
+    let text = |v: &serde_json::Value, k: &str| -> anyhow::Result<String> {
+        v[k].as_str().map(str::to_owned).ok_or_else(|| missing(k))
+    };
+    let secret = SecretString::from(text(&v, "access_token")?);
+    let check = match check {
+        false => None,
+        true => {
+            let d = &v["details"];
+            let key = |k: &serde_json::Value| -> anyhow::Result<(String, String)> {
+                let kid = text(k, "kid")?;
+                Ok((key_line(&text(k, "label")?, &text(k, "alg")?, &kid), kid))
+            };
+            Some(CheckView {
+                client: text(d, "client")?,
+                server: text(d, "server")?,
+                endpoint: text(d, "token_endpoint")?,
+                assertion_key: key(&d["assertion_key"])?.0,
+                dpop_key: match &d["dpop_key"] {
+                    serde_json::Value::Null => None,
+                    k => Some(key(k)?),
+                },
+                allowed_scopes: serde_json::from_value(d["allowed_scopes"].clone())
+                    .map_err(|_| missing("details.allowed_scopes"))?,
+                round_trips: d["round_trips"]
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| missing("details.round_trips"))?,
+                cached: d["cached"].as_bool(),
+                clock_offset: d["clock_offset"].as_i64(),
+            })
+        }
+    };
+    Ok(TokenView {
+        token_type: text(&v, "token_type")?,
+        expires_in: v["expires_in"].as_u64(),
+        scopes: text(&v, "scope")?
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+        secret,
+        check,
+    })
+}
+
+fn key_line(label: &str, alg: &str, kid: &str) -> String {
+    format!("'{label}' {alg} kid {kid}")
+}
+
+fn print_token(token: &TokenView, as_json: bool) -> anyhow::Result<()> {
     let jkt = jwt_claims(token.secret.expose_secret())
         .and_then(|c| c["cnf"]["jkt"].as_str().map(str::to_string));
-    let dpop_kid = client.dpop_key().map(|k| k.kid().to_string());
-    let bound = jkt.is_some() && jkt == dpop_kid;
     let scope = token.scopes.join(" ");
-    if check {
-        let c = client.config();
-        let endpoint = rt.block_on(client.endpoint())?.clone();
+    if let Some(c) = &token.check {
+        let dpop_kid = c.dpop_key.as_ref().map(|(_, kid)| kid.clone());
+        let bound = jkt.is_some() && jkt == dpop_kid;
         let read_only =
             !token.scopes.is_empty() && token.scopes.iter().all(|s| s.ends_with(".read"));
-        let key = |k: &keybound::keyring::SigningKey| {
-            format!("'{}' {} kid {}", k.label(), k.alg(), k.kid())
-        };
-        out!("client          {} (server {})", c.name, c.server.name());
-        out!("token endpoint  {endpoint}");
-        out!("assertion key   {}", key(&client.assertion_key()));
-        match client.dpop_key() {
-            Some(k) => out!("dpop key        {}", key(&k)),
+        out!("client          {} (server {})", c.client, c.server);
+        out!("token endpoint  {}", c.endpoint);
+        out!("assertion key   {}", c.assertion_key);
+        match &c.dpop_key {
+            Some((k, _)) => out!("dpop key        {k}"),
             None => out!("dpop key        (none: dpop = \"off\")"),
         }
         out!("token_type      {}", token.token_type);
@@ -111,12 +272,19 @@ pub fn token(
                 .expires_in
                 .map_or("(not given)".into(), |s| format!("{s} s"))
         );
-        out!("round trips     {}", token.round_trips);
-        let offset = client.state().offset(&origin(&endpoint));
+        out!(
+            "round trips     {}{}",
+            c.round_trips,
+            match c.cached {
+                Some(true) => " (when the agent fetched it; it came from the agent's cache)",
+                Some(false) => " (fetched by the agent for this request)",
+                None => "",
+            }
+        );
         let tolerated = i64::try_from(keybound::oauth::state::TOLERATED_SKEW_SECS).unwrap_or(0);
         out!(
             "clock offset    {}",
-            match offset {
+            match c.clock_offset {
                 None => "(no Date header)".to_string(),
                 Some(o) if o.abs() >= tolerated => format!(
                     "{o:+} s (server minus local): this machine's clock or the server's is off; keybound states iat/exp in the server's time"
@@ -124,7 +292,7 @@ pub fn token(
                 Some(o) => format!("{o:+} s (server minus local)"),
             }
         );
-        return Ok(ExitCode::SUCCESS);
+        return Ok(());
     }
     if as_json {
         let v = json!({
@@ -147,7 +315,7 @@ pub fn token(
         out!("cnf.jkt       {}", jkt.as_deref().unwrap_or("(none)"));
         out!("access_token  {}", token.secret.expose_secret());
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 pub fn call(config: Option<&Path>, args: CallArgs) -> anyhow::Result<ExitCode> {
@@ -193,23 +361,37 @@ pub fn call(config: Option<&Path>, args: CallArgs) -> anyhow::Result<ExitCode> {
         headers,
         body,
     };
-    let client = open_client(config, args.client.as_deref())?;
+    let (loaded, agent) = setup(config, args.no_agent)?;
     let rt = runtime()?;
-    let response = if args.paginate {
-        let (items, last) = rt.block_on(client.paginate(request))?;
-        if last.status.is_success() {
-            out!("{}", serde_json::to_string_pretty(&items)?);
+    let (items, response) = match agent {
+        Some(agent) => {
+            let name = client_name(loaded, args.client.as_deref())?;
+            rt.block_on(call_via_agent(agent, &name, request, args.paginate))?
         }
-        last
-    } else {
-        let r = rt.block_on(client.call(&request))?;
-        let mut stdout = std::io::stdout().lock();
-        std::io::Write::write_all(&mut stdout, &r.body)?;
-        if !r.body.ends_with(b"\n") && !r.body.is_empty() {
-            std::io::Write::write_all(&mut stdout, b"\n")?;
+        None => {
+            let client = open_client(&loaded?, args.client.as_deref())?;
+            if args.paginate {
+                let (items, last) = rt.block_on(client.paginate(request))?;
+                (Some(items), last)
+            } else {
+                (None, rt.block_on(client.call(&request))?)
+            }
         }
-        r
     };
+    match &items {
+        Some(items) => {
+            if response.status.is_success() {
+                out!("{}", serde_json::to_string_pretty(items)?);
+            }
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            std::io::Write::write_all(&mut stdout, &response.body)?;
+            if !response.body.ends_with(b"\n") && !response.body.is_empty() {
+                std::io::Write::write_all(&mut stdout, b"\n")?;
+            }
+        }
+    }
     tracing::info!(
         status = response.status.as_u16(),
         round_trips = response.round_trips,
@@ -220,6 +402,78 @@ pub fn call(config: Option<&Path>, args: CallArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(HTTP_ERROR));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The call made by the agent (`POST /v1/call`): the same response, the token never here.
+async fn call_via_agent(
+    agent: AgentSocket,
+    client: &str,
+    request: ApiRequest,
+    paginate: bool,
+) -> anyhow::Result<(Option<Vec<serde_json::Value>>, ApiResponse)> {
+    let socket = agent.path().display().to_string();
+    let headers: Vec<(String, String)> = request
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let v = agent
+        .post(
+            "/v1/call",
+            &json!({
+                "client": client,
+                "method": request.method.as_str(),
+                "url": request.url.as_str(),
+                "headers": headers,
+                "body": request.body.as_ref().map(|b| STANDARD.encode(b)),
+                "paginate": paginate,
+            }),
+        )
+        .await?;
+    let bad = |what: &str| anyhow::anyhow!("the agent at {socket} answered a call without {what}");
+    let status = v["status"]
+        .as_u64()
+        .and_then(|s| u16::try_from(s).ok())
+        .and_then(|s| http::StatusCode::from_u16(s).ok())
+        .ok_or_else(|| bad("a valid status"))?;
+    let mut map = http::HeaderMap::new();
+    let pairs: Vec<(String, String)> =
+        serde_json::from_value(v["headers"].clone()).map_err(|_| bad("headers"))?;
+    for (k, val) in pairs {
+        if let (Ok(k), Ok(val)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(&val),
+        ) {
+            map.append(k, val);
+        }
+    }
+    let body = match v["body"].as_str() {
+        Some(b) => STANDARD.decode(b).map_err(|_| bad("a base64 body"))?,
+        None => Vec::new(),
+    };
+    let items = match paginate {
+        true => Some(
+            serde_json::from_value::<Vec<serde_json::Value>>(v["items"].clone())
+                .map_err(|_| bad("items"))?,
+        ),
+        false => None,
+    };
+    let response = ApiResponse {
+        status,
+        headers: map,
+        body,
+        round_trips: v["round_trips"]
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0),
+        clock_offset: v["clock_offset"].as_i64(),
+    };
+    Ok((items, response))
 }
 
 fn read_data(data: &str) -> anyhow::Result<Vec<u8>> {

@@ -146,13 +146,32 @@ impl OAuthClient {
         &self,
         first: ApiRequest,
     ) -> Result<(Vec<serde_json::Value>, ApiResponse), OAuthError> {
+        self.paginate_within(first, usize::MAX).await
+    }
+
+    /// [`OAuthClient::paginate`], stopping with `PagesTooLarge` once the pages' bodies add
+    /// up to more than `max_bytes` (the agent answers another process with them all).
+    pub async fn paginate_within(
+        &self,
+        first: ApiRequest,
+        max_bytes: usize,
+    ) -> Result<(Vec<serde_json::Value>, ApiResponse), OAuthError> {
         let start = origin(&first.url);
+        let first_url = first.url.to_string();
         let mut request = first;
         let mut items = Vec::new();
+        let mut total: usize = 0;
         loop {
             let response = self.call(&request).await?;
             if !response.status.is_success() {
                 return Ok((items, response));
+            }
+            total = total.saturating_add(response.body.len());
+            if total > max_bytes {
+                return Err(OAuthError::PagesTooLarge {
+                    url: first_url,
+                    limit: max_bytes,
+                });
             }
             let page: Vec<serde_json::Value> =
                 serde_json::from_slice(&response.body).map_err(|e| OAuthError::Parse {

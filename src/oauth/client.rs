@@ -11,7 +11,7 @@ use std::time::Instant;
 use tokio::sync::OnceCell;
 use url::Url;
 
-use super::cache::{AccessToken, TokenCache};
+use super::cache::{AccessToken, Lookup, TokenCache};
 use super::http::HttpClient;
 use super::nonce::NoncePeer;
 use super::observe::{NoObserver, UpstreamObserver};
@@ -231,6 +231,12 @@ impl OAuthClient {
 
     /// A token for `scopes`, which must lie inside `allowed_scopes`.
     pub async fn token_for(&self, scopes: &[String]) -> Result<Arc<AccessToken>, OAuthError> {
+        Ok(self.token_lookup(scopes).await?.token)
+    }
+
+    /// [`OAuthClient::token_for`], and whether the token came from the cache (`hit`) or
+    /// was fetched for this call (`token --check` says which).
+    pub async fn token_lookup(&self, scopes: &[String]) -> Result<Lookup, OAuthError> {
         self.scope_guard(scopes)?;
         let lookup = self
             .cache
@@ -252,7 +258,7 @@ impl OAuthClient {
         if lookup.hit {
             self.observer.token_cache(&self.config.name, true);
         }
-        Ok(lookup.token)
+        Ok(lookup)
     }
 
     /// Records on the device, in the background, how long a token bound to a rotated DPoP

@@ -144,6 +144,10 @@ pub enum OAuthError {
         origin: String,
         allowed: String,
     },
+    #[error(
+        "the pages from {url} on add up to more than {limit} bytes, the most this caller takes; raise the limit (agent.max_call_bytes) or page by hand"
+    )]
+    PagesTooLarge { url: String, limit: usize },
 }
 
 impl OAuthError {
@@ -168,7 +172,8 @@ impl OAuthError {
             E::Downgrade { .. }
             | E::ScopeGuard { .. }
             | E::CrossOriginLink { .. }
-            | E::ForeignOrigin { .. } => ErrorKind::Refused,
+            | E::ForeignOrigin { .. }
+            | E::PagesTooLarge { .. } => ErrorKind::Refused,
             E::Server { .. } => ErrorKind::Authentication,
             E::BreakerOpen { .. } | E::Exhausted { .. } | E::RetryTooLate { .. } => {
                 ErrorKind::Transient

@@ -197,6 +197,8 @@ impl DevToken {
             .env(PIN_ENV, USER_PIN)
             .env_remove("XDG_CONFIG_HOME")
             .env_remove("RUST_LOG")
+            // Only the agent a test starts and names: no agent of the real session.
+            .env_remove("KEYBOUND_AGENT_SOCK")
             // Hermetic: no ~/.config/keybound fallback from the real home.
             .env("HOME", self.dir());
         cmd

@@ -28,6 +28,7 @@ mod verify;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -74,6 +75,7 @@ const KEYS_PATH: &str = "/oauth2/v1/keys";
 const METADATA_PATH: &str = "/.well-known/oauth-authorization-server";
 const USERS_PATH: &str = "/api/v1/users";
 const API_PREFIX: &str = "/api/";
+const STATS_PATH: &str = "/dev/stats";
 /// Live `jti` entries per replay cache; beyond this, requests are refused, not forgotten.
 const REPLAY_CAPACITY: usize = 100_000;
 
@@ -206,6 +208,57 @@ struct App {
     proof_jtis: ReplayCache,
     /// `Mutex`: held for a lookup or an update, never across `.await`.
     users: Mutex<users::Directory>,
+    stats: Stats,
+}
+
+/// What the dev-server was asked, for tests that count requests (`GET /dev/stats`): how
+/// many token requests and nonce challenges a number of clients cost together.
+#[derive(Default)]
+struct Stats {
+    /// Requests to the token endpoint, whatever their answer.
+    token_requests: AtomicU64,
+    /// Tokens granted (200 from the token endpoint).
+    tokens_issued: AtomicU64,
+    /// `use_dpop_nonce` answers of the token endpoint.
+    as_nonce_challenges: AtomicU64,
+    /// Requests to the users API, whatever their answer.
+    api_requests: AtomicU64,
+    /// `use_dpop_nonce` answers of the users API.
+    rs_nonce_challenges: AtomicU64,
+}
+
+impl Stats {
+    fn count(&self, path: &str, status: u16, refusal: Option<&str>) {
+        let nonce = refusal == Some("use_dpop_nonce");
+        let add = |c: &AtomicU64| {
+            c.fetch_add(1, Ordering::Relaxed);
+        };
+        if path == TOKEN_PATH {
+            add(&self.token_requests);
+            if status == 200 {
+                add(&self.tokens_issued);
+            }
+            if nonce {
+                add(&self.as_nonce_challenges);
+            }
+        } else if path.starts_with(API_PREFIX) {
+            add(&self.api_requests);
+            if nonce {
+                add(&self.rs_nonce_challenges);
+            }
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "token_requests": get(&self.token_requests),
+            "tokens_issued": get(&self.tokens_issued),
+            "as_nonce_challenges": get(&self.as_nonce_challenges),
+            "api_requests": get(&self.api_requests),
+            "rs_nonce_challenges": get(&self.rs_nonce_challenges),
+        })
+    }
 }
 
 /// Attached to a refused response so that the request log can name the error.
@@ -316,6 +369,7 @@ impl DevServer {
             rs_nonce: NonceRing::new(now).map_err(random)?,
             assertion_jtis: ReplayCache::new(REPLAY_CAPACITY),
             proof_jtis: ReplayCache::new(REPLAY_CAPACITY),
+            stats: Stats::default(),
             endpoints,
         };
         Ok(DevServer {
@@ -369,6 +423,7 @@ fn router(app: Arc<App>) -> Router {
         .route(TOKEN_PATH, post(token_endpoint::token))
         .route(KEYS_PATH, get(keys))
         .route(METADATA_PATH, get(metadata))
+        .route(STATS_PATH, get(stats))
         .merge(api::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -398,7 +453,9 @@ async fn stamp_and_log(State(app): State<Arc<App>>, request: Request, next: Next
         response.headers_mut().insert("dpop-nonce", value);
     }
     let status = response.status().as_u16();
-    match response.extensions().get::<Refusal>() {
+    let refusal = response.extensions().get::<Refusal>();
+    app.stats.count(&path, status, refusal.map(|r| r.code));
+    match refusal {
         // Debug formatting escapes control characters a client may have slipped into a
         // description (an alg or kid name echoed back).
         Some(r) => {
@@ -410,6 +467,11 @@ async fn stamp_and_log(State(app): State<Arc<App>>, request: Request, next: Next
 }
 
 /// The access-token signing key as a JWKS.
+/// The request counters (see [`Stats`]).
+async fn stats(State(app): State<Arc<App>>) -> Response {
+    Json(app.stats.json()).into_response()
+}
+
 async fn keys(State(app): State<Arc<App>>) -> Response {
     Json(app.issuer.jwks()).into_response()
 }
