@@ -523,3 +523,28 @@ fn an_answer_over_max_call_bytes_is_refused_by_name() {
     let line = assert_error(&out, &"call with a body over max_body_bytes");
     assert_mentions(&line, &["413", "max_body_bytes", "--no-agent"]);
 }
+
+/// The authorization server refusing keybound's credentials exits 77 (README "Exit
+/// codes") whether the token is fetched in-process or by the agent.
+#[test]
+fn a_refused_client_exits_alike_through_the_agent() {
+    let dir = SocketDir::new();
+    let (token, server) = setup(&dir, &[], &allow_uid(own_uid(), ""));
+    let stranger = client("dev", &server.base).replace(DEV_CLIENT_ID, "0oa-not-registered");
+    token.write_config(&config_text(
+        &stranger,
+        &format!(
+            "socket = \"{}\"\n{}",
+            dir.socket().display(),
+            allow_uid(own_uid(), "")
+        ),
+    ));
+    let in_process = token.command(&["token", "--no-agent"]).output().unwrap();
+    let agent = Agent::start(&token, &dir.socket());
+    let through = token.command(&["token"]).output().unwrap();
+    assert_eq!(in_process.status.code(), Some(77), "{in_process:?}");
+    assert_eq!(through.status.code(), Some(77), "{through:?}");
+    let said = String::from_utf8_lossy(&through.stderr);
+    assert!(said.contains("invalid_client"), "{said}");
+    agent_out_of_the_way(agent);
+}

@@ -283,7 +283,7 @@ async fn a_skewed_server_is_survived_and_its_offset_exported() {
         &json!({ "client": "stranger" }),
     )
     .await
-    .error(502, "upstream_error", &["invalid_client", "clock"]);
+    .error(502, "server_refused", &["invalid_client", "clock"]);
     let metrics = get(agent.socket(), "/metrics").await.text();
     let offset = gauge(&metrics);
     assert!((118.0..=121.0).contains(&offset), "{offset}\n{metrics}");

@@ -305,9 +305,10 @@ impl From<OAuthError> for ApiError {
             // The server's own Retry-After, longer than keybound waits itself.
             OAuthError::RetryTooLate { secs, .. } => ApiError::unavailable(message, secs.max(1)),
             // The authorization server refused keybound's credentials: relayed as a
-            // gateway's failure, the server's error code in the message.
+            // gateway's failure, the server's error code in the message; named apart from
+            // other upstream failures so a CLI through the agent exits as it would alone.
             OAuthError::Server { .. } => {
-                ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", message)
+                ApiError::new(StatusCode::BAD_GATEWAY, "server_refused", message)
             }
             e => ApiError::of_kind(e.kind(), message),
         }
@@ -750,7 +751,7 @@ mod tests {
             description: None,
             clock: None,
         };
-        assert_eq!(answer(refused), (502, "upstream_error", None));
+        assert_eq!(answer(refused), (502, "server_refused", None));
         // The server said to come back later than keybound waits: its time, passed on.
         let late = OAuthError::RetryTooLate {
             secs: 120,

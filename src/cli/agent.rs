@@ -75,7 +75,7 @@ impl AgentError {
     pub fn kind(&self) -> ErrorKind {
         match (self.status, self.error.as_str()) {
             (503, _) => ErrorKind::Transient,
-            (_, "authentication") => ErrorKind::Authentication,
+            (_, "authentication" | "server_refused") => ErrorKind::Authentication,
             (403, _) => ErrorKind::Refused,
             (400 | 404 | 413, _) => ErrorKind::Configuration,
             _ => ErrorKind::Upstream,
