@@ -27,6 +27,8 @@ pub struct Config {
     pub rotation: crate::rotation::RotationSettings,
     /// `[jwks]`, the hosted JWKS of `keybound serve`; absent: not hosted.
     pub jwks: Option<crate::agent::jwks_host::JwksSettings>,
+    /// `[[route]]` entries: the agent's egress gateway.
+    pub routes: Vec<crate::agent::gateway::Route>,
 }
 
 /// The file's shape before `[token]` is resolved by its backend. Parsing in two steps keeps
@@ -44,6 +46,8 @@ struct RawConfig {
     #[serde(default)]
     rotation: crate::rotation::RotationSettings,
     jwks: Option<crate::agent::jwks_host::JwksSettings>,
+    #[serde(default)]
+    route: Vec<crate::agent::gateway::RouteSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +162,20 @@ impl Config {
             clients.push(c);
         }
         raw.agent.validate().map_err(|e| e.to_string())?;
+        let mut routes: Vec<crate::agent::gateway::Route> = Vec::new();
+        for (i, r) in raw.route.into_iter().enumerate() {
+            let r = r.validate(&format!("route[{i}]"), &clients)?;
+            if routes.iter().any(|d| d.name == r.name) {
+                return Err(format!(
+                    "route[{i}].name: '{}' is used by another route",
+                    r.name
+                ));
+            }
+            routes.push(r);
+        }
+        let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+        crate::agent::authz::Policy::check_routes(&raw.agent.allow, &names)
+            .map_err(|e| e.to_string())?;
         raw.rotation.validate().map_err(|e| e.to_string())?;
         if let Some(jwks) = &raw.jwks {
             jwks.validate().map_err(|e| e.to_string())?;
@@ -181,6 +199,7 @@ impl Config {
             agent: raw.agent,
             rotation: raw.rotation,
             jwks: raw.jwks,
+            routes,
         })
     }
 }

@@ -17,7 +17,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -45,6 +45,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/keys", get(keys_handler))
         .route("/healthz", get(health_handler))
         .route("/metrics", get(metrics_handler))
+        .route("/gw/{route}", any(super::gateway::handler))
+        .route("/gw/{route}/", any(super::gateway::handler))
+        .route("/gw/{route}/{*path}", any(super::gateway::handler))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -179,7 +182,7 @@ impl ApiError {
         r
     }
 
-    fn unavailable(message: impl Into<String>, retry_after: u64) -> ApiError {
+    pub(super) fn unavailable(message: impl Into<String>, retry_after: u64) -> ApiError {
         ApiError {
             retry_after: Some(retry_after),
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
@@ -674,6 +677,7 @@ async fn health_handler(
     if let Some(host) = &agent.jwks {
         answer.1["jwks"] = host.health();
     }
+    answer.1["routes"] = super::gateway::health(&agent, &caller);
     let mut r = (answer.0, Json(answer.1)).into_response();
     if answer.0 != StatusCode::OK {
         r.headers_mut()

@@ -58,6 +58,8 @@ pub struct Rule {
     keys: Allow,
     htu_prefixes: Option<Vec<HtuPrefix>>,
     max_assertion_lifetime: Option<Lifetime>,
+    /// Gateway routes (`[[route]]`) by name; `None`: the routes of the clients it allows.
+    routes: Option<Allow>,
 }
 
 /// The rule as written; [`Rule`] is built from it only when it names a uid or a gid.
@@ -66,12 +68,11 @@ pub struct Rule {
 struct RawRule {
     uid: Option<u32>,
     gid: Option<u32>,
-    #[serde(default)]
-    clients: Allow,
-    #[serde(default)]
-    keys: Allow,
+    clients: Option<Allow>,
+    keys: Option<Allow>,
     htu_prefixes: Option<Vec<HtuPrefix>>,
     max_assertion_lifetime: Option<Lifetime>,
+    routes: Option<Allow>,
 }
 
 impl TryFrom<RawRule> for Rule {
@@ -81,13 +82,20 @@ impl TryFrom<RawRule> for Rule {
         if r.uid.is_none() && r.gid.is_none() {
             return Err("set uid or gid: a rule must say whom it allows".into());
         }
+        // A rule that names routes is a gateway rule: the clients and keys it leaves out
+        // are none, so a caller allowed a route never gets its client's token or keys.
+        let unnamed = || match r.routes {
+            Some(_) => Allow::Only(Vec::new()),
+            None => Allow::Any,
+        };
         Ok(Rule {
             uid: r.uid,
             gid: r.gid,
-            clients: r.clients,
-            keys: r.keys,
+            clients: r.clients.unwrap_or_else(unnamed),
+            keys: r.keys.unwrap_or_else(unnamed),
             htu_prefixes: r.htu_prefixes,
             max_assertion_lifetime: r.max_assertion_lifetime,
+            routes: r.routes,
         })
     }
 }
@@ -257,6 +265,34 @@ impl Policy {
         Ok(())
     }
 
+    /// A rule naming a route that is not configured: refused at start, named.
+    pub fn check_routes(
+        rules: &[Rule],
+        configured: &[&str],
+    ) -> Result<(), crate::error::InvalidSetting> {
+        for (i, rule) in rules.iter().enumerate() {
+            let Some(Allow::Only(names)) = &rule.routes else {
+                continue;
+            };
+            for (j, name) in names.iter().enumerate() {
+                if !configured.contains(&name.as_str()) {
+                    return Err(crate::error::InvalidSetting::new(
+                        format!("agent.allow[{i}].routes[{j}]"),
+                        format!(
+                            "no [[route]] is named '{name}' (configured: {})",
+                            if configured.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                configured.join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn new(rules: Vec<Rule>, own_uid: u32) -> Policy {
         let rules = if rules.is_empty() {
             vec![Rule {
@@ -336,6 +372,20 @@ impl Caller {
         self.rule.keys.check(name, "key").map_err(NotAllowed)
     }
 
+    /// A gateway route, whose token is `client`'s: named in the rule's `routes`, or, when
+    /// the rule names none, allowed with its client (a caller that may have the token may
+    /// send what the route sends).
+    pub fn check_route(&self, name: &str, client: &str) -> Result<(), NotAllowed> {
+        match &self.rule.routes {
+            Some(routes) => routes.check(name, "route").map_err(NotAllowed),
+            None => self.check_client(client).map_err(|NotAllowed(m)| {
+                NotAllowed(format!(
+                    "route '{name}' sends with {m}; name the route in the rule's routes"
+                ))
+            }),
+        }
+    }
+
     /// `htu` as `dpop::htu` normalised it.
     pub fn check_htu(&self, htu: &str) -> Result<(), NotAllowed> {
         let Some(prefixes) = &self.rule.htu_prefixes else {
@@ -404,6 +454,23 @@ mod tests {
                 .unwrap_err()
                 .contains("set uid or gid")
         );
+    }
+
+    #[test]
+    fn a_rule_naming_routes_gets_no_client_or_key_it_does_not_name() {
+        let gw = Policy::new(vec![rule("uid = 7\nroutes = [\"okta\"]").unwrap()], 0)
+            .caller(peer(7, 7))
+            .unwrap();
+        assert!(gw.check_route("okta", "okta").is_ok());
+        assert!(gw.check_route("other", "okta").is_err());
+        assert!(gw.check_client("okta").is_err());
+        assert!(gw.check_key("dpop").is_err());
+        // Without routes: the routes of the clients the rule allows.
+        let c = Policy::new(vec![rule("uid = 8\nclients = [\"okta\"]").unwrap()], 0)
+            .caller(peer(8, 8))
+            .unwrap();
+        assert!(c.check_route("okta", "okta").is_ok());
+        assert!(c.check_route("gh", "github").is_err());
     }
 
     #[test]

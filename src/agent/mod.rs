@@ -5,6 +5,7 @@
 mod access;
 mod api;
 pub mod authz;
+pub mod gateway;
 pub mod jwks_host;
 pub mod metrics;
 pub mod rotation;
@@ -206,6 +207,15 @@ impl Agent {
             jwks: None,
             rotation: rotation::Status::default(),
         })
+    }
+
+    /// Serves `routes` at `/gw/<route>/` (the egress gateway, see `gateway`). A rule naming
+    /// a route that is not among them is refused here, like an unknown client.
+    pub fn with_routes(mut self, routes: Vec<gateway::Route>) -> Result<Agent, InvalidSetting> {
+        let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+        Policy::check_routes(&self.settings.allow, &names)?;
+        self.access.set_routes(routes)?;
+        Ok(self)
     }
 
     /// Reports `host` in `/healthz` and `/metrics` (see [`jwks_host::refresh`]).

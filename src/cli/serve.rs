@@ -25,6 +25,7 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
     let socket_path = socket_flag.unwrap_or_else(|| config.agent.socket_path());
     let own_uid = socket::own_uid().context("cannot read this process's uid")?;
     let mut agent = Agent::new(keyring, clients, config.agent.clone(), own_uid, metrics)
+        .and_then(|a| a.with_routes(config.routes.clone()))
         .map_err(anyhow::Error::msg)?;
     // The hosted JWKS's certificate and key are read now: a bad one stops the start.
     let jwks_tls = match &config.jwks {
