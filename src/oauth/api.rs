@@ -131,8 +131,9 @@ impl OAuthClient {
                 )
                 .await?;
             let status = response.status();
-            tracing::info!(method = %request.method, url = %request.url, status = status.as_u16(),
-                token = %token.secret.redacted(), "API answered");
+            // Without the query, which may carry personal data (a search, a cursor).
+            tracing::info!(method = %request.method, url = %format!("{origin}{}", request.url.path()),
+                status = status.as_u16(), token = %token.secret.redacted(), "API answered");
             if status == StatusCode::UNAUTHORIZED
                 && challenge_errors(response.headers())
                     .iter()
