@@ -112,8 +112,7 @@ const BROKEN_ANSWER: &str = "HTTP/1.1 500 Internal Server Error\r\n\
     \r\n\
     {\"errorCode\":\"E0000009\",\"errorSummary\":\"boom\"}\n";
 
-const SLOW_ANSWER: &str =
-    "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]";
+const SLOW_ANSWER: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]";
 
 /// The agent's token, the dev-server, the tiny upstreams, and routes to each.
 struct Setup {
@@ -252,8 +251,12 @@ async fn a_paginated_list_and_one_user_through_the_gateway_without_a_token() {
     // Every request reached the dev-server with the agent's DPoP token and a proof, which
     // the dev-server verified (it answered 200).
     let seen = api_requests(&s.dev);
-    assert!(seen.iter().all(|r| r.dpop
-        && r.authorization.as_deref().is_some_and(|a| a.starts_with("DPoP "))));
+    assert!(seen.iter().all(|r| {
+        r.dpop
+            && r.authorization
+                .as_deref()
+                .is_some_and(|a| a.starts_with("DPoP "))
+    }));
     assert!(
         seen.iter()
             .any(|r| r.query.as_deref().is_some_and(|q| q.contains("after="))),
@@ -261,12 +264,26 @@ async fn a_paginated_list_and_one_user_through_the_gateway_without_a_token() {
     );
 
     let id = users[3]["id"].as_str().expect("id");
-    let one = send(socket, Method::GET, &format!("/gw/okta/api/v1/users/{id}"), &[], "").await;
+    let one = send(
+        socket,
+        Method::GET,
+        &format!("/gw/okta/api/v1/users/{id}"),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(one.status, 200, "{one:?}");
     assert_eq!(one.json()["id"], id);
     assert_no_credentials(&one, &s.dev);
     // HEAD comes with GET.
-    let head = send(socket, Method::HEAD, &format!("/gw/okta/api/v1/users/{id}"), &[], "").await;
+    let head = send(
+        socket,
+        Method::HEAD,
+        &format!("/gw/okta/api/v1/users/{id}"),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(head.status, 200, "{head:?}");
 
     // The route's metrics and health.
@@ -325,7 +342,10 @@ async fn credentials_and_hop_by_hop_headers_from_the_application_are_stripped() 
     assert_eq!(seen.len(), 2, "{seen:?}");
     for r in &seen {
         let auth = r.authorization.as_deref().expect("Authorization");
-        assert!(auth.starts_with("DPoP ") && !auth.contains("app-token"), "{auth}");
+        assert!(
+            auth.starts_with("DPoP ") && !auth.contains("app-token"),
+            "{auth}"
+        );
     }
 
     // What another upstream sees, and what comes back from it: hop-by-hop headers (and
@@ -455,31 +475,6 @@ async fn an_upstream_down_slow_or_failing_gets_502_504_or_its_own_answer() {
     }
 }
 
-/// `curl --unix-socket` as another uid, any method.
-fn curl_get_as(who: As, socket: &std::path::Path, method: &str, path: &str, body: &str) -> CurlReply {
-    let mut cmd = who.command();
-    cmd.arg("curl")
-        .args(["-sS", "--max-time", "30", "--path-as-is", "--unix-socket"])
-        .arg(socket)
-        .args(["-w", "\n%{http_code}", "-X", method])
-        .arg(format!("http://keybound{path}"))
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .current_dir("/");
-    if !body.is_empty() {
-        cmd.args(["-H", "content-type: application/json", "--data-binary", body]);
-    }
-    let out = output_with_guard(cmd);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
-    CurlReply {
-        exit: out.status.code(),
-        status: code.trim().parse().unwrap_or(0),
-        body: body.to_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_uid_uses_only_its_routes_and_never_gets_the_token() {
     let s = setup();
@@ -489,24 +484,37 @@ async fn another_uid_uses_only_its_routes_and_never_gets_the_token() {
         gid: NOBODY,
     };
     let socket = s.agent.socket();
-    curl_get_as(nobody, socket, "GET", "/gw/okta/api/v1/users", "")
-        .error(403, "forbidden", &["route 'okta'"]);
+    curl_method_as(nobody, socket, "GET", "/gw/okta/api/v1/users", None).error(
+        403,
+        "forbidden",
+        &["route 'okta'"],
+    );
     assert_eq!(api_requests(&s.dev), [], "nothing reached the dev-server");
     // Its own route works for it.
-    let broken = curl_get_as(nobody, socket, "GET", "/gw/broken/z", "");
+    let broken = curl_method_as(nobody, socket, "GET", "/gw/broken/z", None);
     assert_eq!(broken.status, 500, "{broken:?}");
     // A rule that names routes gets no client it does not name: no token, no proofs.
-    curl_get_as(nobody, socket, "POST", "/v1/token", r#"{"client":"dev"}"#)
-        .error(403, "forbidden", &["dev"]);
-    curl_get_as(
+    curl_method_as(
+        nobody,
+        socket,
+        "POST",
+        "/v1/token",
+        Some(r#"{"client":"dev"}"#),
+    )
+    .error(403, "forbidden", &["dev"]);
+    curl_method_as(
         nobody,
         socket,
         "POST",
         "/v1/dpop",
-        r#"{"client":"dev","htm":"GET","htu":"https://o.example/"}"#,
+        Some(r#"{"client":"dev","htm":"GET","htu":"https://o.example/"}"#),
     )
     .error(403, "forbidden", &["dev"]);
     // /healthz lists only its routes.
-    let health = curl_get_as(nobody, socket, "GET", "/healthz", "").json();
-    assert_eq!(health["routes"].as_array().map(Vec::len), Some(1), "{health}");
+    let health = curl_method_as(nobody, socket, "GET", "/healthz", None).json();
+    assert_eq!(
+        health["routes"].as_array().map(Vec::len),
+        Some(1),
+        "{health}"
+    );
 }

@@ -94,17 +94,10 @@ impl Access {
     /// A gateway route the caller's rule allows, by name.
     pub fn route(&self, caller: &Caller, name: &str) -> Result<PermittedRoute<'_>, ApiError> {
         let Some(state) = self.routes.get(name) else {
-            let mut known: Vec<&str> = self
-                .routes
-                .values()
-                .filter(|s| {
-                    caller
-                        .check_route(&s.route().name, &s.route().client)
-                        .is_ok()
-                })
+            let known: Vec<&str> = self
+                .routes(caller)
                 .map(|s| s.route().name.as_str())
                 .collect();
-            known.sort_unstable();
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "unknown_route",

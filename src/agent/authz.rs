@@ -242,27 +242,7 @@ impl Policy {
         rules: &[Rule],
         configured: &[&str],
     ) -> Result<(), crate::error::InvalidSetting> {
-        for (i, rule) in rules.iter().enumerate() {
-            let Allow::Only(names) = &rule.clients else {
-                continue;
-            };
-            for (j, name) in names.iter().enumerate() {
-                if !configured.contains(&name.as_str()) {
-                    return Err(crate::error::InvalidSetting::new(
-                        format!("agent.allow[{i}].clients[{j}]"),
-                        format!(
-                            "no [[client]] is named '{name}' (configured: {})",
-                            if configured.is_empty() {
-                                "none".to_owned()
-                            } else {
-                                configured.join(", ")
-                            }
-                        ),
-                    ));
-                }
-            }
-        }
-        Ok(())
+        check_names(rules, configured, "clients", "client", |r| Some(&r.clients))
     }
 
     /// A rule naming a route that is not configured: refused at start, named.
@@ -270,27 +250,7 @@ impl Policy {
         rules: &[Rule],
         configured: &[&str],
     ) -> Result<(), crate::error::InvalidSetting> {
-        for (i, rule) in rules.iter().enumerate() {
-            let Some(Allow::Only(names)) = &rule.routes else {
-                continue;
-            };
-            for (j, name) in names.iter().enumerate() {
-                if !configured.contains(&name.as_str()) {
-                    return Err(crate::error::InvalidSetting::new(
-                        format!("agent.allow[{i}].routes[{j}]"),
-                        format!(
-                            "no [[route]] is named '{name}' (configured: {})",
-                            if configured.is_empty() {
-                                "none".to_owned()
-                            } else {
-                                configured.join(", ")
-                            }
-                        ),
-                    ));
-                }
-            }
-        }
-        Ok(())
+        check_names(rules, configured, "routes", "route", |r| r.routes.as_ref())
     }
 
     pub fn new(rules: Vec<Rule>, own_uid: u32) -> Policy {
@@ -330,6 +290,38 @@ impl Policy {
                 ))
             })
     }
+}
+
+/// Every name the rules list in `field` (`list` reads it) is one of `configured` (the
+/// `[[table]]` entries' names).
+fn check_names(
+    rules: &[Rule],
+    configured: &[&str],
+    field: &str,
+    table: &str,
+    list: impl Fn(&Rule) -> Option<&Allow>,
+) -> Result<(), crate::error::InvalidSetting> {
+    for (i, rule) in rules.iter().enumerate() {
+        let Some(Allow::Only(names)) = list(rule) else {
+            continue;
+        };
+        for (j, name) in names.iter().enumerate() {
+            if !configured.contains(&name.as_str()) {
+                return Err(crate::error::InvalidSetting::new(
+                    format!("agent.allow[{i}].{field}[{j}]"),
+                    format!(
+                        "no [[{table}]] is named '{name}' (configured: {})",
+                        if configured.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            configured.join(", ")
+                        }
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What a caller's rule does not allow, in words the caller can act on (the agent answers

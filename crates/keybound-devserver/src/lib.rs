@@ -140,7 +140,10 @@ impl RequestLog {
 
     /// The requests so far.
     pub fn snapshot(&self) -> Vec<SeenRequest> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn record(&self, seen: SeenRequest) {
