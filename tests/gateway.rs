@@ -116,7 +116,7 @@ const SLOW_ANSWER: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: c
 
 /// The agent's token, the dev-server, the tiny upstreams, and routes to each.
 struct Setup {
-    _token: DevToken,
+    token: DevToken,
     dir: SocketDir,
     dev: DevServer,
     agent: Agent,
@@ -177,7 +177,7 @@ allow = ["GET /**"]
     let dir = SocketDir::new();
     let agent = Agent::start(&token, &dir.socket());
     Setup {
-        _token: token,
+        token,
         dir,
         dev,
         agent,
@@ -517,4 +517,33 @@ async fn another_uid_uses_only_its_routes_and_never_gets_the_token() {
         Some(1),
         "{health}"
     );
+}
+
+/// `keybound bench --gateway`: both sides measured in one run, through the agent and
+/// directly with a cached token; the rates are reported, never asserted on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_gateway_mode_reports_both_rates() {
+    let s = setup();
+    let out = s.token.run_ok(&[
+        "bench",
+        "--gateway",
+        "okta",
+        "--path",
+        "/api/v1/users?limit=2",
+        "--clients",
+        "2",
+        "--seconds",
+        "2",
+        "--socket",
+        s.agent.socket().to_str().unwrap(),
+        "--json",
+    ]);
+    let report: Value = serde_json::from_str(&out).expect("bench --json prints JSON");
+    for field in ["direct_per_s", "gateway_per_s", "ratio"] {
+        let value = report[field]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{field}: {report}"));
+        assert!(value.is_finite() && value > 0.0, "{field} > 0: {report}");
+    }
+    eprintln!("bench --gateway: {report}");
 }
