@@ -113,7 +113,7 @@ impl OAuthClient {
                     &mut budget,
                     &mut round_trips,
                     |nonce| self.api_request(request, &token, &origin, nonce),
-                    |r| transmit(r),
+                    &transmit,
                     |response| {
                         let errors = challenge_errors(response.headers());
                         if !matches!(response.status().as_u16(), 400 | 401) {
