@@ -214,6 +214,19 @@ impl Agent {
     pub fn with_routes(mut self, routes: Vec<gateway::Route>) -> Result<Agent, InvalidSetting> {
         let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
         Policy::check_routes(&self.settings.allow, &names)?;
+        for (i, r) in routes.iter().enumerate() {
+            if let Some(n) = r.max_body_bytes
+                && n > self.settings.max_body_bytes
+            {
+                return Err(InvalidSetting::new(
+                    format!("route[{i}].max_body_bytes"),
+                    format!(
+                        "{n} exceeds agent.max_body_bytes ({}), which bounds every request;                          lower it or raise agent.max_body_bytes",
+                        self.settings.max_body_bytes
+                    ),
+                ));
+            }
+        }
         self.access.set_routes(routes)?;
         Ok(self)
     }
