@@ -125,6 +125,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with("")
+}
+
+/// [`setup`] with `agent_lines` added to `[agent]`.
+fn setup_with(agent_lines: &str) -> Setup {
     let (token, _) = token_with_keys(&[("client-auth", "ES256"), ("dpop", "ES256")]);
     let dev = DevServer::for_client_auth(&token, |s| s.users = 7);
     let broken = TinyServer::start(BROKEN_ANSWER, 0);
@@ -169,7 +174,7 @@ allow = ["GET /**"]
         slow = slow.base,
     );
     let allow = format!(
-        "{}{}",
+        "{agent_lines}\n{}{}",
         allow_uid(own_uid(), ""),
         allow_uid(NOBODY, "routes = [\"broken\"]")
     );
@@ -546,4 +551,86 @@ async fn bench_gateway_mode_reports_both_rates() {
         assert!(value.is_finite() && value > 0.0, "{field} > 0: {report}");
     }
     eprintln!("bench --gateway: {report}");
+}
+
+/// `curl` to the loopback TCP listener, as `who` (or as this process), with extra args.
+fn curl_tcp(who: Option<As>, url: &str, extra: &[&str]) -> CurlReply {
+    let mut cmd = match who {
+        Some(who) => who.command(),
+        None => std::process::Command::new("env"),
+    };
+    cmd.arg("curl")
+        .args(["-sS", "--max-time", "30", "-w", "\n%{http_code}"])
+        .args(extra)
+        .arg(url)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .current_dir("/");
+    let out = output_with_guard(cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    CurlReply {
+        exit: out.status.code(),
+        status: code.trim().parse().unwrap_or(0),
+        body: body.to_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `gateway_listen`: the same rules on loopback TCP, each connection's uid read from the
+/// kernel's TCP table; only /gw/ is served there, and never to a browser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loopback_tcp_listener_applies_the_rules_of_the_connecting_uid() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let s = setup_with(&format!("gateway_listen = \"127.0.0.1:{port}\""));
+    let base = format!("http://127.0.0.1:{port}");
+    // This uid: every route.
+    let users = curl_tcp(None, &format!("{base}/gw/okta/api/v1/users?limit=2"), &[]);
+    assert_eq!(users.status, 200, "{users:?}");
+    assert_eq!(users.json().as_array().map(Vec::len), Some(2));
+    // nobody: its rule allows only "broken"; it is told so for "okta", which gets nothing.
+    let nobody = As::Setpriv {
+        uid: NOBODY,
+        gid: NOBODY,
+    };
+    let before = api_requests(&s.dev).len();
+    curl_tcp(Some(nobody), &format!("{base}/gw/okta/api/v1/users"), &[]).error(
+        403,
+        "forbidden",
+        &["route 'okta'"],
+    );
+    assert_eq!(
+        api_requests(&s.dev).len(),
+        before,
+        "nothing reached the dev-server"
+    );
+    let broken = curl_tcp(Some(nobody), &format!("{base}/gw/broken/z"), &[]);
+    assert_eq!(broken.status, 500, "{broken:?}");
+    // A uid no rule names: closed at once.
+    curl_tcp(
+        Some(As::Setpriv {
+            uid: NOBODY - 1,
+            gid: NOBODY - 1,
+        }),
+        &format!("{base}/gw/broken/z"),
+        &[],
+    )
+    .assert_closed();
+    // Only the gateway, and not for a browser (any web page can reach 127.0.0.1).
+    curl_tcp(None, &format!("{base}/v1/keys"), &[]).error(404, "not_found", &["/gw/"]);
+    curl_tcp(
+        None,
+        &format!("{base}/gw/okta/api/v1/users"),
+        &["-H", "Origin: https://evil.example"],
+    )
+    .error(403, "forbidden", &["browser"]);
+    curl_tcp(
+        None,
+        &format!("{base}/gw/okta/api/v1/users"),
+        &["-H", "Host: evil.example"],
+    )
+    .error(421, "misdirected", &["evil.example"]);
 }

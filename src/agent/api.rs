@@ -72,6 +72,55 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
+/// The router of `gateway_listen`'s TCP connections: [`tcp_guard`] in front of `router`.
+pub(super) fn tcp_router(router: Router, listen: std::net::SocketAddr) -> Router {
+    router.layer(middleware::from_fn_with_state(listen, tcp_guard))
+}
+
+/// On the loopback TCP listener, only `/gw/` is served, and never to a browser: any web
+/// page the user opens can send requests to 127.0.0.1 under the user's uid, so a request
+/// with `Origin` or `Sec-Fetch-Site` is refused, and so is a `Host` other than
+/// `keybound`, the listen address or `localhost:<port>` (DNS rebinding).
+async fn tcp_guard(
+    State(listen): State<std::net::SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !request.uri().path().starts_with("/gw/") {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "agent.gateway_listen serves only /gw/<route>/...; use the agent's Unix socket for the rest",
+        )
+        .into_response();
+    }
+    let headers = request.headers();
+    if headers.contains_key(header::ORIGIN) || headers.contains_key("sec-fetch-site") {
+        return ApiError::forbidden(
+            "a browser's request (Origin or Sec-Fetch-Site) is refused on agent.gateway_listen",
+        )
+        .into_response();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let allowed = [
+        "keybound".to_owned(),
+        listen.to_string(),
+        format!("localhost:{}", listen.port()),
+    ];
+    if !allowed.iter().any(|a| a.eq_ignore_ascii_case(host)) {
+        return ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected",
+            format!("Host '{host}' is not served here; send Host: keybound or {listen}"),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
 /// The caller's rule, the only way a handler gets one: the accept loop attaches a
 /// [`Caller`] to a connection only when a rule names its peer (and closes the others), and
 /// every door of `Access` (keys, clients, the device) and `sign` takes a `&Caller`, so a

@@ -35,6 +35,67 @@ impl Peer {
         })
     }
 
+    /// The owner of the other end of a loopback TCP connection, the identd way: the
+    /// kernel's TCP table (`/proc/net/tcp`) holds the client's socket, whose local address
+    /// is the connection's peer and whose remote address is ours, with the uid that owns
+    /// it. Only an established IPv4 loopback connection counts (a closing socket's entry
+    /// no longer says who owned it). A TCP peer has no gid the kernel vouches for, so only
+    /// uid rules match it ([`TCP_NO_GID`]), and no pid.
+    pub fn of_tcp(stream: &tokio::net::TcpStream) -> std::io::Result<Peer> {
+        let (peer, local) = (stream.peer_addr()?, stream.local_addr()?);
+        let table = std::fs::read_to_string("/proc/net/tcp")?;
+        Peer::from_tcp_table(&table, peer, local)
+    }
+
+    fn from_tcp_table(
+        table: &str,
+        peer: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+    ) -> std::io::Result<Peer> {
+        use std::net::SocketAddr::V4;
+        let refuse = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
+        let (V4(peer), V4(local)) = (peer, local) else {
+            return Err(refuse(format!(
+                "{peer}: only IPv4 loopback connections are served"
+            )));
+        };
+        if !peer.ip().is_loopback() {
+            return Err(refuse(format!("{peer} is not a loopback address")));
+        }
+        // The kernel prints each address as the native-endian value of its network-order
+        // bytes, and the port in host order.
+        let hex = |a: std::net::SocketAddrV4| {
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_ne_bytes(a.ip().octets()),
+                a.port()
+            )
+        };
+        let (theirs, ours) = (hex(peer), hex(local));
+        for line in table.lines().skip(1) {
+            // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid ...
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 7
+                && f[1].eq_ignore_ascii_case(&theirs)
+                && f[2].eq_ignore_ascii_case(&ours)
+                // 01: ESTABLISHED.
+                && f[3] == "01"
+            {
+                let uid = f[7]
+                    .parse()
+                    .map_err(|_| refuse(format!("unreadable uid '{}' in /proc/net/tcp", f[7])))?;
+                return Ok(Peer {
+                    uid,
+                    gid: TCP_NO_GID,
+                    pid: None,
+                });
+            }
+        }
+        Err(refuse(format!(
+            "no established socket {peer} -> {local} in /proc/net/tcp: its owner is unknown"
+        )))
+    }
+
     pub fn uid(&self) -> u32 {
         self.uid
     }
@@ -47,6 +108,10 @@ impl Peer {
         self.pid
     }
 }
+
+/// The gid of a TCP peer: none the kernel vouches for. `(gid_t)-1` is no group, and a rule
+/// cannot name it (`gid` rules are checked against it and never match).
+pub const TCP_NO_GID: u32 = u32::MAX;
 
 /// One `[[agent.allow]]` entry, parsed. A field left out places no limit on that dimension.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -275,9 +340,9 @@ impl Policy {
             .iter()
             .find(|r| r.uid == Some(peer.uid))
             .or_else(|| {
-                self.rules
-                    .iter()
-                    .find(|r| r.uid.is_none() && r.gid == Some(peer.gid))
+                self.rules.iter().find(|r| {
+                    r.uid.is_none() && peer.gid != TCP_NO_GID && r.gid == Some(peer.gid)
+                })
             })
             .map(|rule| Caller {
                 peer,
@@ -463,6 +528,28 @@ mod tests {
             .unwrap();
         assert!(c.check_route("okta", "okta").is_ok());
         assert!(c.check_route("gh", "github").is_err());
+    }
+
+    #[test]
+    fn a_tcp_peer_is_the_owner_of_the_established_client_socket() {
+        // 127.0.0.1:40000 -> 127.0.0.1:8080 owned by uid 1001, the server's own end, and
+        // a closing (TIME_WAIT, uid 0) entry of another connection.
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1 1
+   1: 0100007F:9C40 0100007F:1F90 01 00000000:00000000 00:00000000 00000000  1001        0 2 1
+   2: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000  1000        0 3 1
+   3: 0100007F:9C41 0100007F:1F90 06 00000000:00000000 03:00000000 00000000     0        0 0 3
+";
+        let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let local = addr("127.0.0.1:8080");
+        let p = Peer::from_tcp_table(table, addr("127.0.0.1:40000"), local).unwrap();
+        assert_eq!((p.uid, p.gid, p.pid), (1001, TCP_NO_GID, None));
+        // Closing: its owner is no longer known; not root.
+        assert!(Peer::from_tcp_table(table, addr("127.0.0.1:40001"), local).is_err());
+        assert!(Peer::from_tcp_table(table, addr("10.0.0.1:40000"), local).is_err());
+        // gid rules never match a TCP peer.
+        let by_gid = Policy::new(vec![rule(&format!("gid = {TCP_NO_GID}")).unwrap()], 0);
+        assert!(by_gid.caller(p).is_err());
     }
 
     #[test]
