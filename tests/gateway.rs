@@ -566,15 +566,7 @@ fn curl_tcp(who: Option<As>, url: &str, extra: &[&str]) -> CurlReply {
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .current_dir("/");
-    let out = output_with_guard(cmd);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
-    CurlReply {
-        exit: out.status.code(),
-        status: code.trim().parse().unwrap_or(0),
-        body: body.to_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    CurlReply::of(cmd)
 }
 
 /// `gateway_listen`: the same rules on loopback TCP, each connection's uid read from the

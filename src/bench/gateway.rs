@@ -142,12 +142,5 @@ async fn direct_phase(
             Ok::<_, BenchError>(lat)
         }));
     }
-    let mut all = Vec::new();
-    for t in tasks {
-        let lat = t
-            .await
-            .map_err(|e| BenchError::Agent(format!("a bench client failed: {e}")))??;
-        all.extend(lat);
-    }
-    Ok((all.len() as u64, all))
+    load::joined(tasks).await
 }

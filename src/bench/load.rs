@@ -63,6 +63,13 @@ async fn requests_phase(
             Ok::<_, BenchError>(lat)
         }));
     }
+    joined(tasks).await
+}
+
+/// The latencies of every caller task, as one phase.
+pub(super) async fn joined(
+    tasks: Vec<tokio::task::JoinHandle<Result<Vec<u64>, BenchError>>>,
+) -> Result<Phase, BenchError> {
     let mut all = Vec::new();
     for t in tasks {
         let lat = t

@@ -118,14 +118,21 @@ pub fn curl_method_as(
             body,
         ]);
     }
-    let out = output_with_guard(cmd);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
-    CurlReply {
-        exit: out.status.code(),
-        status: code.trim().parse().unwrap_or(0),
-        body: body.to_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    CurlReply::of(cmd)
+}
+
+impl CurlReply {
+    /// Runs `cmd`, a curl with `-w "\n%{http_code}"`, and reads its answer.
+    pub fn of(cmd: Command) -> CurlReply {
+        let out = output_with_guard(cmd);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+        CurlReply {
+            exit: out.status.code(),
+            status: code.trim().parse().unwrap_or(0),
+            body: body.to_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 }
 
