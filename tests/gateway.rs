@@ -143,12 +143,19 @@ fn setup_with(agent_lines: &str) -> Setup {
         r#"{}api_origins = ["{base}", "{broken}", "{slow}", "{down}"]
 backoff_initial_ms = 1
 backoff_max_ms = 5
+{write}
 
 [[route]]
 name = "okta"
 client = "dev"
 upstream = "{base}"
 allow = ["GET /api/v1/users", "GET /api/v1/users/*"]
+
+[[route]]
+name = "okta-write"
+client = "devw"
+upstream = "{base}"
+allow = ["POST /api/v1/users/*"]
 
 [[route]]
 name = "broken"
@@ -170,6 +177,7 @@ upstream = "{down}"
 allow = ["GET /**"]
 "#,
         dev_client(base),
+        write = write_client(base),
         broken = broken.base,
         slow = slow.base,
     );
@@ -189,6 +197,23 @@ allow = ["GET /**"]
         broken,
         _slow: slow,
     }
+}
+
+/// A second client of the same dev-server registration, for the users API's writes.
+fn write_client(base: &str) -> String {
+    format!(
+        r#"
+[[client]]
+name = "devw"
+server = "okta"
+token_endpoint = "{base}/oauth2/v1/token"
+client_id = "{DEV_CLIENT_ID}"
+assertion_key = "client-auth"
+dpop_key = "dpop"
+scopes = ["okta.users.manage"]
+allowed_scopes = ["okta.users.manage"]
+"#
+    )
 }
 
 /// The API requests the dev-server got (token requests left out).
@@ -315,7 +340,7 @@ async fn a_paginated_list_and_one_user_through_the_gateway_without_a_token() {
         .iter()
         .map(|r| r["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["broken", "down", "okta", "slow"]);
+    assert_eq!(names, ["broken", "down", "okta", "okta-write", "slow"]);
     let log = s.agent.log();
     assert!(
         log.contains("gateway request") && log.contains("/api/v1/users"),
@@ -625,4 +650,42 @@ async fn the_loopback_tcp_listener_applies_the_rules_of_the_connecting_uid() {
         &["-H", "Host: evil.example"],
     )
     .error(421, "misdirected", &["evil.example"]);
+}
+
+/// A POST gets the nonce retry with its body sent again (and no other retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_sent_again_with_its_body_after_the_nonce_challenge() {
+    let s = setup();
+    let socket = s.agent.socket();
+    let list = send(
+        socket,
+        Method::GET,
+        "/gw/okta/api/v1/users?limit=1",
+        &[],
+        "",
+    )
+    .await;
+    let id = list.json()[0]["id"].as_str().expect("id").to_owned();
+    let before = api_requests(&s.dev).len();
+    let path = format!("/gw/okta-write/api/v1/users/{id}");
+    let body = r#"{"profile":{"firstName":"Grace-Updated"}}"#;
+    let reply = send(
+        socket,
+        Method::POST,
+        &path,
+        &[("content-type", "application/json")],
+        body,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.json()["profile"]["firstName"], "Grace-Updated");
+    let posts: Vec<_> = api_requests(&s.dev)[before..]
+        .iter()
+        .filter(|r| r.method == "POST")
+        .cloned()
+        .collect();
+    // The write client has no nonce of the resource server yet (each client keeps its
+    // own): the challenge, then the retry that carried the body, both with its token.
+    assert_eq!(posts.len(), 2, "{posts:?}");
+    assert!(posts.iter().all(|r| r.dpop && r.authorization.is_some()));
 }
