@@ -372,6 +372,27 @@ mod tests {
         .unwrap()
     }
 
+    /// The commented `[[route]]` of keybound.example.toml, uncommented, is a valid route
+    /// naming every setting.
+    #[test]
+    fn the_example_config_documents_every_setting() {
+        let example = include_str!("../../../keybound.example.toml");
+        let (_, section) = example
+            .split_once("\n# [[route]]\n")
+            .expect("a [[route]] section");
+        let section = section.split("\n\n").next().unwrap_or_default();
+        let lines: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
+            .collect();
+        let settings: RouteSettings = toml::from_str(&lines.join("\n")).unwrap();
+        let r = settings.validate("route[0]", &[client()]).unwrap();
+        assert!(r.allows(&Method::HEAD, "/api/v1/users/00u1"));
+        assert!(r.timeout.is_some() && r.max_body_bytes.is_some());
+        assert_eq!(lines.len(), 6, "{lines:?}");
+    }
+
     #[test]
     fn patterns_match_segments_and_head_comes_with_get() {
         let r = route(
