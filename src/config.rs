@@ -311,6 +311,53 @@ backend = "pkcs11"
 token_label = "t"
 "#;
 
+    /// Routes are checked when the config loads: their client, their upstream against the
+    /// client's api_origins, their names, and the rules that name them.
+    #[test]
+    fn routes_are_checked_at_load() {
+        let client = "[[client]]\nname = \"okta\"\nissuer = \"https://example.okta.com\"\n\
+                      client_id = \"0oa1\"\nassertion_key = \"client-auth\"\ndpop_key = \"dpop\"\n";
+        let route = |extra: &str| {
+            format!(
+                "{GOOD}{client}[[route]]\nname = \"okta\"\nclient = \"okta\"\n\
+                 upstream = \"https://example.okta.com\"\nallow = [\"GET /api/v1/users\"]\n{extra}"
+            )
+        };
+        let c = Config::parse(&route("")).unwrap();
+        assert_eq!(c.routes[0].name, "okta");
+        let ok_rule = "[[agent.allow]]\nuid = 7\nroutes = [\"okta\"]\n";
+        Config::parse(&route(ok_rule)).unwrap();
+        for (extra, needle) in [
+            (
+                "[[agent.allow]]\nuid = 7\nroutes = [\"nope\"]\n",
+                "agent.allow[0].routes[0]: no [[route]] is named 'nope'",
+            ),
+            (
+                "[[route]]\nname = \"okta\"\nclient = \"okta\"\nupstream = \"https://example.okta.com\"\nallow = [\"GET /\"]\n",
+                "route[1].name: 'okta' is used by another route",
+            ),
+            (
+                "[[route]]\nname = \"x\"\nclient = \"gh\"\nupstream = \"https://example.okta.com\"\nallow = [\"GET /\"]\n",
+                "route[1].client: no [[client]] is named 'gh'",
+            ),
+            (
+                "[[route]]\nname = \"x\"\nclient = \"okta\"\nupstream = \"https://evil.example\"\nallow = [\"GET /\"]\n",
+                "route[1].upstream: the origin https://evil.example is not one of client 'okta''s api_origins",
+            ),
+            (
+                "[[route]]\nname = \"x\"\nclient = \"okta\"\nupstream = \"https://example.okta.com\"\nallow = [\"* /\"]\n",
+                "route[1].allow: route 'x': pattern '* /': method '*' is not allowed",
+            ),
+            (
+                "[[route]]\nname = \"../x\"\nclient = \"okta\"\nupstream = \"https://example.okta.com\"\nallow = [\"GET /\"]\n",
+                "route[1].name: '../x' is not a path-safe name",
+            ),
+        ] {
+            let e = Config::parse(&route(extra)).unwrap_err();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+    }
+
     #[test]
     fn relative_token_paths_are_refused() {
         for key in ["module", "pin_file", "profiles_dir"] {
