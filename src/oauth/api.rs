@@ -62,14 +62,19 @@ impl OAuthClient {
 
     /// [`Self::call`], returning at the response's head: the body is streamed. The
     /// retries (nonce, clock, a fresh token on `invalid_token`) need only the status and
-    /// headers; the body of an answer that is retried is dropped unread.
+    /// headers; a challenge's small body is read first (so that its connection can serve
+    /// the retry) and dropped when the request is retried.
     pub async fn call_streaming(
         &self,
         request: &ApiRequest,
     ) -> Result<StreamedResponse, OAuthError> {
         let transport = &*self.transport;
         let (response, round_trips, _) = self
-            .send_with_token(request, |r| transport.send_streaming(r))
+            .send_with_token(request, |r| async move {
+                let url = r.uri().to_string();
+                let response = transport.send_streaming(r).await?;
+                read_challenge(response, url).await
+            })
             .await?;
         let (parts, body) = response.into_parts();
         Ok(StreamedResponse {
@@ -237,6 +242,38 @@ impl OAuthClient {
             };
         }
     }
+}
+
+/// Longest challenge body read before a retry; a longer one is not a challenge's.
+const MAX_CHALLENGE_BODY: usize = 64 * 1024;
+
+/// A 400 or 401 with a `WWW-Authenticate` challenge, its body read in full (it is small);
+/// any other response as it is, its body still unread.
+async fn read_challenge(
+    response: http::Response<StreamBody>,
+    url: String,
+) -> Result<http::Response<StreamBody>, TransportError> {
+    use http_body_util::BodyExt as _;
+    if !matches!(response.status().as_u16(), 400 | 401)
+        || !response
+            .headers()
+            .contains_key(http::header::WWW_AUTHENTICATE)
+    {
+        return Ok(response);
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = http_body_util::Limited::new(body, MAX_CHALLENGE_BODY)
+        .collect()
+        .await
+        .map_err(|e| TransportError::Other {
+            url,
+            reason: format!("reading the body of a {} challenge: {e}", parts.status),
+        })?
+        .to_bytes();
+    let body = http_body_util::Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    Ok(http::Response::from_parts(parts, body))
 }
 
 /// The `error` of every `WWW-Authenticate` challenge (RFC 6750 §3, RFC 9449 §7.1).
