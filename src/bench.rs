@@ -3,7 +3,10 @@
 //! interleaved so that machine noise hits both sides alike. The `--agent` load generator
 //! is in `load`.
 
+mod gateway;
 mod load;
+
+pub use gateway::{GatewayReport, run_gateway};
 
 use std::path::Path;
 use std::time::{Duration, Instant};

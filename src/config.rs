@@ -27,6 +27,8 @@ pub struct Config {
     pub rotation: crate::rotation::RotationSettings,
     /// `[jwks]`, the hosted JWKS of `keybound serve`; absent: not hosted.
     pub jwks: Option<crate::agent::jwks_host::JwksSettings>,
+    /// `[[route]]` entries: the agent's egress gateway.
+    pub routes: Vec<crate::agent::gateway::Route>,
 }
 
 /// The file's shape before `[token]` is resolved by its backend. Parsing in two steps keeps
@@ -44,6 +46,8 @@ struct RawConfig {
     #[serde(default)]
     rotation: crate::rotation::RotationSettings,
     jwks: Option<crate::agent::jwks_host::JwksSettings>,
+    #[serde(default)]
+    route: Vec<crate::agent::gateway::RouteSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +162,20 @@ impl Config {
             clients.push(c);
         }
         raw.agent.validate().map_err(|e| e.to_string())?;
+        let mut routes: Vec<crate::agent::gateway::Route> = Vec::new();
+        for (i, r) in raw.route.into_iter().enumerate() {
+            let r = r.validate(&format!("route[{i}]"), &clients)?;
+            if routes.iter().any(|d| d.name == r.name) {
+                return Err(format!(
+                    "route[{i}].name: '{}' is used by another route",
+                    r.name
+                ));
+            }
+            routes.push(r);
+        }
+        let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+        crate::agent::authz::Policy::check_routes(&raw.agent.allow, &names)
+            .map_err(|e| e.to_string())?;
         raw.rotation.validate().map_err(|e| e.to_string())?;
         if let Some(jwks) = &raw.jwks {
             jwks.validate().map_err(|e| e.to_string())?;
@@ -181,6 +199,7 @@ impl Config {
             agent: raw.agent,
             rotation: raw.rotation,
             jwks: raw.jwks,
+            routes,
         })
     }
 }
@@ -291,6 +310,53 @@ mod tests {
 backend = "pkcs11"
 token_label = "t"
 "#;
+
+    /// Routes are checked when the config loads: their client, their upstream against the
+    /// client's api_origins, their names, and the rules that name them.
+    #[test]
+    fn routes_are_checked_at_load() {
+        let client = "[[client]]\nname = \"okta\"\nissuer = \"https://example.okta.com\"\n\
+                      client_id = \"0oa1\"\nassertion_key = \"client-auth\"\ndpop_key = \"dpop\"\n";
+        let route = |extra: &str| {
+            format!(
+                "{GOOD}{client}[[route]]\nname = \"okta\"\nclient = \"okta\"\n\
+                 upstream = \"https://example.okta.com\"\nallow = [\"GET /api/v1/users\"]\n{extra}"
+            )
+        };
+        let c = Config::parse(&route("")).unwrap();
+        assert_eq!(c.routes[0].name, "okta");
+        let ok_rule = "[[agent.allow]]\nuid = 7\nroutes = [\"okta\"]\n";
+        Config::parse(&route(ok_rule)).unwrap();
+        for (extra, needle) in [
+            (
+                "[[agent.allow]]\nuid = 7\nroutes = [\"nope\"]\n",
+                "agent.allow[0].routes[0]: no [[route]] is named 'nope'",
+            ),
+            (
+                "[[route]]\nname = \"okta\"\nclient = \"okta\"\nupstream = \"https://example.okta.com\"\nallow = [\"GET /\"]\n",
+                "route[1].name: 'okta' is used by another route",
+            ),
+            (
+                "[[route]]\nname = \"x\"\nclient = \"gh\"\nupstream = \"https://example.okta.com\"\nallow = [\"GET /\"]\n",
+                "route[1].client: no [[client]] is named 'gh'",
+            ),
+            (
+                "[[route]]\nname = \"x\"\nclient = \"okta\"\nupstream = \"https://evil.example\"\nallow = [\"GET /\"]\n",
+                "route[1].upstream: the origin https://evil.example is not one of client 'okta''s api_origins",
+            ),
+            (
+                "[[route]]\nname = \"x\"\nclient = \"okta\"\nupstream = \"https://example.okta.com\"\nallow = [\"* /\"]\n",
+                "route[1].allow: route 'x': pattern '* /': method '*' is not allowed",
+            ),
+            (
+                "[[route]]\nname = \"../x\"\nclient = \"okta\"\nupstream = \"https://example.okta.com\"\nallow = [\"GET /\"]\n",
+                "route[1].name: '../x' is not a path-safe name",
+            ),
+        ] {
+            let e = Config::parse(&route(extra)).unwrap_err();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+    }
 
     #[test]
     fn relative_token_paths_are_refused() {

@@ -120,9 +120,16 @@ enum Command {
         /// Concurrent agent clients (with --agent)
         #[arg(long, default_value_t = 8)]
         clients: usize,
-        /// The agent's socket (with --agent; default: from the config)
+        /// The agent's socket (with --agent or --gateway; default: from the config)
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
+        /// Measure a GET through the running agent's gateway route ROUTE against the same
+        /// GET sent directly with the route client's cached token
+        #[arg(long, value_name = "ROUTE", conflicts_with = "agent")]
+        gateway: Option<String>,
+        /// The path (and query) below the route, with --gateway
+        #[arg(long, value_name = "PATH", default_value = "/api/v1/users?limit=1")]
+        path: String,
     },
 }
 
@@ -325,7 +332,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             agent,
             clients,
             socket,
+            gateway,
+            path,
         } => {
+            if let Some(route) = gateway {
+                return cli::bench::gateway(config, &route, &path, clients, socket, seconds, json);
+            }
             let target = agent.then_some(cli::bench::AgentTarget { clients, socket });
             cli::bench::run(config, key.as_deref(), sessions, seconds, json, target)
         }

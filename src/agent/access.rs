@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 
 use super::api::ApiError;
 use super::authz::Caller;
+use super::gateway::RouteState;
 use crate::keyring::{Inventory, Keyring, SigningKey};
 use crate::oauth::client::OAuthClient;
 use crate::token::KeyName;
@@ -32,6 +33,27 @@ pub struct Access {
     lookups: tokio::sync::Semaphore,
     /// The last audit of every key, and when it started.
     inventory: Mutex<Option<(Instant, Arc<Inventory>)>>,
+    /// `[[route]]`s of the gateway, by name.
+    routes: HashMap<String, Arc<RouteState>>,
+}
+
+/// A gateway route the caller's rule allows, with the client whose token it sends: built
+/// only by [`Access::route`], after the check.
+pub struct PermittedRoute<'a> {
+    state: Arc<RouteState>,
+    client: &'a OAuthClient,
+}
+
+impl PermittedRoute<'_> {
+    pub fn state(&self) -> Arc<RouteState> {
+        self.state.clone()
+    }
+
+    /// The route's client. The caller may not have its token or keys (a rule may name
+    /// only routes): the gateway sends with them on its behalf and never hands them out.
+    pub fn client(&self) -> &OAuthClient {
+        self.client
+    }
 }
 
 impl Access {
@@ -45,7 +67,82 @@ impl Access {
             keys: Mutex::new(Vec::new()),
             lookups: tokio::sync::Semaphore::new(1),
             inventory: Mutex::new(None),
+            routes: HashMap::new(),
         }
+    }
+
+    /// The gateway's routes; each must name a client of this agent.
+    pub fn set_routes(
+        &mut self,
+        routes: Vec<super::gateway::Route>,
+    ) -> Result<(), crate::error::InvalidSetting> {
+        let mut map = HashMap::new();
+        for (i, route) in routes.into_iter().enumerate() {
+            let Some(client) = self.clients.get(&route.client) else {
+                return Err(crate::error::InvalidSetting::new(
+                    format!("route[{i}].client"),
+                    format!("no [[client]] is named '{}'", route.client),
+                ));
+            };
+            let state = RouteState::new(route, client.config());
+            map.insert(state.route().name.clone(), Arc::new(state));
+        }
+        self.routes = map;
+        Ok(())
+    }
+
+    /// A gateway route the caller's rule allows, by name.
+    pub fn route(&self, caller: &Caller, name: &str) -> Result<PermittedRoute<'_>, ApiError> {
+        let Some(state) = self.routes.get(name) else {
+            let known: Vec<&str> = self
+                .routes(caller)
+                .map(|s| s.route().name.as_str())
+                .collect();
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_route",
+                format!(
+                    "no route '{name}' for this caller (routes: {}); see [[route]] in the agent's config",
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        };
+        caller
+            .check_route(name, &state.route().client)
+            .map_err(ApiError::forbidden)?;
+        let client = self.clients.get(&state.route().client).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "configuration",
+                format!("route '{name}' names a client this agent does not have"),
+            )
+        })?;
+        Ok(PermittedRoute {
+            state: state.clone(),
+            client,
+        })
+    }
+
+    /// The routes the caller's rule allows, by name (for `/healthz` and `/metrics`).
+    pub fn routes<'a>(
+        &'a self,
+        caller: &'a Caller,
+    ) -> impl Iterator<Item = &'a Arc<RouteState>> + 'a {
+        let mut list: Vec<&Arc<RouteState>> = self
+            .routes
+            .values()
+            .filter(|s| {
+                caller
+                    .check_route(&s.route().name, &s.route().client)
+                    .is_ok()
+            })
+            .collect();
+        list.sort_by(|a, b| a.route().name.cmp(&b.route().name));
+        list.into_iter()
     }
 
     /// Every key audited (policy and proof of possession) and the unusable objects. One

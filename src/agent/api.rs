@@ -17,7 +17,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/keys", get(keys_handler))
         .route("/healthz", get(health_handler))
         .route("/metrics", get(metrics_handler))
+        .route("/gw/{route}", any(super::gateway::handler))
+        .route("/gw/{route}/", any(super::gateway::handler))
+        .route("/gw/{route}/{*path}", any(super::gateway::handler))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -68,6 +71,55 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(agent.clone(), body_guard))
         .with_state(agent)
+}
+
+/// The router of `gateway_listen`'s TCP connections: [`tcp_guard`] in front of `router`.
+pub(super) fn tcp_router(router: Router, listen: std::net::SocketAddr) -> Router {
+    router.layer(middleware::from_fn_with_state(listen, tcp_guard))
+}
+
+/// On the loopback TCP listener, only `/gw/` is served, and never to a browser: any web
+/// page the user opens can send requests to 127.0.0.1 under the user's uid, so a request
+/// with `Origin` or `Sec-Fetch-Site` is refused, and so is a `Host` other than
+/// `keybound`, the listen address or `localhost:<port>` (DNS rebinding).
+async fn tcp_guard(
+    State(listen): State<std::net::SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !request.uri().path().starts_with("/gw/") {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "agent.gateway_listen serves only /gw/<route>/...; use the agent's Unix socket for the rest",
+        )
+        .into_response();
+    }
+    let headers = request.headers();
+    if headers.contains_key(header::ORIGIN) || headers.contains_key("sec-fetch-site") {
+        return ApiError::forbidden(
+            "a browser's request (Origin or Sec-Fetch-Site) is refused on agent.gateway_listen",
+        )
+        .into_response();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let allowed = [
+        "keybound".to_owned(),
+        listen.to_string(),
+        format!("localhost:{}", listen.port()),
+    ];
+    if !allowed.iter().any(|a| a.eq_ignore_ascii_case(host)) {
+        return ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected",
+            format!("Host '{host}' is not served here; send Host: keybound or {listen}"),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// The caller's rule, the only way a handler gets one: the accept loop attaches a
@@ -180,7 +232,7 @@ impl ApiError {
         r
     }
 
-    fn unavailable(message: impl Into<String>, retry_after: u64) -> ApiError {
+    pub(super) fn unavailable(message: impl Into<String>, retry_after: u64) -> ApiError {
         ApiError {
             retry_after: Some(retry_after),
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
@@ -686,6 +738,7 @@ async fn health_handler(
     if let Some(host) = &agent.jwks {
         answer.1["jwks"] = host.health();
     }
+    answer.1["routes"] = super::gateway::health(&agent, &caller);
     let mut r = (answer.0, Json(answer.1)).into_response();
     if answer.0 != StatusCode::OK {
         r.headers_mut()

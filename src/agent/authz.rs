@@ -35,6 +35,67 @@ impl Peer {
         })
     }
 
+    /// The owner of the other end of a loopback TCP connection, the identd way: the
+    /// kernel's TCP table (`/proc/net/tcp`) holds the client's socket, whose local address
+    /// is the connection's peer and whose remote address is ours, with the uid that owns
+    /// it. Only an established IPv4 loopback connection counts (a closing socket's entry
+    /// no longer says who owned it). A TCP peer has no gid the kernel vouches for, so only
+    /// uid rules match it ([`TCP_NO_GID`]), and no pid.
+    pub fn of_tcp(stream: &tokio::net::TcpStream) -> std::io::Result<Peer> {
+        let (peer, local) = (stream.peer_addr()?, stream.local_addr()?);
+        let table = std::fs::read_to_string("/proc/net/tcp")?;
+        Peer::from_tcp_table(&table, peer, local)
+    }
+
+    fn from_tcp_table(
+        table: &str,
+        peer: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+    ) -> std::io::Result<Peer> {
+        use std::net::SocketAddr::V4;
+        let refuse = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
+        let (V4(peer), V4(local)) = (peer, local) else {
+            return Err(refuse(format!(
+                "{peer}: only IPv4 loopback connections are served"
+            )));
+        };
+        if !peer.ip().is_loopback() {
+            return Err(refuse(format!("{peer} is not a loopback address")));
+        }
+        // The kernel prints each address as the native-endian value of its network-order
+        // bytes, and the port in host order.
+        let hex = |a: std::net::SocketAddrV4| {
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_ne_bytes(a.ip().octets()),
+                a.port()
+            )
+        };
+        let (theirs, ours) = (hex(peer), hex(local));
+        for line in table.lines().skip(1) {
+            // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid ...
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 7
+                && f[1].eq_ignore_ascii_case(&theirs)
+                && f[2].eq_ignore_ascii_case(&ours)
+                // 01: ESTABLISHED.
+                && f[3] == "01"
+            {
+                let uid = f[7]
+                    .parse()
+                    .map_err(|_| refuse(format!("unreadable uid '{}' in /proc/net/tcp", f[7])))?;
+                return Ok(Peer {
+                    uid,
+                    gid: TCP_NO_GID,
+                    pid: None,
+                });
+            }
+        }
+        Err(refuse(format!(
+            "no established socket {peer} -> {local} in /proc/net/tcp: its owner is unknown"
+        )))
+    }
+
     pub fn uid(&self) -> u32 {
         self.uid
     }
@@ -48,6 +109,10 @@ impl Peer {
     }
 }
 
+/// The gid of a TCP peer: none the kernel vouches for. `(gid_t)-1` is no group, and a rule
+/// cannot name it (`gid` rules are checked against it and never match).
+pub const TCP_NO_GID: u32 = u32::MAX;
+
 /// One `[[agent.allow]]` entry, parsed. A field left out places no limit on that dimension.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, try_from = "RawRule")]
@@ -58,6 +123,8 @@ pub struct Rule {
     keys: Allow,
     htu_prefixes: Option<Vec<HtuPrefix>>,
     max_assertion_lifetime: Option<Lifetime>,
+    /// Gateway routes (`[[route]]`) by name; `None`: the routes of the clients it allows.
+    routes: Option<Allow>,
 }
 
 /// The rule as written; [`Rule`] is built from it only when it names a uid or a gid.
@@ -66,12 +133,11 @@ pub struct Rule {
 struct RawRule {
     uid: Option<u32>,
     gid: Option<u32>,
-    #[serde(default)]
-    clients: Allow,
-    #[serde(default)]
-    keys: Allow,
+    clients: Option<Allow>,
+    keys: Option<Allow>,
     htu_prefixes: Option<Vec<HtuPrefix>>,
     max_assertion_lifetime: Option<Lifetime>,
+    routes: Option<Allow>,
 }
 
 impl TryFrom<RawRule> for Rule {
@@ -81,13 +147,20 @@ impl TryFrom<RawRule> for Rule {
         if r.uid.is_none() && r.gid.is_none() {
             return Err("set uid or gid: a rule must say whom it allows".into());
         }
+        // A rule that names routes is a gateway rule: the clients and keys it leaves out
+        // are none, so a caller allowed a route never gets its client's token or keys.
+        let unnamed = || match r.routes {
+            Some(_) => Allow::Only(Vec::new()),
+            None => Allow::Any,
+        };
         Ok(Rule {
             uid: r.uid,
             gid: r.gid,
-            clients: r.clients,
-            keys: r.keys,
+            clients: r.clients.unwrap_or_else(unnamed),
+            keys: r.keys.unwrap_or_else(unnamed),
             htu_prefixes: r.htu_prefixes,
             max_assertion_lifetime: r.max_assertion_lifetime,
+            routes: r.routes,
         })
     }
 }
@@ -234,27 +307,15 @@ impl Policy {
         rules: &[Rule],
         configured: &[&str],
     ) -> Result<(), crate::error::InvalidSetting> {
-        for (i, rule) in rules.iter().enumerate() {
-            let Allow::Only(names) = &rule.clients else {
-                continue;
-            };
-            for (j, name) in names.iter().enumerate() {
-                if !configured.contains(&name.as_str()) {
-                    return Err(crate::error::InvalidSetting::new(
-                        format!("agent.allow[{i}].clients[{j}]"),
-                        format!(
-                            "no [[client]] is named '{name}' (configured: {})",
-                            if configured.is_empty() {
-                                "none".to_owned()
-                            } else {
-                                configured.join(", ")
-                            }
-                        ),
-                    ));
-                }
-            }
-        }
-        Ok(())
+        check_names(rules, configured, "clients", "client", |r| Some(&r.clients))
+    }
+
+    /// A rule naming a route that is not configured: refused at start, named.
+    pub fn check_routes(
+        rules: &[Rule],
+        configured: &[&str],
+    ) -> Result<(), crate::error::InvalidSetting> {
+        check_names(rules, configured, "routes", "route", |r| r.routes.as_ref())
     }
 
     pub fn new(rules: Vec<Rule>, own_uid: u32) -> Policy {
@@ -279,9 +340,9 @@ impl Policy {
             .iter()
             .find(|r| r.uid == Some(peer.uid))
             .or_else(|| {
-                self.rules
-                    .iter()
-                    .find(|r| r.uid.is_none() && r.gid == Some(peer.gid))
+                self.rules.iter().find(|r| {
+                    r.uid.is_none() && peer.gid != TCP_NO_GID && r.gid == Some(peer.gid)
+                })
             })
             .map(|rule| Caller {
                 peer,
@@ -294,6 +355,38 @@ impl Policy {
                 ))
             })
     }
+}
+
+/// Every name the rules list in `field` (`list` reads it) is one of `configured` (the
+/// `[[table]]` entries' names).
+fn check_names(
+    rules: &[Rule],
+    configured: &[&str],
+    field: &str,
+    table: &str,
+    list: impl Fn(&Rule) -> Option<&Allow>,
+) -> Result<(), crate::error::InvalidSetting> {
+    for (i, rule) in rules.iter().enumerate() {
+        let Some(Allow::Only(names)) = list(rule) else {
+            continue;
+        };
+        for (j, name) in names.iter().enumerate() {
+            if !configured.contains(&name.as_str()) {
+                return Err(crate::error::InvalidSetting::new(
+                    format!("agent.allow[{i}].{field}[{j}]"),
+                    format!(
+                        "no [[{table}]] is named '{name}' (configured: {})",
+                        if configured.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            configured.join(", ")
+                        }
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What a caller's rule does not allow, in words the caller can act on (the agent answers
@@ -334,6 +427,20 @@ impl Caller {
 
     pub fn check_key(&self, name: &str) -> Result<(), NotAllowed> {
         self.rule.keys.check(name, "key").map_err(NotAllowed)
+    }
+
+    /// A gateway route, whose token is `client`'s: named in the rule's `routes`, or, when
+    /// the rule names none, allowed with its client (a caller that may have the token may
+    /// send what the route sends).
+    pub fn check_route(&self, name: &str, client: &str) -> Result<(), NotAllowed> {
+        match &self.rule.routes {
+            Some(routes) => routes.check(name, "route").map_err(NotAllowed),
+            None => self.check_client(client).map_err(|NotAllowed(m)| {
+                NotAllowed(format!(
+                    "route '{name}' sends with {m}; name the route in the rule's routes"
+                ))
+            }),
+        }
     }
 
     /// `htu` as `dpop::htu` normalised it.
@@ -404,6 +511,45 @@ mod tests {
                 .unwrap_err()
                 .contains("set uid or gid")
         );
+    }
+
+    #[test]
+    fn a_rule_naming_routes_gets_no_client_or_key_it_does_not_name() {
+        let gw = Policy::new(vec![rule("uid = 7\nroutes = [\"okta\"]").unwrap()], 0)
+            .caller(peer(7, 7))
+            .unwrap();
+        assert!(gw.check_route("okta", "okta").is_ok());
+        assert!(gw.check_route("other", "okta").is_err());
+        assert!(gw.check_client("okta").is_err());
+        assert!(gw.check_key("dpop").is_err());
+        // Without routes: the routes of the clients the rule allows.
+        let c = Policy::new(vec![rule("uid = 8\nclients = [\"okta\"]").unwrap()], 0)
+            .caller(peer(8, 8))
+            .unwrap();
+        assert!(c.check_route("okta", "okta").is_ok());
+        assert!(c.check_route("gh", "github").is_err());
+    }
+
+    #[test]
+    fn a_tcp_peer_is_the_owner_of_the_established_client_socket() {
+        // 127.0.0.1:40000 -> 127.0.0.1:8080 owned by uid 1001, the server's own end, and
+        // a closing (TIME_WAIT, uid 0) entry of another connection.
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1 1
+   1: 0100007F:9C40 0100007F:1F90 01 00000000:00000000 00:00000000 00000000  1001        0 2 1
+   2: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000  1000        0 3 1
+   3: 0100007F:9C41 0100007F:1F90 06 00000000:00000000 03:00000000 00000000     0        0 0 3
+";
+        let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let local = addr("127.0.0.1:8080");
+        let p = Peer::from_tcp_table(table, addr("127.0.0.1:40000"), local).unwrap();
+        assert_eq!((p.uid, p.gid, p.pid), (1001, TCP_NO_GID, None));
+        // Closing: its owner is no longer known; not root.
+        assert!(Peer::from_tcp_table(table, addr("127.0.0.1:40001"), local).is_err());
+        assert!(Peer::from_tcp_table(table, addr("10.0.0.1:40000"), local).is_err());
+        // gid rules never match a TCP peer.
+        let by_gid = Policy::new(vec![rule(&format!("gid = {TCP_NO_GID}")).unwrap()], 0);
+        assert!(by_gid.caller(p).is_err());
     }
 
     #[test]

@@ -387,6 +387,7 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
         host.render_metrics(&mut out);
     }
     render_rotation(agent, &mut out);
+    super::gateway::render(agent, caller, &mut out);
     out
 }
 
@@ -494,7 +495,7 @@ fn render_rotation(agent: &Agent, out: &mut String) {
 }
 
 /// Label values: backslash, quote and newline escaped.
-fn escape(v: &str) -> String {
+pub(super) fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

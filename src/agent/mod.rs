@@ -6,6 +6,7 @@ mod access;
 mod api;
 pub mod authz;
 mod call;
+pub mod gateway;
 pub mod jwks_host;
 pub mod metrics;
 pub mod rotation;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument as _;
 
@@ -65,6 +66,10 @@ pub struct AgentSettings {
     /// The largest answer `/v1/call` relays (a body, or all pages of a `paginate`).
     #[serde(default = "defaults::max_call_bytes")]
     pub max_call_bytes: usize,
+    /// A loopback TCP address that also serves the gateway (`/gw/` only), for
+    /// applications that cannot open a Unix socket; each connection's uid is looked up in
+    /// the kernel's TCP table (`authz::Peer::of_tcp`).
+    pub gateway_listen: Option<std::net::SocketAddr>,
 }
 
 mod defaults {
@@ -110,6 +115,7 @@ impl Default for AgentSettings {
             async_threads: defaults::async_threads(),
             allow: Vec::new(),
             max_call_bytes: defaults::max_call_bytes(),
+            gateway_listen: None,
         }
     }
 }
@@ -141,6 +147,17 @@ impl AgentSettings {
         range("max_body_bytes", self.max_body_bytes, 256, 16 << 20)?;
         range("async_threads", self.async_threads, 1, 64)?;
         range("max_call_bytes", self.max_call_bytes, 1024, 64 << 20)?;
+        if let Some(addr) = self.gateway_listen
+            && !(addr.is_ipv4() && addr.ip().is_loopback())
+        {
+            return Err(InvalidSetting::new(
+                "agent.gateway_listen",
+                format!(
+                    "{addr} is not an IPv4 loopback address: the caller's uid is known only for \
+                     connections from this host; use e.g. \"127.0.0.1:8787\""
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -217,6 +234,28 @@ impl Agent {
         })
     }
 
+    /// Serves `routes` at `/gw/<route>/` (the egress gateway, see `gateway`). A rule naming
+    /// a route that is not among them is refused here, like an unknown client.
+    pub fn with_routes(mut self, routes: Vec<gateway::Route>) -> Result<Agent, InvalidSetting> {
+        let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+        Policy::check_routes(&self.settings.allow, &names)?;
+        for (i, r) in routes.iter().enumerate() {
+            if let Some(n) = r.max_body_bytes
+                && n > self.settings.max_body_bytes
+            {
+                return Err(InvalidSetting::new(
+                    format!("route[{i}].max_body_bytes"),
+                    format!(
+                        "{n} exceeds agent.max_body_bytes ({}), which bounds every request;                          lower it or raise agent.max_body_bytes",
+                        self.settings.max_body_bytes
+                    ),
+                ));
+            }
+        }
+        self.access.set_routes(routes)?;
+        Ok(self)
+    }
+
     /// Reports `host` in `/healthz` and `/metrics` (see [`jwks_host::refresh`]).
     pub fn with_jwks(mut self, host: Arc<jwks_host::JwksHost>) -> Agent {
         self.jwks = Some(host);
@@ -249,11 +288,41 @@ impl Agent {
 /// Serves `listener` until `shutdown` resolves; then stops accepting, lets in-flight
 /// requests finish for up to `shutdown_grace_secs`, and returns.
 pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Future<Output = ()>) {
+    run_with_tcp(listener, None, agent, shutdown).await;
+}
+
+/// A connection accepted on the socket or on `gateway_listen`.
+enum Accepted {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+/// Accepts on `tcp`, or never when there is none.
+async fn accept_tcp(tcp: Option<&TcpListener>) -> std::io::Result<tokio::net::TcpStream> {
+    match tcp {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}
+
+/// [`run`], and `gateway_listen`'s loopback TCP listener when given: each TCP connection's
+/// uid is looked up in the kernel's TCP table ([`Peer::of_tcp`]) and the same rules apply;
+/// only `/gw/` is served there ([`api::tcp_guard`]).
+pub async fn run_with_tcp(
+    listener: UnixListener,
+    tcp: Option<TcpListener>,
+    agent: Arc<Agent>,
+    shutdown: impl Future<Output = ()>,
+) {
     // One permit per open connection: at the limit the agent stops accepting and new
     // connections wait in the kernel's backlog.
     let connections = Arc::new(Semaphore::new(agent.settings.max_connections));
     let (stop, stopping) = watch::channel(false);
     let router = api::router(agent.clone());
+    let tcp_router = tcp
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|addr| api::tcp_router(router.clone(), addr));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -263,17 +332,23 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
                 Err(_) => break,
             },
         };
-        let stream = tokio::select! {
+        let accepted = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    continue;
-                }
-            },
+            accepted = listener.accept() => accepted.map(|(s, _)| Accepted::Unix(s)),
+            accepted = accept_tcp(tcp.as_ref()) => accepted.map(Accepted::Tcp),
         };
-        let peer = match Peer::of(&stream) {
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                continue;
+            }
+        };
+        let peer = match &stream {
+            Accepted::Unix(s) => Peer::of(s),
+            Accepted::Tcp(s) => Peer::of_tcp(s),
+        };
+        let peer = match peer {
             Ok(peer) => peer,
             Err(e) => {
                 tracing::warn!("no peer credentials on a connection, dropped: {e}");
@@ -308,37 +383,27 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
             }
             continue;
         };
-        let service = TowerToHyperService::new(router.clone().layer(axum::Extension(caller)));
-        let mut stopping = stopping.clone();
-        let header_timeout = Duration::from_secs(agent.settings.header_timeout_secs);
-        let span = tracing::info_span!("connection", uid = peer.uid());
-        tokio::spawn(
-            async move {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    // Also the keep-alive idle limit: hyper restarts it for every request.
-                    .header_read_timeout(header_timeout)
-                    // A client may shut down its write side after a request and still
-                    // read the answer.
-                    .half_close(true)
-                    .serve_connection(TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                tokio::select! {
-                    result = conn.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!("connection ended: {e}");
-                        }
-                    }
-                    _ = stopping.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
-                }
-                drop(uid_slot);
-                drop(permit);
-            }
-            .instrument(span),
+        let (tx, span) = (
+            ConnectionTasks {
+                stopping: stopping.clone(),
+                header_timeout: Duration::from_secs(agent.settings.header_timeout_secs),
+                uid_slot,
+                permit,
+            },
+            tracing::info_span!("connection", uid = peer.uid()),
         );
+        match (stream, &tcp_router) {
+            (Accepted::Unix(s), _) => {
+                let service =
+                    TowerToHyperService::new(router.clone().layer(axum::Extension(caller)));
+                tokio::spawn(tx.serve(s, service).instrument(span));
+            }
+            (Accepted::Tcp(s), Some(r)) => {
+                let service = TowerToHyperService::new(r.clone().layer(axum::Extension(caller)));
+                tokio::spawn(tx.serve(s, service).instrument(span));
+            }
+            (Accepted::Tcp(_), None) => {}
+        }
     }
     drop(listener);
     let _ = stop.send(true);
@@ -352,6 +417,52 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
             "connections still open after {} s; exiting anyway",
             grace.as_secs()
         );
+    }
+}
+
+/// What a served connection holds until it ends.
+struct ConnectionTasks {
+    stopping: watch::Receiver<bool>,
+    header_timeout: Duration,
+    uid_slot: UidSlot,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl ConnectionTasks {
+    /// Serves HTTP/1.1 on `stream` until it ends or the agent stops.
+    async fn serve<S, T>(mut self, stream: S, service: T)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        T: hyper::service::Service<
+                hyper::Request<hyper::body::Incoming>,
+                Response = axum::response::Response,
+            > + Send
+            + 'static,
+        T::Future: Send + 'static,
+        T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            // Also the keep-alive idle limit: hyper restarts it for every request.
+            .header_read_timeout(self.header_timeout)
+            // A client may shut down its write side after a request and still read the
+            // answer.
+            .half_close(true)
+            .serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!("connection ended: {e}");
+                }
+            }
+            _ = self.stopping.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+        drop(self.uid_slot);
+        drop(self.permit);
     }
 }
 

@@ -8,17 +8,12 @@ use std::time::{Duration, Instant};
 use super::{BenchError, Phase};
 
 /// `clients` keep-alive connections asking the agent for proofs until the deadline.
-///
-/// The load generator shares the cores with the agent and the device, so it is kept as
-/// lean as `wrk`: one task per connection writing a prepared request and reading the
-/// answer in place, no per-request allocation beyond the answer's buffer growth.
 pub(super) async fn agent_phase(
     socket: &Path,
     key: &str,
     clients: usize,
     phase: Duration,
 ) -> Result<Phase, BenchError> {
-    let until = tokio::time::Instant::now() + phase;
     let body = serde_json::json!({
         "key": key, "htm": "POST", "htu": "https://bench.keybound.invalid/oauth2/v1/token",
     })
@@ -28,7 +23,32 @@ pub(super) async fn agent_phase(
          content-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let request: std::sync::Arc<[u8]> = request.into_bytes().into();
+    requests_phase(socket, request.into_bytes().into(), clients, phase).await
+}
+
+/// `clients` keep-alive connections sending `GET path` (the gateway) until the deadline.
+pub(super) async fn get_phase(
+    socket: &Path,
+    path: &str,
+    clients: usize,
+    phase: Duration,
+) -> Result<Phase, BenchError> {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: keybound\r\n\r\n");
+    requests_phase(socket, request.into_bytes().into(), clients, phase).await
+}
+
+/// `clients` keep-alive connections each sending `request` in a loop until the deadline.
+///
+/// The load generator shares the cores with the agent and the device, so it is kept as
+/// lean as `wrk`: one task per connection writing a prepared request and reading the
+/// answer in place, no per-request allocation beyond the answer's buffer growth.
+async fn requests_phase(
+    socket: &Path,
+    request: std::sync::Arc<[u8]>,
+    clients: usize,
+    phase: Duration,
+) -> Result<Phase, BenchError> {
+    let until = tokio::time::Instant::now() + phase;
     let mut tasks = Vec::new();
     for _ in 0..clients.max(1) {
         let (socket, request) = (socket.to_path_buf(), request.clone());
@@ -43,6 +63,13 @@ pub(super) async fn agent_phase(
             Ok::<_, BenchError>(lat)
         }));
     }
+    joined(tasks).await
+}
+
+/// The latencies of every caller task, as one phase.
+pub(super) async fn joined(
+    tasks: Vec<tokio::task::JoinHandle<Result<Vec<u64>, BenchError>>>,
+) -> Result<Phase, BenchError> {
     let mut all = Vec::new();
     for t in tasks {
         let lat = t

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use keybound::bench;
 use keybound::jose::Alg;
+use keybound::oauth::client::OAuthClient;
 
 /// `--agent`: measure the running agent instead of the in-process pipeline.
 pub struct AgentTarget {
@@ -89,5 +90,64 @@ pub fn run(
             peak as f64 / 1024.0
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--gateway ROUTE`: a GET through the running agent's gateway against the same GET sent
+/// directly by this process with the route client's cached token.
+pub fn gateway(
+    config: Option<&Path>,
+    route: &str,
+    path: &str,
+    clients: usize,
+    socket: Option<PathBuf>,
+    seconds: f64,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    if !(seconds.is_finite() && seconds > 0.0) {
+        anyhow::bail!("--seconds must be a positive number");
+    }
+    let (settings, _, keyring) = super::load(config, None)?;
+    let Some(r) = settings.routes.iter().find(|r| r.name == route) else {
+        let names: Vec<&str> = settings.routes.iter().map(|r| r.name.as_str()).collect();
+        anyhow::bail!(
+            "no [[route]] named '{route}' in the config (routes: {})",
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        );
+    };
+    let Some(c) = settings.clients.iter().find(|c| c.name == r.client) else {
+        anyhow::bail!("route '{route}' names no configured client");
+    };
+    let client = OAuthClient::new(c.clone(), &keyring)?;
+    let socket = socket.unwrap_or_else(|| settings.agent.socket_path());
+    let report = bench::run_gateway(client, r, &socket, path, clients, seconds)?;
+    if as_json {
+        out!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    out!(
+        "route '{}' GET {}, {} callers each side, {:.1} s measured",
+        report.route,
+        report.path,
+        report.callers,
+        report.seconds
+    );
+    out!(
+        "direct (cached token) {:>8.0} GET/s   (p50 {} µs, p99 {} µs)",
+        report.direct_per_s,
+        report.direct_p50_us,
+        report.direct_p99_us
+    );
+    out!(
+        "through the gateway   {:>8.0} GET/s   (p50 {} µs, p99 {} µs)",
+        report.gateway_per_s,
+        report.gateway_p50_us,
+        report.gateway_p99_us
+    );
+    out!("gateway / direct      {:.3}", report.ratio);
     Ok(ExitCode::SUCCESS)
 }

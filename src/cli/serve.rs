@@ -25,6 +25,7 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
     let socket_path = socket_flag.unwrap_or_else(|| config.agent.socket_path());
     let own_uid = socket::own_uid().context("cannot read this process's uid")?;
     let mut agent = Agent::new(keyring, clients, config.agent.clone(), own_uid, metrics)
+        .and_then(|a| a.with_routes(config.routes.clone()))
         .map_err(anyhow::Error::msg)?;
     // The hosted JWKS's certificate and key are read now: a bad one stops the start.
     let jwks_tls = match &config.jwks {
@@ -73,12 +74,24 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
             config.agent.socket_mode,
             config.agent.socket_group.as_deref(),
         )?;
+        let tcp = match config.agent.gateway_listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on agent.gateway_listen {addr}"))?;
+                let bound = l.local_addr().context("gateway_listen's address")?;
+                tracing::info!(listen = %bound, "gateway listening on loopback TCP");
+                eprintln!("keybound gateway on http://{bound}/gw/");
+                Some(l)
+            }
+            None => None,
+        };
         tracing::info!(socket = %socket_path.display(), config = %path.display(), uid = own_uid,
             "keybound agent listening");
         eprintln!("keybound agent listening on {}", socket_path.display());
         agent::notify_ready();
         let rotation = agent::rotation::spawn(agent.clone(), config.rotation.clone());
-        agent::run(listener, agent, async {
+        agent::run_with_tcp(listener, tcp, agent, async {
             shutdown.await;
             let _ = stop.send(true);
         })

@@ -14,7 +14,8 @@ use super::nonce::{Ask, Budget, NonceAnswer};
 use super::response::{OktaError, challenges, excerpt, next_link};
 use super::secret::Redacted as _;
 use super::settings::origin;
-use super::state::{Role, TOLERATED_SKEW_SECS};
+use super::state::{ClockNote, Role, TOLERATED_SKEW_SECS};
+use super::transport::{StreamBody, TransportError};
 use secrecy::ExposeSecret as _;
 
 pub struct ApiRequest {
@@ -34,9 +35,68 @@ pub struct ApiResponse {
     pub clock_offset: Option<i64>,
 }
 
+/// An [`ApiResponse`] whose body is read as it arrives (the agent's gateway streams it).
+pub struct StreamedResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: StreamBody,
+    /// HTTP exchanges this call cost, the token fetch excluded.
+    pub round_trips: u32,
+}
+
 impl OAuthClient {
     /// Sends one request with the client's token and a fresh proof.
     pub async fn call(&self, request: &ApiRequest) -> Result<ApiResponse, OAuthError> {
+        let transport = &*self.transport;
+        let (response, round_trips, clock) =
+            self.send_with_token(request, |r| transport.send(r)).await?;
+        let (parts, body) = response.into_parts();
+        Ok(ApiResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            round_trips,
+            clock_offset: clock.map(|c| c.offset),
+        })
+    }
+
+    /// [`Self::call`], returning at the response's head: the body is streamed. The
+    /// retries (nonce, clock, a fresh token on `invalid_token`) need only the status and
+    /// headers; a challenge's small body is read first (so that its connection can serve
+    /// the retry) and dropped when the request is retried.
+    pub async fn call_streaming(
+        &self,
+        request: &ApiRequest,
+    ) -> Result<StreamedResponse, OAuthError> {
+        let transport = &*self.transport;
+        let (response, round_trips, _) = self
+            .send_with_token(request, |r| async move {
+                let url = r.uri().to_string();
+                let response = transport.send_streaming(r).await?;
+                read_challenge(response, url).await
+            })
+            .await?;
+        let (parts, body) = response.into_parts();
+        Ok(StreamedResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            round_trips,
+        })
+    }
+
+    /// The one policy of an API call, whatever reads the body: the origin check, the token,
+    /// a fresh proof per exchange, the nonce and clock retries, one fresh token on
+    /// `invalid_token`.
+    async fn send_with_token<T, S, SFut>(
+        &self,
+        request: &ApiRequest,
+        transmit: S,
+    ) -> Result<(http::Response<T>, u32, Option<ClockNote>), OAuthError>
+    where
+        S: Fn(Request<Vec<u8>>) -> SFut,
+        SFut: Future<Output = Result<http::Response<T>, TransportError>>,
+    {
         let origin = origin(&request.url);
         if !self.config().api_origins.contains(&origin) {
             return Err(OAuthError::ForeignOrigin {
@@ -54,10 +114,11 @@ impl OAuthClient {
             let token = self.token().await?;
             let NonceAnswer { response, clock } = self
                 .peer(Role::ResourceServer, &origin)
-                .send(
+                .send_via(
                     &mut budget,
                     &mut round_trips,
                     |nonce| self.api_request(request, &token, &origin, nonce),
+                    &transmit,
                     |response| {
                         let errors = challenge_errors(response.headers());
                         if !matches!(response.status().as_u16(), 400 | 401) {
@@ -74,12 +135,12 @@ impl OAuthClient {
                     },
                 )
                 .await?;
-            let (parts, body) = response.into_parts();
-            let (status, headers) = (parts.status, parts.headers);
-            tracing::info!(method = %request.method, url = %request.url, status = status.as_u16(),
-                token = %token.secret.redacted(), "API answered");
+            let status = response.status();
+            // Without the query, which may carry personal data (a search, a cursor).
+            tracing::info!(method = %request.method, url = %format!("{origin}{}", request.url.path()),
+                status = status.as_u16(), token = %token.secret.redacted(), "API answered");
             if status == StatusCode::UNAUTHORIZED
-                && challenge_errors(&headers)
+                && challenge_errors(response.headers())
                     .iter()
                     .any(|e| e == "invalid_token")
                 && !token_retried
@@ -89,13 +150,7 @@ impl OAuthClient {
                 self.invalidate().await;
                 continue;
             }
-            return Ok(ApiResponse {
-                status,
-                headers,
-                body,
-                round_trips,
-                clock_offset: clock.map(|c| c.offset),
-            });
+            return Ok((response, round_trips, clock));
         }
     }
 
@@ -120,8 +175,14 @@ impl OAuthClient {
         let scheme = if proof.is_some() { "DPoP" } else { "Bearer" };
         let mut builder = Request::builder()
             .method(request.method.clone())
-            .uri(request.url.as_str())
-            .header(http::header::ACCEPT, "application/json");
+            .uri(request.url.as_str());
+        if !request
+            .headers
+            .iter()
+            .any(|(k, _)| k == http::header::ACCEPT)
+        {
+            builder = builder.header(http::header::ACCEPT, "application/json");
+        }
         for (k, v) in &request.headers {
             builder = builder.header(k, v);
         }
@@ -200,6 +261,38 @@ impl OAuthClient {
             };
         }
     }
+}
+
+/// Longest challenge body read before a retry; a longer one is not a challenge's.
+const MAX_CHALLENGE_BODY: usize = 64 * 1024;
+
+/// A 400 or 401 with a `WWW-Authenticate` challenge, its body read in full (it is small);
+/// any other response as it is, its body still unread.
+async fn read_challenge(
+    response: http::Response<StreamBody>,
+    url: String,
+) -> Result<http::Response<StreamBody>, TransportError> {
+    use http_body_util::BodyExt as _;
+    if !matches!(response.status().as_u16(), 400 | 401)
+        || !response
+            .headers()
+            .contains_key(http::header::WWW_AUTHENTICATE)
+    {
+        return Ok(response);
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = http_body_util::Limited::new(body, MAX_CHALLENGE_BODY)
+        .collect()
+        .await
+        .map_err(|e| TransportError::Other {
+            url,
+            reason: format!("reading the body of a {} challenge: {e}", parts.status),
+        })?
+        .to_bytes();
+    let body = http_body_util::Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    Ok(http::Response::from_parts(parts, body))
 }
 
 /// The `error` of every `WWW-Authenticate` challenge (RFC 6750 §3, RFC 9449 §7.1).

@@ -7,7 +7,8 @@ use std::time::Duration;
 use http::{Request, Response};
 
 pub use super::transport::TransportError;
-use super::transport::{Sending, Transport};
+use super::transport::{Sending, StreamBody, StreamSending, Transport};
+use http_body_util::BodyExt as _;
 
 /// Bodies above this are refused: no server keybound talks to needs more.
 const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -38,32 +39,8 @@ impl HttpClient {
         request: Request<Vec<u8>>,
     ) -> Result<Response<Vec<u8>>, TransportError> {
         let url = request.uri().to_string();
-        let request =
-            reqwest::Request::try_from(request.map(reqwest::Body::from)).map_err(|e| {
-                TransportError::Other {
-                    url: url.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-        let classify = |e: reqwest::Error| {
-            if e.is_timeout() {
-                TransportError::Timeout {
-                    url: url.clone(),
-                    secs: self.timeout.as_secs_f64(),
-                }
-            } else if e.is_connect() {
-                TransportError::Connect {
-                    url: url.clone(),
-                    reason: root_cause(&e),
-                }
-            } else {
-                TransportError::Other {
-                    url: url.clone(),
-                    reason: root_cause(&e),
-                }
-            }
-        };
-        let mut response = self.inner.execute(request).await.map_err(classify)?;
+        let classify = |e: reqwest::Error| self.classify(&url, e);
+        let mut response = self.head(request).await?;
         let status = response.status();
         let headers = std::mem::take(response.headers_mut());
         let mut body = Vec::new();
@@ -81,11 +58,63 @@ impl HttpClient {
         *out.headers_mut() = headers;
         Ok(out)
     }
+
+    /// The response's head; the body is read as it is polled, with no size limit (the
+    /// gateway passes it on as it arrives).
+    async fn stream(
+        &self,
+        request: Request<Vec<u8>>,
+    ) -> Result<Response<StreamBody>, TransportError> {
+        let url = request.uri().to_string();
+        let response = http::Response::<reqwest::Body>::from(self.head(request).await?);
+        let this = self.clone();
+        Ok(response.map(move |body| body.map_err(move |e| this.classify(&url, e)).boxed_unsync()))
+    }
+
+    /// Sends `request` and waits for the response's head.
+    async fn head(&self, request: Request<Vec<u8>>) -> Result<reqwest::Response, TransportError> {
+        let url = request.uri().to_string();
+        let request =
+            reqwest::Request::try_from(request.map(reqwest::Body::from)).map_err(|e| {
+                TransportError::Other {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        self.inner
+            .execute(request)
+            .await
+            .map_err(|e| self.classify(&url, e))
+    }
+
+    fn classify(&self, url: &str, e: reqwest::Error) -> TransportError {
+        let url = url.to_owned();
+        if e.is_timeout() {
+            TransportError::Timeout {
+                url,
+                secs: self.timeout.as_secs_f64(),
+            }
+        } else if e.is_connect() {
+            TransportError::Connect {
+                url,
+                reason: root_cause(&e),
+            }
+        } else {
+            TransportError::Other {
+                url,
+                reason: root_cause(&e),
+            }
+        }
+    }
 }
 
 impl Transport for HttpClient {
     fn send(&self, request: Request<Vec<u8>>) -> Sending<'_> {
         Box::pin(self.exchange(request))
+    }
+
+    fn send_streaming(&self, request: Request<Vec<u8>>) -> StreamSending<'_> {
+        Box::pin(self.stream(request))
     }
 }
 

@@ -41,8 +41,8 @@ pub struct Budget {
 }
 
 /// The answer, and what was known of the server's clock when it came.
-pub struct NonceAnswer {
-    pub response: Response<Vec<u8>>,
+pub struct NonceAnswer<T = Vec<u8>> {
+    pub response: Response<T>,
     /// Offset from this response's `Date`, and the drift of the request's times from it.
     pub clock: Option<ClockNote>,
 }
@@ -67,12 +67,33 @@ impl NoncePeer<'_> {
         &self,
         budget: &mut Budget,
         exchanges: &mut u32,
-        mut build: B,
+        build: B,
         ask: impl Fn(&Response<Vec<u8>>) -> Ask,
     ) -> Result<NonceAnswer, OAuthError>
     where
         B: FnMut(Option<String>) -> Fut,
         Fut: Future<Output = Result<Request<Vec<u8>>, OAuthError>>,
+    {
+        let transport = self.transport;
+        self.send_via(budget, exchanges, build, |r| transport.send(r), ask)
+            .await
+    }
+
+    /// [`Self::send`] through `transmit`, which may return the body unread (the gateway
+    /// streams it): a response that is retried is dropped, its body with it.
+    pub async fn send_via<T, B, Fut, S, SFut>(
+        &self,
+        budget: &mut Budget,
+        exchanges: &mut u32,
+        mut build: B,
+        transmit: S,
+        ask: impl Fn(&Response<T>) -> Ask,
+    ) -> Result<NonceAnswer<T>, OAuthError>
+    where
+        B: FnMut(Option<String>) -> Fut,
+        Fut: Future<Output = Result<Request<Vec<u8>>, OAuthError>>,
+        S: Fn(Request<Vec<u8>>) -> SFut,
+        SFut: Future<Output = Result<Response<T>, super::transport::TransportError>>,
     {
         let (role, origin, client) = (self.role, self.origin, self.client);
         loop {
@@ -81,7 +102,7 @@ impl NoncePeer<'_> {
             let assumed = self.state.applied_offset(origin);
             let request = build(nonce.clone()).await?;
             *exchanges = exchanges.saturating_add(1);
-            let response = self.transport.send(request).await?;
+            let response = transmit(request).await?;
             self.observer.response(client, response.status());
             let measured = self.state.observe(role, origin, response.headers());
             let clock = measured.map(|offset| ClockNote {

@@ -152,7 +152,7 @@ fn unquote(value: &str) -> String {
 
 /// Splits on `sep` where it is not inside a quoted string (RFC 9110 §5.6.4) or a `<…>`
 /// URI reference (RFC 8288 §3): a comma in a link target or a quoted parameter is data.
-fn split_outside(value: &str, sep: char) -> Vec<&str> {
+pub fn split_outside(value: &str, sep: char) -> Vec<&str> {
     let mut out = Vec::new();
     let (mut start, mut quoted, mut bracketed, mut escaped) = (0, false, false, false);
     for (i, c) in value.char_indices() {

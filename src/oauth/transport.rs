@@ -5,17 +5,41 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body_util::BodyExt as _;
+use http_body_util::combinators::UnsyncBoxBody;
 
 /// A boxed, sendable future: the trait stays object-safe without a macro crate.
 pub type Sending<'a> =
     Pin<Box<dyn Future<Output = Result<Response<Vec<u8>>, TransportError>> + Send + 'a>>;
+
+/// A response body read as it arrives (the gateway streams it to its caller).
+pub type StreamBody = UnsyncBoxBody<Bytes, TransportError>;
+
+/// [`Sending`] with the body not read yet: the future resolves at the response's head.
+pub type StreamSending<'a> =
+    Pin<Box<dyn Future<Output = Result<Response<StreamBody>, TransportError>> + Send + 'a>>;
 
 /// Sends one request and returns the whole response. Never follows redirects: a 3xx is an
 /// answer (a redirected token request would carry an assertion and a proof to a host
 /// nobody configured).
 pub trait Transport: Send + Sync {
     fn send(&self, request: Request<Vec<u8>>) -> Sending<'_>;
+
+    /// Sends one request and returns at the response's head; the body is read as the
+    /// caller polls it. By default the whole response is read first (an in-memory
+    /// transport has it anyway).
+    fn send_streaming(&self, request: Request<Vec<u8>>) -> StreamSending<'_> {
+        Box::pin(async move {
+            let response = self.send(request).await?;
+            Ok(response.map(|body| {
+                http_body_util::Full::new(Bytes::from(body))
+                    .map_err(|never| match never {})
+                    .boxed_unsync()
+            }))
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -89,26 +89,50 @@ impl CurlReply {
 
 /// `curl --unix-socket <socket> -X POST http://keybound<path> -d <body>` as another user.
 pub fn curl_as(who: As, socket: &Path, path: &str, body: &Value) -> CurlReply {
+    curl_method_as(who, socket, "POST", path, Some(&body.to_string()))
+}
+
+/// `curl --unix-socket <socket> -X <method> http://keybound<path>` as another user, with a
+/// JSON body when given; the path sent as it is (`--path-as-is`).
+pub fn curl_method_as(
+    who: As,
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> CurlReply {
     let mut cmd = who.command();
     cmd.arg("curl")
-        .args(["-sS", "--max-time", "30", "--unix-socket"])
+        .args(["-sS", "--max-time", "30", "--path-as-is", "--unix-socket"])
         .arg(socket)
-        .args(["-H", "content-type: application/json"])
-        .args(["-w", "\n%{http_code}", "-X", "POST"])
+        .args(["-w", "\n%{http_code}", "-X", method])
         .arg(format!("http://keybound{path}"))
-        .arg("--data-binary")
-        .arg(body.to_string())
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .current_dir("/");
-    let out = output_with_guard(cmd);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
-    CurlReply {
-        exit: out.status.code(),
-        status: code.trim().parse().unwrap_or(0),
-        body: body.to_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    if let Some(body) = body {
+        cmd.args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    CurlReply::of(cmd)
+}
+
+impl CurlReply {
+    /// Runs `cmd`, a curl with `-w "\n%{http_code}"`, and reads its answer.
+    pub fn of(cmd: Command) -> CurlReply {
+        let out = output_with_guard(cmd);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+        CurlReply {
+            exit: out.status.code(),
+            status: code.trim().parse().unwrap_or(0),
+            body: body.to_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 }
 

@@ -40,6 +40,11 @@ impl DevServer {
 }
 
 impl DevServer {
+    /// Every request the dev-server was sent so far.
+    pub fn requests(&self) -> Vec<keybound_devserver::SeenRequest> {
+        self._server.requests()
+    }
+
     /// A dev-server that knows [`DEV_CLIENT_ID`] by the token's `client-auth` key (its
     /// JWKS as `keybound jwks` prints it), with settings changed by `adjust`.
     pub fn for_client_auth(

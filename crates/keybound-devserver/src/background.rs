@@ -15,6 +15,7 @@ use super::{DevServer, DevServerError, Endpoints, Settings};
 /// is joined.
 pub struct Background {
     endpoints: Endpoints,
+    requests: super::RequestLog,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -24,6 +25,7 @@ impl Background {
     /// client's JWKS as [`DevServer::new`] does, and serves on a new thread. Returns once the
     /// server accepts connections, or with the reason it could not start.
     pub fn start(port: u16, settings: Settings) -> Result<Background, DevServerError> {
+        let requests = settings.requests.clone();
         let (ready_tx, ready_rx) = mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
         // The runtime is built, used and dropped on the new thread only: a caller inside an
@@ -68,6 +70,7 @@ impl Background {
         match ready_rx.recv() {
             Ok(Ok(endpoints)) => Ok(Background {
                 endpoints,
+                requests,
                 stop: Some(stop),
                 thread: Some(thread),
             }),
@@ -88,6 +91,11 @@ impl Background {
     /// The server's URLs.
     pub fn endpoints(&self) -> &Endpoints {
         &self.endpoints
+    }
+
+    /// Every request the server was sent so far.
+    pub fn requests(&self) -> Vec<super::SeenRequest> {
+        self.requests.snapshot()
     }
 
     /// `http://127.0.0.1:PORT`: the issuer, and the base of every other URL.

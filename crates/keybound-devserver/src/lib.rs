@@ -116,6 +116,44 @@ pub struct Settings {
     /// in seconds. It shifts the `Date` header, every `iat`/`exp` check, the access tokens'
     /// `iat`/`exp` and nonce rotation alike.
     pub clock_offset_secs: i64,
+    /// Every request's method, path, query and credentials headers, for tests that check
+    /// what a client sent (a gateway must send its own token, and nothing it refused).
+    pub requests: RequestLog,
+}
+
+/// What the dev-server was sent, in order (at most [`RequestLog::CAPACITY`] requests).
+#[derive(Clone, Debug, Default)]
+pub struct RequestLog(Arc<Mutex<Vec<SeenRequest>>>);
+
+/// One request as the dev-server saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenRequest {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    /// The whole `Authorization` header (a test server's own tokens).
+    pub authorization: Option<String>,
+    /// Whether a `DPoP` header came.
+    pub dpop: bool,
+}
+
+impl RequestLog {
+    pub const CAPACITY: usize = 10_000;
+
+    /// The requests so far.
+    pub fn snapshot(&self) -> Vec<SeenRequest> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn record(&self, seen: SeenRequest) {
+        let mut log = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if log.len() < Self::CAPACITY {
+            log.push(seen);
+        }
+    }
 }
 
 /// The dev-server's URLs, all under `http://127.0.0.1:PORT`.
@@ -209,6 +247,7 @@ struct App {
     /// `Mutex`: held for a lookup or an update, never across `.await`.
     users: Mutex<users::Directory>,
     stats: Stats,
+    requests: RequestLog,
 }
 
 /// What the dev-server was asked, for tests that count requests (`GET /dev/stats`): how
@@ -280,6 +319,7 @@ impl Settings {
             users: DEFAULT_USERS,
             rs_nonce_status: 401,
             clock_offset_secs: 0,
+            requests: RequestLog::default(),
         }
     }
 
@@ -370,6 +410,7 @@ impl DevServer {
             assertion_jtis: ReplayCache::new(REPLAY_CAPACITY),
             proof_jtis: ReplayCache::new(REPLAY_CAPACITY),
             stats: Stats::default(),
+            requests: settings.requests,
             endpoints,
         };
         Ok(DevServer {
@@ -438,6 +479,17 @@ fn router(app: Arc<App>) -> Router {
 async fn stamp_and_log(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    app.requests.record(SeenRequest {
+        method: method.to_string(),
+        path: path.clone(),
+        query: request.uri().query().map(str::to_owned),
+        authorization: request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        dpop: request.headers().contains_key("dpop"),
+    });
     let mut response = next.run(request).await;
     if let Ok(date) = HeaderValue::from_str(&http_date(app.now())) {
         response.headers_mut().insert(header::DATE, date);
