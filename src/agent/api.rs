@@ -280,6 +280,15 @@ impl From<KeyError> for ApiError {
             KeyError::Token(t) => t.into(),
             KeyError::Policy(p) => ApiError::of_kind(p.kind(), p.to_string()),
             KeyError::Rotation(r) => ApiError::of_kind(r.kind(), r.to_string()),
+            // The audit trail cannot be written (`[audit] on_failure = "refuse"`).
+            KeyError::Gated(reason) => ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    format!("signing refused: {reason}"),
+                )
+            },
         }
     }
 }
