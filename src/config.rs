@@ -27,6 +27,8 @@ pub struct Config {
     pub rotation: crate::rotation::RotationSettings,
     /// `[jwks]`, the hosted JWKS of `keybound serve`; absent: not hosted.
     pub jwks: Option<crate::agent::jwks_host::JwksSettings>,
+    /// `[audit]`, the agent's audit trail; absent: no trail.
+    pub audit: Option<crate::trail::AuditSettings>,
 }
 
 /// The file's shape before `[token]` is resolved by its backend. Parsing in two steps keeps
@@ -44,6 +46,7 @@ struct RawConfig {
     #[serde(default)]
     rotation: crate::rotation::RotationSettings,
     jwks: Option<crate::agent::jwks_host::JwksSettings>,
+    audit: Option<crate::trail::AuditSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +177,16 @@ impl Config {
                 }
             }
         }
+        if let Some(audit) = &raw.audit {
+            let mut keys = Vec::new();
+            for c in &clients {
+                keys.push((c.name.as_str(), "assertion_key", c.assertion_key.as_str()));
+                if let Some(d) = &c.dpop_key {
+                    keys.push((c.name.as_str(), "dpop_key", d.as_str()));
+                }
+            }
+            audit.validate(&keys).map_err(|e| e.to_string())?;
+        }
         Ok(Config {
             token,
             policy: raw.policy,
@@ -181,6 +194,7 @@ impl Config {
             agent: raw.agent,
             rotation: raw.rotation,
             jwks: raw.jwks,
+            audit: raw.audit,
         })
     }
 }

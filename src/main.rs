@@ -87,6 +87,9 @@ enum Command {
         /// The compact JWS; read from stdin when absent
         jws: Option<String>,
     },
+    /// The agent's audit trail (see [audit] in the config)
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Run the local signing agent on a Unix socket (see [agent] in the config)
     Serve {
         /// Socket path (default: agent.socket, else $XDG_RUNTIME_DIR/keybound/agent.sock,
@@ -120,6 +123,21 @@ enum Command {
         /// The agent's socket (with --agent; default: from the config)
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check an audit trail: the hash chain across its files (oldest first) and every
+    /// checkpoint's signature; exit status 1 names the first line tampered with
+    Verify {
+        /// The audit key's JWKS (`keybound jwks --label audit`); default: the key
+        /// [audit] checkpoint_key names on the configured device
+        #[arg(long, value_name = "FILE")]
+        jwks: Option<PathBuf>,
+        /// Trail files, oldest first (rotated files, then the current one)
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -309,6 +327,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         } => cli::oauth::token(config, client.as_deref(), json, check),
         Command::Call(call) => cli::oauth::call(config, call),
         Command::Serve { socket, .. } => cli::serve::run(config, socket),
+        Command::Audit(AuditCommand::Verify { jwks, files }) => {
+            cli::audit::verify(config, jwks.as_deref(), &files)
+        }
         Command::Bench {
             key,
             sessions,

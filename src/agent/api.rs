@@ -683,6 +683,15 @@ async fn health_handler(
     if let Some(host) = &agent.jwks {
         answer.1["jwks"] = host.health();
     }
+    if let Some(trail) = &agent.trail {
+        answer.1["audit"] = trail.health();
+        // Refusing to sign is being unavailable; continuing without a trail is not.
+        if !trail.healthy() && trail.gate()().is_err() && answer.0 == StatusCode::OK {
+            answer.0 = StatusCode::SERVICE_UNAVAILABLE;
+            answer.1["status"] = "unavailable".into();
+            answer.1["message"] = "the audit trail cannot be written; signing is refused".into();
+        }
+    }
     let mut r = (answer.0, Json(answer.1)).into_response();
     if answer.0 != StatusCode::OK {
         r.headers_mut()

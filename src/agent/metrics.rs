@@ -387,6 +387,9 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
         host.render_metrics(&mut out);
     }
     render_rotation(agent, &mut out);
+    if let Some(trail) = &agent.trail {
+        trail.render_metrics(&mut out);
+    }
     out
 }
 

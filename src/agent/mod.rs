@@ -24,7 +24,7 @@ use tokio::sync::{Semaphore, watch};
 use tracing::Instrument as _;
 
 use crate::error::InvalidSetting;
-use crate::keyring::{Keyring, Purpose, SignEvent, SignObserver};
+use crate::keyring::{Keyring, ORIGIN, Origin, Purpose, SignEvent, SignObserver};
 use crate::oauth::client::OAuthClient;
 use authz::{Peer, Policy};
 use metrics::Metrics;
@@ -161,13 +161,19 @@ pub struct Agent {
     jwks: Option<Arc<jwks_host::JwksHost>>,
     /// What the rotation task knows of each slot (see `rotation`).
     rotation: rotation::Status,
+    /// The audit trail (`[audit]`), reported in `/healthz` and `/metrics`.
+    trail: Option<crate::trail::Trail>,
 }
 
 /// The signature observer the agent gives its keyring before any key is approved (the
-/// OAuth clients' keys included): every signature counted in `metrics` and logged.
-pub fn sign_observer(metrics: &Arc<Metrics>) -> SignObserver {
+/// OAuth clients' keys included): every signature counted in `metrics`, logged, and
+/// recorded in the audit trail when there is one.
+pub fn sign_observer(metrics: &Arc<Metrics>, trail: Option<crate::trail::Trail>) -> SignObserver {
     let metrics = metrics.clone();
     Arc::new(move |e: &SignEvent<'_>| {
+        if let Some(trail) = &trail {
+            trail.signature(e);
+        }
         let outcome = if e.ok { "ok" } else { "error" };
         let micros = u64::try_from(e.took.as_micros()).unwrap_or(u64::MAX);
         match e.purpose {
@@ -205,7 +211,20 @@ impl Agent {
             per_uid: Mutex::new(HashMap::new()),
             jwks: None,
             rotation: rotation::Status::default(),
+            trail: None,
         })
+    }
+
+    /// Reports `trail` in `/healthz` and `/metrics`; its observer and gate are the
+    /// keyring's already (`sign_observer`, `Trail::gate`).
+    pub fn with_trail(mut self, trail: Option<crate::trail::Trail>) -> Agent {
+        self.trail = trail;
+        self
+    }
+
+    /// The audit trail, to record events in (`Trail::gateway`, `Trail::token_fetch`).
+    pub fn trail(&self) -> Option<&crate::trail::Trail> {
+        self.trail.as_ref()
     }
 
     /// Reports `host` in `/healthz` and `/metrics` (see [`jwks_host::refresh`]).
@@ -303,7 +322,19 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
         let mut stopping = stopping.clone();
         let header_timeout = Duration::from_secs(agent.settings.header_timeout_secs);
         let span = tracing::info_span!("connection", uid = peer.uid());
-        tokio::spawn(
+        // Who signs what in the audit trail: the peer, and its executable read now.
+        let origin = Arc::new(Origin {
+            uid: peer.uid(),
+            pid: peer.pid(),
+            exe: match (peer.pid(), &agent.trail) {
+                (Some(pid), Some(_)) => std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .ok()
+                    .map(|p| p.display().to_string()),
+                _ => None,
+            },
+        });
+        tokio::spawn(ORIGIN.scope(
+            origin,
             async move {
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -329,7 +360,7 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
                 drop(permit);
             }
             .instrument(span),
-        );
+        ));
     }
     drop(listener);
     let _ = stop.send(true);

@@ -8,6 +8,7 @@ macro_rules! out {
     }};
 }
 
+pub mod audit;
 pub mod bench;
 pub mod keys;
 pub mod oauth;
