@@ -509,3 +509,56 @@ fn a_checkpoint_key_that_is_a_client_key_is_refused_at_load() {
     let err = assert_error(&out, &"jwks with a bad [audit]");
     assert_mentions(&err, &["audit.checkpoint_key", "'audit' is the assertion_key of client 'okta'"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_fetch_is_recorded_by_hash_never_the_token_assertion_or_proof() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let trail = work.path().join("audit.log");
+    let (token, _) = token_with_keys(&[("client-auth", "ES256"), ("dpop", "ES256")]);
+    token.generate("audit", "ES256");
+    let server = DevServer::for_client_auth(&token, |_| {});
+    token.write_config(&config_text(
+        &format!(
+            "{}\n[audit]\npath = \"{}\"\ncheckpoint_every = 3\n",
+            dev_client(&server.base),
+            trail.display()
+        ),
+        "",
+    ));
+    let dir = SocketDir::new();
+    let mut agent = Agent::start(&token, &dir.socket());
+    let mut conn = Conn::open(agent.socket()).await;
+    let answer = conn
+        .post("/v1/token", &json!({ "client": "dev" }))
+        .await
+        .ok("POST /v1/token");
+    let access_token = answer["access_token"].as_str().unwrap().to_owned();
+    drop(conn);
+    agent.terminate();
+    agent.assert_clean_exit();
+
+    let lines = trail_lines(&trail);
+    check_independently(&lines, &token.jwk("audit"));
+    let fetch = lines
+        .iter()
+        .map(|l| parse(l))
+        .find(|v| v["event"] == "token_fetch")
+        .unwrap_or_else(|| panic!("no token_fetch: {lines:#?}"));
+    assert_eq!(fetch["client"], "dev");
+    assert_eq!(fetch["endpoint"], format!("{}/oauth2/v1/token", server.base));
+    assert_eq!(fetch["status"], 200);
+    assert!(fetch["round_trips"].as_u64().unwrap() >= 1, "{fetch}");
+    assert_eq!(fetch["token_sha256"], sha256_hex(access_token.as_bytes()));
+    // The token endpoint's assertion and proof, signed by the agent for itself.
+    let own: Vec<Value> = lines
+        .iter()
+        .map(|l| parse(l))
+        .filter(|v| v["event"] == "signature" && v["caller"] == "agent" && v["purpose"] != "possession")
+        .collect();
+    assert!(own.iter().any(|v| v["purpose"] == "assertion" && v["key"] == "client-auth"), "{own:#?}");
+    assert!(own.iter().any(|v| v["purpose"] == "dpop" && v["htm"] == "POST"), "{own:#?}");
+    let text = std::fs::read_to_string(&trail).unwrap();
+    assert!(!text.contains(&access_token), "the access token is in the trail");
+    assert!(!text.contains("eyJ0eXAiOiJkcG9w"), "a DPoP proof header is in the trail");
+    assert!(!text.contains(&format!("\"{PIN}\"")), "{text}");
+}

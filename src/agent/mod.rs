@@ -323,7 +323,7 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
         let header_timeout = Duration::from_secs(agent.settings.header_timeout_secs);
         let span = tracing::info_span!("connection", uid = peer.uid());
         // Who signs what in the audit trail: the peer, and its executable read now.
-        let origin = Arc::new(Origin {
+        let origin = Some(Arc::new(Origin {
             uid: peer.uid(),
             pid: peer.pid(),
             exe: match (peer.pid(), &agent.trail) {
@@ -332,7 +332,7 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
                     .map(|p| p.display().to_string()),
                 _ => None,
             },
-        });
+        }));
         tokio::spawn(ORIGIN.scope(
             origin,
             async move {

@@ -140,12 +140,18 @@ pub struct Origin {
 }
 
 tokio::task_local! {
-    /// The [`Origin`] of the connection this task serves.
-    pub static ORIGIN: Arc<Origin>;
+    /// The [`Origin`] of the connection this task serves; `None` inside [`as_agent`].
+    pub static ORIGIN: Option<Arc<Origin>>;
 }
 
 fn current_origin() -> Option<Arc<Origin>> {
-    ORIGIN.try_with(Arc::clone).ok()
+    ORIGIN.try_with(Option::clone).ok().flatten()
+}
+
+/// Runs `work` as the agent's own: its signatures have no caller's [`Origin`] (a token
+/// fetch a caller set off serves every caller that shares the token).
+pub async fn as_agent<F: std::future::Future>(work: F) -> F::Output {
+    ORIGIN.scope(None, work).await
 }
 
 /// Asked before every JWS signature the device makes (not a proof of possession); an
