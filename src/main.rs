@@ -123,6 +123,10 @@ enum Command {
         /// The agent's socket (with --agent; default: from the config)
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
+        /// With --agent: a second agent on the same token with [audit] on; measures
+        /// proofs/s with the audit on as a ratio to --socket's (audit off), alternating
+        #[arg(long, value_name = "PATH", requires = "agent")]
+        audit_socket: Option<PathBuf>,
     },
 }
 
@@ -338,8 +342,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             agent,
             clients,
             socket,
+            audit_socket,
         } => {
-            let target = agent.then_some(cli::bench::AgentTarget { clients, socket });
+            let target = agent.then_some(cli::bench::AgentTarget {
+                clients,
+                socket,
+                audit_socket,
+            });
             cli::bench::run(config, key.as_deref(), sessions, seconds, json, target)
         }
     }

@@ -131,7 +131,7 @@ impl SignedClaims {
 /// Who asked the agent for a signature: the connection's peer, captured when it was
 /// accepted. The agent sets it for each connection's task ([`ORIGIN`]); a signature
 /// reads it on the task that asks, before the device's worker thread takes over.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Origin {
     pub uid: u32,
     pub pid: Option<i32>,

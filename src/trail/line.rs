@@ -12,24 +12,25 @@ pub fn line_hash(line: &[u8]) -> String {
     crate::token::hex(&Sha256::digest(line))
 }
 
-/// One line's bytes (no newline): the chain fields first, then `fields` (an object).
-pub(super) fn build(
-    seq: u64,
-    prev: &str,
-    time: SystemTime,
-    event: &str,
-    fields: serde_json::Value,
-) -> Vec<u8> {
-    let mut map = serde_json::Map::new();
-    map.insert("seq".into(), seq.into());
-    map.insert("prev".into(), prev.into());
-    map.insert("time".into(), rfc3339(time).into());
-    map.insert("event".into(), event.into());
-    if let serde_json::Value::Object(fields) = fields {
-        map.extend(fields);
+/// One line's bytes (no newline): the chain fields first, then the members of `fields`
+/// (a serialised JSON object). `prev` is hex and `event` a fixed name: neither needs
+/// escaping.
+pub(super) fn build(seq: u64, prev: &str, time: SystemTime, event: &str, fields: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut line = Vec::with_capacity(fields.len() + 160);
+    let _ = write!(
+        line,
+        "{{\"seq\":{seq},\"prev\":\"{prev}\",\"time\":\"{}\",\"event\":\"{event}\"",
+        rfc3339(time)
+    );
+    match fields.strip_prefix(b"{") {
+        Some(b"}") | None => line.push(b'}'),
+        Some(rest) => {
+            line.push(b',');
+            line.extend_from_slice(rest);
+        }
     }
-    // A map of JSON values always serialises.
-    serde_json::to_vec(&map).unwrap_or_default()
+    line
 }
 
 /// `2026-12-01T04:24:14.123Z`.

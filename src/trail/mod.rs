@@ -165,7 +165,7 @@ impl Event {
 #[derive(Clone, Debug, Serialize)]
 pub struct Signature {
     /// `{"uid", "pid", "exe"}` of the connection that asked, or `"agent"`.
-    pub caller: serde_json::Value,
+    pub caller: Caller,
     pub key: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slot: Option<String>,
@@ -200,8 +200,8 @@ impl Signature {
             Purpose::Jws => "jws",
         };
         let caller = match e.origin {
-            Some(o) => serde_json::json!({ "uid": o.uid, "pid": o.pid, "exe": o.exe }),
-            None => serde_json::Value::from("agent"),
+            Some(o) => Caller::Peer(o.clone()),
+            None => Caller::Agent("agent"),
         };
         Signature {
             caller,
@@ -218,6 +218,16 @@ impl Signature {
             outcome: if e.ok { "ok" } else { "error" },
         }
     }
+}
+
+/// Who asked for a signature.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Caller {
+    /// The connection's peer credentials and executable.
+    Peer(crate::keyring::Origin),
+    /// The agent itself (`"agent"`): a token fetch, a background refresh, an approval.
+    Agent(&'static str),
 }
 
 /// A token request to an authorization server (its nonce and clock retries included).

@@ -45,7 +45,8 @@ pub(super) struct Writer {
     outage_since: Option<SystemTime>,
 }
 
-type Item = (&'static str, Value, SystemTime);
+/// An event's name, its members as a serialised JSON object, and its time.
+type Item = (&'static str, Vec<u8>, SystemTime);
 
 impl Writer {
     pub(super) fn open(
@@ -176,14 +177,17 @@ impl Writer {
                     "lost": lost,
                     "reason": reason,
                     "since": self.outage_since.map(line::rfc3339),
-                }),
+                })
+                .to_string()
+                .into_bytes(),
                 SystemTime::now(),
             ));
         }
         let events = batch.len();
         for (e, t) in batch {
             let name = e.name();
-            items.push((name, serde_json::to_value(&e).unwrap_or(Value::Null), t));
+            // Plain structs of strings and numbers always serialise.
+            items.push((name, serde_json::to_vec(&e).unwrap_or_default(), t));
         }
         if items.is_empty() {
             return;
@@ -240,7 +244,9 @@ impl Writer {
         (
             "open",
             json!({ "reason": reason, "pid": std::process::id(),
-                    "version": env!("CARGO_PKG_VERSION") }),
+                    "version": env!("CARGO_PKG_VERSION") })
+            .to_string()
+            .into_bytes(),
             SystemTime::now(),
         )
     }
@@ -254,7 +260,7 @@ impl Writer {
         let mut buf = Vec::with_capacity(items.len() * 400);
         let (mut seq, mut head) = (self.seq, self.head.clone());
         for (event, fields, time) in items {
-            let line = line::build(seq, &head, *time, event, fields.clone());
+            let line = line::build(seq, &head, *time, event, fields);
             head = line_hash(&line);
             buf.extend_from_slice(&line);
             buf.push(b'\n');
@@ -300,7 +306,7 @@ impl Writer {
             }
         };
         let fields = json!({ "head": self.head, "kid": kid, "alg": alg.name(), "jws": jws });
-        match self.append(&[("checkpoint", fields, time)]) {
+        match self.append(&[("checkpoint", fields.to_string().into_bytes(), time)]) {
             Ok(()) => {
                 self.since_checkpoint = 0;
                 self.last_checkpoint = Instant::now();
