@@ -96,8 +96,13 @@ fn check_independently(lines: &[String], audit_jwk: &Value) -> usize {
 }
 
 fn verify_cmd(token: &DevToken, jwks: &Path, files: &[&Path]) -> std::process::Output {
-    let mut args: Vec<OsArg> = vec!["audit".into(), "verify".into(), "--jwks".into(), jwks.into()];
-    args.extend(files.iter().map(|f| OsArg::from(f)));
+    let mut args: Vec<OsArg> = vec![
+        "audit".into(),
+        "verify".into(),
+        "--jwks".into(),
+        jwks.into(),
+    ];
+    args.extend(files.iter().map(OsArg::from));
     output_with_guard(token.command(&args))
 }
 
@@ -152,7 +157,10 @@ async fn every_signature_is_a_chained_line_with_signed_checkpoints_and_no_secret
 
     // Independent: chain and every checkpoint signature.
     let checkpoints = check_independently(&lines, &audit_jwk);
-    assert!(checkpoints >= 3, "checkpoints every 4 lines and at exit: {lines:#?}");
+    assert!(
+        checkpoints >= 3,
+        "checkpoints every 4 lines and at exit: {lines:#?}"
+    );
     assert_eq!(parse(&lines[0])["event"], "open");
     assert_eq!(
         parse(lines.last().unwrap())["event"],
@@ -172,7 +180,11 @@ async fn every_signature_is_a_chained_line_with_signed_checkpoints_and_no_secret
         let claims = Jws::parse(proof).claims;
         assert_eq!(line["caller"]["uid"], json!(own_uid()), "{line}");
         assert_eq!(line["caller"]["pid"], json!(std::process::id()), "{line}");
-        assert_eq!(line["caller"]["exe"], json!(me.display().to_string()), "{line}");
+        assert_eq!(
+            line["caller"]["exe"],
+            json!(me.display().to_string()),
+            "{line}"
+        );
         assert_eq!(line["key"], "dpop");
         assert_eq!(line["kid"], json!(dpop_kid));
         assert_eq!(line["alg"], "ES256");
@@ -221,28 +233,40 @@ fn write_lines(path: &Path, lines: &[String]) {
 
 /// Runs `audit verify` on `lines` written to a file; expects exit 1 naming `line`
 /// (1-based) and `kind`.
-fn assert_tampered(token: &DevToken, jwks: &Path, dir: &Path, name: &str, lines: &[String], line: usize, kind: &str) {
+fn assert_tampered(
+    token: &DevToken,
+    jwks: &Path,
+    dir: &Path,
+    name: &str,
+    lines: &[String],
+    line: usize,
+    kind: &str,
+) {
     let path = dir.join(name);
     write_lines(&path, lines);
     let out = verify_cmd(token, jwks, &[&path]);
     assert_eq!(out.status.code(), Some(1), "{name}: {}", describe(&out));
     let report = stdout(&out);
     let want = format!("{}:{line}: {kind}", path.display());
-    assert!(report.contains(&want), "{name}: wanted '{want}' in:\n{report}");
+    assert!(
+        report.contains(&want),
+        "{name}: wanted '{want}' in:\n{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_names_edits_deletions_reordering_splices_and_forged_checkpoints() {
     let work = tempfile::tempdir().expect("tempdir");
     let (a, b) = (work.path().join("a.log"), work.path().join("b.log"));
-    let (token, dpop_kid, _) = audit_token(&format!(
-        "path = \"{}\"\ncheckpoint_every = 4",
-        a.display()
-    ));
+    let (token, dpop_kid, _) =
+        audit_token(&format!("path = \"{}\"\ncheckpoint_every = 4", a.display()));
     make_trail(&token, &dpop_kid, 8).await;
     // A second trail (another file) to splice lines from.
     token.write_config(&config_text(
-        &format!("[audit]\npath = \"{}\"\ncheckpoint_every = 4\n", b.display()),
+        &format!(
+            "[audit]\npath = \"{}\"\ncheckpoint_every = 4\n",
+            b.display()
+        ),
         "",
     ));
     make_trail(&token, &dpop_kid, 8).await;
@@ -268,7 +292,15 @@ async fn verify_names_edits_deletions_reordering_splices_and_forged_checkpoints(
 
     let mut reordered = lines.clone();
     reordered.swap(s, s + 1);
-    assert_tampered(&token, &jwks, dir, "reordered", &reordered, s + 1, "reordered");
+    assert_tampered(
+        &token,
+        &jwks,
+        dir,
+        "reordered",
+        &reordered,
+        s + 1,
+        "reordered",
+    );
 
     let mut inserted = lines.clone();
     inserted.insert(s + 1, lines[s - 1].clone());
@@ -291,7 +323,15 @@ async fn verify_names_edits_deletions_reordering_splices_and_forged_checkpoints(
     forged[c] = v.to_string();
     // The checkpoint line's own bytes changed: its successor no longer chains to it, but
     // the forgery is seen first, at the checkpoint itself.
-    assert_tampered(&token, &jwks, dir, "forged", &forged, c + 1, "forged checkpoint");
+    assert_tampered(
+        &token,
+        &jwks,
+        dir,
+        "forged",
+        &forged,
+        c + 1,
+        "forged checkpoint",
+    );
 
     let attacker = p256::ecdsa::SigningKey::random(&mut OsRng);
     let sign_as = |kid: &str| {
@@ -313,7 +353,15 @@ async fn verify_names_edits_deletions_reordering_splices_and_forged_checkpoints(
         let mut v = cp.clone();
         v["jws"] = sign_as(kid).into();
         forged[c] = v.to_string();
-        assert_tampered(&token, &jwks, dir, name, &forged, c + 1, "forged checkpoint");
+        assert_tampered(
+            &token,
+            &jwks,
+            dir,
+            name,
+            &forged,
+            c + 1,
+            "forged checkpoint",
+        );
     }
 
     // An edit with the chain recomputed after it: only the checkpoint's signed head shows.
@@ -330,7 +378,15 @@ async fn verify_names_edits_deletions_reordering_splices_and_forged_checkpoints(
     let next_cp = (s..lines.len())
         .find(|&i| parse(&lines[i])["event"] == "checkpoint")
         .unwrap();
-    assert_tampered(&token, &jwks, dir, "rewritten", &rewritten, next_cp + 1, "rewritten");
+    assert_tampered(
+        &token,
+        &jwks,
+        dir,
+        "rewritten",
+        &rewritten,
+        next_cp + 1,
+        "rewritten",
+    );
 
     // Rotated files given in order chain; out of order they do not.
     let out = verify_cmd(&token, &jwks, &[&a]);
@@ -349,9 +405,12 @@ async fn lines_after_the_last_checkpoint_are_reported_uncovered_and_can_be_cut_u
     let agent = Agent::start(&token, &dir.socket());
     let mut conn = Conn::open(agent.socket()).await;
     for i in 0..7 {
-        conn.post("/v1/dpop", &dpop_request("dpop", "GET", &format!("https://rs.example/{i}")))
-            .await
-            .ok_member("POST /v1/dpop", "proof");
+        conn.post(
+            "/v1/dpop",
+            &dpop_request("dpop", "GET", &format!("https://rs.example/{i}")),
+        )
+        .await
+        .ok_member("POST /v1/dpop", "proof");
     }
     // Every signature written (no exit checkpoint: the agent is killed).
     let deadline = Instant::now() + GUARD;
@@ -376,14 +435,23 @@ async fn lines_after_the_last_checkpoint_are_reported_uncovered_and_can_be_cut_u
     let jwks = write_jwks(work.path(), &audit_jwk);
     let out = verify_cmd(&token, &jwks, &[&trail]);
     let report = assert_success(&out, &"verify");
-    assert_mentions(&report, &["intact", &format!("NOT COVERED: the last {uncovered} line(s)")]);
+    assert_mentions(
+        &report,
+        &[
+            "intact",
+            &format!("NOT COVERED: the last {uncovered} line(s)"),
+        ],
+    );
 
     // Cutting one of them off goes unnoticed: that is what "not covered" means.
     let cut = work.path().join("cut.log");
     write_lines(&cut, &lines[..lines.len() - 1]);
     let out = verify_cmd(&token, &jwks, &[&cut]);
     let report = assert_success(&out, &"verify cut");
-    assert_mentions(&report, &[&format!("NOT COVERED: the last {} line(s)", uncovered - 1)]);
+    assert_mentions(
+        &report,
+        &[&format!("NOT COVERED: the last {} line(s)", uncovered - 1)],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,16 +462,33 @@ async fn a_full_disk_refuses_signing_by_default_and_continue_signs_loudly() {
     let agent = Agent::start(&token, &dir.socket());
     let mut conn = Conn::open(agent.socket()).await;
     let refused = conn
-        .post("/v1/dpop", &dpop_request("dpop", "GET", "https://rs.example/x"))
+        .post(
+            "/v1/dpop",
+            &dpop_request("dpop", "GET", "https://rs.example/x"),
+        )
         .await;
-    refused.error(503, "audit_unavailable", &["audit trail", "No space left", "refuse"]);
+    refused.error(
+        503,
+        "audit_unavailable",
+        &["audit trail", "No space left", "refuse"],
+    );
     let health = conn.get("/healthz").await;
     assert_eq!(health.status, 503, "{}", health.text());
     let h = health.json();
     assert_eq!(h["audit"]["status"], "failing", "{h}");
-    assert!(h["audit"]["reason"].as_str().unwrap().contains("No space left"), "{h}");
+    assert!(
+        h["audit"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("No space left"),
+        "{h}"
+    );
     let metrics = conn.get("/metrics").await.text();
-    assert_eq!(metric(&metrics, "keybound_audit_healthy", &[]), Some(0.0), "{metrics}");
+    assert_eq!(
+        metric(&metrics, "keybound_audit_healthy", &[]),
+        Some(0.0),
+        "{metrics}"
+    );
     assert!(metric(&metrics, "keybound_audit_failures_total", &[]).unwrap() >= 1.0);
     assert!(agent.log().contains("REFUSING TO SIGN"), "{}", agent.log());
     drop(conn);
@@ -420,7 +505,10 @@ async fn a_full_disk_refuses_signing_by_default_and_continue_signs_loudly() {
     let mut conn = Conn::open(agent.socket()).await;
     let start = window_start();
     let proof = conn
-        .post("/v1/dpop", &dpop_request("dpop", "GET", "https://rs.example/x"))
+        .post(
+            "/v1/dpop",
+            &dpop_request("dpop", "GET", "https://rs.example/x"),
+        )
         .await
         .ok_member("POST /v1/dpop", "proof");
     check_proof(
@@ -431,8 +519,17 @@ async fn a_full_disk_refuses_signing_by_default_and_continue_signs_loudly() {
     );
     let health = conn.get("/healthz").await;
     assert_eq!(health.status, 200, "continue keeps the agent available");
-    assert_eq!(health.json()["audit"]["status"], "failing", "{}", health.text());
-    assert!(agent.log().contains("SIGNING WITHOUT AN AUDIT TRAIL"), "{}", agent.log());
+    assert_eq!(
+        health.json()["audit"]["status"],
+        "failing",
+        "{}",
+        health.text()
+    );
+    assert!(
+        agent.log().contains("SIGNING WITHOUT AN AUDIT TRAIL"),
+        "{}",
+        agent.log()
+    );
 }
 
 /// Polls `/healthz` (bounded) until its `audit.status` is `want`.
@@ -459,22 +556,42 @@ async fn a_removed_file_is_recreated_with_a_note_and_a_removed_directory_refuses
     let agent = Agent::start(&token, &dir.socket());
     let mut conn = Conn::open(agent.socket()).await;
     let sign = |i: usize| dpop_request("dpop", "GET", &format!("https://rs.example/{i}"));
-    conn.post("/v1/dpop", &sign(0)).await.ok_member("dpop", "proof");
+    conn.post("/v1/dpop", &sign(0))
+        .await
+        .ok_member("dpop", "proof");
     wait_lines(&trail, 2);
 
     // The file removed: a new file whose first line says so and chains on.
     std::fs::remove_file(&trail).unwrap();
-    conn.post("/v1/dpop", &sign(1)).await.ok_member("dpop", "proof");
+    conn.post("/v1/dpop", &sign(1))
+        .await
+        .ok_member("dpop", "proof");
     let lines = wait_lines(&trail, 2);
     let open = parse(&lines[0]);
     assert_eq!(open["event"], "open", "{lines:#?}");
-    assert!(open["reason"].as_str().unwrap().contains("removed or replaced"), "{open}");
-    assert_ne!(open["prev"], json!("0".repeat(64)), "it chains to the removed file");
+    assert!(
+        open["reason"]
+            .as_str()
+            .unwrap()
+            .contains("removed or replaced"),
+        "{open}"
+    );
+    assert_ne!(
+        open["prev"],
+        json!("0".repeat(64)),
+        "it chains to the removed file"
+    );
 
     // The directory removed: the file cannot be made again; signing is refused.
     std::fs::remove_dir_all(&logs).unwrap();
     let h = wait_audit(&mut conn, "failing").await;
-    assert!(h["audit"]["reason"].as_str().unwrap().contains("No such file"), "{h}");
+    assert!(
+        h["audit"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("No such file"),
+        "{h}"
+    );
     conn.post("/v1/dpop", &sign(2))
         .await
         .error(503, "audit_unavailable", &["audit trail"]);
@@ -482,16 +599,24 @@ async fn a_removed_file_is_recreated_with_a_note_and_a_removed_directory_refuses
     // Back: a gap line records the outage, and signing works again.
     std::fs::create_dir(&logs).unwrap();
     wait_audit(&mut conn, "ok").await;
-    conn.post("/v1/dpop", &sign(3)).await.ok_member("dpop", "proof");
+    conn.post("/v1/dpop", &sign(3))
+        .await
+        .ok_member("dpop", "proof");
     let lines = wait_lines(&trail, 3);
     let events: Vec<Value> = lines.iter().map(|l| parse(l)).collect();
     assert_eq!(events[0]["event"], "open", "{lines:#?}");
     assert!(
-        events.iter().any(|e| e["event"] == "gap"
-            && e["reason"].as_str().unwrap_or("").contains("No such file")),
+        events
+            .iter()
+            .any(|e| e["event"] == "gap"
+                && e["reason"].as_str().unwrap_or("").contains("No such file")),
         "{lines:#?}"
     );
-    let last = events.iter().rev().find(|e| e["event"] == "signature").unwrap();
+    let last = events
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "signature")
+        .unwrap();
     assert_eq!(last["htu"], "https://rs.example/3");
 }
 
@@ -507,7 +632,13 @@ fn a_checkpoint_key_that_is_a_client_key_is_refused_at_load() {
     ));
     let out = token.keybound(&["jwks"]);
     let err = assert_error(&out, &"jwks with a bad [audit]");
-    assert_mentions(&err, &["audit.checkpoint_key", "'audit' is the assertion_key of client 'okta'"]);
+    assert_mentions(
+        &err,
+        &[
+            "audit.checkpoint_key",
+            "'audit' is the assertion_key of client 'okta'",
+        ],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -545,7 +676,10 @@ async fn a_token_fetch_is_recorded_by_hash_never_the_token_assertion_or_proof() 
         .find(|v| v["event"] == "token_fetch")
         .unwrap_or_else(|| panic!("no token_fetch: {lines:#?}"));
     assert_eq!(fetch["client"], "dev");
-    assert_eq!(fetch["endpoint"], format!("{}/oauth2/v1/token", server.base));
+    assert_eq!(
+        fetch["endpoint"],
+        format!("{}/oauth2/v1/token", server.base)
+    );
     assert_eq!(fetch["status"], 200);
     assert!(fetch["round_trips"].as_u64().unwrap() >= 1, "{fetch}");
     assert_eq!(fetch["token_sha256"], sha256_hex(access_token.as_bytes()));
@@ -553,12 +687,28 @@ async fn a_token_fetch_is_recorded_by_hash_never_the_token_assertion_or_proof() 
     let own: Vec<Value> = lines
         .iter()
         .map(|l| parse(l))
-        .filter(|v| v["event"] == "signature" && v["caller"] == "agent" && v["purpose"] != "possession")
+        .filter(|v| {
+            v["event"] == "signature" && v["caller"] == "agent" && v["purpose"] != "possession"
+        })
         .collect();
-    assert!(own.iter().any(|v| v["purpose"] == "assertion" && v["key"] == "client-auth"), "{own:#?}");
-    assert!(own.iter().any(|v| v["purpose"] == "dpop" && v["htm"] == "POST"), "{own:#?}");
+    assert!(
+        own.iter()
+            .any(|v| v["purpose"] == "assertion" && v["key"] == "client-auth"),
+        "{own:#?}"
+    );
+    assert!(
+        own.iter()
+            .any(|v| v["purpose"] == "dpop" && v["htm"] == "POST"),
+        "{own:#?}"
+    );
     let text = std::fs::read_to_string(&trail).unwrap();
-    assert!(!text.contains(&access_token), "the access token is in the trail");
-    assert!(!text.contains("eyJ0eXAiOiJkcG9w"), "a DPoP proof header is in the trail");
+    assert!(
+        !text.contains(&access_token),
+        "the access token is in the trail"
+    );
+    assert!(
+        !text.contains("eyJ0eXAiOiJkcG9w"),
+        "a DPoP proof header is in the trail"
+    );
     assert!(!text.contains(&format!("\"{PIN}\"")), "{text}");
 }

@@ -333,34 +333,36 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
                 _ => None,
             },
         }));
-        tokio::spawn(ORIGIN.scope(
-            origin,
-            async move {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    // Also the keep-alive idle limit: hyper restarts it for every request.
-                    .header_read_timeout(header_timeout)
-                    // A client may shut down its write side after a request and still
-                    // read the answer.
-                    .half_close(true)
-                    .serve_connection(TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                tokio::select! {
-                    result = conn.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!("connection ended: {e}");
+        tokio::spawn(
+            ORIGIN.scope(
+                origin,
+                async move {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        // Also the keep-alive idle limit: hyper restarts it for every request.
+                        .header_read_timeout(header_timeout)
+                        // A client may shut down its write side after a request and still
+                        // read the answer.
+                        .half_close(true)
+                        .serve_connection(TokioIo::new(stream), service);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        result = conn.as_mut() => {
+                            if let Err(e) = result {
+                                tracing::debug!("connection ended: {e}");
+                            }
+                        }
+                        _ = stopping.changed() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
                         }
                     }
-                    _ = stopping.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
+                    drop(uid_slot);
+                    drop(permit);
                 }
-                drop(uid_slot);
-                drop(permit);
-            }
-            .instrument(span),
-        ));
+                .instrument(span),
+            ),
+        );
     }
     drop(listener);
     let _ = stop.send(true);

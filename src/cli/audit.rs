@@ -10,7 +10,11 @@ const TAMPERED: u8 = 1;
 
 /// Verifies `files` (oldest first) against `jwks`, or, without it, against the
 /// `[audit] checkpoint_key` of the config's device.
-pub fn verify(config: Option<&Path>, jwks: Option<&Path>, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+pub fn verify(
+    config: Option<&Path>,
+    jwks: Option<&Path>,
+    files: &[PathBuf],
+) -> anyhow::Result<ExitCode> {
     let keys = match jwks {
         Some(path) => verify::read_keys(path).map_err(anyhow::Error::msg)?,
         None => device_keys(config)?,

@@ -63,11 +63,15 @@ pub fn run(
             );
             out!(
                 "audit off       {:>10.0} proofs/s   (p50 {} µs, p99 {} µs)",
-                r.off_per_s, r.off_p50_us, r.off_p99_us
+                r.off_per_s,
+                r.off_p50_us,
+                r.off_p99_us
             );
             out!(
                 "audit on        {:>10.0} proofs/s   (p50 {} µs, p99 {} µs)",
-                r.on_per_s, r.on_p50_us, r.on_p99_us
+                r.on_per_s,
+                r.on_p50_us,
+                r.on_p99_us
             );
             out!("on / off        {:.3}", r.ratio);
         }

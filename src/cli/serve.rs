@@ -17,13 +17,15 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
     // signature is the checkpoint line itself, and a failing trail still tries it.
     let trail = match &config.audit {
         Some(audit) => {
-            let key = keyring.signing_key(&audit.checkpoint_key).with_context(|| {
-                format!(
-                    "audit.checkpoint_key '{}' cannot sign (generate it: `keybound keys \
+            let key = keyring
+                .signing_key(&audit.checkpoint_key)
+                .with_context(|| {
+                    format!(
+                        "audit.checkpoint_key '{}' cannot sign (generate it: `keybound keys \
                      generate --label {}`)",
-                    audit.checkpoint_key, audit.checkpoint_key
-                )
-            })?;
+                        audit.checkpoint_key, audit.checkpoint_key
+                    )
+                })?;
             let trail = Trail::start(audit, key).map_err(anyhow::Error::msg)?;
             keyring.set_gate(trail.gate());
             Some(trail)
@@ -44,7 +46,8 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
         .clients
         .iter()
         .map(|c| {
-            OAuthClient::new(c.clone(), &keyring).map(|client| client.with_observer(upstream.clone()))
+            OAuthClient::new(c.clone(), &keyring)
+                .map(|client| client.with_observer(upstream.clone()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let socket_path = socket_flag.unwrap_or_else(|| config.agent.socket_path());

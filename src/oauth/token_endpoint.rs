@@ -7,7 +7,6 @@ use url::Url;
 
 use super::cache::AccessToken;
 use super::client::OAuthClient;
-use secrecy::ExposeSecret as _;
 use super::nonce::{Ask, Budget, NonceAnswer};
 use super::response::{ErrorBody, TokenResponse, excerpt, retry_after};
 use super::retry::AttemptFailure;
@@ -15,6 +14,7 @@ use super::server::AudienceRule;
 use super::settings::origin;
 use super::state::Role;
 use super::{OAuthError, assertion, names_time_claim, unix_now};
+use secrecy::ExposeSecret as _;
 
 /// `client_assertion_type` for a JWT (RFC 7523 §2.2).
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -64,13 +64,14 @@ impl OAuthClient {
         let (parts, body) = response.into_parts();
         let (status, headers, body) = (parts.status, parts.headers, body.as_slice());
         let observed = |token: Option<&str>| {
-            self.observer.token_exchange(&super::observe::TokenExchange {
-                client: &self.config.name,
-                endpoint: endpoint.as_str(),
-                status: Some(status.as_u16()),
-                round_trips: *round_trips,
-                token,
-            })
+            self.observer
+                .token_exchange(&super::observe::TokenExchange {
+                    client: &self.config.name,
+                    endpoint: endpoint.as_str(),
+                    status: Some(status.as_u16()),
+                    round_trips: *round_trips,
+                    token,
+                })
         };
         if status.is_success() {
             let parsed: TokenResponse =

@@ -146,7 +146,7 @@ impl AuditSettings {
 #[derive(Clone, Debug, Serialize)]
 #[serde(untagged)]
 pub enum Event {
-    Signature(Signature),
+    Signature(Box<Signature>),
     TokenFetch(TokenFetch),
     Gateway(GatewayRequest),
 }
@@ -434,7 +434,7 @@ impl Trail {
 
     /// Records one signature (what the keyring's observer calls).
     pub fn signature(&self, e: &SignEvent<'_>) {
-        self.record(Event::Signature(Signature::of(e)));
+        self.record(Event::Signature(Box::new(Signature::of(e))));
     }
 
     /// The keyring's gate: with `on_failure = "refuse"`, signing is refused while the
@@ -442,8 +442,7 @@ impl Trail {
     pub fn gate(&self) -> SignGate {
         let shared = self.shared.clone();
         Arc::new(move || {
-            if shared.on_failure == OnFailure::Continue || shared.healthy.load(Ordering::SeqCst)
-            {
+            if shared.on_failure == OnFailure::Continue || shared.healthy.load(Ordering::SeqCst) {
                 return Ok(());
             }
             Err(format!(
@@ -521,7 +520,11 @@ impl Trail {
     /// Writes a final checkpoint and stops the writer (waits up to 10 s for it).
     pub fn close(&self) {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if self.tx.send_timeout(Msg::Close(tx), Duration::from_secs(5)).is_ok() {
+        if self
+            .tx
+            .send_timeout(Msg::Close(tx), Duration::from_secs(5))
+            .is_ok()
+        {
             let _ = rx.recv_timeout(Duration::from_secs(10));
         }
     }

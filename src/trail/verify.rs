@@ -368,8 +368,7 @@ fn check_checkpoint(seq: u64, prev: &str, v: &Value, keys: &Keys) -> Result<(), 
         .get("jws")
         .and_then(Value::as_str)
         .ok_or_else(|| forged("no jws".into()))?;
-    let decoded =
-        jose::decode(jws).map_err(|e| forged(format!("its jws does not decode: {e}")))?;
+    let decoded = jose::decode(jws).map_err(|e| forged(format!("its jws does not decode: {e}")))?;
     let kid = decoded
         .header
         .get("kid")

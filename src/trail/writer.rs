@@ -230,10 +230,7 @@ impl Writer {
         self.file = Some(file);
         self.size = size;
         self.id = id;
-        let reason = self
-            .reopen
-            .clone()
-            .unwrap_or_else(|| "reopened".to_owned());
+        let reason = self.reopen.clone().unwrap_or_else(|| "reopened".to_owned());
         let open = self.open_line(&reason);
         self.append(&[open])?;
         self.reopen = None;
@@ -284,7 +281,8 @@ impl Writer {
         let time = SystemTime::now();
         let (kid, alg) = (self.key.kid().to_owned(), self.key.alg());
         let header = json!({ "typ": "keybound-audit-checkpoint", "alg": alg.name(), "kid": kid });
-        let payload = json!({ "seq": self.seq, "head": self.head, "time": line::rfc3339(time), "kid": kid });
+        let payload =
+            json!({ "seq": self.seq, "head": self.head, "time": line::rfc3339(time), "kid": kid });
         let signed = jose::signing_input(&header, &payload)
             .map_err(|e| e.to_string())
             .and_then(|input| {
