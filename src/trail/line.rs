@@ -2,14 +2,14 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sha2::{Digest as _, Sha256};
-
 /// The `prev` of the very first line of a trail.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// SHA-256 (hex) of a line's exact bytes, without its newline: the next line's `prev`.
+/// (ring's assembly: the writer hashes every line, and sha2 unoptimised in a debug build
+/// costs more than the rest of the line.)
 pub fn line_hash(line: &[u8]) -> String {
-    crate::token::hex(&Sha256::digest(line))
+    crate::token::hex(ring::digest::digest(&ring::digest::SHA256, line).as_ref())
 }
 
 /// One line's bytes (no newline): the chain fields first, then the members of `fields`

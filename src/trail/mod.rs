@@ -152,6 +152,16 @@ pub enum Event {
 }
 
 impl Event {
+    /// The event's members as a JSON object. A signature, the hot path, is written by hand
+    /// (the same bytes as serde's, `tests::hand_written_signature_json_is_serdes`).
+    fn to_json(&self) -> Vec<u8> {
+        match self {
+            Event::Signature(s) => s.to_json(),
+            // Plain structs of strings and numbers always serialise.
+            other => serde_json::to_vec(other).unwrap_or_default(),
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Event::Signature(_) => "signature",
@@ -186,7 +196,66 @@ pub struct Signature {
     pub outcome: &'static str,
 }
 
+/// A JSON string, escaped by serde only when it has to be.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
 impl Signature {
+    fn to_json(&self) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut out = Vec::with_capacity(320);
+        out.extend_from_slice(b"{\"caller\":");
+        match &self.caller {
+            Caller::Peer(o) => {
+                let _ = write!(out, "{{\"uid\":{},\"pid\":", o.uid);
+                match o.pid {
+                    Some(pid) => {
+                        let _ = write!(out, "{pid}");
+                    }
+                    None => out.extend_from_slice(b"null"),
+                }
+                out.extend_from_slice(b",\"exe\":");
+                match &o.exe {
+                    Some(exe) => json_str(&mut out, exe),
+                    None => out.extend_from_slice(b"null"),
+                }
+                out.push(b'}');
+            }
+            Caller::Agent(a) => json_str(&mut out, a),
+        }
+        let member = |out: &mut Vec<u8>, name: &str, value: Option<&str>| {
+            if let Some(v) = value {
+                let _ = write!(out, ",\"{name}\":");
+                json_str(out, v);
+            }
+        };
+        member(&mut out, "key", Some(&self.key));
+        member(&mut out, "slot", self.slot.as_deref());
+        member(&mut out, "kid", Some(&self.kid));
+        member(&mut out, "alg", Some(self.alg));
+        member(&mut out, "purpose", Some(self.purpose));
+        if let Some(aud) = &self.aud {
+            out.extend_from_slice(b",\"aud\":");
+            let _ = serde_json::to_writer(&mut out, aud);
+        }
+        member(&mut out, "htm", self.htm.as_deref());
+        member(&mut out, "htu", self.htu.as_deref());
+        member(&mut out, "jti", self.jti.as_deref());
+        if let Some(iat) = self.iat {
+            let _ = write!(out, ",\"iat\":{iat}");
+        }
+        member(&mut out, "outcome", Some(self.outcome));
+        out.push(b'}');
+        out
+    }
+
     /// The trail's view of one signature: the claims' audit fields, never the claims.
     pub fn of(e: &SignEvent<'_>) -> Signature {
         let claims = match e.purpose {
@@ -559,5 +628,85 @@ impl crate::oauth::observe::UpstreamObserver for Upstream {
             e.round_trips,
             e.token,
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keyring::Origin;
+
+    #[test]
+    fn hand_written_signature_json_is_serdes() {
+        let base = Signature {
+            caller: Caller::Agent("agent"),
+            key: "dpop".into(),
+            slot: None,
+            kid: "kid".into(),
+            alg: "ES256",
+            purpose: "dpop",
+            aud: None,
+            htm: Some("GET".into()),
+            htu: Some("https://a.example/x\"y\\z\u{1}".into()),
+            jti: Some("j".into()),
+            iat: Some(17),
+            outcome: "ok",
+        };
+        let peer = Signature {
+            caller: Caller::Peer(Origin {
+                uid: 1000,
+                pid: Some(42),
+                exe: Some("/usr/bin/cu\"rl".into()),
+            }),
+            slot: Some("client-auth".into()),
+            purpose: "assertion",
+            aud: Some(serde_json::json!(["https://a", "b"])),
+            htm: None,
+            htu: None,
+            iat: None,
+            ..base.clone()
+        };
+        let anonymous = Signature {
+            caller: Caller::Peer(Origin {
+                uid: 0,
+                pid: None,
+                exe: None,
+            }),
+            jti: None,
+            ..base.clone()
+        };
+        for s in [base, peer, anonymous] {
+            assert_eq!(
+                String::from_utf8(s.to_json()).unwrap(),
+                serde_json::to_string(&s).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn gateway_and_token_fetch_never_keep_a_query_or_a_token() {
+        let g = GatewayRequest::new(
+            1,
+            "okta",
+            "GET",
+            "/api/v1/users?after=secret",
+            200,
+            5,
+            Duration::from_millis(7),
+        );
+        assert_eq!(g.path, "/api/v1/users");
+        let t = TokenFetch::new(
+            "okta",
+            "https://x/token?x=1",
+            Some(200),
+            2,
+            Some("the-token"),
+        );
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(
+            !json.contains("the-token") && !json.contains("x=1"),
+            "{json}"
+        );
+        assert_eq!(t.token_sha256.unwrap().len(), 64);
     }
 }

@@ -21,6 +21,10 @@ use crate::keyring::SigningKey;
 const TICK: Duration = Duration::from_millis(500);
 /// Events written with one `write`.
 const BATCH: usize = 1024;
+/// After the first event of a batch, the writer sleeps this long and then takes what
+/// queued meanwhile: one `write` (and one look at the file) for many events, and the
+/// signing threads never have to wake it.
+const LINGER: Duration = Duration::from_millis(5);
 
 pub(super) struct Writer {
     path: PathBuf,
@@ -102,6 +106,9 @@ impl Writer {
             };
             let mut batch = Vec::new();
             let mut close = None;
+            if matches!(first, Msg::Event(..)) {
+                std::thread::sleep(LINGER);
+            }
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
@@ -186,8 +193,7 @@ impl Writer {
         let events = batch.len();
         for (e, t) in batch {
             let name = e.name();
-            // Plain structs of strings and numbers always serialise.
-            items.push((name, serde_json::to_vec(&e).unwrap_or_default(), t));
+            items.push((name, e.to_json(), t));
         }
         if items.is_empty() {
             return;
