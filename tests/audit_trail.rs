@@ -712,3 +712,109 @@ async fn a_token_fetch_is_recorded_by_hash_never_the_token_assertion_or_proof() 
     );
     assert!(!text.contains(&format!("\"{PIN}\"")), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_files_and_restarts_chain_and_verify_only_in_order() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let trail = work.path().join("audit.log");
+    let (token, dpop_kid, _) = audit_token(&format!(
+        "path = \"{}\"\ncheckpoint_every = 4\nrotate_bytes = 4096",
+        trail.display()
+    ));
+    make_trail(&token, &dpop_kid, 12).await;
+    // A restart appends to the current file, chaining on.
+    make_trail(&token, &dpop_kid, 12).await;
+    let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(work.path())
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.unwrap().path();
+            let seq = path.extension()?.to_str()?.parse().ok()?;
+            Some((seq, path))
+        })
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "rotated at 4096 bytes: {files:?}");
+    let mut all: Vec<PathBuf> = files.into_iter().map(|(_, p)| p).collect();
+    all.push(trail.clone());
+    // Independently: the files, in order, are one chain.
+    let lines: Vec<String> = all.iter().flat_map(|f| trail_lines(f)).collect();
+    let audit_jwk = token.jwk("audit");
+    check_independently(&lines, &audit_jwk);
+    let opens: Vec<Value> = lines
+        .iter()
+        .map(|l| parse(l))
+        .filter(|v| v["event"] == "open")
+        .collect();
+    assert!(
+        opens
+            .iter()
+            .any(|v| v["reason"].as_str().unwrap().starts_with("rotated")),
+        "{opens:#?}"
+    );
+    assert_eq!(
+        opens
+            .iter()
+            .filter(|v| v["reason"] == "agent started")
+            .count(),
+        2,
+        "{opens:#?}"
+    );
+
+    let jwks = write_jwks(work.path(), &audit_jwk);
+    let refs: Vec<&Path> = all.iter().map(PathBuf::as_path).collect();
+    let out = verify_cmd(&token, &jwks, &refs);
+    let report = assert_success(&out, &"verify in order");
+    assert_mentions(&report, &["intact", &format!("in {} file(s)", all.len())]);
+    // The current file alone: intact, but it continues a file not given.
+    let out = verify_cmd(&token, &jwks, &[&trail]);
+    assert_mentions(
+        &assert_success(&out, &"verify current"),
+        &["a file not given"],
+    );
+    // Out of order: the second file's first line does not chain to the first's last.
+    let mut swapped = refs.clone();
+    swapped.swap(0, 1);
+    let out = verify_cmd(&token, &jwks, &swapped);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert_mentions(
+        &stdout(&out),
+        &["TAMPERED", &format!("{}:1:", swapped[1].display())],
+    );
+    // Without --jwks: the checkpoint key of the config's device.
+    let mut args: Vec<OsArg> = vec!["audit".into(), "verify".into()];
+    args.extend(refs.iter().map(OsArg::from));
+    let out = output_with_guard(token.command(&args));
+    assert_mentions(
+        &assert_success(&out, &"verify from the device"),
+        &["intact"],
+    );
+}
+
+#[test]
+fn a_trail_that_cannot_be_opened_stops_the_agent_at_start() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let missing = work.path().join("no-such-dir").join("audit.log");
+    let (token, _, _) = audit_token(&format!("path = \"{}\"", missing.display()));
+    let dir = SocketDir::new();
+    assert_serve_refuses(
+        &token,
+        &dir,
+        &["cannot open the audit trail", "No such file"],
+    );
+    // And no checkpoint key on the device: named, with the command that makes it.
+    token.write_config(&config_text(
+        &format!(
+            "[audit]\npath = \"{}\"\ncheckpoint_key = \"absent\"\n",
+            work.path().join("a.log").display()
+        ),
+        "",
+    ));
+    assert_serve_refuses(
+        &token,
+        &dir,
+        &[
+            "audit.checkpoint_key 'absent'",
+            "keys generate --label absent",
+        ],
+    );
+}
