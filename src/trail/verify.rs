@@ -405,7 +405,14 @@ fn check_checkpoint(seq: u64, prev: &str, v: &Value, keys: &Keys) -> Result<(), 
              elsewhere"
         )));
     }
-    if signed_head != Some(prev) || v.get("head").and_then(Value::as_str) != Some(prev) {
+    if signed_head == Some(prev) && v.get("head").and_then(Value::as_str) != Some(prev) {
+        return Err((
+            Kind::Edited,
+            "its head is not the signed head (which matches the chain): the line was edited"
+                .into(),
+        ));
+    }
+    if signed_head != Some(prev) {
         return Err((
             Kind::Rewritten,
             "the device signed another chain head than the lines before this checkpoint \
