@@ -818,3 +818,93 @@ fn a_trail_that_cannot_be_opened_stops_the_agent_at_start() {
         ],
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_writer_that_cannot_keep_up_fills_the_bounded_queue_and_signing_is_refused() {
+    // The trail is a FIFO the test reads only when told: once the pipe's buffer is full
+    // the writer blocks in write(2), the queue (16 events) fills, and the next event
+    // waits queue_wait_ms and is lost.
+    let work = tempfile::tempdir().expect("tempdir");
+    let fifo = work.path().join("audit.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::Read as _;
+            // Blocks until the agent opens it for writing.
+            let mut f = std::fs::File::open(&fifo).expect("open fifo");
+            let _ = wait.recv();
+            let mut all = Vec::new();
+            let mut buf = [0u8; 65536];
+            loop {
+                match f.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                }
+                // Stop once the gap line has been read.
+                if String::from_utf8_lossy(&all).contains("\"event\":\"gap\"") {
+                    break;
+                }
+            }
+            String::from_utf8_lossy(&all).into_owned()
+        })
+    };
+    let (token, _, _) = audit_token(&format!(
+        "path = \"{}\"\nqueue = 16\nqueue_wait_ms = 50",
+        fifo.display()
+    ));
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let mut conn = Conn::open(agent.socket()).await;
+    let mut refused = None;
+    for i in 0..5000 {
+        let r = conn
+            .post(
+                "/v1/dpop",
+                &dpop_request("dpop", "GET", &format!("https://rs.example/{i}")),
+            )
+            .await;
+        if r.status == 503 {
+            refused = Some(r);
+            break;
+        }
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let refused = refused.expect("the queue filled within 5000 proofs");
+    refused.error(503, "audit_unavailable", &["audit queue is full"]);
+    let h = wait_audit(&mut conn, "failing").await;
+    assert!(
+        h["audit"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("queue is full"),
+        "{h}"
+    );
+    let metrics = conn.get("/metrics").await.text();
+    assert!(metric(&metrics, "keybound_audit_lost_events_total", &[]).unwrap() >= 1.0);
+
+    // The reader catches up: the writer recovers and records the loss.
+    go.send(()).unwrap();
+    wait_audit(&mut conn, "ok").await;
+    conn.post(
+        "/v1/dpop",
+        &dpop_request("dpop", "GET", "https://rs.example/after"),
+    )
+    .await
+    .ok_member("dpop", "proof");
+    let text = reader.join().expect("reader");
+    let gap = text
+        .lines()
+        .map(parse)
+        .find(|v| v["event"] == "gap")
+        .unwrap_or_else(|| panic!("no gap line"));
+    assert!(gap["lost"].as_u64().unwrap() >= 1, "{gap}");
+    assert!(gap["reason"].as_str().unwrap().contains("queue"), "{gap}");
+    drop(conn);
+    drop(agent);
+}

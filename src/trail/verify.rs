@@ -408,8 +408,7 @@ fn check_checkpoint(seq: u64, prev: &str, v: &Value, keys: &Keys) -> Result<(), 
     if signed_head == Some(prev) && v.get("head").and_then(Value::as_str) != Some(prev) {
         return Err((
             Kind::Edited,
-            "its head is not the signed head (which matches the chain): the line was edited"
-                .into(),
+            "its head is not the signed head (which matches the chain): the line was edited".into(),
         ));
     }
     if signed_head != Some(prev) {
