@@ -28,7 +28,7 @@ use super::access::check_key;
 use super::authz::Caller;
 use crate::error::ErrorKind;
 use crate::jose::Header;
-use crate::keyring::{KeyError, SigningKey};
+use crate::keyring::{KeyError, ORIGIN, Origin, SigningKey};
 use crate::oauth::client::OAuthClient;
 use crate::oauth::secret::Redacted as _;
 use crate::oauth::{self, OAuthError, assertion, dpop};
@@ -66,7 +66,16 @@ pub fn router(agent: Arc<Agent>) -> Router {
         )
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(agent.clone(), body_guard))
+        .layer(middleware::from_fn(with_origin))
         .with_state(agent)
+}
+
+/// Runs the request with its connection's [`Origin`] (attached by the accept loop) as
+/// the task's: the keyring reads it when a signature is asked for, so the audit trail
+/// names the caller of every signature without a handler passing it on.
+async fn with_origin(request: Request, next: Next) -> Response {
+    let origin = request.extensions().get::<Arc<Origin>>().cloned();
+    ORIGIN.scope(origin, next.run(request)).await
 }
 
 /// The caller's rule, the only way a handler gets one: the accept loop attaches a

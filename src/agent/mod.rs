@@ -24,7 +24,7 @@ use tokio::sync::{Semaphore, watch};
 use tracing::Instrument as _;
 
 use crate::error::InvalidSetting;
-use crate::keyring::{Keyring, ORIGIN, Origin, Purpose, SignEvent, SignObserver};
+use crate::keyring::{Keyring, Origin, Purpose, SignEvent, SignObserver};
 use crate::oauth::client::OAuthClient;
 use authz::{Peer, Policy};
 use metrics::Metrics;
@@ -318,12 +318,8 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
             }
             continue;
         };
-        let service = TowerToHyperService::new(router.clone().layer(axum::Extension(caller)));
-        let mut stopping = stopping.clone();
-        let header_timeout = Duration::from_secs(agent.settings.header_timeout_secs);
-        let span = tracing::info_span!("connection", uid = peer.uid());
         // Who signs what in the audit trail: the peer, and its executable read now.
-        let origin = Some(Arc::new(Origin {
+        let origin = Arc::new(Origin {
             uid: peer.uid(),
             pid: peer.pid(),
             exe: match (peer.pid(), &agent.trail) {
@@ -332,36 +328,42 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: impl Futur
                     .map(|p| p.display().to_string()),
                 _ => None,
             },
-        }));
+        });
+        let service = TowerToHyperService::new(
+            router
+                .clone()
+                .layer(axum::Extension(caller))
+                .layer(axum::Extension(origin)),
+        );
+        let mut stopping = stopping.clone();
+        let header_timeout = Duration::from_secs(agent.settings.header_timeout_secs);
+        let span = tracing::info_span!("connection", uid = peer.uid());
         tokio::spawn(
-            ORIGIN.scope(
-                origin,
-                async move {
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        // Also the keep-alive idle limit: hyper restarts it for every request.
-                        .header_read_timeout(header_timeout)
-                        // A client may shut down its write side after a request and still
-                        // read the answer.
-                        .half_close(true)
-                        .serve_connection(TokioIo::new(stream), service);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        result = conn.as_mut() => {
-                            if let Err(e) = result {
-                                tracing::debug!("connection ended: {e}");
-                            }
-                        }
-                        _ = stopping.changed() => {
-                            conn.as_mut().graceful_shutdown();
-                            let _ = conn.await;
+            async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    // Also the keep-alive idle limit: hyper restarts it for every request.
+                    .header_read_timeout(header_timeout)
+                    // A client may shut down its write side after a request and still
+                    // read the answer.
+                    .half_close(true)
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!("connection ended: {e}");
                         }
                     }
-                    drop(uid_slot);
-                    drop(permit);
+                    _ = stopping.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
                 }
-                .instrument(span),
-            ),
+                drop(uid_slot);
+                drop(permit);
+            }
+            .instrument(span),
         );
     }
     drop(listener);
