@@ -641,7 +641,12 @@ impl SigningKey {
         self.keyring.pass_gate()?;
         let start = Instant::now();
         let origin = current_origin();
-        let result = self.sign_unobserved(tbs.clone());
+        let message = self
+            .keyring
+            .observer
+            .as_ref()
+            .map(|_| tbs.message().to_vec());
+        let result = self.sign_unobserved(tbs);
         observe(
             &self.keyring.observer,
             &Signed {
@@ -650,7 +655,7 @@ impl SigningKey {
                 kid: &self.kid,
                 slot: self.slot(),
                 origin: origin.as_deref(),
-                message: tbs.message(),
+                message: message.as_deref().unwrap_or_default(),
             },
             result.is_ok(),
             start,
@@ -680,7 +685,12 @@ impl SigningKey {
             self.keyring.observer.clone(),
             (self.info.clone(), self.kid.clone(), self.slot.clone()),
             current_origin(),
-            tbs.message().to_vec(),
+            // Only an observer reads the signed bytes (the trail's claims fields).
+            self.keyring
+                .observer
+                .as_ref()
+                .map(|_| tbs.message().to_vec())
+                .unwrap_or_default(),
             Instant::now(),
         );
         // The reply runs on a worker thread: the caller's span goes along, so the

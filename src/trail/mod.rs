@@ -684,6 +684,24 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_documents_every_setting() {
+        let example = include_str!("../../keybound.example.toml");
+        let (_, section) = example
+            .split_once("\n# [audit]\n")
+            .expect("an [audit] section");
+        let section = section.split("\n# ----").next().unwrap_or_default();
+        let lines: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
+            .collect();
+        let s: AuditSettings = toml::from_str(&lines.join("\n")).expect("the example is valid");
+        s.validate(&[]).expect("and within range");
+        assert_eq!(s.rotate_bytes, Some(104_857_600));
+        assert_eq!(lines.len(), 8, "{lines:?}");
+    }
+
+    #[test]
     fn gateway_and_token_fetch_never_keep_a_query_or_a_token() {
         let g = GatewayRequest::new(
             1,
