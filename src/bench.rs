@@ -137,6 +137,85 @@ pub fn run_agent(
     Ok(report)
 }
 
+/// `bench --agent --audit-socket`: the same load against two agents on the same token,
+/// one without `[audit]` and one with it, phases alternating, in one run.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuditReport {
+    pub key: String,
+    pub callers: usize,
+    pub seconds: f64,
+    /// Proofs per second from the agent without an audit trail.
+    pub off_per_s: f64,
+    /// Proofs per second from the agent with its audit trail on.
+    pub on_per_s: f64,
+    /// on / off.
+    pub ratio: f64,
+    pub off_p50_us: u64,
+    pub on_p50_us: u64,
+    pub off_p99_us: u64,
+    pub on_p99_us: u64,
+}
+
+/// Alternates proof phases between the agent at `off` (no audit) and the one at `on`
+/// (audit on), `clients` connections each, so machine noise hits both alike.
+pub fn run_audit(
+    key: &SigningKey,
+    off: &Path,
+    on: &Path,
+    clients: usize,
+    seconds: f64,
+) -> Result<AuditReport, BenchError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::Agent(format!("cannot start the async runtime: {e}")))?;
+    let rounds = (seconds.round() as u32).clamp(1, 600);
+    let phase = Duration::from_secs_f64((seconds / f64::from(2 * rounds)).max(0.05));
+    let run = |socket: &Path, phase| {
+        runtime.block_on(load::agent_phase(socket, key.label(), clients, phase))
+    };
+    // Warm both (keys approved, connections' first requests).
+    run(off, Duration::from_millis(100))?;
+    run(on, Duration::from_millis(100))?;
+    let (mut off_n, mut on_n, mut off_lat, mut on_lat) = (0, 0, Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // Alternate which goes first, so neither always follows the other.
+        for side in [round % 2, 1 - round % 2] {
+            let (socket, n, lat) = match side {
+                0 => (off, &mut off_n, &mut off_lat),
+                _ => (on, &mut on_n, &mut on_lat),
+            };
+            let (made, mut l) = run(socket, phase)?;
+            *n += made;
+            lat.append(&mut l);
+        }
+    }
+    let pct = |lat: &mut Vec<u64>, p: f64| {
+        lat.sort_unstable();
+        let i = ((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1));
+        lat.get(i).copied().unwrap_or(0)
+    };
+    let secs = phase.as_secs_f64() * f64::from(rounds);
+    let (off_per_s, on_per_s) = (off_n as f64 / secs, on_n as f64 / secs);
+    Ok(AuditReport {
+        key: key.label().into(),
+        callers: clients,
+        seconds: 2.0 * secs,
+        off_per_s,
+        on_per_s,
+        ratio: if off_per_s > 0.0 {
+            on_per_s / off_per_s
+        } else {
+            0.0
+        },
+        off_p50_us: pct(&mut off_lat, 0.5),
+        on_p50_us: pct(&mut on_lat, 0.5),
+        off_p99_us: pct(&mut off_lat, 0.99),
+        on_p99_us: pct(&mut on_lat, 0.99),
+    })
+}
+
 /// A `kB` line of `/proc/<pid>/status`, e.g. `VmRSS:`.
 fn proc_status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;

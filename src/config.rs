@@ -29,6 +29,8 @@ pub struct Config {
     pub jwks: Option<crate::agent::jwks_host::JwksSettings>,
     /// `[[route]]` entries: the agent's egress gateway.
     pub routes: Vec<crate::agent::gateway::Route>,
+    /// `[audit]`, the agent's audit trail; absent: no trail.
+    pub audit: Option<crate::trail::AuditSettings>,
 }
 
 /// The file's shape before `[token]` is resolved by its backend. Parsing in two steps keeps
@@ -48,6 +50,7 @@ struct RawConfig {
     jwks: Option<crate::agent::jwks_host::JwksSettings>,
     #[serde(default)]
     route: Vec<crate::agent::gateway::RouteSettings>,
+    audit: Option<crate::trail::AuditSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,6 +195,16 @@ impl Config {
                 }
             }
         }
+        if let Some(audit) = &raw.audit {
+            let mut keys = Vec::new();
+            for c in &clients {
+                keys.push((c.name.as_str(), "assertion_key", c.assertion_key.as_str()));
+                if let Some(d) = &c.dpop_key {
+                    keys.push((c.name.as_str(), "dpop_key", d.as_str()));
+                }
+            }
+            audit.validate(&keys).map_err(|e| e.to_string())?;
+        }
         Ok(Config {
             token,
             policy: raw.policy,
@@ -200,6 +213,7 @@ impl Config {
             rotation: raw.rotation,
             jwks: raw.jwks,
             routes,
+            audit: raw.audit,
         })
     }
 }

@@ -15,3 +15,4 @@ pub mod oauth;
 pub mod policy;
 pub mod rotation;
 pub mod token;
+pub mod trail;

@@ -90,6 +90,9 @@ enum Command {
         /// The compact JWS; read from stdin when absent
         jws: Option<String>,
     },
+    /// The agent's audit trail (see [audit] in the config)
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Run the local signing agent on a Unix socket (see [agent] in the config)
     Serve {
         /// Socket path (default: agent.socket, else $XDG_RUNTIME_DIR/keybound/agent.sock,
@@ -130,6 +133,25 @@ enum Command {
         /// The path (and query) below the route, with --gateway
         #[arg(long, value_name = "PATH", default_value = "/api/v1/users?limit=1")]
         path: String,
+        /// With --agent: a second agent on the same token with [audit] on; measures
+        /// proofs/s with the audit on as a ratio to --socket's (audit off), alternating
+        #[arg(long, value_name = "PATH", requires = "agent")]
+        audit_socket: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check an audit trail: the hash chain across its files (oldest first) and every
+    /// checkpoint's signature; exit status 1 names the first line tampered with
+    Verify {
+        /// The audit key's JWKS (`keybound jwks --label audit`); default: the key
+        /// [audit] checkpoint_key names on the configured device
+        #[arg(long, value_name = "FILE")]
+        jwks: Option<PathBuf>,
+        /// Trail files, oldest first (rotated files, then the current one)
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -324,6 +346,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         } => cli::oauth::token(config, client.as_deref(), json, check, no_agent),
         Command::Call(call) => cli::oauth::call(config, call),
         Command::Serve { socket, .. } => cli::serve::run(config, socket),
+        Command::Audit(AuditCommand::Verify { jwks, files }) => {
+            cli::audit::verify(config, jwks.as_deref(), &files)
+        }
         Command::Bench {
             key,
             sessions,
@@ -334,11 +359,16 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             socket,
             gateway,
             path,
+            audit_socket,
         } => {
             if let Some(route) = gateway {
                 return cli::bench::gateway(config, &route, &path, clients, socket, seconds, json);
             }
-            let target = agent.then_some(cli::bench::AgentTarget { clients, socket });
+            let target = agent.then_some(cli::bench::AgentTarget {
+                clients,
+                socket,
+                audit_socket,
+            });
             cli::bench::run(config, key.as_deref(), sessions, seconds, json, target)
         }
     }

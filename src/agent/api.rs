@@ -28,7 +28,7 @@ use super::access::check_key;
 use super::authz::Caller;
 use crate::error::ErrorKind;
 use crate::jose::Header;
-use crate::keyring::{KeyError, SigningKey};
+use crate::keyring::{KeyError, ORIGIN, Origin, SigningKey};
 use crate::oauth::client::OAuthClient;
 use crate::oauth::secret::Redacted as _;
 use crate::oauth::{self, OAuthError, assertion, dpop};
@@ -70,6 +70,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         )
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(agent.clone(), body_guard))
+        .layer(middleware::from_fn(with_origin))
         .with_state(agent)
 }
 
@@ -120,6 +121,14 @@ async fn tcp_guard(
         .into_response();
     }
     next.run(request).await
+}
+
+/// Runs the request with its connection's [`Origin`] (attached by the accept loop) as
+/// the task's: the keyring reads it when a signature is asked for, so the audit trail
+/// names the caller of every signature without a handler passing it on.
+async fn with_origin(request: Request, next: Next) -> Response {
+    let origin = request.extensions().get::<Arc<Origin>>().cloned();
+    ORIGIN.scope(origin, next.run(request)).await
 }
 
 /// The caller's rule, the only way a handler gets one: the accept loop attaches a
@@ -333,6 +342,15 @@ impl From<KeyError> for ApiError {
             KeyError::Token(t) => t.into(),
             KeyError::Policy(p) => ApiError::of_kind(p.kind(), p.to_string()),
             KeyError::Rotation(r) => ApiError::of_kind(r.kind(), r.to_string()),
+            // The audit trail cannot be written (`[audit] on_failure = "refuse"`).
+            KeyError::Gated(reason) => ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    format!("signing refused: {reason}"),
+                )
+            },
         }
     }
 }
@@ -739,6 +757,15 @@ async fn health_handler(
         answer.1["jwks"] = host.health();
     }
     answer.1["routes"] = super::gateway::health(&agent, &caller);
+    if let Some(trail) = &agent.trail {
+        answer.1["audit"] = trail.health();
+        // Refusing to sign is being unavailable; continuing without a trail is not.
+        if !trail.healthy() && trail.gate()().is_err() && answer.0 == StatusCode::OK {
+            answer.0 = StatusCode::SERVICE_UNAVAILABLE;
+            answer.1["status"] = "unavailable".into();
+            answer.1["message"] = "the audit trail cannot be written; signing is refused".into();
+        }
+    }
     let mut r = (answer.0, Json(answer.1)).into_response();
     if answer.0 != StatusCode::OK {
         r.headers_mut()

@@ -160,7 +160,7 @@ fn end_to_end(headers: &HeaderMap, dropped: &[&str]) -> Vec<(HeaderName, HeaderV
         .collect()
 }
 
-/// A finished gateway request, for the log (and, after the merge, the audit trail).
+/// A finished gateway request, for the log and the audit trail.
 struct Finished<'a> {
     route: &'a str,
     method: &'a Method,
@@ -172,9 +172,20 @@ struct Finished<'a> {
     uid: u32,
 }
 
-/// The one place a finished gateway request is logged. Never the token, a proof or the
-/// query (it may carry personal data).
-fn log_finished(f: &Finished<'_>) {
+/// The one place a finished gateway request is logged, and recorded in the audit trail
+/// (`[audit]`). Never the token, a proof or the query (it may carry personal data).
+fn log_finished(f: &Finished<'_>, trail: Option<&crate::trail::Trail>) {
+    if let Some(trail) = trail {
+        trail.gateway(crate::trail::GatewayRequest::new(
+            f.uid,
+            f.route,
+            f.method.as_str(),
+            f.path,
+            f.status,
+            f.bytes,
+            f.took,
+        ));
+    }
     tracing::info!(
         route = f.route,
         method = %f.method,
@@ -195,6 +206,7 @@ struct Ledger {
     path: String,
     uid: u32,
     started: Instant,
+    trail: Option<crate::trail::Trail>,
 }
 
 impl Ledger {
@@ -206,15 +218,18 @@ impl Ledger {
             r.metrics.answered(class);
             r.metrics.took(took);
         }
-        log_finished(&Finished {
-            route: &self.route_name,
-            method: &self.method,
-            path: &self.path,
-            status: status.as_u16(),
-            bytes,
-            took,
-            uid: self.uid,
-        });
+        log_finished(
+            &Finished {
+                route: &self.route_name,
+                method: &self.method,
+                path: &self.path,
+                status: status.as_u16(),
+                bytes,
+                took,
+                uid: self.uid,
+            },
+            self.trail.as_ref(),
+        );
     }
 
     /// The agent's own answer.
@@ -244,15 +259,18 @@ impl Drop for StreamGuard {
         if let Some(r) = &self.ledger.route {
             r.metrics.took(took);
         }
-        log_finished(&Finished {
-            route: &self.ledger.route_name,
-            method: &self.ledger.method,
-            path: &self.ledger.path,
-            status: self.status.as_u16(),
-            bytes: self.bytes,
-            took,
-            uid: self.ledger.uid,
-        });
+        log_finished(
+            &Finished {
+                route: &self.ledger.route_name,
+                method: &self.ledger.method,
+                path: &self.ledger.path,
+                status: self.status.as_u16(),
+                bytes: self.bytes,
+                took,
+                uid: self.ledger.uid,
+            },
+            self.ledger.trail.as_ref(),
+        );
     }
 }
 
@@ -276,6 +294,7 @@ pub(super) async fn handler(
         path: rest.to_owned(),
         uid: caller.peer().uid(),
         started: Instant::now(),
+        trail: agent.trail().cloned(),
     };
     let permitted = match agent.access.route(&caller, name) {
         Ok(p) => p,

@@ -388,6 +388,9 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
     }
     render_rotation(agent, &mut out);
     super::gateway::render(agent, caller, &mut out);
+    if let Some(trail) = &agent.trail {
+        trail.render_metrics(&mut out);
+    }
     out
 }
 

@@ -26,7 +26,7 @@ use tokio::sync::{Semaphore, watch};
 use tracing::Instrument as _;
 
 use crate::error::InvalidSetting;
-use crate::keyring::{Keyring, Purpose, SignEvent, SignObserver};
+use crate::keyring::{Keyring, Origin, Purpose, SignEvent, SignObserver};
 use crate::oauth::client::OAuthClient;
 use authz::{Peer, Policy};
 use metrics::Metrics;
@@ -187,13 +187,19 @@ pub struct Agent {
     jwks: Option<Arc<jwks_host::JwksHost>>,
     /// What the rotation task knows of each slot (see `rotation`).
     rotation: rotation::Status,
+    /// The audit trail (`[audit]`), reported in `/healthz` and `/metrics`.
+    trail: Option<crate::trail::Trail>,
 }
 
 /// The signature observer the agent gives its keyring before any key is approved (the
-/// OAuth clients' keys included): every signature counted in `metrics` and logged.
-pub fn sign_observer(metrics: &Arc<Metrics>) -> SignObserver {
+/// OAuth clients' keys included): every signature counted in `metrics`, logged, and
+/// recorded in the audit trail when there is one.
+pub fn sign_observer(metrics: &Arc<Metrics>, trail: Option<crate::trail::Trail>) -> SignObserver {
     let metrics = metrics.clone();
     Arc::new(move |e: &SignEvent<'_>| {
+        if let Some(trail) = &trail {
+            trail.signature(e);
+        }
         let outcome = if e.ok { "ok" } else { "error" };
         let micros = u64::try_from(e.took.as_micros()).unwrap_or(u64::MAX);
         match e.purpose {
@@ -231,6 +237,7 @@ impl Agent {
             per_uid: Mutex::new(HashMap::new()),
             jwks: None,
             rotation: rotation::Status::default(),
+            trail: None,
         })
     }
 
@@ -246,7 +253,8 @@ impl Agent {
                 return Err(InvalidSetting::new(
                     format!("route[{i}].max_body_bytes"),
                     format!(
-                        "{n} exceeds agent.max_body_bytes ({}), which bounds every request;                          lower it or raise agent.max_body_bytes",
+                        "{n} exceeds agent.max_body_bytes ({}), which bounds every request; \
+                         lower it or raise agent.max_body_bytes",
                         self.settings.max_body_bytes
                     ),
                 ));
@@ -254,6 +262,18 @@ impl Agent {
         }
         self.access.set_routes(routes)?;
         Ok(self)
+    }
+
+    /// Reports `trail` in `/healthz` and `/metrics`; its observer and gate are the
+    /// keyring's already (`sign_observer`, `Trail::gate`).
+    pub fn with_trail(mut self, trail: Option<crate::trail::Trail>) -> Agent {
+        self.trail = trail;
+        self
+    }
+
+    /// The audit trail, to record events in (`Trail::gateway`, `Trail::token_fetch`).
+    pub fn trail(&self) -> Option<&crate::trail::Trail> {
+        self.trail.as_ref()
     }
 
     /// Reports `host` in `/healthz` and `/metrics` (see [`jwks_host::refresh`]).
@@ -383,6 +403,17 @@ pub async fn run_with_tcp(
             }
             continue;
         };
+        // Who signs what in the audit trail: the peer, and its executable read now.
+        let origin = Arc::new(Origin {
+            uid: peer.uid(),
+            pid: peer.pid(),
+            exe: match (peer.pid(), &agent.trail) {
+                (Some(pid), Some(_)) => std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .ok()
+                    .map(|p| p.display().to_string()),
+                _ => None,
+            },
+        });
         let (tx, span) = (
             ConnectionTasks {
                 stopping: stopping.clone(),
@@ -394,12 +425,20 @@ pub async fn run_with_tcp(
         );
         match (stream, &tcp_router) {
             (Accepted::Unix(s), _) => {
-                let service =
-                    TowerToHyperService::new(router.clone().layer(axum::Extension(caller)));
+                let service = TowerToHyperService::new(
+                    router
+                        .clone()
+                        .layer(axum::Extension(caller))
+                        .layer(axum::Extension(origin)),
+                );
                 tokio::spawn(tx.serve(s, service).instrument(span));
             }
             (Accepted::Tcp(s), Some(r)) => {
-                let service = TowerToHyperService::new(r.clone().layer(axum::Extension(caller)));
+                let service = TowerToHyperService::new(
+                    r.clone()
+                        .layer(axum::Extension(caller))
+                        .layer(axum::Extension(origin)),
+                );
                 tokio::spawn(tx.serve(s, service).instrument(span));
             }
             (Accepted::Tcp(_), None) => {}

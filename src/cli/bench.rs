@@ -12,6 +12,8 @@ use keybound::oauth::client::OAuthClient;
 pub struct AgentTarget {
     pub clients: usize,
     pub socket: Option<PathBuf>,
+    /// A second agent on the same token with `[audit]` on: compare the two.
+    pub audit_socket: Option<PathBuf>,
 }
 
 pub fn run(
@@ -39,6 +41,43 @@ pub fn run(
             })?,
     };
     let sessions = sessions.unwrap_or_else(|| keyring.sessions());
+    if let Some(AgentTarget {
+        clients,
+        socket,
+        audit_socket: Some(on),
+    }) = &agent
+    {
+        let off = socket
+            .clone()
+            .unwrap_or_else(|| settings.agent.socket_path());
+        let r = bench::run_audit(&key, &off, on, *clients, seconds)?;
+        if as_json {
+            out!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            out!(
+                "key '{}', {} agent callers, {:.1} s measured, audit off ({}) and on ({}) alternating",
+                r.key,
+                r.callers,
+                r.seconds,
+                off.display(),
+                on.display()
+            );
+            out!(
+                "audit off       {:>10.0} proofs/s   (p50 {} µs, p99 {} µs)",
+                r.off_per_s,
+                r.off_p50_us,
+                r.off_p99_us
+            );
+            out!(
+                "audit on        {:>10.0} proofs/s   (p50 {} µs, p99 {} µs)",
+                r.on_per_s,
+                r.on_p50_us,
+                r.on_p99_us
+            );
+            out!("on / off        {:.3}", r.ratio);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let report = match agent {
         None => bench::run(&key, sessions, seconds)?,
         Some(target) => {

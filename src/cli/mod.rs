@@ -9,6 +9,7 @@ macro_rules! out {
 }
 
 pub mod agent;
+pub mod audit;
 pub mod bench;
 pub mod keys;
 pub mod oauth;

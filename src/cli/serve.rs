@@ -8,25 +8,54 @@ use anyhow::Context as _;
 use keybound::agent::jwks_host::Hosted;
 use keybound::agent::{self, Agent, socket};
 use keybound::oauth::client::OAuthClient;
+use keybound::oauth::observe::UpstreamObserver;
+use keybound::trail::Trail;
 
 pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let (config, path, mut keyring) = super::load(config, None)?;
+    // The checkpoint key is approved before the observer and the gate are set: its
+    // signature is the checkpoint line itself, and a failing trail still tries it.
+    let trail = match &config.audit {
+        Some(audit) => {
+            let key = keyring
+                .signing_key(&audit.checkpoint_key)
+                .with_context(|| {
+                    format!(
+                        "audit.checkpoint_key '{}' cannot sign (generate it: `keybound keys \
+                     generate --label {}`)",
+                        audit.checkpoint_key, audit.checkpoint_key
+                    )
+                })?;
+            let trail = Trail::start(audit, key).map_err(anyhow::Error::msg)?;
+            keyring.set_gate(trail.gate());
+            Some(trail)
+        }
+        None => None,
+    };
     // Before any key is approved: the clients' keys sign under the same observer.
     let metrics = Arc::new(agent::metrics::Metrics::default());
-    keyring.set_observer(agent::sign_observer(&metrics));
+    keyring.set_observer(agent::sign_observer(&metrics, trail.clone()));
+    let upstream: Arc<dyn UpstreamObserver> = match &trail {
+        Some(trail) => Arc::new(keybound::trail::Upstream {
+            inner: metrics.clone(),
+            trail: trail.clone(),
+        }),
+        None => metrics.clone(),
+    };
     let clients = config
         .clients
         .iter()
         .map(|c| {
             OAuthClient::new(c.clone(), &keyring)
-                .map(|client| client.with_observer(metrics.clone()))
+                .map(|client| client.with_observer(upstream.clone()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let socket_path = socket_flag.unwrap_or_else(|| config.agent.socket_path());
     let own_uid = socket::own_uid().context("cannot read this process's uid")?;
     let mut agent = Agent::new(keyring, clients, config.agent.clone(), own_uid, metrics)
         .and_then(|a| a.with_routes(config.routes.clone()))
-        .map_err(anyhow::Error::msg)?;
+        .map_err(anyhow::Error::msg)?
+        .with_trail(trail.clone());
     // The hosted JWKS's certificate and key are read now: a bad one stops the start.
     let jwks_tls = match &config.jwks {
         Some(jwks) => jwks.tls().map_err(anyhow::Error::msg)?,
@@ -103,6 +132,9 @@ pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Resul
         }
         if let Err(e) = std::fs::remove_file(&socket_path) {
             tracing::warn!("cannot remove {}: {e}", socket_path.display());
+        }
+        if let Some(trail) = &trail {
+            trail.close();
         }
         tracing::info!("keybound agent stopped");
         anyhow::Ok(())

@@ -299,6 +299,13 @@ impl JwsSignature {
     }
 }
 
+/// A JWS signature as read from a compact JWS, for a verifier.
+impl From<Vec<u8>> for JwsSignature {
+    fn from(bytes: Vec<u8>) -> Self {
+        JwsSignature(bytes)
+    }
+}
+
 /// Left-pads r and s to the field length and concatenates them.
 fn fixed_width(curve: Curve, r: &[u8], s: &[u8]) -> Result<JwsSignature, String> {
     let n = curve.field_len();

@@ -37,6 +37,10 @@ pub enum KeyError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Rotation(#[from] rotation::RotationError),
+    /// The gate ([`SignGate`]) refused before the device signed: the audit trail cannot
+    /// be written and `[audit] on_failure = "refuse"`.
+    #[error("signing refused: {0}")]
+    Gated(String),
 }
 
 impl KeyError {
@@ -46,6 +50,7 @@ impl KeyError {
             KeyError::Token(e) => e.kind(),
             KeyError::Policy(e) => e.kind(),
             KeyError::Rotation(e) => e.kind(),
+            KeyError::Gated(_) => crate::error::ErrorKind::Transient,
         }
     }
 }
@@ -62,6 +67,7 @@ pub struct Keyring {
     backend: Arc<dyn Backend>,
     rules: Rules,
     observer: Option<SignObserver>,
+    gate: Option<SignGate>,
     /// The key names (labels, rotated slots) a JWKS publishes; `None`: every approved key.
     publish: Option<Arc<[String]>>,
 }
@@ -74,7 +80,84 @@ pub struct SignEvent<'a> {
     pub alg: Alg,
     pub ok: bool,
     pub took: Duration,
+    /// The key's RFC 7638 thumbprint.
+    pub kid: &'a str,
+    /// The rotated slot the key is a generation of, when it signed through one.
+    pub slot: Option<&'a str>,
+    /// Who asked ([`Origin`], captured where the signature was asked for); `None`: the
+    /// agent itself (a token fetch, the rotation task, a background refresh) or the CLI.
+    pub origin: Option<&'a Origin>,
+    /// The exact bytes the device signed (the JWS signing input); [`SignEvent::claims`]
+    /// reads the audit fields from them. Never logged or recorded as they are.
+    message: &'a [u8],
 }
+
+impl SignEvent<'_> {
+    /// The audit fields of the claims this signature covers, read from the very bytes
+    /// the device signed (so no caller can describe a signature other than it was).
+    pub fn claims(&self) -> SignedClaims {
+        SignedClaims::of_signing_input(self.message)
+    }
+}
+
+/// The fields of a signed JWS's claims an audit trail records: never the whole claims
+/// (an `ath` or a nonce stays out), never the signature.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+pub struct SignedClaims {
+    pub aud: Option<serde_json::Value>,
+    pub htm: Option<String>,
+    pub htu: Option<String>,
+    pub jti: Option<String>,
+    pub iat: Option<u64>,
+}
+
+impl SignedClaims {
+    /// `header.claims` (base64url JSON): the claims' audit fields; empty for a message
+    /// that is not a JWS signing input (a proof of possession's challenge).
+    pub fn of_signing_input(message: &[u8]) -> SignedClaims {
+        let Some(dot) = message.iter().position(|b| *b == b'.') else {
+            return SignedClaims::default();
+        };
+        let Ok(payload) = std::str::from_utf8(&message[dot + 1..]) else {
+            return SignedClaims::default();
+        };
+        jose::b64_decode(payload, "claims")
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Who asked the agent for a signature: the connection's peer, captured when it was
+/// accepted. The agent sets it for each connection's task ([`ORIGIN`]); a signature
+/// reads it on the task that asks, before the device's worker thread takes over.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Origin {
+    pub uid: u32,
+    pub pid: Option<i32>,
+    /// `readlink /proc/<pid>/exe` at accept time; `None` when the kernel would not say.
+    pub exe: Option<String>,
+}
+
+tokio::task_local! {
+    /// The [`Origin`] of the connection this task serves; `None` inside [`as_agent`].
+    pub static ORIGIN: Option<Arc<Origin>>;
+}
+
+fn current_origin() -> Option<Arc<Origin>> {
+    ORIGIN.try_with(Option::clone).ok().flatten()
+}
+
+/// Runs `work` as the agent's own: its signatures have no caller's [`Origin`] (a token
+/// fetch a caller set off serves every caller that shares the token).
+pub async fn as_agent<F: std::future::Future>(work: F) -> F::Output {
+    ORIGIN.scope(None, work).await
+}
+
+/// Asked before every JWS signature the device makes (not a proof of possession); an
+/// `Err` refuses the signature with that reason before the device is asked. The agent's
+/// audit trail refuses here when it cannot be written (`on_failure = "refuse"`).
+pub type SignGate = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Why the device signed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,6 +251,7 @@ impl Keyring {
             backend,
             rules,
             observer: None,
+            gate: None,
             publish: None,
         })
     }
@@ -185,8 +269,17 @@ impl Keyring {
         self.observer = Some(observer);
     }
 
-    fn observed(&self, purpose: Purpose, key: &KeyInfo, ok: bool, start: Instant) {
-        observe(&self.observer, purpose, key, ok, start);
+    /// Asks `gate` before every JWS signature of the keys approved from now on (see
+    /// [`SignGate`]).
+    pub fn set_gate(&mut self, gate: SignGate) {
+        self.gate = Some(gate);
+    }
+
+    fn pass_gate(&self) -> Result<(), KeyError> {
+        match &self.gate {
+            Some(gate) => gate().map_err(KeyError::Gated),
+            None => Ok(()),
+        }
     }
 
     /// Which backend and token this is, for logs and `keys audit`.
@@ -545,10 +638,28 @@ impl SigningKey {
 
     /// Signs on the device. Blocking.
     pub fn sign(&self, tbs: ToBeSigned) -> Result<JwsSignature, KeyError> {
+        self.keyring.pass_gate()?;
         let start = Instant::now();
+        let origin = current_origin();
+        let message = self
+            .keyring
+            .observer
+            .as_ref()
+            .map(|_| tbs.message().to_vec());
         let result = self.sign_unobserved(tbs);
-        self.keyring
-            .observed(Purpose::Jws, &self.info, result.is_ok(), start);
+        observe(
+            &self.keyring.observer,
+            &Signed {
+                purpose: Purpose::Jws,
+                key: &self.info,
+                kid: &self.kid,
+                slot: self.slot(),
+                origin: origin.as_deref(),
+                message: message.as_deref().unwrap_or_default(),
+            },
+            result.is_ok(),
+            start,
+        );
         result
     }
 
@@ -566,9 +677,20 @@ impl SigningKey {
 
     /// Queues a signature; `reply` gets the outcome on another thread.
     pub fn submit(&self, tbs: ToBeSigned, reply: SignReply) {
-        let (observer, info, start) = (
+        if let Err(refused) = self.keyring.pass_gate() {
+            return reply(Err(refused));
+        }
+        // The origin is read here, on the caller's task: the reply runs on a worker thread.
+        let (observer, key, origin, message, start) = (
             self.keyring.observer.clone(),
-            self.info.clone(),
+            (self.info.clone(), self.kid.clone(), self.slot.clone()),
+            current_origin(),
+            // Only an observer reads the signed bytes (the trail's claims fields).
+            self.keyring
+                .observer
+                .as_ref()
+                .map(|_| tbs.message().to_vec())
+                .unwrap_or_default(),
             Instant::now(),
         );
         // The reply runs on a worker thread: the caller's span goes along, so the
@@ -576,7 +698,20 @@ impl SigningKey {
         let span = tracing::Span::current();
         let reply: SignReply = Box::new(move |result| {
             let _entered = span.enter();
-            observe(&observer, Purpose::Jws, &info, result.is_ok(), start);
+            let (info, kid, slot) = &key;
+            observe(
+                &observer,
+                &Signed {
+                    purpose: Purpose::Jws,
+                    key: info,
+                    kid,
+                    slot: slot.as_deref(),
+                    origin: origin.as_deref(),
+                    message: &message,
+                },
+                result.is_ok(),
+                start,
+            );
             reply(result);
         });
         let seen = self.current();
@@ -618,6 +753,7 @@ impl SigningKey {
             backend: Arc::downgrade(&self.keyring.backend),
             rules: self.keyring.rules.clone(),
             observer: self.keyring.observer.clone(),
+            gate: self.keyring.gate.clone(),
             approval: self.approval.clone(),
         }
     }
@@ -713,8 +849,23 @@ impl Keyring {
             attribute: POSSESSION,
             message,
         };
-        if let Ok((Proof::Signed(_), _)) | Err(_) = &answer {
-            self.observed(Purpose::Possession, key, answer.is_ok(), start);
+        if let Ok((Proof::Signed(_), _)) | Err(_) = &answer
+            && self.observer.is_some()
+        {
+            let kid = key.public().thumbprint();
+            observe(
+                &self.observer,
+                &Signed {
+                    purpose: Purpose::Possession,
+                    key,
+                    kid: &kid,
+                    slot: None,
+                    origin: None,
+                    message: &message,
+                },
+                answer.is_ok(),
+                start,
+            );
         }
         let (signature, binding) = match answer {
             Ok((Proof::Signed(signature), binding)) => (signature, binding),
@@ -742,20 +893,28 @@ impl Keyring {
     }
 }
 
-fn observe(
-    observer: &Option<SignObserver>,
+/// What an observer is told about one signature, besides its outcome.
+struct Signed<'a> {
     purpose: Purpose,
-    key: &KeyInfo,
-    ok: bool,
-    start: Instant,
-) {
+    key: &'a KeyInfo,
+    kid: &'a str,
+    slot: Option<&'a str>,
+    origin: Option<&'a Origin>,
+    message: &'a [u8],
+}
+
+fn observe(observer: &Option<SignObserver>, s: &Signed<'_>, ok: bool, start: Instant) {
     if let Some(observer) = observer {
         observer(&SignEvent {
-            purpose,
-            label: key.label(),
-            alg: key.alg(),
+            purpose: s.purpose,
+            label: s.key.label(),
+            alg: s.key.alg(),
             ok,
             took: start.elapsed(),
+            kid: s.kid,
+            slot: s.slot,
+            origin: s.origin,
+            message: s.message,
         });
     }
 }
@@ -770,6 +929,7 @@ struct WeakSigningKey {
     backend: std::sync::Weak<dyn Backend>,
     rules: Rules,
     observer: Option<SignObserver>,
+    gate: Option<SignGate>,
     approval: Arc<Approval>,
 }
 
@@ -784,6 +944,7 @@ impl WeakSigningKey {
                 backend: self.backend.upgrade()?,
                 rules: self.rules,
                 observer: self.observer,
+                gate: self.gate,
                 publish: None,
             },
             approval: self.approval,

@@ -245,7 +245,8 @@ impl OAuthClient {
                 self.observer.token_cache(&self.config.name, false);
                 async {
                     let started = Instant::now();
-                    let result = self.fetch(scopes).await;
+                    // The agent's own signatures: the token serves every caller.
+                    let result = crate::keyring::as_agent(self.fetch(scopes)).await;
                     self.observer
                         .token_fetch(&self.config.name, result.is_ok(), started.elapsed());
                     if let Ok(t) = &result {

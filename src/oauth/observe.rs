@@ -16,6 +16,20 @@ pub trait UpstreamObserver: Send + Sync {
     fn token_fetch(&self, _client: &str, _ok: bool, _took: Duration) {}
     /// A token asked of the cache: there and fresh (`hit`), or fetched.
     fn token_cache(&self, _client: &str, _hit: bool) {}
+    /// One token request ended at the token endpoint (its nonce and clock retries
+    /// included): what the audit trail records.
+    fn token_exchange(&self, _e: &TokenExchange<'_>) {}
+}
+
+/// One token request as [`UpstreamObserver::token_exchange`] sees it.
+pub struct TokenExchange<'a> {
+    pub client: &'a str,
+    pub endpoint: &'a str,
+    /// The last answer's status; `None` when none came.
+    pub status: Option<u16>,
+    pub round_trips: u32,
+    /// The access token obtained (an observer hashes it; never keep or log it).
+    pub token: Option<&'a str>,
 }
 
 /// Observes nothing: the CLI's one-shot commands have no metrics.

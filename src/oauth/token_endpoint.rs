@@ -14,6 +14,7 @@ use super::server::AudienceRule;
 use super::settings::origin;
 use super::state::Role;
 use super::{OAuthError, assertion, names_time_claim, unix_now};
+use secrecy::ExposeSecret as _;
 
 /// `client_assertion_type` for a JWT (RFC 7523 §2.2).
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -62,6 +63,16 @@ impl OAuthClient {
             .await?;
         let (parts, body) = response.into_parts();
         let (status, headers, body) = (parts.status, parts.headers, body.as_slice());
+        let observed = |token: Option<&str>| {
+            self.observer
+                .token_exchange(&super::observe::TokenExchange {
+                    client: &self.config.name,
+                    endpoint: endpoint.as_str(),
+                    status: Some(status.as_u16()),
+                    round_trips: *round_trips,
+                    token,
+                })
+        };
         if status.is_success() {
             let parsed: TokenResponse =
                 serde_json::from_slice(body).map_err(|e| OAuthError::Parse {
@@ -73,8 +84,14 @@ impl OAuthClient {
             let key = proven_by
                 .into_inner()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            return Ok(self.accept(parsed, scopes, key)?);
+            let accepted = self.accept(parsed, scopes, key);
+            match &accepted {
+                Ok(t) => observed(Some(t.secret.expose_secret())),
+                Err(_) => observed(None),
+            }
+            return Ok(accepted?);
         }
+        observed(None);
         let error: Option<ErrorBody> = serde_json::from_slice(body).ok();
         let failure = match (error, status) {
             (_, s) if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {

@@ -1,0 +1,46 @@
+//! `audit verify`: the trail's chain and checkpoint signatures (`keybound::trail::verify`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use keybound::trail::verify::{self, Keys};
+
+/// Exit status of a trail that is not intact.
+const TAMPERED: u8 = 1;
+
+/// Verifies `files` (oldest first) against `jwks`, or, without it, against the
+/// `[audit] checkpoint_key` of the config's device.
+pub fn verify(
+    config: Option<&Path>,
+    jwks: Option<&Path>,
+    files: &[PathBuf],
+) -> anyhow::Result<ExitCode> {
+    let keys = match jwks {
+        Some(path) => verify::read_keys(path).map_err(anyhow::Error::msg)?,
+        None => device_keys(config)?,
+    };
+    let report = verify::verify(files, &keys).map_err(anyhow::Error::msg)?;
+    out!("{report}");
+    Ok(if report.intact() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(TAMPERED)
+    })
+}
+
+/// The checkpoint key's public JWK, from the device (approved like any key).
+fn device_keys(config: Option<&Path>) -> anyhow::Result<Keys> {
+    let (config, _, keyring) = super::load(config, None).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\nno --jwks given, so the audit key is read from the configured device; \
+             pass --jwks FILE (the output of `keybound jwks --label <checkpoint_key>`) to \
+             verify elsewhere"
+        )
+    })?;
+    let audit = config.audit.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("the config has no [audit]; pass --jwks FILE with the audit key's JWKS")
+    })?;
+    let key = keyring.signing_key(&audit.checkpoint_key)?;
+    let doc = serde_json::json!({ "keys": [key.public().jwks_entry(key.kid(), key.alg())] });
+    Keys::from_jwks(&doc).map_err(anyhow::Error::msg)
+}

@@ -1,0 +1,411 @@
+//! The writer thread: the only code that touches the trail file. It batches queued
+//! events, appends their lines with one write, checks that the file at the path is still
+//! the one it writes, signs checkpoints, rotates, and records outages as `gap` lines.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Value, json};
+
+use super::line::{self, GENESIS, line_hash};
+use super::{AuditSettings, Msg, Shared};
+use crate::jose;
+use crate::keyring::SigningKey;
+
+/// How often the writer looks at its file and its health when no event comes.
+const TICK: Duration = Duration::from_millis(500);
+/// Events written with one `write`.
+const BATCH: usize = 1024;
+/// After the first event of a batch, the writer sleeps this long and then takes what
+/// queued meanwhile: one `write` (and one look at the file) for many events, and the
+/// signing threads never have to wake it.
+const LINGER: Duration = Duration::from_millis(5);
+
+pub(super) struct Writer {
+    path: PathBuf,
+    file: Option<File>,
+    /// (dev, ino) of the open file: another file at the path means it was removed or
+    /// replaced.
+    id: (u64, u64),
+    size: u64,
+    /// The next line's `seq`, and the hash of the last line written.
+    seq: u64,
+    head: String,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    every: u64,
+    secs: Duration,
+    rotate: Option<u64>,
+    key: SigningKey,
+    shared: Arc<Shared>,
+    /// Why the next file is opened (the old one rotated, removed or replaced).
+    reopen: Option<String>,
+    /// When the current outage began, for its `gap` line.
+    outage_since: Option<SystemTime>,
+}
+
+/// An event's name, its members as a serialised JSON object, and its time.
+type Item = (&'static str, Vec<u8>, SystemTime);
+
+impl Writer {
+    pub(super) fn open(
+        settings: &AuditSettings,
+        key: SigningKey,
+        shared: Arc<Shared>,
+    ) -> Result<Writer, String> {
+        let path = settings.path.clone();
+        let (file, size, id) = open_file(&path)?;
+        let (seq, head, torn) = continue_chain(&path, &file, size)?;
+        let size = size - torn;
+        let mut w = Writer {
+            path,
+            file: Some(file),
+            id,
+            size,
+            seq,
+            head,
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            every: settings.checkpoint_every,
+            secs: Duration::from_secs(settings.checkpoint_secs),
+            rotate: settings.rotate_bytes,
+            key,
+            shared,
+            reopen: None,
+            outage_since: None,
+        };
+        let reason = if torn > 0 {
+            format!("agent started; {torn} bytes of a torn last line were cut off")
+        } else {
+            "agent started".to_owned()
+        };
+        let open = w.open_line(&reason);
+        if let Err(e) = w.append(&[open]) {
+            w.failed(e, 0);
+        }
+        Ok(w)
+    }
+
+    pub(super) fn run(mut self, rx: crossbeam_channel::Receiver<Msg>) {
+        loop {
+            let first = match rx.recv_timeout(TICK) {
+                Ok(msg) => msg,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    self.tick();
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    self.close();
+                    return;
+                }
+            };
+            let mut batch = Vec::new();
+            let mut close = None;
+            if matches!(first, Msg::Event(..)) {
+                std::thread::sleep(LINGER);
+            }
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Event(e, t) => batch.push((e, t)),
+                    Msg::Close(ack) => {
+                        close = Some(ack);
+                        break;
+                    }
+                }
+                if batch.len() < BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                self.write_events(batch);
+            }
+            if let Some(ack) = close {
+                self.close();
+                let _ = ack.send(());
+                return;
+            }
+            self.after_write();
+        }
+    }
+
+    fn close(&mut self) {
+        if self.since_checkpoint > 0 && self.shared.healthy.load(Ordering::SeqCst) {
+            self.checkpoint();
+        }
+    }
+
+    fn tick(&mut self) {
+        if !self.shared.healthy.load(Ordering::SeqCst)
+            || self.shared.lost.load(Ordering::Relaxed) > 0
+        {
+            self.write_events(Vec::new());
+        } else if let Err(e) = self.check_file() {
+            self.failed(e, 0);
+            self.write_events(Vec::new());
+        }
+        if self.shared.healthy.load(Ordering::SeqCst) {
+            self.after_write();
+        }
+    }
+
+    /// Checkpoints and rotations that are due.
+    fn after_write(&mut self) {
+        if self.since_checkpoint >= self.every
+            || (self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.secs)
+        {
+            self.checkpoint();
+        }
+        if self.rotate.is_some_and(|max| self.size >= max) {
+            self.rotate();
+        }
+    }
+
+    /// Appends the events' lines, after a `gap` line when events were lost or the trail
+    /// was failing. On failure the events are lost (counted) and the trail failing.
+    fn write_events(&mut self, batch: Vec<(super::Event, SystemTime)>) {
+        let lost = self.shared.lost.swap(0, Ordering::SeqCst);
+        let failing = !self.shared.healthy.load(Ordering::SeqCst);
+        let mut items: Vec<Item> = Vec::with_capacity(batch.len() + 1);
+        if lost > 0 || failing {
+            let reason = if failing {
+                self.shared.reason()
+            } else {
+                "the audit queue was full".to_owned()
+            };
+            items.push((
+                "gap",
+                json!({
+                    "lost": lost,
+                    "reason": reason,
+                    "since": self.outage_since.map(line::rfc3339),
+                })
+                .to_string()
+                .into_bytes(),
+                SystemTime::now(),
+            ));
+        }
+        let events = batch.len();
+        for (e, t) in batch {
+            let name = e.name();
+            items.push((name, e.to_json(), t));
+        }
+        if items.is_empty() {
+            return;
+        }
+        let result = self.check_file().and_then(|()| self.append(&items));
+        match result {
+            Ok(()) => {
+                self.outage_since = None;
+                self.shared.recovered();
+            }
+            Err(e) => {
+                let lost = lost + u64::try_from(events).unwrap_or(u64::MAX);
+                self.failed(e, lost);
+            }
+        }
+    }
+
+    fn failed(&mut self, reason: String, lost: u64) {
+        self.shared.lost.fetch_add(lost, Ordering::SeqCst);
+        self.outage_since.get_or_insert_with(SystemTime::now);
+        self.shared.fail(reason);
+    }
+
+    /// The file at the path is still the one open; if it is gone or replaced, or none is
+    /// open, opens (creates) it and writes its `open` line first.
+    fn check_file(&mut self) -> Result<(), String> {
+        if self.file.is_some() {
+            match std::fs::metadata(&self.path) {
+                Ok(m) if (m.dev(), m.ino()) == self.id => return Ok(()),
+                _ => {
+                    tracing::error!(path = %self.path.display(), "the audit trail file was removed or replaced; opening a new one");
+                    self.file = None;
+                    self.reopen.get_or_insert_with(|| {
+                        "the previous trail file was removed or replaced".into()
+                    });
+                }
+            }
+        }
+        let (file, size, id) = open_file(&self.path)?;
+        self.file = Some(file);
+        self.size = size;
+        self.id = id;
+        let reason = self.reopen.clone().unwrap_or_else(|| "reopened".to_owned());
+        let open = self.open_line(&reason);
+        self.append(&[open])?;
+        self.reopen = None;
+        Ok(())
+    }
+
+    fn open_line(&self, reason: &str) -> Item {
+        (
+            "open",
+            json!({ "reason": reason, "pid": std::process::id(),
+                    "version": env!("CARGO_PKG_VERSION") })
+            .to_string()
+            .into_bytes(),
+            SystemTime::now(),
+        )
+    }
+
+    /// Writes `items` as lines with one `write`; on failure cuts the file back to where
+    /// it was (a partial line never stays) and leaves the chain as it was.
+    fn append(&mut self, items: &[Item]) -> Result<(), String> {
+        let Some(file) = self.file.as_mut() else {
+            return Err("no trail file is open".into());
+        };
+        let mut buf = Vec::with_capacity(items.len() * 400);
+        let (mut seq, mut head) = (self.seq, self.head.clone());
+        for (event, fields, time) in items {
+            let line = line::build(seq, &head, *time, event, fields);
+            head = line_hash(&line);
+            buf.extend_from_slice(&line);
+            buf.push(b'\n');
+            seq += 1;
+        }
+        if let Err(e) = file.write_all(&buf) {
+            let _ = file.set_len(self.size);
+            return Err(format!("cannot write {}: {e}", self.path.display()));
+        }
+        let n = seq - self.seq;
+        self.seq = seq;
+        self.head = head;
+        self.size += u64::try_from(buf.len()).unwrap_or(u64::MAX);
+        self.since_checkpoint += n;
+        self.shared.lines.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Signs the chain head on the device and writes the checkpoint line.
+    fn checkpoint(&mut self) {
+        let time = SystemTime::now();
+        let (kid, alg) = (self.key.kid().to_owned(), self.key.alg());
+        let header = json!({ "typ": "keybound-audit-checkpoint", "alg": alg.name(), "kid": kid });
+        let payload =
+            json!({ "seq": self.seq, "head": self.head, "time": line::rfc3339(time), "kid": kid });
+        let signed = jose::signing_input(&header, &payload)
+            .map_err(|e| e.to_string())
+            .and_then(|input| {
+                self.key
+                    .sign(alg.to_be_signed(input.as_bytes()))
+                    .map(|sig| jose::compact(input, &sig))
+                    .map_err(|e| e.to_string())
+            });
+        let jws = match signed {
+            Ok(jws) => jws,
+            Err(e) => {
+                return self.failed(
+                    format!(
+                        "cannot sign a checkpoint with '{}' on the device: {e}",
+                        self.key.name()
+                    ),
+                    0,
+                );
+            }
+        };
+        let fields = json!({ "head": self.head, "kid": kid, "alg": alg.name(), "jws": jws });
+        match self.append(&[("checkpoint", fields.to_string().into_bytes(), time)]) {
+            Ok(()) => {
+                self.since_checkpoint = 0;
+                self.last_checkpoint = Instant::now();
+                self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+                if let Some(file) = &self.file
+                    && let Err(e) = file.sync_data()
+                {
+                    tracing::warn!("cannot sync the audit trail: {e}");
+                }
+            }
+            Err(e) => self.failed(e, 0),
+        }
+    }
+
+    /// A final checkpoint, the file renamed `<path>.<last seq>`, a new file whose `open`
+    /// line chains to the old one's last line.
+    fn rotate(&mut self) {
+        if self.since_checkpoint > 0 {
+            self.checkpoint();
+            if self.since_checkpoint > 0 {
+                return;
+            }
+        }
+        let last = self.seq.saturating_sub(1);
+        let mut old = self.path.clone().into_os_string();
+        old.push(format!(".{last}"));
+        let old = PathBuf::from(old);
+        if let Err(e) = std::fs::rename(&self.path, &old) {
+            tracing::warn!(
+                "cannot rotate the audit trail to {}: {e}; keeping one file",
+                old.display()
+            );
+            self.rotate = None;
+            return;
+        }
+        self.file = None;
+        self.reopen = Some(format!("rotated; the previous file is {}", old.display()));
+        if let Err(e) = self.check_file() {
+            self.failed(e, 0);
+        }
+    }
+}
+
+/// Opens the trail for appending (0600, created when missing): the file, its size and
+/// (dev, ino).
+fn open_file(path: &Path) -> Result<(File, u64, (u64, u64)), String> {
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot open the audit trail {}: {e}", path.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot stat the audit trail {}: {e}", path.display()))?;
+    let size = if meta.is_file() { meta.len() } else { 0 };
+    Ok((file, size, (meta.dev(), meta.ino())))
+}
+
+/// The next `seq` and `prev` after the file's last line (genesis for an empty file), and
+/// how many bytes of a torn last line (no newline) were cut off.
+fn continue_chain(path: &Path, file: &File, size: u64) -> Result<(u64, String, u64), String> {
+    if size == 0 {
+        return Ok((0, GENESIS.to_owned(), 0));
+    }
+    let bad = |why: String| {
+        format!(
+            "the audit trail {} does not end in a trail line ({why}); move it aside and \
+             start a new one (`keybound audit verify` tells what it holds)",
+            path.display()
+        )
+    };
+    let mut reader = File::open(path).map_err(|e| bad(e.to_string()))?;
+    let start = size.saturating_sub(1 << 20);
+    reader
+        .seek(SeekFrom::Start(start))
+        .map_err(|e| bad(e.to_string()))?;
+    let mut tail = Vec::new();
+    reader
+        .read_to_end(&mut tail)
+        .map_err(|e| bad(e.to_string()))?;
+    let complete = tail.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let torn = u64::try_from(tail.len() - complete).unwrap_or(0);
+    if torn > 0 {
+        file.set_len(size - torn)
+            .map_err(|e| bad(format!("cannot cut off a torn last line: {e}")))?;
+    }
+    let body = &tail[..complete.saturating_sub(1)];
+    let last = body
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(body, |i| &body[i + 1..]);
+    let seq = serde_json::from_slice::<Value>(last)
+        .ok()
+        .and_then(|v| v.get("seq").and_then(Value::as_u64))
+        .ok_or_else(|| bad("its last line has no seq".into()))?;
+    Ok((seq + 1, line_hash(last), torn))
+}
