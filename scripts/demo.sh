@@ -211,3 +211,79 @@ printf 'DPoP proof (key from its jwk header): '
 verify dpop
 echo "(a tampered signing input is rejected by the same keys)"
 echo "signature verified by openssl"
+
+step "keybound serve with a gateway route and an audit trail (keybound keys generate --label audit)"
+grep -q '"label": "audit"' <<<"$keys" ||
+  "$keybound" keys generate --label audit >/dev/null
+"$keybound" jwks --label audit >"$work/audit-jwks.json"
+socket=$work/agent.sock
+cat >>"$config" <<AGENT
+
+[[route]]
+name = "okta"
+client = "dev"
+upstream = "$base"
+allow = ["GET /api/v1/users", "GET /api/v1/users/*"]
+
+[audit]
+path = "$work/audit.log"
+checkpoint_key = "audit"
+checkpoint_every = 10
+
+[agent]
+socket = "$socket"
+AGENT
+sed -n '/^\[\[route\]\]/,$p' "$config"
+before=$(curl -sS "$base/dev/stats")
+"$keybound" serve >"$work/agent.out" 2>"$work/agent.log" &
+agent_pid=$!
+stop_agent() {
+  kill "$agent_pid" 2>/dev/null || true
+  wait "$agent_pid" 2>/dev/null || true
+}
+trap 'stop_agent; cleanup' EXIT
+for _ in $(seq 100); do
+  [ -S "$socket" ] && break
+  kill -0 "$agent_pid" 2>/dev/null || { cat "$work/agent.log" >&2; die "the agent exited"; }
+  sleep 0.1
+done
+[ -S "$socket" ] || die "the agent did not open $socket"
+
+step "curl --unix-socket agent.sock http://keybound/gw/okta/api/v1/users?limit=2  (no token on this side)"
+curl -sS -D "$work/gw.headers" --unix-socket "$socket" \
+  'http://keybound/gw/okta/api/v1/users?limit=2' | python3 -c '
+import json, sys
+for u in json.load(sys.stdin):
+    print(u["id"], " ", u["profile"]["email"])'
+grep -i '^link:' "$work/gw.headers" | tr -d '\r'
+
+step "A write through the read-only route is refused by the agent (nothing is sent upstream)"
+code=$(curl -sS -o "$work/gw.refused" -w '%{http_code}' --unix-socket "$socket" \
+  -X POST -H 'Content-Type: application/json' -d '{"profile":{}}' \
+  "http://keybound/gw/okta/api/v1/users/$id")
+[ "$code" = 403 ] || die "a POST on the read-only route was not refused (HTTP $code)"
+printf 'HTTP %s  %s\n' "$code" "$(cat "$work/gw.refused")"
+
+step "keybound call, three times, through the agent: one token for all of them"
+for _ in 1 2 3; do "$keybound" call "$base/api/v1/users/$id" >/dev/null; done
+after=$(curl -sS "$base/dev/stats")
+BEFORE=$before AFTER=$after python3 -c '
+import json, os
+b, a = json.loads(os.environ["BEFORE"]), json.loads(os.environ["AFTER"])
+d = {k: a[k] - b[k] for k in a}
+print("token requests (HTTP) %d, tokens issued %d, resource-server nonce challenges %d, API requests %d"
+      % (d["token_requests"], d["tokens_issued"], d["rs_nonce_challenges"], d["api_requests"]))
+assert d["tokens_issued"] == 1, d'
+
+step "keybound audit verify --jwks audit-jwks.json audit.log  (the trail, checkpoints signed on the device)"
+stop_agent
+"$keybound" audit verify --jwks "$work/audit-jwks.json" "$work/audit.log"
+printf 'events: '
+python3 -c '
+import collections, json, sys
+print(dict(collections.Counter(json.loads(l)["event"] for l in open(sys.argv[1]))))' "$work/audit.log"
+sed -i 's/"status":200/"status":201/' "$work/audit.log"
+if "$keybound" audit verify --jwks "$work/audit-jwks.json" "$work/audit.log"; then
+  die "audit verify accepted an edited trail"
+fi
+echo "(an edited line is named, exit status 1)"
