@@ -548,3 +548,44 @@ fn a_refused_client_exits_alike_through_the_agent() {
     assert!(said.contains("invalid_client"), "{said}");
     agent_out_of_the_way(agent);
 }
+
+/// `/v1/call` signs a proof for the URL it calls: a rule's `htu_prefixes` hold there as
+/// they do for `/v1/dpop`, and a URL outside them is refused before anything is sent.
+#[test]
+fn a_call_outside_the_rules_htu_prefixes_is_refused_before_it_is_sent() {
+    let dir = SocketDir::new();
+    let (token, server) = setup(&dir, &["dev"], &allow_uid(own_uid(), ""));
+    token.write_config(&config_text(
+        &client("dev", &server.base),
+        &format!(
+            "socket = \"{}\"\n{}",
+            dir.socket().display(),
+            allow_uid(
+                own_uid(),
+                &format!("htu_prefixes = [\"{}/api/v1/users\"]", server.base)
+            )
+        ),
+    ));
+    let agent = Agent::start(&token, &dir.socket());
+    let call = |url: String| serde_json::json!({ "client": "dev", "method": "GET", "url": url });
+    let (status, _) = agent_post(
+        agent.socket(),
+        "/v1/call",
+        &call(format!("{}/api/v1/users?limit=1", server.base)),
+    );
+    assert_eq!(status, 200);
+    let before = stats(&server);
+    let (status, answer) = agent_post(
+        agent.socket(),
+        "/v1/call",
+        &call(format!("{}/api/v1/groups", server.base)),
+    );
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("htu_prefixes"),
+        "{answer}"
+    );
+    let sent = delta(&before, &stats(&server));
+    assert_eq!(sent["api_requests"], 0, "{sent}");
+    agent_out_of_the_way(agent);
+}

@@ -111,8 +111,7 @@ impl Access {
                 ),
             ));
         };
-        caller
-            .check_route(name, &state.route().client)
+        self.route_allowed(caller, state)
             .map_err(ApiError::forbidden)?;
         let client = self.clients.get(&state.route().client).ok_or_else(|| {
             ApiError::new(
@@ -127,6 +126,26 @@ impl Access {
         })
     }
 
+    /// The rule's verdict on a route, which signs with its client's keys.
+    fn route_allowed(
+        &self,
+        caller: &Caller,
+        state: &RouteState,
+    ) -> Result<(), super::authz::NotAllowed> {
+        let route = state.route();
+        let keys: Vec<SigningKey> = self
+            .clients
+            .get(&route.client)
+            .map(|c| {
+                std::iter::once(c.assertion_key())
+                    .chain(c.dpop_key())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let names: Vec<&str> = keys.iter().map(SigningKey::name).collect();
+        caller.check_route(&route.name, &route.client, &names)
+    }
+
     /// The routes the caller's rule allows, by name (for `/healthz` and `/metrics`).
     pub fn routes<'a>(
         &'a self,
@@ -135,11 +154,7 @@ impl Access {
         let mut list: Vec<&Arc<RouteState>> = self
             .routes
             .values()
-            .filter(|s| {
-                caller
-                    .check_route(&s.route().name, &s.route().client)
-                    .is_ok()
-            })
+            .filter(|s| self.route_allowed(caller, s).is_ok())
             .collect();
         list.sort_by(|a, b| a.route().name.cmp(&b.route().name));
         list.into_iter()

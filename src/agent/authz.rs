@@ -429,18 +429,31 @@ impl Caller {
         self.rule.keys.check(name, "key").map_err(NotAllowed)
     }
 
-    /// A gateway route, whose token is `client`'s: named in the rule's `routes`, or, when
-    /// the rule names none, allowed with its client (a caller that may have the token may
-    /// send what the route sends).
-    pub fn check_route(&self, name: &str, client: &str) -> Result<(), NotAllowed> {
-        match &self.rule.routes {
-            Some(routes) => routes.check(name, "route").map_err(NotAllowed),
-            None => self.check_client(client).map_err(|NotAllowed(m)| {
-                NotAllowed(format!(
-                    "route '{name}' sends with {m}; name the route in the rule's routes"
-                ))
-            }),
+    /// A gateway route, whose token is `client`'s, signed with `keys` (the client's
+    /// assertion and DPoP keys): named in the rule's `routes`, or, when the rule names
+    /// none, allowed exactly when the token is (the client and its keys: a caller that may
+    /// have the token may send what the route sends), and never under `htu_prefixes`,
+    /// which the route's requests are not checked against.
+    pub fn check_route(&self, name: &str, client: &str, keys: &[&str]) -> Result<(), NotAllowed> {
+        if let Some(routes) = &self.rule.routes {
+            return routes.check(name, "route").map_err(NotAllowed);
         }
+        let named = |NotAllowed(m)| {
+            NotAllowed(format!(
+                "route '{name}' sends with {m}; name the route in the rule's routes"
+            ))
+        };
+        self.check_client(client).map_err(named)?;
+        for key in keys {
+            self.check_key(key).map_err(named)?;
+        }
+        if self.rule.htu_prefixes.is_some() {
+            return Err(NotAllowed(format!(
+                "route '{name}' is not named in this rule's routes, and the rule limits \
+                 htu_prefixes; name the route in the rule's routes"
+            )));
+        }
+        Ok(())
     }
 
     /// `htu` as `dpop::htu` normalised it.
@@ -518,16 +531,54 @@ mod tests {
         let gw = Policy::new(vec![rule("uid = 7\nroutes = [\"okta\"]").unwrap()], 0)
             .caller(peer(7, 7))
             .unwrap();
-        assert!(gw.check_route("okta", "okta").is_ok());
-        assert!(gw.check_route("other", "okta").is_err());
+        assert!(gw.check_route("okta", "okta", &["client-auth"]).is_ok());
+        assert!(gw.check_route("other", "okta", &[]).is_err());
         assert!(gw.check_client("okta").is_err());
         assert!(gw.check_key("dpop").is_err());
         // Without routes: the routes of the clients the rule allows.
         let c = Policy::new(vec![rule("uid = 8\nclients = [\"okta\"]").unwrap()], 0)
             .caller(peer(8, 8))
             .unwrap();
-        assert!(c.check_route("okta", "okta").is_ok());
-        assert!(c.check_route("gh", "github").is_err());
+        assert!(c.check_route("okta", "okta", &["client-auth"]).is_ok());
+        assert!(c.check_route("gh", "github", &[]).is_err());
+    }
+
+    #[test]
+    fn a_route_the_rule_does_not_name_needs_what_the_token_needs() {
+        // The client, but not its assertion key: no token, so no route either.
+        let keyless = Policy::new(
+            vec![rule("uid = 8\nclients = [\"okta\"]\nkeys = [\"dpop\"]").unwrap()],
+            0,
+        )
+        .caller(peer(8, 8))
+        .unwrap();
+        assert!(keyless.check_route("okta", "okta", &["dpop"]).is_ok());
+        let e = keyless
+            .check_route("okta", "okta", &["client-auth", "dpop"])
+            .unwrap_err();
+        assert!(String::from(e).contains("client-auth"));
+        // htu_prefixes limit proofs; a route's requests are not checked against them.
+        let limited = Policy::new(
+            vec![rule("uid = 8\nhtu_prefixes = [\"https://o.example/api/v1/users\"]").unwrap()],
+            0,
+        )
+        .caller(peer(8, 8))
+        .unwrap();
+        let e = limited
+            .check_route("okta", "okta", &["client-auth"])
+            .unwrap_err();
+        assert!(String::from(e).contains("htu_prefixes"));
+        // Named in routes: allowed, whatever else the rule says.
+        let named = Policy::new(
+            vec![
+                rule("uid = 8\nroutes = [\"okta\"]\nhtu_prefixes = [\"https://o.example/\"]")
+                    .unwrap(),
+            ],
+            0,
+        )
+        .caller(peer(8, 8))
+        .unwrap();
+        assert!(named.check_route("okta", "okta", &["client-auth"]).is_ok());
     }
 
     #[test]

@@ -21,11 +21,11 @@ use super::Agent;
 use super::api::{ApiError, parse};
 use super::authz::Caller;
 use crate::keyring::SigningKey;
-use crate::oauth::OAuthError;
 use crate::oauth::api::{ApiRequest, ApiResponse};
 use crate::oauth::cache::Lookup;
 use crate::oauth::client::OAuthClient;
 use crate::oauth::settings::{endpoint_url, origin};
+use crate::oauth::{OAuthError, dpop};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,7 +70,20 @@ pub(super) async fn call_handler(
     let request = api_request(&req)?;
     let limit = agent.settings.max_call_bytes;
     let (method, url) = (request.method.clone(), request.url.clone());
-    let result = relay(c, request, req.paginate, limit).await;
+    // The proofs are for these URLs: the rule's htu_prefixes hold as they do for /v1/dpop,
+    // for the first URL and every page a `paginate` follows.
+    let allowed = |url: &Url| -> Result<(), OAuthError> {
+        caller
+            .check_htu(&dpop::htu(url.as_str())?)
+            .map_err(|e| OAuthError::NotAllowed(String::from(e)))
+    };
+    if let Err(e) = allowed(&url) {
+        return Err(match e {
+            OAuthError::NotAllowed(m) => ApiError::forbidden(m),
+            e => e.into(),
+        });
+    }
+    let result = relay(c, request, req.paginate, limit, allowed).await;
     log_call(&caller, &req.client, (&method, url), &result);
     Ok(Json(result?))
 }
@@ -81,6 +94,7 @@ async fn relay(
     request: ApiRequest,
     paginate: bool,
     limit: usize,
+    allowed: impl Fn(&Url) -> Result<(), OAuthError>,
 ) -> Result<CallAnswer, ApiError> {
     let url = request.url.to_string();
     let too_large = || {
@@ -93,7 +107,7 @@ async fn relay(
         )
     };
     if paginate {
-        let (items, last) = match c.paginate_within(request, limit).await {
+        let (items, last) = match c.paginate_within(request, limit, allowed).await {
             Err(OAuthError::PagesTooLarge { .. }) => return Err(too_large()),
             other => other?,
         };

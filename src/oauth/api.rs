@@ -207,15 +207,18 @@ impl OAuthClient {
         &self,
         first: ApiRequest,
     ) -> Result<(Vec<serde_json::Value>, ApiResponse), OAuthError> {
-        self.paginate_within(first, usize::MAX).await
+        self.paginate_within(first, usize::MAX, |_| Ok(())).await
     }
 
     /// [`OAuthClient::paginate`], stopping with `PagesTooLarge` once the pages' bodies add
     /// up to more than `max_bytes` (the agent answers another process with them all).
+    /// Every page's URL, the first included, passes `allowed` before it is sent (the
+    /// agent's caller rule: `htu_prefixes`).
     pub async fn paginate_within(
         &self,
         first: ApiRequest,
         max_bytes: usize,
+        allowed: impl Fn(&Url) -> Result<(), OAuthError>,
     ) -> Result<(Vec<serde_json::Value>, ApiResponse), OAuthError> {
         let start = origin(&first.url);
         let first_url = first.url.to_string();
@@ -223,6 +226,7 @@ impl OAuthClient {
         let mut items = Vec::new();
         let mut total: usize = 0;
         loop {
+            allowed(&request.url)?;
             let response = self.call(&request).await?;
             if !response.status.is_success() {
                 return Ok((items, response));

@@ -148,6 +148,9 @@ pub enum OAuthError {
         "the pages from {url} on add up to more than {limit} bytes, the most this caller takes; raise the limit (agent.max_call_bytes) or page by hand"
     )]
     PagesTooLarge { url: String, limit: usize },
+    /// The caller's rule does not allow a URL the call would send to (a page's link).
+    #[error("{0}")]
+    NotAllowed(String),
 }
 
 impl OAuthError {
@@ -173,7 +176,8 @@ impl OAuthError {
             | E::ScopeGuard { .. }
             | E::CrossOriginLink { .. }
             | E::ForeignOrigin { .. }
-            | E::PagesTooLarge { .. } => ErrorKind::Refused,
+            | E::PagesTooLarge { .. }
+            | E::NotAllowed(_) => ErrorKind::Refused,
             E::Server { .. } => ErrorKind::Authentication,
             E::BreakerOpen { .. } | E::Exhausted { .. } | E::RetryTooLate { .. } => {
                 ErrorKind::Transient
