@@ -689,3 +689,50 @@ async fn a_post_is_sent_again_with_its_body_after_the_nonce_challenge() {
     assert_eq!(posts.len(), 2, "{posts:?}");
     assert!(posts.iter().all(|r| r.dpop && r.authorization.is_some()));
 }
+
+/// Headers that make a server or a proxy in front of it take another method or path
+/// (`X-HTTP-Method-Override`, `X-Original-URL`, `Forwarded`...) never reach the upstream:
+/// the allow-list is checked on what the upstream will act on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_change_the_method_or_path_upstream_are_dropped() {
+    let s = setup();
+    let socket = s.agent.socket();
+    let rewriting = [
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("x-method-override", "DELETE"),
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
+        ("forwarded", "for=10.0.0.1;host=admin.example"),
+        ("x-forwarded-for", "10.0.0.1"),
+        ("x-forwarded-host", "admin.example"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x-real-ip", "10.0.0.1"),
+    ];
+    let mut headers = rewriting.to_vec();
+    headers.push(("x-request-id", "r-2"));
+    headers.push(("accept", "application/json"));
+    let reply = send(
+        socket,
+        Method::GET,
+        "/gw/okta/api/v1/users?limit=1",
+        &headers,
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let seen = api_requests(&s.dev);
+    assert!(!seen.is_empty());
+    for r in &seen {
+        assert_eq!(r.method, "GET", "{r:?}");
+        for (name, _) in rewriting {
+            assert!(
+                !r.header_names.iter().any(|n| n == name),
+                "{name} reached the upstream: {r:?}"
+            );
+        }
+        for kept in ["x-request-id", "accept"] {
+            assert!(r.header_names.iter().any(|n| n == kept), "{kept}: {r:?}");
+        }
+    }
+}

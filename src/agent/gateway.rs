@@ -104,9 +104,13 @@ impl RouteMetrics {
 
 /// Request headers never sent upstream: the caller's credentials (the agent attaches its
 /// own; a cookie is a credential the application would hold besides the token), the host
-/// (the upstream's is set from its URL), the length (set from the body) and the hop-by-hop
-/// headers of RFC 9110 §7.6.1.
-const REQUEST_DROPPED: [&str; 14] = [
+/// (the upstream's is set from its URL), the length (set from the body), the hop-by-hop
+/// headers of RFC 9110 §7.6.1, and the headers with which a server, a framework or a
+/// proxy in front of the upstream takes another method, path or client than the request
+/// line's (`X-HTTP-Method-Override`, `X-Original-URL`, `Forwarded`...): the allow-list is
+/// checked on the request line, so nothing may change it on the way. Every `X-Forwarded-*`
+/// is dropped too ([`REQUEST_DROPPED_PREFIX`]).
+const REQUEST_DROPPED: [&str; 24] = [
     "authorization",
     "dpop",
     "cookie",
@@ -121,7 +125,21 @@ const REQUEST_DROPPED: [&str; 14] = [
     "trailer",
     "transfer-encoding",
     "upgrade",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-method",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
 ];
+
+/// Request headers never sent upstream by prefix (`X-Forwarded-For`, `-Host`, `-Prefix`,
+/// `-Proto`, `-Uri`...).
+const REQUEST_DROPPED_PREFIX: &str = "x-forwarded-";
 
 /// Response headers never passed back: hop-by-hop (RFC 9110 §7.6.1), a session cookie (a
 /// credential for the upstream the application must not hold), the upstream's DPoP nonce
@@ -141,8 +159,13 @@ const RESPONSE_DROPPED: [&str; 12] = [
     "proxy-authorization",
 ];
 
-/// Headers of `headers` that pass: not in `dropped`, nor named by `Connection`.
-fn end_to_end(headers: &HeaderMap, dropped: &[&str]) -> Vec<(HeaderName, HeaderValue)> {
+/// Headers of `headers` that pass: not in `dropped`, not starting with `prefix`, nor named
+/// by `Connection`.
+fn end_to_end(
+    headers: &HeaderMap,
+    dropped: &[&str],
+    prefix: Option<&str>,
+) -> Vec<(HeaderName, HeaderValue)> {
     let listed: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -154,7 +177,9 @@ fn end_to_end(headers: &HeaderMap, dropped: &[&str]) -> Vec<(HeaderName, HeaderV
         .iter()
         .filter(|(name, _)| {
             let n = name.as_str();
-            !dropped.contains(&n) && !listed.iter().any(|l| l == n)
+            !dropped.contains(&n)
+                && !prefix.is_some_and(|p| n.starts_with(p))
+                && !listed.iter().any(|l| l == n)
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
@@ -344,7 +369,11 @@ pub(super) async fn handler(
     let api = ApiRequest {
         method: parts.method.clone(),
         url: url.clone(),
-        headers: end_to_end(&parts.headers, &REQUEST_DROPPED),
+        headers: end_to_end(
+            &parts.headers,
+            &REQUEST_DROPPED,
+            Some(REQUEST_DROPPED_PREFIX),
+        ),
         body: (!body.is_empty()).then(|| body.to_vec()),
     };
     let answer = match send(&state, client, &api).await {
@@ -449,7 +478,7 @@ fn respond(answer: StreamedResponse, route: &Route, url: &url::Url, ledger: Ledg
     let class = format!("{}xx", status.as_u16() / 100);
     let mut out = Response::builder().status(status);
     if let Some(h) = out.headers_mut() {
-        for (k, v) in end_to_end(&answer.headers, &RESPONSE_DROPPED) {
+        for (k, v) in end_to_end(&answer.headers, &RESPONSE_DROPPED, None) {
             h.append(k, v);
         }
         let links: Vec<&str> = answer
