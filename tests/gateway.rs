@@ -456,6 +456,10 @@ async fn requests_outside_the_allow_list_and_unsafe_paths_never_reach_the_upstre
         "/gw/okta/api/v1/users/x%2fy",
         "/gw/okta/api/v1/users/x%5cy",
         "/gw/okta/api/v1//users",
+        "/gw/okta/api/v1/users/..;",
+        "/gw/okta/api/v1/users/%2e%2e;x",
+        "/gw/okta/api/v1/users/%C0%AE%C0%AE",
+        "/gw/okta/api/v1/users/a%00",
     ] {
         let reply = send(socket, Method::GET, path, &[], "").await;
         assert_eq!(reply.status, 400, "{path}: {reply:?}");
