@@ -186,6 +186,12 @@ impl Pattern {
             return Err(bad("the method must be an upper-case HTTP method"));
         }
         let method = Method::from_bytes(method.as_bytes()).map_err(|_| bad("not a method"))?;
+        if method == Method::TRACE || method == Method::CONNECT {
+            return Err(bad(
+                "TRACE and CONNECT are not allowed through the gateway (TRACE would echo \
+                 the agent's Authorization and DPoP back to the application)",
+            ));
+        }
         let path = path.trim();
         if !path.starts_with('/') {
             return Err(bad("the path must start with '/'"));
@@ -477,6 +483,8 @@ mod tests {
             ("GET /api/../x", "dot segment"),
             ("GET /api/%2e%2e/x", "dot segment"),
             ("GET /api/..;/x", "dot segment"),
+            ("TRACE /api", "TRACE and CONNECT"),
+            ("CONNECT /api", "TRACE and CONNECT"),
             ("GET /api/%00/x", "NUL"),
             ("GET", "no method and path"),
         ] {
