@@ -740,3 +740,51 @@ async fn headers_that_change_the_method_or_path_upstream_are_dropped() {
         }
     }
 }
+
+/// A query may carry personal data (a search, a cursor): after upstream failures it is in
+/// none of the 502 answers, the breaker's 503 (which every caller of the route sees), the
+/// health, the metrics or the agent's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_never_appears_in_failures_health_metrics_or_the_log() {
+    let s = setup();
+    let socket = s.agent.socket();
+    let secret = "grace.hopper%40example.com";
+    let mut answers = Vec::new();
+    // The breaker opens after the client's breaker_failures: bounded, whatever it is.
+    for _ in 0..50 {
+        let reply = send(
+            socket,
+            Method::GET,
+            &format!("/gw/down/api/v1/users?search={secret}"),
+            &[],
+            "",
+        )
+        .await;
+        let status = reply.status;
+        answers.push(reply);
+        if status == 503 {
+            break;
+        }
+    }
+    let open = answers.last().expect("answers");
+    open.error(503, "unavailable", &["down", "last: cannot connect to"]);
+    for reply in &answers {
+        let text = reply.text();
+        assert!(!text.contains("grace.hopper"), "{text}");
+        assert!(!text.contains("search="), "{text}");
+    }
+    assert!(
+        answers[0].text().contains("/api/v1/users"),
+        "{:?}",
+        answers[0]
+    );
+    let health = get(socket, "/healthz").await.text();
+    let metrics = get(socket, "/metrics").await.text();
+    let log = s.agent.log();
+    for (what, text) in [("healthz", &health), ("metrics", &metrics), ("log", &log)] {
+        assert!(
+            !text.contains("grace.hopper") && !text.contains("search="),
+            "{what}: {text}"
+        );
+    }
+}

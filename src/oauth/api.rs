@@ -71,7 +71,7 @@ impl OAuthClient {
         let transport = &*self.transport;
         let (response, round_trips, _) = self
             .send_with_token(request, |r| async move {
-                let url = r.uri().to_string();
+                let url = super::http::shown(r.uri());
                 let response = transport.send_streaming(r).await?;
                 read_challenge(response, url).await
             })

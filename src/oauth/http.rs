@@ -38,7 +38,7 @@ impl HttpClient {
         &self,
         request: Request<Vec<u8>>,
     ) -> Result<Response<Vec<u8>>, TransportError> {
-        let url = request.uri().to_string();
+        let url = shown(request.uri());
         let classify = |e: reqwest::Error| self.classify(&url, e);
         let mut response = self.head(request).await?;
         let status = response.status();
@@ -65,7 +65,7 @@ impl HttpClient {
         &self,
         request: Request<Vec<u8>>,
     ) -> Result<Response<StreamBody>, TransportError> {
-        let url = request.uri().to_string();
+        let url = shown(request.uri());
         let response = http::Response::<reqwest::Body>::from(self.head(request).await?);
         let this = self.clone();
         Ok(response.map(move |body| body.map_err(move |e| this.classify(&url, e)).boxed_unsync()))
@@ -73,7 +73,7 @@ impl HttpClient {
 
     /// Sends `request` and waits for the response's head.
     async fn head(&self, request: Request<Vec<u8>>) -> Result<reqwest::Response, TransportError> {
-        let url = request.uri().to_string();
+        let url = shown(request.uri());
         let request =
             reqwest::Request::try_from(request.map(reqwest::Body::from)).map_err(|e| {
                 TransportError::Other {
@@ -97,12 +97,12 @@ impl HttpClient {
         } else if e.is_connect() {
             TransportError::Connect {
                 url,
-                reason: root_cause(&e),
+                reason: root_cause(&e.without_url()),
             }
         } else {
             TransportError::Other {
                 url,
-                reason: root_cause(&e),
+                reason: root_cause(&e.without_url()),
             }
         }
     }
@@ -115,6 +115,16 @@ impl Transport for HttpClient {
 
     fn send_streaming(&self, request: Request<Vec<u8>>) -> StreamSending<'_> {
         Box::pin(self.stream(request))
+    }
+}
+
+/// The URL as errors show it: without the query, which may carry personal data (a
+/// search, a cursor) and would reach logs, and through the gateway's breaker, other
+/// callers of the route.
+pub fn shown(uri: &http::Uri) -> String {
+    match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme), Some(authority)) => format!("{scheme}://{authority}{}", uri.path()),
+        _ => uri.path().to_owned(),
     }
 }
 
