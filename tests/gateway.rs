@@ -121,7 +121,7 @@ struct Setup {
     dev: DevServer,
     agent: Agent,
     broken: TinyServer,
-    _slow: TinyServer,
+    slow: TinyServer,
 }
 
 fn setup() -> Setup {
@@ -171,6 +171,13 @@ allow = ["GET /**"]
 timeout_secs = 1
 
 [[route]]
+name = "stalled"
+client = "dev"
+upstream = "{slow}"
+allow = ["GET /**"]
+timeout_secs = 300
+
+[[route]]
 name = "down"
 client = "dev"
 upstream = "{down}"
@@ -195,7 +202,7 @@ allow = ["GET /**"]
         dev,
         agent,
         broken,
-        _slow: slow,
+        slow,
     }
 }
 
@@ -340,7 +347,10 @@ async fn a_paginated_list_and_one_user_through_the_gateway_without_a_token() {
         .iter()
         .map(|r| r["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["broken", "down", "okta", "okta-write", "slow"]);
+    assert_eq!(
+        names,
+        ["broken", "down", "okta", "okta-write", "slow", "stalled"]
+    );
     let log = s.agent.log();
     assert!(
         log.contains("gateway request") && log.contains("/api/v1/users"),
@@ -787,4 +797,49 @@ async fn a_query_never_appears_in_failures_health_metrics_or_the_log() {
             "{what}: {text}"
         );
     }
+}
+
+/// A request whose handler is dropped before its answer (the agent stopping past
+/// `shutdown_grace_secs` while the upstream is asked) still leaves its log line and audit
+/// line: status 499. (A caller that only goes away is not noticed before the answer: the
+/// agent serves half-closed connections, so it sends the answer and logs its status.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_dropped_before_its_answer_is_logged_as_499() {
+    let mut s = setup_with("shutdown_grace_secs = 1");
+    let socket = s.agent.socket().to_owned();
+    let pending = tokio::spawn(async move {
+        let stream = UnixStream::connect(&socket).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let request = http::Request::builder()
+            .uri("/gw/stalled/x?q=1")
+            .header(http::header::HOST, "keybound")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let _ = sender.send_request(request).await;
+    });
+    // The upstream (which answers only after 20 s) has the request: the agent waits on it.
+    for _ in 0..600 {
+        if !s.slow.heads().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.slow.heads().len(), 1, "the request reached the upstream");
+    s.agent.terminate();
+    s.agent.wait();
+    pending.abort();
+    let log = s.agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("gateway request") && l.contains("route=\"stalled\""))
+        .unwrap_or_else(|| panic!("a log line for the dropped request: {log}"));
+    assert!(
+        line.contains("status=499") && line.contains("path=\"/x\""),
+        "{line}"
+    );
 }

@@ -232,12 +232,21 @@ struct Ledger {
     uid: u32,
     started: Instant,
     trail: Option<crate::trail::Trail>,
+    /// Set once the request is logged, or handed to the [`StreamGuard`] that logs it; a
+    /// ledger dropped before (the caller went away while the upstream was asked) logs
+    /// [`CANCELLED`].
+    settled: bool,
 }
+
+/// The status logged and counted for a request whose caller went away before its answer
+/// (nginx's 499).
+const CANCELLED: u16 = 499;
 
 impl Ledger {
     /// Counts and logs an answer that has no body to stream (the agent's own, or an empty
     /// upstream one).
-    fn close(&self, status: StatusCode, class: String, bytes: u64) {
+    fn close(&mut self, status: StatusCode, class: String, bytes: u64) {
+        self.settled = true;
         let took = self.started.elapsed();
         if let Some(r) = &self.route {
             r.metrics.answered(class);
@@ -258,10 +267,35 @@ impl Ledger {
     }
 
     /// The agent's own answer.
-    fn refuse(&self, e: ApiError) -> Response {
+    fn refuse(&mut self, e: ApiError) -> Response {
         let r = e.into_response();
         self.close(r.status(), r.status().as_u16().to_string(), 0);
         r
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let took = self.started.elapsed();
+        if let Some(r) = &self.route {
+            r.metrics.answered(CANCELLED.to_string());
+            r.metrics.took(took);
+        }
+        log_finished(
+            &Finished {
+                route: &self.route_name,
+                method: &self.method,
+                path: &self.path,
+                status: CANCELLED,
+                bytes: 0,
+                took,
+                uid: self.uid,
+            },
+            self.trail.as_ref(),
+        );
     }
 }
 
@@ -320,6 +354,7 @@ pub(super) async fn handler(
         uid: caller.peer().uid(),
         started: Instant::now(),
         trail: agent.trail().cloned(),
+        settled: false,
     };
     let permitted = match agent.access.route(&caller, name) {
         Ok(p) => p,
@@ -473,7 +508,12 @@ async fn send(
 }
 
 /// The upstream's answer with end-to-end headers, `Link` rewritten, the body streamed.
-fn respond(answer: StreamedResponse, route: &Route, url: &url::Url, ledger: Ledger) -> Response {
+fn respond(
+    answer: StreamedResponse,
+    route: &Route,
+    url: &url::Url,
+    mut ledger: Ledger,
+) -> Response {
     let status = answer.status;
     let class = format!("{}xx", status.as_u16() / 100);
     let mut out = Response::builder().status(status);
@@ -496,6 +536,8 @@ fn respond(answer: StreamedResponse, route: &Route, url: &url::Url, ledger: Ledg
     if let Some(r) = &ledger.route {
         r.metrics.answered(class);
     }
+    // The guard logs it from now on, when the body ends or the caller goes away.
+    ledger.settled = true;
     let mut guard = StreamGuard {
         ledger,
         status,
@@ -564,7 +606,7 @@ pub(super) fn render(agent: &Agent, caller: &Caller, out: &mut String) {
     }
     let _ = writeln!(
         out,
-        "# HELP keybound_gateway_responses_total Gateway answers by route and class: the upstream's status class (2xx, 4xx, 5xx...), or the agent's own status when it answered itself (400, 403, 502, 503, 504...).\n# TYPE keybound_gateway_responses_total counter"
+        "# HELP keybound_gateway_responses_total Gateway answers by route and class: the upstream's status class (2xx, 4xx, 5xx...), or the agent's own status when it answered itself (400, 403, 502, 503, 504...), 499 when the caller went away before the answer.\n# TYPE keybound_gateway_responses_total counter"
     );
     for s in &routes {
         let name = super::metrics::escape(&s.route.name);
