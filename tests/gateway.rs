@@ -69,6 +69,11 @@ struct TinyServer {
 
 impl TinyServer {
     fn start(answer: &'static str, delay_ms: u64) -> TinyServer {
+        Self::start_paced(vec![answer], delay_ms)
+    }
+
+    /// Writes each part of the answer after a pause of `pause_ms`.
+    fn start_paced(parts: Vec<&'static str>, pause_ms: u64) -> TinyServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let heads = Arc::new(Mutex::new(Vec::new()));
@@ -76,7 +81,7 @@ impl TinyServer {
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
-                let seen = seen.clone();
+                let (seen, parts) = (seen.clone(), parts.clone());
                 std::thread::spawn(move || {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -89,8 +94,13 @@ impl TinyServer {
                     seen.lock()
                         .unwrap()
                         .push(String::from_utf8_lossy(&buf).into_owned());
-                    std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-                    let _ = stream.write_all(answer.as_bytes());
+                    for part in &parts {
+                        std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+                        if stream.write_all(part.as_bytes()).is_err() {
+                            return;
+                        }
+                        let _ = stream.flush();
+                    }
                 });
             }
         });
@@ -112,6 +122,13 @@ const BROKEN_ANSWER: &str = "HTTP/1.1 500 Internal Server Error\r\n\
     \r\n\
     {\"errorCode\":\"E0000009\",\"errorSummary\":\"boom\"}\n";
 
+/// An answer whose head comes after 2 s and whose body pauses 2 s midway: longer than
+/// the `paced` client's `timeout_secs` (1), well within its route's (300).
+const PACED_ANSWER: [&str; 2] = [
+    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\nConnection: close\r\n\r\n[\"first\",",
+    "\"next\"]",
+];
+
 const SLOW_ANSWER: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]";
 
 /// The agent's token, the dev-server, the tiny upstreams, and routes to each.
@@ -122,6 +139,7 @@ struct Setup {
     agent: Agent,
     broken: TinyServer,
     slow: TinyServer,
+    _paced: TinyServer,
 }
 
 fn setup() -> Setup {
@@ -134,6 +152,7 @@ fn setup_with(agent_lines: &str) -> Setup {
     let dev = DevServer::for_client_auth(&token, |s| s.users = 7);
     let broken = TinyServer::start(BROKEN_ANSWER, 0);
     let slow = TinyServer::start(SLOW_ANSWER, 20_000);
+    let paced = TinyServer::start_paced(PACED_ANSWER.to_vec(), 2_000);
     let down = {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         format!("http://{}", l.local_addr().expect("addr"))
@@ -177,6 +196,25 @@ upstream = "{slow}"
 allow = ["GET /**"]
 timeout_secs = 300
 
+[[client]]
+name = "paced"
+server = "okta"
+token_endpoint = "{base}/oauth2/v1/token"
+client_id = "{DEV_CLIENT_ID}"
+assertion_key = "client-auth"
+dpop_key = "dpop"
+scopes = ["okta.users.read"]
+allowed_scopes = ["okta.users.read"]
+api_origins = ["{paced}"]
+timeout_secs = 1
+
+[[route]]
+name = "paced"
+client = "paced"
+upstream = "{paced}"
+allow = ["GET /**"]
+timeout_secs = 300
+
 [[route]]
 name = "down"
 client = "dev"
@@ -187,6 +225,7 @@ allow = ["GET /**"]
         write = write_client(base),
         broken = broken.base,
         slow = slow.base,
+        paced = paced.base,
     );
     let allow = format!(
         "{agent_lines}\n{}{}",
@@ -203,6 +242,7 @@ allow = ["GET /**"]
         agent,
         broken,
         slow,
+        _paced: paced,
     }
 }
 
@@ -349,7 +389,15 @@ async fn a_paginated_list_and_one_user_through_the_gateway_without_a_token() {
         .collect();
     assert_eq!(
         names,
-        ["broken", "down", "okta", "okta-write", "slow", "stalled"]
+        [
+            "broken",
+            "down",
+            "okta",
+            "okta-write",
+            "paced",
+            "slow",
+            "stalled"
+        ]
     );
     let log = s.agent.log();
     assert!(
@@ -842,4 +890,15 @@ async fn a_request_dropped_before_its_answer_is_logged_as_499() {
         line.contains("status=499") && line.contains("path=\"/x\""),
         "{line}"
     );
+}
+
+/// A route's `timeout_secs` is the upstream's time to answer, and a streamed answer is not
+/// cut while it flows: neither is bounded by the client's shorter `timeout_secs` (1 s here;
+/// the upstream takes 2 s to answer and pauses 2 s in its body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_above_the_clients_applies_to_the_head_and_the_body_streams() {
+    let s = setup();
+    let reply = send(s.agent.socket(), Method::GET, "/gw/paced/x", &[], "").await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.json(), serde_json::json!(["first", "next"]));
 }

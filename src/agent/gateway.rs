@@ -415,7 +415,7 @@ pub(super) async fn handler(
         Ok(a) => a,
         Err(e) => return ledger.refuse(e),
     };
-    respond(answer, route, &url, ledger)
+    respond(answer, route, &url, state.timeout, ledger)
 }
 
 /// Idempotent methods: the breaker, and connection failures retried with backoff. POST
@@ -430,6 +430,10 @@ async fn send(
         Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
     );
     let name = &state.route.name;
+    // The token first, outside the route's timer (a fetch has the client's own timeout):
+    // `timeout_secs` is the upstream's time to answer. `call_streaming` takes it from the
+    // cache.
+    client.token().await.map_err(ApiError::from)?;
     let mut attempt = 0;
     loop {
         let admission = match idempotent {
@@ -512,6 +516,7 @@ fn respond(
     answer: StreamedResponse,
     route: &Route,
     url: &url::Url,
+    idle: Duration,
     mut ledger: Ledger,
 ) -> Response {
     let status = answer.status;
@@ -543,7 +548,7 @@ fn respond(
         status,
         bytes: 0,
     };
-    let body = answer.body.map_frame(move |frame| {
+    let body = Idle::new(answer.body, idle, url).map_frame(move |frame| {
         if let Some(data) = frame.data_ref() {
             guard.count(data.len());
         }
@@ -557,6 +562,64 @@ fn respond(
             format!("cannot pass the upstream's answer on: {e}"),
         )
         .into_response(),
+    }
+}
+
+/// A streamed answer's body that ends with a timeout error when the upstream sends nothing
+/// for `limit` (the route's `timeout_secs`): no bound on the whole body, which may stream
+/// for as long as it flows.
+struct Idle {
+    inner: crate::oauth::transport::StreamBody,
+    limit: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Without the query, for the error.
+    url: String,
+}
+
+impl Idle {
+    fn new(inner: crate::oauth::transport::StreamBody, limit: Duration, url: &url::Url) -> Idle {
+        Idle {
+            inner,
+            limit,
+            sleep: Box::pin(tokio::time::sleep(limit)),
+            url: format!("{}{}", crate::oauth::settings::origin(url), url.path()),
+        }
+    }
+}
+
+impl hyper::body::Body for Idle {
+    type Data = bytes::Bytes;
+    type Error = TransportError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + this.limit;
+                this.sleep.as_mut().reset(next);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(TransportError::Timeout {
+                    url: this.url.clone(),
+                    secs: this.limit.as_secs_f64(),
+                }))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
