@@ -129,6 +129,18 @@ const PACED_ANSWER: [&str; 2] = [
     "\"next\"]",
 ];
 
+/// A 401 with a challenge and a body of 100 000 bytes, over what the agent reads of a
+/// challenge before a retry (64 KiB).
+fn big_challenge() -> &'static str {
+    let body = "x".repeat(100_000);
+    let answer = format!(
+        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: DPoP error=\"use_dpop_nonce\"\r\n\
+         Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    Box::leak(answer.into_boxed_str())
+}
+
 const SLOW_ANSWER: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]";
 
 /// The agent's token, the dev-server, the tiny upstreams, and routes to each.
@@ -140,6 +152,7 @@ struct Setup {
     broken: TinyServer,
     slow: TinyServer,
     _paced: TinyServer,
+    challenge: TinyServer,
 }
 
 fn setup() -> Setup {
@@ -153,13 +166,14 @@ fn setup_with(agent_lines: &str) -> Setup {
     let broken = TinyServer::start(BROKEN_ANSWER, 0);
     let slow = TinyServer::start(SLOW_ANSWER, 20_000);
     let paced = TinyServer::start_paced(PACED_ANSWER.to_vec(), 2_000);
+    let challenge = TinyServer::start(big_challenge(), 0);
     let down = {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         format!("http://{}", l.local_addr().expect("addr"))
     };
     let base = &dev.base;
     let sections = format!(
-        r#"{}api_origins = ["{base}", "{broken}", "{slow}", "{down}"]
+        r#"{}api_origins = ["{base}", "{broken}", "{slow}", "{down}", "{challenge}"]
 backoff_initial_ms = 1
 backoff_max_ms = 5
 {write}
@@ -216,6 +230,12 @@ allow = ["GET /**"]
 timeout_secs = 300
 
 [[route]]
+name = "challenge"
+client = "dev"
+upstream = "{challenge}"
+allow = ["GET /**"]
+
+[[route]]
 name = "down"
 client = "dev"
 upstream = "{down}"
@@ -226,6 +246,7 @@ allow = ["GET /**"]
         broken = broken.base,
         slow = slow.base,
         paced = paced.base,
+        challenge = challenge.base,
     );
     let allow = format!(
         "{agent_lines}\n{}{}",
@@ -243,6 +264,7 @@ allow = ["GET /**"]
         broken,
         slow,
         _paced: paced,
+        challenge,
     }
 }
 
@@ -901,4 +923,16 @@ async fn a_route_timeout_above_the_clients_applies_to_the_head_and_the_body_stre
     let reply = send(s.agent.socket(), Method::GET, "/gw/paced/x", &[], "").await;
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(reply.json(), serde_json::json!(["first", "next"]));
+}
+
+/// A 401 challenge whose body is longer than what the agent reads before a retry is passed
+/// through whole and not retried (it was a 502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_with_a_large_body_is_passed_through_unretried() {
+    let s = setup();
+    let reply = send(s.agent.socket(), Method::GET, "/gw/challenge/x", &[], "").await;
+    assert_eq!(reply.status, 401, "{:?}", reply.status);
+    assert_eq!(reply.body.len(), 100_000);
+    assert!(reply.body.iter().all(|b| *b == b'x'));
+    assert_eq!(s.challenge.heads().len(), 1, "not retried");
 }
