@@ -413,6 +413,7 @@ async fn a_paginated_list_and_one_user_through_the_gateway_without_a_token() {
         names,
         [
             "broken",
+            "challenge",
             "down",
             "okta",
             "okta-write",
