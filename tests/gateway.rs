@@ -101,6 +101,10 @@ impl TinyServer {
                         }
                         let _ = stream.flush();
                     }
+                    // An answer cut short: the connection stays open, silent.
+                    if parts.iter().any(|p| p.ends_with(STALL)) {
+                        std::thread::sleep(std::time::Duration::from_secs(120));
+                    }
                 });
             }
         });
@@ -141,6 +145,13 @@ fn big_challenge() -> &'static str {
     Box::leak(answer.into_boxed_str())
 }
 
+/// Ends an answer after which [`TinyServer`] keeps the connection open and silent.
+const STALL: &str = "[1,";
+
+/// A head and the start of a body, then nothing.
+const STALLED_BODY: &str =
+    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n[1,";
+
 const SLOW_ANSWER: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]";
 
 /// The agent's token, the dev-server, the tiny upstreams, and routes to each.
@@ -153,6 +164,7 @@ struct Setup {
     slow: TinyServer,
     _paced: TinyServer,
     challenge: TinyServer,
+    _stuck: TinyServer,
 }
 
 fn setup() -> Setup {
@@ -167,13 +179,14 @@ fn setup_with(agent_lines: &str) -> Setup {
     let slow = TinyServer::start(SLOW_ANSWER, 20_000);
     let paced = TinyServer::start_paced(PACED_ANSWER.to_vec(), 2_000);
     let challenge = TinyServer::start(big_challenge(), 0);
+    let stuck = TinyServer::start(STALLED_BODY, 0);
     let down = {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         format!("http://{}", l.local_addr().expect("addr"))
     };
     let base = &dev.base;
     let sections = format!(
-        r#"{}api_origins = ["{base}", "{broken}", "{slow}", "{down}", "{challenge}"]
+        r#"{}api_origins = ["{base}", "{broken}", "{slow}", "{down}", "{challenge}", "{stuck}"]
 backoff_initial_ms = 1
 backoff_max_ms = 5
 {write}
@@ -236,6 +249,13 @@ upstream = "{challenge}"
 allow = ["GET /**"]
 
 [[route]]
+name = "stuck"
+client = "dev"
+upstream = "{stuck}"
+allow = ["GET /**"]
+timeout_secs = 1
+
+[[route]]
 name = "down"
 client = "dev"
 upstream = "{down}"
@@ -247,6 +267,7 @@ allow = ["GET /**"]
         slow = slow.base,
         paced = paced.base,
         challenge = challenge.base,
+        stuck = stuck.base,
     );
     let allow = format!(
         "{agent_lines}\n{}{}",
@@ -265,6 +286,7 @@ allow = ["GET /**"]
         slow,
         _paced: paced,
         challenge,
+        _stuck: stuck,
     }
 }
 
@@ -419,7 +441,8 @@ async fn a_paginated_list_and_one_user_through_the_gateway_without_a_token() {
             "okta-write",
             "paced",
             "slow",
-            "stalled"
+            "stalled",
+            "stuck"
         ]
     );
     let log = s.agent.log();
@@ -936,4 +959,31 @@ async fn a_challenge_with_a_large_body_is_passed_through_unretried() {
     assert_eq!(reply.body.len(), 100_000);
     assert!(reply.body.iter().all(|b| *b == b'x'));
     assert_eq!(s.challenge.heads().len(), 1, "not retried");
+}
+
+/// An answer whose upstream goes silent mid-body is ended after the route's `timeout_secs`
+/// without a byte (there is no bound on the whole body): the application gets the start of
+/// it and the end of the connection, not a wait without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_the_upstream_stops_sending_is_cut_after_the_routes_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = setup();
+    let mut stream = UnixStream::connect(s.agent.socket())
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /gw/stuck/x HTTP/1.1\r\nHost: keybound\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    // A safety net only: the agent ends it after 1 s without a byte.
+    let ended = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        stream.read_to_end(&mut got),
+    )
+    .await;
+    assert!(ended.is_ok(), "the answer never ended");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("[1,"), "{text}");
 }
