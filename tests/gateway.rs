@@ -69,6 +69,11 @@ struct TinyServer {
 
 impl TinyServer {
     fn start(answer: &'static str, delay_ms: u64) -> TinyServer {
+        Self::start_paced(vec![answer], delay_ms)
+    }
+
+    /// Writes each part of the answer after a pause of `pause_ms`.
+    fn start_paced(parts: Vec<&'static str>, pause_ms: u64) -> TinyServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let heads = Arc::new(Mutex::new(Vec::new()));
@@ -76,7 +81,7 @@ impl TinyServer {
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
-                let seen = seen.clone();
+                let (seen, parts) = (seen.clone(), parts.clone());
                 std::thread::spawn(move || {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -89,8 +94,17 @@ impl TinyServer {
                     seen.lock()
                         .unwrap()
                         .push(String::from_utf8_lossy(&buf).into_owned());
-                    std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-                    let _ = stream.write_all(answer.as_bytes());
+                    for part in &parts {
+                        std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+                        if stream.write_all(part.as_bytes()).is_err() {
+                            return;
+                        }
+                        let _ = stream.flush();
+                    }
+                    // An answer cut short: the connection stays open, silent.
+                    if parts.iter().any(|p| p.ends_with(STALL)) {
+                        std::thread::sleep(std::time::Duration::from_secs(120));
+                    }
                 });
             }
         });
@@ -112,6 +126,32 @@ const BROKEN_ANSWER: &str = "HTTP/1.1 500 Internal Server Error\r\n\
     \r\n\
     {\"errorCode\":\"E0000009\",\"errorSummary\":\"boom\"}\n";
 
+/// An answer whose head comes after 2 s and whose body pauses 2 s midway: longer than
+/// the `paced` client's `timeout_secs` (1), well within its route's (300).
+const PACED_ANSWER: [&str; 2] = [
+    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\nConnection: close\r\n\r\n[\"first\",",
+    "\"next\"]",
+];
+
+/// A 401 with a challenge and a body of 100 000 bytes, over what the agent reads of a
+/// challenge before a retry (64 KiB).
+fn big_challenge() -> &'static str {
+    let body = "x".repeat(100_000);
+    let answer = format!(
+        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: DPoP error=\"use_dpop_nonce\"\r\n\
+         Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    Box::leak(answer.into_boxed_str())
+}
+
+/// Ends an answer after which [`TinyServer`] keeps the connection open and silent.
+const STALL: &str = "[1,";
+
+/// A head and the start of a body, then nothing.
+const STALLED_BODY: &str =
+    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n[1,";
+
 const SLOW_ANSWER: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]";
 
 /// The agent's token, the dev-server, the tiny upstreams, and routes to each.
@@ -121,7 +161,10 @@ struct Setup {
     dev: DevServer,
     agent: Agent,
     broken: TinyServer,
-    _slow: TinyServer,
+    slow: TinyServer,
+    _paced: TinyServer,
+    challenge: TinyServer,
+    _stuck: TinyServer,
 }
 
 fn setup() -> Setup {
@@ -134,13 +177,16 @@ fn setup_with(agent_lines: &str) -> Setup {
     let dev = DevServer::for_client_auth(&token, |s| s.users = 7);
     let broken = TinyServer::start(BROKEN_ANSWER, 0);
     let slow = TinyServer::start(SLOW_ANSWER, 20_000);
+    let paced = TinyServer::start_paced(PACED_ANSWER.to_vec(), 2_000);
+    let challenge = TinyServer::start(big_challenge(), 0);
+    let stuck = TinyServer::start(STALLED_BODY, 0);
     let down = {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         format!("http://{}", l.local_addr().expect("addr"))
     };
     let base = &dev.base;
     let sections = format!(
-        r#"{}api_origins = ["{base}", "{broken}", "{slow}", "{down}"]
+        r#"{}api_origins = ["{base}", "{broken}", "{slow}", "{down}", "{challenge}", "{stuck}"]
 backoff_initial_ms = 1
 backoff_max_ms = 5
 {write}
@@ -171,6 +217,45 @@ allow = ["GET /**"]
 timeout_secs = 1
 
 [[route]]
+name = "stalled"
+client = "dev"
+upstream = "{slow}"
+allow = ["GET /**"]
+timeout_secs = 300
+
+[[client]]
+name = "paced"
+server = "okta"
+token_endpoint = "{base}/oauth2/v1/token"
+client_id = "{DEV_CLIENT_ID}"
+assertion_key = "client-auth"
+dpop_key = "dpop"
+scopes = ["okta.users.read"]
+allowed_scopes = ["okta.users.read"]
+api_origins = ["{paced}"]
+timeout_secs = 1
+
+[[route]]
+name = "paced"
+client = "paced"
+upstream = "{paced}"
+allow = ["GET /**"]
+timeout_secs = 300
+
+[[route]]
+name = "challenge"
+client = "dev"
+upstream = "{challenge}"
+allow = ["GET /**"]
+
+[[route]]
+name = "stuck"
+client = "dev"
+upstream = "{stuck}"
+allow = ["GET /**"]
+timeout_secs = 1
+
+[[route]]
 name = "down"
 client = "dev"
 upstream = "{down}"
@@ -180,6 +265,9 @@ allow = ["GET /**"]
         write = write_client(base),
         broken = broken.base,
         slow = slow.base,
+        paced = paced.base,
+        challenge = challenge.base,
+        stuck = stuck.base,
     );
     let allow = format!(
         "{agent_lines}\n{}{}",
@@ -195,7 +283,10 @@ allow = ["GET /**"]
         dev,
         agent,
         broken,
-        _slow: slow,
+        slow,
+        _paced: paced,
+        challenge,
+        _stuck: stuck,
     }
 }
 
@@ -340,7 +431,20 @@ async fn a_paginated_list_and_one_user_through_the_gateway_without_a_token() {
         .iter()
         .map(|r| r["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["broken", "down", "okta", "okta-write", "slow"]);
+    assert_eq!(
+        names,
+        [
+            "broken",
+            "challenge",
+            "down",
+            "okta",
+            "okta-write",
+            "paced",
+            "slow",
+            "stalled",
+            "stuck"
+        ]
+    );
     let log = s.agent.log();
     assert!(
         log.contains("gateway request") && log.contains("/api/v1/users"),
@@ -456,6 +560,10 @@ async fn requests_outside_the_allow_list_and_unsafe_paths_never_reach_the_upstre
         "/gw/okta/api/v1/users/x%2fy",
         "/gw/okta/api/v1/users/x%5cy",
         "/gw/okta/api/v1//users",
+        "/gw/okta/api/v1/users/..;",
+        "/gw/okta/api/v1/users/%2e%2e;x",
+        "/gw/okta/api/v1/users/%C0%AE%C0%AE",
+        "/gw/okta/api/v1/users/a%00",
     ] {
         let reply = send(socket, Method::GET, path, &[], "").await;
         assert_eq!(reply.status, 400, "{path}: {reply:?}");
@@ -688,4 +796,194 @@ async fn a_post_is_sent_again_with_its_body_after_the_nonce_challenge() {
     // own): the challenge, then the retry that carried the body, both with its token.
     assert_eq!(posts.len(), 2, "{posts:?}");
     assert!(posts.iter().all(|r| r.dpop && r.authorization.is_some()));
+}
+
+/// Headers that make a server or a proxy in front of it take another method or path
+/// (`X-HTTP-Method-Override`, `X-Original-URL`, `Forwarded`...) never reach the upstream:
+/// the allow-list is checked on what the upstream will act on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_change_the_method_or_path_upstream_are_dropped() {
+    let s = setup();
+    let socket = s.agent.socket();
+    let rewriting = [
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("x-method-override", "DELETE"),
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
+        ("forwarded", "for=10.0.0.1;host=admin.example"),
+        ("x-forwarded-for", "10.0.0.1"),
+        ("x-forwarded-host", "admin.example"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x-real-ip", "10.0.0.1"),
+    ];
+    let mut headers = rewriting.to_vec();
+    headers.push(("x-request-id", "r-2"));
+    headers.push(("accept", "application/json"));
+    let reply = send(
+        socket,
+        Method::GET,
+        "/gw/okta/api/v1/users?limit=1",
+        &headers,
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let seen = api_requests(&s.dev);
+    assert!(!seen.is_empty());
+    for r in &seen {
+        assert_eq!(r.method, "GET", "{r:?}");
+        for (name, _) in rewriting {
+            assert!(
+                !r.header_names.iter().any(|n| n == name),
+                "{name} reached the upstream: {r:?}"
+            );
+        }
+        for kept in ["x-request-id", "accept"] {
+            assert!(r.header_names.iter().any(|n| n == kept), "{kept}: {r:?}");
+        }
+    }
+}
+
+/// A query may carry personal data (a search, a cursor): after upstream failures it is in
+/// none of the 502 answers, the breaker's 503 (which every caller of the route sees), the
+/// health, the metrics or the agent's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_never_appears_in_failures_health_metrics_or_the_log() {
+    let s = setup();
+    let socket = s.agent.socket();
+    let secret = "grace.hopper%40example.com";
+    let mut answers = Vec::new();
+    // The breaker opens after the client's breaker_failures: bounded, whatever it is.
+    for _ in 0..50 {
+        let reply = send(
+            socket,
+            Method::GET,
+            &format!("/gw/down/api/v1/users?search={secret}"),
+            &[],
+            "",
+        )
+        .await;
+        let status = reply.status;
+        answers.push(reply);
+        if status == 503 {
+            break;
+        }
+    }
+    let open = answers.last().expect("answers");
+    open.error(503, "unavailable", &["down", "last: cannot connect to"]);
+    for reply in &answers {
+        let text = reply.text();
+        assert!(!text.contains("grace.hopper"), "{text}");
+        assert!(!text.contains("search="), "{text}");
+    }
+    assert!(
+        answers[0].text().contains("/api/v1/users"),
+        "{:?}",
+        answers[0]
+    );
+    let health = get(socket, "/healthz").await.text();
+    let metrics = get(socket, "/metrics").await.text();
+    let log = s.agent.log();
+    for (what, text) in [("healthz", &health), ("metrics", &metrics), ("log", &log)] {
+        assert!(
+            !text.contains("grace.hopper") && !text.contains("search="),
+            "{what}: {text}"
+        );
+    }
+}
+
+/// A request whose handler is dropped before its answer (the agent stopping past
+/// `shutdown_grace_secs` while the upstream is asked) still leaves its log line and audit
+/// line: status 499. (A caller that only goes away is not noticed before the answer: the
+/// agent serves half-closed connections, so it sends the answer and logs its status.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_dropped_before_its_answer_is_logged_as_499() {
+    let mut s = setup_with("shutdown_grace_secs = 1");
+    let socket = s.agent.socket().to_owned();
+    let pending = tokio::spawn(async move {
+        let stream = UnixStream::connect(&socket).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let request = http::Request::builder()
+            .uri("/gw/stalled/x?q=1")
+            .header(http::header::HOST, "keybound")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let _ = sender.send_request(request).await;
+    });
+    // The upstream (which answers only after 20 s) has the request: the agent waits on it.
+    for _ in 0..600 {
+        if !s.slow.heads().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.slow.heads().len(), 1, "the request reached the upstream");
+    s.agent.terminate();
+    s.agent.wait();
+    pending.abort();
+    let log = s.agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("gateway request") && l.contains("route=\"stalled\""))
+        .unwrap_or_else(|| panic!("a log line for the dropped request: {log}"));
+    assert!(
+        line.contains("status=499") && line.contains("path=\"/x\""),
+        "{line}"
+    );
+}
+
+/// A route's `timeout_secs` is the upstream's time to answer, and a streamed answer is not
+/// cut while it flows: neither is bounded by the client's shorter `timeout_secs` (1 s here;
+/// the upstream takes 2 s to answer and pauses 2 s in its body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_above_the_clients_applies_to_the_head_and_the_body_streams() {
+    let s = setup();
+    let reply = send(s.agent.socket(), Method::GET, "/gw/paced/x", &[], "").await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.json(), serde_json::json!(["first", "next"]));
+}
+
+/// A 401 challenge whose body is longer than what the agent reads before a retry is passed
+/// through whole and not retried (it was a 502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_with_a_large_body_is_passed_through_unretried() {
+    let s = setup();
+    let reply = send(s.agent.socket(), Method::GET, "/gw/challenge/x", &[], "").await;
+    assert_eq!(reply.status, 401, "{:?}", reply.status);
+    assert_eq!(reply.body.len(), 100_000);
+    assert!(reply.body.iter().all(|b| *b == b'x'));
+    assert_eq!(s.challenge.heads().len(), 1, "not retried");
+}
+
+/// An answer whose upstream goes silent mid-body is ended after the route's `timeout_secs`
+/// without a byte (there is no bound on the whole body): the application gets the start of
+/// it and the end of the connection, not a wait without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_the_upstream_stops_sending_is_cut_after_the_routes_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = setup();
+    let mut stream = UnixStream::connect(s.agent.socket())
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /gw/stuck/x HTTP/1.1\r\nHost: keybound\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    // A safety net only: the agent ends it after 1 s without a byte.
+    let ended = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        stream.read_to_end(&mut got),
+    )
+    .await;
+    assert!(ended.is_ok(), "the answer never ended");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("[1,"), "{text}");
 }

@@ -104,9 +104,13 @@ impl RouteMetrics {
 
 /// Request headers never sent upstream: the caller's credentials (the agent attaches its
 /// own; a cookie is a credential the application would hold besides the token), the host
-/// (the upstream's is set from its URL), the length (set from the body) and the hop-by-hop
-/// headers of RFC 9110 §7.6.1.
-const REQUEST_DROPPED: [&str; 14] = [
+/// (the upstream's is set from its URL), the length (set from the body), the hop-by-hop
+/// headers of RFC 9110 §7.6.1, and the headers with which a server, a framework or a
+/// proxy in front of the upstream takes another method, path or client than the request
+/// line's (`X-HTTP-Method-Override`, `X-Original-URL`, `Forwarded`...): the allow-list is
+/// checked on the request line, so nothing may change it on the way. Every `X-Forwarded-*`
+/// is dropped too ([`REQUEST_DROPPED_PREFIX`]).
+const REQUEST_DROPPED: [&str; 24] = [
     "authorization",
     "dpop",
     "cookie",
@@ -121,7 +125,21 @@ const REQUEST_DROPPED: [&str; 14] = [
     "trailer",
     "transfer-encoding",
     "upgrade",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-method",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
 ];
+
+/// Request headers never sent upstream by prefix (`X-Forwarded-For`, `-Host`, `-Prefix`,
+/// `-Proto`, `-Uri`...).
+const REQUEST_DROPPED_PREFIX: &str = "x-forwarded-";
 
 /// Response headers never passed back: hop-by-hop (RFC 9110 §7.6.1), a session cookie (a
 /// credential for the upstream the application must not hold), the upstream's DPoP nonce
@@ -141,8 +159,13 @@ const RESPONSE_DROPPED: [&str; 12] = [
     "proxy-authorization",
 ];
 
-/// Headers of `headers` that pass: not in `dropped`, nor named by `Connection`.
-fn end_to_end(headers: &HeaderMap, dropped: &[&str]) -> Vec<(HeaderName, HeaderValue)> {
+/// Headers of `headers` that pass: not in `dropped`, not starting with `prefix`, nor named
+/// by `Connection`.
+fn end_to_end(
+    headers: &HeaderMap,
+    dropped: &[&str],
+    prefix: Option<&str>,
+) -> Vec<(HeaderName, HeaderValue)> {
     let listed: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -154,7 +177,9 @@ fn end_to_end(headers: &HeaderMap, dropped: &[&str]) -> Vec<(HeaderName, HeaderV
         .iter()
         .filter(|(name, _)| {
             let n = name.as_str();
-            !dropped.contains(&n) && !listed.iter().any(|l| l == n)
+            !dropped.contains(&n)
+                && !prefix.is_some_and(|p| n.starts_with(p))
+                && !listed.iter().any(|l| l == n)
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
@@ -207,12 +232,21 @@ struct Ledger {
     uid: u32,
     started: Instant,
     trail: Option<crate::trail::Trail>,
+    /// Set once the request is logged, or handed to the [`StreamGuard`] that logs it; a
+    /// ledger dropped before (the caller went away while the upstream was asked) logs
+    /// [`CANCELLED`].
+    settled: bool,
 }
+
+/// The status logged and counted for a request whose caller went away before its answer
+/// (nginx's 499).
+const CANCELLED: u16 = 499;
 
 impl Ledger {
     /// Counts and logs an answer that has no body to stream (the agent's own, or an empty
     /// upstream one).
-    fn close(&self, status: StatusCode, class: String, bytes: u64) {
+    fn close(&mut self, status: StatusCode, class: String, bytes: u64) {
+        self.settled = true;
         let took = self.started.elapsed();
         if let Some(r) = &self.route {
             r.metrics.answered(class);
@@ -233,10 +267,35 @@ impl Ledger {
     }
 
     /// The agent's own answer.
-    fn refuse(&self, e: ApiError) -> Response {
+    fn refuse(&mut self, e: ApiError) -> Response {
         let r = e.into_response();
         self.close(r.status(), r.status().as_u16().to_string(), 0);
         r
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let took = self.started.elapsed();
+        if let Some(r) = &self.route {
+            r.metrics.answered(CANCELLED.to_string());
+            r.metrics.took(took);
+        }
+        log_finished(
+            &Finished {
+                route: &self.route_name,
+                method: &self.method,
+                path: &self.path,
+                status: CANCELLED,
+                bytes: 0,
+                took,
+                uid: self.uid,
+            },
+            self.trail.as_ref(),
+        );
     }
 }
 
@@ -295,6 +354,7 @@ pub(super) async fn handler(
         uid: caller.peer().uid(),
         started: Instant::now(),
         trail: agent.trail().cloned(),
+        settled: false,
     };
     let permitted = match agent.access.route(&caller, name) {
         Ok(p) => p,
@@ -344,14 +404,18 @@ pub(super) async fn handler(
     let api = ApiRequest {
         method: parts.method.clone(),
         url: url.clone(),
-        headers: end_to_end(&parts.headers, &REQUEST_DROPPED),
+        headers: end_to_end(
+            &parts.headers,
+            &REQUEST_DROPPED,
+            Some(REQUEST_DROPPED_PREFIX),
+        ),
         body: (!body.is_empty()).then(|| body.to_vec()),
     };
     let answer = match send(&state, client, &api).await {
         Ok(a) => a,
         Err(e) => return ledger.refuse(e),
     };
-    respond(answer, route, &url, ledger)
+    respond(answer, route, &url, state.timeout, ledger)
 }
 
 /// Idempotent methods: the breaker, and connection failures retried with backoff. POST
@@ -366,6 +430,10 @@ async fn send(
         Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
     );
     let name = &state.route.name;
+    // The token first, outside the route's timer (a fetch has the client's own timeout):
+    // `timeout_secs` is the upstream's time to answer. `call_streaming` takes it from the
+    // cache.
+    client.token().await.map_err(ApiError::from)?;
     let mut attempt = 0;
     loop {
         let admission = match idempotent {
@@ -444,12 +512,18 @@ async fn send(
 }
 
 /// The upstream's answer with end-to-end headers, `Link` rewritten, the body streamed.
-fn respond(answer: StreamedResponse, route: &Route, url: &url::Url, ledger: Ledger) -> Response {
+fn respond(
+    answer: StreamedResponse,
+    route: &Route,
+    url: &url::Url,
+    idle: Duration,
+    mut ledger: Ledger,
+) -> Response {
     let status = answer.status;
     let class = format!("{}xx", status.as_u16() / 100);
     let mut out = Response::builder().status(status);
     if let Some(h) = out.headers_mut() {
-        for (k, v) in end_to_end(&answer.headers, &RESPONSE_DROPPED) {
+        for (k, v) in end_to_end(&answer.headers, &RESPONSE_DROPPED, None) {
             h.append(k, v);
         }
         let links: Vec<&str> = answer
@@ -467,12 +541,14 @@ fn respond(answer: StreamedResponse, route: &Route, url: &url::Url, ledger: Ledg
     if let Some(r) = &ledger.route {
         r.metrics.answered(class);
     }
+    // The guard logs it from now on, when the body ends or the caller goes away.
+    ledger.settled = true;
     let mut guard = StreamGuard {
         ledger,
         status,
         bytes: 0,
     };
-    let body = answer.body.map_frame(move |frame| {
+    let body = Idle::new(answer.body, idle, url).map_frame(move |frame| {
         if let Some(data) = frame.data_ref() {
             guard.count(data.len());
         }
@@ -486,6 +562,64 @@ fn respond(answer: StreamedResponse, route: &Route, url: &url::Url, ledger: Ledg
             format!("cannot pass the upstream's answer on: {e}"),
         )
         .into_response(),
+    }
+}
+
+/// A streamed answer's body that ends with a timeout error when the upstream sends nothing
+/// for `limit` (the route's `timeout_secs`): no bound on the whole body, which may stream
+/// for as long as it flows.
+struct Idle {
+    inner: crate::oauth::transport::StreamBody,
+    limit: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Without the query, for the error.
+    url: String,
+}
+
+impl Idle {
+    fn new(inner: crate::oauth::transport::StreamBody, limit: Duration, url: &url::Url) -> Idle {
+        Idle {
+            inner,
+            limit,
+            sleep: Box::pin(tokio::time::sleep(limit)),
+            url: format!("{}{}", crate::oauth::settings::origin(url), url.path()),
+        }
+    }
+}
+
+impl hyper::body::Body for Idle {
+    type Data = bytes::Bytes;
+    type Error = TransportError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + this.limit;
+                this.sleep.as_mut().reset(next);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(TransportError::Timeout {
+                    url: this.url.clone(),
+                    secs: this.limit.as_secs_f64(),
+                }))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -535,7 +669,7 @@ pub(super) fn render(agent: &Agent, caller: &Caller, out: &mut String) {
     }
     let _ = writeln!(
         out,
-        "# HELP keybound_gateway_responses_total Gateway answers by route and class: the upstream's status class (2xx, 4xx, 5xx...), or the agent's own status when it answered itself (400, 403, 502, 503, 504...).\n# TYPE keybound_gateway_responses_total counter"
+        "# HELP keybound_gateway_responses_total Gateway answers by route and class: the upstream's status class (2xx, 4xx, 5xx...), or the agent's own status when it answered itself (400, 403, 502, 503, 504...), 499 when the caller went away before the answer.\n# TYPE keybound_gateway_responses_total counter"
     );
     for s in &routes {
         let name = super::metrics::escape(&s.route.name);

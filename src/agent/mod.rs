@@ -364,85 +364,17 @@ pub async fn run_with_tcp(
                 continue;
             }
         };
-        let peer = match &stream {
-            Accepted::Unix(s) => Peer::of(s),
-            Accepted::Tcp(s) => Peer::of_tcp(s),
-        };
-        let peer = match peer {
-            Ok(peer) => peer,
-            Err(e) => {
-                tracing::warn!("no peer credentials on a connection, dropped: {e}");
-                continue;
-            }
-        };
-        // A peer no rule names is closed before any HTTP is read: it holds no slot and
-        // cannot starve the callers who are allowed.
-        let caller = match agent.authz.caller(peer) {
-            Ok(caller) => caller,
-            Err(reason) => {
-                let n = agent.metrics.refused(metrics::Refusal::NoRule);
-                // Logged at 1, 2, 4, 8, ... refusals: a flood of connections cannot flood
-                // the log; the metric counts every one.
-                if n.is_power_of_two() {
-                    tracing::warn!(uid = peer.uid(), gid = peer.gid(), pid = ?peer.pid(), refused = n, "refused caller, connection closed: {reason}");
-                }
-                continue;
-            }
-        };
-        let Some(uid_slot) = UidSlot::take(&agent, peer.uid()) else {
-            let n = agent.metrics.refused(metrics::Refusal::PerUidCap);
-            if n.is_power_of_two() {
-                tracing::warn!(
-                    uid = peer.uid(),
-                    pid = ?peer.pid(),
-                    refused = n,
-                    "uid {} already has {} connections open (agent.max_connections_per_uid); closing a new one",
-                    peer.uid(),
-                    agent.settings.per_uid_cap()
-                );
-            }
-            continue;
-        };
-        // Who signs what in the audit trail: the peer, and its executable read now.
-        let origin = Arc::new(Origin {
-            uid: peer.uid(),
-            pid: peer.pid(),
-            exe: match (peer.pid(), &agent.trail) {
-                (Some(pid), Some(_)) => std::fs::read_link(format!("/proc/{pid}/exe"))
-                    .ok()
-                    .map(|p| p.display().to_string()),
-                _ => None,
-            },
-        });
-        let (tx, span) = (
-            ConnectionTasks {
-                stopping: stopping.clone(),
-                header_timeout: Duration::from_secs(agent.settings.header_timeout_secs),
-                uid_slot,
-                permit,
-            },
-            tracing::info_span!("connection", uid = peer.uid()),
-        );
-        match (stream, &tcp_router) {
-            (Accepted::Unix(s), _) => {
-                let service = TowerToHyperService::new(
-                    router
-                        .clone()
-                        .layer(axum::Extension(caller))
-                        .layer(axum::Extension(origin)),
-                );
-                tokio::spawn(tx.serve(s, service).instrument(span));
-            }
-            (Accepted::Tcp(s), Some(r)) => {
-                let service = TowerToHyperService::new(
-                    r.clone()
-                        .layer(axum::Extension(caller))
-                        .layer(axum::Extension(origin)),
-                );
-                tokio::spawn(tx.serve(s, service).instrument(span));
-            }
-            (Accepted::Tcp(_), None) => {}
-        }
+        // Who the peer is, whether a rule names it and its uid's slot are settled in the
+        // connection's own task: the TCP table is read off the runtime's threads, so a
+        // flood on `gateway_listen` cannot hold up accepting on the socket.
+        tokio::spawn(connection(
+            agent.clone(),
+            stream,
+            permit,
+            stopping.clone(),
+            router.clone(),
+            tcp_router.clone(),
+        ));
     }
     drop(listener);
     let _ = stop.send(true);
@@ -456,6 +388,115 @@ pub async fn run_with_tcp(
             "connections still open after {} s; exiting anyway",
             grace.as_secs()
         );
+    }
+}
+
+/// One accepted connection: its peer, the rule that names it (none: closed, counted), its
+/// uid's slot (none: closed, counted), then HTTP until it ends.
+async fn connection(
+    agent: Arc<Agent>,
+    stream: Accepted,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    stopping: watch::Receiver<bool>,
+    router: axum::Router,
+    tcp_router: Option<axum::Router>,
+) {
+    let (stream, peer) = match stream {
+        Accepted::Unix(s) => {
+            let peer = Peer::of(&s);
+            (Accepted::Unix(s), peer)
+        }
+        // `/proc/net/tcp` is read whole: a blocking read.
+        Accepted::Tcp(s) => match tokio::task::spawn_blocking(move || {
+            let peer = Peer::of_tcp(&s);
+            (s, peer)
+        })
+        .await
+        {
+            Ok((s, peer)) => (Accepted::Tcp(s), peer),
+            Err(e) => {
+                tracing::warn!("looking up a TCP connection's owner failed, dropped: {e}");
+                return;
+            }
+        },
+    };
+    let peer = match peer {
+        Ok(peer) => peer,
+        Err(e) => {
+            tracing::warn!("no peer credentials on a connection, dropped: {e}");
+            return;
+        }
+    };
+    // A peer no rule names is closed before any HTTP is read: it holds no slot and
+    // cannot starve the callers who are allowed.
+    let caller = match agent.authz.caller(peer) {
+        Ok(caller) => caller,
+        Err(reason) => {
+            let n = agent.metrics.refused(metrics::Refusal::NoRule);
+            // Logged at 1, 2, 4, 8, ... refusals: a flood of connections cannot flood
+            // the log; the metric counts every one.
+            if n.is_power_of_two() {
+                tracing::warn!(uid = peer.uid(), gid = peer.gid(), pid = ?peer.pid(), refused = n, "refused caller, connection closed: {reason}");
+            }
+            return;
+        }
+    };
+    let Some(uid_slot) = UidSlot::take(&agent, peer.uid()) else {
+        let n = agent.metrics.refused(metrics::Refusal::PerUidCap);
+        if n.is_power_of_two() {
+            tracing::warn!(
+                uid = peer.uid(),
+                pid = ?peer.pid(),
+                refused = n,
+                "uid {} already has {} connections open (agent.max_connections_per_uid); closing a new one",
+                peer.uid(),
+                agent.settings.per_uid_cap()
+            );
+        }
+        return;
+    };
+    // Who signs what in the audit trail: the peer, and its executable read now.
+    let origin = Arc::new(Origin {
+        uid: peer.uid(),
+        pid: peer.pid(),
+        exe: match (peer.pid(), &agent.trail) {
+            (Some(pid), Some(_)) => tokio::task::spawn_blocking(move || {
+                std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .ok()
+                    .map(|p| p.display().to_string())
+            })
+            .await
+            .ok()
+            .flatten(),
+            _ => None,
+        },
+    });
+    let (tx, span) = (
+        ConnectionTasks {
+            stopping,
+            header_timeout: Duration::from_secs(agent.settings.header_timeout_secs),
+            uid_slot,
+            permit,
+        },
+        tracing::info_span!("connection", uid = peer.uid()),
+    );
+    match (stream, tcp_router) {
+        (Accepted::Unix(s), _) => {
+            let service = TowerToHyperService::new(
+                router
+                    .layer(axum::Extension(caller))
+                    .layer(axum::Extension(origin)),
+            );
+            tx.serve(s, service).instrument(span).await;
+        }
+        (Accepted::Tcp(s), Some(r)) => {
+            let service = TowerToHyperService::new(
+                r.layer(axum::Extension(caller))
+                    .layer(axum::Extension(origin)),
+            );
+            tx.serve(s, service).instrument(span).await;
+        }
+        (Accepted::Tcp(_), None) => {}
     }
 }
 

@@ -4,6 +4,7 @@
 //! own `Date`: one retry when it refuses a proof and its `Date` is far off), and
 //! `Link: rel="next"` pagination that never leaves the origin.
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use url::Url;
 
@@ -71,7 +72,7 @@ impl OAuthClient {
         let transport = &*self.transport;
         let (response, round_trips, _) = self
             .send_with_token(request, |r| async move {
-                let url = r.uri().to_string();
+                let url = super::http::shown(r.uri());
                 let response = transport.send_streaming(r).await?;
                 read_challenge(response, url).await
             })
@@ -121,7 +122,9 @@ impl OAuthClient {
                     &transmit,
                     |response| {
                         let errors = challenge_errors(response.headers());
-                        if !matches!(response.status().as_u16(), 400 | 401) {
+                        if !matches!(response.status().as_u16(), 400 | 401)
+                            || response.extensions().get::<LongChallenge>().is_some()
+                        {
                             Ask::Nothing
                         } else if errors.iter().any(|e| e == "use_dpop_nonce") {
                             Ask::Nonce
@@ -140,6 +143,7 @@ impl OAuthClient {
             tracing::info!(method = %request.method, url = %format!("{origin}{}", request.url.path()),
                 status = status.as_u16(), token = %token.secret.redacted(), "API answered");
             if status == StatusCode::UNAUTHORIZED
+                && response.extensions().get::<LongChallenge>().is_none()
                 && challenge_errors(response.headers())
                     .iter()
                     .any(|e| e == "invalid_token")
@@ -270,8 +274,14 @@ impl OAuthClient {
 /// Longest challenge body read before a retry; a longer one is not a challenge's.
 const MAX_CHALLENGE_BODY: usize = 64 * 1024;
 
+/// Marks a challenge whose body is longer than [`MAX_CHALLENGE_BODY`]: not a challenge to
+/// answer, passed on as it is (a retry would drop a body nobody read).
+#[derive(Clone, Copy, Debug)]
+struct LongChallenge;
+
 /// A 400 or 401 with a `WWW-Authenticate` challenge, its body read in full (it is small);
-/// any other response as it is, its body still unread.
+/// a longer one is passed on whole and marked [`LongChallenge`]; any other response as it
+/// is, its body still unread.
 async fn read_challenge(
     response: http::Response<StreamBody>,
     url: String,
@@ -284,19 +294,55 @@ async fn read_challenge(
     {
         return Ok(response);
     }
-    let (parts, body) = response.into_parts();
-    let bytes = http_body_util::Limited::new(body, MAX_CHALLENGE_BODY)
-        .collect()
-        .await
-        .map_err(|e| TransportError::Other {
-            url,
+    let (mut parts, mut body) = response.into_parts();
+    let mut read = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| TransportError::Other {
+            url: url.clone(),
             reason: format!("reading the body of a {} challenge: {e}", parts.status),
-        })?
-        .to_bytes();
-    let body = http_body_util::Full::new(bytes)
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        read.extend_from_slice(&data);
+        if read.len() > MAX_CHALLENGE_BODY {
+            parts.extensions.insert(LongChallenge);
+            let body = Prefixed {
+                head: Some(Bytes::from(read)),
+                rest: body,
+            };
+            return Ok(http::Response::from_parts(parts, body.boxed_unsync()));
+        }
+    }
+    let body = http_body_util::Full::new(Bytes::from(read))
         .map_err(|never| match never {})
         .boxed_unsync();
     Ok(http::Response::from_parts(parts, body))
+}
+
+/// The bytes already read of a body, then the rest of it.
+struct Prefixed {
+    head: Option<Bytes>,
+    rest: StreamBody,
+}
+
+impl hyper::body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = TransportError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, TransportError>>> {
+        if let Some(head) = self.head.take() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(head))));
+        }
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_none() && self.rest.is_end_stream()
+    }
 }
 
 /// The `error` of every `WWW-Authenticate` challenge (RFC 6750 §3, RFC 9449 §7.1).

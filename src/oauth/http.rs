@@ -15,32 +15,43 @@ const MAX_BODY: usize = 8 * 1024 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct HttpClient {
+    /// Whole exchanges, bounded by `timeout` from sending to the body's last byte.
     inner: reqwest::Client,
+    /// Streamed exchanges: no total timeout (a long answer streams as long as it flows);
+    /// the caller bounds the head and the pauses between the body's bytes (the gateway:
+    /// its route's `timeout_secs`).
+    streaming: reqwest::Client,
     timeout: Duration,
 }
 
 impl HttpClient {
     pub fn new(connect_timeout: Duration, timeout: Duration) -> Result<HttpClient, TransportError> {
-        let inner = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(connect_timeout)
-            .timeout(timeout)
-            .user_agent(concat!("keybound/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| TransportError::Other {
+        let builder = || {
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(connect_timeout)
+                .user_agent(concat!("keybound/", env!("CARGO_PKG_VERSION")))
+        };
+        let built = |b: reqwest::ClientBuilder| {
+            b.build().map_err(|e| TransportError::Other {
                 url: String::new(),
                 reason: e.to_string(),
-            })?;
-        Ok(HttpClient { inner, timeout })
+            })
+        };
+        Ok(HttpClient {
+            inner: built(builder().timeout(timeout))?,
+            streaming: built(builder())?,
+            timeout,
+        })
     }
 
     async fn exchange(
         &self,
         request: Request<Vec<u8>>,
     ) -> Result<Response<Vec<u8>>, TransportError> {
-        let url = request.uri().to_string();
+        let url = shown(request.uri());
         let classify = |e: reqwest::Error| self.classify(&url, e);
-        let mut response = self.head(request).await?;
+        let mut response = self.head(&self.inner, request).await?;
         let status = response.status();
         let headers = std::mem::take(response.headers_mut());
         let mut body = Vec::new();
@@ -65,15 +76,20 @@ impl HttpClient {
         &self,
         request: Request<Vec<u8>>,
     ) -> Result<Response<StreamBody>, TransportError> {
-        let url = request.uri().to_string();
-        let response = http::Response::<reqwest::Body>::from(self.head(request).await?);
+        let url = shown(request.uri());
+        let response =
+            http::Response::<reqwest::Body>::from(self.head(&self.streaming, request).await?);
         let this = self.clone();
         Ok(response.map(move |body| body.map_err(move |e| this.classify(&url, e)).boxed_unsync()))
     }
 
     /// Sends `request` and waits for the response's head.
-    async fn head(&self, request: Request<Vec<u8>>) -> Result<reqwest::Response, TransportError> {
-        let url = request.uri().to_string();
+    async fn head(
+        &self,
+        client: &reqwest::Client,
+        request: Request<Vec<u8>>,
+    ) -> Result<reqwest::Response, TransportError> {
+        let url = shown(request.uri());
         let request =
             reqwest::Request::try_from(request.map(reqwest::Body::from)).map_err(|e| {
                 TransportError::Other {
@@ -81,7 +97,7 @@ impl HttpClient {
                     reason: e.to_string(),
                 }
             })?;
-        self.inner
+        client
             .execute(request)
             .await
             .map_err(|e| self.classify(&url, e))
@@ -97,12 +113,12 @@ impl HttpClient {
         } else if e.is_connect() {
             TransportError::Connect {
                 url,
-                reason: root_cause(&e),
+                reason: root_cause(&e.without_url()),
             }
         } else {
             TransportError::Other {
                 url,
-                reason: root_cause(&e),
+                reason: root_cause(&e.without_url()),
             }
         }
     }
@@ -115,6 +131,16 @@ impl Transport for HttpClient {
 
     fn send_streaming(&self, request: Request<Vec<u8>>) -> StreamSending<'_> {
         Box::pin(self.stream(request))
+    }
+}
+
+/// The URL as errors show it: without the query, which may carry personal data (a
+/// search, a cursor) and would reach logs, and through the gateway's breaker, other
+/// callers of the route.
+pub fn shown(uri: &http::Uri) -> String {
+    match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme), Some(authority)) => format!("{scheme}://{authority}{}", uri.path()),
+        _ => uri.path().to_owned(),
     }
 }
 

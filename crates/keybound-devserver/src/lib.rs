@@ -135,6 +135,8 @@ pub struct SeenRequest {
     pub authorization: Option<String>,
     /// Whether a `DPoP` header came.
     pub dpop: bool,
+    /// The names of every header that came, lower-case, in order (values left out).
+    pub header_names: Vec<String>,
 }
 
 impl RequestLog {
@@ -489,6 +491,11 @@ async fn stamp_and_log(State(app): State<Arc<App>>, request: Request, next: Next
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
         dpop: request.headers().contains_key("dpop"),
+        header_names: request
+            .headers()
+            .keys()
+            .map(|k| k.as_str().to_owned())
+            .collect(),
     });
     let mut response = next.run(request).await;
     if let Ok(date) = HeaderValue::from_str(&http_date(app.now())) {

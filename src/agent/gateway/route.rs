@@ -186,6 +186,12 @@ impl Pattern {
             return Err(bad("the method must be an upper-case HTTP method"));
         }
         let method = Method::from_bytes(method.as_bytes()).map_err(|_| bad("not a method"))?;
+        if method == Method::TRACE || method == Method::CONNECT {
+            return Err(bad(
+                "TRACE and CONNECT are not allowed through the gateway (TRACE would echo \
+                 the agent's Authorization and DPoP back to the application)",
+            ));
+        }
         let path = path.trim();
         if !path.starts_with('/') {
             return Err(bad("the path must start with '/'"));
@@ -207,7 +213,7 @@ impl Pattern {
                 }
                 s => {
                     let normal = normalise_segment(s).map_err(|e| bad(&e))?;
-                    if normal == "." || normal == ".." {
+                    if dot_like(&normal) {
                         return Err(bad("dot segments are not allowed"));
                     }
                     segments.push(Segment::Literal(normal));
@@ -241,8 +247,10 @@ impl Pattern {
 }
 
 /// The path after `/gw/<route>`, made safe to match and to send, or why it is refused:
-/// dot segments (`.`, `..`, percent-encoded too), encoded `/` or `\` (`%2F`, `%5C`), empty
-/// segments (`//`; one trailing `/` is kept) and bad percent-encoding are refused, never
+/// dot segments (`.`, `..`, percent-encoded too, and with path parameters: `..;x`, which
+/// servers that split at `;` resolve), segments empty before a `;`, encoded `/` or `\`
+/// (`%2F`, `%5C`), empty segments (`//`; one trailing `/` is kept), an encoded NUL, bytes
+/// that do not decode to UTF-8 (`%C0%AE`) and bad percent-encoding are refused, never
 /// resolved, so what is matched is what the upstream gets. Percent-encoded unreserved
 /// characters are decoded and other escapes upper-cased (RFC 3986 §6.2.2), so `%75sers`
 /// matches `users`.
@@ -264,7 +272,7 @@ pub fn safe_path(raw: &str) -> Result<String, String> {
             return Err("empty path segment ('//')".to_owned());
         }
         let normal = normalise_segment(seg)?;
-        if normal == "." || normal == ".." {
+        if dot_like(&normal) {
             return Err(format!("dot segment '{seg}' in the path"));
         }
         out.push_str(&normal);
@@ -272,38 +280,69 @@ pub fn safe_path(raw: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// Is this (normalised) segment a dot segment, or empty, once what a server may take as
+/// path parameters (from the first `;`, encoded or not) is cut off?
+fn dot_like(normal: &str) -> bool {
+    let before = match normal.find(';') {
+        Some(i) => &normal[..i],
+        None => normal,
+    };
+    let before = match before.find("%3B") {
+        Some(i) => &before[..i],
+        None => before,
+    };
+    matches!(before, "" | "." | "..")
+}
+
 /// One segment with unreserved characters decoded and other escapes upper-cased; an
-/// encoded `/` or `\`, a raw `\` and a bad escape are refused.
+/// encoded `/`, `\` or NUL, a raw `\`, an escape without two hex digits and bytes that
+/// do not decode to UTF-8 are refused.
 fn normalise_segment(seg: &str) -> Result<String, String> {
     let bytes = seg.as_bytes();
     let mut out = String::with_capacity(seg.len());
+    // The segment fully decoded, to check that it is UTF-8.
+    let mut decoded = Vec::with_capacity(seg.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
                 let hex = bytes
                     .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                     .and_then(|h| std::str::from_utf8(h).ok())
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| format!("bad percent-encoding in '{seg}'"))?;
+                    .ok_or_else(|| {
+                        format!(
+                            "bad percent-encoding in '{seg}' ('%' must be followed by two hex digits)"
+                        )
+                    })?;
                 match hex {
                     b'/' | b'\\' => {
                         return Err(format!("encoded '/' or '\\' in the path segment '{seg}'"));
                     }
+                    0 => return Err(format!("encoded NUL (%00) in the path segment '{seg}'")),
                     c if c.is_ascii_alphanumeric() || b"-._~".contains(&c) => {
                         out.push(char::from(c));
                     }
                     c => out.push_str(&format!("%{c:02X}")),
                 }
+                decoded.push(hex);
                 i += 3;
             }
             b'\\' => return Err(format!("'\\' in the path segment '{seg}'")),
             _ => {
                 let ch = seg[i..].chars().next().unwrap_or('\u{fffd}');
                 out.push(ch);
+                let mut buf = [0u8; 4];
+                decoded.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
                 i += ch.len_utf8().max(1);
             }
         }
+    }
+    if std::str::from_utf8(&decoded).is_err() {
+        return Err(format!(
+            "the path segment '{seg}' does not decode to UTF-8 (an overlong or broken escape)"
+        ));
     }
     Ok(out)
 }
@@ -443,6 +482,10 @@ mod tests {
             ("GET /api//x", "empty segment"),
             ("GET /api/../x", "dot segment"),
             ("GET /api/%2e%2e/x", "dot segment"),
+            ("GET /api/..;/x", "dot segment"),
+            ("TRACE /api", "TRACE and CONNECT"),
+            ("CONNECT /api", "TRACE and CONNECT"),
+            ("GET /api/%00/x", "NUL"),
             ("GET", "no method and path"),
         ] {
             let e = RouteSettings {
@@ -490,6 +533,30 @@ mod tests {
         ] {
             assert!(safe_path(bad).is_err(), "{bad}");
         }
+        // What a server that splits path parameters at ';' (Tomcat, Jetty, Spring) would
+        // resolve as a dot segment; NUL; an overlong UTF-8 '.'; escapes without two hex
+        // digits.
+        for bad in [
+            "/api/..;/admin",
+            "/api/.;x/users",
+            "/api/%2e%2e;/admin",
+            "/api/..%3B/admin",
+            "/api/;x/users",
+            "/api/..;a;b/admin",
+            "/api/a%00b",
+            "/api/%C0%AE%C0%AE/admin",
+            "/api/%e2%82",
+            "/api/%+5",
+            "/api/%-1x",
+            "/api/%5",
+        ] {
+            assert!(safe_path(bad).is_err(), "{bad}");
+        }
+        assert_eq!(safe_path("/api/a;v=1").unwrap(), "/api/a;v=1");
+        assert_eq!(
+            safe_path("/api/%C3%A9t%C3%A9").unwrap(),
+            "/api/%C3%A9t%C3%A9"
+        );
         assert_eq!(safe_path("/api/v1/%75sers").unwrap(), "/api/v1/users");
         assert_eq!(safe_path("/a/b%3ac/").unwrap(), "/a/b%3Ac/");
         assert_eq!(safe_path("").unwrap(), "/");
