@@ -154,9 +154,10 @@ fn api_request(req: &CallRequest) -> Result<ApiRequest, ApiError> {
     for (name, value) in &req.headers {
         let name = HeaderName::from_bytes(name.trim().as_bytes())
             .map_err(|_| ApiError::bad(format!("'{}' is not a header name", name.trim())))?;
-        if name == http::header::AUTHORIZATION || name.as_str() == "dpop" {
+        if super::gateway::not_forwarded(&name) {
             return Err(ApiError::bad(format!(
-                "header '{name}' is set by keybound; do not pass it"
+                "header '{name}' is set by keybound or never forwarded (credentials, \
+                 hop-by-hop, method or path overrides); do not pass it"
             )));
         }
         let value = HeaderValue::from_str(value.trim())

@@ -161,6 +161,13 @@ const RESPONSE_DROPPED: [&str; 12] = [
 
 /// Headers of `headers` that pass: not in `dropped`, not starting with `prefix`, nor named
 /// by `Connection`.
+/// A request header the agent sets itself or never forwards (credentials, hop-by-hop,
+/// and the ones that change the method, path or client upstream): `/v1/call` refuses
+/// these as the gateway drops them.
+pub(super) fn not_forwarded(name: &HeaderName) -> bool {
+    REQUEST_DROPPED.contains(&name.as_str()) || name.as_str().starts_with(REQUEST_DROPPED_PREFIX)
+}
+
 fn end_to_end(
     headers: &HeaderMap,
     dropped: &[&str],
