@@ -90,6 +90,10 @@ pub struct SignEvent<'a> {
     /// The exact bytes the device signed (the JWS signing input); [`SignEvent::claims`]
     /// reads the audit fields from them. Never logged or recorded as they are.
     message: &'a [u8],
+    /// What the gate handed this signature before the device signed (its reserved place
+    /// in the audit queue); the observer takes it ([`SignEvent::take_pass`]), and it is
+    /// dropped (released) when no one does.
+    pass: std::cell::RefCell<Option<GatePass>>,
 }
 
 impl SignEvent<'_> {
@@ -97,6 +101,22 @@ impl SignEvent<'_> {
     /// the device signed (so no caller can describe a signature other than it was).
     pub fn claims(&self) -> SignedClaims {
         SignedClaims::of_signing_input(self.message)
+    }
+
+    /// The gate's pass for this signature, once (see [`SignGate`]).
+    pub fn take_pass(&self) -> Option<GatePass> {
+        self.pass.borrow_mut().take()
+    }
+}
+
+/// What a [`SignGate`] hands a signature it lets through (e.g. a reserved place in the
+/// audit queue): kept until the signature's observer takes it, dropped with the
+/// signature otherwise (a dropped pass releases what it holds).
+pub struct GatePass(pub Box<dyn std::any::Any + Send>);
+
+impl std::fmt::Debug for GatePass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatePass")
     }
 }
 
@@ -156,8 +176,10 @@ pub async fn as_agent<F: std::future::Future>(work: F) -> F::Output {
 
 /// Asked before every JWS signature the device makes (not a proof of possession); an
 /// `Err` refuses the signature with that reason before the device is asked. The agent's
-/// audit trail refuses here when it cannot be written (`on_failure = "refuse"`).
-pub type SignGate = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// audit trail refuses here when it cannot be written (`on_failure = "refuse"`), and
+/// otherwise hands the signature a [`GatePass`]: its place in the audit queue, reserved
+/// before the device signs, which the observer uses to queue the signature's line.
+pub type SignGate = Arc<dyn Fn() -> Result<Option<GatePass>, String> + Send + Sync>;
 
 /// Why the device signed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -275,10 +297,10 @@ impl Keyring {
         self.gate = Some(gate);
     }
 
-    fn pass_gate(&self) -> Result<(), KeyError> {
+    fn pass_gate(&self) -> Result<Option<GatePass>, KeyError> {
         match &self.gate {
             Some(gate) => gate().map_err(KeyError::Gated),
-            None => Ok(()),
+            None => Ok(None),
         }
     }
 
@@ -638,7 +660,7 @@ impl SigningKey {
 
     /// Signs on the device. Blocking.
     pub fn sign(&self, tbs: ToBeSigned) -> Result<JwsSignature, KeyError> {
-        self.keyring.pass_gate()?;
+        let pass = self.keyring.pass_gate()?;
         let start = Instant::now();
         let origin = current_origin();
         let message = self
@@ -659,6 +681,7 @@ impl SigningKey {
             },
             result.is_ok(),
             start,
+            pass,
         );
         result
     }
@@ -677,9 +700,10 @@ impl SigningKey {
 
     /// Queues a signature; `reply` gets the outcome on another thread.
     pub fn submit(&self, tbs: ToBeSigned, reply: SignReply) {
-        if let Err(refused) = self.keyring.pass_gate() {
-            return reply(Err(refused));
-        }
+        let pass = match self.keyring.pass_gate() {
+            Ok(pass) => pass,
+            Err(refused) => return reply(Err(refused)),
+        };
         // The origin is read here, on the caller's task: the reply runs on a worker thread.
         let (observer, key, origin, message, start) = (
             self.keyring.observer.clone(),
@@ -711,6 +735,7 @@ impl SigningKey {
                 },
                 result.is_ok(),
                 start,
+                pass,
             );
             reply(result);
         });
@@ -865,6 +890,7 @@ impl Keyring {
                 },
                 answer.is_ok(),
                 start,
+                None,
             );
         }
         let (signature, binding) = match answer {
@@ -903,7 +929,13 @@ struct Signed<'a> {
     message: &'a [u8],
 }
 
-fn observe(observer: &Option<SignObserver>, s: &Signed<'_>, ok: bool, start: Instant) {
+fn observe(
+    observer: &Option<SignObserver>,
+    s: &Signed<'_>,
+    ok: bool,
+    start: Instant,
+    pass: Option<GatePass>,
+) {
     if let Some(observer) = observer {
         observer(&SignEvent {
             purpose: s.purpose,
@@ -915,6 +947,7 @@ fn observe(observer: &Option<SignObserver>, s: &Signed<'_>, ok: bool, start: Ins
             slot: s.slot,
             origin: s.origin,
             message: s.message,
+            pass: std::cell::RefCell::new(pass),
         });
     }
 }

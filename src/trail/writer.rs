@@ -112,7 +112,11 @@ impl Writer {
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
-                    Msg::Event(e, t) => batch.push((e, t)),
+                    Msg::Event(e, t) => {
+                        // The event's place in the queue is free again.
+                        self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+                        batch.push((e, t));
+                    }
                     Msg::Close(ack) => {
                         close = Some(ack);
                         break;
