@@ -452,6 +452,30 @@ async fn lines_after_the_last_checkpoint_are_reported_uncovered_and_can_be_cut_u
         &report,
         &[&format!("NOT COVERED: the last {} line(s)", uncovered - 1)],
     );
+
+    // Cutting off the last checkpoint and what follows it leaves checkpoint_every lines
+    // after a checkpoint, where the writer signs one at once: incomplete (exit 2).
+    write_lines(&cut, &lines[..last_cp]);
+    let out = verify_cmd(&token, &jwks, &[&cut]);
+    assert_exit(&out, 2, &"verify without the last checkpoint");
+    assert_mentions(
+        &stdout(&out),
+        &["INCOMPLETE", "where one is signed every 5 line(s)"],
+    );
+    // The head cut off: the first line chains to nothing given.
+    let first_cp = nth_event(&lines, "checkpoint", 0);
+    write_lines(&cut, &lines[first_cp + 1..]);
+    let out = verify_cmd(&token, &jwks, &[&cut]);
+    assert_exit(&out, 2, &"verify without the head");
+    assert_mentions(
+        &stdout(&out),
+        &["INCOMPLETE", "the beginning of the trail is missing"],
+    );
+    // An empty file.
+    std::fs::write(&cut, "").expect("empty the file");
+    let out = verify_cmd(&token, &jwks, &[&cut]);
+    assert_exit(&out, 2, &"verify an empty file");
+    assert_mentions(&stdout(&out), &["INCOMPLETE", "no lines at all"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -795,12 +819,32 @@ async fn rotated_files_and_restarts_chain_and_verify_only_in_order() {
     let out = verify_cmd(&token, &jwks, &refs);
     let report = assert_success(&out, &"verify in order");
     assert_mentions(&report, &["intact", &format!("in {} file(s)", all.len())]);
-    // The current file alone: intact, but it continues a file not given.
+    // The current file alone: intact, but incomplete (exit 2) unless --from-rotation
+    // says the earlier files are knowingly not given.
     let out = verify_cmd(&token, &jwks, &[&trail]);
+    assert_exit(&out, 2, &"verify current");
     assert_mentions(
-        &assert_success(&out, &"verify current"),
-        &["a file not given"],
+        &stdout(&out),
+        &[
+            "INCOMPLETE",
+            "give the earlier files too",
+            "--from-rotation",
+        ],
     );
+    let args: Vec<OsArg> = vec![
+        "audit".into(),
+        "verify".into(),
+        "--from-rotation".into(),
+        "--jwks".into(),
+        jwks.as_path().into(),
+        trail.as_path().into(),
+    ];
+    let out = output_with_guard(token.command(&args));
+    assert_mentions(
+        &assert_success(&out, &"verify current --from-rotation"),
+        &["intact", "after a rotation"],
+    );
+
     // Out of order: the second file's first line does not chain to the first's last.
     let mut swapped = refs.clone();
     swapped.swap(0, 1);

@@ -3,28 +3,43 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use keybound::trail::verify::{self, Keys};
+use keybound::config::Config;
+use keybound::trail::verify::{self, Keys, Options, Status};
 
 /// Exit status of a trail that is not intact.
 const TAMPERED: u8 = 1;
+/// Exit status of intact lines that are not the whole trail.
+const INCOMPLETE: u8 = 2;
 
 /// Verifies `files` (oldest first) against `jwks`, or, without it, against the
-/// `[audit] checkpoint_key` of the config's device.
+/// `[audit] checkpoint_key` of the config's device. The config's `checkpoint_every` and
+/// `checkpoint_secs` (the defaults without a config) say how long an uncovered tail may be.
 pub fn verify(
     config: Option<&Path>,
     jwks: Option<&Path>,
+    from_rotation: bool,
     files: &[PathBuf],
 ) -> anyhow::Result<ExitCode> {
     let keys = match jwks {
         Some(path) => verify::read_keys(path).map_err(anyhow::Error::msg)?,
         None => device_keys(config)?,
     };
-    let report = verify::verify(files, &keys).map_err(anyhow::Error::msg)?;
+    let mut options = Options {
+        from_rotation,
+        ..Options::default()
+    };
+    if let Ok((config, _)) = Config::load(config)
+        && let Some(audit) = &config.audit
+    {
+        options.checkpoint_every = audit.checkpoint_every;
+        options.checkpoint_secs = audit.checkpoint_secs;
+    }
+    let report = verify::verify(files, &keys, &options).map_err(anyhow::Error::msg)?;
     out!("{report}");
-    Ok(if report.intact() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(TAMPERED)
+    Ok(match report.status() {
+        Status::Intact => ExitCode::SUCCESS,
+        Status::Incomplete => ExitCode::from(INCOMPLETE),
+        Status::Tampered => ExitCode::from(TAMPERED),
     })
 }
 

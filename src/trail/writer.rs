@@ -202,17 +202,42 @@ impl Writer {
         if items.is_empty() {
             return;
         }
-        let result = self.check_file().and_then(|()| self.append(&items));
+        let result = self
+            .check_file()
+            .map_err(|e| (e, items.len()))
+            .and_then(|()| self.append_checkpointed(&items));
         match result {
             Ok(()) => {
                 self.outage_since = None;
                 self.shared.recovered();
             }
-            Err(e) => {
-                let lost = lost + u64::try_from(events).unwrap_or(u64::MAX);
+            Err((e, unwritten)) => {
+                let lost = lost + u64::try_from(events.min(unwritten)).unwrap_or(u64::MAX);
                 self.failed(e, lost);
             }
         }
+    }
+
+    /// Appends `items` with a checkpoint as soon as `checkpoint_every` lines are due, so
+    /// no more than that many lines ever follow a checkpoint while checkpoints sign (what
+    /// `audit verify` holds the tail to). On failure: why, and how many items were not
+    /// written.
+    fn append_checkpointed(&mut self, items: &[Item]) -> Result<(), (String, usize)> {
+        let mut rest = items;
+        while !rest.is_empty() {
+            let room = self.every.saturating_sub(self.since_checkpoint);
+            let n = match usize::try_from(room) {
+                Ok(0) | Err(_) => rest.len(),
+                Ok(room) => room.min(rest.len()),
+            };
+            let (now, later) = rest.split_at(n);
+            self.append(now).map_err(|e| (e, rest.len()))?;
+            rest = later;
+            if !rest.is_empty() && self.since_checkpoint >= self.every {
+                self.checkpoint();
+            }
+        }
+        Ok(())
     }
 
     fn failed(&mut self, reason: String, lost: u64) {
@@ -271,7 +296,9 @@ impl Writer {
             head = line_hash(&line);
             buf.extend_from_slice(&line);
             buf.push(b'\n');
-            seq += 1;
+            seq = seq
+                .checked_add(1)
+                .ok_or("the trail's seq is at its largest; start a new trail file")?;
         }
         if let Err(e) = file.write_all(&buf) {
             let _ = file.set_len(self.size);
@@ -411,5 +438,25 @@ fn continue_chain(path: &Path, file: &File, size: u64) -> Result<(u64, String, u
         .ok()
         .and_then(|v| v.get("seq").and_then(Value::as_u64))
         .ok_or_else(|| bad("its last line has no seq".into()))?;
-    Ok((seq + 1, line_hash(last), torn))
+    let next = seq
+        .checked_add(1)
+        .ok_or_else(|| bad("its last line's seq is the largest there is".into()))?;
+    Ok((next, line_hash(last), torn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_last_line_with_the_largest_seq_does_not_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut line = line::build(u64::MAX, GENESIS, SystemTime::now(), "open", b"{}");
+        line.push(b'\n');
+        std::fs::write(&path, &line).unwrap();
+        let (file, size, _) = open_file(&path).unwrap();
+        let err = continue_chain(&path, &file, size).unwrap_err();
+        assert!(err.contains("largest"), "{err}");
+    }
 }
