@@ -644,6 +644,73 @@ async fn a_removed_file_is_recreated_with_a_note_and_a_removed_directory_refuses
     assert_eq!(last["htu"], "https://rs.example/3");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_truncated_in_place_is_noted_and_verify_names_the_cut() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let trail = work.path().join("audit.log");
+    let (token, _, _) = audit_token(&format!("path = \"{}\"", trail.display()));
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let mut conn = Conn::open(agent.socket()).await;
+    let sign = |i: usize| dpop_request("dpop", "GET", &format!("https://rs.example/{i}"));
+    for i in 0..3 {
+        conn.post("/v1/dpop", &sign(i))
+            .await
+            .ok_member("dpop", "proof");
+    }
+    let deadline = Instant::now() + GUARD;
+    let before = loop {
+        let lines = trail_lines(&trail);
+        if lines.iter().any(|l| l.contains("https://rs.example/2\"")) {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "{lines:#?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Someone cuts the last two lines off in place (same file, smaller).
+    let keep: usize = before[..before.len() - 2].iter().map(|l| l.len() + 1).sum();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&trail)
+        .unwrap()
+        .set_len(keep as u64)
+        .unwrap();
+    conn.post("/v1/dpop", &sign(3))
+        .await
+        .ok_member("dpop", "proof");
+    let deadline = Instant::now() + GUARD;
+    let after = loop {
+        let lines = trail_lines(&trail);
+        if lines.iter().any(|l| l.contains("https://rs.example/3\"")) {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "{lines:#?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let note = parse(&after[before.len() - 2]);
+    assert_eq!(note["event"], "open", "{after:#?}");
+    assert_eq!(note["reason"], "truncated by someone else", "{after:#?}");
+    // It chains to the last line the agent wrote, which is gone.
+    assert_eq!(
+        note["prev"],
+        json!(sha256_hex(before[before.len() - 1].as_bytes())),
+        "{after:#?}"
+    );
+    drop(conn);
+    drop(agent);
+    let jwks = write_jwks(work.path(), &token.jwk("audit"));
+    let out = verify_cmd(&token, &jwks, &[&trail]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert_mentions(
+        &stdout(&out),
+        &[
+            "TAMPERED",
+            &format!("{}:{}:", trail.display(), before.len() - 1),
+            "deleted",
+        ],
+    );
+}
+
 #[test]
 fn a_checkpoint_key_that_is_a_client_key_is_refused_at_load() {
     let (token, _, _) = audit_token("path = \"/tmp/never-written.log\"");

@@ -251,6 +251,15 @@ impl Writer {
     fn check_file(&mut self) -> Result<(), String> {
         if self.file.is_some() {
             match std::fs::metadata(&self.path) {
+                Ok(m) if (m.dev(), m.ino()) == self.id && m.len() < self.size => {
+                    // Only this writer writes the file, and it only appends: lines it wrote
+                    // were cut off. The next line says so, chaining to the last line written.
+                    tracing::error!(path = %self.path.display(), size = m.len(), written = self.size,
+                        "the audit trail file was truncated by someone else; lines this agent wrote are gone");
+                    self.size = m.len();
+                    let open = self.open_line("truncated by someone else");
+                    return self.append(&[open]);
+                }
                 Ok(m) if (m.dev(), m.ino()) == self.id => return Ok(()),
                 _ => {
                     tracing::error!(path = %self.path.display(), "the audit trail file was removed or replaced; opening a new one");
