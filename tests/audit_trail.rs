@@ -711,6 +711,59 @@ async fn a_file_truncated_in_place_is_noted_and_verify_names_the_cut() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_checkpoint_keeps_the_trail_failing_with_one_gap_line_and_one_log_line() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let trail = work.path().join("audit.log");
+    let (token, _, _) = audit_token(&format!(
+        "path = \"{}\"\ncheckpoint_every = 2\non_failure = \"continue\"",
+        trail.display()
+    ));
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let mut conn = Conn::open(agent.socket()).await;
+    // The checkpoint key goes away under the running agent: no checkpoint can be signed.
+    for kind in ["privkey", "pubkey"] {
+        let out = token.pkcs11_tool(&["--delete-object", "--type", kind, "--label", "audit"]);
+        assert!(out.status.success(), "pkcs11-tool:\n{}", describe(&out));
+    }
+    for i in 0..8 {
+        let htu = format!("https://rs.example/{i}");
+        conn.post("/v1/dpop", &dpop_request("dpop", "GET", &htu))
+            .await
+            .ok_member("dpop", "proof");
+        // Each proof its own batch.
+        let deadline = Instant::now() + GUARD;
+        while !text_of(&trail).contains(&format!("\"{htu}\"")) {
+            assert!(Instant::now() < deadline, "{}", text_of(&trail));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let h = wait_audit(&mut conn, "failing").await;
+    assert!(
+        h["audit"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cannot sign a checkpoint"),
+        "{h}"
+    );
+    let lines = trail_lines(&trail);
+    let gaps = lines
+        .iter()
+        .filter(|l| l.contains("\"event\":\"gap\""))
+        .count();
+    assert_eq!(gaps, 1, "one gap line for the one outage: {lines:#?}");
+    let log = agent.log();
+    assert_eq!(
+        log.matches("cannot sign a checkpoint").count(),
+        1,
+        "one log line per change: {log}"
+    );
+    assert!(!log.contains("audit trail written again"), "{log}");
+    drop(conn);
+    drop(agent);
+}
+
 #[test]
 fn a_checkpoint_key_that_is_a_client_key_is_refused_at_load() {
     let (token, _, _) = audit_token("path = \"/tmp/never-written.log\"");

@@ -19,6 +19,10 @@ use crate::keyring::SigningKey;
 
 /// How often the writer looks at its file and its health when no event comes.
 const TICK: Duration = Duration::from_millis(500);
+/// The first wait before a failed checkpoint is tried again; it doubles up to
+/// [`CHECKPOINT_RETRY_MAX`].
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
+const CHECKPOINT_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Events written with one `write`.
 const BATCH: usize = 1024;
 /// After the first event of a batch, the writer sleeps this long and then takes what
@@ -47,6 +51,12 @@ pub(super) struct Writer {
     reopen: Option<String>,
     /// When the current outage began, for its `gap` line.
     outage_since: Option<SystemTime>,
+    /// The current outage's `gap` line is written (one per outage, more only for lost
+    /// events).
+    gap_noted: bool,
+    /// While checkpoints fail: when to try again, and the wait after that. The trail stays
+    /// failing until a checkpoint is signed.
+    checkpoint_retry: Option<(Instant, Duration)>,
 }
 
 /// An event's name, its members as a serialised JSON object, and its time.
@@ -78,6 +88,8 @@ impl Writer {
             shared,
             reopen: None,
             outage_since: None,
+            gap_noted: false,
+            checkpoint_retry: None,
         };
         let reason = if torn > 0 {
             format!("agent started; {torn} bytes of a torn last line were cut off")
@@ -153,7 +165,7 @@ impl Writer {
             self.failed(e, 0);
             self.write_events(Vec::new());
         }
-        if self.shared.healthy.load(Ordering::SeqCst) {
+        if self.shared.healthy.load(Ordering::SeqCst) || self.checkpoint_retry.is_some() {
             self.after_write();
         }
     }
@@ -176,7 +188,8 @@ impl Writer {
         let lost = self.shared.lost.swap(0, Ordering::SeqCst);
         let failing = !self.shared.healthy.load(Ordering::SeqCst);
         let mut items: Vec<Item> = Vec::with_capacity(batch.len() + 1);
-        if lost > 0 || failing {
+        let gap = lost > 0 || (failing && !self.gap_noted);
+        if gap {
             let reason = if failing {
                 self.shared.reason()
             } else {
@@ -208,8 +221,11 @@ impl Writer {
             .and_then(|()| self.append_checkpointed(&items));
         match result {
             Ok(()) => {
-                self.outage_since = None;
-                self.shared.recovered();
+                self.gap_noted |= gap;
+                // Failing checkpoints keep the trail failing until one is signed.
+                if self.checkpoint_retry.is_none() {
+                    self.recovered();
+                }
             }
             Err((e, unwritten)) => {
                 let lost = lost + u64::try_from(events.min(unwritten)).unwrap_or(u64::MAX);
@@ -238,6 +254,12 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    fn recovered(&mut self) {
+        self.outage_since = None;
+        self.gap_noted = false;
+        self.shared.recovered();
     }
 
     fn failed(&mut self, reason: String, lost: u64) {
@@ -322,8 +344,15 @@ impl Writer {
         Ok(())
     }
 
-    /// Signs the chain head on the device and writes the checkpoint line.
+    /// Signs the chain head on the device and writes the checkpoint line. After a failed
+    /// signature, not before its retry time (1 s, doubling up to 60 s).
     fn checkpoint(&mut self) {
+        if self
+            .checkpoint_retry
+            .is_some_and(|(next, _)| Instant::now() < next)
+        {
+            return;
+        }
         let time = SystemTime::now();
         let (kid, alg) = (self.key.kid().to_owned(), self.key.alg());
         let header = json!({ "typ": "keybound-audit-checkpoint", "alg": alg.name(), "kid": kid });
@@ -340,6 +369,10 @@ impl Writer {
         let jws = match signed {
             Ok(jws) => jws,
             Err(e) => {
+                let wait = self.checkpoint_retry.map_or(CHECKPOINT_RETRY, |(_, wait)| {
+                    (wait * 2).min(CHECKPOINT_RETRY_MAX)
+                });
+                self.checkpoint_retry = Some((Instant::now() + wait, wait));
                 return self.failed(
                     format!(
                         "cannot sign a checkpoint with '{}' on the device: {e}",
@@ -355,6 +388,9 @@ impl Writer {
                 self.since_checkpoint = 0;
                 self.last_checkpoint = Instant::now();
                 self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+                if self.checkpoint_retry.take().is_some() {
+                    self.recovered();
+                }
                 if let Some(file) = &self.file
                     && let Err(e) = file.sync_data()
                 {
