@@ -364,6 +364,65 @@ async fn verify_names_edits_deletions_reordering_splices_and_forged_checkpoints(
         );
     }
 
+    // A JWS the audit key made for something else (another typ), and a checkpoint line
+    // naming another kid than its JWS: both forged. (The attacker's key stands in for the
+    // audit key here, published under its own kid in a second JWKS.)
+    {
+        use p256::elliptic_curve::sec1::ToEncodedPoint as _;
+        let point = attacker.verifying_key().to_encoded_point(false);
+        let attacker_jwk = json!({ "kty": "EC", "crv": "P-256", "kid": "attacker",
+            "x": b64(point.x().unwrap()), "y": b64(point.y().unwrap()) });
+        let both = dir.join("both-jwks.json");
+        std::fs::write(
+            &both,
+            json!({ "keys": [audit_jwk, attacker_jwk] }).to_string(),
+        )
+        .unwrap();
+        let parts = Jws::parse(jws);
+        let sign_with = |header: Value| {
+            let input = format!(
+                "{}.{}",
+                b64(header.to_string().as_bytes()),
+                b64(parts.claims.to_string().as_bytes())
+            );
+            let sig: p256::ecdsa::Signature = attacker.sign(input.as_bytes());
+            format!("{input}.{}", b64(&sig.to_bytes()))
+        };
+        let mut forged = lines.clone();
+        let mut v = cp.clone();
+        v["kid"] = "attacker".into();
+        v["jws"] = sign_with(json!({ "typ": "JWT", "alg": "ES256", "kid": "attacker" })).into();
+        forged[c] = v.to_string();
+        assert_tampered(
+            &token,
+            &both,
+            dir,
+            "other-typ",
+            &forged,
+            c + 1,
+            "forged checkpoint",
+        );
+        let report = stdout(&verify_cmd(&token, &both, &[&dir.join("other-typ")]));
+        assert_mentions(&report, &["typ"]);
+        // The right typ under the attacker's kid, but the line names the audit key.
+        v["kid"] = audit_jwk["kid"].clone();
+        v["jws"] = sign_with(json!({ "typ": "keybound-audit-checkpoint", "alg": "ES256",
+            "kid": "attacker" }))
+        .into();
+        forged[c] = v.to_string();
+        assert_tampered(
+            &token,
+            &both,
+            dir,
+            "other-kid",
+            &forged,
+            c + 1,
+            "forged checkpoint",
+        );
+        let report = stdout(&verify_cmd(&token, &both, &[&dir.join("other-kid")]));
+        assert_mentions(&report, &["not by the kid the line names"]);
+    }
+
     // An edit with the chain recomputed after it: only the checkpoint's signed head shows.
     let mut rewritten = lines.clone();
     rewritten[s] = rewritten[s].replace("items/", "itemz/");
@@ -762,6 +821,55 @@ async fn a_failing_checkpoint_keeps_the_trail_failing_with_one_gap_line_and_one_
     assert!(!log.contains("audit trail written again"), "{log}");
     drop(conn);
     drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_caller_signs_with_the_checkpoint_key_and_no_jwks_publishes_it() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let trail = work.path().join("audit.log");
+    let (token, dpop_kid, audit_kid) = audit_token(&format!("path = \"{}\"", trail.display()));
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let mut conn = Conn::open(agent.socket()).await;
+    for name in ["audit", "pkcs11:object=audit"] {
+        conn.post(
+            "/v1/dpop",
+            &dpop_request(name, "GET", "https://rs.example/x"),
+        )
+        .await
+        .error(403, "forbidden", &["checkpoint key"]);
+        let r = conn
+            .post(
+                "/v1/assertion",
+                &json!({ "key": name, "client_id": "c", "audience": "https://as.example/token" }),
+            )
+            .await;
+        r.error(403, "forbidden", &["checkpoint key"]);
+    }
+    // Other keys still sign.
+    conn.post(
+        "/v1/dpop",
+        &dpop_request("dpop", "GET", "https://rs.example/x"),
+    )
+    .await
+    .ok_member("dpop", "proof");
+    let jwks = conn.get("/v1/jwks").await.ok("GET /v1/jwks");
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| k["kid"].as_str())
+        .collect();
+    assert!(kids.contains(&dpop_kid.as_str()), "{jwks}");
+    assert!(!kids.contains(&audit_kid.as_str()), "{jwks}");
+    drop(conn);
+    drop(agent);
+    // `keybound jwks` (what the hosted JWKS serves) leaves it out too; by label it is there
+    // (the verifier's JWKS).
+    let all = token.run_ok(&["jwks"]);
+    assert!(!all.contains(&audit_kid), "{all}");
+    let audit_only = token.run_ok(&["jwks", "--label", "audit"]);
+    assert!(audit_only.contains(&audit_kid), "{audit_only}");
 }
 
 #[test]

@@ -70,6 +70,9 @@ pub struct Keyring {
     gate: Option<SignGate>,
     /// The key names (labels, rotated slots) a JWKS publishes; `None`: every approved key.
     publish: Option<Arc<[String]>>,
+    /// A name no JWKS publishes unless `publish` names it (the audit trail's checkpoint
+    /// key: it signs checkpoints only, and no server should trust it).
+    withheld: Option<Arc<str>>,
 }
 
 /// One signature the device made or refused, as an observer sees it.
@@ -214,6 +217,8 @@ pub struct Inventory {
     pub rotations: Vec<rotation::Rotation>,
     /// The names a JWKS publishes (`Keyring::publish_only`); `None`: every approved key.
     pub publish: Option<Arc<[String]>>,
+    /// Left out unless `publish` names it (`Keyring::withhold_from_jwks`).
+    pub withheld: Option<Arc<str>>,
 }
 
 /// An approved key, with its `kid` (RFC 7638 thumbprint) and public JWK, each computed once.
@@ -275,6 +280,7 @@ impl Keyring {
             observer: None,
             gate: None,
             publish: None,
+            withheld: None,
         })
     }
 
@@ -284,6 +290,13 @@ impl Keyring {
     /// authentication).
     pub fn publish_only(&mut self, names: Option<Vec<String>>) {
         self.publish = names.map(Into::into);
+    }
+
+    /// Leaves the key `name` (a label or rotated slot) out of every JWKS this keyring's
+    /// inventories make, unless [`Keyring::publish_only`] names it explicitly: the audit
+    /// trail's checkpoint key.
+    pub fn withhold_from_jwks(&mut self, name: &str) {
+        self.withheld = Some(name.into());
     }
 
     /// Watches every signature of the keys approved from now on (see [`SignObserver`]).
@@ -464,6 +477,7 @@ impl Keyring {
             problems,
             rotations,
             publish: self.publish.clone(),
+            withheld: self.withheld.clone(),
         })
     }
 
@@ -519,10 +533,9 @@ impl Inventory {
                     .is_none_or(|(_, g)| g.state.published())
             })
             .filter_map(|a| a.signer.as_ref())
-            .filter(|k| {
-                self.publish
-                    .as_ref()
-                    .is_none_or(|names| names.iter().any(|n| n == k.name()))
+            .filter(|k| match &self.publish {
+                Some(names) => names.iter().any(|n| n == k.name()),
+                None => self.withheld.as_deref() != Some(k.name()),
             })
             .map(|k| Published {
                 name: k.name(),
@@ -979,6 +992,7 @@ impl WeakSigningKey {
                 observer: self.observer,
                 gate: self.gate,
                 publish: None,
+                withheld: None,
             },
             approval: self.approval,
         })

@@ -479,6 +479,8 @@ pub struct Trail {
     tx: crossbeam_channel::Sender<Msg>,
     shared: Arc<Shared>,
     path: Arc<PathBuf>,
+    /// The checkpoint key's name and kid: reserved, no caller signs with it.
+    checkpoint_key: Arc<(String, String)>,
 }
 
 impl Trail {
@@ -502,6 +504,10 @@ impl Trail {
             capacity: settings.queue,
         });
         let (tx, rx) = crossbeam_channel::unbounded();
+        let reserved = Arc::new((
+            checkpoint_key.name().to_owned(),
+            checkpoint_key.kid().to_owned(),
+        ));
         let writer = writer::Writer::open(settings, checkpoint_key, shared.clone())?;
         std::thread::Builder::new()
             .name("keybound-audit".into())
@@ -511,7 +517,14 @@ impl Trail {
             tx,
             shared,
             path: Arc::new(settings.path.clone()),
+            checkpoint_key: reserved,
         })
+    }
+
+    /// The checkpoint key's name (label or rotated slot) and kid: the agent refuses it to
+    /// every caller.
+    pub fn checkpoint_key(&self) -> (&str, &str) {
+        (&self.checkpoint_key.0, &self.checkpoint_key.1)
     }
 
     /// Queues one event, never waiting (async tasks call this): a full queue loses the

@@ -25,6 +25,9 @@ use serde_json::Value;
 use super::line::{GENESIS, line_hash};
 use crate::jose::{self, Alg, Jwk, PublicKey};
 
+/// The JWS `typ` of a checkpoint's signature (the writer's header).
+pub const CHECKPOINT_TYP: &str = "keybound-audit-checkpoint";
+
 /// The audit keys by kid, from a JWKS document.
 pub struct Keys(HashMap<String, (PublicKey, Option<Alg>)>);
 
@@ -554,6 +557,17 @@ fn check_checkpoint(seq: u64, prev: &str, v: &Value, keys: &Keys) -> Result<(), 
         .and_then(Value::as_str)
         .and_then(|a| a.parse().ok())
         .ok_or_else(|| forged("its jws names no algorithm keybound knows".into()))?;
+    if decoded.header.get("typ").and_then(Value::as_str) != Some(CHECKPOINT_TYP) {
+        return Err(forged(format!(
+            "its jws's typ is not \"{CHECKPOINT_TYP}\": a signature the key made for \
+             something else, not a checkpoint"
+        )));
+    }
+    if v.get("kid").and_then(Value::as_str) != Some(kid) {
+        return Err(forged(format!(
+            "its jws is signed by kid {kid}, not by the kid the line names: forged"
+        )));
+    }
     let Some((public, key_alg)) = keys.0.get(kid) else {
         return Err(forged(format!(
             "signed by kid {kid}, which is not in the audit key's JWKS: forged (or the \

@@ -355,7 +355,7 @@ impl Writer {
         }
         let time = SystemTime::now();
         let (kid, alg) = (self.key.kid().to_owned(), self.key.alg());
-        let header = json!({ "typ": "keybound-audit-checkpoint", "alg": alg.name(), "kid": kid });
+        let header = json!({ "typ": super::verify::CHECKPOINT_TYP, "alg": alg.name(), "kid": kid });
         let payload =
             json!({ "seq": self.seq, "head": self.head, "time": line::rfc3339(time), "kid": kid });
         let signed = jose::signing_input(&header, &payload)
