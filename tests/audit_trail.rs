@@ -368,7 +368,6 @@ async fn verify_names_edits_deletions_reordering_splices_and_forged_checkpoints(
     // naming another kid than its JWS: both forged. (The attacker's key stands in for the
     // audit key here, published under its own kid in a second JWKS.)
     {
-        use p256::elliptic_curve::sec1::ToEncodedPoint as _;
         let point = attacker.verifying_key().to_encoded_point(false);
         let attacker_jwk = json!({ "kty": "EC", "crv": "P-256", "kid": "attacker",
             "x": b64(point.x().unwrap()), "y": b64(point.y().unwrap()) });

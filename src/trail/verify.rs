@@ -394,7 +394,7 @@ fn completeness(report: &mut Report, parsed: &[Option<(u64, String, Value)>], op
             count = 0;
         }
         count += 1;
-        let from = start.or(Some(tail[0])).and_then(|s| time_ms(s));
+        let from = start.or(Some(tail[0])).and_then(time_ms);
         let late = match (from, time_ms(v)) {
             (Some(a), Some(b)) => b.saturating_sub(a),
             _ => 0,
