@@ -871,6 +871,84 @@ async fn no_caller_signs_with_the_checkpoint_key_and_no_jwks_publishes_it() {
     assert!(audit_only.contains(&audit_kid), "{audit_only}");
 }
 
+fn checkpoint_kids(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| parse(l))
+        .filter(|v| v["event"] == "checkpoint")
+        .map(|v| v["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Signs proofs until `trail` holds a checkpoint signed by `kid`.
+async fn sign_until_checkpoint_by(conn: &mut Conn, trail: &Path, kid: &str) -> Vec<String> {
+    let deadline = Instant::now() + GUARD;
+    let mut i = 0;
+    loop {
+        i += 1;
+        conn.post(
+            "/v1/dpop",
+            &dpop_request("dpop", "GET", &format!("https://rs.example/{kid}/{i}")),
+        )
+        .await
+        .ok_member("dpop", "proof");
+        let lines = trail_lines(trail);
+        if checkpoint_kids(&lines).iter().any(|k| k == kid) {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint by {kid}: {lines:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_checkpoint_key_signs_on_with_the_active_generation_and_verifies() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let trail = work.path().join("audit.log");
+    let (token, _, kid1) = audit_token(&format!(
+        "path = \"{}\"\ncheckpoint_every = 2",
+        trail.display()
+    ));
+    let jwk1 = token.jwk("audit");
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let mut conn = Conn::open(agent.socket()).await;
+    sign_until_checkpoint_by(&mut conn, &trail, &kid1).await;
+
+    // The slot rotates: generation 2 active, generation 1 retiring (still on the device).
+    token.run_ok(&["keys", "rotate", "--label", "audit"]);
+    token.run_ok(&["keys", "rotate", "--label", "audit", "--activate"]);
+    let jwk2 = token.jwk("audit");
+    let kid2 = jwk2["kid"].as_str().unwrap().to_owned();
+    assert_ne!(kid2, kid1);
+    // Without --jwks, verify takes every generation of the slot from the device.
+    let mut args: Vec<OsArg> = vec!["audit".into(), "verify".into()];
+    args.push(trail.as_path().into());
+    let out = output_with_guard(token.command(&args));
+    assert_success(&out, &"checkpoints by the retiring generation verify");
+
+    // Generation 1 destroyed: the writer's next checkpoint is signed by generation 2.
+    for kind in ["privkey", "pubkey"] {
+        let out = token.pkcs11_tool(&["--delete-object", "--type", kind, "--label", "audit"]);
+        assert!(out.status.success(), "pkcs11-tool:\n{}", describe(&out));
+    }
+    sign_until_checkpoint_by(&mut conn, &trail, &kid2).await;
+    let health = conn.get("/healthz").await.json();
+    assert_eq!(health["audit"]["status"], "ok", "{health}");
+    drop(conn);
+    drop(agent);
+    let lines = trail_lines(&trail);
+    let both = work.path().join("both-jwks.json");
+    std::fs::write(&both, json!({ "keys": [jwk1, jwk2] }).to_string()).unwrap();
+    let out = verify_cmd(&token, &both, &[&trail]);
+    assert_success(&out, &"both generations' checkpoints verify");
+    let kids = checkpoint_kids(&lines);
+    assert!(kids.contains(&kid1) && kids.contains(&kid2), "{lines:#?}");
+}
+
 #[test]
 fn a_checkpoint_key_that_is_a_client_key_is_refused_at_load() {
     let (token, _, _) = audit_token("path = \"/tmp/never-written.log\"");

@@ -43,7 +43,9 @@ pub fn verify(
     })
 }
 
-/// The checkpoint key's public JWK, from the device (approved like any key).
+/// The checkpoint key's public JWKs, from the device (approved like any key): every
+/// generation on the device when it is a rotated slot, so checkpoints signed before a
+/// rotation verify too (a destroyed generation's need `--jwks`).
 fn device_keys(config: Option<&Path>) -> anyhow::Result<Keys> {
     let (config, _, keyring) = super::load(config, None).map_err(|e| {
         anyhow::anyhow!(
@@ -55,7 +57,23 @@ fn device_keys(config: Option<&Path>) -> anyhow::Result<Keys> {
     let audit = config.audit.as_ref().ok_or_else(|| {
         anyhow::anyhow!("the config has no [audit]; pass --jwks FILE with the audit key's JWKS")
     })?;
-    let key = keyring.signing_key(&audit.checkpoint_key)?;
-    let doc = serde_json::json!({ "keys": [key.public().jwks_entry(key.kid(), key.alg())] });
+    let name = audit.checkpoint_key.as_str();
+    // The active key first: a name that cannot sign is an error that says why.
+    let key = keyring.signing_key(name)?;
+    let mut entries = vec![key.public().jwks_entry(key.kid(), key.alg())];
+    if key.slot().is_some() {
+        let inventory = keyring.inventory()?;
+        for a in &inventory.audits {
+            let info = a.key();
+            let ours = a.generation().is_some_and(|(slot, _)| slot == name);
+            if ours && a.verdict().refusal(info.label()).is_none() {
+                let kid = info.public().thumbprint();
+                if kid != key.kid() {
+                    entries.push(info.public().jwks_entry(&kid, info.alg()));
+                }
+            }
+        }
+    }
+    let doc = serde_json::json!({ "keys": entries });
     Keys::from_jwks(&doc).map_err(anyhow::Error::msg)
 }

@@ -645,6 +645,13 @@ impl SigningKey {
         self.slot().unwrap_or(self.label())
     }
 
+    /// This key's name ([`SigningKey::name`]) found and approved afresh on its device: a
+    /// rotated slot's active generation now, or the key now under its label. Only its own
+    /// name, so no holder of a key gets another name's key through it.
+    pub fn look_up_again(&self) -> Result<SigningKey, KeyError> {
+        self.keyring.signing_key(self.name())
+    }
+
     pub(crate) fn in_slot(mut self, slot: &str) -> SigningKey {
         self.slot = Some(slot.into());
         self

@@ -354,20 +354,22 @@ impl Writer {
             return;
         }
         let time = SystemTime::now();
-        let (kid, alg) = (self.key.kid().to_owned(), self.key.alg());
-        let header = json!({ "typ": super::verify::CHECKPOINT_TYP, "alg": alg.name(), "kid": kid });
-        let payload =
-            json!({ "seq": self.seq, "head": self.head, "time": line::rfc3339(time), "kid": kid });
-        let signed = jose::signing_input(&header, &payload)
-            .map_err(|e| e.to_string())
-            .and_then(|input| {
-                self.key
-                    .sign(alg.to_be_signed(input.as_bytes()))
-                    .map(|sig| jose::compact(input, &sig))
-                    .map_err(|e| e.to_string())
-            });
-        let jws = match signed {
-            Ok(jws) => jws,
+        let mut signed = self.sign_head(time);
+        if signed.is_err() {
+            // The key may be gone because its slot rotated (a retired generation
+            // destroyed): the slot's active generation signs from now on.
+            match self.key.look_up_again() {
+                Ok(fresh) if fresh.kid() != self.key.kid() => {
+                    tracing::warn!(key = %self.key.name(), old_kid = %self.key.kid(), kid = %fresh.kid(),
+                        "the audit checkpoint key cannot sign; its name now means another key, which signs the checkpoints from now on");
+                    self.key = fresh;
+                    signed = self.sign_head(time);
+                }
+                _ => {}
+            }
+        }
+        let (jws, kid, alg) = match signed {
+            Ok(signed) => signed,
             Err(e) => {
                 let wait = self.checkpoint_retry.map_or(CHECKPOINT_RETRY, |(_, wait)| {
                     (wait * 2).min(CHECKPOINT_RETRY_MAX)
@@ -399,6 +401,20 @@ impl Writer {
             }
             Err(e) => self.failed(e, 0),
         }
+    }
+
+    /// The checkpoint's JWS over the chain head, signed on the device; with its kid and alg.
+    fn sign_head(&self, time: SystemTime) -> Result<(String, String, jose::Alg), String> {
+        let (kid, alg) = (self.key.kid().to_owned(), self.key.alg());
+        let header = json!({ "typ": super::verify::CHECKPOINT_TYP, "alg": alg.name(), "kid": kid });
+        let payload =
+            json!({ "seq": self.seq, "head": self.head, "time": line::rfc3339(time), "kid": kid });
+        let input = jose::signing_input(&header, &payload).map_err(|e| e.to_string())?;
+        let sig = self
+            .key
+            .sign(alg.to_be_signed(input.as_bytes()))
+            .map_err(|e| e.to_string())?;
+        Ok((jose::compact(input, &sig), kid, alg))
     }
 
     /// A final checkpoint, the file renamed `<path>.<last seq>`, a new file whose `open`
