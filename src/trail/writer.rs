@@ -273,7 +273,7 @@ impl Writer {
     fn check_file(&mut self) -> Result<(), String> {
         if self.file.is_some() {
             match std::fs::metadata(&self.path) {
-                Ok(m) if (m.dev(), m.ino()) == self.id && m.len() < self.size => {
+                Ok(m) if (m.dev(), m.ino()) == self.id && m.is_file() && m.len() < self.size => {
                     // Only this writer writes the file, and it only appends: lines it wrote
                     // were cut off. The next line says so, chaining to the last line written.
                     tracing::error!(path = %self.path.display(), size = m.len(), written = self.size,
