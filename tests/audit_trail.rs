@@ -1309,6 +1309,88 @@ async fn a_writer_that_cannot_keep_up_fills_the_bounded_queue_and_signing_is_ref
     drop(agent);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signature_whose_write_failed_is_written_when_writing_works_again() {
+    // The trail is a FIFO whose reader goes away: the next write fails (EPIPE) after the
+    // proof was answered 200. When a reader is back, that proof's line is written; the
+    // gap line records the outage, and counts no loss.
+    let work = tempfile::tempdir().expect("tempdir");
+    let fifo = work.path().join("audit.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let read_until = |fifo: PathBuf, until: String| {
+        std::thread::spawn(move || {
+            use std::io::Read as _;
+            let mut f = std::fs::File::open(&fifo).expect("open fifo");
+            let mut all = Vec::new();
+            let mut buf = [0u8; 65536];
+            while !String::from_utf8_lossy(&all).contains(&until) {
+                match f.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                }
+            }
+            String::from_utf8_lossy(&all).into_owned()
+        })
+    };
+    let first = read_until(fifo.clone(), "https://rs.example/a0\"".into());
+    let (token, _, _) = audit_token(&format!("path = \"{}\"", fifo.display()));
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let mut conn = Conn::open(agent.socket()).await;
+    conn.post(
+        "/v1/dpop",
+        &dpop_request("dpop", "GET", "https://rs.example/a0"),
+    )
+    .await
+    .ok_member("dpop", "proof");
+    first.join().expect("first reader");
+    // No reader now: the next proof is answered, its line cannot be written.
+    let mut signed = Vec::new();
+    for i in 1..1000 {
+        let htu = format!("https://rs.example/a{i}");
+        let r = conn
+            .post("/v1/dpop", &dpop_request("dpop", "GET", &htu))
+            .await;
+        if r.status == 503 {
+            break;
+        }
+        assert_eq!(r.status, 200, "{}", r.text());
+        signed.push(htu);
+    }
+    assert!(!signed.is_empty());
+    wait_audit(&mut conn, "failing").await;
+    // A reader again: the held lines are written, then the proofs after them.
+    let second = read_until(fifo.clone(), "https://rs.example/after\"".into());
+    wait_audit(&mut conn, "ok").await;
+    conn.post(
+        "/v1/dpop",
+        &dpop_request("dpop", "GET", "https://rs.example/after"),
+    )
+    .await
+    .ok_member("dpop", "proof");
+    let text = second.join().expect("second reader");
+    let lines: Vec<Value> = text.lines().map(parse).collect();
+    for htu in &signed {
+        assert!(
+            lines
+                .iter()
+                .any(|v| v["event"] == "signature" && v["htu"] == json!(htu)),
+            "the proof for {htu} was answered 200 but has no line: {text}"
+        );
+    }
+    let gap = lines
+        .iter()
+        .find(|v| v["event"] == "gap")
+        .unwrap_or_else(|| panic!("no gap line: {text}"));
+    assert_eq!(gap["lost"], 0, "{gap}");
+    drop(conn);
+    drop(agent);
+}
+
 fn text_of(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).unwrap()
 }

@@ -57,6 +57,9 @@ pub(super) struct Writer {
     /// While checkpoints fail: when to try again, and the wait after that. The trail stays
     /// failing until a checkpoint is signed.
     checkpoint_retry: Option<(Instant, Duration)>,
+    /// Events taken from the queue whose write failed, written first when writing works
+    /// again (at most `queue` of them; past that they are lost, counted).
+    held: Vec<Item>,
 }
 
 /// An event's name, its members as a serialised JSON object, and its time.
@@ -90,6 +93,7 @@ impl Writer {
             outage_since: None,
             gap_noted: false,
             checkpoint_retry: None,
+            held: Vec::new(),
         };
         let reason = if torn > 0 {
             format!("agent started; {torn} bytes of a torn last line were cut off")
@@ -151,6 +155,9 @@ impl Writer {
     }
 
     fn close(&mut self) {
+        if !self.held.is_empty() {
+            self.write_events(Vec::new());
+        }
         if self.since_checkpoint > 0 && self.shared.healthy.load(Ordering::SeqCst) {
             self.checkpoint();
         }
@@ -159,6 +166,7 @@ impl Writer {
     fn tick(&mut self) {
         if !self.shared.healthy.load(Ordering::SeqCst)
             || self.shared.lost.load(Ordering::Relaxed) > 0
+            || !self.held.is_empty()
         {
             self.write_events(Vec::new());
         } else if let Err(e) = self.check_file() {
@@ -187,7 +195,7 @@ impl Writer {
     fn write_events(&mut self, batch: Vec<(super::Event, SystemTime)>) {
         let lost = self.shared.lost.swap(0, Ordering::SeqCst);
         let failing = !self.shared.healthy.load(Ordering::SeqCst);
-        let mut items: Vec<Item> = Vec::with_capacity(batch.len() + 1);
+        let mut items: Vec<Item> = Vec::with_capacity(self.held.len() + batch.len() + 1);
         let gap = lost > 0 || (failing && !self.gap_noted);
         if gap {
             let reason = if failing {
@@ -207,7 +215,8 @@ impl Writer {
                 SystemTime::now(),
             ));
         }
-        let events = batch.len();
+        let gapped = items.len();
+        items.append(&mut self.held);
         for (e, t) in batch {
             let name = e.name();
             items.push((name, e.to_json(), t));
@@ -228,8 +237,15 @@ impl Writer {
                 }
             }
             Err((e, unwritten)) => {
-                let lost = lost + u64::try_from(events.min(unwritten)).unwrap_or(u64::MAX);
-                self.failed(e, lost);
+                // The events not written are kept for the next write; the gap line's
+                // count goes back to the count when the gap line was not written.
+                let start = items.len() - unwritten;
+                let lost = if start < gapped { lost } else { 0 };
+                let mut held = items.split_off(start.max(gapped));
+                let dropped = held.len().saturating_sub(self.shared.capacity);
+                held.truncate(self.shared.capacity);
+                self.held = held;
+                self.failed(e, lost + u64::try_from(dropped).unwrap_or(u64::MAX));
             }
         }
     }
