@@ -633,6 +633,70 @@ mod tests {
         assert_eq!(time_ms(&serde_json::json!({ "time": "yesterday" })), None);
     }
 
+    fn dummy_keys() -> Keys {
+        let doc = serde_json::json!({ "keys": [{"kty": "EC", "crv": "P-256",
+            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}] });
+        Keys::from_jwks(&doc).unwrap()
+    }
+
+    /// A trail of `events` (name, seconds after the first), chained from genesis.
+    fn trail(dir: &Path, events: &[(&str, u64)]) -> PathBuf {
+        let t0 = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_764_000_000);
+        let (mut prev, mut text) = (GENESIS.to_owned(), Vec::new());
+        for (seq, (event, secs)) in events.iter().enumerate() {
+            let t = t0 + std::time::Duration::from_secs(*secs);
+            let fields: &[u8] = if *event == "open" {
+                br#"{"reason":"agent started"}"#
+            } else {
+                b"{}"
+            };
+            let line = super::super::line::build(seq as u64, &prev, t, event, fields);
+            prev = line_hash(&line);
+            text.extend_from_slice(&line);
+            text.push(b'\n');
+        }
+        let path = dir.join("audit.log");
+        std::fs::write(&path, &text).unwrap();
+        path
+    }
+
+    #[test]
+    fn an_uncovered_tail_longer_than_the_settings_allow_is_incomplete() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            checkpoint_every: 3,
+            checkpoint_secs: 60,
+            from_rotation: false,
+        };
+        let verdict = |events: &[(&str, u64)]| {
+            let path = trail(dir.path(), events);
+            verify(&[path], &dummy_keys(), &options).unwrap()
+        };
+        // Within both bounds.
+        let r = verdict(&[("open", 0), ("signature", 1)]);
+        assert_eq!(r.status(), Status::Intact, "{r}");
+        // checkpoint_every lines with no checkpoint after them.
+        let r = verdict(&[("open", 0), ("signature", 1), ("signature", 2)]);
+        assert_eq!(r.status(), Status::Incomplete, "{r}");
+        assert!(r.to_string().contains("every 3 line(s)"), "{r}");
+        // Longer than checkpoint_secs.
+        let r = verdict(&[("open", 0), ("signature", 100)]);
+        assert_eq!(r.status(), Status::Incomplete, "{r}");
+        assert!(r.to_string().contains("span 100 s"), "{r}");
+        // A gap line says why.
+        let r = verdict(&[("open", 0), ("gap", 1), ("signature", 100)]);
+        assert_eq!(r.status(), Status::Intact, "{r}");
+        // A restart starts the count again.
+        let r = verdict(&[
+            ("open", 0),
+            ("signature", 1),
+            ("open", 500),
+            ("signature", 501),
+        ]);
+        assert_eq!(r.status(), Status::Intact, "{r}");
+    }
+
     #[test]
     fn a_seq_that_cannot_count_on_is_malformed() {
         let dir = tempfile::tempdir().unwrap();
@@ -645,11 +709,7 @@ mod tests {
         text.extend_from_slice(&second);
         text.push(b'\n');
         std::fs::write(&path, &text).unwrap();
-        let doc = serde_json::json!({ "keys": [{"kty": "EC", "crv": "P-256",
-            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
-            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}] });
-        let keys = Keys::from_jwks(&doc).unwrap();
-        let report = verify(&[path], &keys, &Options::default()).unwrap();
+        let report = verify(&[path], &dummy_keys(), &Options::default()).unwrap();
         let broken = report.broken.expect("malformed");
         assert_eq!(
             (broken.line, broken.kind),
