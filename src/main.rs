@@ -143,12 +143,16 @@ enum Command {
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Check an audit trail: the hash chain across its files (oldest first) and every
-    /// checkpoint's signature; exit status 1 names the first line tampered with
+    /// checkpoint's signature; exit status 1 names the first line tampered with, 2 says
+    /// why intact lines are not the whole trail (incomplete)
     Verify {
         /// The audit key's JWKS (`keybound jwks --label audit`); default: the key
         /// [audit] checkpoint_key names on the configured device
         #[arg(long, value_name = "FILE")]
         jwks: Option<PathBuf>,
+        /// The first file may begin at a rotation (the earlier files knowingly not given)
+        #[arg(long)]
+        from_rotation: bool,
         /// Trail files, oldest first (rotated files, then the current one)
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
@@ -346,9 +350,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         } => cli::oauth::token(config, client.as_deref(), json, check, no_agent),
         Command::Call(call) => cli::oauth::call(config, call),
         Command::Serve { socket, .. } => cli::serve::run(config, socket),
-        Command::Audit(AuditCommand::Verify { jwks, files }) => {
-            cli::audit::verify(config, jwks.as_deref(), &files)
-        }
+        Command::Audit(AuditCommand::Verify {
+            jwks,
+            from_rotation,
+            files,
+        }) => cli::audit::verify(config, jwks.as_deref(), from_rotation, &files),
         Command::Bench {
             key,
             sessions,

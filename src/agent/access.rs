@@ -35,6 +35,8 @@ pub struct Access {
     inventory: Mutex<Option<(Instant, Arc<Inventory>)>>,
     /// `[[route]]`s of the gateway, by name.
     routes: HashMap<String, Arc<RouteState>>,
+    /// The audit trail's checkpoint key (name, kid): no caller gets it, by any name.
+    reserved: Option<(String, String)>,
 }
 
 /// A gateway route the caller's rule allows, with the client whose token it sends: built
@@ -68,7 +70,28 @@ impl Access {
             lookups: tokio::sync::Semaphore::new(1),
             inventory: Mutex::new(None),
             routes: HashMap::new(),
+            reserved: None,
         }
+    }
+
+    /// Reserves the key `name` with `kid` (the audit trail's checkpoint key): [`Access::key`]
+    /// refuses it to every caller, whether named by label, slot or `pkcs11:` URI.
+    pub fn reserve_key(&mut self, name: &str, kid: &str) {
+        self.reserved = Some((name.to_owned(), kid.to_owned()));
+    }
+
+    fn refuse_reserved(&self, name: &str, key: Option<&SigningKey>) -> Result<(), ApiError> {
+        let Some((reserved, kid)) = &self.reserved else {
+            return Ok(());
+        };
+        let hit = name == reserved
+            || key.is_some_and(|k| k.name() == reserved || k.kid() == kid.as_str());
+        if hit {
+            return Err(ApiError::forbidden(format!(
+                "key '{name}' is the audit trail's checkpoint key ([audit] checkpoint_key                  '{reserved}'): it signs checkpoints only, never for a caller; name another key"
+            )));
+        }
+        Ok(())
     }
 
     /// The gateway's routes; each must name a client of this agent.
@@ -244,6 +267,7 @@ impl Access {
             )));
         }
         caller.check_key(name).map_err(ApiError::forbidden)?;
+        self.refuse_reserved(name, None)?;
         let key = match self.cached(name) {
             Some(k) => k,
             None => {
@@ -257,6 +281,7 @@ impl Access {
                 key
             }
         };
+        self.refuse_reserved(name, Some(&key))?;
         check_key(caller, &key)?;
         Ok(key)
     }

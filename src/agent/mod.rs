@@ -267,6 +267,9 @@ impl Agent {
     /// Reports `trail` in `/healthz` and `/metrics`; its observer and gate are the
     /// keyring's already (`sign_observer`, `Trail::gate`).
     pub fn with_trail(mut self, trail: Option<crate::trail::Trail>) -> Agent {
+        if let Some((name, kid)) = trail.as_ref().map(|t| t.checkpoint_key()) {
+            self.access.reserve_key(name, kid);
+        }
         self.trail = trail;
         self
     }

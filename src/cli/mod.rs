@@ -33,6 +33,9 @@ pub fn load(
     tracing::debug!(config = %path.display(), "config loaded");
     let mut keyring = Keyring::open(&config.token, config.policy.clone(), sessions)?;
     keyring.publish_only(config.published_keys());
+    if let Some(audit) = &config.audit {
+        keyring.withhold_from_jwks(&audit.checkpoint_key);
+    }
     Ok((config, path, keyring))
 }
 

@@ -70,6 +70,9 @@ pub struct Keyring {
     gate: Option<SignGate>,
     /// The key names (labels, rotated slots) a JWKS publishes; `None`: every approved key.
     publish: Option<Arc<[String]>>,
+    /// A name no JWKS publishes unless `publish` names it (the audit trail's checkpoint
+    /// key: it signs checkpoints only, and no server should trust it).
+    withheld: Option<Arc<str>>,
 }
 
 /// One signature the device made or refused, as an observer sees it.
@@ -90,6 +93,10 @@ pub struct SignEvent<'a> {
     /// The exact bytes the device signed (the JWS signing input); [`SignEvent::claims`]
     /// reads the audit fields from them. Never logged or recorded as they are.
     message: &'a [u8],
+    /// What the gate handed this signature before the device signed (its reserved place
+    /// in the audit queue); the observer takes it ([`SignEvent::take_pass`]), and it is
+    /// dropped (released) when no one does.
+    pass: std::cell::RefCell<Option<GatePass>>,
 }
 
 impl SignEvent<'_> {
@@ -97,6 +104,22 @@ impl SignEvent<'_> {
     /// the device signed (so no caller can describe a signature other than it was).
     pub fn claims(&self) -> SignedClaims {
         SignedClaims::of_signing_input(self.message)
+    }
+
+    /// The gate's pass for this signature, once (see [`SignGate`]).
+    pub fn take_pass(&self) -> Option<GatePass> {
+        self.pass.borrow_mut().take()
+    }
+}
+
+/// What a [`SignGate`] hands a signature it lets through (e.g. a reserved place in the
+/// audit queue): kept until the signature's observer takes it, dropped with the
+/// signature otherwise (a dropped pass releases what it holds).
+pub struct GatePass(pub Box<dyn std::any::Any + Send>);
+
+impl std::fmt::Debug for GatePass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatePass")
     }
 }
 
@@ -156,8 +179,10 @@ pub async fn as_agent<F: std::future::Future>(work: F) -> F::Output {
 
 /// Asked before every JWS signature the device makes (not a proof of possession); an
 /// `Err` refuses the signature with that reason before the device is asked. The agent's
-/// audit trail refuses here when it cannot be written (`on_failure = "refuse"`).
-pub type SignGate = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// audit trail refuses here when it cannot be written (`on_failure = "refuse"`), and
+/// otherwise hands the signature a [`GatePass`]: its place in the audit queue, reserved
+/// before the device signs, which the observer uses to queue the signature's line.
+pub type SignGate = Arc<dyn Fn() -> Result<Option<GatePass>, String> + Send + Sync>;
 
 /// Why the device signed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,6 +217,8 @@ pub struct Inventory {
     pub rotations: Vec<rotation::Rotation>,
     /// The names a JWKS publishes (`Keyring::publish_only`); `None`: every approved key.
     pub publish: Option<Arc<[String]>>,
+    /// Left out unless `publish` names it (`Keyring::withhold_from_jwks`).
+    pub withheld: Option<Arc<str>>,
 }
 
 /// An approved key, with its `kid` (RFC 7638 thumbprint) and public JWK, each computed once.
@@ -253,6 +280,7 @@ impl Keyring {
             observer: None,
             gate: None,
             publish: None,
+            withheld: None,
         })
     }
 
@@ -262,6 +290,13 @@ impl Keyring {
     /// authentication).
     pub fn publish_only(&mut self, names: Option<Vec<String>>) {
         self.publish = names.map(Into::into);
+    }
+
+    /// Leaves the key `name` (a label or rotated slot) out of every JWKS this keyring's
+    /// inventories make, unless [`Keyring::publish_only`] names it explicitly: the audit
+    /// trail's checkpoint key.
+    pub fn withhold_from_jwks(&mut self, name: &str) {
+        self.withheld = Some(name.into());
     }
 
     /// Watches every signature of the keys approved from now on (see [`SignObserver`]).
@@ -275,10 +310,10 @@ impl Keyring {
         self.gate = Some(gate);
     }
 
-    fn pass_gate(&self) -> Result<(), KeyError> {
+    fn pass_gate(&self) -> Result<Option<GatePass>, KeyError> {
         match &self.gate {
             Some(gate) => gate().map_err(KeyError::Gated),
-            None => Ok(()),
+            None => Ok(None),
         }
     }
 
@@ -442,6 +477,7 @@ impl Keyring {
             problems,
             rotations,
             publish: self.publish.clone(),
+            withheld: self.withheld.clone(),
         })
     }
 
@@ -497,10 +533,9 @@ impl Inventory {
                     .is_none_or(|(_, g)| g.state.published())
             })
             .filter_map(|a| a.signer.as_ref())
-            .filter(|k| {
-                self.publish
-                    .as_ref()
-                    .is_none_or(|names| names.iter().any(|n| n == k.name()))
+            .filter(|k| match &self.publish {
+                Some(names) => names.iter().any(|n| n == k.name()),
+                None => self.withheld.as_deref() != Some(k.name()),
             })
             .map(|k| Published {
                 name: k.name(),
@@ -610,6 +645,13 @@ impl SigningKey {
         self.slot().unwrap_or(self.label())
     }
 
+    /// This key's name ([`SigningKey::name`]) found and approved afresh on its device: a
+    /// rotated slot's active generation now, or the key now under its label. Only its own
+    /// name, so no holder of a key gets another name's key through it.
+    pub fn look_up_again(&self) -> Result<SigningKey, KeyError> {
+        self.keyring.signing_key(self.name())
+    }
+
     pub(crate) fn in_slot(mut self, slot: &str) -> SigningKey {
         self.slot = Some(slot.into());
         self
@@ -638,7 +680,7 @@ impl SigningKey {
 
     /// Signs on the device. Blocking.
     pub fn sign(&self, tbs: ToBeSigned) -> Result<JwsSignature, KeyError> {
-        self.keyring.pass_gate()?;
+        let pass = self.keyring.pass_gate()?;
         let start = Instant::now();
         let origin = current_origin();
         let message = self
@@ -659,6 +701,7 @@ impl SigningKey {
             },
             result.is_ok(),
             start,
+            pass,
         );
         result
     }
@@ -677,9 +720,10 @@ impl SigningKey {
 
     /// Queues a signature; `reply` gets the outcome on another thread.
     pub fn submit(&self, tbs: ToBeSigned, reply: SignReply) {
-        if let Err(refused) = self.keyring.pass_gate() {
-            return reply(Err(refused));
-        }
+        let pass = match self.keyring.pass_gate() {
+            Ok(pass) => pass,
+            Err(refused) => return reply(Err(refused)),
+        };
         // The origin is read here, on the caller's task: the reply runs on a worker thread.
         let (observer, key, origin, message, start) = (
             self.keyring.observer.clone(),
@@ -711,6 +755,7 @@ impl SigningKey {
                 },
                 result.is_ok(),
                 start,
+                pass,
             );
             reply(result);
         });
@@ -865,6 +910,7 @@ impl Keyring {
                 },
                 answer.is_ok(),
                 start,
+                None,
             );
         }
         let (signature, binding) = match answer {
@@ -903,7 +949,13 @@ struct Signed<'a> {
     message: &'a [u8],
 }
 
-fn observe(observer: &Option<SignObserver>, s: &Signed<'_>, ok: bool, start: Instant) {
+fn observe(
+    observer: &Option<SignObserver>,
+    s: &Signed<'_>,
+    ok: bool,
+    start: Instant,
+    pass: Option<GatePass>,
+) {
     if let Some(observer) = observer {
         observer(&SignEvent {
             purpose: s.purpose,
@@ -915,6 +967,7 @@ fn observe(observer: &Option<SignObserver>, s: &Signed<'_>, ok: bool, start: Ins
             slot: s.slot,
             origin: s.origin,
             message: s.message,
+            pass: std::cell::RefCell::new(pass),
         });
     }
 }
@@ -946,6 +999,7 @@ impl WeakSigningKey {
                 observer: self.observer,
                 gate: self.gate,
                 publish: None,
+                withheld: None,
             },
             approval: self.approval,
         })

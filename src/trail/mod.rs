@@ -5,18 +5,22 @@
 //! the device, not only root on the host (`verify`, `keybound audit verify`).
 //!
 //! Events go through a bounded queue to one writer thread; the device's signing threads
-//! only queue. When the trail cannot be written (disk full, file gone, queue full), the
-//! trail is failing: with `on_failure = "refuse"` the keyring's gate ([`Trail::gate`])
-//! refuses every signature before the device signs; with `"continue"` signing goes on and
-//! the failure is logged loudly. Either way `/healthz`, the metrics and the log say so.
-//! When writing works again, a `gap` line records how many events were lost and why.
+//! only queue, and nothing ever waits for the queue (async tasks record events too). The
+//! keyring's gate ([`Trail::gate`]) reserves a signature's place in the queue before the
+//! device signs, and the observer queues the signature's line in that place: with
+//! `on_failure = "refuse"` a signature without a place (a full queue) is refused before
+//! the device signs, so every signature made has its line. When the trail cannot be
+//! written (disk full, file gone, queue full), the trail is failing: with `"refuse"` the
+//! gate refuses every signature; with `"continue"` signing goes on and the failure is
+//! logged loudly. Either way `/healthz`, the metrics and the log say so. When writing
+//! works again, a `gap` line records how many events were lost and why.
 
 mod line;
 pub mod verify;
 mod writer;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -24,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::InvalidSetting;
-use crate::keyring::{Purpose, SignEvent, SignGate, SigningKey};
+use crate::keyring::{GatePass, Purpose, SignEvent, SignGate, SigningKey};
 
 pub use line::{GENESIS, line_hash};
 
@@ -49,8 +53,8 @@ pub struct AuditSettings {
     /// Events queued for the writer at most.
     #[serde(default = "defaults::queue")]
     pub queue: usize,
-    /// How long a full queue may hold up the thread recording an event before the event
-    /// is lost (and the trail failing).
+    /// Accepted from older configs and not used: nothing waits for the queue any more
+    /// (a signature reserves its place before the device signs, see [`Trail::gate`]).
     #[serde(default = "defaults::queue_wait_ms")]
     pub queue_wait_ms: u64,
     /// Rotates the file after this many bytes: it is renamed `<path>.<last seq>` after a
@@ -383,9 +387,50 @@ struct Shared {
     failures: AtomicU64,
     /// Events that never reached the file (recorded as a count in the next `gap` line).
     lost: AtomicU64,
+    /// Places in the queue taken: events queued and not yet taken by the writer, and
+    /// places reserved by signatures the device is making ([`Reservation`]).
+    pending: AtomicUsize,
+    /// The bound of `pending` (`queue`).
+    capacity: usize,
+}
+
+/// One place in the writer's queue, taken by [`Shared::reserve`]: the queue (unbounded
+/// itself) never holds more than `capacity` events. Dropped unused, it frees the place; a
+/// queued event keeps it until the writer takes the event.
+struct Reservation {
+    shared: Arc<Shared>,
+    held: bool,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.held {
+            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Shared {
+    /// A place in the queue, or `None` when all `capacity` places are taken.
+    fn reserve(self: &Arc<Self>) -> Option<Reservation> {
+        self.pending
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.capacity).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Reservation {
+                shared: self.clone(),
+                held: true,
+            })
+    }
+
+    fn queue_full(&self) -> String {
+        format!(
+            "the audit queue is full ({} events): the writer is not keeping up",
+            self.capacity
+        )
+    }
+
     fn fail(&self, reason: String) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         let was = self.healthy.swap(false, Ordering::SeqCst);
@@ -430,10 +475,12 @@ enum Msg {
 /// The running trail: queue events with [`Trail::record`]. Cheap to clone.
 #[derive(Clone)]
 pub struct Trail {
+    /// Unbounded: [`Shared::pending`] bounds it (a reserved place always finds room).
     tx: crossbeam_channel::Sender<Msg>,
     shared: Arc<Shared>,
-    wait: Duration,
     path: Arc<PathBuf>,
+    /// The checkpoint key's name and kid: reserved, no caller signs with it.
+    checkpoint_key: Arc<(String, String)>,
 }
 
 impl Trail {
@@ -453,8 +500,14 @@ impl Trail {
             checkpoints: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             lost: AtomicU64::new(0),
+            pending: AtomicUsize::new(0),
+            capacity: settings.queue,
         });
-        let (tx, rx) = crossbeam_channel::bounded(settings.queue);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let reserved = Arc::new((
+            checkpoint_key.name().to_owned(),
+            checkpoint_key.kid().to_owned(),
+        ));
         let writer = writer::Writer::open(settings, checkpoint_key, shared.clone())?;
         std::thread::Builder::new()
             .name("keybound-audit".into())
@@ -463,31 +516,37 @@ impl Trail {
         Ok(Trail {
             tx,
             shared,
-            wait: Duration::from_millis(settings.queue_wait_ms),
             path: Arc::new(settings.path.clone()),
+            checkpoint_key: reserved,
         })
     }
 
-    /// Queues one event. A full queue holds the calling thread up to `queue_wait_ms`;
-    /// then the event is lost, counted, and the trail failing until the writer catches up.
+    /// The checkpoint key's name (label or rotated slot) and kid: the agent refuses it to
+    /// every caller.
+    pub fn checkpoint_key(&self) -> (&str, &str) {
+        (&self.checkpoint_key.0, &self.checkpoint_key.1)
+    }
+
+    /// Queues one event, never waiting (async tasks call this): a full queue loses the
+    /// event, counted, and the trail is failing until the writer catches up.
     pub fn record(&self, event: Event) {
-        let msg = Msg::Event(event, SystemTime::now());
-        let msg = match self.tx.try_send(msg) {
-            Ok(()) => return,
-            Err(crossbeam_channel::TrySendError::Full(msg)) => msg,
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+        match self.shared.reserve() {
+            Some(place) => self.queue(place, event),
+            None => {
+                self.shared.lost.fetch_add(1, Ordering::Relaxed);
+                self.shared.fail(self.shared.queue_full());
+            }
+        }
+    }
+
+    /// Queues `event` in a reserved place (which it keeps until the writer takes it).
+    fn queue(&self, mut place: Reservation, event: Event) {
+        match self.tx.send(Msg::Event(event, SystemTime::now())) {
+            Ok(()) => place.held = false,
+            Err(_) => {
                 self.shared.lost.fetch_add(1, Ordering::Relaxed);
                 self.shared.fail("the audit writer thread stopped".into());
-                return;
             }
-        };
-        if self.tx.send_timeout(msg, self.wait).is_err() {
-            self.shared.lost.fetch_add(1, Ordering::Relaxed);
-            self.shared.fail(format!(
-                "the audit queue is full ({} events) and the writer did not catch up within {} ms",
-                self.tx.capacity().unwrap_or(0),
-                self.wait.as_millis()
-            ));
         }
     }
 
@@ -501,23 +560,47 @@ impl Trail {
         self.record(Event::TokenFetch(fetch));
     }
 
-    /// Records one signature (what the keyring's observer calls).
+    /// Records one signature (what the keyring's observer calls), in the place the gate
+    /// reserved for it when there is one.
     pub fn signature(&self, e: &SignEvent<'_>) {
-        self.record(Event::Signature(Box::new(Signature::of(e))));
+        let event = Event::Signature(Box::new(Signature::of(e)));
+        let place = e
+            .take_pass()
+            .and_then(|pass| pass.0.downcast::<Reservation>().ok());
+        match place {
+            Some(place) => self.queue(*place, event),
+            None => self.record(event),
+        }
     }
 
-    /// The keyring's gate: with `on_failure = "refuse"`, signing is refused while the
-    /// trail cannot be written.
+    /// The keyring's gate, asked before the device signs: it reserves the signature's
+    /// place in the queue (the pass the observer queues its line with). With
+    /// `on_failure = "refuse"`, signing is refused while the trail cannot be written or
+    /// the queue has no place; with `"continue"` it always passes.
     pub fn gate(&self) -> SignGate {
         let shared = self.shared.clone();
         Arc::new(move || {
-            if shared.on_failure == OnFailure::Continue || shared.healthy.load(Ordering::SeqCst) {
-                return Ok(());
+            let pass = |place: Reservation| GatePass(Box::new(place));
+            if shared.on_failure == OnFailure::Continue {
+                return Ok(shared.reserve().map(pass));
             }
-            Err(format!(
-                "the audit trail cannot be written ({}), and audit.on_failure = \"refuse\"",
-                shared.reason()
-            ))
+            let refused = |reason: String| {
+                format!(
+                    "the audit trail cannot be written ({reason}), and audit.on_failure = \
+                     \"refuse\""
+                )
+            };
+            if !shared.healthy.load(Ordering::SeqCst) {
+                return Err(refused(shared.reason()));
+            }
+            match shared.reserve() {
+                Some(place) => Ok(Some(pass(place))),
+                None => {
+                    let reason = shared.queue_full();
+                    shared.fail(reason.clone());
+                    Err(refused(reason))
+                }
+            }
         })
     }
 
@@ -589,11 +672,7 @@ impl Trail {
     /// Writes a final checkpoint and stops the writer (waits up to 10 s for it).
     pub fn close(&self) {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if self
-            .tx
-            .send_timeout(Msg::Close(tx), Duration::from_secs(5))
-            .is_ok()
-        {
+        if self.tx.send(Msg::Close(tx)).is_ok() {
             let _ = rx.recv_timeout(Duration::from_secs(10));
         }
     }

@@ -6,8 +6,15 @@
 //! not verify or whose signed head is not the chain's (a forged checkpoint, or a chain
 //! rewritten after its lines were edited).
 //!
-//! What it cannot see: lines after the last checkpoint are chained but not signed, so they
-//! can be cut off (or the whole tail rewritten) without a trace. The report counts them.
+//! An intact chain can still be incomplete ([`Report::incomplete`]): no line at all, a
+//! first line that continues a file not given (the head cut off, rotated files missing),
+//! or more lines after the last checkpoint than `checkpoint_every` / `checkpoint_secs`
+//! allow with no `gap` line saying why (the checkpoint that was due, and what came after
+//! it, cut off).
+//!
+//! What it cannot see: lines after the last checkpoint are chained but not signed, so up
+//! to a checkpoint's worth of them can be cut off (or the whole tail rewritten) without a
+//! trace. The report counts them.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,6 +24,9 @@ use serde_json::Value;
 
 use super::line::{GENESIS, line_hash};
 use crate::jose::{self, Alg, Jwk, PublicKey};
+
+/// The JWS `typ` of a checkpoint's signature (the writer's header).
+pub const CHECKPOINT_TYP: &str = "keybound-audit-checkpoint";
 
 /// The audit keys by kid, from a JWKS document.
 pub struct Keys(HashMap<String, (PublicKey, Option<Alg>)>);
@@ -84,6 +94,40 @@ pub struct Break {
     pub message: String,
 }
 
+/// What the trail's writer promised (its `[audit]` settings), and what to accept.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// A checkpoint after this many lines (`checkpoint_every`).
+    pub checkpoint_every: u64,
+    /// A checkpoint at least this often while lines are written (`checkpoint_secs`).
+    pub checkpoint_secs: u64,
+    /// The first file may begin at a rotation's `open` line (`--from-rotation`): the
+    /// earlier files are knowingly not given.
+    pub from_rotation: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            checkpoint_every: 1000,
+            checkpoint_secs: 60,
+            from_rotation: false,
+        }
+    }
+}
+
+/// Slack on `checkpoint_secs` (the writer looks every 500 ms; a line's time is when its
+/// event was queued).
+const CHECKPOINT_SLACK_MS: u64 = 2000;
+
+/// Intact and complete, intact but incomplete, or tampered with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Intact,
+    Incomplete,
+    Tampered,
+}
+
 /// The outcome of a verification.
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -96,12 +140,26 @@ pub struct Report {
     pub seqs: Option<(u64, u64)>,
     /// The first line chains to a file not given (not the genesis value).
     pub continues: bool,
+    /// Why the lines, intact, are not the whole trail (empty when they are).
+    pub incomplete: Vec<String>,
+    /// Notes that do not make it incomplete (a start at a rotation, accepted).
+    pub notes: Vec<String>,
     pub broken: Option<Break>,
 }
 
 impl Report {
     pub fn intact(&self) -> bool {
         self.broken.is_none()
+    }
+
+    pub fn status(&self) -> Status {
+        if self.broken.is_some() {
+            Status::Tampered
+        } else if self.incomplete.is_empty() {
+            Status::Intact
+        } else {
+            Status::Incomplete
+        }
     }
 }
 
@@ -128,12 +186,11 @@ impl fmt::Display for Report {
             "intact: {} line(s) in {} file(s), seq {first} to {last}; {} checkpoint(s) verified",
             self.lines, self.files, self.checkpoints
         )?;
-        if self.continues {
-            writeln!(
-                f,
-                "the first line chains to a file not given here (an earlier, rotated file): \
-                 give every file, oldest first, to check the whole history"
-            )?;
+        for note in &self.notes {
+            writeln!(f, "{note}")?;
+        }
+        for reason in &self.incomplete {
+            writeln!(f, "INCOMPLETE: {reason}")?;
         }
         if self.uncovered == 0 {
             write!(f, "every line is covered by a signed checkpoint")
@@ -158,7 +215,7 @@ struct Line {
 }
 
 /// Verifies `files` (oldest first) against `keys`.
-pub fn verify(files: &[PathBuf], keys: &Keys) -> Result<Report, String> {
+pub fn verify(files: &[PathBuf], keys: &Keys, options: &Options) -> Result<Report, String> {
     let mut lines = Vec::new();
     let mut torn = None;
     for (f, path) in files.iter().enumerate() {
@@ -196,6 +253,8 @@ pub fn verify(files: &[PathBuf], keys: &Keys) -> Result<Report, String> {
         uncovered: lines.len(),
         seqs: None,
         continues: false,
+        incomplete: Vec::new(),
+        notes: Vec::new(),
         broken: None,
     };
     let at = |l: &Line, kind: Kind, message: String| Break {
@@ -262,9 +321,127 @@ pub fn verify(files: &[PathBuf], keys: &Keys) -> Result<Report, String> {
         }
         let first = report.seqs.map_or(*seq, |(f, _)| f);
         report.seqs = Some((first, *seq));
-        expected = Some(seq + 1);
+        let Some(next) = seq.checked_add(1) else {
+            report.broken = Some(at(
+                l,
+                Kind::Malformed,
+                format!("its seq {seq} is the largest there is: no trail line has it"),
+            ));
+            break;
+        };
+        expected = Some(next);
+    }
+    if report.broken.is_none() {
+        completeness(&mut report, &parsed, options);
     }
     Ok(report)
+}
+
+/// Whether the intact lines are the whole trail: [`Report::incomplete`].
+fn completeness(report: &mut Report, parsed: &[Option<(u64, String, Value)>], options: &Options) {
+    let values: Vec<&Value> = parsed.iter().flatten().map(|(_, _, v)| v).collect();
+    let Some(first) = values.first() else {
+        report
+            .incomplete
+            .push("there are no lines at all: an empty file (or the wrong file)".into());
+        return;
+    };
+    fn event(v: &Value) -> &str {
+        v.get("event").and_then(Value::as_str).unwrap_or_default()
+    }
+    fn reason(v: &Value) -> &str {
+        v.get("reason").and_then(Value::as_str).unwrap_or_default()
+    }
+    if report.continues {
+        let seq = first.get("seq").and_then(Value::as_u64).unwrap_or(0);
+        if event(first) == "open" && reason(first).starts_with("rotated") {
+            if options.from_rotation {
+                report.notes.push(format!(
+                    "the first line (seq {seq}) begins a file after a rotation; the earlier \
+                     files are not checked (--from-rotation)"
+                ));
+            } else {
+                report.incomplete.push(format!(
+                    "the first line (seq {seq}) continues an earlier file ({}): give the \
+                     earlier files too, oldest first, or --from-rotation to check from this \
+                     rotation on",
+                    reason(first)
+                ));
+            }
+        } else {
+            report.incomplete.push(format!(
+                "the first line (seq {seq}) chains to a line not given, and it is no \
+                 rotation's first line: the beginning of the trail is missing (cut off, or \
+                 earlier files not given)"
+            ));
+        }
+    }
+    // The lines after the last checkpoint, in runs the writer counted from 0: after the
+    // checkpoint, and from each start of the agent.
+    let tail = &values[values.len() - report.uncovered..];
+    if report.uncovered == 0 || tail.iter().any(|v| event(v) == "gap") {
+        return;
+    }
+    let mut start = values
+        .len()
+        .checked_sub(report.uncovered + 1)
+        .map(|i| values[i]);
+    let mut count = 0u64;
+    let mut worst: Option<String> = None;
+    for v in tail {
+        if event(v) == "open" && reason(v).starts_with("agent started") {
+            start = Some(v);
+            count = 0;
+        }
+        count += 1;
+        let from = start.or(Some(tail[0])).and_then(time_ms);
+        let late = match (from, time_ms(v)) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => 0,
+        };
+        if count >= options.checkpoint_every {
+            worst.get_or_insert_with(|| {
+                format!(
+                    "{count} line(s) in a row come after the last checkpoint, where one is \
+                     signed every {} line(s), and no gap line says why: the checkpoint that \
+                     was due (and what came after it) is missing",
+                    options.checkpoint_every
+                )
+            });
+        } else if late > options.checkpoint_secs * 1000 + CHECKPOINT_SLACK_MS {
+            worst.get_or_insert_with(|| {
+                format!(
+                    "lines after the last checkpoint span {} s, where one is signed at least \
+                     every {} s, and no gap line says why: the checkpoint that was due (and \
+                     what came after it) is missing",
+                    late / 1000,
+                    options.checkpoint_secs
+                )
+            });
+        }
+    }
+    report.incomplete.extend(worst);
+}
+
+/// A line's `time` (`2026-12-01T04:24:14.123Z`) in milliseconds since 1970.
+fn time_ms(v: &Value) -> Option<u64> {
+    let t = v.get("time")?.as_str()?;
+    let num = |r: std::ops::Range<usize>| t.get(r)?.parse::<i64>().ok();
+    if t.len() != 24 || !t.ends_with('Z') {
+        return None;
+    }
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss, ms) = (num(11..13)?, num(14..16)?, num(17..19)?, num(20..23)?);
+    // Howard Hinnant's days-from-civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let ms = ((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + ms;
+    u64::try_from(ms).ok()
 }
 
 /// Line `i` does not chain to line `i - 1`: what happened.
@@ -380,6 +557,17 @@ fn check_checkpoint(seq: u64, prev: &str, v: &Value, keys: &Keys) -> Result<(), 
         .and_then(Value::as_str)
         .and_then(|a| a.parse().ok())
         .ok_or_else(|| forged("its jws names no algorithm keybound knows".into()))?;
+    if decoded.header.get("typ").and_then(Value::as_str) != Some(CHECKPOINT_TYP) {
+        return Err(forged(format!(
+            "its jws's typ is not \"{CHECKPOINT_TYP}\": a signature the key made for \
+             something else, not a checkpoint"
+        )));
+    }
+    if v.get("kid").and_then(Value::as_str) != Some(kid) {
+        return Err(forged(format!(
+            "its jws is signed by kid {kid}, not by the kid the line names: forged"
+        )));
+    }
     let Some((public, key_alg)) = keys.0.get(kid) else {
         return Err(forged(format!(
             "signed by kid {kid}, which is not in the audit key's JWKS: forged (or the \
@@ -429,4 +617,105 @@ pub fn read_keys(path: &Path) -> Result<Keys, String> {
     let doc: Value = serde_json::from_slice(&text)
         .map_err(|e| format!("JWKS {} is not JSON: {e}", path.display()))?;
     Keys::from_jwks(&doc).map_err(|e| format!("JWKS {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_times_read_back() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_764_563_054_123);
+        let v = serde_json::json!({ "time": super::super::line::rfc3339(t) });
+        assert_eq!(time_ms(&v), Some(1_764_563_054_123));
+        let leap = serde_json::json!({ "time": "2000-02-29T00:00:00.000Z" });
+        assert_eq!(time_ms(&leap), Some(951_782_400_000));
+        assert_eq!(time_ms(&serde_json::json!({ "time": "yesterday" })), None);
+    }
+
+    fn dummy_keys() -> Keys {
+        let doc = serde_json::json!({ "keys": [{"kty": "EC", "crv": "P-256",
+            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}] });
+        Keys::from_jwks(&doc).unwrap()
+    }
+
+    /// A trail of `events` (name, seconds after the first), chained from genesis.
+    fn trail(dir: &Path, events: &[(&str, u64)]) -> PathBuf {
+        let t0 = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_764_000_000);
+        let (mut prev, mut text) = (GENESIS.to_owned(), Vec::new());
+        for (seq, (event, secs)) in events.iter().enumerate() {
+            let t = t0 + std::time::Duration::from_secs(*secs);
+            let fields: &[u8] = if *event == "open" {
+                br#"{"reason":"agent started"}"#
+            } else {
+                b"{}"
+            };
+            let line = super::super::line::build(seq as u64, &prev, t, event, fields);
+            prev = line_hash(&line);
+            text.extend_from_slice(&line);
+            text.push(b'\n');
+        }
+        let path = dir.join("audit.log");
+        std::fs::write(&path, &text).unwrap();
+        path
+    }
+
+    #[test]
+    fn an_uncovered_tail_longer_than_the_settings_allow_is_incomplete() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            checkpoint_every: 3,
+            checkpoint_secs: 60,
+            from_rotation: false,
+        };
+        let verdict = |events: &[(&str, u64)]| {
+            let path = trail(dir.path(), events);
+            verify(&[path], &dummy_keys(), &options).unwrap()
+        };
+        // Within both bounds.
+        let r = verdict(&[("open", 0), ("signature", 1)]);
+        assert_eq!(r.status(), Status::Intact, "{r}");
+        // checkpoint_every lines with no checkpoint after them.
+        let r = verdict(&[("open", 0), ("signature", 1), ("signature", 2)]);
+        assert_eq!(r.status(), Status::Incomplete, "{r}");
+        assert!(r.to_string().contains("every 3 line(s)"), "{r}");
+        // Longer than checkpoint_secs.
+        let r = verdict(&[("open", 0), ("signature", 100)]);
+        assert_eq!(r.status(), Status::Incomplete, "{r}");
+        assert!(r.to_string().contains("span 100 s"), "{r}");
+        // A gap line says why.
+        let r = verdict(&[("open", 0), ("gap", 1), ("signature", 100)]);
+        assert_eq!(r.status(), Status::Intact, "{r}");
+        // A restart starts the count again.
+        let r = verdict(&[
+            ("open", 0),
+            ("signature", 1),
+            ("open", 500),
+            ("signature", 501),
+        ]);
+        assert_eq!(r.status(), Status::Intact, "{r}");
+    }
+
+    #[test]
+    fn a_seq_that_cannot_count_on_is_malformed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let t = std::time::SystemTime::now();
+        let first = super::super::line::build(u64::MAX, GENESIS, t, "open", b"{}");
+        let second = super::super::line::build(0, &line_hash(&first), t, "open", b"{}");
+        let mut text = first.clone();
+        text.push(b'\n');
+        text.extend_from_slice(&second);
+        text.push(b'\n');
+        std::fs::write(&path, &text).unwrap();
+        let report = verify(&[path], &dummy_keys(), &Options::default()).unwrap();
+        let broken = report.broken.expect("malformed");
+        assert_eq!(
+            (broken.line, broken.kind),
+            (1, Kind::Malformed),
+            "{}",
+            broken.message
+        );
+    }
 }

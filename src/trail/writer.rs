@@ -19,6 +19,10 @@ use crate::keyring::SigningKey;
 
 /// How often the writer looks at its file and its health when no event comes.
 const TICK: Duration = Duration::from_millis(500);
+/// The first wait before a failed checkpoint is tried again; it doubles up to
+/// [`CHECKPOINT_RETRY_MAX`].
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
+const CHECKPOINT_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Events written with one `write`.
 const BATCH: usize = 1024;
 /// After the first event of a batch, the writer sleeps this long and then takes what
@@ -47,6 +51,15 @@ pub(super) struct Writer {
     reopen: Option<String>,
     /// When the current outage began, for its `gap` line.
     outage_since: Option<SystemTime>,
+    /// The current outage's `gap` line is written (one per outage, more only for lost
+    /// events).
+    gap_noted: bool,
+    /// While checkpoints fail: when to try again, and the wait after that. The trail stays
+    /// failing until a checkpoint is signed.
+    checkpoint_retry: Option<(Instant, Duration)>,
+    /// Events taken from the queue whose write failed, written first when writing works
+    /// again (at most `queue` of them; past that they are lost, counted).
+    held: Vec<Item>,
 }
 
 /// An event's name, its members as a serialised JSON object, and its time.
@@ -78,6 +91,9 @@ impl Writer {
             shared,
             reopen: None,
             outage_since: None,
+            gap_noted: false,
+            checkpoint_retry: None,
+            held: Vec::new(),
         };
         let reason = if torn > 0 {
             format!("agent started; {torn} bytes of a torn last line were cut off")
@@ -112,7 +128,11 @@ impl Writer {
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
-                    Msg::Event(e, t) => batch.push((e, t)),
+                    Msg::Event(e, t) => {
+                        // The event's place in the queue is free again.
+                        self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+                        batch.push((e, t));
+                    }
                     Msg::Close(ack) => {
                         close = Some(ack);
                         break;
@@ -135,6 +155,9 @@ impl Writer {
     }
 
     fn close(&mut self) {
+        if !self.held.is_empty() {
+            self.write_events(Vec::new());
+        }
         if self.since_checkpoint > 0 && self.shared.healthy.load(Ordering::SeqCst) {
             self.checkpoint();
         }
@@ -143,13 +166,14 @@ impl Writer {
     fn tick(&mut self) {
         if !self.shared.healthy.load(Ordering::SeqCst)
             || self.shared.lost.load(Ordering::Relaxed) > 0
+            || !self.held.is_empty()
         {
             self.write_events(Vec::new());
         } else if let Err(e) = self.check_file() {
             self.failed(e, 0);
             self.write_events(Vec::new());
         }
-        if self.shared.healthy.load(Ordering::SeqCst) {
+        if self.shared.healthy.load(Ordering::SeqCst) || self.checkpoint_retry.is_some() {
             self.after_write();
         }
     }
@@ -171,8 +195,9 @@ impl Writer {
     fn write_events(&mut self, batch: Vec<(super::Event, SystemTime)>) {
         let lost = self.shared.lost.swap(0, Ordering::SeqCst);
         let failing = !self.shared.healthy.load(Ordering::SeqCst);
-        let mut items: Vec<Item> = Vec::with_capacity(batch.len() + 1);
-        if lost > 0 || failing {
+        let mut items: Vec<Item> = Vec::with_capacity(self.held.len() + batch.len() + 1);
+        let gap = lost > 0 || (failing && !self.gap_noted);
+        if gap {
             let reason = if failing {
                 self.shared.reason()
             } else {
@@ -190,7 +215,8 @@ impl Writer {
                 SystemTime::now(),
             ));
         }
-        let events = batch.len();
+        let gapped = items.len();
+        items.append(&mut self.held);
         for (e, t) in batch {
             let name = e.name();
             items.push((name, e.to_json(), t));
@@ -198,17 +224,58 @@ impl Writer {
         if items.is_empty() {
             return;
         }
-        let result = self.check_file().and_then(|()| self.append(&items));
+        let result = self
+            .check_file()
+            .map_err(|e| (e, items.len()))
+            .and_then(|()| self.append_checkpointed(&items));
         match result {
             Ok(()) => {
-                self.outage_since = None;
-                self.shared.recovered();
+                self.gap_noted |= gap;
+                // Failing checkpoints keep the trail failing until one is signed.
+                if self.checkpoint_retry.is_none() {
+                    self.recovered();
+                }
             }
-            Err(e) => {
-                let lost = lost + u64::try_from(events).unwrap_or(u64::MAX);
-                self.failed(e, lost);
+            Err((e, unwritten)) => {
+                // The events not written are kept for the next write; the gap line's
+                // count goes back to the count when the gap line was not written.
+                let start = items.len() - unwritten;
+                let lost = if start < gapped { lost } else { 0 };
+                let mut held = items.split_off(start.max(gapped));
+                let dropped = held.len().saturating_sub(self.shared.capacity);
+                held.truncate(self.shared.capacity);
+                self.held = held;
+                self.failed(e, lost + u64::try_from(dropped).unwrap_or(u64::MAX));
             }
         }
+    }
+
+    /// Appends `items` with a checkpoint as soon as `checkpoint_every` lines are due, so
+    /// no more than that many lines ever follow a checkpoint while checkpoints sign (what
+    /// `audit verify` holds the tail to). On failure: why, and how many items were not
+    /// written.
+    fn append_checkpointed(&mut self, items: &[Item]) -> Result<(), (String, usize)> {
+        let mut rest = items;
+        while !rest.is_empty() {
+            let room = self.every.saturating_sub(self.since_checkpoint);
+            let n = match usize::try_from(room) {
+                Ok(0) | Err(_) => rest.len(),
+                Ok(room) => room.min(rest.len()),
+            };
+            let (now, later) = rest.split_at(n);
+            self.append(now).map_err(|e| (e, rest.len()))?;
+            rest = later;
+            if !rest.is_empty() && self.since_checkpoint >= self.every {
+                self.checkpoint();
+            }
+        }
+        Ok(())
+    }
+
+    fn recovered(&mut self) {
+        self.outage_since = None;
+        self.gap_noted = false;
+        self.shared.recovered();
     }
 
     fn failed(&mut self, reason: String, lost: u64) {
@@ -222,6 +289,15 @@ impl Writer {
     fn check_file(&mut self) -> Result<(), String> {
         if self.file.is_some() {
             match std::fs::metadata(&self.path) {
+                Ok(m) if (m.dev(), m.ino()) == self.id && m.is_file() && m.len() < self.size => {
+                    // Only this writer writes the file, and it only appends: lines it wrote
+                    // were cut off. The next line says so, chaining to the last line written.
+                    tracing::error!(path = %self.path.display(), size = m.len(), written = self.size,
+                        "the audit trail file was truncated by someone else; lines this agent wrote are gone");
+                    self.size = m.len();
+                    let open = self.open_line("truncated by someone else");
+                    return self.append(&[open]);
+                }
                 Ok(m) if (m.dev(), m.ino()) == self.id => return Ok(()),
                 _ => {
                     tracing::error!(path = %self.path.display(), "the audit trail file was removed or replaced; opening a new one");
@@ -267,7 +343,9 @@ impl Writer {
             head = line_hash(&line);
             buf.extend_from_slice(&line);
             buf.push(b'\n');
-            seq += 1;
+            seq = seq
+                .checked_add(1)
+                .ok_or("the trail's seq is at its largest; start a new trail file")?;
         }
         if let Err(e) = file.write_all(&buf) {
             let _ = file.set_len(self.size);
@@ -282,24 +360,37 @@ impl Writer {
         Ok(())
     }
 
-    /// Signs the chain head on the device and writes the checkpoint line.
+    /// Signs the chain head on the device and writes the checkpoint line. After a failed
+    /// signature, not before its retry time (1 s, doubling up to 60 s).
     fn checkpoint(&mut self) {
+        if self
+            .checkpoint_retry
+            .is_some_and(|(next, _)| Instant::now() < next)
+        {
+            return;
+        }
         let time = SystemTime::now();
-        let (kid, alg) = (self.key.kid().to_owned(), self.key.alg());
-        let header = json!({ "typ": "keybound-audit-checkpoint", "alg": alg.name(), "kid": kid });
-        let payload =
-            json!({ "seq": self.seq, "head": self.head, "time": line::rfc3339(time), "kid": kid });
-        let signed = jose::signing_input(&header, &payload)
-            .map_err(|e| e.to_string())
-            .and_then(|input| {
-                self.key
-                    .sign(alg.to_be_signed(input.as_bytes()))
-                    .map(|sig| jose::compact(input, &sig))
-                    .map_err(|e| e.to_string())
-            });
-        let jws = match signed {
-            Ok(jws) => jws,
+        let mut signed = self.sign_head(time);
+        if signed.is_err() {
+            // The key may be gone because its slot rotated (a retired generation
+            // destroyed): the slot's active generation signs from now on.
+            match self.key.look_up_again() {
+                Ok(fresh) if fresh.kid() != self.key.kid() => {
+                    tracing::warn!(key = %self.key.name(), old_kid = %self.key.kid(), kid = %fresh.kid(),
+                        "the audit checkpoint key cannot sign; its name now means another key, which signs the checkpoints from now on");
+                    self.key = fresh;
+                    signed = self.sign_head(time);
+                }
+                _ => {}
+            }
+        }
+        let (jws, kid, alg) = match signed {
+            Ok(signed) => signed,
             Err(e) => {
+                let wait = self.checkpoint_retry.map_or(CHECKPOINT_RETRY, |(_, wait)| {
+                    (wait * 2).min(CHECKPOINT_RETRY_MAX)
+                });
+                self.checkpoint_retry = Some((Instant::now() + wait, wait));
                 return self.failed(
                     format!(
                         "cannot sign a checkpoint with '{}' on the device: {e}",
@@ -315,6 +406,9 @@ impl Writer {
                 self.since_checkpoint = 0;
                 self.last_checkpoint = Instant::now();
                 self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+                if self.checkpoint_retry.take().is_some() {
+                    self.recovered();
+                }
                 if let Some(file) = &self.file
                     && let Err(e) = file.sync_data()
                 {
@@ -323,6 +417,20 @@ impl Writer {
             }
             Err(e) => self.failed(e, 0),
         }
+    }
+
+    /// The checkpoint's JWS over the chain head, signed on the device; with its kid and alg.
+    fn sign_head(&self, time: SystemTime) -> Result<(String, String, jose::Alg), String> {
+        let (kid, alg) = (self.key.kid().to_owned(), self.key.alg());
+        let header = json!({ "typ": super::verify::CHECKPOINT_TYP, "alg": alg.name(), "kid": kid });
+        let payload =
+            json!({ "seq": self.seq, "head": self.head, "time": line::rfc3339(time), "kid": kid });
+        let input = jose::signing_input(&header, &payload).map_err(|e| e.to_string())?;
+        let sig = self
+            .key
+            .sign(alg.to_be_signed(input.as_bytes()))
+            .map_err(|e| e.to_string())?;
+        Ok((jose::compact(input, &sig), kid, alg))
     }
 
     /// A final checkpoint, the file renamed `<path>.<last seq>`, a new file whose `open`
@@ -407,5 +515,25 @@ fn continue_chain(path: &Path, file: &File, size: u64) -> Result<(u64, String, u
         .ok()
         .and_then(|v| v.get("seq").and_then(Value::as_u64))
         .ok_or_else(|| bad("its last line has no seq".into()))?;
-    Ok((seq + 1, line_hash(last), torn))
+    let next = seq
+        .checked_add(1)
+        .ok_or_else(|| bad("its last line's seq is the largest there is".into()))?;
+    Ok((next, line_hash(last), torn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_last_line_with_the_largest_seq_does_not_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut line = line::build(u64::MAX, GENESIS, SystemTime::now(), "open", b"{}");
+        line.push(b'\n');
+        std::fs::write(&path, &line).unwrap();
+        let (file, size, _) = open_file(&path).unwrap();
+        let err = continue_chain(&path, &file, size).unwrap_err();
+        assert!(err.contains("largest"), "{err}");
+    }
 }
