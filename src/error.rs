@@ -10,7 +10,7 @@
 //! stay about usage, the audit and `call`.
 
 /// The kinds of failure, each with what to do about it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ErrorKind {
     /// Likely to pass if tried again later: timeouts, 5xx, 429, an open breaker.
     Transient,

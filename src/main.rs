@@ -93,6 +93,9 @@ enum Command {
     /// The agent's audit trail (see [audit] in the config)
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// A signer process of `serve`: the device behind pipes (started by the agent only)
+    #[command(name = "__signer", hide = true)]
+    Signer,
     /// Run the local signing agent on a Unix socket (see [agent] in the config)
     Serve {
         /// Socket path (default: agent.socket, else $XDG_RUNTIME_DIR/keybound/agent.sock,
@@ -294,6 +297,7 @@ fn harden_process() -> Result<(), String> {
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = args.config.as_deref();
     match args.command {
+        Command::Signer => Ok(keybound::token::signer::run_child()),
         Command::Decode { jws } => cli::sign::decode(jws),
         Command::Keys(KeysCommand::Generate { label, alg }) => {
             cli::keys::generate(config, &label, alg.parse()?)
@@ -349,7 +353,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             no_agent,
         } => cli::oauth::token(config, client.as_deref(), json, check, no_agent),
         Command::Call(call) => cli::oauth::call(config, call),
-        Command::Serve { socket, .. } => cli::serve::run(config, socket),
+        Command::Serve { socket, .. } => cli::serve::run(config, socket, args.verbose),
         Command::Audit(AuditCommand::Verify {
             jwks,
             from_rotation,

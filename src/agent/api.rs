@@ -757,6 +757,9 @@ async fn health_handler(
         answer.1["jwks"] = host.health();
     }
     answer.1["routes"] = super::gateway::health(&agent, &caller);
+    if let Some(signers) = agent.access.device(&caller).signers() {
+        answer.1["signers"] = json!(signers);
+    }
     if let Some(trail) = &agent.trail {
         answer.1["audit"] = trail.health();
         // Refusing to sign is being unavailable; continuing without a trail is not.

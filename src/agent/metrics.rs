@@ -391,7 +391,58 @@ pub fn render(agent: &Agent, caller: &Caller) -> String {
     if let Some(trail) = &agent.trail {
         trail.render_metrics(&mut out);
     }
+    if let Some(s) = agent.access.device(caller).signers() {
+        render_signers(&s, &mut out);
+    }
     out
+}
+
+/// The signer processes (`[agent] signers = "processes"`).
+fn render_signers(s: &crate::token::signer::SignerReport, out: &mut String) {
+    let series = [
+        (
+            "keybound_signer_processes",
+            "gauge",
+            "Signer processes configured.",
+            s.processes as u64,
+        ),
+        (
+            "keybound_signer_processes_up",
+            "gauge",
+            "Signer processes running and logged in.",
+            s.up as u64,
+        ),
+        (
+            "keybound_signer_restarts_total",
+            "counter",
+            "Signer processes started again after one ended.",
+            s.restarts,
+        ),
+        (
+            "keybound_signer_exits_total",
+            "counter",
+            "Signer processes that ended while the agent ran.",
+            s.exits,
+        ),
+        (
+            "keybound_signer_retried_total",
+            "counter",
+            "Signatures retried on another signer process after theirs ended.",
+            s.retried,
+        ),
+        (
+            "keybound_signer_unavailable_total",
+            "counter",
+            "Signatures answered unavailable because no signer process could make them.",
+            s.unavailable,
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
 }
 
 /// The rotation series: per slot the agent uses and per generation on the device (never the

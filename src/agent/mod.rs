@@ -70,6 +70,22 @@ pub struct AgentSettings {
     /// applications that cannot open a Unix socket; each connection's uid is looked up in
     /// the kernel's TCP table (`authz::Peer::of_tcp`).
     pub gateway_listen: Option<std::net::SocketAddr>,
+    /// Where the device runs: in signer processes (the default), or in this process.
+    #[serde(default)]
+    pub signers: Signers,
+}
+
+/// `[agent] signers`: where the agent's device runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Signers {
+    /// Child processes that open the module, log in and sign (`token::signer`): the
+    /// agent never loads the module nor reads a PIN file, and a crashing module costs a
+    /// restart of one process, not the agent.
+    #[default]
+    Processes,
+    /// In the agent's own process, as the CLI does (one process to debug).
+    InProcess,
 }
 
 mod defaults {
@@ -116,6 +132,7 @@ impl Default for AgentSettings {
             allow: Vec::new(),
             max_call_bytes: defaults::max_call_bytes(),
             gateway_listen: None,
+            signers: Signers::default(),
         }
     }
 }

@@ -29,9 +29,19 @@ pub fn load(
     config: Option<&Path>,
     sessions: Option<usize>,
 ) -> anyhow::Result<(Config, PathBuf, Keyring)> {
+    load_with(config, |config| {
+        Keyring::open(&config.token, config.policy.clone(), sessions)
+    })
+}
+
+/// [`load`], with the token opened by `open` (in signer processes, for `serve`).
+pub fn load_with(
+    config: Option<&Path>,
+    open: impl FnOnce(&Config) -> Result<Keyring, keybound::token::TokenError>,
+) -> anyhow::Result<(Config, PathBuf, Keyring)> {
     let (config, path) = Config::load(config)?;
     tracing::debug!(config = %path.display(), "config loaded");
-    let mut keyring = Keyring::open(&config.token, config.policy.clone(), sessions)?;
+    let mut keyring = open(&config)?;
     keyring.publish_only(config.published_keys());
     if let Some(audit) = &config.audit {
         keyring.withhold_from_jwks(&audit.checkpoint_key);

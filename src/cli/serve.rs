@@ -7,12 +7,29 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use keybound::agent::jwks_host::Hosted;
 use keybound::agent::{self, Agent, socket};
+use keybound::keyring::Keyring;
 use keybound::oauth::client::OAuthClient;
 use keybound::oauth::observe::UpstreamObserver;
+use keybound::token::signer::SignerSpawn;
 use keybound::trail::Trail;
 
-pub fn run(config: Option<&Path>, socket_flag: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let (config, path, mut keyring) = super::load(config, None)?;
+pub fn run(
+    config: Option<&Path>,
+    socket_flag: Option<PathBuf>,
+    verbose: u8,
+) -> anyhow::Result<ExitCode> {
+    let (config, path, mut keyring) =
+        super::load_with(config, |config| match config.agent.signers {
+            agent::Signers::Processes => Keyring::open_signers(
+                SignerSpawn {
+                    device: config.token.clone(),
+                    verbose,
+                    sessions: None,
+                },
+                config.policy.clone(),
+            ),
+            agent::Signers::InProcess => Keyring::open(&config.token, config.policy.clone(), None),
+        })?;
     // The checkpoint key is approved before the observer and the gate are set: its
     // signature is the checkpoint line itself, and a failing trail still tries it.
     let trail = match &config.audit {

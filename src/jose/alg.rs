@@ -21,7 +21,7 @@ pub enum Alg {
 }
 
 /// Named elliptic curves (RFC 7518 §6.2.1.1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Curve {
     P256,
     P384,
@@ -46,8 +46,11 @@ pub struct Digest {
 #[derive(Clone, Debug)]
 pub struct ToBeSigned {
     alg: Alg,
+    /// Empty when only the digest is known ([`ToBeSigned::of_digest`]).
     message: Vec<u8>,
     digest: Digest,
+    /// `message` is the signing input the digest was computed from.
+    whole: bool,
 }
 
 /// A signature as a device returned it, before JWS encoding.
@@ -112,6 +115,7 @@ impl Alg {
             alg: self,
             message: signing_input.to_vec(),
             digest: self.digest(signing_input),
+            whole: true,
         }
     }
 
@@ -269,12 +273,36 @@ impl Digest {
 }
 
 impl ToBeSigned {
+    /// A digest someone else computed (a signer process gets only the digest): exactly the
+    /// length of `alg`'s hash. Only prehash mechanisms can sign it; [`ToBeSigned::message`]
+    /// is `None`.
+    pub fn of_digest(alg: Alg, digest: &[u8]) -> Result<ToBeSigned, JoseError> {
+        let hash = alg.hash();
+        if digest.len() != hash.output_len() {
+            return Err(JoseError::KeyAlgMismatch {
+                alg,
+                expected: "a digest of its hash's length",
+                found: format!("{} bytes", digest.len()),
+            });
+        }
+        Ok(ToBeSigned {
+            alg,
+            message: Vec::new(),
+            digest: Digest {
+                hash,
+                bytes: digest.to_vec(),
+            },
+            whole: false,
+        })
+    }
+
     pub fn alg(&self) -> Alg {
         self.alg
     }
 
-    pub fn message(&self) -> &[u8] {
-        &self.message
+    /// The signing input; `None` when only its digest is known.
+    pub fn message(&self) -> Option<&[u8]> {
+        self.whole.then_some(self.message.as_slice())
     }
 
     pub fn digest(&self) -> &Digest {

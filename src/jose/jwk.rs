@@ -8,7 +8,7 @@ use super::{Alg, Curve, JoseError, b64, b64_decode};
 
 /// A public key as the device reported it. There is no private variant: keybound never
 /// holds private key material.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PublicKey {
     Ec {
         curve: Curve,

@@ -3,6 +3,7 @@
 //! them into JWS bytes.
 
 mod alg;
+pub(crate) mod interned;
 mod jwk;
 mod jws;
 mod verify;
@@ -18,18 +19,23 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 /// Errors of the pure JOSE layer. Each says what was wrong with which input.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum JoseError {
     #[error("unknown algorithm '{0}'; use one of ES256, ES384, RS256, PS256")]
     UnknownAlg(String),
     #[error("{alg} needs {expected}, but the key is {found}")]
     KeyAlgMismatch {
         alg: Alg,
-        expected: &'static str,
+        #[serde(with = "interned")]
+        expected: crate::jose::interned::Str,
         found: String,
     },
     #[error("EC point is not an uncompressed {curve} point: {reason}")]
-    BadEcPoint { curve: &'static str, reason: String },
+    BadEcPoint {
+        #[serde(with = "interned")]
+        curve: crate::jose::interned::Str,
+        reason: String,
+    },
     #[error("RSA public key is malformed: {0}")]
     BadRsaKey(String),
     #[error("the device returned a malformed {alg} signature: {reason}")]
@@ -39,7 +45,11 @@ pub enum JoseError {
     #[error("not a compact JWS: {0}")]
     BadCompact(String),
     #[error("JSON encoding failed: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(
+        #[from]
+        #[serde(with = "interned::json_error")]
+        serde_json::Error,
+    ),
 }
 
 /// base64url without padding (RFC 7515 §2).

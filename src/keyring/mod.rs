@@ -284,6 +284,27 @@ impl Keyring {
         })
     }
 
+    /// Opens the device in signer processes (`token::signer`): this process never loads
+    /// the module or the TSS, nor reads a PIN file.
+    pub fn open_signers(
+        spawn: crate::token::signer::SignerSpawn,
+        rules: Rules,
+    ) -> Result<Keyring, TokenError> {
+        Ok(Keyring {
+            backend: Arc::new(crate::token::signer::Signers::start(spawn)?),
+            rules,
+            observer: None,
+            gate: None,
+            publish: None,
+            withheld: None,
+        })
+    }
+
+    /// The signer processes' state, when the device runs in them.
+    pub fn signers(&self) -> Option<crate::token::signer::SignerReport> {
+        self.backend.signers()
+    }
+
     /// Publishes only the keys with these names (a rotated slot's name covers its
     /// generations) in every JWKS this keyring's inventories make: the servers' client
     /// keys, never a DPoP key (Okta refuses a proof signed by a key registered for client
@@ -687,7 +708,7 @@ impl SigningKey {
             .keyring
             .observer
             .as_ref()
-            .map(|_| tbs.message().to_vec());
+            .map(|_| tbs.message().unwrap_or_default().to_vec());
         let result = self.sign_unobserved(tbs);
         observe(
             &self.keyring.observer,
@@ -733,7 +754,7 @@ impl SigningKey {
             self.keyring
                 .observer
                 .as_ref()
-                .map(|_| tbs.message().to_vec())
+                .map(|_| tbs.message().unwrap_or_default().to_vec())
                 .unwrap_or_default(),
             Instant::now(),
         );

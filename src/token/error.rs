@@ -8,7 +8,9 @@ use cryptoki::error::RvError;
 use crate::error::ErrorKind;
 use crate::jose::{Alg, JoseError};
 
-#[derive(Debug, thiserror::Error)]
+/// Serde: errors cross from a signer process to the agent whole (`token::signer`), so
+/// kinds, recovery and messages are the same on both sides.
+#[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum TokenError {
     #[error(
         "PKCS#11 module not found; tried: {}. Install the vendor's module or set token.module",
@@ -101,7 +103,8 @@ pub enum TokenError {
     UriMismatch {
         name: String,
         /// The URI attribute that does not match (`serial`, `module-path`, ...).
-        attribute: &'static str,
+        #[serde(with = "crate::jose::interned")]
+        attribute: crate::jose::interned::Str,
         reason: String,
     },
     #[error("{alg} is not available with profile '{profile}': {reason}")]
@@ -116,6 +119,7 @@ pub enum TokenError {
     Pkcs11 {
         function: String,
         /// The PKCS#11 return value, typed: kinds and recovery match on it, never on text.
+        #[serde(with = "rv_serde")]
         rv: RvError,
         hint: String,
     },
@@ -152,8 +156,10 @@ pub enum TokenError {
     Unavailable { reason: String },
     #[error("{what} is not supported by the {backend} backend")]
     NotSupported {
-        what: &'static str,
-        backend: &'static str,
+        #[serde(with = "crate::jose::interned")]
+        what: crate::jose::interned::Str,
+        #[serde(with = "crate::jose::interned")]
+        backend: crate::jose::interned::Str,
     },
     #[error("hsm-profile error: {0}")]
     Profile(String),
@@ -406,5 +412,26 @@ mod kind_tests {
             ck(RvError::PinIncorrect).to_string(),
             "C_Login failed: CKR_PIN_INCORRECT"
         );
+    }
+}
+
+/// A PKCS#11 return value by its name (`CKR_…` in `RvError`'s words); an unknown name
+/// reads as `CKR_GENERAL_ERROR`.
+mod rv_serde {
+    use cryptoki::error::{Rv, RvError};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(rv: &RvError, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(&format!("{rv:?}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<RvError, D::Error> {
+        let name = String::deserialize(de)?;
+        // The standard codes are below 0x200; vendor codes read as general errors.
+        let found = (1u64..0x200).find_map(|code| match Rv::from(code) {
+            Rv::Error(rv) if format!("{rv:?}") == name => Some(rv),
+            _ => None,
+        });
+        Ok(found.unwrap_or(RvError::GeneralError))
     }
 }

@@ -10,6 +10,7 @@ pub mod tpm;
 mod error;
 mod name;
 mod pin;
+pub mod signer;
 pub(crate) mod trust;
 pub(crate) mod worker;
 
@@ -21,7 +22,7 @@ use crate::jose::{Alg, JwsSignature, PublicKey, ToBeSigned};
 
 /// `[token]`: the device to open, chosen by its `backend` key. The token layer owns it;
 /// `config` only parses it into this shape.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub enum DeviceSettings {
     Pkcs11(pkcs11::Pkcs11Settings),
     #[cfg(feature = "tpm")]
@@ -35,7 +36,7 @@ pub(crate) fn default_rsa_bits() -> u32 {
 
 /// A key on the device, as found: never the private part, only where it is and what it is.
 /// Only backends make one; everyone else reads it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeyInfo {
     label: String,
     /// The backend's stable identifier (PKCS#11 `CKA_ID`).
@@ -67,7 +68,7 @@ impl KeyInfo {
 
 /// What a backend found: the keys it can use, and the objects that would be keys but are
 /// not usable (each with what is wrong). One bad object never hides the others.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Listing {
     pub keys: Vec<KeyInfo>,
     pub problems: Vec<Problem>,
@@ -75,7 +76,7 @@ pub struct Listing {
 
 /// An object keybound cannot use as a key, and why: reported by `keys list`, `keys audit`
 /// and the agent's `/v1/keys`, never fatal to the other keys.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Problem {
     pub label: String,
     pub id: Vec<u8>,
@@ -103,7 +104,7 @@ impl Binding {
 }
 
 /// One security-relevant fact about a key, with the device's own name for it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Fact {
     /// `None` when the device did not report it.
     pub value: Option<bool>,
@@ -111,8 +112,23 @@ pub struct Fact {
     pub source: &'static str,
 }
 
+impl<'de> serde::Deserialize<'de> for Fact {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Fact, D::Error> {
+        #[derive(serde::Deserialize)]
+        struct Owned {
+            value: Option<bool>,
+            source: String,
+        }
+        let o = Owned::deserialize(de)?;
+        Ok(Fact {
+            value: o.value,
+            source: crate::jose::interned::intern(&o.source),
+        })
+    }
+}
+
 /// What a backend reports about a key for the policy (ARCHITECTURE.md, backend contract).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeyFacts {
     pub extractable: Fact,
     pub never_extractable: Fact,
@@ -128,9 +144,11 @@ pub struct KeyFacts {
     /// Usages beyond signing; keybound generates keys without them.
     pub other_usages: Vec<Fact>,
     /// Every attribute read, in the device's terms, for `keys audit`.
+    #[serde(with = "crate::jose::interned::pairs")]
     pub attributes: Vec<(&'static str, Option<bool>)>,
     /// What an attribute means on this device where its profile says (attribute name,
     /// meaning): the policy's findings and `keys audit` name it.
+    #[serde(with = "crate::jose::interned::pairs")]
     pub meanings: Vec<(&'static str, String)>,
 }
 
@@ -145,10 +163,11 @@ impl KeyFacts {
 }
 
 /// What a backend is and which token it reached, for logs and `keys audit`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenDescription {
     /// A log label such as "pkcs11"; callers never branch on it.
-    pub backend: &'static str,
+    #[serde(with = "crate::jose::interned")]
+    pub backend: crate::jose::interned::Str,
     pub token_label: String,
     pub manufacturer: String,
     pub model: String,
@@ -163,7 +182,7 @@ pub struct TokenDescription {
 
 /// The PKCS#11 module a backend loaded and how it logs in: what the library and query
 /// attributes of a `pkcs11:` URI (RFC 7512 §2.3) are checked against.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModuleDescription {
     /// The module file as the config (or the profile) names it, first, and the file it
     /// resolves to (symbolic links followed), which is the one loaded.
@@ -339,6 +358,11 @@ pub(crate) trait Backend: Send + Sync {
     /// Queues a signature with the approved object and calls `reply` with the outcome,
     /// possibly on another thread.
     fn submit(&self, key: &KeyInfo, binding: &Binding, tbs: ToBeSigned, reply: Reply);
+
+    /// The signer processes' state, for a backend that runs the device in them.
+    fn signers(&self) -> Option<signer::SignerReport> {
+        None
+    }
 }
 
 /// `tbs` was prepared for `alg`, the algorithm of the key `label`: a signature from one

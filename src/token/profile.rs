@@ -138,6 +138,11 @@ pub struct ModuleRule {
 pub struct Sessions {
     pub default: usize,
     pub max: usize,
+    /// Sessions per signer process (`keybound serve`): 1 for a module that serialises
+    /// inside one process (SoftHSM), so its sessions sign in parallel as separate
+    /// processes; absent: one signer process holds every session.
+    #[serde(default)]
+    pub per_signer: Option<usize>,
 }
 
 /// How one JWS algorithm is signed on the token.

@@ -258,6 +258,22 @@ impl Worker {
     }
 }
 
+/// The signing input for a hash-and-sign mechanism; a signer process gets only digests
+/// (`token::signer`), so such a profile signs in-process only.
+fn whole(tbs: &ToBeSigned) -> Result<Vec<u8>, Pkcs11Failure> {
+    match tbs.message() {
+        Some(m) => Ok(m.to_vec()),
+        None => Err(TokenError::Profile(format!(
+            "the profile signs {} with a hash-and-sign mechanism, which needs the whole \
+             signing input, and signer processes are sent only its digest: use the prehash \
+             mechanism (\"ecdsa\", \"rsa-pkcs\", \"rsa-pkcs-pss\") in the profile, or set \
+             agent.signers = \"in-process\"",
+            tbs.alg()
+        ))
+        .into()),
+    }
+}
+
 /// The device call. Exactly the digest goes to prehash mechanisms (SoftHSM truncates
 /// longer input silently); the signing input goes to hash-and-sign ones.
 fn device_sign(
@@ -274,14 +290,12 @@ fn device_sign(
     let digest = tbs.digest();
     let (m, data) = match mechanism {
         SignMechanism::Ecdsa => (Mechanism::Ecdsa, digest.as_bytes().to_vec()),
-        SignMechanism::EcdsaSha256 => (Mechanism::EcdsaSha256, tbs.message().to_vec()),
-        SignMechanism::EcdsaSha384 => (Mechanism::EcdsaSha384, tbs.message().to_vec()),
+        SignMechanism::EcdsaSha256 => (Mechanism::EcdsaSha256, whole(tbs)?),
+        SignMechanism::EcdsaSha384 => (Mechanism::EcdsaSha384, whole(tbs)?),
         SignMechanism::RsaPkcs => (Mechanism::RsaPkcs, digest.to_digest_info()),
-        SignMechanism::Sha256RsaPkcs => (Mechanism::Sha256RsaPkcs, tbs.message().to_vec()),
+        SignMechanism::Sha256RsaPkcs => (Mechanism::Sha256RsaPkcs, whole(tbs)?),
         SignMechanism::RsaPkcsPss => (Mechanism::RsaPkcsPss(pss), digest.as_bytes().to_vec()),
-        SignMechanism::Sha256RsaPkcsPss => {
-            (Mechanism::Sha256RsaPkcsPss(pss), tbs.message().to_vec())
-        }
+        SignMechanism::Sha256RsaPkcsPss => (Mechanism::Sha256RsaPkcsPss(pss), whole(tbs)?),
     };
     Ok(session.sign(&m, key, &data)?)
 }

@@ -24,7 +24,7 @@ use asym_sign::Pool;
 use connection::Connection;
 
 /// `[token]` settings for `backend = "pkcs11"` (see keybound.example.toml).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pkcs11Settings {
     pub module: Option<PathBuf>,
@@ -119,6 +119,19 @@ impl Pkcs11Token {
             pool: OnceLock::new(),
             starting: std::sync::Mutex::new(()),
         })
+    }
+
+    /// Sessions per signer process, from the profile (`[sessions] per_signer`).
+    pub(crate) fn per_signer(&self) -> Option<usize> {
+        self.conn.profile.sessions.per_signer
+    }
+
+    /// Signs with `n` sessions instead (a signer process holding its share); only before
+    /// the first signature.
+    pub(crate) fn limit_sessions(&mut self, n: usize) {
+        if self.pool.get().is_none() {
+            self.sessions = n.clamp(1, self.sessions.max(1));
+        }
     }
 
     fn pool(&self) -> Result<&Pool, TokenError> {

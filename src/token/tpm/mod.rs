@@ -35,7 +35,7 @@ use jobs::{Answer, Job, mismatch};
 use store::{Store, StoredKey};
 
 /// `[token]` settings for `backend = "tpm"` (see keybound.example.toml).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TpmSettings {
     #[serde(default = "default_tcti")]

@@ -1,0 +1,256 @@
+//! The signer process (`keybound` run by the agent with a hidden subcommand): opens the
+//! device, logs in, and answers frames on stdin with frames on stdout (`wire`). It keeps
+//! the keys it was told about, each only after it signed a fresh challenge with the
+//! device's object and the signature verified under the public key it was told; `Sign`
+//! names one of them by id, with the algorithm and a digest of exactly that algorithm's
+//! length, and anything else is refused. It ends when stdin closes (the agent ended).
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Write};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::wire::{self, Answer, CHALLENGE_PREFIX, Frame, Outcome, Ready, Request, Role, Start};
+use crate::jose::{self, ToBeSigned};
+use crate::token::pkcs11::Pkcs11Token;
+#[cfg(feature = "tpm")]
+use crate::token::tpm::TpmToken;
+use crate::token::{Backend, Binding, DeviceSettings, KeyInfo, Label, Proof, TokenError, worker};
+
+/// The keys this process was told about and proved, by id.
+type Told = Arc<Mutex<HashMap<Vec<u8>, (KeyInfo, Binding)>>>;
+
+/// Answers go out whole, from any thread.
+#[derive(Clone)]
+struct Out(Arc<Mutex<io::Stdout>>);
+
+impl Out {
+    fn send(&self, n: u64, outcome: &Outcome) {
+        let mut buf = Vec::with_capacity(256);
+        if let Err(e) = wire::encode(n, outcome, &mut buf) {
+            tracing::error!("signer: cannot encode an answer: {e}");
+            return;
+        }
+        let mut out = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // A closed stdout means the agent is gone; stdin's end follows.
+        let _ = out.write_all(&buf).and_then(|()| out.flush());
+    }
+}
+
+/// Runs the signer until stdin closes. Exit 0 then; 1 when the device cannot be opened
+/// (the agent has the error in the first answer) or the agent spoke out of turn.
+pub fn run() -> ExitCode {
+    let mut input = BufReader::new(io::stdin().lock());
+    let out = Out(Arc::new(Mutex::new(io::stdout())));
+    let mut buf = Vec::new();
+    let start: Frame<Start> = match wire::read(&mut input, &mut buf) {
+        Ok(Some(f)) => f,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("signer: no start frame: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Start {
+        role,
+        sessions,
+        device,
+    } = start.body;
+    let (backend, ready) = match open(&device, sessions) {
+        Ok(opened) => opened,
+        Err(e) => {
+            out.send(start.n, &Err(e));
+            return ExitCode::FAILURE;
+        }
+    };
+    out.send(start.n, &Ok(Answer::Ready(ready)));
+    let told: Told = Arc::default();
+    let keeper = (role == Role::Keeper).then(|| manager(backend.clone(), out.clone()));
+    loop {
+        let frame: Frame<Request> = match wire::read(&mut input, &mut buf) {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!("signer: {e}; ending");
+                return ExitCode::FAILURE;
+            }
+        };
+        let n = frame.n;
+        match frame.body {
+            Request::Sign { id, alg, digest } => {
+                let found = told
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&id)
+                    .cloned();
+                let Some((key, binding)) = found else {
+                    // Not told about (or dropped after the device lost it): the agent
+                    // proves it here again before it signs.
+                    out.send(
+                        n,
+                        &Err(TokenError::Reapprove {
+                            label: jose::b64(&id),
+                        }),
+                    );
+                    continue;
+                };
+                let tbs = match check(&key, alg, &digest) {
+                    Ok(tbs) => tbs,
+                    Err(e) => {
+                        out.send(n, &Err(e));
+                        continue;
+                    }
+                };
+                let (out, told) = (out.clone(), told.clone());
+                backend.submit(
+                    &key,
+                    &binding,
+                    tbs,
+                    Box::new(move |r| {
+                        if let Err(TokenError::Reapprove { .. }) = &r {
+                            told.lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .remove(&id);
+                        }
+                        out.send(n, &r.map(|s| Answer::Signature(s.as_bytes().to_vec())));
+                    }),
+                );
+            }
+            Request::Prove { key, challenge } => {
+                out.send(n, &prove(&*backend, &told, key, &challenge));
+            }
+            other => match &keeper {
+                Some(keeper) => {
+                    if keeper.send((n, other)).is_err() {
+                        out.send(n, &Err(TokenError::WorkersGone));
+                    }
+                }
+                None => out.send(
+                    n,
+                    &Err(TokenError::Internal(format!(
+                        "a signer process answers only sign and prove, not {}",
+                        other.name()
+                    ))),
+                ),
+            },
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Opens the device; the keeper reports the configured sessions and keeps only its share.
+fn open(
+    device: &DeviceSettings,
+    sessions: Option<usize>,
+) -> Result<(Arc<dyn Backend>, Ready), TokenError> {
+    let pid = std::process::id();
+    match device {
+        DeviceSettings::Pkcs11(settings) => {
+            let mut token = Pkcs11Token::open(settings, sessions)?;
+            let total = token.sessions();
+            let per_signer = token.per_signer();
+            if let Some(k) = per_signer {
+                token.limit_sessions(k);
+            }
+            let ready = Ready {
+                description: token.describe(),
+                sessions: total,
+                per_signer,
+                pid,
+            };
+            Ok((Arc::new(token), ready))
+        }
+        #[cfg(feature = "tpm")]
+        DeviceSettings::Tpm(settings) => {
+            let token = TpmToken::open(settings)?;
+            let ready = Ready {
+                description: token.describe(),
+                sessions: 1,
+                per_signer: None,
+                pid,
+            };
+            Ok((Arc::new(token), ready))
+        }
+    }
+}
+
+/// The digest as the key's algorithm needs it, or why not.
+fn check(key: &KeyInfo, alg: crate::jose::Alg, digest: &[u8]) -> Result<ToBeSigned, TokenError> {
+    crate::token::check_alg(key.label(), key.alg(), &ToBeSigned::of_digest(alg, digest)?)?;
+    Ok(ToBeSigned::of_digest(alg, digest)?)
+}
+
+/// Signs the challenge with the key found afresh; keeps the key for `Sign` only when the
+/// signature verifies under the public key the agent told (or the device bound it itself).
+/// The signature goes back either way: the agent's keyring judges it too.
+fn prove(backend: &dyn Backend, told: &Told, key: KeyInfo, challenge: &[u8]) -> Outcome {
+    let well_formed = challenge.len() == CHALLENGE_PREFIX.len() + 43
+        && challenge.starts_with(CHALLENGE_PREFIX)
+        && challenge[CHALLENGE_PREFIX.len()..]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_');
+    if !well_formed {
+        return Err(TokenError::Internal(
+            "a signer process proves possession only over a challenge in the keyring's form".into(),
+        ));
+    }
+    let tbs = key.alg().to_be_signed(challenge);
+    let (proof, binding) = worker::wait(|reply| backend.prove(&key, tbs, reply))?;
+    let mut told = told.lock().unwrap_or_else(PoisonError::into_inner);
+    match proof {
+        Proof::Signed(signature) => {
+            match jose::verify(key.public(), key.alg(), challenge, &signature) {
+                Ok(()) => {
+                    told.insert(key.id().to_vec(), (key, binding));
+                }
+                Err(e) => {
+                    tracing::warn!(key = %key.label(), "signer: the device's object does not match the key it was told about ({e}); it will not sign with it");
+                    told.remove(key.id());
+                }
+            }
+            Ok(Answer::Proof(Some(signature.as_bytes().to_vec())))
+        }
+        Proof::LoadedByDevice => {
+            told.insert(key.id().to_vec(), (key, binding));
+            Ok(Answer::Proof(None))
+        }
+    }
+}
+
+/// The keeper's key-management calls run on their own thread, so a slow one (an RSA key
+/// generated) never holds up the signatures read behind it.
+fn manager(backend: Arc<dyn Backend>, out: Out) -> std::sync::mpsc::Sender<(u64, Request)> {
+    let (tx, rx) = std::sync::mpsc::channel::<(u64, Request)>();
+    let spawned = std::thread::Builder::new()
+        .name("keybound-keeper".into())
+        .spawn(move || {
+            for (n, request) in rx {
+                out.send(n, &manage(&*backend, request));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("signer: cannot start the key-management thread: {e}");
+    }
+    tx
+}
+
+fn manage(backend: &dyn Backend, request: Request) -> Outcome {
+    let label = |s: &str| Label::parse(s);
+    match request {
+        Request::Keys => backend.keys().map(Answer::Listing),
+        Request::Health => backend.health().map(|()| Answer::Done),
+        Request::Facts { key } => backend.facts(&key).map(Answer::Facts),
+        Request::Generate { label: l, alg } => backend.generate(&label(&l)?, alg).map(Answer::Key),
+        Request::Records { slot } => backend.records(&label(&slot)?).map(Answer::Records),
+        Request::PutRecord { slot, seq, bytes } => backend
+            .put_record(&label(&slot)?, seq, &bytes)
+            .map(|()| Answer::Done),
+        Request::RemoveRecord { slot, seq, bytes } => backend
+            .remove_record(&label(&slot)?, seq, &bytes)
+            .map(|()| Answer::Done),
+        Request::Destroy { key } => backend.destroy(&key).map(|()| Answer::Done),
+        Request::Sign { .. } | Request::Prove { .. } => Err(TokenError::Internal(
+            "sign and prove are not key management".into(),
+        )),
+    }
+}

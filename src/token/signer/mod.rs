@@ -1,0 +1,853 @@
+//! Signer processes: the device in child processes of `keybound serve`, so the agent that
+//! parses callers' HTTP never loads the PKCS#11 module or the TSS, never reads a PIN file,
+//! and survives a module that crashes.
+//!
+//! [`Signers`] is a [`Backend`] like the in-process ones. The first process (the keeper)
+//! also answers the key-management calls; signatures go to any process with a free
+//! session. The profile says how many: SoftHSM serialises inside one process, so it gets a
+//! process per session (`[sessions] per_signer = 1`); a TPM or a device that is one serial
+//! engine, one process; any other, one process with every session.
+//!
+//! A process that dies is restarted with backoff; the requests it had in flight are retried
+//! once on another process that is up, and answered `TokenError::Unavailable` (503 with
+//! `Retry-After` from the agent) otherwise. A process signs with a key only after it was
+//! told the key (id, algorithm, approved public key) and its own signature over a fresh
+//! challenge verified under that public key (`child`); approval itself stays in the keyring.
+//!
+//! Over 400 lines: dispatch, the pipes and the restarts are one state machine, kept in one
+//! file.
+
+mod child;
+pub(crate) mod wire;
+
+pub use child::run as run_child;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::OsString;
+use std::io::{BufReader, Write as _};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use wire::{Answer, CHALLENGE_PREFIX, Outcome, Ready, Request, Role, Start};
+
+use super::{
+    Backend, Binding, DeviceSettings, KeyFacts, KeyInfo, Label, Listing, Proof, ProofReply, Reply,
+    TokenDescription, TokenError,
+};
+use crate::jose::{self, Alg, JwsSignature, ToBeSigned};
+
+/// Environment variables a signer process gets when they are set (what PKCS#11 modules
+/// and the TSS read), besides the PIN's and the TPM key auth's variables. Everything else
+/// of the agent's environment stays out.
+const PASSED_ENV: &[&str] = &[
+    "SOFTHSM2_CONF",
+    "YUBIHSM_PKCS11_CONF",
+    "OPENSC_CONF",
+    "P11_KIT_SERVER_ADDRESS",
+    "XDG_RUNTIME_DIR",
+    "TPM2_PKCS11_STORE",
+    "TPM2_PKCS11_TCTI",
+    "TPM2_PKCS11_LOG_LEVEL",
+    "TSS2_LOG",
+    "TPM2TOOLS_TCTI",
+    "ChrystokiConfigurationPath",
+    "LD_LIBRARY_PATH",
+    "HOME",
+    "TMPDIR",
+    "RUST_LOG",
+];
+
+/// Restart backoff: from the first, doubling to the last; reset after a process lived
+/// [`STABLE`].
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+const STABLE: Duration = Duration::from_secs(30);
+
+/// How signer processes are started.
+#[derive(Clone, Debug)]
+pub struct SignerSpawn {
+    pub device: DeviceSettings,
+    /// The agent's `-v` count, passed on.
+    pub verbose: u8,
+    /// Sessions in all (`bench --sessions`); `None`: as configured.
+    pub sessions: Option<usize>,
+}
+
+/// Counters for `/healthz` and the metrics.
+#[derive(Debug, Default)]
+pub struct SignerStats {
+    /// Processes started after the first start (one per restart).
+    pub restarts: AtomicU64,
+    /// Processes that ended while the agent ran.
+    pub exits: AtomicU64,
+    /// Requests retried on another process after theirs died.
+    pub retried: AtomicU64,
+    /// Requests answered "unavailable" because their process died and none other was up.
+    pub unavailable: AtomicU64,
+}
+
+/// What the stats say now, with the processes up.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SignerReport {
+    pub processes: usize,
+    pub up: usize,
+    pub pids: Vec<Option<u32>>,
+    pub sessions: usize,
+    pub restarts: u64,
+    pub exits: u64,
+    pub retried: u64,
+    pub unavailable: u64,
+}
+
+/// The signer processes of one device.
+pub(crate) struct Signers {
+    shared: Arc<Shared>,
+    supervisors: Vec<JoinHandle<()>>,
+}
+
+/// The binding of a key approved through signer processes: each process proves the key
+/// itself before it signs with it, so the agent holds no device handle.
+struct Remote;
+
+struct Shared {
+    spawn: SignerSpawn,
+    description: Mutex<TokenDescription>,
+    sessions: usize,
+    state: Mutex<State>,
+    stats: SignerStats,
+    stopping: AtomicBool,
+}
+
+struct State {
+    procs: Vec<Proc>,
+    /// Signatures waiting for a free session.
+    queue: VecDeque<Job>,
+}
+
+struct Proc {
+    role: Role,
+    sessions: usize,
+    link: Option<Arc<Link>>,
+    in_flight: usize,
+    /// Key ids this incarnation was told about.
+    told: HashSet<Vec<u8>>,
+}
+
+/// The pipes to one running process.
+struct Link {
+    pid: u32,
+    stdin: Mutex<Option<ChildStdin>>,
+    pending: Mutex<Pending>,
+    next: AtomicU64,
+}
+
+#[derive(Default)]
+struct Pending {
+    waiting: HashMap<u64, Waiter>,
+    /// The process ended: nothing more is answered.
+    closed: bool,
+}
+
+enum Waiter {
+    Job(Job),
+    /// A key told to the process ahead of a signature; its answer is only logged.
+    Tell,
+    Call(Box<dyn FnOnce(Outcome) + Send>),
+}
+
+struct Job {
+    key: KeyInfo,
+    work: Work,
+    retried: bool,
+}
+
+enum Work {
+    Sign { tbs: ToBeSigned, reply: Reply },
+    Prove { tbs: ToBeSigned, reply: ProofReply },
+}
+
+impl Job {
+    fn fail(self, e: TokenError) {
+        match self.work {
+            Work::Sign { reply, .. } => reply(Err(e)),
+            Work::Prove { reply, .. } => reply(Err(e)),
+        }
+    }
+
+    fn answer(self, outcome: Outcome) {
+        match self.work {
+            Work::Sign { reply, .. } => reply(match outcome {
+                Ok(Answer::Signature(bytes)) => Ok(JwsSignature::from(bytes)),
+                Ok(_) => Err(unexpected()),
+                Err(e) => Err(e),
+            }),
+            Work::Prove { reply, .. } => reply(match outcome {
+                Ok(Answer::Proof(Some(bytes))) => Ok((
+                    Proof::Signed(JwsSignature::from(bytes)),
+                    Binding::new(Remote),
+                )),
+                Ok(Answer::Proof(None)) => Ok((Proof::LoadedByDevice, Binding::new(Remote))),
+                Ok(_) => Err(unexpected()),
+                Err(e) => Err(e),
+            }),
+        }
+    }
+
+    fn request(&self) -> Request {
+        match &self.work {
+            Work::Sign { tbs, .. } => Request::Sign {
+                id: self.key.id().to_vec(),
+                alg: tbs.alg(),
+                digest: tbs.digest().as_bytes().to_vec(),
+            },
+            Work::Prove { tbs, .. } => Request::Prove {
+                key: self.key.clone(),
+                challenge: tbs.message().unwrap_or_default().to_vec(),
+            },
+        }
+    }
+}
+
+fn unexpected() -> TokenError {
+    TokenError::Internal("a signer process answered with the wrong kind of answer".into())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Signers {
+    /// Starts the keeper, then as many more processes as the profile says; each must
+    /// open the device and log in, or this fails with the device's own error.
+    pub(crate) fn start(spawn: SignerSpawn) -> Result<Signers, TokenError> {
+        let (keeper, ready, stdout) = launch(&spawn, Role::Keeper, spawn.sessions)?;
+        let total = ready.sessions.max(1);
+        let layout: Vec<usize> = match ready.per_signer {
+            Some(k) if k >= 1 => {
+                let k = k.min(total);
+                let mut left = total;
+                let mut v = Vec::new();
+                while left > 0 {
+                    v.push(k.min(left));
+                    left -= k.min(left);
+                }
+                v
+            }
+            _ => vec![total],
+        };
+        let mut procs = vec![Proc {
+            role: Role::Keeper,
+            sessions: layout[0],
+            link: Some(keeper.clone()),
+            in_flight: 0,
+            told: HashSet::new(),
+        }];
+        let mut started = vec![(keeper, stdout)];
+        for &sessions in &layout[1..] {
+            let (link, _, stdout) = launch(&spawn, Role::Signer, Some(sessions))?;
+            procs.push(Proc {
+                role: Role::Signer,
+                sessions,
+                link: Some(link.clone()),
+                in_flight: 0,
+                told: HashSet::new(),
+            });
+            started.push((link, stdout));
+        }
+        let shared = Arc::new(Shared {
+            spawn,
+            description: Mutex::new(ready.description),
+            sessions: total,
+            state: Mutex::new(State {
+                procs,
+                queue: VecDeque::new(),
+            }),
+            stats: SignerStats::default(),
+            stopping: AtomicBool::new(false),
+        });
+        let mut supervisors = Vec::new();
+        for (i, (link, io)) in started.into_iter().enumerate() {
+            let shared = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("keybound-signer-{i}"))
+                .spawn(move || supervise(shared, i, link, io))
+                .map_err(|e| TokenError::Unavailable {
+                    reason: format!("cannot start a thread for signer process {i}: {e}"),
+                })?;
+            supervisors.push(handle);
+        }
+        tracing::debug!(
+            processes = layout.len(),
+            sessions = total,
+            "signer processes started"
+        );
+        Ok(Signers {
+            shared,
+            supervisors,
+        })
+    }
+
+    pub(crate) fn report(&self) -> SignerReport {
+        self.shared.report()
+    }
+
+    /// A key-management call to the keeper, waited for.
+    fn call(&self, request: Request) -> Outcome {
+        let link = lock(&self.shared.state).procs[0].link.clone();
+        let Some(link) = link else {
+            return Err(down("the keeper signer process is restarting"));
+        };
+        crate::token::worker::wait(|reply| {
+            link.send(vec![(request, Waiter::Call(reply))], &self.shared);
+        })
+    }
+}
+
+fn down(reason: &str) -> TokenError {
+    TokenError::Unavailable {
+        reason: reason.into(),
+    }
+}
+
+impl Shared {
+    fn report(&self) -> SignerReport {
+        let st = lock(&self.state);
+        SignerReport {
+            processes: st.procs.len(),
+            up: st.procs.iter().filter(|p| p.link.is_some()).count(),
+            pids: st
+                .procs
+                .iter()
+                .map(|p| p.link.as_ref().map(|l| l.pid))
+                .collect(),
+            sessions: self.sessions,
+            restarts: self.stats.restarts.load(Ordering::Relaxed),
+            exits: self.stats.exits.load(Ordering::Relaxed),
+            retried: self.stats.retried.load(Ordering::Relaxed),
+            unavailable: self.stats.unavailable.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sends `job` to the least busy process with a free session, queues it when all are
+    /// busy, and refuses it when none is up.
+    fn dispatch(self: &Arc<Self>, job: Job) {
+        let mut st = lock(&self.state);
+        if st.procs.iter().all(|p| p.link.is_none()) {
+            drop(st);
+            self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+            job.fail(down("no signer process is up; they are restarting"));
+            return;
+        }
+        let free = st
+            .procs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.link.is_some() && p.in_flight < depth(p))
+            .min_by_key(|(_, p)| p.in_flight * 64 / p.sessions.max(1))
+            .map(|(i, _)| i);
+        match free {
+            Some(i) => self.send_to(st, i, job),
+            None => st.queue.push_back(job),
+        }
+    }
+
+    /// Sends `job` to process `i` (which has a free session); tells it the key first when
+    /// this incarnation was not told it yet.
+    fn send_to(self: &Arc<Self>, mut st: MutexGuard<'_, State>, i: usize, job: Job) {
+        let proc = &mut st.procs[i];
+        let Some(link) = proc.link.clone() else {
+            drop(st);
+            return self.dispatch(job);
+        };
+        proc.in_flight += 1;
+        let mut batch = Vec::with_capacity(2);
+        if matches!(job.work, Work::Sign { .. }) && !proc.told.contains(job.key.id()) {
+            match challenge() {
+                Ok(challenge) => batch.push((
+                    Request::Prove {
+                        key: job.key.clone(),
+                        challenge,
+                    },
+                    Waiter::Tell,
+                )),
+                Err(e) => {
+                    proc.in_flight -= 1;
+                    drop(st);
+                    return job.fail(e);
+                }
+            }
+            proc.told.insert(job.key.id().to_vec());
+        }
+        drop(st);
+        batch.push((job.request(), Waiter::Job(job)));
+        link.send(batch, self);
+    }
+
+    /// A process answered (or failed) a job: frees its session and sends it the next
+    /// queued one.
+    fn finished(self: &Arc<Self>, i: usize, key: &KeyInfo, outcome: &Outcome, proved: bool) {
+        let mut st = lock(&self.state);
+        let proc = &mut st.procs[i];
+        proc.in_flight = proc.in_flight.saturating_sub(1);
+        match outcome {
+            Err(TokenError::Reapprove { .. }) => {
+                proc.told.remove(key.id());
+            }
+            Ok(Answer::Proof(_)) if proved => {
+                proc.told.insert(key.id().to_vec());
+            }
+            _ => {}
+        }
+        if proc.link.is_some()
+            && proc.in_flight < depth(proc)
+            && let Some(next) = st.queue.pop_front()
+        {
+            self.send_to(st, i, next);
+        }
+    }
+}
+
+/// Requests in flight on one process: two per session, so a session never waits for the
+/// agent between two signatures.
+fn depth(p: &Proc) -> usize {
+    p.sessions * 2
+}
+
+/// A fresh challenge in the keyring's form, for telling a process a key.
+fn challenge() -> Result<Vec<u8>, TokenError> {
+    let mut random = [0u8; 32];
+    getrandom::getrandom(&mut random).map_err(|e| TokenError::Rng(e.to_string()))?;
+    let mut message = CHALLENGE_PREFIX.to_vec();
+    message.extend_from_slice(jose::b64(random).as_bytes());
+    Ok(message)
+}
+
+impl Link {
+    /// Writes the requests in one go, registered first so no answer finds no waiter. A
+    /// process that has ended gets nothing: its jobs go where a dead process's jobs go.
+    fn send(&self, batch: Vec<(Request, Waiter)>, shared: &Arc<Shared>) {
+        let mut bytes = Vec::with_capacity(320 * batch.len());
+        let mut numbers = Vec::with_capacity(batch.len());
+        let mut refused = Vec::new();
+        {
+            let mut pending = lock(&self.pending);
+            for (request, waiter) in batch {
+                if pending.closed {
+                    refused.push(waiter);
+                    continue;
+                }
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = wire::encode(n, &request, &mut bytes) {
+                    drop(pending);
+                    tracing::error!("cannot encode a request to a signer process: {e}");
+                    pending = lock(&self.pending);
+                    refused.push(waiter);
+                    continue;
+                }
+                pending.waiting.insert(n, waiter);
+                numbers.push(n);
+            }
+        }
+        if !bytes.is_empty() {
+            let written = match lock(&self.stdin).as_mut() {
+                Some(stdin) => stdin.write_all(&bytes).and_then(|()| stdin.flush()),
+                None => Err(std::io::ErrorKind::BrokenPipe.into()),
+            };
+            if written.is_err() {
+                // The reader sees the end too and fails what it still finds; take ours
+                // back first if it has not.
+                let mut pending = lock(&self.pending);
+                for n in numbers {
+                    if let Some(w) = pending.waiting.remove(&n) {
+                        refused.push(w);
+                    }
+                }
+            }
+        }
+        for waiter in refused {
+            orphan(shared, waiter, self.pid);
+        }
+    }
+}
+
+/// A waiter whose process ended before answering: a job is retried once elsewhere, a
+/// call fails.
+fn orphan(shared: &Arc<Shared>, waiter: Waiter, pid: u32) {
+    match waiter {
+        Waiter::Tell => {}
+        Waiter::Call(reply) => reply(Err(down(&format!(
+            "the keeper signer process (pid {pid}) ended; it is being restarted"
+        )))),
+        Waiter::Job(mut job) => {
+            if job.retried {
+                shared.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                job.fail(down(&format!(
+                    "the signer process (pid {pid}) ended during the signature; retry"
+                )));
+            } else {
+                job.retried = true;
+                shared.stats.retried.fetch_add(1, Ordering::Relaxed);
+                shared.dispatch(job);
+            }
+        }
+    }
+}
+
+/// Starts one process and waits for it to open the device.
+fn launch(
+    spawn: &SignerSpawn,
+    role: Role,
+    sessions: Option<usize>,
+) -> Result<(Arc<Link>, Ready, ChildIo), TokenError> {
+    let failed = |e: String| TokenError::Unavailable {
+        reason: format!("cannot start a signer process: {e}"),
+    };
+    let mut cmd = Command::new("/proc/self/exe");
+    for _ in 0..spawn.verbose {
+        cmd.arg("-v");
+    }
+    cmd.arg(CHILD_COMMAND)
+        .env_clear()
+        .envs(environment(&spawn.device))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().map_err(|e| failed(e.to_string()))?;
+    let pid = child.id();
+    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(failed("no pipes".into()));
+    };
+    let start = Start {
+        role,
+        sessions,
+        device: spawn.device.clone(),
+    };
+    let mut reader = BufReader::new(stdout);
+    let mut buf = Vec::new();
+    let ready = wire::write(&mut stdin, 0, &start)
+        .map_err(|e| failed(e.to_string()))
+        .and_then(|()| match wire::read::<Outcome>(&mut reader, &mut buf) {
+            Ok(Some(frame)) => match frame.body {
+                Ok(Answer::Ready(ready)) => Ok(ready),
+                Ok(_) => Err(unexpected()),
+                // The device's own error (PIN, module, token), as in-process.
+                Err(e) => Err(e),
+            },
+            Ok(None) => Err(failed(format!("process {pid} ended before it was ready"))),
+            Err(e) => Err(failed(e.to_string())),
+        });
+    let ready = match ready {
+        Ok(r) => r,
+        Err(e) => {
+            drop(stdin);
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    let link = Arc::new(Link {
+        pid,
+        stdin: Mutex::new(Some(stdin)),
+        pending: Mutex::default(),
+        next: AtomicU64::new(1),
+    });
+    Ok((link, ready, ChildIo { child, reader }))
+}
+
+/// The hidden subcommand a signer process runs.
+pub const CHILD_COMMAND: &str = "__signer";
+
+/// The variables a signer process starts with.
+fn environment(device: &DeviceSettings) -> Vec<(OsString, OsString)> {
+    let mut names: Vec<String> = PASSED_ENV.iter().map(|s| s.to_string()).collect();
+    match device {
+        DeviceSettings::Pkcs11(s) if s.pin_file.is_none() => names.push(s.pin_env.clone()),
+        DeviceSettings::Pkcs11(_) => {}
+        #[cfg(feature = "tpm")]
+        DeviceSettings::Tpm(s) => names.extend(s.key_auth_env.clone()),
+    }
+    names
+        .into_iter()
+        .filter_map(|n| std::env::var_os(&n).map(|v| (OsString::from(n), v)))
+        .collect()
+}
+
+/// A process and the reading end of its answers.
+struct ChildIo {
+    child: Child,
+    reader: BufReader<ChildStdout>,
+}
+
+/// One process slot for the agent's life: reads its answers, and when it ends, fails or
+/// retries what it had, restarts it with backoff, and reads again.
+fn supervise(shared: Arc<Shared>, i: usize, mut link: Arc<Link>, mut io: ChildIo) {
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let born = Instant::now();
+        read_answers(&shared, i, &link, &mut io.reader);
+        // Ended: nothing more is answered. Close our end so the process ends too.
+        let orphans: Vec<Waiter> = {
+            let mut pending = lock(&link.pending);
+            pending.closed = true;
+            pending.waiting.drain().map(|(_, w)| w).collect()
+        };
+        lock(&link.stdin).take();
+        let status = io.child.wait();
+        let queued: Vec<Job> = {
+            let mut st = lock(&shared.state);
+            let p = &mut st.procs[i];
+            p.link = None;
+            p.in_flight = 0;
+            p.told.clear();
+            if st.procs.iter().all(|p| p.link.is_none()) {
+                st.queue.drain(..).collect()
+            } else {
+                Vec::new()
+            }
+        };
+        if shared.stopping.load(Ordering::Relaxed) {
+            for w in orphans {
+                if let Waiter::Job(job) = w {
+                    job.fail(TokenError::WorkersGone);
+                } else if let Waiter::Call(reply) = w {
+                    reply(Err(TokenError::WorkersGone));
+                }
+            }
+            return;
+        }
+        shared.stats.exits.fetch_add(1, Ordering::Relaxed);
+        let how = match status {
+            Ok(s) => s.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(
+            process = i,
+            pid = link.pid,
+            "signer process ended ({how}); restarting it"
+        );
+        for w in orphans {
+            orphan(&shared, w, link.pid);
+        }
+        for job in queued {
+            shared.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+            job.fail(down("no signer process is up; they are restarting"));
+        }
+        if born.elapsed() > STABLE {
+            backoff = BACKOFF_FIRST;
+        }
+        // Restart, with backoff between tries, until it opens the device or the agent ends.
+        loop {
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            if shared.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            let (role, sessions) = {
+                let st = lock(&shared.state);
+                (st.procs[i].role, st.procs[i].sessions)
+            };
+            match launch(&shared.spawn, role, Some(sessions)) {
+                Ok((new, ready, new_io)) => {
+                    if role == Role::Keeper {
+                        *lock(&shared.description) = ready.description;
+                    }
+                    shared.stats.restarts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(process = i, pid = new.pid, "signer process restarted");
+                    link = new;
+                    io = new_io;
+                    let mut st = lock(&shared.state);
+                    st.procs[i].link = Some(link.clone());
+                    // Queued work may go now.
+                    while st.procs[i].in_flight < depth(&st.procs[i]) {
+                        let Some(next) = st.queue.pop_front() else {
+                            break;
+                        };
+                        shared.send_to(st, i, next);
+                        st = lock(&shared.state);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        process = i,
+                        "cannot restart the signer process: {e}; trying again in {backoff:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Reads answers until the process's stdout ends or breaks.
+fn read_answers(shared: &Arc<Shared>, i: usize, link: &Link, reader: &mut BufReader<ChildStdout>) {
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        let frame = match wire::read::<Outcome>(reader, &mut buf) {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(process = i, pid = link.pid, "signer process: {e}");
+                return;
+            }
+        };
+        let waiter = lock(&link.pending).waiting.remove(&frame.n);
+        match waiter {
+            Some(Waiter::Job(job)) => {
+                let proved = matches!(job.work, Work::Prove { .. });
+                shared.finished(i, &job.key, &frame.body, proved);
+                job.answer(frame.body);
+            }
+            Some(Waiter::Tell) => {
+                if let Err(e) = frame.body {
+                    tracing::warn!(
+                        process = i,
+                        "a signer process could not prove a key it was told: {e}"
+                    );
+                }
+            }
+            Some(Waiter::Call(reply)) => reply(frame.body),
+            None => {
+                tracing::error!(
+                    process = i,
+                    n = frame.n,
+                    "a signer process answered a request it was not sent"
+                );
+            }
+        }
+    }
+}
+
+/// Ends the processes: their stdin closes, each finishes what it has and exits.
+impl Drop for Signers {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        let links: Vec<Arc<Link>> = lock(&self.shared.state)
+            .procs
+            .iter()
+            .filter_map(|p| p.link.clone())
+            .collect();
+        let pids: Vec<u32> = links.iter().map(|l| l.pid).collect();
+        for link in links {
+            lock(&link.stdin).take();
+        }
+        // Each finishes its signatures and exits; one stuck inside its module is killed.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && self.supervisors.iter().any(|h| !h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.supervisors.iter().any(|h| !h.is_finished()) {
+            for pid in pids {
+                if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+        }
+        let me = std::thread::current().id();
+        for handle in self.supervisors.drain(..) {
+            if handle.thread().id() != me {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+impl Backend for Signers {
+    fn describe(&self) -> TokenDescription {
+        lock(&self.shared.description).clone()
+    }
+
+    fn sessions(&self) -> usize {
+        self.shared.sessions
+    }
+
+    fn generate(&self, label: &Label, alg: Alg) -> Result<KeyInfo, TokenError> {
+        match self.call(Request::Generate {
+            label: label.to_string(),
+            alg,
+        })? {
+            Answer::Key(k) => Ok(k),
+            _ => Err(unexpected()),
+        }
+    }
+
+    fn health(&self) -> Result<(), TokenError> {
+        self.call(Request::Health).map(|_| ())
+    }
+
+    fn keys(&self) -> Result<Listing, TokenError> {
+        match self.call(Request::Keys)? {
+            Answer::Listing(l) => Ok(l),
+            _ => Err(unexpected()),
+        }
+    }
+
+    fn records(&self, slot: &Label) -> Result<Vec<Vec<u8>>, TokenError> {
+        match self.call(Request::Records {
+            slot: slot.to_string(),
+        })? {
+            Answer::Records(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
+    fn put_record(&self, slot: &Label, seq: u64, bytes: &[u8]) -> Result<(), TokenError> {
+        self.call(Request::PutRecord {
+            slot: slot.to_string(),
+            seq,
+            bytes: bytes.to_vec(),
+        })
+        .map(|_| ())
+    }
+
+    fn remove_record(&self, slot: &Label, seq: u64, bytes: &[u8]) -> Result<(), TokenError> {
+        self.call(Request::RemoveRecord {
+            slot: slot.to_string(),
+            seq,
+            bytes: bytes.to_vec(),
+        })
+        .map(|_| ())
+    }
+
+    fn destroy(&self, key: &KeyInfo) -> Result<(), TokenError> {
+        self.call(Request::Destroy { key: key.clone() }).map(|_| ())
+    }
+
+    fn facts(&self, key: &KeyInfo) -> Result<KeyFacts, TokenError> {
+        match self.call(Request::Facts { key: key.clone() })? {
+            Answer::Facts(f) => Ok(f),
+            _ => Err(unexpected()),
+        }
+    }
+
+    fn prove(&self, key: &KeyInfo, tbs: ToBeSigned, reply: ProofReply) {
+        self.shared.dispatch(Job {
+            key: key.clone(),
+            work: Work::Prove { tbs, reply },
+            retried: false,
+        });
+    }
+
+    fn submit(&self, key: &KeyInfo, binding: &Binding, tbs: ToBeSigned, reply: Reply) {
+        if binding.get::<Remote>().is_none() {
+            return reply(Err(TokenError::Reapprove {
+                label: key.label().to_string(),
+            }));
+        }
+        if let Err(e) = super::check_alg(key.label(), key.alg(), &tbs) {
+            return reply(Err(e));
+        }
+        self.shared.dispatch(Job {
+            key: key.clone(),
+            work: Work::Sign { tbs, reply },
+            retried: false,
+        });
+    }
+
+    fn signers(&self) -> Option<SignerReport> {
+        Some(self.report())
+    }
+}

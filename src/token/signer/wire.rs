@@ -1,0 +1,236 @@
+//! What crosses the pipes between the agent and a signer process: length-prefixed JSON
+//! frames (a 4-byte big-endian length, then the JSON), each numbered so answers may come
+//! back in any order.
+//!
+//! A signer (`Role::Signer`) is sent only what a signature needs: `Prove` (a key it is
+//! told about, with a challenge in the keyring's fixed form, which it signs and checks
+//! under that key's public key before it will sign with it) and `Sign` (the key's id, the
+//! algorithm, a digest of exactly that algorithm's length). The keeper (`Role::Keeper`, the
+//! first process) also answers the key-management calls the agent makes (list, facts,
+//! generate, rotation records, destroy, health): it never sends key material either way.
+
+use std::io::{self, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::jose::Alg;
+use crate::token::{DeviceSettings, KeyFacts, KeyInfo, Listing, TokenDescription, TokenError};
+
+/// The largest frame either side accepts (a listing of many keys fits many times).
+pub(super) const MAX_FRAME: usize = 16 << 20;
+
+/// The prefix of every proof-of-possession challenge (the keyring's form); a signer signs
+/// no other `Prove` message.
+pub(crate) const CHALLENGE_PREFIX: &[u8] = b"keybound proof of possession ";
+
+/// The first frame the agent sends: what to open.
+#[derive(Serialize, Deserialize)]
+pub(super) struct Start {
+    pub role: Role,
+    /// Sessions this process signs with; `None`: as the config and profile say.
+    pub sessions: Option<usize>,
+    pub device: DeviceSettings,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) enum Role {
+    /// Signs, and answers the agent's key-management calls.
+    Keeper,
+    /// Signs only.
+    Signer,
+}
+
+/// The answer to `Start`.
+#[derive(Clone, Serialize, Deserialize)]
+pub(super) struct Ready {
+    pub description: TokenDescription,
+    /// Sessions as configured (the keeper's answer sizes the whole pool).
+    pub sessions: usize,
+    /// Sessions per signer process, from the profile.
+    pub per_signer: Option<usize>,
+    pub pid: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) enum Request {
+    Sign {
+        #[serde(with = "b64")]
+        id: Vec<u8>,
+        alg: Alg,
+        #[serde(with = "b64")]
+        digest: Vec<u8>,
+    },
+    Prove {
+        key: KeyInfo,
+        #[serde(with = "b64")]
+        challenge: Vec<u8>,
+    },
+    Keys,
+    Health,
+    Facts {
+        key: KeyInfo,
+    },
+    Generate {
+        label: String,
+        alg: Alg,
+    },
+    Records {
+        slot: String,
+    },
+    PutRecord {
+        slot: String,
+        seq: u64,
+        bytes: Vec<u8>,
+    },
+    RemoveRecord {
+        slot: String,
+        seq: u64,
+        bytes: Vec<u8>,
+    },
+    Destroy {
+        key: KeyInfo,
+    },
+}
+
+impl Request {
+    /// What the request is, for logs and refusals.
+    pub(super) fn name(&self) -> &'static str {
+        match self {
+            Request::Sign { .. } => "sign",
+            Request::Prove { .. } => "prove",
+            Request::Keys => "keys",
+            Request::Health => "health",
+            Request::Facts { .. } => "facts",
+            Request::Generate { .. } => "generate",
+            Request::Records { .. } => "records",
+            Request::PutRecord { .. } => "put_record",
+            Request::RemoveRecord { .. } => "remove_record",
+            Request::Destroy { .. } => "destroy",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) enum Answer {
+    Ready(Ready),
+    Signature(#[serde(with = "b64")] Vec<u8>),
+    /// `None`: the device itself bound the key to its public key (a TPM key with auth).
+    Proof(Option<Vec<u8>>),
+    Listing(Listing),
+    Facts(KeyFacts),
+    Key(KeyInfo),
+    Records(Vec<Vec<u8>>),
+    Done,
+}
+
+/// One numbered message.
+#[derive(Serialize, Deserialize)]
+pub(super) struct Frame<T> {
+    pub n: u64,
+    pub body: T,
+}
+
+pub(super) type Outcome = Result<Answer, TokenError>;
+
+/// Appends one frame to `out`.
+pub(super) fn encode<T: Serialize>(n: u64, body: &T, out: &mut Vec<u8>) -> io::Result<()> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut *out, &Frame { n, body }).map_err(io::Error::other)?;
+    let len = u32::try_from(out.len() - start - 4)
+        .ok()
+        .filter(|l| (*l as usize) <= MAX_FRAME)
+        .ok_or_else(|| io::Error::other("frame too large"))?;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+pub(super) fn write<T: Serialize>(w: &mut impl Write, n: u64, body: &T) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(256);
+    encode(n, body, &mut buf)?;
+    w.write_all(&buf)?;
+    w.flush()
+}
+
+/// The next frame; `Ok(None)` at a clean end of the stream.
+pub(super) fn read<T: DeserializeOwned>(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<Frame<T>>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::other(format!(
+            "a frame of {len} bytes (at most {MAX_FRAME})"
+        )));
+    }
+    buf.clear();
+    buf.resize(len, 0);
+    r.read_exact(buf)?;
+    serde_json::from_slice(buf)
+        .map(Some)
+        .map_err(|e| io::Error::other(format!("a malformed frame: {e}")))
+}
+
+/// Bytes as base64url strings (the hot path's digests and signatures).
+mod b64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(&crate::jose::b64(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<u8>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(de)?;
+        crate::jose::b64_decode(&s, "bytes").map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_errors_keep_their_variant() {
+        let mut buf = Vec::new();
+        let err: Outcome = Err(TokenError::Reapprove { label: "k".into() });
+        encode(7, &err, &mut buf).unwrap();
+        encode(
+            8,
+            &Request::Sign {
+                id: vec![1, 2],
+                alg: Alg::ES256,
+                digest: vec![9; 32],
+            },
+            &mut buf,
+        )
+        .unwrap();
+        let mut r = &buf[..];
+        let mut scratch = Vec::new();
+        let f: Frame<Outcome> = read(&mut r, &mut scratch).unwrap().unwrap();
+        assert_eq!(f.n, 7);
+        assert!(matches!(f.body, Err(TokenError::Reapprove { label }) if label == "k"));
+        let f: Frame<Request> = read(&mut r, &mut scratch).unwrap().unwrap();
+        assert!(matches!(f.body, Request::Sign { digest, .. } if digest == vec![9; 32]));
+        assert!(read::<Request>(&mut r, &mut scratch).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_pkcs11_error_keeps_its_return_value() {
+        let e = TokenError::Pkcs11 {
+            function: "C_Sign".into(),
+            rv: cryptoki::error::RvError::SessionHandleInvalid,
+            hint: String::new(),
+        };
+        let json = serde_json::to_string(&e).unwrap();
+        let back: TokenError = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.kind(), e.kind());
+        assert_eq!(back.to_string(), e.to_string());
+    }
+}

@@ -1,0 +1,230 @@
+//! Signer processes (`[agent] signers = "processes"`, the default): the device and its PIN
+//! live in child processes of `keybound serve`.
+//!
+//! * A signer killed under 64-way load: every request is answered with a proof that
+//!   verifies independently, or with 503 and `Retry-After`; the agent (same pid) serves on,
+//!   the signer is restarted, and signing resumes.
+//! * The PIN read from `pin_file` is never in the agent process: not in its environment,
+//!   not in its memory (`/proc/<agent>/mem` scanned for the PIN's bytes), while the same
+//!   scan finds it in a signer process (the scan works).
+//!
+//! The real `keybound serve` on a per-test SoftHSM2 token; proofs verified by the
+//! independent verifiers of `tests/support`. Nothing here asserts on how long anything
+//! took; the waits are guards against hangs.
+
+mod agent_support;
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use agent_support::*;
+use serde_json::Value;
+use support::*;
+
+/// The signer processes `/healthz` reports: (processes, up, pids, restarts).
+async fn signers(socket: &Path) -> (u64, u64, Vec<u32>, u64) {
+    let health = get(socket, "/healthz").await.json();
+    let s = &health["signers"];
+    assert!(s.is_object(), "healthz has no signers object: {health}");
+    let pids = s["pids"]
+        .as_array()
+        .expect("pids")
+        .iter()
+        .filter_map(Value::as_u64)
+        .map(|p| p as u32)
+        .collect();
+    (
+        s["processes"].as_u64().expect("processes"),
+        s["up"].as_u64().expect("up"),
+        pids,
+        s["restarts"].as_u64().expect("restarts"),
+    )
+}
+
+/// The parent pid of `pid` (field 4 of `/proc/<pid>/stat`).
+fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    after
+        .split(' ')
+        .nth(1)
+        .expect("ppid")
+        .parse()
+        .expect("ppid")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signer_killed_under_load_costs_no_request_and_the_agent_serves_on() {
+    const CLIENTS: usize = 64;
+    const PER_CLIENT: usize = 20;
+    let (token, kids) = token_with_keys(&[("dpop", "ES256")]);
+    let dir = SocketDir::new();
+    let mut agent = Agent::start(&token, &dir.socket());
+    let jwks = published_jwks(&token, &agent).await;
+    let (processes, up, pids, restarts) = signers(agent.socket()).await;
+    // SoftHSM: one process per session, two sessions (the harness's config).
+    assert_eq!((processes, up, restarts), (2, 2, 0), "{pids:?}");
+    for pid in &pids {
+        assert_eq!(
+            parent_of(*pid),
+            agent.pid(),
+            "signer {pid} is the agent's child"
+        );
+    }
+    let victim = pids[1];
+
+    let answered = Arc::new(AtomicUsize::new(0));
+    let start = window_start();
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let socket = agent.socket().to_path_buf();
+        let kid = kids["dpop"].clone();
+        let answered = answered.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for i in 0..PER_CLIENT {
+                let job = proof_job(c * PER_CLIENT + i, "dpop", &kid, false, false);
+                let Job::Proof(request, _) = &job else {
+                    unreachable!()
+                };
+                let reply = post(&socket, "/v1/dpop", request).await;
+                answered.fetch_add(1, Ordering::Relaxed);
+                answers.push((job, reply));
+            }
+            answers
+        }));
+    }
+    // Kill one signer once the load is well under way.
+    let guard = Instant::now();
+    while answered.load(Ordering::Relaxed) < CLIENTS * PER_CLIENT / 4 {
+        assert!(guard.elapsed() < GUARD, "the load did not get going");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    signal(victim, "KILL");
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.extend(t.await.expect("client task"));
+    }
+    let window = window_end(start);
+    let (mut proofs, mut unavailable) = (0, 0);
+    for (job, reply) in &answers {
+        match reply.status.as_u16() {
+            200 => {
+                check_job(&jwks, job, reply, window);
+                proofs += 1;
+            }
+            503 => {
+                assert!(
+                    reply.retry_after().is_some(),
+                    "503 without Retry-After: {reply:?}"
+                );
+                unavailable += 1;
+            }
+            _ => panic!("neither a proof nor 503 + Retry-After: {reply:?}"),
+        }
+    }
+    assert_eq!(proofs + unavailable, CLIENTS * PER_CLIENT);
+    eprintln!("{proofs} proofs, {unavailable} answered 503 around the kill");
+
+    // The agent is the same process, still serving; the signer comes back.
+    assert!(agent.running(), "the agent survived its signer");
+    let guard = Instant::now();
+    loop {
+        let (_, up, pids, restarts) = signers(agent.socket()).await;
+        if up == 2 && restarts >= 1 {
+            assert!(!pids.contains(&victim), "a new process: {pids:?}");
+            break;
+        }
+        assert!(guard.elapsed() < GUARD, "the signer was not restarted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = get(agent.socket(), "/metrics").await.text();
+    assert!(metric(&metrics, "keybound_signer_restarts_total", &[]).unwrap_or(0.0) >= 1.0);
+    assert!(metric(&metrics, "keybound_signer_exits_total", &[]).unwrap_or(0.0) >= 1.0);
+    // Signing resumes on both processes, with no restart of the agent.
+    let again = run_jobs(agent.socket(), CLIENTS, 2, move |n| {
+        proof_job(n, "dpop", &kids["dpop"], false, false)
+    })
+    .await;
+    let window = window_end(start);
+    for (job, reply) in &again {
+        check_job(&jwks, job, reply, window);
+    }
+    assert!(
+        agent.log().contains("signer process ended"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// A PIN no other string in the agent's memory could be by chance.
+const DISTINCT_PIN: &str = "kb-pin-Zq7xW3m9Rt";
+
+/// Whether `needle` occurs in any readable mapping of process `pid` (as root).
+fn memory_holds(pid: u32, needle: &[u8]) -> bool {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("read maps");
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open mem");
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let (lo, hi) = range.split_once('-').expect("range");
+        let (lo, hi) = (
+            u64::from_str_radix(lo, 16).expect("lo"),
+            u64::from_str_radix(hi, 16).expect("hi"),
+        );
+        let mut buf = vec![0u8; (hi - lo) as usize];
+        if mem.seek(SeekFrom::Start(lo)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        if buf.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pin_from_a_pin_file_never_enters_the_agent_process() {
+    let (token, kids) = token_with_keys(&[("dpop", "ES256")]);
+    let changed = token.pkcs11_tool(&["--change-pin", "--new-pin", DISTINCT_PIN]);
+    assert!(changed.status.success(), "{}", describe(&changed));
+    let pin_file = token.write_file("pin", DISTINCT_PIN);
+    chmod(&pin_file, 0o600);
+    let config = Config {
+        pin_line: format!("pin_file = \"{}\"", pin_file.display()),
+        ..Config::default()
+    };
+    token.write_config(&format!("{}\n[agent]\n", config.render()));
+    let dir = SocketDir::new();
+    let mut cmd = token.command(&["serve", "--socket"]);
+    cmd.arg(dir.socket()).env_remove(PIN_ENV);
+    let agent = Agent::start_command(cmd, &dir.socket());
+    let jwks = published_jwks(&token, &agent).await;
+    // It signs (the signers logged in with the PIN from the file) ...
+    let mut conn = Conn::open(agent.socket()).await;
+    assert_still_signs(&mut conn, &jwks, &kids["dpop"]).await;
+    let (_, _, pids, _) = signers(agent.socket()).await;
+
+    // ... and the PIN is in neither the agent's environment nor its memory.
+    let environ = std::fs::read(format!("/proc/{}/environ", agent.pid())).expect("environ");
+    let needle = DISTINCT_PIN.as_bytes();
+    assert!(!environ.windows(needle.len()).any(|w| w == needle));
+    assert!(
+        !memory_holds(agent.pid(), needle),
+        "the PIN's bytes are in the agent's memory"
+    );
+    // The scan finds it where it is: a signer logged in with it.
+    assert!(
+        pids.iter().any(|pid| memory_holds(*pid, needle)),
+        "the scan should find the PIN in a signer process (else it proves nothing)"
+    );
+}
