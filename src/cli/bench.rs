@@ -27,7 +27,21 @@ pub fn run(
     if !(seconds.is_finite() && seconds > 0.0) {
         anyhow::bail!("--seconds must be a positive number");
     }
-    let (settings, _, keyring) = super::load(config, sessions)?;
+    // As `serve` runs the device: in signer processes, unless the config says in-process.
+    let (settings, _, keyring) = super::load_with(config, |c| match c.agent.signers {
+        keybound::agent::Signers::Processes => keybound::keyring::Keyring::open_signers(
+            keybound::token::signer::SignerSpawn {
+                device: c.token.clone(),
+                verbose: 0,
+                sessions,
+                bench: true,
+            },
+            c.policy.clone(),
+        ),
+        keybound::agent::Signers::InProcess => {
+            keybound::keyring::Keyring::open(&c.token, c.policy.clone(), sessions)
+        }
+    })?;
     let key = match key {
         Some(name) => keyring.signing_key(name)?,
         None => keyring
@@ -104,7 +118,15 @@ pub fn run(
         report.callers,
         report.seconds
     );
-    out!("raw token       {:>10.0} signs/s", report.raw_per_s);
+    match keyring.signers() {
+        Some(s) => out!(
+            "raw token       {:>10.0} signs/s   (inside {} signer process{}, no pipes)",
+            report.raw_per_s,
+            s.processes,
+            if s.processes == 1 { "" } else { "es" }
+        ),
+        None => out!("raw token       {:>10.0} signs/s", report.raw_per_s),
+    }
     out!(
         "{side:15} {:>10.0} proofs/s   (p50 {} µs, p99 {} µs)",
         report.pipeline_per_s,
@@ -114,8 +136,8 @@ pub fn run(
     out!("{side} / raw   {:.3}", report.ratio);
     if let Some(cpu) = &report.cpu {
         out!(
-            "CPU per operation: raw signature {:.0} µs; per proof: agent device threads {:.0} µs, \
-             agent HTTP/JOSE {:.0} µs, this load generator {:.0} µs",
+            "CPU per operation: raw signature {:.0} µs; per proof: device (signer processes \
+             or device threads) {:.0} µs, agent HTTP/JOSE {:.0} µs, this load generator {:.0} µs",
             cpu.raw_sign_us,
             cpu.agent_device_us,
             cpu.agent_async_us,

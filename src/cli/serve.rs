@@ -25,6 +25,7 @@ pub fn run(
                     device: config.token.clone(),
                     verbose,
                     sessions: None,
+                    bench: false,
                 },
                 config.policy.clone(),
             ),

@@ -727,6 +727,12 @@ impl SigningKey {
         result
     }
 
+    /// `bench`: the device's raw rate measured inside its signer processes, when it runs in
+    /// them (`None`: sign from this process instead).
+    pub(crate) fn raw_in_signers(&self, phase: Duration) -> Option<Result<u64, TokenError>> {
+        self.keyring.backend.raw(&self.info, phase)
+    }
+
     fn sign_unobserved(&self, tbs: ToBeSigned) -> Result<JwsSignature, KeyError> {
         let seen = self.current();
         let backend = &self.keyring.backend;

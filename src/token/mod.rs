@@ -363,6 +363,13 @@ pub(crate) trait Backend: Send + Sync {
     fn signers(&self) -> Option<signer::SignerReport> {
         None
     }
+
+    /// `bench`: the raw rate measured inside the signer processes, for a backend that runs
+    /// the device in them (`None`: measure by signing from this process).
+    fn raw(&self, key: &KeyInfo, phase: std::time::Duration) -> Option<Result<u64, TokenError>> {
+        let _ = (key, phase);
+        None
+    }
 }
 
 /// `tbs` was prepared for `alg`, the algorithm of the key `label`: a signature from one

@@ -23,8 +23,14 @@ use crate::token::profile::{EcdsaSignatureEncoding, SignMechanism};
 use crate::token::worker::{self, Device, Threads, Workers as _};
 use crate::token::{Binding, KeyInfo, Proof, ProofReply, Reply, TokenError};
 
-/// The signing workers of one token.
-pub(super) struct Pool(Threads<Worker>);
+/// The signing workers of one token: threads owning a session each, or one session used
+/// on the caller's thread ([`Pool::start_inline`]).
+pub(super) enum Pool {
+    Threads(Threads<Worker>),
+    /// A signer process with one session signs on the thread that reads its requests: no
+    /// hop to a worker thread per signature.
+    Inline(std::sync::Mutex<Worker>),
+}
 
 /// Which key a job signs with, without the public key.
 #[derive(Clone)]
@@ -67,7 +73,27 @@ impl Pool {
                 session: None,
             })
             .collect();
-        Ok(Pool(Threads::start("keybound-sign", workers)?))
+        Ok(Pool::Threads(Threads::start("keybound-sign", workers)?))
+    }
+
+    pub(super) fn start_inline(conn: Arc<Connection>) -> Pool {
+        Pool::Inline(std::sync::Mutex::new(Worker {
+            conn,
+            session: None,
+        }))
+    }
+
+    fn run(&self, job: Job, reply: worker::Reply<Signed>) {
+        match self {
+            Pool::Threads(threads) => threads.submit(job, reply),
+            Pool::Inline(worker) => {
+                let outcome = worker
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .run(job);
+                reply(outcome);
+            }
+        }
     }
 
     pub(super) fn submit(&self, key: &KeyInfo, binding: &Binding, tbs: ToBeSigned, reply: Reply) {
@@ -76,8 +102,7 @@ impl Pool {
             bound: binding.get::<Bound>().copied(),
             tbs,
         };
-        self.0
-            .submit(job, Box::new(move |r| reply(r.map(|s| s.signature))));
+        self.run(job, Box::new(move |r| reply(r.map(|s| s.signature))));
     }
 
     pub(super) fn prove(&self, key: &KeyInfo, tbs: ToBeSigned, reply: ProofReply) {
@@ -85,7 +110,7 @@ impl Pool {
             key: KeyRef::of(key),
             tbs,
         };
-        self.0.submit(
+        self.run(
             job,
             Box::new(move |r| {
                 reply(r.map(|s| (Proof::Signed(s.signature), Binding::new(s.bound))))

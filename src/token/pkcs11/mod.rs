@@ -96,6 +96,7 @@ pub struct Pkcs11Token {
     conn: Arc<Connection>,
     sessions: usize,
     rsa_bits: u32,
+    inline: bool,
 }
 
 impl Pkcs11Token {
@@ -117,6 +118,7 @@ impl Pkcs11Token {
             sessions,
             rsa_bits: settings.rsa_bits,
             pool: OnceLock::new(),
+            inline: false,
             starting: std::sync::Mutex::new(()),
         })
     }
@@ -124,6 +126,15 @@ impl Pkcs11Token {
     /// Sessions per signer process, from the profile (`[sessions] per_signer`).
     pub(crate) fn per_signer(&self) -> Option<usize> {
         self.conn.profile.sessions.per_signer
+    }
+
+    /// Signs on the caller's thread with one session (a signer process, whose one thread
+    /// reads requests and may as well sign them); only before the first signature.
+    pub(crate) fn sign_inline(&mut self) {
+        if self.pool.get().is_none() {
+            self.sessions = 1;
+            self.inline = true;
+        }
     }
 
     /// Signs with `n` sessions instead (a signer process holding its share); only before
@@ -147,7 +158,11 @@ impl Pkcs11Token {
         if let Some(pool) = self.pool.get() {
             return Ok(pool);
         }
-        let pool = Pool::start(self.conn.clone(), self.sessions)?;
+        let pool = if self.inline {
+            Pool::start_inline(self.conn.clone())
+        } else {
+            Pool::start(self.conn.clone(), self.sessions)?
+        };
         let _ = self.pool.set(pool);
         self.pool.get().ok_or(TokenError::WorkersGone)
     }

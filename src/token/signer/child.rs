@@ -55,6 +55,7 @@ pub fn run() -> ExitCode {
         role,
         sessions,
         device,
+        bench,
     } = start.body;
     let (backend, ready) = match open(&device, sessions) {
         Ok(opened) => opened,
@@ -63,6 +64,7 @@ pub fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let ready_inline = ready.inline;
     out.send(start.n, &Ok(Answer::Ready(ready)));
     let told: Told = Arc::default();
     let keeper = (role == Role::Keeper).then(|| manager(backend.clone(), out.clone()));
@@ -119,6 +121,20 @@ pub fn run() -> ExitCode {
             Request::Prove { key, challenge } => {
                 out.send(n, &prove(&*backend, &told, key, &challenge));
             }
+            Request::Raw { id, millis } if bench => {
+                let found = told
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&id)
+                    .cloned();
+                let outcome = match found {
+                    Some((key, binding)) => raw(&*backend, ready_inline, &key, &binding, millis),
+                    None => Err(TokenError::Reapprove {
+                        label: jose::b64(&id),
+                    }),
+                };
+                out.send(n, &outcome);
+            }
             other => match &keeper {
                 Some(keeper) => {
                     if keeper.send((n, other)).is_err() {
@@ -152,11 +168,15 @@ fn open(
             if let Some(k) = per_signer {
                 token.limit_sessions(k);
             }
+            if token.sessions() == 1 {
+                token.sign_inline();
+            }
             let ready = Ready {
                 description: token.describe(),
                 sessions: total,
                 per_signer,
                 pid,
+                inline: token.sessions() == 1,
             };
             Ok((Arc::new(token), ready))
         }
@@ -168,6 +188,7 @@ fn open(
                 sessions: 1,
                 per_signer: None,
                 pid,
+                inline: false,
             };
             Ok((Arc::new(token), ready))
         }
@@ -217,6 +238,57 @@ fn prove(backend: &dyn Backend, told: &Told, key: KeyInfo, challenge: &[u8]) -> 
     }
 }
 
+/// `bench`: every session signs the same digest until `millis` are up.
+fn raw(
+    backend: &dyn Backend,
+    inline: bool,
+    key: &KeyInfo,
+    binding: &Binding,
+    millis: u64,
+) -> Outcome {
+    let tbs = key
+        .alg()
+        .to_be_signed(b"keybound bench: raw device signature");
+    let tbs = ToBeSigned::of_digest(key.alg(), tbs.digest().as_bytes())?;
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(millis.min(60_000));
+    std::thread::scope(|scope| {
+        // Two callers per session keep a session's worker thread from waiting between
+        // signatures (and a TPM from flushing its key between them); a session signed on
+        // the caller's thread needs one.
+        let callers = match backend.sessions() {
+            1 if inline => 1,
+            n => 2 * n.max(1),
+        };
+        if callers == 1 {
+            // On this long-lived thread, so the bench's CPU counters (per thread) see it.
+            let mut n = 0;
+            while std::time::Instant::now() < until {
+                backend.sign(key, binding, tbs.clone())?;
+                n += 1;
+            }
+            return Ok(Answer::Count(n));
+        }
+        let threads: Vec<_> = (0..callers)
+            .map(|_| {
+                let tbs = &tbs;
+                scope.spawn(move || -> Result<u64, TokenError> {
+                    let mut n = 0;
+                    while std::time::Instant::now() < until {
+                        backend.sign(key, binding, tbs.clone())?;
+                        n += 1;
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        let mut made = 0;
+        for t in threads {
+            made += t.join().map_err(|_| TokenError::WorkersGone)??;
+        }
+        Ok(Answer::Count(made))
+    })
+}
+
 /// The keeper's key-management calls run on their own thread, so a slow one (an RSA key
 /// generated) never holds up the signatures read behind it.
 fn manager(backend: Arc<dyn Backend>, out: Out) -> std::sync::mpsc::Sender<(u64, Request)> {
@@ -249,8 +321,8 @@ fn manage(backend: &dyn Backend, request: Request) -> Outcome {
             .remove_record(&label(&slot)?, seq, &bytes)
             .map(|()| Answer::Done),
         Request::Destroy { key } => backend.destroy(&key).map(|()| Answer::Done),
-        Request::Sign { .. } | Request::Prove { .. } => Err(TokenError::Internal(
-            "sign and prove are not key management".into(),
-        )),
+        Request::Sign { .. } | Request::Prove { .. } | Request::Raw { .. } => Err(
+            TokenError::Internal(format!("{} is not key management", request.name())),
+        ),
     }
 }

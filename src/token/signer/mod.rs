@@ -74,6 +74,8 @@ pub struct SignerSpawn {
     pub verbose: u8,
     /// Sessions in all (`bench --sessions`); `None`: as configured.
     pub sessions: Option<usize>,
+    /// For `keybound bench`: the processes also measure their raw rate ([`Backend::raw`]).
+    pub bench: bool,
 }
 
 /// Counters for `/healthz` and the metrics.
@@ -272,7 +274,7 @@ impl Signers {
         for (i, (link, io)) in started.into_iter().enumerate() {
             let shared = shared.clone();
             let handle = std::thread::Builder::new()
-                .name(format!("keybound-signer-{i}"))
+                .name(format!("keybound-pipe-{i}"))
                 .spawn(move || supervise(shared, i, link, io))
                 .map_err(|e| TokenError::Unavailable {
                     reason: format!("cannot start a thread for signer process {i}: {e}"),
@@ -526,6 +528,7 @@ fn launch(
         role,
         sessions,
         device: spawn.device.clone(),
+        bench: spawn.bench,
     };
     let mut reader = BufReader::new(stdout);
     let mut buf = Vec::new();
@@ -849,5 +852,54 @@ impl Backend for Signers {
 
     fn signers(&self) -> Option<SignerReport> {
         Some(self.report())
+    }
+
+    /// Every process signs on all its sessions at once for `phase`, each in itself: the
+    /// device's raw rate with the same number of processes, without the pipes.
+    fn raw(&self, key: &KeyInfo, phase: Duration) -> Option<Result<u64, TokenError>> {
+        let links: Vec<Arc<Link>> = lock(&self.shared.state)
+            .procs
+            .iter()
+            .filter_map(|p| p.link.clone())
+            .collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for link in &links {
+            let challenge = match challenge() {
+                Ok(c) => c,
+                Err(e) => return Some(Err(e)),
+            };
+            let tx = tx.clone();
+            link.send(
+                vec![
+                    (
+                        Request::Prove {
+                            key: key.clone(),
+                            challenge,
+                        },
+                        Waiter::Tell,
+                    ),
+                    (
+                        Request::Raw {
+                            id: key.id().to_vec(),
+                            millis: phase.as_millis() as u64,
+                        },
+                        Waiter::Call(Box::new(move |o| {
+                            let _ = tx.send(o);
+                        })),
+                    ),
+                ],
+                &self.shared,
+            );
+        }
+        drop(tx);
+        let mut made = 0;
+        for outcome in rx {
+            match outcome {
+                Ok(Answer::Count(n)) => made += n,
+                Ok(_) => return Some(Err(unexpected())),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(Ok(made))
     }
 }

@@ -31,6 +31,10 @@ pub(super) struct Start {
     /// Sessions this process signs with; `None`: as the config and profile say.
     pub sessions: Option<usize>,
     pub device: DeviceSettings,
+    /// Started by `keybound bench`: the process also answers `Raw`. A serving agent never
+    /// sets it, so its signers refuse `Raw`.
+    #[serde(default)]
+    pub bench: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +54,9 @@ pub(super) struct Ready {
     /// Sessions per signer process, from the profile.
     pub per_signer: Option<usize>,
     pub pid: u32,
+    /// The one session signs on the thread that reads requests.
+    #[serde(default)]
+    pub inline: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -65,6 +72,13 @@ pub(super) enum Request {
         key: KeyInfo,
         #[serde(with = "b64")]
         challenge: Vec<u8>,
+    },
+    /// `bench` only: sign a fixed digest with a told key on every session of the process
+    /// for `millis`, and answer how many (the device's raw rate, in this process).
+    Raw {
+        #[serde(with = "b64")]
+        id: Vec<u8>,
+        millis: u64,
     },
     Keys,
     Health,
@@ -99,6 +113,7 @@ impl Request {
         match self {
             Request::Sign { .. } => "sign",
             Request::Prove { .. } => "prove",
+            Request::Raw { .. } => "raw",
             Request::Keys => "keys",
             Request::Health => "health",
             Request::Facts { .. } => "facts",
@@ -121,6 +136,7 @@ pub(super) enum Answer {
     Facts(KeyFacts),
     Key(KeyInfo),
     Records(Vec<Vec<u8>>),
+    Count(u64),
     Done,
 }
 
