@@ -11,25 +11,10 @@
 # unless KEYBOUND_DEV_DIR says otherwise). Installs python-pkcs11 into a venv there.
 set -euo pipefail
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-dir=${KEYBOUND_DEV_DIR:-$repo/.keybound-dev}
+name=bench-signers
 seconds=${1:-10}
-bin=${CARGO_TARGET_DIR:-$repo/target}/release
-keybound=$bin/keybound
-die() { printf 'bench-signers: error: %s\n' "$*" >&2; exit 1; }
-[ -x "$keybound" ] || die "run ./scripts/demo.sh first (release build)"
-[ -f "$dir/env" ] || die "no dev token in $dir; run ./scripts/demo.sh first"
-# shellcheck source=/dev/null
-. "$dir/env"
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=scripts/bench-env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/bench-env.sh"
 
 wait_socket() {
   for _ in $(seq 300); do

@@ -1,9 +1,11 @@
 //! Signer processes (`[agent] signers = "processes"`, the default): the device and its PIN
 //! live in child processes of `keybound serve`.
 //!
-//! * A signer killed under 64-way load: every request is answered with a proof that
-//!   verifies independently, or with 503 and `Retry-After`; the agent (same pid) serves on,
-//!   the signer is restarted, and signing resumes.
+//! * A signer stopped and then killed under 64-way load: every request is answered with a
+//!   proof that verifies independently, or with 503 and `Retry-After` (those it held are
+//!   retried on the other signer); the agent (same pid) serves on, the signer is restarted
+//!   with nothing of the agent's inherited, and signing resumes. The only signer, stopped:
+//!   the watchdog kills it after `signer_timeout_secs`, what it held is answered 503.
 //! * The PIN read from `pin_file` is never in the agent process: not in its environment,
 //!   not in its memory (`/proc/<agent>/mem` scanned for the PIN's bytes), while the same
 //!   scan finds it in a signer process (the scan works).
@@ -58,15 +60,39 @@ fn parent_of(pid: u32) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_signer_killed_under_load_costs_no_request_and_the_agent_serves_on() {
+    // SoftHSM: one process per session, two sessions (the harness's config).
+    kill_under_load(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_only_signer_stuck_under_load_is_killed_503_then_signing_resumes() {
+    // One session: one process, so what it held has nowhere else to go. Stopped, it
+    // answers nothing: the watchdog kills it after signer_timeout_secs.
+    kill_under_load(1).await;
+}
+
+/// 64 callers asking for proofs; one signer process stopped, then killed, mid-way.
+async fn kill_under_load(sessions: u64) {
     const CLIENTS: usize = 64;
     const PER_CLIENT: usize = 20;
     let (token, kids) = token_with_keys(&[("dpop", "ES256")]);
+    token.write_config(&format!(
+        "{}\n[agent]\nsigner_timeout_secs = 2\n",
+        Config {
+            sessions: sessions.to_string(),
+            ..Config::default()
+        }
+        .render()
+    ));
     let dir = SocketDir::new();
     let mut agent = Agent::start(&token, &dir.socket());
     let jwks = published_jwks(&token, &agent).await;
     let (processes, up, pids, restarts) = signers(agent.socket()).await;
-    // SoftHSM: one process per session, two sessions (the harness's config).
-    assert_eq!((processes, up, restarts), (2, 2, 0), "{pids:?}");
+    assert_eq!(
+        (processes, up, restarts),
+        (sessions, sessions, 0),
+        "{pids:?}"
+    );
     for pid in &pids {
         assert_eq!(
             parent_of(*pid),
@@ -74,7 +100,7 @@ async fn a_signer_killed_under_load_costs_no_request_and_the_agent_serves_on() {
             "signer {pid} is the agent's child"
         );
     }
-    let victim = pids[1];
+    let victim = *pids.last().expect("a signer");
 
     let answered = Arc::new(AtomicUsize::new(0));
     let start = window_start();
@@ -103,13 +129,25 @@ async fn a_signer_killed_under_load_costs_no_request_and_the_agent_serves_on() {
         assert!(guard.elapsed() < GUARD, "the load did not get going");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    signal(victim, "KILL");
+    // Stopped first, so requests are certainly in flight on it when it dies (it holds
+    // them while the other process serves on), then killed.
+    signal(victim, "STOP");
+    if sessions > 1 {
+        let stopped_at = answered.load(Ordering::Relaxed);
+        while answered.load(Ordering::Relaxed) < stopped_at + CLIENTS {
+            assert!(guard.elapsed() < GUARD, "the other signer did not serve on");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        signal(victim, "KILL");
+    }
+    // With one process, nothing is answered while it is stopped: the watchdog kills it.
     let mut answers = Vec::new();
     for t in tasks {
         answers.extend(t.await.expect("client task"));
     }
     let window = window_end(start);
     let (mut proofs, mut unavailable) = (0, 0);
+    let mut reasons = std::collections::BTreeMap::<String, usize>::new();
     for (job, reply) in &answers {
         match reply.status.as_u16() {
             200 => {
@@ -122,20 +160,37 @@ async fn a_signer_killed_under_load_costs_no_request_and_the_agent_serves_on() {
                     "503 without Retry-After: {reply:?}"
                 );
                 unavailable += 1;
+                let body = reply.json();
+                *reasons
+                    .entry(format!("{}: {}", body["error"], body["message"]))
+                    .or_default() += 1;
             }
             _ => panic!("neither a proof nor 503 + Retry-After: {reply:?}"),
         }
     }
     assert_eq!(proofs + unavailable, CLIENTS * PER_CLIENT);
-    eprintln!("{proofs} proofs, {unavailable} answered 503 around the kill");
+    if sessions == 1 {
+        assert!(
+            unavailable >= 1,
+            "what the only signer held was answered 503"
+        );
+    }
+    eprintln!("{proofs} proofs, {unavailable} answered 503 around the kill: {reasons:#?}");
 
     // The agent is the same process, still serving; the signer comes back.
     assert!(agent.running(), "the agent survived its signer");
     let guard = Instant::now();
     loop {
         let (_, up, pids, restarts) = signers(agent.socket()).await;
-        if up == 2 && restarts >= 1 {
+        if up == sessions && restarts >= 1 {
             assert!(!pids.contains(&victim), "a new process: {pids:?}");
+            // Started while the agent was listening: it inherited none of its sockets (its
+            // stdio aside: here pipes), and only the variables a module reads.
+            if root_or_skip("the restarted signer's fds and environment") {
+                for pid in &pids {
+                    assert_inherits_nothing(*pid);
+                }
+            }
             break;
         }
         assert!(guard.elapsed() < GUARD, "the signer was not restarted");
@@ -144,6 +199,32 @@ async fn a_signer_killed_under_load_costs_no_request_and_the_agent_serves_on() {
     let metrics = get(agent.socket(), "/metrics").await.text();
     assert!(metric(&metrics, "keybound_signer_restarts_total", &[]).unwrap_or(0.0) >= 1.0);
     assert!(metric(&metrics, "keybound_signer_exits_total", &[]).unwrap_or(0.0) >= 1.0);
+    // The stopped process held requests when it was killed: they went to the other
+    // process (or were answered 503 above).
+    let retried = metric(&metrics, "keybound_signer_retried_total", &[]).unwrap_or(0.0);
+    let refused = metric(&metrics, "keybound_signer_unavailable_total", &[]).unwrap_or(0.0);
+    eprintln!("{retried} retried on the other signer, {refused} answered unavailable");
+    assert!(
+        retried + refused >= 1.0,
+        "the killed signer had nothing in flight?"
+    );
+    if sessions > 1 {
+        assert!(
+            retried >= 1.0,
+            "what the killed signer held went to the other one"
+        );
+    } else {
+        let hung = metric(&metrics, "keybound_signer_hung_total", &[]).unwrap_or(0.0);
+        assert!(
+            hung >= 1.0,
+            "the watchdog killed the stuck signer: {metrics}"
+        );
+        assert!(
+            agent.log().contains("answered nothing for"),
+            "{}",
+            agent.log()
+        );
+    }
     // Signing resumes on both processes, with no restart of the agent.
     let again = run_jobs(agent.socket(), CLIENTS, 2, move |n| {
         proof_job(n, "dpop", &kids["dpop"], false, false)
@@ -158,6 +239,60 @@ async fn a_signer_killed_under_load_costs_no_request_and_the_agent_serves_on() {
         "{}",
         agent.log()
     );
+}
+
+/// Whether this process may read another's `/proc/<pid>/{fd,environ,mem}` (signer and agent
+/// are non-dumpable: root only). Elsewhere the check is skipped with a note; in CI (CI is
+/// set) it fails instead, so CI never passes by skipping it.
+fn root_or_skip(what: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{what} needs root (the processes are non-dumpable), and CI is set"
+    );
+    eprintln!("SKIPPED {what}: needs root to read a non-dumpable process's /proc entries");
+    false
+}
+
+/// The signer `pid` holds no socket (the agent's listeners, its callers' connections) and
+/// its environment has only the variables modules read (the agent's has more: the harness
+/// sets KEYBOUND_CONFIG, PATH, ...).
+fn assert_inherits_nothing(pid: u32) {
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .flatten()
+    {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        assert!(
+            !target.to_string_lossy().starts_with("socket:"),
+            "signer {pid} holds a socket: fd {:?} -> {}",
+            fd.file_name(),
+            target.display()
+        );
+    }
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    let mut names: Vec<String> = environ
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            String::from_utf8_lossy(v)
+                .split('=')
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    names.sort();
+    for name in &names {
+        assert!(
+            keybound::token::signer::PASSED_ENV.contains(&name.as_str()) || name == PIN_ENV,
+            "signer {pid} got {name} from the agent's environment: {names:?}"
+        );
+    }
+    assert!(names.iter().any(|n| n == "SOFTHSM2_CONF"), "{names:?}");
+    assert!(!names.iter().any(|n| n == "KEYBOUND_CONFIG"), "{names:?}");
 }
 
 /// A PIN no other string in the agent's memory could be by chance.

@@ -2,8 +2,10 @@
 //! the `tpm2-pkcs11` hsm-profile (picked by the token's manufacturer and model): the
 //! template quirks (no `CKA_DECRYPT=false`/`CKA_ENCRYPT=false`), ES256 with `CKM_ECDSA`,
 //! RS256 with `CKM_SHA256_RSA_PKCS`, no PS256. Every signature is verified independently
-//! from the JWKS keybound printed.
+//! from the JWKS keybound printed. `keybound serve` signs with both keys through its signer
+//! processes (RS256's mechanism hashes on the device: its `Sign` carries the input).
 
+mod agent_support;
 mod support;
 mod tpm_support;
 
@@ -102,7 +104,8 @@ impl Tpm2Token {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn keybound<S: AsRef<OsStr>>(&self, args: &[S]) -> Output {
+    /// `keybound <args>` with this token's config, PIN and module environment, not yet run.
+    fn command<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keybound"));
         cmd.args(args)
             .current_dir(self.dir.path().join("cwd"))
@@ -112,7 +115,11 @@ impl Tpm2Token {
             .env_remove("XDG_CONFIG_HOME")
             .env_remove("RUST_LOG");
         self.env(&mut cmd);
-        cmd.output().expect("spawn keybound")
+        cmd
+    }
+
+    fn keybound<S: AsRef<OsStr>>(&self, args: &[S]) -> Output {
+        self.command(args).output().expect("spawn keybound")
     }
 
     fn run_ok<S: AsRef<OsStr> + Debug>(&self, args: &[S]) -> String {
@@ -198,6 +205,24 @@ fn tpm2_pkcs11_token_signs_es256_and_rs256_with_its_profile() {
         assert_eq!(proof.header["typ"], "dpop+jwt");
         assert_verifies(&jwk, &proof);
     }
+    // The agent, its device in signer processes, signs with both keys.
+    let dir = agent_support::SocketDir::new();
+    let mut cmd = token.command(&["serve", "--socket"]);
+    cmd.arg(dir.socket());
+    let agent = agent_support::Agent::start_command(cmd, &dir.socket());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for (label, alg) in [("es", "ES256"), ("rs", "RS256")] {
+        let request = serde_json::json!({"key": label, "htm": "GET",
+            "htu": "https://example.okta.com/api/v1/users"});
+        let reply = runtime.block_on(agent_support::post(agent.socket(), "/v1/dpop", &request));
+        let proof = reply.ok_member(&format!("a {alg} proof from the agent"), "proof");
+        assert_verifies(&jwk(alg), &Jws::parse(&proof));
+    }
+    drop(agent);
+
     // keybound's use left nothing loaded in the TPM.
     assert_eq!(transient_handles(&token.tpm), Vec::<String>::new());
 }

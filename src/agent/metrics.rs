@@ -436,6 +436,12 @@ fn render_signers(s: &crate::token::signer::SignerReport, out: &mut String) {
             "Signatures answered unavailable because no signer process could make them.",
             s.unavailable,
         ),
+        (
+            "keybound_signer_hung_total",
+            "counter",
+            "Signer processes killed for holding signatures without answering (agent.signer_timeout_secs).",
+            s.hung,
+        ),
     ];
     for (name, kind, help, value) in series {
         let _ = writeln!(

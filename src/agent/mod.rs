@@ -73,6 +73,10 @@ pub struct AgentSettings {
     /// Where the device runs: in signer processes (the default), or in this process.
     #[serde(default)]
     pub signers: Signers,
+    /// Seconds a signer process may hold signatures without answering any before it is
+    /// taken for hung (a module stuck in the device), killed and restarted.
+    #[serde(default = "defaults::signer_timeout_secs")]
+    pub signer_timeout_secs: u64,
 }
 
 /// `[agent] signers`: where the agent's device runs.
@@ -113,6 +117,9 @@ mod defaults {
     pub fn max_call_bytes() -> usize {
         8 * 1024 * 1024
     }
+    pub fn signer_timeout_secs() -> u64 {
+        30
+    }
 }
 
 impl Default for AgentSettings {
@@ -133,6 +140,7 @@ impl Default for AgentSettings {
             max_call_bytes: defaults::max_call_bytes(),
             gateway_listen: None,
             signers: Signers::default(),
+            signer_timeout_secs: defaults::signer_timeout_secs(),
         }
     }
 }
@@ -164,6 +172,12 @@ impl AgentSettings {
         range("max_body_bytes", self.max_body_bytes, 256, 16 << 20)?;
         range("async_threads", self.async_threads, 1, 64)?;
         range("max_call_bytes", self.max_call_bytes, 1024, 64 << 20)?;
+        range(
+            "signer_timeout_secs",
+            usize::try_from(self.signer_timeout_secs).unwrap_or(usize::MAX),
+            1,
+            3600,
+        )?;
         if let Some(addr) = self.gateway_listen
             && !(addr.is_ipv4() && addr.ip().is_loopback())
         {

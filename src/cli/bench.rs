@@ -35,6 +35,7 @@ pub fn run(
                 verbose: 0,
                 sessions,
                 bench: true,
+                hung_after: std::time::Duration::from_secs(c.agent.signer_timeout_secs),
             },
             c.policy.clone(),
         ),

@@ -26,6 +26,7 @@ pub fn run(
                     verbose,
                     sessions: None,
                     bench: false,
+                    hung_after: std::time::Duration::from_secs(config.agent.signer_timeout_secs),
                 },
                 config.policy.clone(),
             ),

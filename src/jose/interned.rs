@@ -12,8 +12,9 @@ use serde::{Deserialize, Deserializer, Serializer};
 /// take the field for one borrowed from the input.
 pub type Str = &'static str;
 
-/// Distinct strings kept; later ones read as "(unknown)".
+/// Distinct strings kept; later ones, and longer ones, read as "(unknown)".
 const CAP: usize = 4096;
+const MAX_LEN: usize = 128;
 
 /// The one `'static` copy of `s`.
 pub fn intern(s: &str) -> &'static str {
@@ -25,7 +26,7 @@ pub fn intern(s: &str) -> &'static str {
     if let Some(kept) = seen.get(s) {
         return kept;
     }
-    if seen.len() >= CAP {
+    if seen.len() >= CAP || s.len() > MAX_LEN {
         return "(unknown)";
     }
     let kept: &'static str = Box::leak(s.to_owned().into_boxed_str());

@@ -415,11 +415,108 @@ mod kind_tests {
     }
 }
 
-/// A PKCS#11 return value by its name (`CKR_…` in `RvError`'s words); an unknown name
-/// reads as `CKR_GENERAL_ERROR`.
+/// A PKCS#11 return value by its name (`RvError`'s `Debug`): every named value of
+/// cryptoki 0.12 is listed, so reading one back never goes through `Rv::from`, which logs
+/// an error for every code it does not know. Vendor and unknown codes keep their number.
 mod rv_serde {
-    use cryptoki::error::{Rv, RvError};
+    use cryptoki::error::RvError;
     use serde::{Deserialize, Deserializer, Serializer};
+
+    const NAMED: &[RvError] = &[
+        RvError::Cancel,
+        RvError::HostMemory,
+        RvError::SlotIdInvalid,
+        RvError::GeneralError,
+        RvError::FunctionFailed,
+        RvError::ArgumentsBad,
+        RvError::NoEvent,
+        RvError::NeedToCreateThreads,
+        RvError::CantLock,
+        RvError::AttributeReadOnly,
+        RvError::AttributeSensitive,
+        RvError::AttributeTypeInvalid,
+        RvError::AttributeValueInvalid,
+        RvError::ActionProhibited,
+        RvError::DataInvalid,
+        RvError::DataLenRange,
+        RvError::DeviceError,
+        RvError::DeviceMemory,
+        RvError::DeviceRemoved,
+        RvError::EncryptedDataInvalid,
+        RvError::EncryptedDataLenRange,
+        RvError::FunctionCanceled,
+        RvError::FunctionNotParallel,
+        RvError::FunctionNotSupported,
+        RvError::CurveNotSupported,
+        RvError::KeyHandleInvalid,
+        RvError::KeySizeRange,
+        RvError::KeyTypeInconsistent,
+        RvError::KeyNotNeeded,
+        RvError::KeyChanged,
+        RvError::KeyNeeded,
+        RvError::KeyIndigestible,
+        RvError::KeyFunctionNotPermitted,
+        RvError::KeyNotWrappable,
+        RvError::KeyUnextractable,
+        RvError::MechanismInvalid,
+        RvError::MechanismParamInvalid,
+        RvError::ObjectHandleInvalid,
+        RvError::OperationActive,
+        RvError::OperationNotInitialized,
+        RvError::PinIncorrect,
+        RvError::PinInvalid,
+        RvError::PinLenRange,
+        RvError::PinExpired,
+        RvError::PinLocked,
+        RvError::SessionClosed,
+        RvError::SessionCount,
+        RvError::SessionHandleInvalid,
+        RvError::SessionParallelNotSupported,
+        RvError::SessionReadOnly,
+        RvError::SessionExists,
+        RvError::SessionReadOnlyExists,
+        RvError::SessionReadWriteSoExists,
+        RvError::SignatureInvalid,
+        RvError::SignatureLenRange,
+        RvError::TemplateIncomplete,
+        RvError::TemplateInconsistent,
+        RvError::TokenNotPresent,
+        RvError::TokenNotRecognized,
+        RvError::TokenWriteProtected,
+        RvError::UnwrappingKeyHandleInvalid,
+        RvError::UnwrappingKeySizeRange,
+        RvError::UnwrappingKeyTypeInconsistent,
+        RvError::UserAlreadyLoggedIn,
+        RvError::UserNotLoggedIn,
+        RvError::UserPinNotInitialized,
+        RvError::UserTypeInvalid,
+        RvError::UserAnotherAlreadyLoggedIn,
+        RvError::UserTooManyTypes,
+        RvError::WrappedKeyInvalid,
+        RvError::WrappedKeyLenRange,
+        RvError::WrappingKeyHandleInvalid,
+        RvError::WrappingKeySizeRange,
+        RvError::WrappingKeyTypeInconsistent,
+        RvError::RandomSeedNotSupported,
+        RvError::RandomNoRng,
+        RvError::DomainParamsInvalid,
+        RvError::BufferTooSmall,
+        RvError::SavedStateInvalid,
+        RvError::InformationSensitive,
+        RvError::StateUnsaveable,
+        RvError::CryptokiNotInitialized,
+        RvError::CryptokiAlreadyInitialized,
+        RvError::MutexBad,
+        RvError::MutexNotLocked,
+        RvError::NewPinMode,
+        RvError::NextOtp,
+        RvError::ExceededMaxIterations,
+        RvError::FipsSelfTestFailed,
+        RvError::LibraryLoadFailed,
+        RvError::PinTooWeak,
+        RvError::PublicKeyInvalid,
+        RvError::FunctionRejected,
+    ];
 
     pub fn serialize<S: Serializer>(rv: &RvError, ser: S) -> Result<S::Ok, S::Error> {
         ser.serialize_str(&format!("{rv:?}"))
@@ -427,11 +524,21 @@ mod rv_serde {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<RvError, D::Error> {
         let name = String::deserialize(de)?;
-        // The standard codes are below 0x200; vendor codes read as general errors.
-        let found = (1u64..0x200).find_map(|code| match Rv::from(code) {
-            Rv::Error(rv) if format!("{rv:?}") == name => Some(rv),
-            _ => None,
-        });
-        Ok(found.unwrap_or(RvError::GeneralError))
+        let code = |prefix: &str| {
+            name.strip_prefix(prefix)
+                .and_then(|rest| rest.strip_suffix(')'))
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        if let Some(c) = code("VendorDefined(") {
+            return Ok(RvError::VendorDefined(c as _));
+        }
+        if let Some(c) = code("UnknownErrorCode(") {
+            return Ok(RvError::UnknownErrorCode(c as _));
+        }
+        Ok(NAMED
+            .iter()
+            .copied()
+            .find(|rv| format!("{rv:?}") == name)
+            .unwrap_or(RvError::GeneralError))
     }
 }

@@ -855,7 +855,7 @@ pub fn int_claim(claims: &Value, name: &str) -> i64 {
         .unwrap_or_else(|| panic!("claim {name} is an integer: {claims}"))
 }
 
-/// Sends `sig` (`"TERM"`, `"INT"`, `"KILL"`) to `pid` with kill(2): the tests run no `kill`
+/// Sends `sig` (`"TERM"`, `"INT"`, `"KILL"`, `"STOP"`) to `pid` with kill(2): the tests run no `kill`
 /// program, so a machine without procps runs them too.
 pub fn send_signal(pid: u32, sig: &str) {
     use rustix::process::{Pid, Signal, kill_process};
@@ -863,6 +863,7 @@ pub fn send_signal(pid: u32, sig: &str) {
         "TERM" => Signal::TERM,
         "INT" => Signal::INT,
         "KILL" => Signal::KILL,
+        "STOP" => Signal::STOP,
         other => panic!("send_signal: unsupported signal {other}"),
     };
     let pid = i32::try_from(pid)

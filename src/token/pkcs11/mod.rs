@@ -123,6 +123,20 @@ impl Pkcs11Token {
         })
     }
 
+    /// The algorithms whose profile mechanism hashes on the device (a signer process must
+    /// be sent their signing input, not only the digest).
+    pub(crate) fn whole_input(&self) -> Vec<Alg> {
+        Alg::ALL
+            .into_iter()
+            .filter(|alg| {
+                self.conn
+                    .profile
+                    .mechanism(*alg)
+                    .is_ok_and(|m| m.hashes_on_token())
+            })
+            .collect()
+    }
+
     /// Sessions per signer process, from the profile (`[sessions] per_signer`).
     pub(crate) fn per_signer(&self) -> Option<usize> {
         self.conn.profile.sessions.per_signer

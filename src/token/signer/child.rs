@@ -40,6 +40,9 @@ impl Out {
 /// Runs the signer until stdin closes. Exit 0 then; 1 when the device cannot be opened
 /// (the agent has the error in the first answer) or the agent spoke out of turn.
 pub fn run() -> ExitCode {
+    // `ps` and `top` show "keybound-signer" (spawned through /proc/self/exe, it would
+    // be "exe"); a name too long or refused changes nothing else.
+    let _ = rustix::thread::set_name(c"keybound-signer");
     let mut input = BufReader::new(io::stdin().lock());
     let out = Out(Arc::new(Mutex::new(io::stdout())));
     let mut buf = Vec::new();
@@ -67,7 +70,7 @@ pub fn run() -> ExitCode {
     let ready_inline = ready.inline;
     out.send(start.n, &Ok(Answer::Ready(ready)));
     let told: Told = Arc::default();
-    let keeper = (role == Role::Keeper).then(|| manager(backend.clone(), out.clone()));
+    let mut keeper = (role == Role::Keeper).then(|| manager(backend.clone(), out.clone()));
     loop {
         let frame: Frame<Request> = match wire::read(&mut input, &mut buf) {
             Ok(Some(f)) => f,
@@ -79,7 +82,12 @@ pub fn run() -> ExitCode {
         };
         let n = frame.n;
         match frame.body {
-            Request::Sign { id, alg, digest } => {
+            Request::Sign {
+                id,
+                alg,
+                digest,
+                message,
+            } => {
                 let found = told
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -96,7 +104,7 @@ pub fn run() -> ExitCode {
                     );
                     continue;
                 };
-                let tbs = match check(&key, alg, &digest) {
+                let tbs = match check(&key, alg, &digest, message.as_deref()) {
                     Ok(tbs) => tbs,
                     Err(e) => {
                         out.send(n, &Err(e));
@@ -136,7 +144,7 @@ pub fn run() -> ExitCode {
                 out.send(n, &outcome);
             }
             other => match &keeper {
-                Some(keeper) => {
+                Some((keeper, _)) => {
                     if keeper.send((n, other)).is_err() {
                         out.send(n, &Err(TokenError::WorkersGone));
                     }
@@ -149,6 +157,15 @@ pub fn run() -> ExitCode {
                     ))),
                 ),
             },
+        }
+    }
+    // The agent is gone or stopping: finish a key-management call under way (a key half
+    // generated, a record half written) before the process ends; the signing sessions
+    // finish theirs when `backend` is dropped.
+    if let Some((sender, thread)) = keeper.take() {
+        drop(sender);
+        if let Some(thread) = thread {
+            let _ = thread.join();
         }
     }
     ExitCode::SUCCESS
@@ -177,6 +194,7 @@ fn open(
                 per_signer,
                 pid,
                 inline: token.sessions() == 1,
+                whole_input: token.whole_input(),
             };
             Ok((Arc::new(token), ready))
         }
@@ -189,16 +207,37 @@ fn open(
                 per_signer: None,
                 pid,
                 inline: false,
+                whole_input: Vec::new(),
             };
             Ok((Arc::new(token), ready))
         }
     }
 }
 
-/// The digest as the key's algorithm needs it, or why not.
-fn check(key: &KeyInfo, alg: crate::jose::Alg, digest: &[u8]) -> Result<ToBeSigned, TokenError> {
-    crate::token::check_alg(key.label(), key.alg(), &ToBeSigned::of_digest(alg, digest)?)?;
-    Ok(ToBeSigned::of_digest(alg, digest)?)
+/// The largest signing input a `Sign` may carry (for a mechanism that hashes on the
+/// device): a JWS signing input is a few hundred bytes.
+const MAX_MESSAGE: usize = 64 * 1024;
+
+/// The digest (or, for a mechanism that hashes on the device, the signing input that
+/// hashes to it) as the key's algorithm needs it, or why not.
+fn check(
+    key: &KeyInfo,
+    alg: crate::jose::Alg,
+    digest: &[u8],
+    message: Option<&[u8]>,
+) -> Result<ToBeSigned, TokenError> {
+    let tbs = ToBeSigned::of_digest(alg, digest)?;
+    crate::token::check_alg(key.label(), key.alg(), &tbs)?;
+    let Some(message) = message else {
+        return Ok(tbs);
+    };
+    let whole = alg.to_be_signed(message);
+    if message.len() > MAX_MESSAGE || whole.digest() != tbs.digest() {
+        return Err(TokenError::Internal(
+            "a signing input that is too long or does not hash to its digest".into(),
+        ));
+    }
+    Ok(whole)
 }
 
 /// Signs the challenge with the key found afresh; keeps the key for `Sign` only when the
@@ -291,7 +330,12 @@ fn raw(
 
 /// The keeper's key-management calls run on their own thread, so a slow one (an RSA key
 /// generated) never holds up the signatures read behind it.
-fn manager(backend: Arc<dyn Backend>, out: Out) -> std::sync::mpsc::Sender<(u64, Request)> {
+type Manager = (
+    std::sync::mpsc::Sender<(u64, Request)>,
+    Option<std::thread::JoinHandle<()>>,
+);
+
+fn manager(backend: Arc<dyn Backend>, out: Out) -> Manager {
     let (tx, rx) = std::sync::mpsc::channel::<(u64, Request)>();
     let spawned = std::thread::Builder::new()
         .name("keybound-keeper".into())
@@ -300,10 +344,13 @@ fn manager(backend: Arc<dyn Backend>, out: Out) -> std::sync::mpsc::Sender<(u64,
                 out.send(n, &manage(&*backend, request));
             }
         });
-    if let Err(e) = spawned {
-        tracing::error!("signer: cannot start the key-management thread: {e}");
+    match spawned {
+        Ok(thread) => (tx, Some(thread)),
+        Err(e) => {
+            tracing::error!("signer: cannot start the key-management thread: {e}");
+            (tx, None)
+        }
     }
-    tx
 }
 
 fn manage(backend: &dyn Backend, request: Request) -> Outcome {

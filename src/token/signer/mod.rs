@@ -42,7 +42,7 @@ use crate::jose::{self, Alg, JwsSignature, ToBeSigned};
 /// Environment variables a signer process gets when they are set (what PKCS#11 modules
 /// and the TSS read), besides the PIN's and the TPM key auth's variables. Everything else
 /// of the agent's environment stays out.
-const PASSED_ENV: &[&str] = &[
+pub const PASSED_ENV: &[&str] = &[
     "SOFTHSM2_CONF",
     "YUBIHSM_PKCS11_CONF",
     "OPENSC_CONF",
@@ -76,6 +76,9 @@ pub struct SignerSpawn {
     pub sessions: Option<usize>,
     /// For `keybound bench`: the processes also measure their raw rate ([`Backend::raw`]).
     pub bench: bool,
+    /// A process that holds signatures and answers none for this long is killed and
+    /// restarted (its module is stuck).
+    pub hung_after: Duration,
 }
 
 /// Counters for `/healthz` and the metrics.
@@ -87,6 +90,8 @@ pub struct SignerStats {
     pub exits: AtomicU64,
     /// Requests retried on another process after theirs died.
     pub retried: AtomicU64,
+    /// Processes killed because they held signatures and answered none for too long.
+    pub hung: AtomicU64,
     /// Requests answered "unavailable" because their process died and none other was up.
     pub unavailable: AtomicU64,
 }
@@ -102,6 +107,7 @@ pub struct SignerReport {
     pub exits: u64,
     pub retried: u64,
     pub unavailable: u64,
+    pub hung: u64,
 }
 
 /// The signer processes of one device.
@@ -121,6 +127,12 @@ struct Shared {
     state: Mutex<State>,
     stats: SignerStats,
     stopping: AtomicBool,
+    /// Algorithms whose profile mechanism hashes on the device: their `Sign` carries the
+    /// signing input, not only its digest (the keeper's `Ready`).
+    whole_input: Vec<Alg>,
+    /// Each slot's process while it runs (spawned, not yet reaped): what `Drop` kills
+    /// when one will not end.
+    pids: Mutex<Vec<Option<u32>>>,
 }
 
 struct State {
@@ -140,10 +152,15 @@ struct Proc {
 
 /// The pipes to one running process.
 struct Link {
+    /// Its slot in `State::procs`.
+    index: usize,
     pid: u32,
     stdin: Mutex<Option<ChildStdin>>,
     pending: Mutex<Pending>,
     next: AtomicU64,
+    /// When it last answered a signature, or was sent one while it held none: what the
+    /// watchdog measures a stuck process by.
+    progress: Mutex<Instant>,
 }
 
 #[derive(Default)]
@@ -198,12 +215,15 @@ impl Job {
         }
     }
 
-    fn request(&self) -> Request {
+    fn request(&self, whole_input: &[Alg]) -> Request {
         match &self.work {
             Work::Sign { tbs, .. } => Request::Sign {
                 id: self.key.id().to_vec(),
                 alg: tbs.alg(),
                 digest: tbs.digest().as_bytes().to_vec(),
+                message: whole_input
+                    .contains(&tbs.alg())
+                    .then(|| tbs.message().unwrap_or_default().to_vec()),
             },
             Work::Prove { tbs, .. } => Request::Prove {
                 key: self.key.clone(),
@@ -225,7 +245,7 @@ impl Signers {
     /// Starts the keeper, then as many more processes as the profile says; each must
     /// open the device and log in, or this fails with the device's own error.
     pub(crate) fn start(spawn: SignerSpawn) -> Result<Signers, TokenError> {
-        let (keeper, ready, stdout) = launch(&spawn, Role::Keeper, spawn.sessions)?;
+        let (keeper, ready, stdout) = launch(&spawn, 0, Role::Keeper, spawn.sessions, &|_| {})?;
         let total = ready.sessions.max(1);
         let layout: Vec<usize> = match ready.per_signer {
             Some(k) if k >= 1 => {
@@ -248,8 +268,8 @@ impl Signers {
             told: HashSet::new(),
         }];
         let mut started = vec![(keeper, stdout)];
-        for &sessions in &layout[1..] {
-            let (link, _, stdout) = launch(&spawn, Role::Signer, Some(sessions))?;
+        for (i, &sessions) in layout.iter().enumerate().skip(1) {
+            let (link, _, stdout) = launch(&spawn, i, Role::Signer, Some(sessions), &|_| {})?;
             procs.push(Proc {
                 role: Role::Signer,
                 sessions,
@@ -259,8 +279,11 @@ impl Signers {
             });
             started.push((link, stdout));
         }
+        let pids = started.iter().map(|(l, _)| Some(l.pid)).collect();
         let shared = Arc::new(Shared {
             spawn,
+            whole_input: ready.whole_input,
+            pids: Mutex::new(pids),
             description: Mutex::new(ready.description),
             sessions: total,
             state: Mutex::new(State {
@@ -278,6 +301,16 @@ impl Signers {
                 .spawn(move || supervise(shared, i, link, io))
                 .map_err(|e| TokenError::Unavailable {
                     reason: format!("cannot start a thread for signer process {i}: {e}"),
+                })?;
+            supervisors.push(handle);
+        }
+        {
+            let shared = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name("keybound-watchdog".into())
+                .spawn(move || watchdog(&shared))
+                .map_err(|e| TokenError::Unavailable {
+                    reason: format!("cannot start the signer watchdog thread: {e}"),
                 })?;
             supervisors.push(handle);
         }
@@ -330,6 +363,7 @@ impl Shared {
             exits: self.stats.exits.load(Ordering::Relaxed),
             retried: self.stats.retried.load(Ordering::Relaxed),
             unavailable: self.stats.unavailable.load(Ordering::Relaxed),
+            hung: self.stats.hung.load(Ordering::Relaxed),
         }
     }
 
@@ -364,6 +398,9 @@ impl Shared {
             drop(st);
             return self.dispatch(job);
         };
+        if proc.in_flight == 0 {
+            *lock(&link.progress) = Instant::now();
+        }
         proc.in_flight += 1;
         let mut batch = Vec::with_capacity(2);
         if matches!(job.work, Work::Sign { .. }) && !proc.told.contains(job.key.id()) {
@@ -383,9 +420,41 @@ impl Shared {
             }
             proc.told.insert(job.key.id().to_vec());
         }
+        let stdin = lock(&link.stdin);
         drop(st);
-        batch.push((job.request(), Waiter::Job(job)));
-        link.send(batch, self);
+        batch.push((job.request(&self.whole_input), Waiter::Job(job)));
+        link.send_locked(stdin, batch, self);
+    }
+
+    /// `link`'s process is gone: it gets no more jobs. (Its supervisor fails what it held
+    /// and restarts it.)
+    fn mark_down(&self, link: &Link) {
+        let mut st = lock(&self.state);
+        let p = &mut st.procs[link.index];
+        if p.link.as_ref().is_some_and(|l| std::ptr::eq(&**l, link)) {
+            p.link = None;
+            p.in_flight = 0;
+            p.told.clear();
+        }
+    }
+
+    /// Sleeps `d`, or less when the agent is stopping; false then.
+    fn pause(&self, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return false;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(50)));
+        }
+    }
+
+    fn set_pid(&self, i: usize, pid: Option<u32>) {
+        lock(&self.pids)[i] = pid;
     }
 
     /// A process answered (or failed) a job: frees its session and sends it the next
@@ -412,10 +481,11 @@ impl Shared {
     }
 }
 
-/// Requests in flight on one process: two per session, so a session never waits for the
-/// agent between two signatures.
+/// Requests in flight on one process: two per session and two more, so a session never
+/// waits for the agent between two signatures (and a TPM never goes idle and flushes its
+/// key between them).
 fn depth(p: &Proc) -> usize {
-    p.sessions * 2
+    p.sessions * 2 + 2
 }
 
 /// A fresh challenge in the keyring's form, for telling a process a key.
@@ -428,9 +498,22 @@ fn challenge() -> Result<Vec<u8>, TokenError> {
 }
 
 impl Link {
+    /// [`Link::send_locked`] with the write lock taken now.
+    fn send(&self, batch: Vec<(Request, Waiter)>, shared: &Arc<Shared>) {
+        self.send_locked(lock(&self.stdin), batch, shared);
+    }
+
     /// Writes the requests in one go, registered first so no answer finds no waiter. A
     /// process that has ended gets nothing: its jobs go where a dead process's jobs go.
-    fn send(&self, batch: Vec<(Request, Waiter)>, shared: &Arc<Shared>) {
+    /// `stdin` is this link's write lock, taken by the caller: [`Shared::send_to`] takes
+    /// it before it lets go of the state, so the frames of two jobs reach the process in
+    /// the order their key was told (a key's `Prove` always before its first `Sign`).
+    fn send_locked(
+        &self,
+        mut stdin: MutexGuard<'_, Option<ChildStdin>>,
+        batch: Vec<(Request, Waiter)>,
+        shared: &Arc<Shared>,
+    ) {
         let mut bytes = Vec::with_capacity(320 * batch.len());
         let mut numbers = Vec::with_capacity(batch.len());
         let mut refused = Vec::new();
@@ -453,19 +536,20 @@ impl Link {
                 numbers.push(n);
             }
         }
-        if !bytes.is_empty() {
-            let written = match lock(&self.stdin).as_mut() {
-                Some(stdin) => stdin.write_all(&bytes).and_then(|()| stdin.flush()),
-                None => Err(std::io::ErrorKind::BrokenPipe.into()),
-            };
-            if written.is_err() {
-                // The reader sees the end too and fails what it still finds; take ours
-                // back first if it has not.
-                let mut pending = lock(&self.pending);
-                for n in numbers {
-                    if let Some(w) = pending.waiting.remove(&n) {
-                        refused.push(w);
-                    }
+        let written = match (bytes.is_empty(), stdin.as_mut()) {
+            (true, _) => Ok(()),
+            (false, Some(stdin)) => stdin.write_all(&bytes).and_then(|()| stdin.flush()),
+            (false, None) => Err(std::io::ErrorKind::BrokenPipe.into()),
+        };
+        drop(stdin);
+        if written.is_err() {
+            // The process is gone: no more jobs for it (its reader will notice too), and
+            // ours are taken back, unless the reader failed them already.
+            shared.mark_down(self);
+            let mut pending = lock(&self.pending);
+            for n in numbers {
+                if let Some(w) = pending.waiting.remove(&n) {
+                    refused.push(w);
                 }
             }
         }
@@ -501,13 +585,17 @@ fn orphan(shared: &Arc<Shared>, waiter: Waiter, pid: u32) {
 /// Starts one process and waits for it to open the device.
 fn launch(
     spawn: &SignerSpawn,
+    index: usize,
     role: Role,
     sessions: Option<usize>,
+    spawned: &dyn Fn(u32),
 ) -> Result<(Arc<Link>, Ready, ChildIo), TokenError> {
     let failed = |e: String| TokenError::Unavailable {
         reason: format!("cannot start a signer process: {e}"),
     };
+    // This very binary, even if the file was replaced since the agent started.
     let mut cmd = Command::new("/proc/self/exe");
+    std::os::unix::process::CommandExt::arg0(&mut cmd, "keybound");
     for _ in 0..spawn.verbose {
         cmd.arg("-v");
     }
@@ -519,6 +607,7 @@ fn launch(
         .stderr(Stdio::inherit());
     let mut child = cmd.spawn().map_err(|e| failed(e.to_string()))?;
     let pid = child.id();
+    spawned(pid);
     let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         let _ = child.kill();
         let _ = child.wait();
@@ -553,10 +642,12 @@ fn launch(
         }
     };
     let link = Arc::new(Link {
+        index,
         pid,
         stdin: Mutex::new(Some(stdin)),
         pending: Mutex::default(),
         next: AtomicU64::new(1),
+        progress: Mutex::new(Instant::now()),
     });
     Ok((link, ready, ChildIo { child, reader }))
 }
@@ -592,33 +683,31 @@ fn supervise(shared: Arc<Shared>, i: usize, mut link: Arc<Link>, mut io: ChildIo
     loop {
         let born = Instant::now();
         read_answers(&shared, i, &link, &mut io.reader);
-        // Ended: nothing more is answered. Close our end so the process ends too.
-        let orphans: Vec<Waiter> = {
-            let mut pending = lock(&link.pending);
-            pending.closed = true;
-            pending.waiting.drain().map(|(_, w)| w).collect()
-        };
-        lock(&link.stdin).take();
-        let status = io.child.wait();
+        // Ended. At once, no new job goes to it; then nothing more is answered.
+        shared.mark_down(&link);
         let queued: Vec<Job> = {
             let mut st = lock(&shared.state);
-            let p = &mut st.procs[i];
-            p.link = None;
-            p.in_flight = 0;
-            p.told.clear();
             if st.procs.iter().all(|p| p.link.is_none()) {
                 st.queue.drain(..).collect()
             } else {
                 Vec::new()
             }
         };
-        if shared.stopping.load(Ordering::Relaxed) {
+        let orphans: Vec<Waiter> = {
+            let mut pending = lock(&link.pending);
+            pending.closed = true;
+            pending.waiting.drain().map(|(_, w)| w).collect()
+        };
+        // Our end closed, so a process that is only slow ends too.
+        lock(&link.stdin).take();
+        let status = io.child.wait();
+        shared.set_pid(i, None);
+        if shared.stopping.load(Ordering::SeqCst) {
             for w in orphans {
-                if let Waiter::Job(job) = w {
-                    job.fail(TokenError::WorkersGone);
-                } else if let Waiter::Call(reply) = w {
-                    reply(Err(TokenError::WorkersGone));
-                }
+                fail_waiter(w, TokenError::WorkersGone);
+            }
+            for job in queued {
+                job.fail(TokenError::WorkersGone);
             }
             return;
         }
@@ -644,16 +733,16 @@ fn supervise(shared: Arc<Shared>, i: usize, mut link: Arc<Link>, mut io: ChildIo
         }
         // Restart, with backoff between tries, until it opens the device or the agent ends.
         loop {
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-            if shared.stopping.load(Ordering::Relaxed) {
+            if !shared.pause(backoff) {
                 return;
             }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
             let (role, sessions) = {
                 let st = lock(&shared.state);
                 (st.procs[i].role, st.procs[i].sessions)
             };
-            match launch(&shared.spawn, role, Some(sessions)) {
+            let spawned = |pid| shared.set_pid(i, Some(pid));
+            match launch(&shared.spawn, i, role, Some(sessions), &spawned) {
                 Ok((new, ready, new_io)) => {
                     if role == Role::Keeper {
                         *lock(&shared.description) = ready.description;
@@ -672,9 +761,15 @@ fn supervise(shared: Arc<Shared>, i: usize, mut link: Arc<Link>, mut io: ChildIo
                         shared.send_to(st, i, next);
                         st = lock(&shared.state);
                     }
+                    drop(st);
+                    // Stopping began while it started: `Drop` may not have seen it.
+                    if shared.stopping.load(Ordering::SeqCst) {
+                        lock(&link.stdin).take();
+                    }
                     break;
                 }
                 Err(e) => {
+                    shared.set_pid(i, None);
                     tracing::error!(
                         process = i,
                         "cannot restart the signer process: {e}; trying again in {backoff:?}"
@@ -682,6 +777,53 @@ fn supervise(shared: Arc<Shared>, i: usize, mut link: Arc<Link>, mut io: ChildIo
                 }
             }
         }
+    }
+}
+
+/// Every second: a process that holds signatures and has answered none for `hung_after`
+/// is stuck in its module; it is killed, so its supervisor fails or retries what it held
+/// and starts it again.
+fn watchdog(shared: &Arc<Shared>) {
+    let every = Duration::from_secs(1).min(shared.spawn.hung_after);
+    while shared.pause(every) {
+        let stuck: Vec<(usize, u32, usize)> = lock(&shared.state)
+            .procs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let link = p.link.as_ref()?;
+                let quiet = lock(&link.progress).elapsed();
+                (p.in_flight > 0 && quiet >= shared.spawn.hung_after).then_some((
+                    i,
+                    link.pid,
+                    p.in_flight,
+                ))
+            })
+            .collect();
+        for (i, pid, held) in stuck {
+            tracing::error!(
+                process = i,
+                pid,
+                "signer process answered nothing for {:?} with {held} signature(s) waiting; \
+                 killing it (agent.signer_timeout_secs)",
+                shared.spawn.hung_after
+            );
+            shared.stats.hung.fetch_add(1, Ordering::Relaxed);
+            // Still its supervisor's: it is reaped only after its pipes close.
+            if lock(&shared.pids)[i] == Some(pid)
+                && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
+fn fail_waiter(w: Waiter, e: TokenError) {
+    match w {
+        Waiter::Job(job) => job.fail(e),
+        Waiter::Call(reply) => reply(Err(e)),
+        Waiter::Tell => {}
     }
 }
 
@@ -700,6 +842,7 @@ fn read_answers(shared: &Arc<Shared>, i: usize, link: &Link, reader: &mut BufRea
         let waiter = lock(&link.pending).waiting.remove(&frame.n);
         match waiter {
             Some(Waiter::Job(job)) => {
+                *lock(&link.progress) = Instant::now();
                 let proved = matches!(job.work, Work::Prove { .. });
                 shared.finished(i, &job.key, &frame.body, proved);
                 job.answer(frame.body);
@@ -724,36 +867,45 @@ fn read_answers(shared: &Arc<Shared>, i: usize, link: &Link, reader: &mut BufRea
     }
 }
 
-/// Ends the processes: their stdin closes, each finishes what it has and exits.
+/// Ends the processes: their stdin closes, each finishes what it has and exits; one that
+/// does not within a few seconds (stuck in its module) is killed. A supervisor that still
+/// has not ended then is left behind rather than waited for.
 impl Drop for Signers {
     fn drop(&mut self) {
-        self.shared.stopping.store(true, Ordering::Relaxed);
+        self.shared.stopping.store(true, Ordering::SeqCst);
         let links: Vec<Arc<Link>> = lock(&self.shared.state)
             .procs
             .iter()
             .filter_map(|p| p.link.clone())
             .collect();
-        let pids: Vec<u32> = links.iter().map(|l| l.pid).collect();
         for link in links {
             lock(&link.stdin).take();
         }
-        // Each finishes its signatures and exits; one stuck inside its module is killed.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && self.supervisors.iter().any(|h| !h.is_finished()) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let wait = |d: Duration, handles: &[JoinHandle<()>]| {
+            let deadline = Instant::now() + d;
+            while Instant::now() < deadline && handles.iter().any(|h| !h.is_finished()) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        wait(Duration::from_secs(5), &self.supervisors);
         if self.supervisors.iter().any(|h| !h.is_finished()) {
-            for pid in pids {
-                if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+            // Spawned and not yet reaped by their supervisors, so the pids are theirs.
+            for pid in lock(&self.shared.pids).iter().flatten() {
+                if let Some(pid) = rustix::process::Pid::from_raw(*pid as i32) {
                     let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
                 }
             }
+            wait(Duration::from_secs(2), &self.supervisors);
         }
         let me = std::thread::current().id();
         for handle in self.supervisors.drain(..) {
-            if handle.thread().id() != me {
+            if handle.is_finished() && handle.thread().id() != me {
                 let _ = handle.join();
             }
+        }
+        let queued: Vec<Job> = lock(&self.shared.state).queue.drain(..).collect();
+        for job in queued {
+            job.fail(TokenError::WorkersGone);
         }
     }
 }

@@ -57,6 +57,9 @@ pub(super) struct Ready {
     /// The one session signs on the thread that reads requests.
     #[serde(default)]
     pub inline: bool,
+    /// Algorithms whose mechanism hashes on the device, so `Sign` needs the input.
+    #[serde(default)]
+    pub whole_input: Vec<Alg>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -67,6 +70,10 @@ pub(super) enum Request {
         alg: Alg,
         #[serde(with = "b64")]
         digest: Vec<u8>,
+        /// The signing input itself, only for an algorithm whose profile mechanism hashes
+        /// on the device (`Ready::whole_input`); it must hash to `digest`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<Vec<u8>>,
     },
     Prove {
         key: KeyInfo,
@@ -223,6 +230,7 @@ mod tests {
                 id: vec![1, 2],
                 alg: Alg::ES256,
                 digest: vec![9; 32],
+                message: None,
             },
             &mut buf,
         )
