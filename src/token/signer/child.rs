@@ -18,7 +18,7 @@ use crate::token::tpm::TpmToken;
 use crate::token::{Backend, Binding, DeviceSettings, KeyInfo, Label, Proof, TokenError, worker};
 
 /// The keys this process was told about and proved, by id.
-type Told = Arc<Mutex<HashMap<Vec<u8>, (KeyInfo, Binding)>>>;
+type Told = Arc<Mutex<HashMap<Vec<u8>, Arc<(KeyInfo, Binding)>>>>;
 
 /// Answers go out whole, from any thread.
 #[derive(Clone)]
@@ -93,7 +93,7 @@ pub fn run() -> ExitCode {
                     .unwrap_or_else(PoisonError::into_inner)
                     .get(&id)
                     .cloned();
-                let Some((key, binding)) = found else {
+                let Some(found) = found else {
                     // Not told about (or dropped after the device lost it): the agent
                     // proves it here again before it signs.
                     out.send(
@@ -104,7 +104,8 @@ pub fn run() -> ExitCode {
                     );
                     continue;
                 };
-                let tbs = match check(&key, alg, &digest, message.as_deref()) {
+                let (key, binding) = &*found;
+                let tbs = match check(key, alg, &digest, message.as_deref()) {
                     Ok(tbs) => tbs,
                     Err(e) => {
                         out.send(n, &Err(e));
@@ -113,8 +114,8 @@ pub fn run() -> ExitCode {
                 };
                 let (out, told) = (out.clone(), told.clone());
                 backend.submit(
-                    &key,
-                    &binding,
+                    key,
+                    binding,
                     tbs,
                     Box::new(move |r| {
                         if let Err(TokenError::Reapprove { .. }) = &r {
@@ -136,7 +137,7 @@ pub fn run() -> ExitCode {
                     .get(&id)
                     .cloned();
                 let outcome = match found {
-                    Some((key, binding)) => raw(&*backend, ready_inline, &key, &binding, millis),
+                    Some(found) => raw(&*backend, ready_inline, &found.0, &found.1, millis),
                     None => Err(TokenError::Reapprove {
                         label: jose::b64(&id),
                     }),
@@ -261,7 +262,7 @@ fn prove(backend: &dyn Backend, told: &Told, key: KeyInfo, challenge: &[u8]) -> 
         Proof::Signed(signature) => {
             match jose::verify(key.public(), key.alg(), challenge, &signature) {
                 Ok(()) => {
-                    told.insert(key.id().to_vec(), (key, binding));
+                    told.insert(key.id().to_vec(), Arc::new((key, binding)));
                 }
                 Err(e) => {
                     tracing::warn!(key = %key.label(), "signer: the device's object does not match the key it was told about ({e}); it will not sign with it");
@@ -271,7 +272,7 @@ fn prove(backend: &dyn Backend, told: &Told, key: KeyInfo, challenge: &[u8]) -> 
             Ok(Answer::Proof(Some(signature.as_bytes().to_vec())))
         }
         Proof::LoadedByDevice => {
-            told.insert(key.id().to_vec(), (key, binding));
+            told.insert(key.id().to_vec(), Arc::new((key, binding)));
             Ok(Answer::Proof(None))
         }
     }
