@@ -363,3 +363,34 @@ async fn the_pin_from_a_pin_file_never_enters_the_agent_process() {
         "the scan should find the PIN in a signer process (else it proves nothing)"
     );
 }
+
+/// The state letter of `/proc/<pid>/stat` (`T` stopped, `Z` zombie), `None` once it is gone.
+fn state_of(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_signer_does_not_hold_up_the_agents_stop() {
+    let (token, _) = token_with_keys(&[("dpop", "ES256")]);
+    let dir = SocketDir::new();
+    let mut agent = Agent::start(&token, &dir.socket());
+    let (_, _, pids, _) = signers(agent.socket()).await;
+    // A signer that will never read its closed pipe: the agent kills it when it stops.
+    signal(pids[0], "STOP");
+    agent.terminate();
+    agent.assert_clean_exit();
+    let guard = Instant::now();
+    for pid in pids {
+        while let Some(state) = state_of(pid) {
+            if state == 'Z' {
+                break;
+            }
+            assert!(
+                guard.elapsed() < GUARD,
+                "signer {pid} outlived the agent (state {state})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

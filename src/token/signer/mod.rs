@@ -130,9 +130,9 @@ struct Shared {
     /// Algorithms whose profile mechanism hashes on the device: their `Sign` carries the
     /// signing input, not only its digest (the keeper's `Ready`).
     whole_input: Vec<Alg>,
-    /// Each slot's process while it runs (spawned, not yet reaped): what `Drop` kills
-    /// when one will not end.
-    pids: Mutex<Vec<Option<u32>>>,
+    /// Each slot's process while it runs (spawned, not yet reaped): what `Drop` and the
+    /// watchdog kill when one will not end or answer.
+    pids: Mutex<Vec<Option<Kill>>>,
 }
 
 struct State {
@@ -279,7 +279,7 @@ impl Signers {
             });
             started.push((link, stdout));
         }
-        let pids = started.iter().map(|(l, _)| Some(l.pid)).collect();
+        let pids = started.iter().map(|(l, _)| Some(Kill::of(l.pid))).collect();
         let shared = Arc::new(Shared {
             spawn,
             whole_input: ready.whole_input,
@@ -454,7 +454,7 @@ impl Shared {
     }
 
     fn set_pid(&self, i: usize, pid: Option<u32>) {
-        lock(&self.pids)[i] = pid;
+        lock(&self.pids)[i] = pid.map(Kill::of);
     }
 
     /// A process answered (or failed) a job: frees its session and sends it the next
@@ -809,12 +809,34 @@ fn watchdog(shared: &Arc<Shared>) {
                 shared.spawn.hung_after
             );
             shared.stats.hung.fetch_add(1, Ordering::Relaxed);
-            // Still its supervisor's: it is reaped only after its pipes close.
-            if lock(&shared.pids)[i] == Some(pid)
-                && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
-            {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            if let Some(kill) = lock(&shared.pids)[i].as_ref().filter(|k| k.pid == pid) {
+                kill.kill();
             }
+        }
+    }
+}
+
+/// How to kill one signer process: a pidfd, opened while the process is the agent's
+/// unreaped child, so a signal can never reach another process that got its pid later.
+struct Kill {
+    pid: u32,
+    fd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Kill {
+    fn of(pid: u32) -> Kill {
+        let fd = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+        });
+        if fd.is_none() {
+            tracing::warn!(pid, "no pidfd for the signer process (Linux before 5.3?)");
+        }
+        Kill { pid, fd }
+    }
+
+    fn kill(&self) {
+        if let Some(fd) = &self.fd {
+            let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
         }
     }
 }
@@ -889,11 +911,8 @@ impl Drop for Signers {
         };
         wait(Duration::from_secs(5), &self.supervisors);
         if self.supervisors.iter().any(|h| !h.is_finished()) {
-            // Spawned and not yet reaped by their supervisors, so the pids are theirs.
-            for pid in lock(&self.shared.pids).iter().flatten() {
-                if let Some(pid) = rustix::process::Pid::from_raw(*pid as i32) {
-                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                }
+            for kill in lock(&self.shared.pids).iter().flatten() {
+                kill.kill();
             }
             wait(Duration::from_secs(2), &self.supervisors);
         }
