@@ -110,13 +110,16 @@ async fn kill_under_load(sessions: u64) {
         let kid = kids["dpop"].clone();
         let answered = answered.clone();
         tasks.push(tokio::spawn(async move {
+            // One kept-alive connection per caller (a 503 keeps it open): 64 callers opening
+            // a connection per request would meet max_connections_per_uid on a slow machine.
+            let mut conn = Conn::open(&socket).await;
             let mut answers = Vec::new();
             for i in 0..PER_CLIENT {
                 let job = proof_job(c * PER_CLIENT + i, "dpop", &kid, false, false);
                 let Job::Proof(request, _) = &job else {
                     unreachable!()
                 };
-                let reply = post(&socket, "/v1/dpop", request).await;
+                let reply = conn.post("/v1/dpop", request).await;
                 answered.fetch_add(1, Ordering::Relaxed);
                 answers.push((job, reply));
             }
