@@ -191,11 +191,6 @@ pub fn run_audit(
             lat.append(&mut l);
         }
     }
-    let pct = |lat: &mut Vec<u64>, p: f64| {
-        lat.sort_unstable();
-        let i = ((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1));
-        lat.get(i).copied().unwrap_or(0)
-    };
     let secs = phase.as_secs_f64() * f64::from(rounds);
     let (off_per_s, on_per_s) = (off_n as f64 / secs, on_n as f64 / secs);
     Ok(AuditReport {
@@ -209,10 +204,10 @@ pub fn run_audit(
         } else {
             0.0
         },
-        off_p50_us: pct(&mut off_lat, 0.5),
-        on_p50_us: pct(&mut on_lat, 0.5),
-        off_p99_us: pct(&mut off_lat, 0.99),
-        on_p99_us: pct(&mut on_lat, 0.99),
+        off_p50_us: percentile(&mut off_lat, 0.5),
+        on_p50_us: percentile(&mut on_lat, 0.5),
+        off_p99_us: percentile(&mut off_lat, 0.99),
+        on_p99_us: percentile(&mut on_lat, 0.99),
     })
 }
 
@@ -313,6 +308,13 @@ impl std::ops::AddAssign for Cpu {
     }
 }
 
+/// The `p` quantile (0 to 1) of `lat` in microseconds, 0 for none; sorts `lat`.
+fn percentile(lat: &mut [u64], p: f64) -> u64 {
+    lat.sort_unstable();
+    let i = ((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1));
+    lat.get(i).copied().unwrap_or(0)
+}
+
 /// The pids whose parent is `pid` (`/proc/*/stat`, field 4).
 fn children(pid: u32) -> Vec<u32> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -369,11 +371,6 @@ fn measure_with(
         made += n;
         latencies.append(&mut lat);
     }
-    latencies.sort_unstable();
-    let pct = |p: f64| {
-        let i = ((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1));
-        latencies.get(i).copied().unwrap_or(0)
-    };
     let secs = phase.as_secs_f64() * f64::from(rounds);
     let raw_per_s = raw as f64 / secs;
     let made_per_s = made as f64 / secs;
@@ -391,8 +388,8 @@ fn measure_with(
         } else {
             0.0
         },
-        pipeline_p50_us: pct(0.50),
-        pipeline_p99_us: pct(0.99),
+        pipeline_p50_us: percentile(&mut latencies, 0.50),
+        pipeline_p99_us: percentile(&mut latencies, 0.99),
         cpu: None,
         agent_rss_kib: None,
     })

@@ -84,11 +84,6 @@ pub fn run_gateway(
     }
     let secs = phase.as_secs_f64() * f64::from(rounds);
     let (direct_per_s, gateway_per_s) = (d.0 as f64 / secs, g.0 as f64 / secs);
-    let pct = |lat: &mut Vec<u64>, p: f64| {
-        lat.sort_unstable();
-        let i = ((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1));
-        lat.get(i).copied().unwrap_or(0)
-    };
     Ok(GatewayReport {
         route: route.name.clone(),
         path,
@@ -101,10 +96,10 @@ pub fn run_gateway(
         } else {
             0.0
         },
-        direct_p50_us: pct(&mut d.1, 0.50),
-        direct_p99_us: pct(&mut d.1, 0.99),
-        gateway_p50_us: pct(&mut g.1, 0.50),
-        gateway_p99_us: pct(&mut g.1, 0.99),
+        direct_p50_us: super::percentile(&mut d.1, 0.50),
+        direct_p99_us: super::percentile(&mut d.1, 0.99),
+        gateway_p50_us: super::percentile(&mut g.1, 0.50),
+        gateway_p99_us: super::percentile(&mut g.1, 0.99),
     })
 }
 

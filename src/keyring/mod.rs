@@ -909,10 +909,7 @@ impl SigningKey {
 impl Keyring {
     fn prove(&self, key: &KeyInfo) -> Result<Result<Binding, Finding>, TokenError> {
         let backend = &*self.backend;
-        let mut challenge = [0u8; 32];
-        getrandom::getrandom(&mut challenge).map_err(|e| TokenError::Rng(e.to_string()))?;
-        let mut message = b"keybound proof of possession ".to_vec();
-        message.extend_from_slice(jose::b64(challenge).as_bytes());
+        let message = crate::token::signer::wire::challenge()?;
         let start = Instant::now();
         let answer =
             worker::wait(|reply| backend.prove(key, key.alg().to_be_signed(&message), reply));

@@ -31,13 +31,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use wire::{Answer, CHALLENGE_PREFIX, Outcome, Ready, Request, Role, Start};
+use wire::{Answer, Outcome, Ready, Request, Role, Start, challenge};
 
 use super::{
     Backend, Binding, DeviceSettings, KeyFacts, KeyInfo, Label, Listing, Proof, ProofReply, Reply,
     TokenDescription, TokenError,
 };
-use crate::jose::{self, Alg, JwsSignature, ToBeSigned};
+use crate::jose::{Alg, JwsSignature, ToBeSigned};
 
 /// Environment variables a signer process gets when they are set (what PKCS#11 modules
 /// and the TSS read), besides the PIN's and the TPM key auth's variables. Everything else
@@ -486,15 +486,6 @@ impl Shared {
 /// key between them).
 fn depth(p: &Proc) -> usize {
     p.sessions * 2 + 2
-}
-
-/// A fresh challenge in the keyring's form, for telling a process a key.
-fn challenge() -> Result<Vec<u8>, TokenError> {
-    let mut random = [0u8; 32];
-    getrandom::getrandom(&mut random).map_err(|e| TokenError::Rng(e.to_string()))?;
-    let mut message = CHALLENGE_PREFIX.to_vec();
-    message.extend_from_slice(jose::b64(random).as_bytes());
-    Ok(message)
 }
 
 impl Link {

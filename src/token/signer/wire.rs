@@ -24,6 +24,16 @@ pub(super) const MAX_FRAME: usize = 16 << 20;
 /// no other `Prove` message.
 pub(crate) const CHALLENGE_PREFIX: &[u8] = b"keybound proof of possession ";
 
+/// A fresh proof-of-possession challenge: the prefix and 32 random bytes in base64url
+/// (the keyring's approvals and the keys the agent tells its signers).
+pub(crate) fn challenge() -> Result<Vec<u8>, TokenError> {
+    let mut random = [0u8; 32];
+    getrandom::getrandom(&mut random).map_err(|e| TokenError::Rng(e.to_string()))?;
+    let mut message = CHALLENGE_PREFIX.to_vec();
+    message.extend_from_slice(crate::jose::b64(random).as_bytes());
+    Ok(message)
+}
+
 /// The first frame the agent sends: what to open.
 #[derive(Serialize, Deserialize)]
 pub(super) struct Start {
