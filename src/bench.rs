@@ -72,9 +72,10 @@ pub enum BenchError {
 /// Proofs made in one phase, and each one's latency in microseconds.
 type Phase = (u64, Vec<u64>);
 
-/// The in-process pipeline: `2 * sessions` callers, so a session never waits for JOSE work.
+/// The JWS pipeline in this process: `16 * sessions` proofs in flight, so a session (or a
+/// signer process) never waits for JOSE work and requests and answers travel in batches.
 pub fn run(key: &SigningKey, sessions: usize, seconds: f64) -> Result<Report, BenchError> {
-    let callers = 2 * sessions;
+    let callers = 16 * sessions.max(1);
     measure(key, sessions, callers, seconds, "pipeline", |phase| {
         Ok(pipeline(key, callers, phase)?)
     })
@@ -432,15 +433,20 @@ fn raw_phase(
     .map_err(BenchError::from)
 }
 
-/// `callers` threads each building, signing and serialising DPoP proofs until the deadline.
+/// `callers` tasks on one thread, each building a DPoP proof, awaiting its signature
+/// ([`oauth::sign_async`], as the agent's requests do) and serialising it, until the
+/// deadline.
 fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, OAuthError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| OAuthError::Token(crate::token::TokenError::Internal(e.to_string())))?;
     let until = Instant::now() + phase;
-    let header = dpop::header(key.alg(), key.jwk());
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..callers)
+    let header = std::sync::Arc::new(dpop::header(key.alg(), key.jwk()));
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..callers)
             .map(|_| {
-                let header = &header;
-                scope.spawn(move || -> Result<Vec<u64>, OAuthError> {
+                let (key, header) = (key.clone(), header.clone());
+                tokio::spawn(async move {
                     let mut lat = Vec::new();
                     while Instant::now() < until {
                         let start = Instant::now();
@@ -452,16 +458,16 @@ fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, 
                             oauth::unix_now(),
                             oauth::new_jti()?,
                         )?;
-                        oauth::sign(key, header, &claims)?;
+                        oauth::sign_async(&key, &header, &claims).await?;
                         lat.push(start.elapsed().as_micros() as u64);
                     }
-                    Ok(lat)
+                    Ok::<_, OAuthError>(lat)
                 })
             })
             .collect();
         let mut all = Vec::new();
-        for h in handles {
-            match h.join() {
+        for t in tasks {
+            match t.await {
                 Ok(lat) => all.extend(lat?),
                 Err(_) => return Err(OAuthError::Token(crate::token::TokenError::WorkersGone)),
             }

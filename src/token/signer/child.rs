@@ -20,20 +20,53 @@ use crate::token::{Backend, Binding, DeviceSettings, KeyInfo, Label, Proof, Toke
 /// The keys this process was told about and proved, by id.
 type Told = Arc<Mutex<HashMap<Vec<u8>, Arc<(KeyInfo, Binding)>>>>;
 
-/// Answers go out whole, from any thread.
+/// Answers go out whole, from any thread. An answer made on the reading thread may wait in
+/// the buffer until the requests already read are down to one (`queue`, then `flush`): the
+/// agent then gets several in one write, while this process still has a signature to make,
+/// and neither side wakes the other once per signature.
 #[derive(Clone)]
-struct Out(Arc<Mutex<io::Stdout>>);
+struct Out(Arc<Mutex<(io::Stdout, Vec<u8>)>>);
 
 impl Out {
+    fn new() -> Out {
+        Out(Arc::new(Mutex::new((
+            io::stdout(),
+            Vec::with_capacity(4096),
+        ))))
+    }
+
+    /// Writes `outcome`, and whatever was queued before it.
     fn send(&self, n: u64, outcome: &Outcome) {
-        let mut buf = Vec::with_capacity(256);
-        if let Err(e) = wire::encode(n, outcome, &mut buf) {
+        self.put(n, outcome, true);
+    }
+
+    /// Appends `outcome`; writes it (and what was queued before it) when `now`, else it
+    /// waits for the next `flush` or `send`.
+    fn put(&self, n: u64, outcome: &Outcome, now: bool) {
+        let mut out = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (_, buf) = &mut *out;
+        let start = buf.len();
+        if let Err(e) = wire::encode(n, outcome, buf) {
+            buf.truncate(start);
             tracing::error!("signer: cannot encode an answer: {e}");
+        }
+        if now {
+            Self::write(&mut out);
+        }
+    }
+
+    fn flush(&self) {
+        Self::write(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    fn write(out: &mut (io::Stdout, Vec<u8>)) {
+        let (stdout, buf) = out;
+        if buf.is_empty() {
             return;
         }
-        let mut out = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         // A closed stdout means the agent is gone; stdin's end follows.
-        let _ = out.write_all(&buf).and_then(|()| out.flush());
+        let _ = stdout.write_all(buf).and_then(|()| stdout.flush());
+        buf.clear();
     }
 }
 
@@ -44,7 +77,7 @@ pub fn run() -> ExitCode {
     // be "exe"); a name too long or refused changes nothing else.
     let _ = rustix::thread::set_name(c"keybound-signer");
     let mut input = BufReader::new(io::stdin().lock());
-    let out = Out(Arc::new(Mutex::new(io::stdout())));
+    let out = Out::new();
     let mut buf = Vec::new();
     let start: Frame<Start> = match wire::read(&mut input, &mut buf) {
         Ok(Some(f)) => f,
@@ -72,6 +105,11 @@ pub fn run() -> ExitCode {
     let told: Told = Arc::default();
     let mut keeper = (role == Role::Keeper).then(|| manager(backend.clone(), out.clone()));
     loop {
+        // Down to one request read (or none): what was answered goes out now, while there
+        // is still a signature to make (or before the read that waits for more).
+        if wire::complete_frames(input.buffer(), 2) < 2 {
+            out.flush();
+        }
         let frame: Frame<Request> = match wire::read(&mut input, &mut buf) {
             Ok(Some(f)) => f,
             Ok(None) => break,
@@ -113,6 +151,9 @@ pub fn run() -> ExitCode {
                     }
                 };
                 let (out, told) = (out.clone(), told.clone());
+                // Signed on this thread (one session): the answer waits for `flush`;
+                // from a session's own thread it goes out at once.
+                let now = !ready_inline;
                 backend.submit(
                     key,
                     binding,
@@ -123,7 +164,8 @@ pub fn run() -> ExitCode {
                                 .unwrap_or_else(PoisonError::into_inner)
                                 .remove(&id);
                         }
-                        out.send(n, &r.map(|s| Answer::Signature(s.as_bytes().to_vec())));
+                        let answer = r.map(|s| Answer::Signature(s.as_bytes().to_vec()));
+                        out.put(n, &answer, now);
                     }),
                 );
             }

@@ -211,6 +211,20 @@ pub(super) fn read<T: DeserializeOwned>(
         .map_err(|e| io::Error::other(format!("a malformed frame: {e}")))
 }
 
+/// How many whole frames `buffered` starts with, counting no further than `up_to`.
+pub(super) fn complete_frames(mut buffered: &[u8], up_to: usize) -> usize {
+    let mut n = 0;
+    while n < up_to && buffered.len() >= 4 {
+        let len = u32::from_be_bytes([buffered[0], buffered[1], buffered[2], buffered[3]]) as usize;
+        if buffered.len() - 4 < len {
+            break;
+        }
+        buffered = &buffered[4 + len..];
+        n += 1;
+    }
+    n
+}
+
 /// Bytes as base64url strings (the hot path's digests and signatures).
 mod b64 {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -253,6 +267,19 @@ mod tests {
         let f: Frame<Request> = read(&mut r, &mut scratch).unwrap().unwrap();
         assert!(matches!(f.body, Request::Sign { digest, .. } if digest == vec![9; 32]));
         assert!(read::<Request>(&mut r, &mut scratch).unwrap().is_none());
+    }
+
+    #[test]
+    fn whole_frames_are_counted_up_to_the_bound() {
+        let mut buf = Vec::new();
+        for n in 1..=3 {
+            encode(n, &Request::Health, &mut buf).unwrap();
+        }
+        assert_eq!(complete_frames(&buf, 10), 3);
+        assert_eq!(complete_frames(&buf, 2), 2);
+        assert_eq!(complete_frames(&buf[..buf.len() - 1], 10), 2);
+        assert_eq!(complete_frames(&buf[..3], 10), 0);
+        assert_eq!(complete_frames(&[], 10), 0);
     }
 
     #[test]
