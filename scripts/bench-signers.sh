@@ -71,14 +71,20 @@ kill "${pids[-1]}" 2>/dev/null || true
 echo
 echo "==> 3. agent / raw on swtpm ($seconds s)"
 command -v swtpm >/dev/null || die "swtpm is not installed (scripts/install-deps.sh)"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 mkdir -p "$work/tpm" "$work/keys"
-swtpm socket --tpm2 --tpmstate dir="$work/tpm" \
-  --server type=tcp,port="$port",bindaddr=127.0.0.1 \
-  --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 \
-  --flags not-need-init,startup-clear >"$work/swtpm.log" 2>&1 &
-pids+=($!)
-sleep 0.5
+# Two ports below the kernel's ephemeral range (a port picked from it, plus one, was
+# often taken by a connection of an earlier run); another pair when swtpm cannot bind.
+for _ in 1 2 3 4 5; do
+  port=$((20000 + RANDOM % 10000))
+  swtpm socket --tpm2 --tpmstate dir="$work/tpm" \
+    --server type=tcp,port="$port",bindaddr=127.0.0.1 \
+    --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 \
+    --flags not-need-init,startup-clear >"$work/swtpm.log" 2>&1 &
+  pids+=($!)
+  sleep 1
+  kill -0 "${pids[-1]}" 2>/dev/null && break
+done
+kill -0 "${pids[-1]}" 2>/dev/null || die "swtpm did not start: $(cat "$work/swtpm.log")"
 chmod 700 "$work/keys"
 cat >"$work/tpm.toml" <<TOML
 [token]

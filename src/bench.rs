@@ -437,12 +437,11 @@ fn raw_phase(
 /// ([`oauth::sign_async`], as the agent's requests do) and serialising it, until the
 /// deadline.
 fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, OAuthError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|e| OAuthError::Token(crate::token::TokenError::Internal(e.to_string())))?;
+    // The runtime the signer processes' answers are read on (`keybound bench` enters
+    // it), so the tasks wake where the agent's do; else one of its own.
     let until = Instant::now() + phase;
     let header = std::sync::Arc::new(dpop::header(key.alg(), key.jwk()));
-    runtime.block_on(async {
+    let work = async {
         let tasks: Vec<_> = (0..callers)
             .map(|_| {
                 let (key, header) = (key.clone(), header.clone());
@@ -473,5 +472,14 @@ fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, 
             }
         }
         Ok((all.len() as u64, all))
-    })
+    };
+    // On the runtime the signer processes' answers are read on (`keybound bench` enters
+    // it), so the tasks wake where the agent's do; else on one of its own.
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle.block_on(work),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| OAuthError::Token(crate::token::TokenError::Internal(e.to_string())))?
+            .block_on(work),
+    }
 }

@@ -6,6 +6,7 @@
 //!   retried on the other signer); the agent (same pid) serves on, the signer is restarted
 //!   with nothing of the agent's inherited, and signing resumes. The only signer, stopped:
 //!   the watchdog kills it after `signer_timeout_secs`, what it held is answered 503.
+//! * Callers that name a key not looked up yet, together: it is approved (proved) once.
 //! * The PIN read from `pin_file` is never in the agent process: not in its environment,
 //!   not in its memory (`/proc/<agent>/mem` scanned for the PIN's bytes), while the same
 //!   scan finds it in a signer process (the scan works).
@@ -69,6 +70,54 @@ async fn the_only_signer_stuck_under_load_is_killed_503_then_signing_resumes() {
     // One session: one process, so what it held has nowhere else to go. Stopped, it
     // answers nothing: the watchdog kills it after signer_timeout_secs.
     kill_under_load(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn callers_naming_a_new_key_together_have_it_approved_once() {
+    // Before: each caller that missed the key cache waited for the one before it, then
+    // looked the key up and proved it again, one after another (32 proofs, and a signer
+    // stopped during any of them held up every caller not served yet).
+    const CALLERS: usize = 32;
+    let (token, kids) = token_with_keys(&[("dpop", "ES256")]);
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let start = window_start();
+    let mut tasks = Vec::new();
+    for c in 0..CALLERS {
+        let socket = agent.socket().to_path_buf();
+        let kid = kids["dpop"].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::open(&socket).await;
+            let job = proof_job(c, "dpop", &kid, false, false);
+            let Job::Proof(request, _) = &job else {
+                unreachable!()
+            };
+            let reply = conn.post("/v1/dpop", request).await;
+            (job, reply)
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("caller task"));
+    }
+    let window = window_end(start);
+    let metrics = get(agent.socket(), "/metrics").await.text();
+    let proved = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("keybound_possession_proofs_total{key=\"dpop\",outcome=\"ok\"} ")
+        })
+        .map(|n| n.trim().parse::<u64>().expect("a count"));
+    assert_eq!(
+        proved,
+        Some(1),
+        "{CALLERS} callers naming a key not looked up yet: one approval\n{metrics}"
+    );
+    let jwks = published_jwks(&token, &agent).await;
+    for (job, reply) in &answers {
+        assert_eq!(reply.status.as_u16(), 200, "{reply:?}");
+        check_job(&jwks, job, reply, window);
+    }
 }
 
 /// 64 callers asking for proofs; one signer process stopped, then killed, mid-way.

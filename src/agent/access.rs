@@ -272,13 +272,20 @@ impl Access {
             Some(k) => k,
             None => {
                 let _one = self.lookups.acquire().await;
-                let keyring = self.keyring.clone();
-                let owned = name.to_string();
-                // Finding a key and reading its attributes are blocking device calls.
-                let key =
-                    tokio::task::spawn_blocking(move || keyring.signing_key(&owned)).await??;
-                self.remember(&key);
-                key
+                // Callers that asked together waited here for the first one's lookup:
+                // they take its key, rather than each approving it again in turn.
+                match self.cached(name) {
+                    Some(k) => k,
+                    None => {
+                        let keyring = self.keyring.clone();
+                        let owned = name.to_string();
+                        // Finding a key and reading its attributes are blocking device calls.
+                        let key = tokio::task::spawn_blocking(move || keyring.signing_key(&owned))
+                            .await??;
+                        self.remember(&key);
+                        key
+                    }
+                }
             }
         };
         self.refuse_reserved(name, Some(&key))?;

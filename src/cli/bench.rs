@@ -27,7 +27,13 @@ pub fn run(
     if !(seconds.is_finite() && seconds > 0.0) {
         anyhow::bail!("--seconds must be a positive number");
     }
-    // As `serve` runs the device: in signer processes, unless the config says in-process.
+    // As `serve` runs the device: in signer processes, their answers read on one async
+    // thread where the pipeline's tasks await them, unless the config says in-process.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let _entered = runtime.enter();
     let (settings, _, keyring) = super::load_with(config, |c| match c.agent.signers {
         keybound::agent::Signers::Processes => keybound::keyring::Keyring::open_signers(
             keybound::token::signer::SignerSpawn {
@@ -36,6 +42,7 @@ pub fn run(
                 sessions,
                 bench: true,
                 hung_after: std::time::Duration::from_secs(c.agent.signer_timeout_secs),
+                runtime: Some(runtime.handle().clone()),
             },
             c.policy.clone(),
         ),

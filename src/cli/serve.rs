@@ -18,8 +18,25 @@ pub fn run(
     socket_flag: Option<PathBuf>,
     verbose: u8,
 ) -> anyhow::Result<ExitCode> {
-    let (config, path, mut keyring) =
-        super::load_with(config, |config| match config.agent.signers {
+    // The HTTP side is light and the device works on the token's own signing threads (or
+    // in signer processes), so by default one async thread serves every connection: on a
+    // small machine more threads only contend with the signing (see `keybound bench
+    // --agent`). It is built before the device is opened: the signer processes' answers are
+    // read on it, next to the tasks that await them.
+    let mut built = None;
+    let (config, path, mut keyring) = super::load_with(config, |config| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.agent.async_threads)
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                keybound::token::TokenError::Internal(format!(
+                    "cannot start the async runtime: {e}"
+                ))
+            })?;
+        let handle = runtime.handle().clone();
+        built = Some(runtime);
+        match config.agent.signers {
             agent::Signers::Processes => Keyring::open_signers(
                 SignerSpawn {
                     device: config.token.clone(),
@@ -27,11 +44,14 @@ pub fn run(
                     sessions: None,
                     bench: false,
                     hung_after: std::time::Duration::from_secs(config.agent.signer_timeout_secs),
+                    runtime: Some(handle),
                 },
                 config.policy.clone(),
             ),
             agent::Signers::InProcess => Keyring::open(&config.token, config.policy.clone(), None),
-        })?;
+        }
+    })?;
+    let runtime = built.context("the async runtime was not started")?;
     // The checkpoint key is approved before the observer and the gate are set: its
     // signature is the checkpoint line itself, and a failing trail still tries it.
     let trail = match &config.audit {
@@ -71,6 +91,7 @@ pub fn run(
         .collect::<Result<Vec<_>, _>>()?;
     let socket_path = socket_flag.unwrap_or_else(|| config.agent.socket_path());
     let own_uid = socket::own_uid().context("cannot read this process's uid")?;
+    let signer_keyring = keyring.clone();
     let mut agent = Agent::new(keyring, clients, config.agent.clone(), own_uid, metrics)
         .and_then(|a| a.with_routes(config.routes.clone()))
         .map_err(anyhow::Error::msg)?
@@ -80,14 +101,6 @@ pub fn run(
         Some(jwks) => jwks.tls().map_err(anyhow::Error::msg)?,
         None => None,
     };
-    // The HTTP side is light and the device works on the token's own signing threads, so
-    // by default one async thread serves every connection: on a small machine more threads
-    // only contend with the signing threads (see `keybound bench --agent`).
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.agent.async_threads)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     runtime.block_on(async {
         // Signal handlers go in before the socket and the ready message: a SIGTERM sent as
         // soon as the agent is ready must find them.
@@ -155,6 +168,8 @@ pub fn run(
         if let Some(trail) = &trail {
             trail.close();
         }
+        // The signer processes' answers are read on this runtime: they end while it runs.
+        signer_keyring.stop_signers();
         tracing::info!("keybound agent stopped");
         anyhow::Ok(())
     })?;

@@ -305,6 +305,12 @@ impl Keyring {
         self.backend.signers()
     }
 
+    /// Ends the signer processes, if the device runs in them (`serve`, before its runtime
+    /// shuts down): each finishes what it has and exits; signing fails from then on.
+    pub fn stop_signers(&self) {
+        self.backend.stop();
+    }
+
     /// Publishes only the keys with these names (a rotated slot's name covers its
     /// generations) in every JWKS this keyring's inventories make: the servers' client
     /// keys, never a DPoP key (Okta refuses a proof signed by a key registered for client

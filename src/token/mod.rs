@@ -370,6 +370,11 @@ pub(crate) trait Backend: Send + Sync {
         let _ = (key, phase);
         None
     }
+
+    /// Ends the device's processes now, as dropping the backend would (signer processes;
+    /// nothing for the others): for a caller whose runtime reads their answers and must
+    /// stop them before it shuts down.
+    fn stop(&self) {}
 }
 
 /// `tbs` was prepared for `alg`, the algorithm of the key `label`: a signature from one

@@ -79,6 +79,10 @@ pub struct SignerSpawn {
     /// A process that holds signatures and answers none for this long is killed and
     /// restarted (its module is stuck).
     pub hung_after: Duration,
+    /// The runtime of the tasks that await signatures (the agent's): the processes'
+    /// answers are read there, so an answer wakes the task that awaits it on the same
+    /// thread, with no reader thread in between. `None`: a reader thread per process.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 /// Counters for `/healthz` and the metrics.
@@ -113,7 +117,8 @@ pub struct SignerReport {
 /// The signer processes of one device.
 pub(crate) struct Signers {
     shared: Arc<Shared>,
-    supervisors: Vec<JoinHandle<()>>,
+    /// The supervisor threads and the watchdog, until [`Signers::stop_now`] ends them.
+    supervisors: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// The binding of a key approved through signer processes: each process proves the key
@@ -380,7 +385,7 @@ impl Signers {
         );
         Ok(Signers {
             shared,
-            supervisors,
+            supervisors: Mutex::new(supervisors),
         })
     }
 
@@ -722,7 +727,14 @@ fn launch(
         next: AtomicU64::new(1),
         progress: Mutex::new(Instant::now()),
     });
-    Ok((link, ready, ChildIo { child, reader }))
+    Ok((
+        link,
+        ready,
+        ChildIo {
+            child,
+            reader: Some(reader),
+        },
+    ))
 }
 
 /// The hidden subcommand a signer process runs.
@@ -746,16 +758,34 @@ fn environment(device: &DeviceSettings) -> Vec<(OsString, OsString)> {
 /// A process and the reading end of its answers.
 struct ChildIo {
     child: Child,
-    reader: BufReader<ChildStdout>,
+    /// Taken by the task that reads it on [`SignerSpawn::runtime`].
+    reader: Option<BufReader<ChildStdout>>,
 }
 
-/// One process slot for the agent's life: reads its answers, and when it ends, fails or
-/// retries what it had, restarts it with backoff, and reads again.
+/// One process slot for the agent's life: reads its answers (or waits while a task on
+/// the agent's runtime reads them), and when it ends, fails or retries what it had,
+/// restarts it with backoff, and reads again.
 fn supervise(shared: Arc<Shared>, i: usize, mut link: Arc<Link>, mut io: ChildIo) {
     let mut backoff = BACKOFF_FIRST;
     loop {
         let born = Instant::now();
-        read_answers(&shared, i, &link, &mut io.reader);
+        if read(&shared, i, &link, &mut io) == Ended::RuntimeGone {
+            // The agent's runtime shut down (the agent is stopping) and took the read end
+            // with it: nothing more can be answered or restarted.
+            shared.mark_down(&link);
+            let orphans: Vec<Waiter> = {
+                let mut pending = lock(&link.pending);
+                pending.closed = true;
+                pending.waiting.drain().map(|(_, w)| w).collect()
+            };
+            lock(&link.stdin).close();
+            for w in orphans {
+                fail_waiter(w, TokenError::WorkersGone);
+            }
+            let _ = io.child.wait();
+            shared.set_pid(i, None);
+            return;
+        }
         // Ended. At once, no new job goes to it; then nothing more is answered.
         shared.mark_down(&link);
         let queued: Vec<Job> = {
@@ -922,6 +952,42 @@ fn fail_waiter(w: Waiter, e: TokenError) {
     }
 }
 
+/// How the reading of a process's answers ended.
+#[derive(PartialEq)]
+enum Ended {
+    /// Its stdout ended or broke: the process is gone (or going).
+    Pipe,
+    /// The runtime that read it shut down.
+    RuntimeGone,
+}
+
+/// Reads `io`'s answers until its stdout ends: on the agent's runtime when there is one
+/// (this thread waits for that task), else on this thread.
+fn read(shared: &Arc<Shared>, i: usize, link: &Arc<Link>, io: &mut ChildIo) -> Ended {
+    let Some(reader) = io.reader.take() else {
+        return Ended::Pipe;
+    };
+    let Some(runtime) = &shared.spawn.runtime else {
+        let mut reader = reader;
+        read_answers(shared, i, link, &mut reader);
+        return Ended::Pipe;
+    };
+    // What the start's read buffered beyond the ready answer, then the pipe itself.
+    let buffered = reader.buffer().to_vec();
+    let fd = std::os::fd::OwnedFd::from(reader.into_inner());
+    let (done, ended) = std::sync::mpsc::channel();
+    let (shared, link) = (shared.clone(), link.clone());
+    runtime.spawn(async move {
+        read_answers_async(&shared, i, &link, fd, buffered).await;
+        let _ = done.send(());
+    });
+    // A runtime that shuts down drops the task, and `done` with it.
+    match ended.recv() {
+        Ok(()) => Ended::Pipe,
+        Err(_) => Ended::RuntimeGone,
+    }
+}
+
 /// Reads answers until the process's stdout ends or breaks. Every answer already read is
 /// taken in one go, and their replies are made together at the end: a caller's thread (or
 /// the runtime of the agent's tasks) then wakes once for the lot, not once for each.
@@ -944,48 +1010,103 @@ fn read_answers(shared: &Arc<Shared>, i: usize, link: &Link, reader: &mut BufRea
                 break false;
             }
         };
-        if !frames.is_empty() {
-            link.answered(shared, frames.len());
-            let answered: Vec<(Option<Waiter>, wire::Frame<Outcome>)> = {
-                let mut pending = lock(&link.pending);
-                frames
-                    .drain(..)
-                    .map(|f| (pending.waiting.remove(&f.n), f))
-                    .collect()
-            };
-            for (waiter, frame) in answered {
-                match waiter {
-                    Some(Waiter::Job(job)) => {
-                        *lock(&link.progress) = Instant::now();
-                        let proved = matches!(job.work, Work::Prove { .. });
-                        shared.finished(i, &job.key, &frame.body, proved);
-                        replies.push((job, frame.body));
-                    }
-                    Some(Waiter::Tell) => {
-                        if let Err(e) = frame.body {
-                            tracing::warn!(
-                                process = i,
-                                "a signer process could not prove a key it was told: {e}"
-                            );
-                        }
-                    }
-                    Some(Waiter::Call(reply)) => reply(frame.body),
-                    None => {
-                        tracing::error!(
-                            process = i,
-                            n = frame.n,
-                            "a signer process answered a request it was not sent"
-                        );
-                    }
-                }
-            }
-            for (job, outcome) in replies.drain(..) {
-                job.answer(outcome);
-            }
-        }
+        take_answers(shared, i, link, &mut frames, &mut replies);
         if ended {
             return;
         }
+    }
+}
+
+/// [`read_answers`] as a task of the agent's runtime: the pipe is read when the runtime's
+/// poller says it is readable, and the replies wake tasks of the same runtime.
+async fn read_answers_async(
+    shared: &Arc<Shared>,
+    i: usize,
+    link: &Link,
+    fd: std::os::fd::OwnedFd,
+    mut buf: Vec<u8>,
+) {
+    use tokio::io::AsyncReadExt as _;
+    let mut pipe = match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            tracing::error!(
+                process = i,
+                pid = link.pid,
+                "cannot read a signer process: {e}"
+            );
+            return;
+        }
+    };
+    let mut frames: Vec<wire::Frame<Outcome>> = Vec::new();
+    let mut replies: Vec<(Job, Outcome)> = Vec::new();
+    loop {
+        let whole = wire::take_frames(&mut buf, &mut frames);
+        take_answers(shared, i, link, &mut frames, &mut replies);
+        if let Err(e) = whole {
+            tracing::error!(process = i, pid = link.pid, "signer process: {e}");
+            return;
+        }
+        buf.reserve(8192);
+        match pipe.read_buf(&mut buf).await {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(process = i, pid = link.pid, "signer process: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// The bookkeeping of the answers in `frames` (sessions freed, queued work sent, what was
+/// told), then the replies, all together.
+fn take_answers(
+    shared: &Arc<Shared>,
+    i: usize,
+    link: &Link,
+    frames: &mut Vec<wire::Frame<Outcome>>,
+    replies: &mut Vec<(Job, Outcome)>,
+) {
+    if frames.is_empty() {
+        return;
+    }
+    link.answered(shared, frames.len());
+    let answered: Vec<(Option<Waiter>, wire::Frame<Outcome>)> = {
+        let mut pending = lock(&link.pending);
+        frames
+            .drain(..)
+            .map(|f| (pending.waiting.remove(&f.n), f))
+            .collect()
+    };
+    for (waiter, frame) in answered {
+        match waiter {
+            Some(Waiter::Job(job)) => {
+                *lock(&link.progress) = Instant::now();
+                let proved = matches!(job.work, Work::Prove { .. });
+                shared.finished(i, &job.key, &frame.body, proved);
+                replies.push((job, frame.body));
+            }
+            Some(Waiter::Tell) => {
+                if let Err(e) = frame.body {
+                    tracing::warn!(
+                        process = i,
+                        "a signer process could not prove a key it was told: {e}"
+                    );
+                }
+            }
+            Some(Waiter::Call(reply)) => reply(frame.body),
+            None => {
+                tracing::error!(
+                    process = i,
+                    n = frame.n,
+                    "a signer process answered a request it was not sent"
+                );
+            }
+        }
+    }
+    for (job, outcome) in replies.drain(..) {
+        job.answer(outcome);
     }
 }
 
@@ -994,6 +1115,15 @@ fn read_answers(shared: &Arc<Shared>, i: usize, link: &Link, reader: &mut BufRea
 /// has not ended then is left behind rather than waited for.
 impl Drop for Signers {
     fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+impl Signers {
+    /// What `Drop` does, callable earlier ([`Backend::stop`]); the second call finds
+    /// nothing left to do.
+    fn stop_now(&self) {
+        let mut supervisors = lock(&self.supervisors);
         self.shared.stopping.store(true, Ordering::SeqCst);
         let links: Vec<Arc<Link>> = lock(&self.shared.state)
             .procs
@@ -1009,15 +1139,15 @@ impl Drop for Signers {
                 std::thread::sleep(Duration::from_millis(10));
             }
         };
-        wait(Duration::from_secs(5), &self.supervisors);
-        if self.supervisors.iter().any(|h| !h.is_finished()) {
+        wait(Duration::from_secs(5), &supervisors);
+        if supervisors.iter().any(|h| !h.is_finished()) {
             for kill in lock(&self.shared.pids).iter().flatten() {
                 kill.kill();
             }
-            wait(Duration::from_secs(2), &self.supervisors);
+            wait(Duration::from_secs(2), &supervisors);
         }
         let me = std::thread::current().id();
-        for handle in self.supervisors.drain(..) {
+        for handle in supervisors.drain(..) {
             if handle.is_finished() && handle.thread().id() != me {
                 let _ = handle.join();
             }
@@ -1123,6 +1253,10 @@ impl Backend for Signers {
 
     fn signers(&self) -> Option<SignerReport> {
         Some(self.report())
+    }
+
+    fn stop(&self) {
+        self.stop_now();
     }
 
     /// Every process signs on all its sessions at once for `phase`, each in itself: the

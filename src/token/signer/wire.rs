@@ -211,6 +211,37 @@ pub(super) fn read<T: DeserializeOwned>(
         .map_err(|e| io::Error::other(format!("a malformed frame: {e}")))
 }
 
+/// Decodes every whole frame at the start of `buf` into `out`, and removes their bytes
+/// (a partial frame stays for the next read).
+pub(super) fn take_frames<T: DeserializeOwned>(
+    buf: &mut Vec<u8>,
+    out: &mut Vec<Frame<T>>,
+) -> io::Result<()> {
+    let mut at = 0;
+    let result = loop {
+        let rest = &buf[at..];
+        if rest.len() < 4 {
+            break Ok(());
+        }
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if len > MAX_FRAME {
+            break Err(io::Error::other(format!(
+                "a frame of {len} bytes (at most {MAX_FRAME})"
+            )));
+        }
+        if rest.len() - 4 < len {
+            break Ok(());
+        }
+        match serde_json::from_slice(&rest[4..4 + len]) {
+            Ok(frame) => out.push(frame),
+            Err(e) => break Err(io::Error::other(format!("a malformed frame: {e}"))),
+        }
+        at += 4 + len;
+    };
+    buf.drain(..at);
+    result
+}
+
 /// How many whole frames `buffered` starts with, counting no further than `up_to`.
 pub(super) fn complete_frames(mut buffered: &[u8], up_to: usize) -> usize {
     let mut n = 0;
@@ -280,6 +311,16 @@ mod tests {
         assert_eq!(complete_frames(&buf[..buf.len() - 1], 10), 2);
         assert_eq!(complete_frames(&buf[..3], 10), 0);
         assert_eq!(complete_frames(&[], 10), 0);
+        let mut part = buf[..buf.len() - 1].to_vec();
+        let mut frames: Vec<Frame<Request>> = Vec::new();
+        take_frames(&mut part, &mut frames).unwrap();
+        assert_eq!(frames.iter().map(|f| f.n).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(complete_frames(&part, 10), 0);
+        part.push(*buf.last().unwrap());
+        take_frames(&mut part, &mut frames).unwrap();
+        assert!(part.is_empty() && frames.len() == 3 && frames[2].n == 3);
+        let mut bad = vec![0, 0, 0, 2, b'{', b'}'];
+        assert!(take_frames::<Request>(&mut bad, &mut frames).is_err());
     }
 
     #[test]
