@@ -101,7 +101,7 @@ pub fn run(
         Some(jwks) => jwks.tls().map_err(anyhow::Error::msg)?,
         None => None,
     };
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         // Signal handlers go in before the socket and the ready message: a SIGTERM sent as
         // soon as the agent is ready must find them.
         let shutdown = super::shutdown_signal()?;
@@ -168,10 +168,12 @@ pub fn run(
         if let Some(trail) = &trail {
             trail.close();
         }
-        // The signer processes' answers are read on this runtime: they end while it runs.
-        signer_keyring.stop_signers();
         tracing::info!("keybound agent stopped");
         anyhow::Ok(())
-    })?;
+    });
+    // The signer processes' answers are read on this runtime: they end while it still
+    // runs (its worker threads run on outside `block_on`), also after an error above.
+    signer_keyring.stop_signers();
+    served?;
     Ok(ExitCode::SUCCESS)
 }

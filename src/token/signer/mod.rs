@@ -185,9 +185,9 @@ struct Link {
 struct Writer {
     stdin: Option<ChildStdin>,
     outbox: Vec<u8>,
-    /// Frames in `outbox`.
+    /// Frames in `outbox` the signing loop answers (not management calls).
     waiting: usize,
-    /// Frames written and not answered yet.
+    /// Such frames written and not answered yet.
     open: usize,
     /// Below this many open frames the process is about to run dry.
     low: usize,
@@ -587,6 +587,9 @@ impl Link {
         let before = bytes.len();
         let mut numbers = Vec::with_capacity(batch.len());
         let mut refused = Vec::new();
+        // Frames the signing loop answers: a management call is answered on the keeper's
+        // own thread, beside the signatures, and does not hold them back.
+        let mut signing = 0;
         {
             let mut pending = lock(&self.pending);
             for (request, waiter) in batch {
@@ -604,11 +607,12 @@ impl Link {
                     refused.push(waiter);
                     continue;
                 }
+                signing += usize::from(!matches!(waiter, Waiter::Call(_)));
                 pending.waiting.insert(n, waiter);
                 numbers.push(n);
             }
         }
-        stdin.waiting += numbers.len();
+        stdin.waiting += signing;
         let written = if stdin.outbox.len() == before {
             Ok(())
         } else if stdin.stdin.is_none() {
@@ -771,8 +775,13 @@ fn supervise(shared: Arc<Shared>, i: usize, mut link: Arc<Link>, mut io: ChildIo
         let born = Instant::now();
         if read(&shared, i, &link, &mut io) == Ended::RuntimeGone {
             // The agent's runtime shut down (the agent is stopping) and took the read end
-            // with it: nothing more can be answered or restarted.
+            // with it: nothing more can be answered or restarted, and nothing waits on.
+            shared.stopping.store(true, Ordering::SeqCst);
             shared.mark_down(&link);
+            let queued: Vec<Job> = lock(&shared.state).queue.drain(..).collect();
+            for job in queued {
+                job.fail(TokenError::WorkersGone);
+            }
             let orphans: Vec<Waiter> = {
                 let mut pending = lock(&link.pending);
                 pending.closed = true;
@@ -1071,7 +1080,6 @@ fn take_answers(
     if frames.is_empty() {
         return;
     }
-    link.answered(shared, frames.len());
     let answered: Vec<(Option<Waiter>, wire::Frame<Outcome>)> = {
         let mut pending = lock(&link.pending);
         frames
@@ -1079,6 +1087,12 @@ fn take_answers(
             .map(|f| (pending.waiting.remove(&f.n), f))
             .collect()
     };
+    // As `Link::send_locked` counted them: management calls aside.
+    let signing = answered
+        .iter()
+        .filter(|(w, _)| !matches!(w, Some(Waiter::Call(_))))
+        .count();
+    link.answered(shared, signing);
     for (waiter, frame) in answered {
         match waiter {
             Some(Waiter::Job(job)) => {
