@@ -42,7 +42,7 @@ pub fn run(
                 sessions,
                 bench: true,
                 hung_after: std::time::Duration::from_secs(c.agent.signer_timeout_secs),
-                runtime: Some(runtime.handle().clone()),
+                runtime: runtime.handle().clone(),
             },
             c.policy.clone(),
         ),

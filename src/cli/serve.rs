@@ -44,7 +44,7 @@ pub fn run(
                     sessions: None,
                     bench: false,
                     hung_after: std::time::Duration::from_secs(config.agent.signer_timeout_secs),
-                    runtime: Some(handle),
+                    runtime: handle,
                 },
                 config.policy.clone(),
             ),

@@ -81,8 +81,8 @@ pub struct SignerSpawn {
     pub hung_after: Duration,
     /// The runtime of the tasks that await signatures (the agent's): the processes'
     /// answers are read there, so an answer wakes the task that awaits it on the same
-    /// thread, with no reader thread in between. `None`: a reader thread per process.
-    pub runtime: Option<tokio::runtime::Handle>,
+    /// thread, with no reader thread in between.
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// Counters for `/healthz` and the metrics.
@@ -774,26 +774,9 @@ fn supervise(shared: Arc<Shared>, i: usize, mut link: Arc<Link>, mut io: ChildIo
     loop {
         let born = Instant::now();
         if read(&shared, i, &link, &mut io) == Ended::RuntimeGone {
-            // The agent's runtime shut down (the agent is stopping) and took the read end
-            // with it: nothing more can be answered or restarted, and nothing waits on.
+            // The agent's runtime shut down and took the read end with it: the agent is
+            // stopping, and nothing more can be answered or restarted.
             shared.stopping.store(true, Ordering::SeqCst);
-            shared.mark_down(&link);
-            let queued: Vec<Job> = lock(&shared.state).queue.drain(..).collect();
-            for job in queued {
-                job.fail(TokenError::WorkersGone);
-            }
-            let orphans: Vec<Waiter> = {
-                let mut pending = lock(&link.pending);
-                pending.closed = true;
-                pending.waiting.drain().map(|(_, w)| w).collect()
-            };
-            lock(&link.stdin).close();
-            for w in orphans {
-                fail_waiter(w, TokenError::WorkersGone);
-            }
-            let _ = io.child.wait();
-            shared.set_pid(i, None);
-            return;
         }
         // Ended. At once, no new job goes to it; then nothing more is answered.
         shared.mark_down(&link);
@@ -970,15 +953,10 @@ enum Ended {
     RuntimeGone,
 }
 
-/// Reads `io`'s answers until its stdout ends: on the agent's runtime when there is one
-/// (this thread waits for that task), else on this thread.
+/// Reads `io`'s answers until its stdout ends, in a task on the agent's runtime; this
+/// thread waits for that task.
 fn read(shared: &Arc<Shared>, i: usize, link: &Arc<Link>, io: &mut ChildIo) -> Ended {
     let Some(reader) = io.reader.take() else {
-        return Ended::Pipe;
-    };
-    let Some(runtime) = &shared.spawn.runtime else {
-        let mut reader = reader;
-        read_answers(shared, i, link, &mut reader);
         return Ended::Pipe;
     };
     // What the start's read buffered beyond the ready answer, then the pipe itself.
@@ -986,8 +964,8 @@ fn read(shared: &Arc<Shared>, i: usize, link: &Arc<Link>, io: &mut ChildIo) -> E
     let fd = std::os::fd::OwnedFd::from(reader.into_inner());
     let (done, ended) = std::sync::mpsc::channel();
     let (shared, link) = (shared.clone(), link.clone());
-    runtime.spawn(async move {
-        read_answers_async(&shared, i, &link, fd, buffered).await;
+    shared.spawn.runtime.clone().spawn(async move {
+        read_answers(&shared, i, &link, fd, buffered).await;
         let _ = done.send(());
     });
     // A runtime that shuts down drops the task, and `done` with it.
@@ -997,38 +975,11 @@ fn read(shared: &Arc<Shared>, i: usize, link: &Arc<Link>, io: &mut ChildIo) -> E
     }
 }
 
-/// Reads answers until the process's stdout ends or breaks. Every answer already read is
-/// taken in one go, and their replies are made together at the end: a caller's thread (or
-/// the runtime of the agent's tasks) then wakes once for the lot, not once for each.
-fn read_answers(shared: &Arc<Shared>, i: usize, link: &Link, reader: &mut BufReader<ChildStdout>) {
-    let mut buf = Vec::with_capacity(512);
-    let mut frames: Vec<wire::Frame<Outcome>> = Vec::new();
-    let mut replies: Vec<(Job, Outcome)> = Vec::new();
-    loop {
-        // One frame (waiting for it), then every whole frame the read brought along.
-        let ended = loop {
-            match wire::read::<Outcome>(reader, &mut buf) {
-                Ok(Some(f)) => frames.push(f),
-                Ok(None) => break true,
-                Err(e) => {
-                    tracing::error!(process = i, pid = link.pid, "signer process: {e}");
-                    break true;
-                }
-            }
-            if wire::complete_frames(reader.buffer(), 1) == 0 {
-                break false;
-            }
-        };
-        take_answers(shared, i, link, &mut frames, &mut replies);
-        if ended {
-            return;
-        }
-    }
-}
-
-/// [`read_answers`] as a task of the agent's runtime: the pipe is read when the runtime's
-/// poller says it is readable, and the replies wake tasks of the same runtime.
-async fn read_answers_async(
+/// Reads answers until the process's stdout ends or breaks, as a task of the agent's
+/// runtime: the pipe is read when the runtime's poller says it is readable, every whole
+/// answer a read brought is taken in one go, and the replies wake tasks of the same
+/// runtime together.
+async fn read_answers(
     shared: &Arc<Shared>,
     i: usize,
     link: &Link,
