@@ -47,7 +47,9 @@ pub struct Report {
 /// CPU time per operation, in microseconds, measured from the threads' own counters
 /// (`/proc/<pid>/task/*/schedstat`). On a machine where the device computes on the same
 /// cores as the agent (SoftHSM), `agent / raw` is about
-/// `raw_sign_us / (agent_device_us + agent_async_us + client_us)`.
+/// `raw_sign_us / (agent_device_us + agent_async_us + client_us)`. In the pipeline mode
+/// the "agent" fields are this process's: its device (signer processes or device threads)
+/// and the pipeline's own thread, and `client_us` is 0.
 #[derive(Clone, Debug, Serialize)]
 pub struct CpuSplit {
     /// This process's device threads, per raw signature.
@@ -76,9 +78,52 @@ type Phase = (u64, Vec<u64>);
 /// signer process) never waits for JOSE work and requests and answers travel in batches.
 pub fn run(key: &SigningKey, sessions: usize, seconds: f64) -> Result<Report, BenchError> {
     let callers = 16 * sessions.max(1);
-    measure(key, sessions, callers, seconds, "pipeline", |phase| {
-        Ok(pipeline(key, callers, phase)?)
-    })
+    let own = Some(std::process::id());
+    // CPU across the counted phases: the device's (signer processes or device threads)
+    // and this process's other threads (the pipeline), as in `run_agent`. The signer
+    // processes are found once: a scan of /proc at every phase would be counted as the
+    // pipeline's.
+    let signers = children(std::process::id());
+    let tree = || {
+        let mut cpu = Cpu::of(own);
+        for pid in &signers {
+            cpu.device += Cpu::of(Some(*pid)).total();
+        }
+        cpu
+    };
+    let (mut piped, mut raw_cpu, mut warm) = (Cpu::default(), Cpu::default(), true);
+    let mut report = measure_with(
+        key,
+        sessions,
+        callers,
+        seconds,
+        "pipeline",
+        |phase| {
+            let before = tree();
+            let made = pipeline(key, callers, phase)?;
+            if !std::mem::take(&mut warm) {
+                piped += tree() - before;
+            }
+            Ok(made)
+        },
+        |raw| {
+            let before = tree();
+            let n = raw()?;
+            raw_cpu += tree() - before;
+            Ok(n)
+        },
+    )?;
+    let secs = report.seconds / 2.0;
+    let (raws, proofs) = (report.raw_per_s * secs, report.pipeline_per_s * secs);
+    if raws > 0.0 && proofs > 0.0 && piped.device > 0.0 {
+        report.cpu = Some(CpuSplit {
+            raw_sign_us: raw_cpu.device / raws * 1e6,
+            agent_device_us: piped.device / proofs * 1e6,
+            agent_async_us: piped.other / proofs * 1e6,
+            client_us: 0.0,
+        });
+    }
+    Ok(report)
 }
 
 /// The running agent: `clients` connections to its socket, each asking for DPoP proofs
@@ -337,19 +382,8 @@ fn children(pid: u32) -> Vec<u32> {
 }
 
 /// Alternates raw and measured phases of about half a second each for `seconds` in all,
-/// after a short warm-up (sessions opened, handles cached) that is not counted.
-fn measure(
-    key: &SigningKey,
-    sessions: usize,
-    callers: usize,
-    seconds: f64,
-    mode: &'static str,
-    measured: impl FnMut(Duration) -> Result<Phase, BenchError>,
-) -> Result<Report, BenchError> {
-    measure_with(key, sessions, callers, seconds, mode, measured, |raw| raw())
-}
-
-/// [`measure`], with `around_raw` wrapped around each raw phase (it must call it once).
+/// after a short warm-up (sessions opened, handles cached) that is not counted;
+/// `around_raw` is wrapped around each raw phase (it must call it once).
 fn measure_with(
     key: &SigningKey,
     sessions: usize,
@@ -447,8 +481,9 @@ fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, 
                 let (key, header) = (key.clone(), header.clone());
                 tokio::spawn(async move {
                     let mut lat = Vec::new();
-                    while Instant::now() < until {
-                        let start = Instant::now();
+                    let mut now = Instant::now();
+                    while now < until {
+                        let start = now;
                         let claims = dpop::claims(
                             "POST",
                             "https://bench.keybound.invalid/oauth2/v1/token",
@@ -458,7 +493,8 @@ fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, 
                             oauth::new_jti()?,
                         )?;
                         oauth::sign_async(&key, &header, &claims).await?;
-                        lat.push(start.elapsed().as_micros() as u64);
+                        now = Instant::now();
+                        lat.push((now - start).as_micros() as u64);
                     }
                     Ok::<_, OAuthError>(lat)
                 })

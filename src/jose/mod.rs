@@ -10,7 +10,7 @@ mod verify;
 
 pub use alg::{Alg, Curve, Digest, HashAlg, JwsSignature, RawSignature, ToBeSigned};
 pub use jwk::{Jwk, PublicKey};
-pub use jws::{Decoded, Header, compact, decode, signing_input};
+pub use jws::{Decoded, Header, compact, decode, signing_input, signing_input_of};
 pub use verify::verify;
 
 use std::time::{SystemTime, UNIX_EPOCH};

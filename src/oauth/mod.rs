@@ -39,7 +39,7 @@ pub fn sign<C: Serialize>(
     header: &Header,
     claims: &C,
 ) -> Result<String, OAuthError> {
-    let input = jose::signing_input(header, claims)?;
+    let input = jose::signing_input_of(header, claims)?;
     let signature = key.sign(key.alg().to_be_signed(input.as_bytes()))?;
     Ok(jose::compact(input, &signature))
 }
@@ -51,7 +51,7 @@ pub async fn sign_async<C: Serialize>(
     header: &Header,
     claims: &C,
 ) -> Result<String, OAuthError> {
-    let input = jose::signing_input(header, claims)?;
+    let input = jose::signing_input_of(header, claims)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     key.submit(
         key.alg().to_be_signed(input.as_bytes()),

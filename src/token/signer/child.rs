@@ -6,7 +6,8 @@
 //! length, and anything else is refused. It ends when stdin closes (the agent ended).
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, Write};
+use std::io::{self, Read as _, Write};
+use std::os::fd::AsFd as _;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -70,16 +71,108 @@ impl Out {
     }
 }
 
+/// Requests left to answer at which a one-session signer sends what it answered so far:
+/// the agent's next batch must arrive before the last of them are signed. Measured with
+/// `keybound bench --key dpop --seconds 8` on SoftHSM, 2 signers, 3 runs each: 2 gave
+/// pipeline / raw 0.86–0.90, 3 gave 0.89–0.90, 6 gave 0.85–0.87.
+const FLUSH_AT: usize = 3;
+
+/// The signer's stdin, read in as large pieces as the pipe holds: what the agent wrote
+/// while this process signed comes in one read, and the requests read and not yet taken
+/// can be counted (what decides when answers go out). Read through a duplicate of the
+/// descriptor, so nothing sits in the standard library's own stdin buffer.
+struct Input {
+    pipe: std::fs::File,
+    buf: Vec<u8>,
+    /// Where the next frame starts in `buf`.
+    at: usize,
+}
+
+impl Input {
+    fn stdin() -> io::Result<Input> {
+        Ok(Input {
+            pipe: std::fs::File::from(io::stdin().as_fd().try_clone_to_owned()?),
+            buf: Vec::with_capacity(64 * 1024),
+            at: 0,
+        })
+    }
+
+    /// Whole requests read and not taken yet, counting no further than `up_to`; when
+    /// fewer, first takes in what already waits in the pipe (this never blocks).
+    fn ready(&mut self, up_to: usize) -> usize {
+        let n = wire::complete_frames(&self.buf[self.at..], up_to);
+        if n >= up_to {
+            return n;
+        }
+        match rustix::io::ioctl_fionread(&self.pipe) {
+            Ok(waiting) if waiting > 0 => {
+                // Exactly what the pipe holds: the read returns at once.
+                if self.take_in(waiting).is_err() {
+                    return n;
+                }
+                wire::complete_frames(&self.buf[self.at..], up_to)
+            }
+            _ => n,
+        }
+    }
+
+    /// Reads up to `len` more bytes (blocking until all of them came, or the end).
+    fn take_in(&mut self, len: u64) -> io::Result<usize> {
+        if self.at > 0 {
+            self.buf.drain(..self.at);
+            self.at = 0;
+        }
+        (&self.pipe).take(len).read_to_end(&mut self.buf)
+    }
+
+    /// The next frame, reading until one is whole; `Ok(None)` at a clean end of stdin.
+    fn next<T: wire::Body>(&mut self) -> io::Result<Option<Frame<T>>> {
+        loop {
+            let rest = &self.buf[self.at..];
+            let need = if rest.len() < 4 {
+                4 - rest.len()
+            } else {
+                let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                if len > wire::MAX_FRAME {
+                    return Err(io::Error::other(format!(
+                        "a frame of {len} bytes (at most {})",
+                        wire::MAX_FRAME
+                    )));
+                }
+                if rest.len() - 4 >= len {
+                    let frame = wire::decode(&rest[4..4 + len])?;
+                    self.at += 4 + len;
+                    return Ok(Some(frame));
+                }
+                4 + len - rest.len()
+            };
+            let partial = !rest.is_empty();
+            if self.take_in(need as u64)? < need {
+                return if partial {
+                    Err(io::ErrorKind::UnexpectedEof.into())
+                } else {
+                    Ok(None)
+                };
+            }
+        }
+    }
+}
+
 /// Runs the signer until stdin closes. Exit 0 then; 1 when the device cannot be opened
 /// (the agent has the error in the first answer) or the agent spoke out of turn.
 pub fn run() -> ExitCode {
     // `ps` and `top` show "keybound-signer" (spawned through /proc/self/exe, it would
     // be "exe"); a name too long or refused changes nothing else.
     let _ = rustix::thread::set_name(c"keybound-signer");
-    let mut input = BufReader::new(io::stdin().lock());
+    let mut input = match Input::stdin() {
+        Ok(input) => input,
+        Err(e) => {
+            tracing::error!("signer: cannot read stdin: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let out = Out::new();
-    let mut buf = Vec::new();
-    let start: Frame<Start> = match wire::read(&mut input, &mut buf) {
+    let start: Frame<Start> = match input.next() {
         Ok(Some(f)) => f,
         Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
@@ -104,13 +197,18 @@ pub fn run() -> ExitCode {
     out.send(start.n, &Ok(Answer::Ready(ready)));
     let told: Told = Arc::default();
     let mut keeper = (role == Role::Keeper).then(|| manager(backend.clone(), out.clone()));
+    // Answers went out since the requests still to answer fell below `FLUSH_AT`.
+    let mut flushed_low = false;
     loop {
-        // Down to one request read (or none): what was answered goes out now, while there
-        // is still a signature to make (or before the read that waits for more).
-        if wire::complete_frames(input.buffer(), 2) < 2 {
+        // Down to a few requests (or none): what was answered goes out now, once, while
+        // there are still signatures to make (the agent's next batch arrives before they
+        // are done), and always before the read that waits for more.
+        let left = input.ready(FLUSH_AT);
+        if left == 0 || (left < FLUSH_AT && !flushed_low) {
             out.flush();
         }
-        let frame: Frame<Request> = match wire::read(&mut input, &mut buf) {
+        flushed_low = left < FLUSH_AT;
+        let frame: Frame<Request> = match input.next() {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) => {

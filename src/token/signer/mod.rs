@@ -172,16 +172,19 @@ struct Link {
 ///
 /// A `Sign` goes out at once only while the process holds fewer written and unanswered
 /// requests than its low-water mark (`low`); otherwise it waits in `outbox` (the process
-/// has work, and will answer), and the reader writes the outbox when an answer brings the
-/// process below the mark. Under load many requests then go in one write, and the process
-/// reads them in one. Anything else (a key told, a management call) goes out at once,
-/// after what waits before it.
+/// has work, and will answer) until the runtime has run every task that was ready (a task
+/// on the agent's runtime that yields once, then writes: `flush_due`), or until an answer
+/// brings the process below the mark, whichever comes first. The answers of one batch
+/// wake their callers together, and the requests those callers make next go out in one
+/// write, which the process reads in one, while it still signs the last of the batch
+/// before. Anything else (a key told, a management call) goes out at once, after what
+/// waits before it.
 ///
 /// The mark: a process that signs on the thread that reads (one session) keeps reading
-/// what was written while it signs, so it runs dry only when it holds nothing: 1 (measured
-/// with `keybound bench` on SoftHSM, 2 signers, 1 beat 2 and 4 by 4–10 %). A process whose
-/// sessions sign on their own threads (a TPM, a generic module) needs two requests per
-/// session queued at all times, or a session waits (and a TPM flushes its loaded key).
+/// what was written while it signs, so it runs dry only when it holds nothing: 1. A
+/// process whose sessions sign on their own threads (a TPM, a generic module) needs two
+/// requests per session queued at all times, or a session waits (and a TPM flushes its
+/// loaded key).
 struct Writer {
     stdin: Option<ChildStdin>,
     outbox: Vec<u8>,
@@ -191,6 +194,8 @@ struct Writer {
     open: usize,
     /// Below this many open frames the process is about to run dry.
     low: usize,
+    /// A task is on its way to write the outbox.
+    flush_due: bool,
 }
 
 impl Writer {
@@ -202,6 +207,7 @@ impl Writer {
             waiting: 0,
             open: 0,
             low: if ready.inline { 1 } else { 2 * sessions + 1 },
+            flush_due: false,
         }
     }
 
@@ -554,8 +560,18 @@ fn depth(p: &Proc) -> usize {
 
 impl Link {
     /// [`Link::send_locked`] with the write lock taken now.
-    fn send(&self, batch: Vec<(Request, Waiter)>, shared: &Arc<Shared>) {
+    fn send(self: &Arc<Self>, batch: Vec<(Request, Waiter)>, shared: &Arc<Shared>) {
         self.send_locked(lock(&self.stdin), batch, shared);
+    }
+
+    /// What waits in the outbox goes out now (the task `send_locked` spawned).
+    fn flush(&self, shared: &Arc<Shared>) {
+        let mut w = lock(&self.stdin);
+        w.flush_due = false;
+        if w.waiting > 0 && w.write().is_err() {
+            drop(w);
+            shared.mark_down(self);
+        }
     }
 
     /// The process answered `n` requests it was written: what waited for it to run low
@@ -575,7 +591,7 @@ impl Link {
     /// it before it lets go of the state, so the frames of two jobs reach the process in
     /// the order their key was told (a key's `Prove` always before its first `Sign`).
     fn send_locked(
-        &self,
+        self: &Arc<Self>,
         mut stdin: MutexGuard<'_, Writer>,
         batch: Vec<(Request, Waiter)>,
         shared: &Arc<Shared>,
@@ -621,6 +637,16 @@ impl Link {
         } else if urgent || stdin.open < stdin.low {
             stdin.write()
         } else {
+            if !stdin.flush_due {
+                stdin.flush_due = true;
+                let (link, shared) = (self.clone(), shared.clone());
+                shared.spawn.runtime.clone().spawn(async move {
+                    // Woken after the tasks that were ready ran: what they asked for
+                    // meanwhile is in the outbox too.
+                    tokio::task::yield_now().await;
+                    link.flush(&shared);
+                });
+            }
             Ok(())
         };
         drop(stdin);

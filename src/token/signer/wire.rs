@@ -1,6 +1,7 @@
-//! What crosses the pipes between the agent and a signer process: length-prefixed JSON
-//! frames (a 4-byte big-endian length, then the JSON), each numbered so answers may come
-//! back in any order.
+//! What crosses the pipes between the agent and a signer process: length-prefixed frames
+//! (a 4-byte big-endian length, then the frame), each numbered so answers may come back in
+//! any order. A frame is JSON, except the two that make up the signing traffic, which have
+//! a fixed binary form (`SIGN`, `SIGNATURE`: no JSON or base64 either side per signature).
 //!
 //! A signer (`Role::Signer`) is sent only what a signature needs: `Prove` (a key it is
 //! told about, with a challenge in the keyring's fixed form, which it signs and checks
@@ -166,11 +167,114 @@ pub(super) struct Frame<T> {
 
 pub(super) type Outcome = Result<Answer, TokenError>;
 
+/// The first byte of a binary `Request::Sign` frame (a JSON frame starts with `{`): then
+/// `n` (8 bytes, big-endian), the algorithm (its index in [`Alg::ALL`]), the id's length
+/// (1 byte), the id, and the digest (the rest; its length is checked against the
+/// algorithm by the signer). A `Sign` that carries its signing input goes as JSON.
+const SIGN: u8 = 1;
+/// The first byte of a binary `Ok(Answer::Signature)` frame: then `n` (8 bytes,
+/// big-endian) and the signature (the rest).
+const SIGNATURE: u8 = 2;
+
+/// A frame's body: JSON, or for the signing traffic the binary form.
+pub(super) trait Body: Serialize + DeserializeOwned {
+    /// Appends the body's binary form (`SIGN`, `SIGNATURE`) when it has one.
+    fn put_binary(&self, _n: u64, _out: &mut Vec<u8>) -> bool {
+        false
+    }
+
+    /// Reads a frame in the binary form; `None` when it is not one of this type's.
+    fn binary(_frame: &[u8]) -> Option<Frame<Self>> {
+        None
+    }
+}
+
+impl Body for Start {}
+
+impl Body for Request {
+    fn put_binary(&self, n: u64, out: &mut Vec<u8>) -> bool {
+        let Request::Sign {
+            id,
+            alg,
+            digest,
+            message: None,
+        } = self
+        else {
+            return false;
+        };
+        let (Ok(id_len), Some(alg)) = (
+            u8::try_from(id.len()),
+            Alg::ALL.iter().position(|a| a == alg),
+        ) else {
+            return false;
+        };
+        out.push(SIGN);
+        out.extend_from_slice(&n.to_be_bytes());
+        out.extend_from_slice(&[alg as u8, id_len]);
+        out.extend_from_slice(id);
+        out.extend_from_slice(digest);
+        true
+    }
+
+    fn binary(frame: &[u8]) -> Option<Frame<Request>> {
+        let (&SIGN, rest) = frame.split_first()? else {
+            return None;
+        };
+        let (n, rest) = rest.split_first_chunk::<8>()?;
+        let (&[alg, id_len], rest) = rest.split_first_chunk::<2>()?;
+        let alg = *Alg::ALL.get(usize::from(alg))?;
+        let (id, digest) = rest.split_at_checked(usize::from(id_len))?;
+        Some(Frame {
+            n: u64::from_be_bytes(*n),
+            body: Request::Sign {
+                id: id.to_vec(),
+                alg,
+                digest: digest.to_vec(),
+                message: None,
+            },
+        })
+    }
+}
+
+impl Body for Outcome {
+    fn put_binary(&self, n: u64, out: &mut Vec<u8>) -> bool {
+        let Ok(Answer::Signature(signature)) = self else {
+            return false;
+        };
+        out.push(SIGNATURE);
+        out.extend_from_slice(&n.to_be_bytes());
+        out.extend_from_slice(signature);
+        true
+    }
+
+    fn binary(frame: &[u8]) -> Option<Frame<Outcome>> {
+        let (&SIGNATURE, rest) = frame.split_first()? else {
+            return None;
+        };
+        let (n, signature) = rest.split_first_chunk::<8>()?;
+        Some(Frame {
+            n: u64::from_be_bytes(*n),
+            body: Ok(Answer::Signature(signature.to_vec())),
+        })
+    }
+}
+
+/// One frame's body bytes (without the length) as a `T`.
+pub(super) fn decode<T: Body>(frame: &[u8]) -> io::Result<Frame<T>> {
+    if frame.first() == Some(&b'{') {
+        return serde_json::from_slice(frame)
+            .map_err(|e| io::Error::other(format!("a malformed frame: {e}")));
+    }
+    T::binary(frame).ok_or_else(|| io::Error::other("a malformed or unexpected binary frame"))
+}
+
 /// Appends one frame to `out`.
-pub(super) fn encode<T: Serialize>(n: u64, body: &T, out: &mut Vec<u8>) -> io::Result<()> {
+pub(super) fn encode<T: Body>(n: u64, body: &T, out: &mut Vec<u8>) -> io::Result<()> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    serde_json::to_writer(&mut *out, &Frame { n, body }).map_err(io::Error::other)?;
+    if !body.put_binary(n, out) {
+        serde_json::to_writer(&mut *out, &Frame { n, body }).map_err(io::Error::other)?;
+    }
     let len = u32::try_from(out.len() - start - 4)
         .ok()
         .filter(|l| (*l as usize) <= MAX_FRAME)
@@ -179,7 +283,7 @@ pub(super) fn encode<T: Serialize>(n: u64, body: &T, out: &mut Vec<u8>) -> io::R
     Ok(())
 }
 
-pub(super) fn write<T: Serialize>(w: &mut impl Write, n: u64, body: &T) -> io::Result<()> {
+pub(super) fn write<T: Body>(w: &mut impl Write, n: u64, body: &T) -> io::Result<()> {
     let mut buf = Vec::with_capacity(256);
     encode(n, body, &mut buf)?;
     w.write_all(&buf)?;
@@ -187,10 +291,7 @@ pub(super) fn write<T: Serialize>(w: &mut impl Write, n: u64, body: &T) -> io::R
 }
 
 /// The next frame; `Ok(None)` at a clean end of the stream.
-pub(super) fn read<T: DeserializeOwned>(
-    r: &mut impl Read,
-    buf: &mut Vec<u8>,
-) -> io::Result<Option<Frame<T>>> {
+pub(super) fn read<T: Body>(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<Frame<T>>> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len) {
         Ok(()) => {}
@@ -206,17 +307,12 @@ pub(super) fn read<T: DeserializeOwned>(
     buf.clear();
     buf.resize(len, 0);
     r.read_exact(buf)?;
-    serde_json::from_slice(buf)
-        .map(Some)
-        .map_err(|e| io::Error::other(format!("a malformed frame: {e}")))
+    decode(buf).map(Some)
 }
 
 /// Decodes every whole frame at the start of `buf` into `out`, and removes their bytes
 /// (a partial frame stays for the next read).
-pub(super) fn take_frames<T: DeserializeOwned>(
-    buf: &mut Vec<u8>,
-    out: &mut Vec<Frame<T>>,
-) -> io::Result<()> {
+pub(super) fn take_frames<T: Body>(buf: &mut Vec<u8>, out: &mut Vec<Frame<T>>) -> io::Result<()> {
     let mut at = 0;
     let result = loop {
         let rest = &buf[at..];
@@ -232,9 +328,9 @@ pub(super) fn take_frames<T: DeserializeOwned>(
         if rest.len() - 4 < len {
             break Ok(());
         }
-        match serde_json::from_slice(&rest[4..4 + len]) {
+        match decode(&rest[4..4 + len]) {
             Ok(frame) => out.push(frame),
-            Err(e) => break Err(io::Error::other(format!("a malformed frame: {e}"))),
+            Err(e) => break Err(e),
         }
         at += 4 + len;
     };
