@@ -397,6 +397,63 @@ mod tests {
     }
 
     #[test]
+    fn signing_traffic_goes_in_binary_frames_and_a_bad_one_is_refused() {
+        let sign = |message: Option<Vec<u8>>| Request::Sign {
+            id: vec![7; 20],
+            alg: Alg::ES384,
+            digest: vec![9; 48],
+            message,
+        };
+        let mut buf = Vec::new();
+        encode(5, &sign(None), &mut buf).unwrap();
+        // Length, tag, n, alg, id length, id, digest: no JSON.
+        assert_eq!(buf.len(), 4 + 1 + 8 + 2 + 20 + 48);
+        assert_eq!(buf[4], SIGN);
+        encode(6, &sign(Some(b"a.b".to_vec())), &mut buf).unwrap();
+        let mut frames: Vec<Frame<Request>> = Vec::new();
+        take_frames(&mut buf, &mut frames).unwrap();
+        let [first, second] = &frames[..] else {
+            panic!("two frames")
+        };
+        assert!(
+            matches!(&first.body, Request::Sign { id, alg: Alg::ES384, digest, message: None }
+            if first.n == 5 && *id == vec![7; 20] && *digest == vec![9; 48])
+        );
+        // One that carries its signing input goes as JSON, and keeps it.
+        assert!(matches!(&second.body, Request::Sign { message: Some(m), .. } if m == b"a.b"));
+
+        let answer: Outcome = Ok(Answer::Signature(vec![3; 64]));
+        encode(9, &answer, &mut buf).unwrap();
+        assert_eq!(buf[4], SIGNATURE);
+        let mut answers: Vec<Frame<Outcome>> = Vec::new();
+        take_frames(&mut buf, &mut answers).unwrap();
+        assert!(
+            matches!(&answers[0].body, Ok(Answer::Signature(s)) if answers[0].n == 9 && *s == vec![3; 64])
+        );
+
+        // An unknown algorithm, an id longer than the frame, a signature where a request
+        // is read, a request where an answer is read: refused, not guessed at.
+        let frame = |body: &[u8]| {
+            let mut f = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+            f.extend_from_slice(body);
+            f
+        };
+        let n = 1u64.to_be_bytes();
+        for bad in [
+            [&[SIGN][..], &n, &[9, 0], &[1; 32]].concat(),
+            [&[SIGN][..], &n, &[0, 40], &[1; 32]].concat(),
+            [&[SIGN][..], &[0; 3]].concat(),
+            [&[SIGNATURE][..], &n, &[1; 64]].concat(),
+            vec![0x7f],
+        ] {
+            assert!(take_frames::<Request>(&mut frame(&bad), &mut frames).is_err());
+        }
+        let request = [&[SIGN][..], &n, &[0, 1, 1], &[1; 32]].concat();
+        assert!(take_frames::<Request>(&mut frame(&request), &mut frames).is_ok());
+        assert!(take_frames::<Outcome>(&mut frame(&request), &mut answers).is_err());
+    }
+
+    #[test]
     fn whole_frames_are_counted_up_to_the_bound() {
         let mut buf = Vec::new();
         for n in 1..=3 {
