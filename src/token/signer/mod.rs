@@ -799,10 +799,19 @@ fn supervise(shared: Arc<Shared>, i: usize, mut link: Arc<Link>, mut io: ChildIo
     let mut backoff = BACKOFF_FIRST;
     loop {
         let born = Instant::now();
-        if read(&shared, i, &link, &mut io) == Ended::RuntimeGone {
+        match read(&shared, i, &link, &mut io) {
+            Ended::Pipe => {}
+            // The answers it had read died with the task (their callers see the device
+            // gone); the process is stopped and restarted like one that crashed.
+            Ended::Panicked => tracing::error!(
+                process = i,
+                pid = link.pid,
+                "the task reading a signer process panicked (a bug: see the panic above); \
+                 restarting the process"
+            ),
             // The agent's runtime shut down and took the read end with it: the agent is
             // stopping, and nothing more can be answered or restarted.
-            shared.stopping.store(true, Ordering::SeqCst);
+            Ended::RuntimeGone => shared.stopping.store(true, Ordering::SeqCst),
         }
         // Ended. At once, no new job goes to it; then nothing more is answered.
         shared.mark_down(&link);
@@ -975,6 +984,9 @@ fn fail_waiter(w: Waiter, e: TokenError) {
 enum Ended {
     /// Its stdout ended or broke: the process is gone (or going).
     Pipe,
+    /// The task that read it panicked (a bug in what an answer runs, such as a reply or
+    /// an observer): the process is restarted as if it had died, and the agent serves on.
+    Panicked,
     /// The runtime that read it shut down.
     RuntimeGone,
 }
@@ -990,15 +1002,23 @@ fn read(shared: &Arc<Shared>, i: usize, link: &Arc<Link>, io: &mut ChildIo) -> E
     let fd = std::os::fd::OwnedFd::from(reader.into_inner());
     let (done, ended) = std::sync::mpsc::channel();
     let (shared, link) = (shared.clone(), link.clone());
-    shared.spawn.runtime.clone().spawn(async move {
-        read_answers(&shared, i, &link, fd, buffered).await;
-        let _ = done.send(());
+    let runtime = shared.spawn.runtime.clone();
+    runtime.clone().spawn(async move {
+        let reader =
+            runtime.spawn(async move { read_answers(&shared, i, &link, fd, buffered).await });
+        match reader.await {
+            Ok(()) => {
+                let _ = done.send(Ended::Pipe);
+            }
+            Err(e) if e.is_panic() => {
+                let _ = done.send(Ended::Panicked);
+            }
+            // Cancelled: the runtime is shutting down (`done` goes with this task).
+            Err(_) => {}
+        }
     });
     // A runtime that shuts down drops the task, and `done` with it.
-    match ended.recv() {
-        Ok(()) => Ended::Pipe,
-        Err(_) => Ended::RuntimeGone,
-    }
+    ended.recv().unwrap_or(Ended::RuntimeGone)
 }
 
 /// Reads answers until the process's stdout ends or breaks, as a task of the agent's
