@@ -49,7 +49,8 @@ pub struct Report {
 /// cores as the agent (SoftHSM), `agent / raw` is about
 /// `raw_sign_us / (agent_device_us + agent_async_us + client_us)`. In the pipeline mode
 /// the "agent" fields are this process's: its device (signer processes or device threads)
-/// and the pipeline's own thread, and `client_us` is 0.
+/// and its other threads (the pipeline's async thread, and the rest, which is idle
+/// then), and `client_us` is 0.
 #[derive(Clone, Debug, Serialize)]
 pub struct CpuSplit {
     /// This process's device threads, per raw signature.

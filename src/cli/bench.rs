@@ -145,7 +145,8 @@ pub fn run(
     if let Some(cpu) = report.cpu.as_ref().filter(|_| report.mode != "agent") {
         out!(
             "CPU per operation: raw signature {:.1} µs; per proof: device (signer processes \
-             or device threads) {:.1} µs, the pipeline's own thread (JOSE, pipes) {:.1} µs",
+             or device threads) {:.1} µs, this process's other threads (the pipeline: JOSE, pipes) \
+             {:.1} µs",
             cpu.raw_sign_us,
             cpu.agent_device_us,
             cpu.agent_async_us

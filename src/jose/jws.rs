@@ -55,8 +55,12 @@ pub fn signing_input_of<C: Serialize>(header: &Header, claims: &C) -> Result<Str
     }
     let c = serde_json::to_vec(claims)?;
     ENCODED.with_borrow_mut(|kept| {
-        let i = match kept.iter().position(|(h, _)| h == header) {
-            Some(i) => i,
+        // The most recently used last; the least recently used goes when one more comes.
+        match kept.iter().position(|(h, _)| h == header) {
+            Some(i) => {
+                let hit = kept.remove(i);
+                kept.push(hit);
+            }
             None => {
                 let mut encoded = String::new();
                 b64_append(&serde_json::to_vec(header)?, &mut encoded);
@@ -64,10 +68,9 @@ pub fn signing_input_of<C: Serialize>(header: &Header, claims: &C) -> Result<Str
                     kept.remove(0);
                 }
                 kept.push((header.clone(), encoded));
-                kept.len() - 1
             }
-        };
-        let h = &kept[i].1;
+        }
+        let h = &kept[kept.len() - 1].1;
         let mut input = String::with_capacity(h.len() + c.len() * 4 / 3 + 2 + 700);
         input.push_str(h);
         input.push('.');

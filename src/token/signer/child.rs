@@ -22,9 +22,9 @@ use crate::token::{Backend, Binding, DeviceSettings, KeyInfo, Label, Proof, Toke
 type Told = Arc<Mutex<HashMap<Vec<u8>, Arc<(KeyInfo, Binding)>>>>;
 
 /// Answers go out whole, from any thread. An answer made on the reading thread may wait in
-/// the buffer until the requests already read are down to one (`queue`, then `flush`): the
-/// agent then gets several in one write, while this process still has a signature to make,
-/// and neither side wakes the other once per signature.
+/// the buffer (`put`) until the main loop sends what waits (`flush`, see [`FLUSH_AT`]):
+/// the agent then gets several in one write, while this process still has signatures to
+/// make, and neither side wakes the other once per signature.
 #[derive(Clone)]
 struct Out(Arc<Mutex<(io::Stdout, Vec<u8>)>>);
 
@@ -71,10 +71,12 @@ impl Out {
     }
 }
 
-/// Requests left to answer at which a one-session signer sends what it answered so far:
-/// the agent's next batch must arrive before the last of them are signed. Measured with
-/// `keybound bench --key dpop --seconds 8` on SoftHSM, 2 signers, 3 runs each: 2 gave
-/// pipeline / raw 0.86–0.90, 3 gave 0.89–0.90, 6 gave 0.85–0.87.
+/// A one-session signer sends the answers that wait when the requests it has read and not
+/// answered fall below this many (then the agent's next batch arrives before the last of
+/// them are signed), when a new batch lifts them to it again (the answers made meanwhile
+/// go with the batch's first), and before it waits for input. Measured with `keybound
+/// bench --key dpop --seconds 8` on SoftHSM, 2 signers, 3 runs each: 2 gave pipeline /
+/// raw 0.86–0.90, 3 gave 0.89–0.90, 6 gave 0.85–0.87.
 const FLUSH_AT: usize = 3;
 
 /// The signer's stdin, read in as large pieces as the pipe holds: what the agent wrote
@@ -83,52 +85,68 @@ const FLUSH_AT: usize = 3;
 /// descriptor, so nothing sits in the standard library's own stdin buffer.
 struct Input {
     pipe: std::fs::File,
+    /// Always initialised to its length: reads go into `buf[end..]`.
     buf: Vec<u8>,
-    /// Where the next frame starts in `buf`.
-    at: usize,
+    /// The bytes read and not taken: `buf[start..end]`.
+    start: usize,
+    end: usize,
 }
 
 impl Input {
     fn stdin() -> io::Result<Input> {
         Ok(Input {
             pipe: std::fs::File::from(io::stdin().as_fd().try_clone_to_owned()?),
-            buf: Vec::with_capacity(64 * 1024),
-            at: 0,
+            buf: vec![0; 64 * 1024],
+            start: 0,
+            end: 0,
         })
     }
 
     /// Whole requests read and not taken yet, counting no further than `up_to`; when
-    /// fewer, first takes in what already waits in the pipe (this never blocks).
+    /// fewer, first takes in what already waits in the pipe (this never blocks: only this
+    /// process reads it, so what `FIONREAD` counts is there).
     fn ready(&mut self, up_to: usize) -> usize {
-        let n = wire::complete_frames(&self.buf[self.at..], up_to);
+        let n = wire::complete_frames(&self.buf[self.start..self.end], up_to);
         if n >= up_to {
             return n;
         }
         match rustix::io::ioctl_fionread(&self.pipe) {
             Ok(waiting) if waiting > 0 => {
-                // Exactly what the pipe holds: the read returns at once.
-                if self.take_in(waiting).is_err() {
+                if self
+                    .read_some(usize::try_from(waiting).unwrap_or(usize::MAX))
+                    .is_err()
+                {
                     return n;
                 }
-                wire::complete_frames(&self.buf[self.at..], up_to)
+                wire::complete_frames(&self.buf[self.start..self.end], up_to)
             }
             _ => n,
         }
     }
 
-    /// Reads up to `len` more bytes (blocking until all of them came, or the end).
-    fn take_in(&mut self, len: u64) -> io::Result<usize> {
-        if self.at > 0 {
-            self.buf.drain(..self.at);
-            self.at = 0;
+    /// One `read` of at most `room` bytes (at least as much space as that is made first,
+    /// up to the bytes a frame may take); 0 at the end of the input.
+    fn read_some(&mut self, room: usize) -> io::Result<usize> {
+        let room = room.clamp(1, 4 + wire::MAX_FRAME);
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
         }
-        (&self.pipe).take(len).read_to_end(&mut self.buf)
+        if self.buf.len() - self.end < room {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+            if self.buf.len() - self.end < room {
+                self.buf.resize(self.end + room, 0);
+            }
+        }
+        let n = (&self.pipe).read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
     }
 
     /// The next frame, reading until one is whole; `Ok(None)` at a clean end of stdin.
     fn next<T: wire::Body>(&mut self) -> io::Result<Option<Frame<T>>> {
         loop {
-            let rest = &self.buf[self.at..];
+            let rest = &self.buf[self.start..self.end];
             let need = if rest.len() < 4 {
                 4 - rest.len()
             } else {
@@ -141,13 +159,14 @@ impl Input {
                 }
                 if rest.len() - 4 >= len {
                     let frame = wire::decode(&rest[4..4 + len])?;
-                    self.at += 4 + len;
+                    self.start += 4 + len;
                     return Ok(Some(frame));
                 }
                 4 + len - rest.len()
             };
             let partial = !rest.is_empty();
-            if self.take_in(need as u64)? < need {
+            // Blocks until something comes; takes all the pipe holds (up to the space).
+            if self.read_some(need.max(16 * 1024))? == 0 {
                 return if partial {
                     Err(io::ErrorKind::UnexpectedEof.into())
                 } else {
@@ -197,22 +216,26 @@ pub fn run() -> ExitCode {
     out.send(start.n, &Ok(Answer::Ready(ready)));
     let told: Told = Arc::default();
     let mut keeper = (role == Role::Keeper).then(|| manager(backend.clone(), out.clone()));
-    // Answers went out since the requests still to answer fell below `FLUSH_AT`.
-    let mut flushed_low = false;
+    // The requests read and not answered were below `FLUSH_AT` at the last turn.
+    let mut was_low = false;
     loop {
-        // Down to a few requests (or none): what was answered goes out now, once, while
-        // there are still signatures to make (the agent's next batch arrives before they
-        // are done), and always before the read that waits for more.
+        // Down to a few requests: what was answered goes out now, while there are still
+        // signatures to make (the agent's next batch arrives before they are done). Lifted
+        // again by a new batch: what was answered meanwhile goes out now, not a batch
+        // later. None left: everything goes out before the read that waits for more.
         let left = input.ready(FLUSH_AT);
-        if left == 0 || (left < FLUSH_AT && !flushed_low) {
+        let low = left < FLUSH_AT;
+        if left == 0 || low != was_low {
             out.flush();
         }
-        flushed_low = left < FLUSH_AT;
+        was_low = low;
         let frame: Frame<Request> = match input.next() {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) => {
                 tracing::error!("signer: {e}; ending");
+                // The signatures made so far still go to the agent.
+                out.flush();
                 return ExitCode::FAILURE;
             }
         };
