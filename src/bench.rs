@@ -63,6 +63,22 @@ pub struct CpuSplit {
     pub client_us: f64,
 }
 
+impl CpuSplit {
+    /// Per operation, from the CPU the counted phases took: `raw` in the raw phases,
+    /// `measured` (device, other) and `client` in the measured ones; `None` when nothing
+    /// was counted (no signatures, or counters that could not be read).
+    fn of(report: &Report, raw: Cpu, measured: Cpu, client: Cpu) -> Option<CpuSplit> {
+        let secs = report.seconds / 2.0;
+        let (raws, proofs) = (report.raw_per_s * secs, report.pipeline_per_s * secs);
+        (raws > 0.0 && proofs > 0.0 && measured.device > 0.0).then(|| CpuSplit {
+            raw_sign_us: raw.device / raws * 1e6,
+            agent_device_us: measured.device / proofs * 1e6,
+            agent_async_us: measured.other / proofs * 1e6,
+            client_us: client.total() / proofs * 1e6,
+        })
+    }
+}
+
 /// Errors of a benchmark.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -85,13 +101,7 @@ pub fn run(key: &SigningKey, sessions: usize, seconds: f64) -> Result<Report, Be
     // processes are found once: a scan of /proc at every phase would be counted as the
     // pipeline's.
     let signers = children(std::process::id());
-    let tree = || {
-        let mut cpu = Cpu::of(own);
-        for pid in &signers {
-            cpu.device += Cpu::of(Some(*pid)).total();
-        }
-        cpu
-    };
+    let tree = || Cpu::of_with(own, &signers);
     let (mut piped, mut raw_cpu, mut warm) = (Cpu::default(), Cpu::default(), true);
     let mut report = measure_with(
         key,
@@ -114,16 +124,7 @@ pub fn run(key: &SigningKey, sessions: usize, seconds: f64) -> Result<Report, Be
             Ok(n)
         },
     )?;
-    let secs = report.seconds / 2.0;
-    let (raws, proofs) = (report.raw_per_s * secs, report.pipeline_per_s * secs);
-    if raws > 0.0 && proofs > 0.0 && piped.device > 0.0 {
-        report.cpu = Some(CpuSplit {
-            raw_sign_us: raw_cpu.device / raws * 1e6,
-            agent_device_us: piped.device / proofs * 1e6,
-            agent_async_us: piped.other / proofs * 1e6,
-            client_us: 0.0,
-        });
-    }
+    report.cpu = CpuSplit::of(&report, raw_cpu, piped, Cpu::default());
     Ok(report)
 }
 
@@ -171,16 +172,7 @@ pub fn run_agent(
         },
     )?;
     report.agent_rss_kib = rss_before.zip(proc_status_kib(agent_pid, "VmHWM:"));
-    let secs = report.seconds / 2.0;
-    let (raws, proofs) = (report.raw_per_s * secs, report.pipeline_per_s * secs);
-    if raws > 0.0 && proofs > 0.0 && agent_cpu.device > 0.0 {
-        report.cpu = Some(CpuSplit {
-            raw_sign_us: raw_cpu.device / raws * 1e6,
-            agent_device_us: agent_cpu.device / proofs * 1e6,
-            agent_async_us: agent_cpu.other / proofs * 1e6,
-            client_us: client_cpu.total() / proofs * 1e6,
-        });
-    }
+    report.cpu = CpuSplit::of(&report, raw_cpu, agent_cpu, client_cpu);
     Ok(report)
 }
 
@@ -324,10 +316,14 @@ impl Cpu {
 
     /// [`Cpu::of`] with the process's children (its signer processes) counted as device.
     fn of_tree(pid: Option<u32>) -> Cpu {
+        Cpu::of_with(pid, &pid.map(children).unwrap_or_default())
+    }
+
+    /// [`Cpu::of`] with `signers` (processes of its device) counted as device.
+    fn of_with(pid: Option<u32>, signers: &[u32]) -> Cpu {
         let mut cpu = Cpu::of(pid);
-        let Some(pid) = pid else { return cpu };
-        for child in children(pid) {
-            cpu.device += Cpu::of(Some(child)).total();
+        for child in signers {
+            cpu.device += Cpu::of(Some(*child)).total();
         }
         cpu
     }

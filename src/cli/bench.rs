@@ -142,24 +142,24 @@ pub fn run(
         report.pipeline_p99_us
     );
     out!("{side} / raw   {:.3}", report.ratio);
-    if let Some(cpu) = report.cpu.as_ref().filter(|_| report.mode != "agent") {
-        out!(
+    match &report.cpu {
+        Some(cpu) if report.mode != "agent" => out!(
             "CPU per operation: raw signature {:.1} µs; per proof: device (signer processes \
              or device threads) {:.1} µs, this process's other threads (the pipeline: JOSE, pipes) \
              {:.1} µs",
             cpu.raw_sign_us,
             cpu.agent_device_us,
             cpu.agent_async_us
-        );
-    } else if let Some(cpu) = &report.cpu {
-        out!(
+        ),
+        Some(cpu) => out!(
             "CPU per operation: raw signature {:.0} µs; per proof: device (signer processes \
              or device threads) {:.0} µs, agent HTTP/JOSE {:.0} µs, this load generator {:.0} µs",
             cpu.raw_sign_us,
             cpu.agent_device_us,
             cpu.agent_async_us,
             cpu.client_us
-        );
+        ),
+        None => {}
     }
     if let Some((before, peak)) = report.agent_rss_kib {
         out!(

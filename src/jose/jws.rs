@@ -33,15 +33,25 @@ pub fn signing_input<H: Serialize, C: Serialize>(
     header: &H,
     claims: &C,
 ) -> Result<String, JoseError> {
-    let h = serde_json::to_vec(header)?;
-    let c = serde_json::to_vec(claims)?;
-    // base64url of n bytes takes at most 4n/3 + 1 characters; 700 covers a '.' and an
-    // RSA-4096 signature.
-    let mut input = String::with_capacity((h.len() + c.len()) * 4 / 3 + 2 + 700);
-    b64_append(&h, &mut input);
+    Ok(joined(&encoded(header)?, &serde_json::to_vec(claims)?))
+}
+
+/// `BASE64URL(UTF8(json))`.
+fn encoded<T: Serialize>(value: &T) -> Result<String, JoseError> {
+    let mut out = String::new();
+    b64_append(&serde_json::to_vec(value)?, &mut out);
+    Ok(out)
+}
+
+/// The signing input from the header's base64url and the claims' JSON. The string has
+/// room for the signature: base64url of n bytes takes at most 4n/3 + 1 characters; 700
+/// covers a '.' and an RSA-4096 signature.
+fn joined(header_b64: &str, claims: &[u8]) -> String {
+    let mut input = String::with_capacity(header_b64.len() + claims.len() * 4 / 3 + 2 + 700);
+    input.push_str(header_b64);
     input.push('.');
-    b64_append(&c, &mut input);
-    Ok(input)
+    b64_append(claims, &mut input);
+    input
 }
 
 /// [`signing_input`] for keybound's own [`Header`]: the header's base64url is kept per
@@ -62,20 +72,14 @@ pub fn signing_input_of<C: Serialize>(header: &Header, claims: &C) -> Result<Str
                 kept.push(hit);
             }
             None => {
-                let mut encoded = String::new();
-                b64_append(&serde_json::to_vec(header)?, &mut encoded);
+                let header_b64 = encoded(header)?;
                 if kept.len() == KEPT {
                     kept.remove(0);
                 }
-                kept.push((header.clone(), encoded));
+                kept.push((header.clone(), header_b64));
             }
         }
-        let h = &kept[kept.len() - 1].1;
-        let mut input = String::with_capacity(h.len() + c.len() * 4 / 3 + 2 + 700);
-        input.push_str(h);
-        input.push('.');
-        b64_append(&c, &mut input);
-        Ok(input)
+        Ok(joined(&kept[kept.len() - 1].1, &c))
     })
 }
 

@@ -147,22 +147,13 @@ impl Input {
     fn next<T: wire::Body>(&mut self) -> io::Result<Option<Frame<T>>> {
         loop {
             let rest = &self.buf[self.start..self.end];
-            let need = if rest.len() < 4 {
-                4 - rest.len()
-            } else {
-                let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-                if len > wire::MAX_FRAME {
-                    return Err(io::Error::other(format!(
-                        "a frame of {len} bytes (at most {})",
-                        wire::MAX_FRAME
-                    )));
-                }
-                if rest.len() - 4 >= len {
-                    let frame = wire::decode(&rest[4..4 + len])?;
-                    self.start += 4 + len;
+            let need = match wire::peek(rest)? {
+                wire::Peek::Whole(body, taken) => {
+                    let frame = wire::decode(body)?;
+                    self.start += taken;
                     return Ok(Some(frame));
                 }
-                4 + len - rest.len()
+                wire::Peek::Short(need) => need,
             };
             let partial = !rest.is_empty();
             // Blocks until something comes; takes all the pipe holds (up to the space).

@@ -568,10 +568,7 @@ impl Link {
     fn flush(&self, shared: &Arc<Shared>) {
         let mut w = lock(&self.stdin);
         w.flush_due = false;
-        if w.waiting > 0 && w.write().is_err() {
-            drop(w);
-            shared.mark_down(self);
-        }
+        self.write_out(w, shared);
     }
 
     /// The process answered `n` requests it was written: what waited for it to run low
@@ -579,7 +576,15 @@ impl Link {
     fn answered(&self, shared: &Arc<Shared>, n: usize) {
         let mut w = lock(&self.stdin);
         w.open = w.open.saturating_sub(n);
-        if w.waiting > 0 && w.open < w.low && w.write().is_err() {
+        if w.open < w.low {
+            self.write_out(w, shared);
+        }
+    }
+
+    /// Writes the outbox; a process that cannot be written to is gone, and gets no more
+    /// jobs (its supervisor fails or retries what it held).
+    fn write_out(&self, mut w: MutexGuard<'_, Writer>, shared: &Arc<Shared>) {
+        if w.write().is_err() {
             drop(w);
             shared.mark_down(self);
         }
@@ -1002,10 +1007,9 @@ fn read(shared: &Arc<Shared>, i: usize, link: &Arc<Link>, io: &mut ChildIo) -> E
     let fd = std::os::fd::OwnedFd::from(reader.into_inner());
     let (done, ended) = std::sync::mpsc::channel();
     let (shared, link) = (shared.clone(), link.clone());
-    let runtime = shared.spawn.runtime.clone();
-    runtime.clone().spawn(async move {
+    shared.spawn.runtime.clone().spawn(async move {
         let reader =
-            runtime.spawn(async move { read_answers(&shared, i, &link, fd, buffered).await });
+            tokio::spawn(async move { read_answers(&shared, i, &link, fd, buffered).await });
         match reader.await {
             Ok(()) => {
                 let _ = done.send(Ended::Pipe);

@@ -176,6 +176,19 @@ const SIGN: u8 = 1;
 /// big-endian) and the signature (the rest).
 const SIGNATURE: u8 = 2;
 
+/// Starts a binary frame: its tag and `n`.
+fn put_tagged(out: &mut Vec<u8>, tag: u8, n: u64) {
+    out.push(tag);
+    out.extend_from_slice(&n.to_be_bytes());
+}
+
+/// `n` and the rest of a binary frame tagged `tag`; `None` for another tag or too short.
+fn tagged(frame: &[u8], tag: u8) -> Option<(u64, &[u8])> {
+    let (&first, rest) = frame.split_first()?;
+    let (n, rest) = rest.split_first_chunk::<8>()?;
+    (first == tag).then(|| (u64::from_be_bytes(*n), rest))
+}
+
 /// A frame's body: JSON, or for the signing traffic the binary form.
 pub(super) trait Body: Serialize + DeserializeOwned {
     /// Appends the body's binary form (`SIGN`, `SIGNATURE`) when it has one.
@@ -208,8 +221,7 @@ impl Body for Request {
         ) else {
             return false;
         };
-        out.push(SIGN);
-        out.extend_from_slice(&n.to_be_bytes());
+        put_tagged(out, SIGN, n);
         out.extend_from_slice(&[alg as u8, id_len]);
         out.extend_from_slice(id);
         out.extend_from_slice(digest);
@@ -217,15 +229,12 @@ impl Body for Request {
     }
 
     fn binary(frame: &[u8]) -> Option<Frame<Request>> {
-        let (&SIGN, rest) = frame.split_first()? else {
-            return None;
-        };
-        let (n, rest) = rest.split_first_chunk::<8>()?;
+        let (n, rest) = tagged(frame, SIGN)?;
         let (&[alg, id_len], rest) = rest.split_first_chunk::<2>()?;
         let alg = *Alg::ALL.get(usize::from(alg))?;
         let (id, digest) = rest.split_at_checked(usize::from(id_len))?;
         Some(Frame {
-            n: u64::from_be_bytes(*n),
+            n,
             body: Request::Sign {
                 id: id.to_vec(),
                 alg,
@@ -241,19 +250,15 @@ impl Body for Outcome {
         let Ok(Answer::Signature(signature)) = self else {
             return false;
         };
-        out.push(SIGNATURE);
-        out.extend_from_slice(&n.to_be_bytes());
+        put_tagged(out, SIGNATURE, n);
         out.extend_from_slice(signature);
         true
     }
 
     fn binary(frame: &[u8]) -> Option<Frame<Outcome>> {
-        let (&SIGNATURE, rest) = frame.split_first()? else {
-            return None;
-        };
-        let (n, signature) = rest.split_first_chunk::<8>()?;
+        let (n, signature) = tagged(frame, SIGNATURE)?;
         Some(Frame {
-            n: u64::from_be_bytes(*n),
+            n,
             body: Ok(Answer::Signature(signature.to_vec())),
         })
     }
@@ -310,29 +315,47 @@ pub(super) fn read<T: Body>(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<
     decode(buf).map(Some)
 }
 
+/// What starts `buffered`: a whole frame, or how many more bytes one needs.
+pub(super) enum Peek<'a> {
+    /// The frame's body, and the bytes the frame takes with its length.
+    Whole(&'a [u8], usize),
+    /// At least this many more bytes are needed for a whole frame.
+    Short(usize),
+}
+
+/// The frame at the start of `buffered`; an error for a length over [`MAX_FRAME`].
+pub(super) fn peek(buffered: &[u8]) -> io::Result<Peek<'_>> {
+    let Some((len, rest)) = buffered.split_first_chunk::<4>() else {
+        return Ok(Peek::Short(4 - buffered.len()));
+    };
+    let len = u32::from_be_bytes(*len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::other(format!(
+            "a frame of {len} bytes (at most {MAX_FRAME})"
+        )));
+    }
+    Ok(match rest.get(..len) {
+        Some(body) => Peek::Whole(body, 4 + len),
+        None => Peek::Short(len - rest.len()),
+    })
+}
+
 /// Decodes every whole frame at the start of `buf` into `out`, and removes their bytes
 /// (a partial frame stays for the next read).
 pub(super) fn take_frames<T: Body>(buf: &mut Vec<u8>, out: &mut Vec<Frame<T>>) -> io::Result<()> {
     let mut at = 0;
     let result = loop {
-        let rest = &buf[at..];
-        if rest.len() < 4 {
-            break Ok(());
-        }
-        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if len > MAX_FRAME {
-            break Err(io::Error::other(format!(
-                "a frame of {len} bytes (at most {MAX_FRAME})"
-            )));
-        }
-        if rest.len() - 4 < len {
-            break Ok(());
-        }
-        match decode(&rest[4..4 + len]) {
-            Ok(frame) => out.push(frame),
+        match peek(&buf[at..]) {
+            Ok(Peek::Whole(body, taken)) => match decode(body) {
+                Ok(frame) => {
+                    out.push(frame);
+                    at += taken;
+                }
+                Err(e) => break Err(e),
+            },
+            Ok(Peek::Short(_)) => break Ok(()),
             Err(e) => break Err(e),
         }
-        at += 4 + len;
     };
     buf.drain(..at);
     result
@@ -341,12 +364,10 @@ pub(super) fn take_frames<T: Body>(buf: &mut Vec<u8>, out: &mut Vec<Frame<T>>) -
 /// How many whole frames `buffered` starts with, counting no further than `up_to`.
 pub(super) fn complete_frames(mut buffered: &[u8], up_to: usize) -> usize {
     let mut n = 0;
-    while n < up_to && buffered.len() >= 4 {
-        let len = u32::from_be_bytes([buffered[0], buffered[1], buffered[2], buffered[3]]) as usize;
-        if buffered.len() - 4 < len {
-            break;
-        }
-        buffered = &buffered[4 + len..];
+    while n < up_to
+        && let Ok(Peek::Whole(_, taken)) = peek(buffered)
+    {
+        buffered = &buffered[taken..];
         n += 1;
     }
     n
