@@ -902,6 +902,38 @@ async fn jwks_uri_that_is_down_keeps_the_last_good_keys() {
     assert_assertion_passed(&post_token(&http, &server, &request(&second), None, READ).await);
 }
 
+/// A JWKS URI whose publisher is up but not ready yet (`keybound serve` before its keys
+/// are proved answers 503 with `Retry-After`): the server waits as told and starts with
+/// the keys. A 503 without `Retry-After` stops the start at once, naming the status.
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_uri_answering_503_with_retry_after_at_start_is_fetched_again() {
+    let key = SoftKey::new("first");
+    let host = JwksHost::start(&[key.jwk()], None, false).await;
+    host.set_down(true);
+
+    let refused = keybound_devserver::DevServer::new(
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+        Settings::new(CLIENT_ID, JwksSource::Uri(host.url.clone())),
+    )
+    .await
+    .err()
+    .expect("a 503 without Retry-After stops the start");
+    assert!(refused.to_string().contains("HTTP status 503"), "{refused}");
+    assert_eq!(host.counts().failed, 1, "{:?}", host.counts());
+
+    host.set_retry_after(Some(1));
+    host.up_after(std::time::Duration::from_millis(1500));
+    let server = Server::start(Settings::new(CLIENT_ID, JwksSource::Uri(host.url.clone()))).await;
+    let counts = host.counts();
+    assert!(counts.failed >= 2 && counts.served == 1, "{counts:?}");
+    let http = http();
+    let now = unix_now();
+    let assertion = key.assertion(&server.endpoints.token, now, now + 60);
+    assert_assertion_passed(&post_token(&http, &server, &assertion, None, READ).await);
+}
+
 // ---------------------------------------------------------------------------
 // Resource server
 // ---------------------------------------------------------------------------

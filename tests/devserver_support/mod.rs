@@ -582,6 +582,8 @@ struct HostState {
     cache_control: Option<String>,
     etag: bool,
     down: bool,
+    /// Sent with the 503s while down.
+    retry_after: Option<u32>,
     counts: HostCounts,
 }
 
@@ -621,7 +623,11 @@ impl JwksHost {
                     s.counts.if_none_match.extend(inm.clone());
                     if s.down {
                         s.counts.failed += 1;
-                        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                        let mut reply = HeaderMap::new();
+                        if let Some(secs) = s.retry_after {
+                            reply.insert(header::RETRY_AFTER, secs.into());
+                        }
+                        return (StatusCode::SERVICE_UNAVAILABLE, reply).into_response();
                     }
                     let etag = format!("\"v{}\"", s.version);
                     let mut reply = HeaderMap::new();
@@ -673,6 +679,20 @@ impl JwksHost {
     /// Down: every request gets 503.
     pub fn set_down(&self, down: bool) {
         self.with(|s| s.down = down);
+    }
+
+    /// Down, answering 503 with `Retry-After: secs` (none: without it).
+    pub fn set_retry_after(&self, secs: Option<u32>) {
+        self.with(|s| s.retry_after = secs);
+    }
+
+    /// Up again after `after`, from a task of its own.
+    pub fn up_after(&self, after: std::time::Duration) {
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            state.lock().expect("lock").down = false;
+        });
     }
 
     pub fn counts(&self) -> HostCounts {

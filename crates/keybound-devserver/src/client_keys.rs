@@ -209,7 +209,7 @@ impl ClientKeys {
                     keys,
                     etag,
                     max_age,
-                } = fetch(&http, &url, None).await?
+                } = first_fetch(&http, &url).await?
                 else {
                     // Without If-None-Match a 304 is an error in `fetch`.
                     return Err(DevServerError::JwksFetch {
@@ -485,7 +485,7 @@ impl ClientKeys {
                 });
                 true
             }
-            Err(e) => {
+            Ok(Fetched::Unavailable { error: e, .. }) | Err(e) => {
                 let old = self.snapshot();
                 tracing::warn!(why, kids = ?kids(&old.keys), "{e}; keeping the last good keys");
                 let now = Instant::now();
@@ -563,6 +563,36 @@ enum Fetched {
     },
     /// 304 to `If-None-Match`: the cached keys stand; `max_age` if the 304 restated it.
     NotModified { max_age: Option<Duration> },
+    /// 503 with `Retry-After` in seconds (RFC 9110 §10.2.3): the publisher is up and says
+    /// when to come back (a `keybound serve` whose keys are still being proved).
+    Unavailable {
+        retry_after: Duration,
+        error: DevServerError,
+    },
+}
+
+/// How long the first fetch keeps coming back to a URI that answers 503 with
+/// `Retry-After`, before the server gives up starting.
+const FIRST_FETCH_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The first fetch, when the server starts: a 503 with `Retry-After` is tried again (at
+/// most once a second, at least every 5 s) for [`FIRST_FETCH_PATIENCE`]; anything else
+/// that fails is final.
+async fn first_fetch(http: &reqwest::Client, url: &Url) -> Result<Fetched, DevServerError> {
+    let deadline = Instant::now() + FIRST_FETCH_PATIENCE;
+    loop {
+        match fetch(http, url, None).await? {
+            Fetched::Unavailable { retry_after, error } => {
+                let wait = retry_after.clamp(Duration::from_secs(1), Duration::from_secs(5));
+                if Instant::now() + wait > deadline {
+                    return Err(error);
+                }
+                tracing::info!(%url, wait_secs = wait.as_secs(), "{error}; trying again");
+                tokio::time::sleep(wait).await;
+            }
+            fetched => return Ok(fetched),
+        }
+    }
 }
 
 async fn fetch(
@@ -591,6 +621,18 @@ async fn fetch(
                 .headers()
                 .contains_key(header::CACHE_CONTROL)
                 .then(|| max_age(response.headers())),
+        });
+    }
+    if status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+        && let Some(retry_after) = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return Ok(Fetched::Unavailable {
+            retry_after: Duration::from_secs(retry_after),
+            error: failed(format!("HTTP status {status}, Retry-After {retry_after} s")),
         });
     }
     if !status.is_success() {

@@ -17,6 +17,7 @@ use cryptoki::slot::Slot;
 
 use super::Pkcs11Settings;
 use super::errors::{ck, session_lost};
+use super::host_lock::HostLock;
 use crate::token::profile::{Profile, Profiles};
 use crate::token::trust::{self, Owners};
 use crate::token::worker;
@@ -97,6 +98,9 @@ pub(super) struct Connection {
     /// Bumped by every re-initialisation; sessions of older generations are dead.
     generation: AtomicU64,
     last_recovery: Mutex<Option<Instant>>,
+    /// Taken around what reads or rewrites the token's own state (opening, login,
+    /// management), so keybound's processes on this host take turns at it.
+    host: HostLock,
     /// This connection's `C_Initialize` succeeded (it did not find the library already
     /// initialised by someone else in the process), so it owes the `C_Finalize`.
     finalize: bool,
@@ -115,6 +119,10 @@ impl Connection {
             (None, None) => return Err(TokenError::NoTokenSelector),
         };
         let module = resolve_module(settings, profiles)?;
+        // The connection's own lock is another descriptor: this one is let go first.
+        let opening_lock = HostLock::on(&module);
+        let host = HostLock::on(&module);
+        let opening = opening_lock.hold();
         let (pkcs11, finalize, slot, info) = initialize_and_find(&module, &selector)?;
         let profile = match &settings.profile {
             Some(name) => profiles.named(name)?,
@@ -167,10 +175,12 @@ impl Connection {
             gate: RwLock::new(()),
             generation: AtomicU64::new(0),
             last_recovery: Mutex::new(None),
+            host,
             finalize,
             profile,
             description,
         };
+        drop(opening);
         // Log in now, so a wrong PIN is reported at start, not at the first signature.
         conn.with_session(|_| Ok(()))?;
         Ok(conn)
@@ -179,6 +189,8 @@ impl Connection {
     /// Opens a session on the token and logs it in. `rw` for key generation. Never call it
     /// while holding `read()`: it takes the gate itself and may have to re-initialise.
     pub(super) fn open_session(&self, rw: bool) -> Result<Live, TokenError> {
+        // A login rewrites SoftHSM's token file.
+        let _host = self.host.hold();
         match self.try_open(rw) {
             Err(Error::Pkcs11(
                 RvError::SlotIdInvalid
@@ -297,6 +309,7 @@ impl Connection {
             }
             *last = Some(Instant::now());
         }
+        let _host = self.host.hold();
         let _exclusive = self.gate.write().unwrap_or_else(PoisonError::into_inner);
         tracing::warn!(token = %self.description.token_label,
             "token unreachable: re-initialising the PKCS#11 library");
@@ -360,6 +373,8 @@ impl Connection {
         mut f: impl FnMut(&Session) -> Result<T, Pkcs11Failure>,
     ) -> Result<T, TokenError> {
         let mut keeper = self.keeper.lock().unwrap_or_else(PoisonError::into_inner);
+        // Management reads and writes the token's objects: other processes wait.
+        let _host = self.host.hold();
         // A failure carries the session it happened on (`None`: none could be opened, which
         // is not retried); boxed, as failures are rare and large.
         worker::retry_once(

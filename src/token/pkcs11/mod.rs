@@ -5,6 +5,7 @@
 mod asym_sign;
 mod connection;
 mod errors;
+mod host_lock;
 mod key_management;
 mod records;
 
