@@ -923,11 +923,12 @@ async fn jwks_uri_answering_503_with_retry_after_at_start_is_fetched_again() {
     assert!(refused.to_string().contains("HTTP status 503"), "{refused}");
     assert_eq!(host.counts().failed, 1, "{:?}", host.counts());
 
+    // Two more 503s with Retry-After: 1, then the keys.
     host.set_retry_after(Some(1));
-    host.up_after(std::time::Duration::from_millis(1500));
+    host.up_after_failed(3);
     let server = Server::start(Settings::new(CLIENT_ID, JwksSource::Uri(host.url.clone()))).await;
     let counts = host.counts();
-    assert!(counts.failed >= 2 && counts.served == 1, "{counts:?}");
+    assert!(counts.failed == 3 && counts.served == 1, "{counts:?}");
     let http = http();
     let now = unix_now();
     let assertion = key.assertion(&server.endpoints.token, now, now + 60);

@@ -584,6 +584,8 @@ struct HostState {
     down: bool,
     /// Sent with the 503s while down.
     retry_after: Option<u32>,
+    /// Up once this many 503s were answered.
+    up_after_failed: Option<usize>,
     counts: HostCounts,
 }
 
@@ -621,6 +623,9 @@ impl JwksHost {
                         .get(header::IF_NONE_MATCH)
                         .map(|v| v.to_str().expect("ASCII If-None-Match").to_string());
                     s.counts.if_none_match.extend(inm.clone());
+                    if s.up_after_failed.is_some_and(|n| s.counts.failed >= n) {
+                        s.down = false;
+                    }
                     if s.down {
                         s.counts.failed += 1;
                         let mut reply = HeaderMap::new();
@@ -686,13 +691,9 @@ impl JwksHost {
         self.with(|s| s.retry_after = secs);
     }
 
-    /// Up again after `after`, from a task of its own.
-    pub fn up_after(&self, after: std::time::Duration) {
-        let state = self.state.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            state.lock().expect("lock").down = false;
-        });
+    /// Up again once it has answered 503 `failed` times in all.
+    pub fn up_after_failed(&self, failed: usize) {
+        self.with(|s| s.up_after_failed = Some(failed));
     }
 
     pub fn counts(&self) -> HostCounts {

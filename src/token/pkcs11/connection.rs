@@ -120,8 +120,8 @@ impl Connection {
         };
         let module = resolve_module(settings, profiles)?;
         // The connection's own lock is another descriptor: this one is let go first.
-        let opening_lock = HostLock::on(&module);
-        let host = HostLock::on(&module);
+        let opening_lock = HostLock::for_module(&module);
+        let host = HostLock::for_module(&module);
         let opening = opening_lock.hold();
         let (pkcs11, finalize, slot, info) = initialize_and_find(&module, &selector)?;
         let profile = match &settings.profile {
@@ -273,6 +273,9 @@ impl Connection {
 
     /// Is the token there? `C_GetTokenInfo` on its slot.
     pub(super) fn probe(&self) -> Result<(), TokenError> {
+        // Reads SoftHSM's token file: a read torn by another process's login would look
+        // like a token gone, and re-initialise the library for nothing.
+        let _host = self.host.hold();
         let _gate = self.read();
         let slot = *self.slot.lock().unwrap_or_else(PoisonError::into_inner);
         match self.pkcs11.get_token_info(slot) {

@@ -1,6 +1,6 @@
-//! keybound's processes on one host take turns at a module for what reads or rewrites the
-//! token's own state: `C_Initialize` and finding the token, login, and key and record
-//! management. Signatures do not take turns.
+//! keybound's processes on one host take turns at a SoftHSM token for what reads or
+//! rewrites the token's own state: `C_Initialize` and finding the token, login, checking
+//! that it is there, and key and record management. Signatures do not take turns.
 //!
 //! Why: SoftHSM 2.6.1 rewrites its token file on every `C_Login` (the PIN-count flags), and
 //! releases its file lock before its buffered writes reach the file; another process that
@@ -10,14 +10,19 @@
 //! one token failed 63 times in about 4,100 runs without this lock, 0 times in about 2,900
 //! with it (`tests/keys.rs` runs a smaller version).
 //!
-//! The lock is an advisory `flock` on the module file itself: every process that loads
-//! the module can open it for reading, and no file is created anywhere. It is reentrant on
-//! one thread (management opens sessions, which log in, which may re-initialise the
-//! library). Another user's process could hold it for ever: after [`PATIENCE`] keybound
-//! goes on without it, with a warning.
+//! The lock is an advisory `flock` on SoftHSM's token directory (`directories.tokendir` in
+//! `$SOFTHSM2_CONF`, else `/etc/softhsm/softhsm2.conf`): every process that uses those
+//! tokens can open it for reading, processes on other token directories (each test's own)
+//! do not wait for each other, and no file is created anywhere. For any other module the
+//! lock only orders this process's own threads. It is reentrant on one thread (management
+//! opens sessions, which log in, which may re-initialise the library). A process that
+//! holds it for ever (another user's) delays keybound by [`PATIENCE`] once: keybound then
+//! goes on without it, with a warning, and for [`AFTER_GIVING_UP`] tries it only once each
+//! time.
 
 use std::fs::File;
-use std::path::Path;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
@@ -25,32 +30,53 @@ use std::time::{Duration, Instant};
 use rustix::fs::{FlockOperation, flock};
 
 /// How long a process waits for another to finish (an RSA key generation on a slow token
-/// takes seconds) before it goes on without the lock.
-const PATIENCE: Duration = Duration::from_secs(30);
+/// takes seconds) before it goes on without the lock; well below the agent's
+/// `signer_timeout_secs` (30 s by default), after which a signer that signs nothing is
+/// taken for stuck.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// After giving up once, the lock is tried once (not waited for) for this long.
+const AFTER_GIVING_UP: Duration = Duration::from_secs(60);
 
 pub(super) struct HostLock {
-    /// The module file; `None` when it cannot be opened (the lock is then in-process only).
+    /// What is locked; `None` when the lock orders this process's threads only.
     file: Option<File>,
     /// The thread that holds the lock, and how many times it took it.
     holder: Mutex<Option<(ThreadId, usize)>>,
     freed: Condvar,
+    /// When this process last went on without the lock.
+    gave_up: Mutex<Option<Instant>>,
 }
 
-/// Held while it lives.
-pub(super) struct HostGuard<'a>(&'a HostLock);
+/// Held while it lives, on the thread that took it (not `Send`).
+pub(super) struct HostGuard<'a>(&'a HostLock, PhantomData<*const ()>);
 
 impl HostLock {
-    pub(super) fn on(module: &Path) -> HostLock {
-        let file = File::open(module)
-            .inspect_err(|e| {
-                tracing::debug!(module = %module.display(),
-                    "cannot open the module to lock it across processes: {e}");
-            })
-            .ok();
+    /// The lock for `module`: SoftHSM's token directory, or this process only.
+    pub(super) fn for_module(module: &Path) -> HostLock {
+        let is_softhsm = module
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("libsofthsm2"));
+        let target = is_softhsm.then(softhsm_token_dir).flatten();
+        HostLock::on(target.as_deref())
+    }
+
+    /// The lock on `target` (a file or directory), or on this process only.
+    pub(super) fn on(target: Option<&Path>) -> HostLock {
+        let file = target.and_then(|path| {
+            File::open(path)
+                .inspect_err(|e| {
+                    tracing::debug!(path = %path.display(),
+                        "cannot open it to lock the token across processes: {e}");
+                })
+                .ok()
+        });
         HostLock {
             file,
             holder: Mutex::new(None),
             freed: Condvar::new(),
+            gave_up: Mutex::new(None),
         }
     }
 
@@ -62,7 +88,7 @@ impl HostLock {
             match &mut *holder {
                 Some((t, depth)) if *t == me => {
                     *depth += 1;
-                    return HostGuard(self);
+                    return HostGuard(self, PhantomData);
                 }
                 Some(_) => {
                     holder = self
@@ -77,36 +103,70 @@ impl HostLock {
         // Other threads of this process wait on `freed` meanwhile.
         drop(holder);
         if let Some(file) = &self.file {
-            take(file);
+            let mut gave_up = self.gave_up.lock().unwrap_or_else(PoisonError::into_inner);
+            let patience = match *gave_up {
+                Some(t) if t.elapsed() < AFTER_GIVING_UP => Duration::ZERO,
+                _ => PATIENCE,
+            };
+            if !take(file, patience) {
+                *gave_up = Some(Instant::now());
+            }
         }
-        HostGuard(self)
+        HostGuard(self, PhantomData)
     }
 }
 
-/// `flock(LOCK_EX)`, polled so that a holder that never lets go delays this process by
-/// [`PATIENCE`] at most.
-fn take(file: &File) {
+/// SoftHSM's token directory, as its configuration names it.
+fn softhsm_token_dir() -> Option<PathBuf> {
+    let conf = std::env::var_os("SOFTHSM2_CONF").map_or_else(
+        || PathBuf::from("/etc/softhsm/softhsm2.conf"),
+        PathBuf::from,
+    );
+    let text = std::fs::read_to_string(&conf)
+        .inspect_err(|e| tracing::debug!(conf = %conf.display(), "cannot read it: {e}"))
+        .ok()?;
+    token_dir_in(&text)
+}
+
+/// `directories.tokendir = PATH` in a SoftHSM configuration (its own parser: `#` starts a
+/// comment line, spaces around `=` are trimmed).
+fn token_dir_in(conf: &str) -> Option<PathBuf> {
+    conf.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .find(|(name, _)| name.trim() == "directories.tokendir")
+        .map(|(_, value)| PathBuf::from(value.trim()))
+        .filter(|p| !p.as_os_str().is_empty())
+}
+
+/// `flock(LOCK_EX)`, polled for `patience` at most (once when zero); false when it went
+/// on without the lock.
+fn take(file: &File, patience: Duration) -> bool {
     let start = Instant::now();
     // Short pauses: a listing takes and leaves the lock once per object, and a long sleep
     // past the moment it was let go costs every one of them.
     let mut pause = Duration::from_micros(100);
     loop {
         match flock(file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => return,
+            Ok(()) => return true,
             Err(rustix::io::Errno::WOULDBLOCK | rustix::io::Errno::INTR) => {}
             Err(e) => {
-                tracing::debug!("cannot lock the module file: {e}; going on without the lock");
-                return;
+                tracing::debug!("cannot lock the token directory: {e}; going on without it");
+                return true;
             }
         }
-        if start.elapsed() >= PATIENCE {
-            tracing::warn!(
-                "another process has held the lock on the PKCS#11 module file for {} s; \
-                 going on without it (a token file read meanwhile may look empty: retry \
-                 what fails)",
-                PATIENCE.as_secs()
-            );
-            return;
+        if start.elapsed() >= patience {
+            if !patience.is_zero() {
+                tracing::warn!(
+                    "another process has held the lock on the SoftHSM token directory for \
+                     {} s; going on without it, and for {} s without waiting for it (a token \
+                     file read meanwhile may look empty: retry what fails)",
+                    patience.as_secs(),
+                    AFTER_GIVING_UP.as_secs()
+                );
+            }
+            return false;
         }
         thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(2));
@@ -147,9 +207,20 @@ mod tests {
     }
 
     #[test]
+    fn softhsm_token_dir_from_its_config() {
+        let conf = "# comment\ndirectories.tokendir = /var/lib/softhsm/tokens/ \nobjectstore.backend = file\n";
+        assert_eq!(
+            token_dir_in(conf),
+            Some(PathBuf::from("/var/lib/softhsm/tokens/"))
+        );
+        assert_eq!(token_dir_in("#directories.tokendir = /x\n"), None);
+        assert_eq!(token_dir_in("directories.tokendir =\n"), None);
+    }
+
+    #[test]
     fn reentrant_on_one_thread() {
         let (_dir, path) = file();
-        let lock = HostLock::on(&path);
+        let lock = HostLock::on(Some(&path));
         let outer = lock.hold();
         let inner = lock.hold();
         drop(inner);
@@ -162,7 +233,7 @@ mod tests {
     #[test]
     fn another_descriptor_waits_while_held() {
         let (_dir, path) = file();
-        let lock = HostLock::on(&path);
+        let lock = HostLock::on(Some(&path));
         let guard = lock.hold();
         let other = File::open(&path).unwrap();
         assert!(
@@ -176,7 +247,7 @@ mod tests {
     #[test]
     fn threads_take_turns() {
         let (_dir, path) = file();
-        let lock = Arc::new(HostLock::on(&path));
+        let lock = Arc::new(HostLock::on(Some(&path)));
         let inside = Arc::new(AtomicUsize::new(0));
         let handles: Vec<_> = (0..4)
             .map(|_| {
