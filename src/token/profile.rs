@@ -86,7 +86,31 @@ pub struct Profile {
     /// the policy's findings.
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
+    /// How keybound's processes share the token (`[processes]`).
+    #[serde(default)]
+    pub processes: Processes,
     pub quirks: Vec<String>,
+}
+
+/// How keybound's processes on one host share the token (`[processes]`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Processes {
+    /// For a module that rewrites its files unsafely (SoftHSM): keybound's processes take
+    /// turns, with a lock on the path this setting of the module's own configuration
+    /// names, for opening the token, login and management (not signatures).
+    pub take_turns_on: Option<ConfigSetting>,
+}
+
+/// A setting (`name = value` line) of a module's configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSetting {
+    /// The variable that names the configuration file.
+    pub config_env: String,
+    /// The file when the variable is not set.
+    pub config_default: PathBuf,
+    pub setting: String,
 }
 
 fn yes() -> bool {
@@ -283,6 +307,20 @@ impl Profiles {
             Some(p) => Ok(p),
             None => self.named("generic"),
         }
+    }
+
+    /// The profile a module is known by before its token is read: the named one, else the
+    /// first whose match rule or module paths name a file of that name. `None` when none
+    /// does (the profile is then only known from the token).
+    pub fn claiming(&self, name: Option<&str>, module: &Path) -> Option<&Profile> {
+        if let Some(name) = name {
+            return self.named(name).ok();
+        }
+        let file = module.file_name()?;
+        self.0.iter().find(|p| {
+            p.match_rule.module.as_deref().map(std::ffi::OsStr::new) == Some(file)
+                || p.module.paths.iter().any(|m| m.file_name() == Some(file))
+        })
     }
 
     /// Where to look for a module: the named profile's paths first, then those of every

@@ -579,31 +579,26 @@ const FIRST_FETCH_PATIENCE: Duration = Duration::from_secs(30);
 /// most once a second, at least every 5 s) for [`FIRST_FETCH_PATIENCE`]; anything else
 /// that fails is final.
 async fn first_fetch(http: &reqwest::Client, url: &Url) -> Result<Fetched, DevServerError> {
-    let start = Instant::now();
-    let deadline = start + FIRST_FETCH_PATIENCE;
+    let (start, mut tries) = (Instant::now(), 0);
     loop {
-        match fetch(http, url, None).await? {
-            Fetched::Unavailable { retry_after, error } => {
-                let wait = retry_after.clamp(Duration::from_secs(1), Duration::from_secs(5));
-                if Instant::now() + wait > deadline {
-                    return Err(match error {
-                        DevServerError::JwksFetch { url, reason } if start.elapsed() > wait => {
-                            DevServerError::JwksFetch {
-                                url,
-                                reason: format!(
-                                    "{reason}, still after {} s of trying again",
-                                    start.elapsed().as_secs()
-                                ),
-                            }
-                        }
-                        other => other,
-                    });
-                }
-                tracing::info!(%url, wait_secs = wait.as_secs(), "{error}; trying again");
-                tokio::time::sleep(wait).await;
-            }
+        tries += 1;
+        let (retry_after, error) = match fetch(http, url, None).await? {
+            Fetched::Unavailable { retry_after, error } => (retry_after, error),
             fetched => return Ok(fetched),
+        };
+        let wait = retry_after.clamp(Duration::from_secs(1), Duration::from_secs(5));
+        if start.elapsed() + wait > FIRST_FETCH_PATIENCE {
+            return Err(match error {
+                DevServerError::JwksFetch { url, reason } if tries > 1 => {
+                    let secs = start.elapsed().as_secs();
+                    let reason = format!("{reason}, still after {secs} s of trying again");
+                    DevServerError::JwksFetch { url, reason }
+                }
+                other => other,
+            });
         }
+        tracing::info!(%url, wait_secs = wait.as_secs(), "{error}; trying again");
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -119,10 +119,14 @@ impl Connection {
             (None, None) => return Err(TokenError::NoTokenSelector),
         };
         let module = resolve_module(settings, profiles)?;
-        // The connection's own lock is another descriptor: this one is let go first.
-        let opening_lock = HostLock::for_module(&module);
-        let host = HostLock::for_module(&module);
-        let opening = opening_lock.hold();
+        let named = named_module(settings, profiles);
+        // The profile as far as the module file tells; the token confirms it below.
+        let host = HostLock::for_profile(
+            named
+                .as_deref()
+                .and_then(|n| profiles.claiming(settings.profile.as_deref(), n)),
+        );
+        let opening = host.hold();
         let (pkcs11, finalize, slot, info) = initialize_and_find(&module, &selector)?;
         let profile = match &settings.profile {
             Some(name) => profiles.named(name)?,
@@ -136,10 +140,7 @@ impl Connection {
         // say leaves them empty (a URI naming them then does not match).
         let slot_info = pkcs11.get_slot_info(slot).ok();
         let module_description = ModuleDescription {
-            paths: named_module(settings, profiles)
-                .into_iter()
-                .chain([module.clone()])
-                .collect(),
+            paths: named.into_iter().chain([module.clone()]).collect(),
             library_manufacturer: clean(library.manufacturer_id()),
             library_description: clean(library.library_description()),
             library_version: (version.major(), version.minor()),
@@ -164,6 +165,7 @@ impl Connection {
         };
         tracing::debug!(module = %module.display(), token = %description.token_label,
             profile = %profile.name, "token found");
+        drop(opening);
         let conn = Connection {
             pkcs11,
             module,
@@ -180,7 +182,6 @@ impl Connection {
             profile,
             description,
         };
-        drop(opening);
         // Log in now, so a wrong PIN is reported at start, not at the first signature.
         conn.with_session(|_| Ok(()))?;
         Ok(conn)

@@ -10,11 +10,12 @@
 //! one token failed 63 times in about 4,100 runs without this lock, 0 times in about 2,900
 //! with it (`tests/keys.rs` runs a smaller version).
 //!
-//! The lock is an advisory `flock` on SoftHSM's token directory (`directories.tokendir` in
-//! `$SOFTHSM2_CONF`, else `/etc/softhsm/softhsm2.conf`): every process that uses those
-//! tokens can open it for reading, processes on other token directories (each test's own)
-//! do not wait for each other, and no file is created anywhere. For any other module the
-//! lock only orders this process's own threads. It is reentrant on one thread (management
+//! The profile says where (`[processes] take_turns_on`: for SoftHSM, the token directory
+//! `directories.tokendir` of `$SOFTHSM2_CONF`, else of `/etc/softhsm/softhsm2.conf`). The
+//! lock is an advisory `flock` on that path: every process that uses those tokens can open
+//! it for reading, processes on other token directories (each test's own) do not wait for
+//! each other, and no file is created anywhere. For a module whose profile says nothing
+//! the lock only orders this process's own threads. It is reentrant on one thread (management
 //! opens sessions, which log in, which may re-initialise the library). A process that
 //! holds it for ever (another user's) delays keybound by [`PATIENCE`] once: keybound then
 //! goes on without it, with a warning, and for [`AFTER_GIVING_UP`] tries it only once each
@@ -28,6 +29,8 @@ use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use rustix::fs::{FlockOperation, flock};
+
+use crate::token::profile::{ConfigSetting, Profile};
 
 /// How long a process waits for another to finish (an RSA key generation on a slow token
 /// takes seconds) before it goes on without the lock; well below the agent's
@@ -52,13 +55,11 @@ pub(super) struct HostLock {
 pub(super) struct HostGuard<'a>(&'a HostLock, PhantomData<*const ()>);
 
 impl HostLock {
-    /// The lock for `module`: SoftHSM's token directory, or this process only.
-    pub(super) fn for_module(module: &Path) -> HostLock {
-        let is_softhsm = module
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("libsofthsm2"));
-        let target = is_softhsm.then(softhsm_token_dir).flatten();
+    /// The lock `profile` asks for (`[processes] take_turns_on`), or this process only.
+    pub(super) fn for_profile(profile: Option<&Profile>) -> HostLock {
+        let target = profile
+            .and_then(|p| p.processes.take_turns_on.as_ref())
+            .and_then(configured_path);
         HostLock::on(target.as_deref())
     }
 
@@ -116,26 +117,24 @@ impl HostLock {
     }
 }
 
-/// SoftHSM's token directory, as its configuration names it.
-fn softhsm_token_dir() -> Option<PathBuf> {
-    let conf = std::env::var_os("SOFTHSM2_CONF").map_or_else(
-        || PathBuf::from("/etc/softhsm/softhsm2.conf"),
-        PathBuf::from,
-    );
+/// The path `setting` names in the module's configuration file.
+fn configured_path(setting: &ConfigSetting) -> Option<PathBuf> {
+    let conf = std::env::var_os(&setting.config_env)
+        .map_or_else(|| setting.config_default.clone(), PathBuf::from);
     let text = std::fs::read_to_string(&conf)
         .inspect_err(|e| tracing::debug!(conf = %conf.display(), "cannot read it: {e}"))
         .ok()?;
-    token_dir_in(&text)
+    setting_in(&text, &setting.setting)
 }
 
-/// `directories.tokendir = PATH` in a SoftHSM configuration (its own parser: `#` starts a
-/// comment line, spaces around `=` are trimmed).
-fn token_dir_in(conf: &str) -> Option<PathBuf> {
+/// `name = PATH` in a configuration of `name = value` lines (`#` starts a comment line,
+/// spaces around `=` are trimmed, as SoftHSM reads its own).
+fn setting_in(conf: &str, name: &str) -> Option<PathBuf> {
     conf.lines()
         .map(str::trim)
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.split_once('='))
-        .find(|(name, _)| name.trim() == "directories.tokendir")
+        .find(|(n, _)| n.trim() == name)
         .map(|(_, value)| PathBuf::from(value.trim()))
         .filter(|p| !p.as_os_str().is_empty())
 }
@@ -208,13 +207,14 @@ mod tests {
 
     #[test]
     fn softhsm_token_dir_from_its_config() {
+        let name = "directories.tokendir";
         let conf = "# comment\ndirectories.tokendir = /var/lib/softhsm/tokens/ \nobjectstore.backend = file\n";
         assert_eq!(
-            token_dir_in(conf),
+            setting_in(conf, name),
             Some(PathBuf::from("/var/lib/softhsm/tokens/"))
         );
-        assert_eq!(token_dir_in("#directories.tokendir = /x\n"), None);
-        assert_eq!(token_dir_in("directories.tokendir =\n"), None);
+        assert_eq!(setting_in("#directories.tokendir = /x\n", name), None);
+        assert_eq!(setting_in("directories.tokendir =\n", name), None);
     }
 
     #[test]
