@@ -54,13 +54,38 @@ pub fn claims(
 /// RFC 9449 §4.2: `htu` is the request URI without query and fragment; scheme and host
 /// lowercased and the default port dropped (RFC 3986 §6.2.2, §6.2.3).
 pub fn htu(url: &str) -> Result<String, OAuthError> {
-    if let Some(htu) = plain_htu(url) {
-        return Ok(htu);
+    // A caller asks for proofs for the same few URLs again and again: the last ones this
+    // thread normalised are kept, keyed by the exact URL given (the result is a function of
+    // it alone). Only good URLs are kept; a bad one is refused afresh each time.
+    const KEPT: usize = 8;
+    thread_local! {
+        static RECENT: std::cell::RefCell<Vec<(String, String)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
     }
-    let mut url = absolute_http_url("URL", url)?;
-    url.set_query(None);
-    url.set_fragment(None);
-    Ok(url.to_string())
+    if let Some(hit) = RECENT.with_borrow(|kept| {
+        kept.iter()
+            .rev()
+            .find(|(given, _)| given == url)
+            .map(|(_, htu)| htu.clone())
+    }) {
+        return Ok(hit);
+    }
+    let htu = match plain_htu(url) {
+        Some(htu) => htu,
+        None => {
+            let mut parsed = absolute_http_url("URL", url)?;
+            parsed.set_query(None);
+            parsed.set_fragment(None);
+            parsed.to_string()
+        }
+    };
+    RECENT.with_borrow_mut(|kept| {
+        if kept.len() == KEPT {
+            kept.remove(0);
+        }
+        kept.push((url.to_owned(), htu.clone()));
+    });
+    Ok(htu)
 }
 
 /// [`htu`] without the URL parser, for a URL whose parsed form is the URL itself up to
@@ -178,6 +203,24 @@ pub fn absolute_http_url(what: &'static str, value: &str) -> Result<Url, OAuthEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `htu` keeps for a URL is what it gives for it afresh, however many URLs come
+    /// and go; a bad URL is refused every time.
+    #[test]
+    fn htu_kept_answers_are_the_fresh_ones() {
+        let urls: Vec<String> = (0..20)
+            .map(|i| format!("HTTPS://Host{}.Example:443/p/{i}?q={i}#f", i % 3))
+            .collect();
+        for _ in 0..3 {
+            for (i, u) in urls.iter().enumerate() {
+                assert_eq!(
+                    htu(u).unwrap(),
+                    format!("https://host{}.example/p/{i}", i % 3)
+                );
+                assert!(htu("ftp://a.example/x").is_err());
+            }
+        }
+    }
 
     #[test]
     fn htu_normalisation() {

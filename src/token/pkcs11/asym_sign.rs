@@ -221,6 +221,10 @@ impl Worker {
             self,
             |w| {
                 let conn = w.conn.clone();
+                // Finding the key makes SoftHSM read its object directory: a file another
+                // process is writing would be read cut short, and that object (a rotation
+                // record) missed by this process until the file changes again.
+                let _turn = conn.take_turn();
                 w.ensure_session().and_then(|()| {
                     let _gate = conn.read();
                     let live = w.session.as_ref().ok_or(TokenError::WorkersGone)?;

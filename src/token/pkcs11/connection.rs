@@ -17,7 +17,7 @@ use cryptoki::slot::Slot;
 
 use super::Pkcs11Settings;
 use super::errors::{ck, session_lost};
-use super::host_lock::HostLock;
+use super::host_lock::{HostGuard, HostLock};
 use crate::token::profile::{Profile, Profiles};
 use crate::token::trust::{self, Owners};
 use crate::token::worker;
@@ -245,6 +245,12 @@ impl Connection {
             session,
             generation: self.generation.load(Ordering::Acquire),
         })
+    }
+
+    /// This host's turn at the token (see `host_lock`), for a call outside the connection
+    /// that reads the token's object store (finding a key). Take it before `read()`.
+    pub(super) fn take_turn(&self) -> HostGuard<'_> {
+        self.host.hold()
     }
 
     /// Held around every call into the module.

@@ -1,6 +1,7 @@
 //! keybound's processes on one host take turns at a SoftHSM token for what reads or
 //! rewrites the token's own state: `C_Initialize` and finding the token, login, checking
-//! that it is there, and key and record management. Signatures do not take turns.
+//! that it is there, key and record management, and finding a key to prove it (SoftHSM
+//! reads its object directory then). Signatures do not take turns.
 //!
 //! Why: SoftHSM 2.6.1 rewrites its token file on every `C_Login` (the PIN-count flags), and
 //! releases its file lock before its buffered writes reach the file; another process that

@@ -122,8 +122,11 @@ pub(crate) struct Signers {
 }
 
 /// The binding of a key approved through signer processes: each process proves the key
-/// itself before it signs with it, so the agent holds no device handle.
-struct Remote;
+/// itself before it signs with it, so the agent holds no device handle. It holds the key
+/// as approved, shared by every job that signs with it (no copy per signature).
+struct Remote {
+    key: Arc<KeyInfo>,
+}
 
 struct Shared {
     spawn: SignerSpawn,
@@ -248,7 +251,7 @@ enum Waiter {
 }
 
 struct Job {
-    key: KeyInfo,
+    key: Arc<KeyInfo>,
     work: Work,
     retried: bool,
 }
@@ -267,6 +270,7 @@ impl Job {
     }
 
     fn answer(self, outcome: Outcome) {
+        let key = self.key;
         match self.work {
             Work::Sign { reply, .. } => reply(match outcome {
                 Ok(Answer::Signature(bytes)) => Ok(JwsSignature::from(bytes)),
@@ -276,9 +280,11 @@ impl Job {
             Work::Prove { reply, .. } => reply(match outcome {
                 Ok(Answer::Proof(Some(bytes))) => Ok((
                     Proof::Signed(JwsSignature::from(bytes)),
-                    Binding::new(Remote),
+                    Binding::new(Remote { key }),
                 )),
-                Ok(Answer::Proof(None)) => Ok((Proof::LoadedByDevice, Binding::new(Remote))),
+                Ok(Answer::Proof(None)) => {
+                    Ok((Proof::LoadedByDevice, Binding::new(Remote { key })))
+                }
                 Ok(_) => Err(unexpected()),
                 Err(e) => Err(e),
             }),
@@ -296,7 +302,7 @@ impl Job {
                     .then(|| tbs.message().unwrap_or_default().to_vec()),
             },
             Work::Prove { tbs, .. } => Request::Prove {
-                key: self.key.clone(),
+                key: KeyInfo::clone(&self.key),
                 challenge: tbs.message().unwrap_or_default().to_vec(),
             },
         }
@@ -477,7 +483,7 @@ impl Shared {
             match challenge() {
                 Ok(challenge) => batch.push((
                     Request::Prove {
-                        key: job.key.clone(),
+                        key: KeyInfo::clone(&job.key),
                         challenge,
                     },
                     Waiter::Tell,
@@ -1094,10 +1100,12 @@ fn take_answers(
         .filter(|(w, _)| !matches!(w, Some(Waiter::Call(_))))
         .count();
     link.answered(shared, signing);
+    if signing > 0 {
+        *lock(&link.progress) = Instant::now();
+    }
     for (waiter, frame) in answered {
         match waiter {
             Some(Waiter::Job(job)) => {
-                *lock(&link.progress) = Instant::now();
                 let proved = matches!(job.work, Work::Prove { .. });
                 shared.finished(i, &job.key, &frame.body, proved);
                 replies.push((job, frame.body));
@@ -1244,23 +1252,25 @@ impl Backend for Signers {
 
     fn prove(&self, key: &KeyInfo, tbs: ToBeSigned, reply: ProofReply) {
         self.shared.dispatch(Job {
-            key: key.clone(),
+            key: Arc::new(key.clone()),
             work: Work::Prove { tbs, reply },
             retried: false,
         });
     }
 
     fn submit(&self, key: &KeyInfo, binding: &Binding, tbs: ToBeSigned, reply: Reply) {
-        if binding.get::<Remote>().is_none() {
+        // The binding of this key's own approval, or none: a key is signed with as it was
+        // approved, never as another approval's.
+        let Some(remote) = binding.get::<Remote>().filter(|r| *r.key == *key) else {
             return reply(Err(TokenError::Reapprove {
                 label: key.label().to_string(),
             }));
-        }
+        };
         if let Err(e) = super::check_alg(key.label(), key.alg(), &tbs) {
             return reply(Err(e));
         }
         self.shared.dispatch(Job {
-            key: key.clone(),
+            key: remote.key.clone(),
             work: Work::Sign { tbs, reply },
             retried: false,
         });
