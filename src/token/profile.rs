@@ -98,7 +98,8 @@ pub struct Profile {
 pub struct Processes {
     /// For a module that rewrites its files unsafely (SoftHSM): keybound's processes take
     /// turns, with a lock on the path this setting of the module's own configuration
-    /// names, for opening the token, login and management (not signatures).
+    /// names, for opening the token, login, management and finding a key to prove it
+    /// (not signatures).
     pub take_turns_on: Option<ConfigSetting>,
 }
 

@@ -99,7 +99,8 @@ pub(super) struct Connection {
     generation: AtomicU64,
     last_recovery: Mutex<Option<Instant>>,
     /// Taken around what reads or rewrites the token's own state (opening, login,
-    /// management), so keybound's processes on this host take turns at it.
+    /// management, finding a key to prove it), so keybound's processes on this host take
+    /// turns at it.
     host: HostLock,
     /// This connection's `C_Initialize` succeeded (it did not find the library already
     /// initialised by someone else in the process), so it owes the `C_Finalize`.

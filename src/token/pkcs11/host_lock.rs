@@ -152,14 +152,15 @@ fn take(file: &File, patience: Duration) -> bool {
             Ok(()) => return true,
             Err(rustix::io::Errno::WOULDBLOCK | rustix::io::Errno::INTR) => {}
             Err(e) => {
-                tracing::debug!("cannot lock the token directory: {e}; going on without it");
+                tracing::debug!("cannot take the token's lock: {e}; going on without it");
                 return true;
             }
         }
         if start.elapsed() >= patience {
             if !patience.is_zero() {
                 tracing::warn!(
-                    "another process has held the lock on the SoftHSM token directory for \
+                    "another process has held the token's lock (the profile's \
+                     [processes] take_turns_on) for \
                      {} s; going on without it, and for {} s without waiting for it (a token \
                      file read meanwhile may look empty: retry what fails)",
                     patience.as_secs(),
