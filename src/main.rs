@@ -9,6 +9,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc: see Cargo.toml. Secrets are zeroized before they are freed, whatever the
+/// allocator (`zeroize`, `secrecy`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Keep OAuth client keys in hardware: private_key_jwt assertions (RFC 7523) and DPoP proofs
 /// (RFC 9449) signed inside a PKCS#11 token.
 #[derive(Parser)]
@@ -223,11 +228,19 @@ fn main() -> ExitCode {
         }
         _ => cli::init_logging(args.verbose, false),
     }
+    // Log lines an async thread held go out before a panic's message.
+    let report_panic = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        cli::log_out::flush_at_panic();
+        report_panic(info);
+    }));
     if let Err(e) = hardening {
         eprintln!("error: {e}");
         return ExitCode::from(1);
     }
-    match run(args) {
+    let outcome = run(args);
+    cli::log_out::flush();
+    match outcome {
         Ok(code) => code,
         // The reader of stdout went away (`keybound keys list | head -1`): stop quietly,
         // with the status a shell gives a process killed by SIGPIPE.

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod audit;
 pub mod bench;
 pub mod keys;
+pub mod log_out;
 pub mod oauth;
 pub mod serve;
 pub mod sign;
@@ -69,7 +70,8 @@ pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'st
     })
 }
 
-/// Logs go to stderr; stdout carries only the command's output. The TSS bindings log
+/// Logs go to stderr, whole lines at a time ([`log_out`]); stdout carries only the
+/// command's output. The TSS bindings log
 /// through `log` at error level for conditions keybound reports itself (a TPM that went
 /// away, a refused key): they show from -vv on.
 pub fn init_logging(verbose: u8, json: bool) {
@@ -89,7 +91,7 @@ pub fn init_logging(verbose: u8, json: bool) {
         .with_default(level)
         .with_target("tss_esapi", tss);
     let layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(log_out::Lines)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let layer = if json {

@@ -27,6 +27,8 @@ pub fn run(
     let (config, path, mut keyring) = super::load_with(config, |config| {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.agent.async_threads)
+            .on_thread_park(super::log_out::worker_parks)
+            .on_thread_stop(super::log_out::flush)
             .enable_all()
             .build()
             .map_err(|e| {

@@ -157,12 +157,26 @@ impl Agent {
         self.child.id()
     }
 
-    /// The agent's stderr so far.
+    /// The agent's stderr so far, once it has been quiet for a moment: an async thread's
+    /// log lines leave when it has nothing more to run, just after the answer a test
+    /// got, and the reader thread takes them in line by line.
     pub fn log(&self) -> String {
-        self.log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        let read = || {
+            self.log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        };
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut seen = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(25));
+            let now = read();
+            if now.len() == seen.len() || Instant::now() > deadline {
+                return now;
+            }
+            seen = now;
+        }
     }
 
     /// Sends SIGTERM (through kill(1): the crate has no libc binding to borrow).
