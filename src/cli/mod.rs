@@ -92,6 +92,7 @@ pub fn init_logging(verbose: u8, json: bool) {
         .with_target("tss_esapi", tss);
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(log_out::Lines)
+        .with_timer(log_out::Clock)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let layer = if json {
