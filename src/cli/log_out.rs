@@ -2,15 +2,28 @@
 //! threads waits in a buffer until that thread has run every task that was ready (it is
 //! about to sleep: [`flush`] from the runtime's park hook), so under load the lines of many
 //! requests leave in one `write` instead of one each; an idle agent writes a line as soon
-//! as the request that made it is answered. A line from any other thread goes out at once,
-//! after every line made before it, so the order of lines is the order they were made.
+//! as the request that made it is answered. A worker that never sleeps still writes its
+//! lines within [`HELD_FOR`] or [`HELD`] bytes. A line from any other thread goes out at
+//! once, after every line made before it, so the order of lines is the order they were
+//! made.
 
 use std::io::Write;
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-/// Lines waiting to be written; at most [`HELD`] bytes before they go out anyway.
-static WAITING: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+/// Lines waiting to be written, and since when the first of them waits.
+static WAITING: Mutex<Waiting> = Mutex::new(Waiting {
+    bytes: Vec::new(),
+    since: None,
+});
+/// Held lines go out anyway at this many bytes, or when one has waited this long.
 const HELD: usize = 64 * 1024;
+const HELD_FOR: Duration = Duration::from_millis(100);
+
+struct Waiting {
+    bytes: Vec<u8>,
+    since: Option<Instant>,
+}
 
 thread_local! {
     /// This thread is an async worker: its lines may wait until it parks.
@@ -39,12 +52,13 @@ pub fn flush_at_panic() {
     }
 }
 
-fn write_out(waiting: &mut Vec<u8>) {
-    if !waiting.is_empty() {
+fn write_out(waiting: &mut Waiting) {
+    if !waiting.bytes.is_empty() {
         // A log that cannot be written has nowhere to report it.
-        let _ = std::io::stderr().lock().write_all(waiting);
-        waiting.clear();
+        let _ = std::io::stderr().lock().write_all(&waiting.bytes);
+        waiting.bytes.clear();
     }
+    waiting.since = None;
 }
 
 /// The `MakeWriter` of the log layer: one per line.
@@ -60,8 +74,9 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Lines {
 impl Write for Lines {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
         let mut waiting = WAITING.lock().unwrap_or_else(PoisonError::into_inner);
-        waiting.extend_from_slice(line);
-        if !HOLDS.get() || waiting.len() >= HELD {
+        waiting.bytes.extend_from_slice(line);
+        let since = *waiting.since.get_or_insert_with(Instant::now);
+        if !HOLDS.get() || waiting.bytes.len() >= HELD || since.elapsed() >= HELD_FOR {
             write_out(&mut waiting);
         }
         Ok(line.len())
@@ -139,7 +154,8 @@ mod tests {
         let (mut ours, mut theirs) = (String::new(), String::new());
         // Retried when a second (or a microsecond digit's width) changed in between.
         for _ in 0..100 {
-            (ours.clear(), theirs.clear());
+            ours.clear();
+            theirs.clear();
             SystemTime
                 .format_time(&mut Writer::new(&mut theirs))
                 .unwrap();
