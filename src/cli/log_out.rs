@@ -3,9 +3,14 @@
 //! about to sleep: [`flush`] from the runtime's park hook), so under load the lines of many
 //! requests leave in one `write` instead of one each; an idle agent writes a line as soon
 //! as the request that made it is answered. A worker that never sleeps still writes its
-//! lines within [`HELD_FOR`] or [`HELD`] bytes. A line from any other thread goes out at
-//! once, after every line made before it, so the order of lines is the order they were
-//! made.
+//! lines at [`HELD`] bytes, or once the first has waited [`HELD_FOR`] (the next line, or
+//! the runtime's [`flush_held`] task). A line from any other thread goes out at once, after
+//! every line made before it, so the order of lines is the order they were made. Each
+//! `write` is whole lines of at most [`PIPE_BUF`] bytes (one longer line alone), so a pipe
+//! shared with other writers (the signer processes' stderr) never splits one.
+//!
+//! The price: lines held when the agent is killed (`SIGKILL`) or crashes are lost, at most
+//! [`HELD_FOR`]'s worth. A panic writes them first.
 
 use std::io::Write;
 use std::sync::{Mutex, PoisonError};
@@ -18,7 +23,9 @@ static WAITING: Mutex<Waiting> = Mutex::new(Waiting {
 });
 /// Held lines go out anyway at this many bytes, or when one has waited this long.
 const HELD: usize = 64 * 1024;
-const HELD_FOR: Duration = Duration::from_millis(100);
+pub const HELD_FOR: Duration = Duration::from_millis(100);
+/// Writes of at most this many bytes to a pipe are never interleaved with another's.
+const PIPE_BUF: usize = 4096;
 
 struct Waiting {
     bytes: Vec<u8>,
@@ -26,8 +33,12 @@ struct Waiting {
 }
 
 thread_local! {
-    /// This thread is an async worker: its lines may wait until it parks.
+    /// This thread is an async worker: its lines may wait until it parks. Never unset: a
+    /// worker stays one (keybound never moves a worker to the blocking pool with
+    /// `block_in_place`; if it ever does, its lines would wait until a worker parks).
     static HOLDS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// This thread holds [`WAITING`] (what the panic hook must not wait for).
+    static WRITING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// An async worker is about to sleep: every waiting line goes out, and from now on this
@@ -40,25 +51,75 @@ pub fn worker_parks() {
 
 /// Writes every waiting line (before a message printed straight to stderr).
 pub fn flush() {
-    let mut waiting = WAITING.lock().unwrap_or_else(PoisonError::into_inner);
-    write_out(&mut waiting);
+    with_waiting(write_out);
 }
 
-/// [`flush`] from a panic hook: skipped when the lines are being written (perhaps by the
-/// thread that panics).
+/// Writes the waiting lines when the first has waited [`HELD_FOR`]: every [`HELD_FOR`] from
+/// a task of the runtime whose workers hold lines, for a worker that stays busy and logs
+/// nothing more.
+pub fn flush_held() {
+    with_waiting(|waiting| {
+        if waiting
+            .since
+            .is_some_and(|since| since.elapsed() >= HELD_FOR)
+        {
+            write_out(waiting);
+        }
+    });
+}
+
+/// [`flush`] from a panic hook; skipped when the panic is this thread's own while it
+/// writes lines (it holds the lock).
 pub fn flush_at_panic() {
-    if let Ok(mut waiting) = WAITING.try_lock() {
-        write_out(&mut waiting);
+    if !WRITING.get() {
+        flush();
     }
+}
+
+fn with_waiting<T>(f: impl FnOnce(&mut Waiting) -> T) -> T {
+    let mut waiting = WAITING.lock().unwrap_or_else(PoisonError::into_inner);
+    WRITING.set(true);
+    let result = f(&mut waiting);
+    WRITING.set(false);
+    result
 }
 
 fn write_out(waiting: &mut Waiting) {
     if !waiting.bytes.is_empty() {
-        // A log that cannot be written has nowhere to report it.
-        let _ = std::io::stderr().lock().write_all(&waiting.bytes);
+        let mut stderr = std::io::stderr().lock();
+        for lines in whole_lines(&waiting.bytes, PIPE_BUF) {
+            // A log that cannot be written has nowhere to report it.
+            if stderr.write_all(lines).is_err() {
+                break;
+            }
+        }
         waiting.bytes.clear();
     }
     waiting.since = None;
+}
+
+/// `bytes` (whole lines) in pieces of whole lines of at most `max` bytes each; a line
+/// longer than that is a piece by itself.
+fn whole_lines(bytes: &[u8], max: usize) -> impl Iterator<Item = &[u8]> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let window = &rest[..rest.len().min(max)];
+        let end = match window.iter().rposition(|&b| b == b'\n') {
+            Some(i) if rest.len() > max => i + 1,
+            _ if rest.len() <= max => rest.len(),
+            // One line longer than `max`: up to its end.
+            _ => rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(rest.len(), |i| i + 1),
+        };
+        let (piece, next) = rest.split_at(end);
+        rest = next;
+        Some(piece)
+    })
 }
 
 /// The `MakeWriter` of the log layer: one per line.
@@ -73,12 +134,13 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Lines {
 
 impl Write for Lines {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        let mut waiting = WAITING.lock().unwrap_or_else(PoisonError::into_inner);
-        waiting.bytes.extend_from_slice(line);
-        let since = *waiting.since.get_or_insert_with(Instant::now);
-        if !HOLDS.get() || waiting.bytes.len() >= HELD || since.elapsed() >= HELD_FOR {
-            write_out(&mut waiting);
-        }
+        with_waiting(|waiting| {
+            waiting.bytes.extend_from_slice(line);
+            let since = *waiting.since.get_or_insert_with(Instant::now);
+            if !HOLDS.get() || waiting.bytes.len() >= HELD || since.elapsed() >= HELD_FOR {
+                write_out(waiting);
+            }
+        });
         Ok(line.len())
     }
 
@@ -147,6 +209,29 @@ mod tests {
         ] {
             assert_eq!(second_prefix(unix), want, "{unix}");
         }
+    }
+
+    #[test]
+    fn lines_go_out_whole_in_pieces_of_at_most_the_pipes_atomic_size() {
+        fn pieces(bytes: &[u8], max: usize) -> Vec<&[u8]> {
+            whole_lines(bytes, max).collect()
+        }
+        assert!(pieces(b"", 8).is_empty());
+        assert_eq!(pieces(b"ab\ncd\n", 8), [&b"ab\ncd\n"[..]]);
+        assert_eq!(pieces(b"ab\ncd\nef\n", 8), [&b"ab\ncd\n"[..], b"ef\n"]);
+        // A line longer than the limit goes alone, whole.
+        assert_eq!(
+            pieces(b"a\nbcdefghijk\nl\n", 8),
+            [&b"a\n"[..], b"bcdefghijk\n", b"l\n"]
+        );
+        assert_eq!(pieces(b"abcdefghijk\n", 8), [&b"abcdefghijk\n"[..]]);
+        let lines = b"0123456\n".repeat(1000);
+        let all = pieces(&lines, PIPE_BUF);
+        assert!(
+            all.iter()
+                .all(|p| p.len() <= PIPE_BUF && p.ends_with(b"\n"))
+        );
+        assert_eq!(all.concat(), lines);
     }
 
     #[test]

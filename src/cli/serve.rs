@@ -54,6 +54,15 @@ pub fn run(
         }
     })?;
     let runtime = built.context("the async runtime was not started")?;
+    // Lines a busy worker holds go out within `HELD_FOR` even when it logs nothing more.
+    runtime.spawn(async {
+        let mut every = tokio::time::interval(super::log_out::HELD_FOR);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            super::log_out::flush_held();
+        }
+    });
     // The checkpoint key is approved before the observer and the gate are set: its
     // signature is the checkpoint line itself, and a failing trail still tries it.
     let trail = match &config.audit {

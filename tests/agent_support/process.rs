@@ -170,7 +170,7 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(1);
         let mut seen = read();
         loop {
-            std::thread::sleep(Duration::from_millis(25));
+            std::thread::sleep(Duration::from_millis(50));
             let now = read();
             if now.len() == seen.len() || Instant::now() > deadline {
                 return now;
