@@ -16,3 +16,4 @@ pub mod policy;
 pub mod rotation;
 pub mod token;
 pub mod trail;
+pub mod utc;

@@ -354,22 +354,10 @@ fn since(g: &Generation) -> String {
 
 /// `2026-12-01 01:49Z` (proleptic Gregorian, UTC).
 fn utc_minute(t: u64) -> String {
-    let days = i64::try_from(t / 86_400).unwrap_or(0);
-    let secs = t % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let t = keybound::utc::civil(t);
     format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60
+        "{:04}-{:02}-{:02} {:02}:{:02}Z",
+        t.year, t.month, t.day, t.hour, t.minute
     )
 }
 

@@ -4,7 +4,7 @@
 //! requests leave in one `write` instead of one each; an idle agent writes a line as soon
 //! as the request that made it is answered. A worker that never sleeps still writes its
 //! lines at [`HELD`] bytes, or once the first has waited [`HELD_FOR`] (the next line, or
-//! the runtime's [`flush_held`] task). A line from any other thread goes out at once, after
+//! the runtime's [`flush_held_lines`] task). A line from any other thread goes out at once, after
 //! every line made before it, so the order of lines is the order they were made. Each
 //! `write` is whole lines of at most [`PIPE_BUF`] bytes (one longer line alone), so a pipe
 //! shared with other writers (the signer processes' stderr) never splits one.
@@ -23,7 +23,7 @@ static WAITING: Mutex<Waiting> = Mutex::new(Waiting {
 });
 /// Held lines go out anyway at this many bytes, or when one has waited this long.
 const HELD: usize = 64 * 1024;
-pub const HELD_FOR: Duration = Duration::from_millis(100);
+const HELD_FOR: Duration = Duration::from_millis(100);
 /// Writes of at most this many bytes to a pipe are never interleaved with another's.
 const PIPE_BUF: usize = 4096;
 
@@ -41,10 +41,27 @@ thread_local! {
     static WRITING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// The runtime `builder` makes holds its async workers' lines until they park, and writes
+/// them when a worker stops; spawn [`flush_held_lines`] on it too.
+pub fn hold_on_workers(builder: &mut tokio::runtime::Builder) -> &mut tokio::runtime::Builder {
+    builder.on_thread_park(worker_parks).on_thread_stop(flush)
+}
+
+/// Writes the lines a busy worker that logs nothing more holds, once the first has waited
+/// [`HELD_FOR`]: a task of the runtime of [`hold_on_workers`], for as long as it runs.
+pub async fn flush_held_lines() {
+    let mut every = tokio::time::interval(HELD_FOR);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        flush_held();
+    }
+}
+
 /// An async worker is about to sleep: every waiting line goes out, and from now on this
 /// thread's lines wait for its next sleep (only workers park: a blocking-pool thread of the
 /// same runtime never holds a line). The runtime's `on_thread_park`.
-pub fn worker_parks() {
+fn worker_parks() {
     HOLDS.set(true);
     flush();
 }
@@ -54,10 +71,8 @@ pub fn flush() {
     with_waiting(write_out);
 }
 
-/// Writes the waiting lines when the first has waited [`HELD_FOR`]: every [`HELD_FOR`] from
-/// a task of the runtime whose workers hold lines, for a worker that stays busy and logs
-/// nothing more.
-pub fn flush_held() {
+/// Writes the waiting lines when the first has waited [`HELD_FOR`].
+fn flush_held() {
     with_waiting(|waiting| {
         if waiting
             .since
@@ -173,22 +188,12 @@ impl tracing_subscriber::fmt::time::FormatTime for Clock {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.` of a Unix time (days to a civil date: H. Hinnant's algorithm).
+/// `YYYY-MM-DDTHH:MM:SS.` of a Unix time.
 fn second_prefix(unix: u64) -> String {
-    let (days, of_day) = (unix / 86_400, unix % 86_400);
-    let z = days + 719_468;
-    let (era, of_era) = (z / 146_097, z % 146_097);
-    let year_of_era = (of_era - of_era / 1460 + of_era / 36_524 - of_era / 146_096) / 365;
-    let day_of_year = of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let m = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * m + 2) / 5 + 1;
-    let month = if m < 10 { m + 3 } else { m - 9 };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    let t = keybound::utc::civil(unix);
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.",
-        of_day / 3600,
-        of_day / 60 % 60,
-        of_day % 60
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.",
+        t.year, t.month, t.day, t.hour, t.minute, t.second
     )
 }
 

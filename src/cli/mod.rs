@@ -71,9 +71,8 @@ pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'st
 }
 
 /// Logs go to stderr, whole lines at a time ([`log_out`]); stdout carries only the
-/// command's output. The TSS bindings log
-/// through `log` at error level for conditions keybound reports itself (a TPM that went
-/// away, a refused key): they show from -vv on.
+/// command's output. The TSS bindings log through `log` at error level for conditions
+/// keybound reports itself (a TPM that went away, a refused key): they show from -vv on.
 pub fn init_logging(verbose: u8, json: bool) {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::prelude::*;

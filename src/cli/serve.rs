@@ -25,17 +25,14 @@ pub fn run(
     // read on it, next to the tasks that await them.
     let mut built = None;
     let (config, path, mut keyring) = super::load_with(config, |config| {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(config.agent.async_threads)
-            .on_thread_park(super::log_out::worker_parks)
-            .on_thread_stop(super::log_out::flush)
-            .enable_all()
-            .build()
-            .map_err(|e| {
-                keybound::token::TokenError::Internal(format!(
-                    "cannot start the async runtime: {e}"
-                ))
-            })?;
+        let runtime = super::log_out::hold_on_workers(
+            tokio::runtime::Builder::new_multi_thread().worker_threads(config.agent.async_threads),
+        )
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            keybound::token::TokenError::Internal(format!("cannot start the async runtime: {e}"))
+        })?;
         let handle = runtime.handle().clone();
         built = Some(runtime);
         match config.agent.signers {
@@ -54,15 +51,7 @@ pub fn run(
         }
     })?;
     let runtime = built.context("the async runtime was not started")?;
-    // Lines a busy worker holds go out within `HELD_FOR` even when it logs nothing more.
-    runtime.spawn(async {
-        let mut every = tokio::time::interval(super::log_out::HELD_FOR);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
-            super::log_out::flush_held();
-        }
-    });
+    runtime.spawn(super::log_out::flush_held_lines());
     // The checkpoint key is approved before the observer and the gate are set: its
     // signature is the checkpoint line itself, and a failing trail still tries it.
     let trail = match &config.audit {
