@@ -19,8 +19,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::Agent;
@@ -507,15 +507,63 @@ async fn sign_as_client<C: serde::Serialize>(
     }
 }
 
-/// The signing answers are typed so the hot path serialises without a JSON tree.
-#[derive(Serialize)]
-struct AssertionAnswer {
-    assertion: String,
+/// A signing answer, `{"proof": "<jws>"}` or `{"assertion": "<jws>"}`, written without a
+/// JSON serialiser: a compact JWS is base64url and dots, which a JSON string carries as
+/// they are. Anything else (never a JWS of this crate's) is quoted by serde_json.
+struct JwsAnswer {
+    field: &'static str,
+    jws: String,
 }
 
-#[derive(Serialize)]
-struct ProofAnswer {
-    proof: String,
+impl JwsAnswer {
+    fn proof(jws: String) -> JwsAnswer {
+        JwsAnswer {
+            field: "proof",
+            jws,
+        }
+    }
+
+    fn assertion(jws: String) -> JwsAnswer {
+        JwsAnswer {
+            field: "assertion",
+            jws,
+        }
+    }
+}
+
+impl IntoResponse for JwsAnswer {
+    fn into_response(self) -> Response {
+        let JwsAnswer { field, jws } = self;
+        // Every byte tested, with no early exit: the compiler checks many at once.
+        let plain = jws.bytes().fold(true, |all, b| {
+            all & (((b | 0x20).wrapping_sub(b'a') < 26)
+                | (b.wrapping_sub(b'0') < 10)
+                | (b == b'-')
+                | (b == b'_')
+                | (b == b'.'))
+        });
+        if !plain {
+            return Json(json!({ field: jws })).into_response();
+        }
+        let mut body = Vec::with_capacity(field.len() + jws.len() + 8);
+        for piece in [
+            &b"{\""[..],
+            field.as_bytes(),
+            b"\":\"",
+            jws.as_bytes(),
+            b"\"}",
+        ] {
+            body.extend_from_slice(piece);
+        }
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response()
+    }
 }
 
 #[derive(Deserialize)]
@@ -532,7 +580,7 @@ async fn assertion_handler(
     State(agent): State<Arc<Agent>>,
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<AssertionAnswer>, ApiError> {
+) -> Result<JwsAnswer, ApiError> {
     let req: AssertionRequest = parse(body)?;
     let lifetime = req.lifetime.unwrap_or(assertion::DEFAULT_LIFETIME_SECS);
     if let Some(cap) = caller.max_assertion_lifetime()
@@ -588,7 +636,7 @@ async fn assertion_handler(
         }
         _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
     };
-    Ok(Json(AssertionAnswer { assertion: jws }))
+    Ok(JwsAnswer::assertion(jws))
 }
 
 #[derive(Deserialize)]
@@ -606,7 +654,7 @@ async fn dpop_handler(
     State(agent): State<Arc<Agent>>,
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<ProofAnswer>, ApiError> {
+) -> Result<JwsAnswer, ApiError> {
     let req: DpopRequest = parse(body)?;
     let claims = dpop::claims(
         &req.htm,
@@ -638,7 +686,7 @@ async fn dpop_handler(
         (None, Some(name)) => sign_as_key(&agent, &caller, name, header, &claims).await?,
         _ => return Err(ApiError::bad("give exactly one of \"client\" and \"key\"")),
     };
-    Ok(Json(ProofAnswer { proof: jws }))
+    Ok(JwsAnswer::proof(jws))
 }
 
 #[derive(Deserialize)]
@@ -791,6 +839,35 @@ async fn metrics_handler(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_signing_answer_is_the_json_serde_would_write() {
+        async fn body(answer: JwsAnswer) -> (Option<String>, Value) {
+            let r = answer.into_response();
+            let kind = r
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .map(|v| v.to_str().unwrap().to_owned());
+            let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+            (kind, serde_json::from_slice(&bytes).unwrap())
+        }
+        let json = Some("application/json".to_owned());
+        let jws = "eyJhbGciOiJFUzI1NiJ9.eyJpYXQiOjF9.AB-_cd".to_owned();
+        assert_eq!(
+            body(JwsAnswer::proof(jws.clone())).await,
+            (json.clone(), json!({ "proof": jws }))
+        );
+        assert_eq!(
+            body(JwsAnswer::assertion(jws.clone())).await,
+            (json.clone(), json!({ "assertion": jws }))
+        );
+        // Not a compact JWS: quoted by serde_json, never spliced into the JSON.
+        let odd = "a\"}, \"x\": \"\\\n".to_owned();
+        assert_eq!(
+            body(JwsAnswer::proof(odd.clone())).await,
+            (json, json!({ "proof": odd }))
+        );
+    }
 
     fn answer(e: impl Into<ApiError>) -> (u16, &'static str, Option<u64>) {
         let e = e.into();

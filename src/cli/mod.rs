@@ -12,6 +12,7 @@ pub mod agent;
 pub mod audit;
 pub mod bench;
 pub mod keys;
+pub mod log_fields;
 pub mod log_out;
 pub mod oauth;
 pub mod serve;
@@ -97,7 +98,7 @@ pub fn init_logging(verbose: u8, json: bool) {
     let layer = if json {
         layer.json().boxed()
     } else {
-        layer.boxed()
+        layer.fmt_fields(log_fields::Fields).boxed()
     };
     tracing_subscriber::registry()
         .with(layer.with_filter(filter))
