@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, watch};
@@ -514,21 +513,23 @@ async fn connection(
         },
         tracing::info_span!("connection", uid = peer.uid()),
     );
+    // Every request of the connection carries its caller and origin (the extractors'
+    // only source), put in here rather than by a layer around every route, which would
+    // be built per connection and cloned per request.
+    let with_caller = move |router: axum::Router| {
+        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            let extensions = request.extensions_mut();
+            extensions.insert(caller.clone());
+            extensions.insert(origin.clone());
+            tower_service::Service::call(&mut router.clone(), request)
+        })
+    };
     match (stream, tcp_router) {
         (Accepted::Unix(s), _) => {
-            let service = TowerToHyperService::new(
-                router
-                    .layer(axum::Extension(caller))
-                    .layer(axum::Extension(origin)),
-            );
-            tx.serve(s, service).instrument(span).await;
+            tx.serve(s, with_caller(router)).instrument(span).await;
         }
         (Accepted::Tcp(s), Some(r)) => {
-            let service = TowerToHyperService::new(
-                r.layer(axum::Extension(caller))
-                    .layer(axum::Extension(origin)),
-            );
-            tx.serve(s, service).instrument(span).await;
+            tx.serve(s, with_caller(r)).instrument(span).await;
         }
         (Accepted::Tcp(_), None) => {}
     }
