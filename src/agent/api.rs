@@ -15,7 +15,6 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
@@ -69,39 +68,73 @@ pub fn router(agent: Arc<Agent>) -> Router {
             },
         )
         .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn_with_state(agent.clone(), body_guard))
-        .layer(middleware::from_fn(with_origin))
         .with_state(agent)
 }
 
-/// The router of `gateway_listen`'s TCP connections: [`tcp_guard`] in front of `router`.
-pub(super) fn tcp_router(router: Router, listen: std::net::SocketAddr) -> Router {
-    router.layer(middleware::from_fn_with_state(listen, tcp_guard))
+/// Where a connection came in.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Door {
+    /// The agent's Unix socket: every endpoint.
+    Socket,
+    /// `gateway_listen`, this loopback TCP address: [`tcp_guard`] first.
+    Tcp(std::net::SocketAddr),
+}
+
+/// Every request of a connection, in this order: [`tcp_guard`] on the TCP listener; then,
+/// under the connection's [`Origin`] (the task's, which the keyring reads when a signature
+/// is asked for, so the audit trail names the caller of every signature without a
+/// handler passing it on), [`body_guard`]; then `router`. The caller and origin go with
+/// the request for the extractors. Done here once per request, not as layers around every
+/// route (which axum clones for each request).
+pub(super) async fn serve(
+    router: Router,
+    agent: Arc<Agent>,
+    door: Door,
+    caller: Caller,
+    origin: Arc<Origin>,
+    mut request: hyper::Request<hyper::body::Incoming>,
+) -> Response {
+    let extensions = request.extensions_mut();
+    extensions.insert(caller);
+    extensions.insert(origin.clone());
+    let request = request.map(Body::new);
+    if let Door::Tcp(listen) = door
+        && let Err(refused) = tcp_guard(listen, &request)
+    {
+        return refused.into_response();
+    }
+    ORIGIN
+        .scope(Some(origin), async move {
+            match body_guard(&agent, request).await {
+                Ok(request) => {
+                    match tower_service::Service::call(&mut router.clone(), request).await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    }
+                }
+                Err(refused) => refused,
+            }
+        })
+        .await
 }
 
 /// On the loopback TCP listener, only `/gw/` is served, and never to a browser: any web
 /// page the user opens can send requests to 127.0.0.1 under the user's uid, so a request
 /// with `Origin` or `Sec-Fetch-Site` is refused, and so is a `Host` other than
 /// `keybound`, the listen address or `localhost:<port>` (DNS rebinding).
-async fn tcp_guard(
-    State(listen): State<std::net::SocketAddr>,
-    request: Request,
-    next: Next,
-) -> Response {
+fn tcp_guard(listen: std::net::SocketAddr, request: &Request) -> Result<(), ApiError> {
     if !request.uri().path().starts_with("/gw/") {
-        return ApiError::new(
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             "agent.gateway_listen serves only /gw/<route>/...; use the agent's Unix socket for the rest",
-        )
-        .into_response();
+        ));
     }
     let headers = request.headers();
     if headers.contains_key(header::ORIGIN) || headers.contains_key("sec-fetch-site") {
-        return ApiError::forbidden(
+        return Err(ApiError::forbidden(
             "a browser's request (Origin or Sec-Fetch-Site) is refused on agent.gateway_listen",
-        )
-        .into_response();
+        ));
     }
     let host = headers
         .get(header::HOST)
@@ -113,22 +146,13 @@ async fn tcp_guard(
         format!("localhost:{}", listen.port()),
     ];
     if !allowed.iter().any(|a| a.eq_ignore_ascii_case(host)) {
-        return ApiError::new(
+        return Err(ApiError::new(
             StatusCode::MISDIRECTED_REQUEST,
             "misdirected",
             format!("Host '{host}' is not served here; send Host: keybound or {listen}"),
-        )
-        .into_response();
+        ));
     }
-    next.run(request).await
-}
-
-/// Runs the request with its connection's [`Origin`] (attached by the accept loop) as
-/// the task's: the keyring reads it when a signature is asked for, so the audit trail
-/// names the caller of every signature without a handler passing it on.
-async fn with_origin(request: Request, next: Next) -> Response {
-    let origin = request.extensions().get::<Arc<Origin>>().cloned();
-    ORIGIN.scope(origin, next.run(request)).await
+    Ok(())
 }
 
 /// The caller's rule, the only way a handler gets one: the accept loop attaches a
@@ -148,7 +172,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 /// Reads the whole body before a handler runs: 413 from `Content-Length` alone (before
 /// hyper answers `Expect: 100-continue`), 413 past `max_body_bytes` while reading, 408 when
 /// the body takes longer than `body_timeout_secs`.
-async fn body_guard(State(agent): State<Arc<Agent>>, request: Request, next: Next) -> Response {
+async fn body_guard(agent: &Agent, request: Request) -> Result<Request, Response> {
     let limit = agent.settings.max_body_bytes;
     let too_large = || {
         ApiError::new(
@@ -164,7 +188,7 @@ async fn body_guard(State(agent): State<Arc<Agent>>, request: Request, next: Nex
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return too_large();
+        return Err(too_large());
     }
     let (parts, body) = request.into_parts();
     let secs = agent.settings.body_timeout_secs;
@@ -178,23 +202,22 @@ async fn body_guard(State(agent): State<Arc<Agent>>, request: Request, next: Nex
                 let over = std::iter::successors(Some(inner), |e| e.source())
                     .any(|e| e.is::<http_body_util::LengthLimitError>());
                 if over {
-                    return too_large();
+                    return Err(too_large());
                 }
-                return ApiError::bad(format!("cannot read the request body: {e}")).closing();
+                return Err(ApiError::bad(format!("cannot read the request body: {e}")).closing());
             }
             Err(_) => {
-                return ApiError::new(
+                return Err(ApiError::new(
                     StatusCode::REQUEST_TIMEOUT,
                     "timeout",
                     format!(
                         "the request body did not arrive within agent.body_timeout_secs ({secs} s)"
                     ),
                 )
-                .closing();
+                .closing());
             }
         };
-    next.run(Request::from_parts(parts, Body::from(bytes)))
-        .await
+    Ok(Request::from_parts(parts, Body::from(bytes)))
 }
 
 /// An error answer.

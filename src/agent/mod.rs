@@ -372,10 +372,10 @@ pub async fn run_with_tcp(
     let connections = Arc::new(Semaphore::new(agent.settings.max_connections));
     let (stop, stopping) = watch::channel(false);
     let router = api::router(agent.clone());
-    let tcp_router = tcp
+    let tcp_door = tcp
         .as_ref()
         .and_then(|l| l.local_addr().ok())
-        .map(|addr| api::tcp_router(router.clone(), addr));
+        .map(api::Door::Tcp);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -406,7 +406,7 @@ pub async fn run_with_tcp(
             permit,
             stopping.clone(),
             router.clone(),
-            tcp_router.clone(),
+            tcp_door,
         ));
     }
     drop(listener);
@@ -432,7 +432,7 @@ async fn connection(
     permit: tokio::sync::OwnedSemaphorePermit,
     stopping: watch::Receiver<bool>,
     router: axum::Router,
-    tcp_router: Option<axum::Router>,
+    tcp_door: Option<api::Door>,
 ) {
     let (stream, peer) = match stream {
         Accepted::Unix(s) => {
@@ -513,25 +513,27 @@ async fn connection(
         },
         tracing::info_span!("connection", uid = peer.uid()),
     );
-    // Every request of the connection carries its caller and origin (the extractors'
-    // only source), put in here rather than by a layer around every route, which would
-    // be built per connection and cloned per request.
-    let with_caller = move |router: axum::Router| {
-        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-            let extensions = request.extensions_mut();
-            extensions.insert(caller.clone());
-            extensions.insert(origin.clone());
-            tower_service::Service::call(&mut router.clone(), request)
-        })
+    let door = match (&stream, tcp_door) {
+        (Accepted::Unix(_), _) => api::Door::Socket,
+        (Accepted::Tcp(_), Some(door)) => door,
+        (Accepted::Tcp(_), None) => return,
     };
-    match (stream, tcp_router) {
-        (Accepted::Unix(s), _) => {
-            tx.serve(s, with_caller(router)).instrument(span).await;
+    let service = hyper::service::service_fn(move |request| {
+        let (router, agent, caller, origin) = (
+            router.clone(),
+            agent.clone(),
+            caller.clone(),
+            origin.clone(),
+        );
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                api::serve(router, agent, door, caller, origin, request).await,
+            )
         }
-        (Accepted::Tcp(s), Some(r)) => {
-            tx.serve(s, with_caller(r)).instrument(span).await;
-        }
-        (Accepted::Tcp(_), None) => {}
+    });
+    match stream {
+        Accepted::Unix(s) => tx.serve(s, service).instrument(span).await,
+        Accepted::Tcp(s) => tx.serve(s, service).instrument(span).await,
     }
 }
 
