@@ -18,7 +18,17 @@ def b64(b):
 
 def worker(module, token_label, label, seconds, out):
     lib = pkcs11.lib(module)
-    token = lib.get_token(token_label=token_label)
+    # SoftHSM lists a token from its files: while another process rewrites one (the
+    # agent starting next to this), the token can be missing for a moment.
+    for attempt in range(20):
+        try:
+            token = lib.get_token(token_label=token_label)
+            break
+        except pkcs11.exceptions.NoSuchToken:
+            if attempt == 19:
+                out.put(None)
+                raise
+            time.sleep(0.1)
     with token.open(user_pin=os.environ["KEYBOUND_PIN"]) as session:
         key = session.get_key(ObjectClass.PRIVATE_KEY, KeyType.EC, label=label)
         header = b64(json.dumps({"typ": "dpop+jwt", "alg": "ES256", "jwk": {}}).encode())
@@ -41,7 +51,10 @@ if __name__ == "__main__":
     ps = [mp.Process(target=worker, args=(module, token_label, label, seconds, out)) for _ in range(procs)]
     for p in ps:
         p.start()
-    total = sum(out.get() for _ in ps)
+    made = [out.get(timeout=seconds + 60) for _ in ps]
+    if None in made:
+        sys.exit("a worker could not open the token")
+    total = sum(made)
     for p in ps:
         p.join()
     print(json.dumps({"processes": procs, "seconds": seconds, "proofs_per_s": total / seconds}))
