@@ -17,6 +17,14 @@ def b64(b):
 
 
 def worker(module, token_label, label, seconds, out):
+    try:
+        out.put(sign_for(module, token_label, label, seconds))
+    except BaseException:
+        out.put(None)  # the parent stops with an error, not after a timeout
+        raise
+
+
+def sign_for(module, token_label, label, seconds):
     lib = pkcs11.lib(module)
     # SoftHSM lists a token from its files: while another process rewrites one (the
     # agent starting next to this), the token can be missing for a moment.
@@ -26,7 +34,6 @@ def worker(module, token_label, label, seconds, out):
             break
         except pkcs11.exceptions.NoSuchToken:
             if attempt == 19:
-                out.put(None)
                 raise
             time.sleep(0.1)
     with token.open(user_pin=os.environ["KEYBOUND_PIN"]) as session:
@@ -41,7 +48,7 @@ def worker(module, token_label, label, seconds, out):
             signature = key.sign(digest, mechanism=Mechanism.ECDSA)
             _proof = signing_input + "." + b64(signature)
             n += 1
-        out.put(n)
+        return n
 
 
 if __name__ == "__main__":

@@ -83,20 +83,18 @@ pub(super) enum Door {
 /// Every request of a connection, in this order: [`tcp_guard`] on the TCP listener; then,
 /// under the connection's [`Origin`] (the task's, which the keyring reads when a signature
 /// is asked for, so the audit trail names the caller of every signature without a
-/// handler passing it on), [`body_guard`]; then `router`. The caller and origin go with
-/// the request for the extractors. Done here once per request, not as layers around every
+/// handler passing it on), [`body_guard`]; then `router`. The caller goes with the
+/// request for its extractor. Done here once per request, not as layers around every
 /// route (which axum clones for each request).
 pub(super) async fn serve(
-    router: Router,
+    mut router: Router,
     agent: Arc<Agent>,
     door: Door,
     caller: Caller,
     origin: Arc<Origin>,
     mut request: hyper::Request<hyper::body::Incoming>,
 ) -> Response {
-    let extensions = request.extensions_mut();
-    extensions.insert(caller);
-    extensions.insert(origin.clone());
+    request.extensions_mut().insert(caller);
     let request = request.map(Body::new);
     if let Door::Tcp(listen) = door
         && let Err(refused) = tcp_guard(listen, &request)
@@ -106,12 +104,10 @@ pub(super) async fn serve(
     ORIGIN
         .scope(Some(origin), async move {
             match body_guard(&agent, request).await {
-                Ok(request) => {
-                    match tower_service::Service::call(&mut router.clone(), request).await {
-                        Ok(response) => response,
-                        Err(never) => match never {},
-                    }
-                }
+                Ok(request) => match tower_service::Service::call(&mut router, request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                },
                 Err(refused) => refused,
             }
         })
