@@ -96,6 +96,35 @@ const DEEP: usize = 8;
 /// (see [`DEEP`]).
 const EAGER_FOR: u32 = 8;
 
+/// When a one-session signer's waiting answers go out (see [`FLUSH_AT`] and [`DEEP`]).
+#[derive(Default)]
+struct Pacing {
+    /// The requests read and not answered were below `FLUSH_AT` at the last turn.
+    was_low: bool,
+    /// Batches to come during which answers go out on every lift (it ran dry lately).
+    eager: u32,
+}
+
+impl Pacing {
+    /// Whether the answers that wait go out now, with `left` requests read and not taken
+    /// (counted up to `FLUSH_AT`); `deep` tells whether at least `DEEP` wait, and is asked
+    /// only when a batch has just lifted them (it may read the pipe).
+    fn due(&mut self, left: usize, deep: impl FnOnce() -> bool) -> bool {
+        let low = left < FLUSH_AT;
+        if left == 0 {
+            self.eager = EAGER_FOR;
+        }
+        let lifted = self.was_low && !low;
+        let send_on_lift = lifted && (self.eager > 0 || !deep());
+        if lifted {
+            self.eager = self.eager.saturating_sub(1);
+        }
+        let fell = low && !self.was_low;
+        self.was_low = low;
+        left == 0 || fell || send_on_lift
+    }
+}
+
 /// The signer's stdin, read in as large pieces as the pipe holds: what the agent wrote
 /// while this process signed comes in one read, and the requests read and not yet taken
 /// can be counted (what decides when answers go out). Read through a duplicate of the
@@ -224,10 +253,7 @@ pub fn run() -> ExitCode {
     out.send(start.n, &Ok(Answer::Ready(ready)));
     let told: Told = Arc::default();
     let mut keeper = (role == Role::Keeper).then(|| manager(backend.clone(), out.clone()));
-    // The requests read and not answered were below `FLUSH_AT` at the last turn.
-    let mut was_low = false;
-    // Batches to come during which answers go out on every lift (it ran dry lately).
-    let mut eager = 0u32;
+    let mut pacing = Pacing::default();
     loop {
         // Down to a few requests: what was answered goes out now, while there are still
         // signatures to make (the agent's next batch arrives before they are done). Lifted
@@ -235,19 +261,9 @@ pub fn run() -> ExitCode {
         // later, unless the batch is deep and this process has not run dry lately (see
         // `DEEP`). None left: everything goes out before the read that waits for more.
         let left = input.ready(FLUSH_AT);
-        let low = left < FLUSH_AT;
-        if left == 0 {
-            eager = EAGER_FOR;
-        }
-        let lifted = was_low && !low;
-        let send_on_lift = lifted && (eager > 0 || input.ready(DEEP) < DEEP);
-        if lifted {
-            eager = eager.saturating_sub(1);
-        }
-        if left == 0 || (low && !was_low) || send_on_lift {
+        if pacing.due(left, || input.ready(DEEP) >= DEEP) {
             out.flush();
         }
-        was_low = low;
         let frame: Frame<Request> = match input.next() {
             Ok(Some(f)) => f,
             Ok(None) => break,
@@ -554,5 +570,40 @@ fn manage(backend: &dyn Backend, request: Request) -> Outcome {
         Request::Sign { .. } | Request::Prove { .. } | Request::Raw { .. } => Err(
             TokenError::Internal(format!("{} is not key management", request.name())),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `lefts` through a fresh [`Pacing`], with `deep` as the depth of every lift.
+    fn flushes(lefts: &[usize], deep: bool) -> Vec<bool> {
+        let mut p = Pacing::default();
+        lefts.iter().map(|&left| p.due(left, || deep)).collect()
+    }
+
+    #[test]
+    fn answers_go_out_when_low_and_before_waiting() {
+        // Falling below FLUSH_AT, and at none left; not while above or staying low.
+        assert_eq!(
+            flushes(&[5, 4, 3, 2, 1, 0], false),
+            [false, false, false, true, false, true]
+        );
+    }
+
+    #[test]
+    fn a_deep_lift_keeps_the_answers_unless_the_signer_ran_dry_lately() {
+        // Never dry: a shallow lift sends, a deep one keeps them for the next low point.
+        assert_eq!(flushes(&[3, 2, 3], false), [false, true, true]);
+        assert_eq!(flushes(&[3, 2, 3], true), [false, true, false]);
+        // Dry once: the next EAGER_FOR lifts send, deep or not; then deep lifts keep.
+        let mut p = Pacing::default();
+        assert!(p.due(0, || true));
+        for _ in 0..EAGER_FOR {
+            assert!(p.due(3, || true), "an eager lift sends");
+            assert!(p.due(2, || true), "falling low sends");
+        }
+        assert!(!p.due(3, || true), "a deep lift after the eager ones keeps");
     }
 }
