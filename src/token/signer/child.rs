@@ -81,28 +81,23 @@ const FLUSH_AT: usize = 3;
 
 /// A batch that lifts the requests to at least this many keeps the answers made meanwhile
 /// (one or two) for the next time the requests run low, so the agent is woken once per
-/// batch, not twice, while this process has work for a batch ahead; unless it ran dry in
-/// the last [`EAGER_FOR`] batches (the agent's answers to its answers come late: callers
-/// in other processes, a busy machine), when every answer that waits goes out at once.
-/// Measured with `keybound bench --key dpop --seconds 6` (2 signers, 32 callers),
-/// interleaved against the rule without it, 11 pairs: pipeline / raw median 0.873 → 0.888
-/// (9 pairs better), the pipeline thread's CPU per proof 5.9 → 5.1 µs; the agent with 64
-/// callers the same and with 8 callers 4 % more proofs/s (`keybound bench --agent`, 4
-/// pairs each). Without the `EAGER_FOR` part, the agent with 64 callers lost about 0.04 of
-/// its ratio in all 8 pairs.
+/// batch, not twice, while this process has work for a batch ahead. Measured with
+/// `keybound bench --key dpop --seconds 6` (2 signers, 32 callers), interleaved against
+/// sending on every lift: pipeline / raw median 0.873 → 0.905 (6 of 6 pairs better). A
+/// variant that sent on every lift again for 8 batches after the signer ran dry gave 0.888
+/// (11 pairs) and, in a later period, against this rule: 0.895 against 0.902 (this rule
+/// better in 8 of 13 pairs), and around the whole bench (`perf stat -a -e
+/// sched:sched_switch`, 8 pairs) one context switch on the machine per 3.6 proofs against
+/// 4.7. With the agent and 64 callers (`keybound bench --agent --clients 64`) the two did
+/// not differ in 21 pairs, though in the first period this rule had lost about 0.04 of
+/// the ratio in 8 of 8.
 const DEEP: usize = 8;
-
-/// Batches after running dry during which every answer goes out as soon as a batch comes
-/// (see [`DEEP`]).
-const EAGER_FOR: u32 = 8;
 
 /// When a one-session signer's waiting answers go out (see [`FLUSH_AT`] and [`DEEP`]).
 #[derive(Default)]
 struct Pacing {
     /// The requests read and not answered were below `FLUSH_AT` at the last turn.
     was_low: bool,
-    /// Batches to come during which answers go out on every lift (it ran dry lately).
-    eager: u32,
 }
 
 impl Pacing {
@@ -111,17 +106,10 @@ impl Pacing {
     /// only when a batch has just lifted them (it may read the pipe).
     fn due(&mut self, left: usize, deep: impl FnOnce() -> bool) -> bool {
         let low = left < FLUSH_AT;
-        if left == 0 {
-            self.eager = EAGER_FOR;
-        }
         let lifted = self.was_low && !low;
-        let send_on_lift = lifted && (self.eager > 0 || !deep());
-        if lifted {
-            self.eager = self.eager.saturating_sub(1);
-        }
         let fell = low && !self.was_low;
         self.was_low = low;
-        left == 0 || fell || send_on_lift
+        left == 0 || fell || (lifted && !deep())
     }
 }
 
@@ -593,17 +581,14 @@ mod tests {
     }
 
     #[test]
-    fn a_deep_lift_keeps_the_answers_unless_the_signer_ran_dry_lately() {
-        // Never dry: a shallow lift sends, a deep one keeps them for the next low point.
+    fn a_deep_lift_keeps_the_answers_for_the_next_low_point() {
+        // A shallow lift sends, a deep one keeps them for the next low point.
         assert_eq!(flushes(&[3, 2, 3], false), [false, true, true]);
         assert_eq!(flushes(&[3, 2, 3], true), [false, true, false]);
-        // Dry once: the next EAGER_FOR lifts send, deep or not; then deep lifts keep.
-        let mut p = Pacing::default();
-        assert!(p.due(0, || true));
-        for _ in 0..EAGER_FOR {
-            assert!(p.due(3, || true), "an eager lift sends");
-            assert!(p.due(2, || true), "falling low sends");
-        }
-        assert!(!p.due(3, || true), "a deep lift after the eager ones keeps");
+        // Also right after running dry: everything went out before it waited.
+        assert_eq!(
+            flushes(&[2, 1, 0, 3, 2, 0], true),
+            [true, false, true, false, true, true]
+        );
     }
 }
