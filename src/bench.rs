@@ -91,10 +91,11 @@ pub enum BenchError {
 /// Proofs made in one phase, and each one's latency in microseconds.
 type Phase = (u64, Vec<u64>);
 
-/// The JWS pipeline in this process: `16 * sessions` proofs in flight, so a session (or a
-/// signer process) never waits for JOSE work and requests and answers travel in batches.
+/// The JWS pipeline in this process: `24 * sessions` proofs in flight, as many as the signer
+/// processes take (see `depth` in `token::signer`), so a session (or a signer process) never
+/// waits for JOSE work and requests and answers travel in batches.
 pub fn run(key: &SigningKey, sessions: usize, seconds: f64) -> Result<Report, BenchError> {
-    let callers = 16 * sessions.max(1);
+    let callers = 24 * sessions.max(1);
     let own = Some(std::process::id());
     // CPU across the counted phases: the device's (signer processes or device threads)
     // and this process's other threads (the pipeline), as in `run_agent`. The signer
