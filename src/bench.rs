@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::jose::ToBeSigned;
 use crate::keyring::SigningKey;
 use crate::oauth::{self, OAuthError, dpop};
+use crate::token::signer::depth_of;
 
 /// What one run measured.
 #[derive(Clone, Debug, Serialize)]
@@ -91,11 +92,11 @@ pub enum BenchError {
 /// Proofs made in one phase, and each one's latency in microseconds.
 type Phase = (u64, Vec<u64>);
 
-/// The JWS pipeline in this process: `24 * sessions` proofs in flight, as many as the signer
-/// processes take (see `depth` in `token::signer`), so a session (or a signer process) never
-/// waits for JOSE work and requests and answers travel in batches.
+/// The JWS pipeline in this process: as many proofs in flight as one-session signer
+/// processes take ([`depth_of`] one session, per session), so a session (or a signer
+/// process) never waits for JOSE work and requests and answers travel in batches.
 pub fn run(key: &SigningKey, sessions: usize, seconds: f64) -> Result<Report, BenchError> {
-    let callers = 24 * sessions.max(1);
+    let callers = depth_of(1) * sessions.max(1);
     let own = Some(std::process::id());
     // CPU across the counted phases: the device's (signer processes or device threads)
     // and this process's other threads (the pipeline), as in `run_agent`. The signer

@@ -246,8 +246,8 @@ pub fn run() -> ExitCode {
         // Down to a few requests: what was answered goes out now, while there are still
         // signatures to make (the agent's next batch arrives before they are done). Lifted
         // again by a new batch: what was answered meanwhile goes out now, not a batch
-        // later, unless the batch is deep and this process has not run dry lately (see
-        // `DEEP`). None left: everything goes out before the read that waits for more.
+        // later, unless the batch is deep (see `DEEP`). None left: everything goes out
+        // before the read that waits for more.
         let left = input.ready(FLUSH_AT);
         if pacing.due(left, || input.ready(DEEP) >= DEEP) {
             out.flush();

@@ -557,16 +557,21 @@ impl Shared {
     }
 }
 
-/// Requests in flight on one process: eight per session and sixteen more, so a session
-/// never waits for the agent between two signatures (and a TPM never goes idle and flushes
-/// its key between them), and under load requests go in batches (see [`Writer`]) of about
-/// twenty for a one-session signer. Measured with `keybound bench --key dpop --seconds 6`
+/// Requests in flight on a process with `sessions` sessions: eight per session and sixteen
+/// more, so a session never waits for the agent between two signatures (and a TPM never
+/// goes idle and flushes its key between them), and under load requests go in batches (see
+/// [`Writer`]) of about twenty for a one-session signer. Measured with `keybound bench --key dpop --seconds 6`
 /// (2 signers, 24 callers per session), interleaved against eight more (16 callers per
 /// session), 10 pairs: a context switch on the machine per 6.8 proofs instead of per 4.6
 /// (`perf stat -a -e sched:sched_switch`), pipeline / raw median 0.886 → 0.903 (7 pairs
 /// better); with the agent and 64 callers 4 of 5 pairs better.
+pub(crate) fn depth_of(sessions: usize) -> usize {
+    (sessions + 2) * 8
+}
+
+/// [`depth_of`] `p`'s sessions.
 fn depth(p: &Proc) -> usize {
-    (p.sessions + 2) * 8
+    depth_of(p.sessions)
 }
 
 impl Link {
