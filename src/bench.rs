@@ -92,6 +92,18 @@ pub enum BenchError {
 /// Proofs made in one phase, and each one's latency in microseconds.
 type Phase = (u64, Vec<u64>);
 
+/// Records a request of a phase, begun at `start` and answered at `done`, if it was
+/// answered by the phase's deadline, and says whether its caller goes on. The requests in
+/// flight at the deadline are answered after it and not counted: counted, they would add
+/// a whole round of callers to a phase whose length is the deadline's (at 48 callers about
+/// 0.4 % more proofs than the device signed in a half-second raw phase).
+fn answered(lat: &mut Vec<u64>, start: Instant, done: Instant, until: Instant) -> bool {
+    if done <= until {
+        lat.push((done - start).as_micros() as u64);
+    }
+    done < until
+}
+
 /// The JWS pipeline in this process: as many proofs in flight as one-session signer
 /// processes take ([`depth_of`] one session, per session), so a session (or a signer
 /// process) never waits for JOSE work and requests and answers travel in batches.
@@ -446,9 +458,11 @@ fn raw_phase(
             .map(|_| {
                 scope.spawn(move || -> Result<u64, OAuthError> {
                     let mut n = 0;
-                    while Instant::now() < until {
+                    let mut now = Instant::now();
+                    while now < until {
                         key.sign(tbs.clone())?;
-                        n += 1;
+                        now = Instant::now();
+                        n += u64::from(now <= until);
                     }
                     Ok(n)
                 })
@@ -468,7 +482,7 @@ fn raw_phase(
 
 /// `callers` tasks on one thread, each building a DPoP proof, awaiting its signature
 /// ([`oauth::sign_async`], as the agent's requests do) and serialising it, until the
-/// deadline.
+/// deadline; what is answered by it counts ([`answered`]).
 fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, OAuthError> {
     // The runtime the signer processes' answers are read on (`keybound bench` enters
     // it), so the tasks wake where the agent's do; else one of its own.
@@ -480,9 +494,9 @@ fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, 
                 let (key, header) = (key.clone(), header.clone());
                 tokio::spawn(async move {
                     let mut lat = Vec::new();
-                    let mut now = Instant::now();
-                    while now < until {
-                        let start = now;
+                    let mut going = true;
+                    while going {
+                        let start = Instant::now();
                         let claims = dpop::claims(
                             "POST",
                             "https://bench.keybound.invalid/oauth2/v1/token",
@@ -492,8 +506,7 @@ fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, 
                             oauth::new_jti()?,
                         )?;
                         oauth::sign_async(&key, &header, &claims).await?;
-                        now = Instant::now();
-                        lat.push((now - start).as_micros() as u64);
+                        going = answered(&mut lat, start, Instant::now(), until);
                     }
                     Ok::<_, OAuthError>(lat)
                 })

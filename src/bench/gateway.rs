@@ -111,7 +111,7 @@ async fn direct_phase(
     clients: usize,
     phase: Duration,
 ) -> Result<Phase, BenchError> {
-    let until = tokio::time::Instant::now() + phase;
+    let until = Instant::now() + phase;
     let mut tasks = Vec::new();
     for _ in 0..clients.max(1) {
         let (client, url) = (client.clone(), url.clone());
@@ -123,7 +123,8 @@ async fn direct_phase(
                 body: None,
             };
             let mut lat = Vec::new();
-            while tokio::time::Instant::now() < until {
+            let mut going = true;
+            while going {
                 let start = Instant::now();
                 let r = client.call(&request).await?;
                 if r.status != http::StatusCode::OK {
@@ -132,7 +133,7 @@ async fn direct_phase(
                         r.error_line()
                     )));
                 }
-                lat.push(start.elapsed().as_micros() as u64);
+                going = super::answered(&mut lat, start, Instant::now(), until);
             }
             Ok::<_, BenchError>(lat)
         }));

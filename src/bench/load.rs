@@ -48,17 +48,18 @@ async fn requests_phase(
     clients: usize,
     phase: Duration,
 ) -> Result<Phase, BenchError> {
-    let until = tokio::time::Instant::now() + phase;
+    let until = Instant::now() + phase;
     let mut tasks = Vec::new();
     for _ in 0..clients.max(1) {
         let (socket, request) = (socket.to_path_buf(), request.clone());
         tasks.push(tokio::spawn(async move {
             let mut conn = LeanConnection::connect(&socket).await?;
             let mut lat = Vec::new();
-            while tokio::time::Instant::now() < until {
+            let mut going = Instant::now() < until;
+            while going {
                 let start = Instant::now();
                 conn.exchange(&request).await?;
-                lat.push(start.elapsed().as_micros() as u64);
+                going = super::answered(&mut lat, start, Instant::now(), until);
             }
             Ok::<_, BenchError>(lat)
         }));
