@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::jose::ToBeSigned;
 use crate::keyring::SigningKey;
 use crate::oauth::{self, OAuthError, dpop};
-use crate::token::signer::depth_of;
+use crate::token::signer::{depth_of, signed_until};
 
 /// What one run measured.
 #[derive(Clone, Debug, Serialize)]
@@ -456,15 +456,10 @@ fn raw_phase(
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..sessions.max(1))
             .map(|_| {
-                scope.spawn(move || -> Result<u64, OAuthError> {
-                    let mut n = 0;
-                    let mut now = Instant::now();
-                    while now < until {
-                        key.sign(tbs.clone())?;
-                        now = Instant::now();
-                        n += u64::from(now <= until);
-                    }
-                    Ok(n)
+                scope.spawn(move || {
+                    signed_until(until, || {
+                        key.sign(tbs.clone()).map(drop).map_err(OAuthError::from)
+                    })
                 })
             })
             .collect();

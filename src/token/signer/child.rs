@@ -11,6 +11,7 @@ use std::os::fd::AsFd as _;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use super::signed_until;
 use super::wire::{self, Answer, CHALLENGE_PREFIX, Frame, Outcome, Ready, Request, Role, Start};
 use crate::jose::{self, ToBeSigned};
 use crate::token::pkcs11::Pkcs11Token;
@@ -464,8 +465,7 @@ fn prove(backend: &dyn Backend, told: &Told, key: KeyInfo, challenge: &[u8]) -> 
     }
 }
 
-/// `bench`: every session signs the same digest until `millis` are up; the signatures
-/// finished by then count (as the pipeline's answers do, `bench::answered`).
+/// `bench`: every session signs the same digest until `millis` are up ([`signed_until`](super::signed_until)).
 fn raw(
     backend: &dyn Backend,
     inline: bool,
@@ -478,6 +478,7 @@ fn raw(
         .to_be_signed(b"keybound bench: raw device signature");
     let tbs = ToBeSigned::of_digest(key.alg(), tbs.digest().as_bytes())?;
     let until = std::time::Instant::now() + std::time::Duration::from_millis(millis.min(60_000));
+    let sign = || backend.sign(key, binding, tbs.clone()).map(drop);
     std::thread::scope(|scope| {
         // Two callers per session keep a session's worker thread from waiting between
         // signatures (and a TPM from flushing its key between them); a session signed on
@@ -488,28 +489,12 @@ fn raw(
         };
         if callers == 1 {
             // On this long-lived thread, so the bench's CPU counters (per thread) see it.
-            let mut n = 0;
-            let mut now = std::time::Instant::now();
-            while now < until {
-                backend.sign(key, binding, tbs.clone())?;
-                now = std::time::Instant::now();
-                n += u64::from(now <= until);
-            }
-            return Ok(Answer::Count(n));
+            return signed_until(until, sign).map(Answer::Count);
         }
         let threads: Vec<_> = (0..callers)
             .map(|_| {
-                let tbs = &tbs;
-                scope.spawn(move || -> Result<u64, TokenError> {
-                    let mut n = 0;
-                    let mut now = std::time::Instant::now();
-                    while now < until {
-                        backend.sign(key, binding, tbs.clone())?;
-                        now = std::time::Instant::now();
-                        n += u64::from(now <= until);
-                    }
-                    Ok(n)
-                })
+                let sign = &sign;
+                scope.spawn(move || signed_until(until, sign))
             })
             .collect();
         let mut made = 0;

@@ -560,13 +560,30 @@ impl Shared {
 /// Requests in flight on a process with `sessions` sessions: eight per session and sixteen
 /// more, so a session never waits for the agent between two signatures (and a TPM never
 /// goes idle and flushes its key between them), and under load requests go in batches (see
-/// [`Writer`]) of about twenty for a one-session signer. Measured with `keybound bench --key dpop --seconds 6`
-/// (2 signers, 24 callers per session), interleaved against eight more (16 callers per
-/// session), 10 pairs: a context switch on the machine per 6.8 proofs instead of per 4.6
-/// (`perf stat -a -e sched:sched_switch`), pipeline / raw median 0.886 → 0.903 (7 pairs
-/// better); with the agent and 64 callers 4 of 5 pairs better.
+/// [`Writer`]) of about twenty for a one-session signer. Measured with `keybound bench
+/// --key dpop --seconds 6` (2 signers, 24 callers per session), interleaved against eight
+/// more (16 callers per session), 10 pairs: a context switch on the machine per 6.8 proofs
+/// instead of per 4.6 (`perf stat -a -e sched:sched_switch`), pipeline / raw median 0.886
+/// → 0.903 (7 pairs better); with the agent and 64 callers 4 of 5 pairs better. Deeper
+/// (32 or 48 for a one-session signer) halved the switches again but not the ratio (12
+/// pairs at 48: better in 5).
 pub(crate) fn depth_of(sessions: usize) -> usize {
     (sessions + 2) * 8
+}
+
+/// The bench's raw loop: `sign` again and again until `until`, counting the signatures
+/// finished by then (one that ends after it is not, as in the pipeline's phases).
+pub(crate) fn signed_until<E>(
+    until: Instant,
+    mut sign: impl FnMut() -> Result<(), E>,
+) -> Result<u64, E> {
+    let (mut n, mut now) = (0, Instant::now());
+    while now < until {
+        sign()?;
+        now = Instant::now();
+        n += u64::from(now <= until);
+    }
+    Ok(n)
 }
 
 /// [`depth_of`] `p`'s sessions.
