@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
@@ -35,10 +36,12 @@ pub enum HashAlg {
 }
 
 /// A message digest computed in software.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Digest {
     hash: HashAlg,
-    bytes: Vec<u8>,
+    /// The first `hash.output_len()` bytes are the digest (kept inline: one is made for
+    /// every signature, and cloned for its retry).
+    bytes: [u8; 48],
 }
 
 /// What the device is asked to sign: the JWS signing input and its software digest.
@@ -46,11 +49,10 @@ pub struct Digest {
 #[derive(Clone, Debug)]
 pub struct ToBeSigned {
     alg: Alg,
-    /// Empty when only the digest is known ([`ToBeSigned::of_digest`]).
-    message: Vec<u8>,
+    /// The signing input the digest was computed from; `None` when only the digest is
+    /// known ([`ToBeSigned::of_digest`]). Shared: a signature's retry keeps a clone.
+    message: Option<Arc<[u8]>>,
     digest: Digest,
-    /// `message` is the signing input the digest was computed from.
-    whole: bool,
 }
 
 /// A signature as a device returned it, before JWS encoding.
@@ -113,9 +115,8 @@ impl Alg {
     pub fn to_be_signed(self, signing_input: &[u8]) -> ToBeSigned {
         ToBeSigned {
             alg: self,
-            message: signing_input.to_vec(),
+            message: Some(signing_input.into()),
             digest: self.digest(signing_input),
-            whole: true,
         }
     }
 
@@ -225,10 +226,11 @@ impl Curve {
 
 impl HashAlg {
     pub fn digest(self, message: &[u8]) -> Digest {
-        let bytes = match self {
-            HashAlg::Sha256 => sha2::Sha256::digest(message).to_vec(),
-            HashAlg::Sha384 => sha2::Sha384::digest(message).to_vec(),
-        };
+        let mut bytes = [0; 48];
+        match self {
+            HashAlg::Sha256 => bytes[..32].copy_from_slice(&sha2::Sha256::digest(message)),
+            HashAlg::Sha384 => bytes.copy_from_slice(&sha2::Sha384::digest(message)),
+        }
         Digest { hash: self, bytes }
     }
 
@@ -255,19 +257,28 @@ impl HashAlg {
     }
 }
 
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Digest")
+            .field("hash", &self.hash)
+            .field("bytes", &self.as_bytes())
+            .finish()
+    }
+}
+
 impl Digest {
     pub fn hash(&self) -> HashAlg {
         self.hash
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+        &self.bytes[..self.hash.output_len()]
     }
 
     /// `DigestInfo || digest`, the input of a raw `CKM_RSA_PKCS` signature.
     pub fn to_digest_info(&self) -> Vec<u8> {
         let mut out = self.hash.digest_info_prefix().to_vec();
-        out.extend_from_slice(&self.bytes);
+        out.extend_from_slice(self.as_bytes());
         out
     }
 }
@@ -285,14 +296,12 @@ impl ToBeSigned {
                 found: format!("{} bytes", digest.len()),
             });
         }
+        let mut bytes = [0; 48];
+        bytes[..digest.len()].copy_from_slice(digest);
         Ok(ToBeSigned {
             alg,
-            message: Vec::new(),
-            digest: Digest {
-                hash,
-                bytes: digest.to_vec(),
-            },
-            whole: false,
+            message: None,
+            digest: Digest { hash, bytes },
         })
     }
 
@@ -302,7 +311,7 @@ impl ToBeSigned {
 
     /// The signing input; `None` when only its digest is known.
     pub fn message(&self) -> Option<&[u8]> {
-        self.whole.then_some(self.message.as_slice())
+        self.message.as_deref()
     }
 
     pub fn digest(&self) -> &Digest {

@@ -58,12 +58,28 @@ fn joined(header_b64: &str, claims: &[u8]) -> String {
 /// thread for the last few headers, since a key signs under the same header again and
 /// again (a DPoP key's carries its whole JWK, the larger half of the signing input).
 pub fn signing_input_of<C: Serialize>(header: &Header, claims: &C) -> Result<String, JoseError> {
+    thread_local! {
+        /// The claims' JSON on its way to base64url: one buffer per thread, reused.
+        static CLAIMS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    CLAIMS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut c) => {
+            c.clear();
+            serde_json::to_writer(&mut *c, claims)?;
+            input_with(header, &c)
+        }
+        // Claims whose serialisation makes a signing input of its own: a buffer of theirs.
+        Err(_) => input_with(header, &serde_json::to_vec(claims)?),
+    })
+}
+
+/// [`signing_input_of`] with the claims' JSON made.
+fn input_with(header: &Header, c: &[u8]) -> Result<String, JoseError> {
     const KEPT: usize = 4;
     thread_local! {
         static ENCODED: std::cell::RefCell<Vec<(Header, String)>> =
             const { std::cell::RefCell::new(Vec::new()) };
     }
-    let c = serde_json::to_vec(claims)?;
     ENCODED.with_borrow_mut(|kept| {
         // The most recently used last; the least recently used goes when one more comes.
         match kept.iter().position(|(h, _)| h == header) {
@@ -79,7 +95,7 @@ pub fn signing_input_of<C: Serialize>(header: &Header, claims: &C) -> Result<Str
                 kept.push((header.clone(), header_b64));
             }
         }
-        Ok(joined(&kept[kept.len() - 1].1, &c))
+        Ok(joined(&kept[kept.len() - 1].1, c))
     })
 }
 

@@ -22,7 +22,7 @@ pub(crate) mod wire;
 
 pub use child::run as run_child;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{BufReader, Write as _};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use rustc_hash::{FxHashMap, FxHashSet};
 use wire::{Answer, Outcome, Ready, Request, Role, Start, challenge};
 
 use super::{
@@ -155,7 +156,7 @@ struct Proc {
     link: Option<Arc<Link>>,
     in_flight: usize,
     /// Key ids this incarnation was told about.
-    told: HashSet<Vec<u8>>,
+    told: FxHashSet<Vec<u8>>,
 }
 
 /// The pipes to one running process.
@@ -238,9 +239,18 @@ impl Writer {
 
 #[derive(Default)]
 struct Pending {
-    waiting: HashMap<u64, Waiter>,
+    /// By request number: ours, counted up, so no SipHash needed.
+    waiting: FxHashMap<u64, Waiter>,
     /// The process ended: nothing more is answered.
     closed: bool,
+}
+
+/// One request of a batch for a process, and who waits for its answer.
+enum Out {
+    /// A call or a key told: its request, made by the caller.
+    Request(Request, Waiter),
+    /// A job: its request is written from the job itself (no copy of its id or digest).
+    Job(Job),
 }
 
 enum Waiter {
@@ -288,6 +298,17 @@ impl Job {
                 Ok(_) => Err(unexpected()),
                 Err(e) => Err(e),
             }),
+        }
+    }
+
+    /// Appends the job's request as frame `n`: a signature's binary frame straight from
+    /// the job, anything else through [`Job::request`].
+    fn encode(&self, n: u64, whole_input: &[Alg], out: &mut Vec<u8>) -> std::io::Result<()> {
+        match &self.work {
+            Work::Sign { tbs, .. } if !whole_input.contains(&tbs.alg()) => {
+                wire::encode_sign(n, self.key.id(), tbs.alg(), tbs.digest().as_bytes(), out)
+            }
+            _ => wire::encode(n, &self.request(whole_input), out),
         }
     }
 
@@ -341,7 +362,7 @@ impl Signers {
             sessions: layout[0],
             link: Some(keeper.clone()),
             in_flight: 0,
-            told: HashSet::new(),
+            told: FxHashSet::default(),
         }];
         let mut started = vec![(keeper, stdout)];
         for (i, &sessions) in layout.iter().enumerate().skip(1) {
@@ -351,7 +372,7 @@ impl Signers {
                 sessions,
                 link: Some(link.clone()),
                 in_flight: 0,
-                told: HashSet::new(),
+                told: FxHashSet::default(),
             });
             started.push((link, stdout));
         }
@@ -412,7 +433,10 @@ impl Signers {
             return Err(down("the keeper signer process is restarting"));
         };
         crate::token::worker::wait(|reply| {
-            link.send(vec![(request, Waiter::Call(reply))], &self.shared);
+            link.send(
+                vec![Out::Request(request, Waiter::Call(reply))],
+                &self.shared,
+            );
         })
     }
 }
@@ -478,16 +502,18 @@ impl Shared {
             *lock(&link.progress) = Instant::now();
         }
         proc.in_flight += 1;
-        let mut batch = Vec::with_capacity(2);
+        let mut tell = None;
         if matches!(job.work, Work::Sign { .. }) && !proc.told.contains(job.key.id()) {
             match challenge() {
-                Ok(challenge) => batch.push((
-                    Request::Prove {
-                        key: KeyInfo::clone(&job.key),
-                        challenge,
-                    },
-                    Waiter::Tell,
-                )),
+                Ok(challenge) => {
+                    tell = Some(Out::Request(
+                        Request::Prove {
+                            key: KeyInfo::clone(&job.key),
+                            challenge,
+                        },
+                        Waiter::Tell,
+                    ))
+                }
                 Err(e) => {
                     proc.in_flight -= 1;
                     drop(st);
@@ -498,8 +524,8 @@ impl Shared {
         }
         let stdin = lock(&link.stdin);
         drop(st);
-        batch.push((job.request(&self.whole_input), Waiter::Job(job)));
-        link.send_locked(stdin, batch, self);
+        let batch = [tell, Some(Out::Job(job))];
+        link.send_locked(stdin, batch.into_iter().flatten(), self);
     }
 
     /// `link`'s process is gone: it gets no more jobs. (Its supervisor fails what it held
@@ -593,7 +619,7 @@ fn depth(p: &Proc) -> usize {
 
 impl Link {
     /// [`Link::send_locked`] with the write lock taken now.
-    fn send(self: &Arc<Self>, batch: Vec<(Request, Waiter)>, shared: &Arc<Shared>) {
+    fn send(self: &Arc<Self>, batch: Vec<Out>, shared: &Arc<Shared>) {
         self.send_locked(lock(&self.stdin), batch, shared);
     }
 
@@ -631,29 +657,41 @@ impl Link {
     fn send_locked(
         self: &Arc<Self>,
         mut stdin: MutexGuard<'_, Writer>,
-        batch: Vec<(Request, Waiter)>,
+        batch: impl IntoIterator<Item = Out>,
         shared: &Arc<Shared>,
     ) {
-        let urgent = batch
-            .iter()
-            .any(|(r, _)| !matches!(r, Request::Sign { .. }));
+        // Anything but a signature goes out at once.
+        let mut urgent = false;
         let bytes = &mut stdin.outbox;
         let before = bytes.len();
-        let mut numbers = Vec::with_capacity(batch.len());
+        // The numbers this batch takes: only this function counts `next` up, under this
+        // link's write lock, which it holds throughout.
+        let first = self.next.load(Ordering::Relaxed);
         let mut refused = Vec::new();
         // Frames the signing loop answers: a management call is answered on the keeper's
         // own thread, beside the signatures, and does not hold them back.
         let mut signing = 0;
         {
             let mut pending = lock(&self.pending);
-            for (request, waiter) in batch {
+            for out in batch {
+                urgent |= match &out {
+                    Out::Request(r, _) => !matches!(r, Request::Sign { .. }),
+                    Out::Job(job) => !matches!(job.work, Work::Sign { .. }),
+                };
                 if pending.closed {
-                    refused.push(waiter);
+                    refused.push(match out {
+                        Out::Request(_, waiter) => waiter,
+                        Out::Job(job) => Waiter::Job(job),
+                    });
                     continue;
                 }
                 let n = self.next.fetch_add(1, Ordering::Relaxed);
                 let at = bytes.len();
-                if let Err(e) = wire::encode(n, &request, bytes) {
+                let (encoded, waiter) = match out {
+                    Out::Request(request, waiter) => (wire::encode(n, &request, bytes), waiter),
+                    Out::Job(job) => (job.encode(n, &shared.whole_input, bytes), Waiter::Job(job)),
+                };
+                if let Err(e) = encoded {
                     bytes.truncate(at);
                     drop(pending);
                     tracing::error!("cannot encode a request to a signer process: {e}");
@@ -663,9 +701,9 @@ impl Link {
                 }
                 signing += usize::from(!matches!(waiter, Waiter::Call(_)));
                 pending.waiting.insert(n, waiter);
-                numbers.push(n);
             }
         }
+        let numbers = first..self.next.load(Ordering::Relaxed);
         stdin.waiting += signing;
         let written = if stdin.outbox.len() == before {
             Ok(())
@@ -1082,10 +1120,10 @@ async fn read_answers(
         }
     };
     let mut frames: Vec<wire::Frame<Outcome>> = Vec::new();
-    let mut replies: Vec<(Job, Outcome)> = Vec::new();
+    let mut answered = Vec::new();
     loop {
         let whole = wire::take_frames(&mut buf, &mut frames);
-        take_answers(shared, i, link, &mut frames, &mut replies);
+        take_answers(shared, i, link, &mut frames, &mut answered);
         if let Err(e) = whole {
             tracing::error!(process = i, pid = link.pid, "signer process: {e}");
             return;
@@ -1103,24 +1141,21 @@ async fn read_answers(
 }
 
 /// The bookkeeping of the answers in `frames` (sessions freed, queued work sent, what was
-/// told), then the replies, all together.
+/// told), then the replies, all together. `answered` is scratch space, kept between calls.
 fn take_answers(
     shared: &Arc<Shared>,
     i: usize,
     link: &Link,
     frames: &mut Vec<wire::Frame<Outcome>>,
-    replies: &mut Vec<(Job, Outcome)>,
+    answered: &mut Vec<(Option<Waiter>, wire::Frame<Outcome>)>,
 ) {
     if frames.is_empty() {
         return;
     }
-    let answered: Vec<(Option<Waiter>, wire::Frame<Outcome>)> = {
+    {
         let mut pending = lock(&link.pending);
-        frames
-            .drain(..)
-            .map(|f| (pending.waiting.remove(&f.n), f))
-            .collect()
-    };
+        answered.extend(frames.drain(..).map(|f| (pending.waiting.remove(&f.n), f)));
+    }
     // As `Link::send_locked` counted them: management calls aside.
     let signing = answered
         .iter()
@@ -1130,13 +1165,15 @@ fn take_answers(
     if signing > 0 {
         *lock(&link.progress) = Instant::now();
     }
-    for (waiter, frame) in answered {
+    for (waiter, frame) in answered.iter() {
+        if let Some(Waiter::Job(job)) = waiter {
+            let proved = matches!(job.work, Work::Prove { .. });
+            shared.finished(i, &job.key, &frame.body, proved);
+        }
+    }
+    for (waiter, frame) in answered.drain(..) {
         match waiter {
-            Some(Waiter::Job(job)) => {
-                let proved = matches!(job.work, Work::Prove { .. });
-                shared.finished(i, &job.key, &frame.body, proved);
-                replies.push((job, frame.body));
-            }
+            Some(Waiter::Job(job)) => job.answer(frame.body),
             Some(Waiter::Tell) => {
                 if let Err(e) = frame.body {
                     tracing::warn!(
@@ -1154,9 +1191,6 @@ fn take_answers(
                 );
             }
         }
-    }
-    for (job, outcome) in replies.drain(..) {
-        job.answer(outcome);
     }
 }
 
@@ -1328,14 +1362,14 @@ impl Backend for Signers {
             let tx = tx.clone();
             link.send(
                 vec![
-                    (
+                    Out::Request(
                         Request::Prove {
                             key: key.clone(),
                             challenge,
                         },
                         Waiter::Tell,
                     ),
-                    (
+                    Out::Request(
                         Request::Raw {
                             id: key.id().to_vec(),
                             millis: phase.as_millis() as u64,

@@ -176,6 +176,22 @@ const SIGN: u8 = 1;
 /// big-endian) and the signature (the rest).
 const SIGNATURE: u8 = 2;
 
+/// Appends the binary form of a `Request::Sign` without its signing input; false (nothing
+/// appended) when the id is too long for it.
+fn put_sign(n: u64, id: &[u8], alg: Alg, digest: &[u8], out: &mut Vec<u8>) -> bool {
+    let (Ok(id_len), Some(alg)) = (
+        u8::try_from(id.len()),
+        Alg::ALL.iter().position(|a| *a == alg),
+    ) else {
+        return false;
+    };
+    put_tagged(out, SIGN, n);
+    out.extend_from_slice(&[alg as u8, id_len]);
+    out.extend_from_slice(id);
+    out.extend_from_slice(digest);
+    true
+}
+
 /// Starts a binary frame: its tag and `n`.
 fn put_tagged(out: &mut Vec<u8>, tag: u8, n: u64) {
     out.push(tag);
@@ -215,17 +231,7 @@ impl Body for Request {
         else {
             return false;
         };
-        let (Ok(id_len), Some(alg)) = (
-            u8::try_from(id.len()),
-            Alg::ALL.iter().position(|a| a == alg),
-        ) else {
-            return false;
-        };
-        put_tagged(out, SIGN, n);
-        out.extend_from_slice(&[alg as u8, id_len]);
-        out.extend_from_slice(id);
-        out.extend_from_slice(digest);
-        true
+        put_sign(n, id, *alg, digest, out)
     }
 
     fn binary(frame: &[u8]) -> Option<Frame<Request>> {
@@ -275,10 +281,21 @@ pub(super) fn decode<T: Body>(frame: &[u8]) -> io::Result<Frame<T>> {
 
 /// Appends one frame to `out`.
 pub(super) fn encode<T: Body>(n: u64, body: &T, out: &mut Vec<u8>) -> io::Result<()> {
+    framed(out, |out| {
+        if !body.put_binary(n, out) {
+            serde_json::to_writer(&mut *out, &Frame { n, body }).map_err(io::Error::other)?;
+        }
+        Ok(())
+    })
+}
+
+/// Appends what `put` appends, behind its length.
+fn framed(out: &mut Vec<u8>, put: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> io::Result<()> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    if !body.put_binary(n, out) {
-        serde_json::to_writer(&mut *out, &Frame { n, body }).map_err(io::Error::other)?;
+    if let Err(e) = put(out) {
+        out.truncate(start);
+        return Err(e);
     }
     let len = u32::try_from(out.len() - start - 4)
         .ok()
@@ -286,6 +303,31 @@ pub(super) fn encode<T: Body>(n: u64, body: &T, out: &mut Vec<u8>) -> io::Result
         .ok_or_else(|| io::Error::other("frame too large"))?;
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
     Ok(())
+}
+
+/// Appends frame `n`, a `Request::Sign` without its signing input, from borrowed parts: the
+/// agent writes every signature's request this way, without copying the id and digest
+/// into a [`Request`] first. The same bytes as [`encode`] of that request.
+pub(super) fn encode_sign(
+    n: u64,
+    id: &[u8],
+    alg: Alg,
+    digest: &[u8],
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    framed(out, |out| {
+        if !put_sign(n, id, alg, digest, out) {
+            let request = Request::Sign {
+                id: id.to_vec(),
+                alg,
+                digest: digest.to_vec(),
+                message: None,
+            };
+            serde_json::to_writer(&mut *out, &Frame { n, body: request })
+                .map_err(io::Error::other)?;
+        }
+        Ok(())
+    })
 }
 
 pub(super) fn write<T: Body>(w: &mut impl Write, n: u64, body: &T) -> io::Result<()> {
@@ -472,6 +514,23 @@ mod tests {
         let request = [&[SIGN][..], &n, &[0, 1, 1], &[1; 32]].concat();
         assert!(take_frames::<Request>(&mut frame(&request), &mut frames).is_ok());
         assert!(take_frames::<Outcome>(&mut frame(&request), &mut answers).is_err());
+    }
+
+    #[test]
+    fn a_sign_from_borrowed_parts_is_the_same_frame() {
+        // A short id goes binary, a 300-byte one as JSON: both as `encode` writes them.
+        for id in [vec![7u8; 20], vec![7u8; 300]] {
+            let (mut borrowed, mut owned) = (vec![0xaa], vec![0xaa]);
+            encode_sign(5, &id, Alg::ES384, &[9; 48], &mut borrowed).unwrap();
+            let request = Request::Sign {
+                id: id.clone(),
+                alg: Alg::ES384,
+                digest: vec![9; 48],
+                message: None,
+            };
+            encode(5, &request, &mut owned).unwrap();
+            assert_eq!(borrowed, owned);
+        }
     }
 
     #[test]
