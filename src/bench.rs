@@ -490,8 +490,10 @@ fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, 
                 tokio::spawn(async move {
                     let mut lat = Vec::new();
                     let mut going = true;
+                    // A caller begins its next proof when the last one is answered: one
+                    // clock read per proof (this thread's time is the pipeline's).
+                    let mut start = Instant::now();
                     while going {
-                        let start = Instant::now();
                         let claims = dpop::claims(
                             "POST",
                             "https://bench.keybound.invalid/oauth2/v1/token",
@@ -501,7 +503,9 @@ fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, 
                             oauth::new_jti()?,
                         )?;
                         oauth::sign_async(&key, &header, &claims).await?;
-                        going = answered(&mut lat, start, Instant::now(), until);
+                        let done = Instant::now();
+                        going = answered(&mut lat, start, done, until);
+                        start = done;
                     }
                     Ok::<_, OAuthError>(lat)
                 })
