@@ -36,13 +36,16 @@ pub enum HashAlg {
 }
 
 /// A message digest computed in software.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Digest {
     hash: HashAlg,
-    /// The first `hash.output_len()` bytes are the digest (kept inline: one is made for
-    /// every signature, and cloned for its retry).
-    bytes: [u8; 48],
+    /// The first `hash.output_len()` bytes are the digest, the rest zero (kept inline: one
+    /// is made for every signature, and cloned for its retry).
+    bytes: [u8; MAX_DIGEST],
 }
+
+/// The longest digest of a [`HashAlg`] (SHA-384).
+const MAX_DIGEST: usize = 48;
 
 /// What the device is asked to sign: the JWS signing input and its software digest.
 /// Devices that sign a digest use `digest`; hash-and-sign mechanisms use `message`.
@@ -226,7 +229,7 @@ impl Curve {
 
 impl HashAlg {
     pub fn digest(self, message: &[u8]) -> Digest {
-        let mut bytes = [0; 48];
+        let mut bytes = [0; MAX_DIGEST];
         match self {
             HashAlg::Sha256 => bytes[..32].copy_from_slice(&sha2::Sha256::digest(message)),
             HashAlg::Sha384 => bytes.copy_from_slice(&sha2::Sha384::digest(message)),
@@ -256,6 +259,15 @@ impl HashAlg {
         }
     }
 }
+
+/// Equal hash and digest bytes (the unused rest of the array is not compared).
+impl PartialEq for Digest {
+    fn eq(&self, other: &Digest) -> bool {
+        self.hash == other.hash && self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Digest {}
 
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -296,7 +308,7 @@ impl ToBeSigned {
                 found: format!("{} bytes", digest.len()),
             });
         }
-        let mut bytes = [0; 48];
+        let mut bytes = [0; MAX_DIGEST];
         bytes[..digest.len()].copy_from_slice(digest);
         Ok(ToBeSigned {
             alg,
@@ -441,6 +453,24 @@ pub(super) fn der_take(input: &[u8], tag: u8) -> Result<(&[u8], &[u8]), String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_digest_is_its_hash_and_bytes_alone() {
+        for alg in [Alg::ES256, Alg::ES384] {
+            let made = alg.to_be_signed(b"header.claims");
+            let given = ToBeSigned::of_digest(alg, made.digest().as_bytes()).unwrap();
+            assert_eq!(made.digest().as_bytes().len(), alg.hash().output_len());
+            assert_eq!(made.digest(), given.digest());
+            assert_eq!(given.message(), None);
+            assert_eq!(made.message(), Some(&b"header.claims"[..]));
+            assert!(ToBeSigned::of_digest(alg, &[0; 47]).is_err());
+        }
+        assert_ne!(
+            HashAlg::Sha256.digest(b"a"),
+            HashAlg::Sha256.digest(b"b"),
+            "different input"
+        );
+    }
 
     #[test]
     fn der_signature_becomes_fixed_width() {

@@ -64,6 +64,10 @@ pub fn signing_input_of<C: Serialize>(header: &Header, claims: &C) -> Result<Str
     }
     CLAIMS.with(|cell| match cell.try_borrow_mut() {
         Ok(mut c) => {
+            // Claims a caller made large once do not keep their room on this thread.
+            if c.capacity() > 16 * 1024 {
+                *c = Vec::new();
+            }
             c.clear();
             serde_json::to_writer(&mut *c, claims)?;
             input_with(header, &c)

@@ -757,13 +757,41 @@ impl SigningKey {
             Ok(pass) => pass,
             Err(refused) => return reply(Err(refused)),
         };
-        // With nothing to observe the signature and no pass to hold until it is made, the
-        // reply is the caller's own: no key parts, span or clock read for no one.
-        let reply = if self.keyring.observer.is_none() && pass.is_none() {
-            reply
-        } else {
-            self.observed(reply, &tbs, pass)
-        };
+        // The origin is read here, on the caller's task: the reply runs on a worker thread.
+        let (observer, key, origin, message, start) = (
+            self.keyring.observer.clone(),
+            (self.info.clone(), self.kid.clone(), self.slot.clone()),
+            current_origin(),
+            // Only an observer reads the signed bytes (the trail's claims fields).
+            self.keyring
+                .observer
+                .as_ref()
+                .map(|_| tbs.message().unwrap_or_default().to_vec())
+                .unwrap_or_default(),
+            Instant::now(),
+        );
+        // The reply runs on a worker thread: the caller's span goes along, so the
+        // observer's log line carries the request's fields (the agent's caller uid).
+        let span = tracing::Span::current();
+        let reply: SignReply = Box::new(move |result| {
+            let _entered = span.enter();
+            let (info, kid, slot) = &key;
+            observe(
+                &observer,
+                &Signed {
+                    purpose: Purpose::Jws,
+                    key: info,
+                    kid,
+                    slot: slot.as_deref(),
+                    origin: origin.as_deref(),
+                    message: &message,
+                },
+                result.is_ok(),
+                start,
+                pass,
+            );
+            reply(result);
+        });
         let seen = self.current();
         // Weak: the reply may run after everyone else let go of the device, and the last
         // reference to it must not be dropped on its own worker thread.
@@ -791,46 +819,6 @@ impl SigningKey {
                 other => reply(other.map_err(KeyError::from)),
             }),
         );
-    }
-
-    /// `reply`, wrapped to tell the observer of the outcome first (and then let go of the
-    /// gate's `pass`).
-    fn observed(&self, reply: SignReply, tbs: &ToBeSigned, pass: Option<GatePass>) -> SignReply {
-        // The origin is read here, on the caller's task: the reply runs on a worker thread.
-        let (observer, key, origin, message, start) = (
-            self.keyring.observer.clone(),
-            (self.info.clone(), self.kid.clone(), self.slot.clone()),
-            current_origin(),
-            // Only an observer reads the signed bytes (the trail's claims fields).
-            self.keyring
-                .observer
-                .as_ref()
-                .map(|_| tbs.message().unwrap_or_default().to_vec())
-                .unwrap_or_default(),
-            Instant::now(),
-        );
-        // The reply runs on a worker thread: the caller's span goes along, so the
-        // observer's log line carries the request's fields (the agent's caller uid).
-        let span = tracing::Span::current();
-        Box::new(move |result: Result<JwsSignature, KeyError>| {
-            let _entered = span.enter();
-            let (info, kid, slot) = &key;
-            observe(
-                &observer,
-                &Signed {
-                    purpose: Purpose::Jws,
-                    key: info,
-                    kid,
-                    slot: slot.as_deref(),
-                    origin: origin.as_deref(),
-                    message: &message,
-                },
-                result.is_ok(),
-                start,
-                pass,
-            );
-            reply(result);
-        })
     }
 
     /// This key without a strong hold on the device.

@@ -22,7 +22,7 @@ pub(crate) mod wire;
 
 pub use child::run as run_child;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::io::{BufReader, Write as _};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 use wire::{Answer, Outcome, Ready, Request, Role, Start, challenge};
 
 use super::{
@@ -156,7 +156,7 @@ struct Proc {
     link: Option<Arc<Link>>,
     in_flight: usize,
     /// Key ids this incarnation was told about.
-    told: FxHashSet<Vec<u8>>,
+    told: HashSet<Vec<u8>>,
 }
 
 /// The pipes to one running process.
@@ -246,7 +246,7 @@ struct Pending {
 }
 
 /// One request of a batch for a process, and who waits for its answer.
-enum Out {
+enum Outgoing {
     /// A call or a key told: its request, made by the caller.
     Request(Request, Waiter),
     /// A job: its request is written from the job itself (no copy of its id or digest).
@@ -362,7 +362,7 @@ impl Signers {
             sessions: layout[0],
             link: Some(keeper.clone()),
             in_flight: 0,
-            told: FxHashSet::default(),
+            told: HashSet::new(),
         }];
         let mut started = vec![(keeper, stdout)];
         for (i, &sessions) in layout.iter().enumerate().skip(1) {
@@ -372,7 +372,7 @@ impl Signers {
                 sessions,
                 link: Some(link.clone()),
                 in_flight: 0,
-                told: FxHashSet::default(),
+                told: HashSet::new(),
             });
             started.push((link, stdout));
         }
@@ -434,7 +434,7 @@ impl Signers {
         };
         crate::token::worker::wait(|reply| {
             link.send(
-                vec![Out::Request(request, Waiter::Call(reply))],
+                vec![Outgoing::Request(request, Waiter::Call(reply))],
                 &self.shared,
             );
         })
@@ -506,7 +506,7 @@ impl Shared {
         if matches!(job.work, Work::Sign { .. }) && !proc.told.contains(job.key.id()) {
             match challenge() {
                 Ok(challenge) => {
-                    tell = Some(Out::Request(
+                    tell = Some(Outgoing::Request(
                         Request::Prove {
                             key: KeyInfo::clone(&job.key),
                             challenge,
@@ -524,7 +524,7 @@ impl Shared {
         }
         let stdin = lock(&link.stdin);
         drop(st);
-        let batch = [tell, Some(Out::Job(job))];
+        let batch = [tell, Some(Outgoing::Job(job))];
         link.send_locked(stdin, batch.into_iter().flatten(), self);
     }
 
@@ -619,7 +619,7 @@ fn depth(p: &Proc) -> usize {
 
 impl Link {
     /// [`Link::send_locked`] with the write lock taken now.
-    fn send(self: &Arc<Self>, batch: Vec<Out>, shared: &Arc<Shared>) {
+    fn send(self: &Arc<Self>, batch: Vec<Outgoing>, shared: &Arc<Shared>) {
         self.send_locked(lock(&self.stdin), batch, shared);
     }
 
@@ -657,7 +657,7 @@ impl Link {
     fn send_locked(
         self: &Arc<Self>,
         mut stdin: MutexGuard<'_, Writer>,
-        batch: impl IntoIterator<Item = Out>,
+        batch: impl IntoIterator<Item = Outgoing>,
         shared: &Arc<Shared>,
     ) {
         // Anything but a signature goes out at once.
@@ -675,21 +675,25 @@ impl Link {
             let mut pending = lock(&self.pending);
             for out in batch {
                 urgent |= match &out {
-                    Out::Request(r, _) => !matches!(r, Request::Sign { .. }),
-                    Out::Job(job) => !matches!(job.work, Work::Sign { .. }),
+                    Outgoing::Request(r, _) => !matches!(r, Request::Sign { .. }),
+                    Outgoing::Job(job) => !matches!(job.work, Work::Sign { .. }),
                 };
                 if pending.closed {
                     refused.push(match out {
-                        Out::Request(_, waiter) => waiter,
-                        Out::Job(job) => Waiter::Job(job),
+                        Outgoing::Request(_, waiter) => waiter,
+                        Outgoing::Job(job) => Waiter::Job(job),
                     });
                     continue;
                 }
                 let n = self.next.fetch_add(1, Ordering::Relaxed);
                 let at = bytes.len();
                 let (encoded, waiter) = match out {
-                    Out::Request(request, waiter) => (wire::encode(n, &request, bytes), waiter),
-                    Out::Job(job) => (job.encode(n, &shared.whole_input, bytes), Waiter::Job(job)),
+                    Outgoing::Request(request, waiter) => {
+                        (wire::encode(n, &request, bytes), waiter)
+                    }
+                    Outgoing::Job(job) => {
+                        (job.encode(n, &shared.whole_input, bytes), Waiter::Job(job))
+                    }
                 };
                 if let Err(e) = encoded {
                     bytes.truncate(at);
@@ -1362,14 +1366,14 @@ impl Backend for Signers {
             let tx = tx.clone();
             link.send(
                 vec![
-                    Out::Request(
+                    Outgoing::Request(
                         Request::Prove {
                             key: key.clone(),
                             challenge,
                         },
                         Waiter::Tell,
                     ),
-                    Out::Request(
+                    Outgoing::Request(
                         Request::Raw {
                             id: key.id().to_vec(),
                             millis: phase.as_millis() as u64,

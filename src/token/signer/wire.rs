@@ -289,20 +289,26 @@ pub(super) fn encode<T: Body>(n: u64, body: &T, out: &mut Vec<u8>) -> io::Result
     })
 }
 
-/// Appends what `put` appends, behind its length.
+/// Appends what `put` appends, behind its length; nothing on an error.
 fn framed(out: &mut Vec<u8>, put: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> io::Result<()> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    if let Err(e) = put(out) {
-        out.truncate(start);
-        return Err(e);
+    let len = put(out).and_then(|()| {
+        u32::try_from(out.len() - start - 4)
+            .ok()
+            .filter(|l| (*l as usize) <= MAX_FRAME)
+            .ok_or_else(|| io::Error::other("frame too large"))
+    });
+    match len {
+        Ok(len) => {
+            out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(e)
+        }
     }
-    let len = u32::try_from(out.len() - start - 4)
-        .ok()
-        .filter(|l| (*l as usize) <= MAX_FRAME)
-        .ok_or_else(|| io::Error::other("frame too large"))?;
-    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
-    Ok(())
 }
 
 /// Appends frame `n`, a `Request::Sign` without its signing input, from borrowed parts: the
