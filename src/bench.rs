@@ -92,16 +92,41 @@ pub enum BenchError {
 /// Proofs made in one phase, and each one's latency in microseconds.
 type Phase = (u64, Vec<u64>);
 
-/// Records a request of a phase, begun at `start` and answered at `done`, if it was
-/// answered by the phase's deadline, and says whether its caller goes on. The requests in
-/// flight at the deadline are answered after it and not counted: counted, they would add
-/// a whole round of callers to a phase whose length is the deadline's (at 48 callers about
-/// 0.4 % more proofs than the device signed in a half-second raw phase).
-fn answered(lat: &mut Vec<u64>, start: Instant, done: Instant, until: Instant) -> bool {
-    if done <= until {
-        lat.push((done - start).as_micros() as u64);
+/// One caller's clock in a phase: `while clock.going() { call().await?; clock.answered() }`
+/// keeps the latency of each call answered by the deadline, in microseconds. The calls in
+/// flight at the deadline are answered after it and not counted: counted, they would add a
+/// whole round of callers to a phase whose length is the deadline's (at 48 callers about
+/// 0.4 % more proofs than the device signed in a half-second raw phase). A call begins
+/// when the last one is answered: one clock read per call (in the pipeline, this thread's
+/// time is the pipeline's).
+struct CallerClock {
+    until: Instant,
+    start: Instant,
+    lat: Vec<u64>,
+}
+
+impl CallerClock {
+    fn new(until: Instant) -> CallerClock {
+        CallerClock {
+            until,
+            start: Instant::now(),
+            lat: Vec::new(),
+        }
     }
-    done < until
+
+    /// The deadline has not passed: the caller makes another call.
+    fn going(&self) -> bool {
+        self.start < self.until
+    }
+
+    /// The call begun last was answered now.
+    fn answered(&mut self) {
+        let done = Instant::now();
+        if done <= self.until {
+            self.lat.push((done - self.start).as_micros() as u64);
+        }
+        self.start = done;
+    }
 }
 
 /// The JWS pipeline in this process: as many proofs in flight as one-session signer
@@ -477,10 +502,8 @@ fn raw_phase(
 
 /// `callers` tasks on one thread, each building a DPoP proof, awaiting its signature
 /// ([`oauth::sign_async`], as the agent's requests do) and serialising it, until the
-/// deadline; what is answered by it counts ([`answered`]).
+/// deadline; what is answered by it counts ([`CallerClock`]).
 fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, OAuthError> {
-    // The runtime the signer processes' answers are read on (`keybound bench` enters
-    // it), so the tasks wake where the agent's do; else one of its own.
     let until = Instant::now() + phase;
     let header = std::sync::Arc::new(dpop::header(key.alg(), key.jwk()));
     let work = async {
@@ -488,12 +511,8 @@ fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, 
             .map(|_| {
                 let (key, header) = (key.clone(), header.clone());
                 tokio::spawn(async move {
-                    let mut lat = Vec::new();
-                    let mut going = true;
-                    // A caller begins its next proof when the last one is answered: one
-                    // clock read per proof (this thread's time is the pipeline's).
-                    let mut start = Instant::now();
-                    while going {
+                    let mut clock = CallerClock::new(until);
+                    while clock.going() {
                         let claims = dpop::claims(
                             "POST",
                             "https://bench.keybound.invalid/oauth2/v1/token",
@@ -503,11 +522,9 @@ fn pipeline(key: &SigningKey, callers: usize, phase: Duration) -> Result<Phase, 
                             oauth::new_jti()?,
                         )?;
                         oauth::sign_async(&key, &header, &claims).await?;
-                        let done = Instant::now();
-                        going = answered(&mut lat, start, done, until);
-                        start = done;
+                        clock.answered();
                     }
-                    Ok::<_, OAuthError>(lat)
+                    Ok::<_, OAuthError>(clock.lat)
                 })
             })
             .collect();

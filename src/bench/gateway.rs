@@ -122,10 +122,8 @@ async fn direct_phase(
                 headers: Vec::new(),
                 body: None,
             };
-            let mut lat = Vec::new();
-            let mut going = true;
-            while going {
-                let start = Instant::now();
+            let mut clock = super::CallerClock::new(until);
+            while clock.going() {
                 let r = client.call(&request).await?;
                 if r.status != http::StatusCode::OK {
                     return Err(BenchError::Agent(format!(
@@ -133,9 +131,9 @@ async fn direct_phase(
                         r.error_line()
                     )));
                 }
-                going = super::answered(&mut lat, start, Instant::now(), until);
+                clock.answered();
             }
-            Ok::<_, BenchError>(lat)
+            Ok::<_, BenchError>(clock.lat)
         }));
     }
     load::joined(tasks).await

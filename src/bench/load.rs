@@ -54,14 +54,12 @@ async fn requests_phase(
         let (socket, request) = (socket.to_path_buf(), request.clone());
         tasks.push(tokio::spawn(async move {
             let mut conn = LeanConnection::connect(&socket).await?;
-            let mut lat = Vec::new();
-            let mut going = Instant::now() < until;
-            while going {
-                let start = Instant::now();
+            let mut clock = super::CallerClock::new(until);
+            while clock.going() {
                 conn.exchange(&request).await?;
-                going = super::answered(&mut lat, start, Instant::now(), until);
+                clock.answered();
             }
-            Ok::<_, BenchError>(lat)
+            Ok::<_, BenchError>(clock.lat)
         }));
     }
     joined(tasks).await

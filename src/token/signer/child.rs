@@ -465,7 +465,7 @@ fn prove(backend: &dyn Backend, told: &Told, key: KeyInfo, challenge: &[u8]) -> 
     }
 }
 
-/// `bench`: every session signs the same digest until `millis` are up ([`signed_until`](super::signed_until)).
+/// `bench`: every session signs the same digest until `millis` are up ([`signed_until`]).
 fn raw(
     backend: &dyn Backend,
     inline: bool,

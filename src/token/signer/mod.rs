@@ -301,32 +301,32 @@ impl Job {
         }
     }
 
-    /// Appends the job's request as frame `n`: a signature's binary frame straight from
-    /// the job, anything else through [`Job::request`].
+    /// Appends the job's request as frame `n`. A signature goes as its key's id, algorithm
+    /// and digest (a binary frame written from the job, nothing copied), and with its
+    /// signing input for an algorithm whose mechanism hashes on the device.
     fn encode(&self, n: u64, whole_input: &[Alg], out: &mut Vec<u8>) -> std::io::Result<()> {
-        match &self.work {
+        let request = match &self.work {
             Work::Sign { tbs, .. } if !whole_input.contains(&tbs.alg()) => {
-                wire::encode_sign(n, self.key.id(), tbs.alg(), tbs.digest().as_bytes(), out)
+                return wire::encode_sign(
+                    n,
+                    self.key.id(),
+                    tbs.alg(),
+                    tbs.digest().as_bytes(),
+                    out,
+                );
             }
-            _ => wire::encode(n, &self.request(whole_input), out),
-        }
-    }
-
-    fn request(&self, whole_input: &[Alg]) -> Request {
-        match &self.work {
             Work::Sign { tbs, .. } => Request::Sign {
                 id: self.key.id().to_vec(),
                 alg: tbs.alg(),
                 digest: tbs.digest().as_bytes().to_vec(),
-                message: whole_input
-                    .contains(&tbs.alg())
-                    .then(|| tbs.message().unwrap_or_default().to_vec()),
+                message: Some(tbs.message().unwrap_or_default().to_vec()),
             },
             Work::Prove { tbs, .. } => Request::Prove {
                 key: KeyInfo::clone(&self.key),
                 challenge: tbs.message().unwrap_or_default().to_vec(),
             },
-        }
+        };
+        wire::encode(n, &request, out)
     }
 }
 

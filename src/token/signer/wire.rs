@@ -282,11 +282,17 @@ pub(super) fn decode<T: Body>(frame: &[u8]) -> io::Result<Frame<T>> {
 /// Appends one frame to `out`.
 pub(super) fn encode<T: Body>(n: u64, body: &T, out: &mut Vec<u8>) -> io::Result<()> {
     framed(out, |out| {
-        if !body.put_binary(n, out) {
-            serde_json::to_writer(&mut *out, &Frame { n, body }).map_err(io::Error::other)?;
+        if body.put_binary(n, out) {
+            Ok(())
+        } else {
+            put_json(n, body, out)
         }
-        Ok(())
     })
+}
+
+/// Appends frame `n`'s JSON form.
+fn put_json<T: Serialize>(n: u64, body: &T, out: &mut Vec<u8>) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, &Frame { n, body }).map_err(io::Error::other)
 }
 
 /// Appends what `put` appends, behind its length; nothing on an error.
@@ -322,17 +328,16 @@ pub(super) fn encode_sign(
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
     framed(out, |out| {
-        if !put_sign(n, id, alg, digest, out) {
-            let request = Request::Sign {
-                id: id.to_vec(),
-                alg,
-                digest: digest.to_vec(),
-                message: None,
-            };
-            serde_json::to_writer(&mut *out, &Frame { n, body: request })
-                .map_err(io::Error::other)?;
+        if put_sign(n, id, alg, digest, out) {
+            return Ok(());
         }
-        Ok(())
+        let request = Request::Sign {
+            id: id.to_vec(),
+            alg,
+            digest: digest.to_vec(),
+            message: None,
+        };
+        put_json(n, &request, out)
     })
 }
 
