@@ -12,6 +12,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use url::Url;
 
+use super::gateway::route::safe_path;
 use crate::oauth::assertion::MAX_LIFETIME_SECS;
 
 /// The connecting process, from the socket's peer credentials. Built only from an accepted
@@ -279,14 +280,6 @@ impl HtuPrefix {
     }
 }
 
-/// A path with an encoded `/` or `\\` in a segment: matching on segments would see one
-/// segment where a server that decodes it sees two (`/api/..%2fadmin`). `url` already
-/// resolves `.`/`..` segments, `%2e` included.
-fn hides_a_separator(url: &Url) -> bool {
-    let path = url.path().to_ascii_lowercase();
-    path.contains("%2f") || path.contains("%5c")
-}
-
 impl fmt::Display for HtuPrefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
@@ -462,11 +455,20 @@ impl Caller {
             return Ok(());
         };
         let parsed = Url::parse(htu).ok();
-        if parsed
-            .as_ref()
-            .is_some_and(|u| !hides_a_separator(u) && prefixes.iter().any(|p| p.matches(u)))
-        {
-            return Ok(());
+        // Matched by segments, so a path a server could resolve otherwise than its
+        // segments read is refused, as the gateway refuses it: `url` resolves `.`/`..`
+        // (`%2e` too) but keeps `..;x`, which servers that cut path parameters at `;`
+        // take for `..`, and an encoded `/` (`/api/..%2fadmin`) that one decoding server
+        // sees as two segments.
+        if let Some(url) = &parsed {
+            if let Err(why) = safe_path(url.path()) {
+                return Err(NotAllowed(format!(
+                    "htu '{htu}' is refused under this caller's htu_prefixes: {why}"
+                )));
+            }
+            if prefixes.iter().any(|p| p.matches(url)) {
+                return Ok(());
+            }
         }
         let list: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
         Err(NotAllowed(format!(
@@ -627,6 +629,16 @@ mod tests {
             "https://o.example/",
             "https://evil@o.example.evil/api",
             "not a url",
+            // Path parameters on a dot segment, which `url` keeps and servers that cut
+            // them at `;` resolve (`/api/..;/admin` is `/admin` to Tomcat or Jetty).
+            "https://o.example/api/..;/admin",
+            "https://o.example/api/%2e%2e;/admin",
+            "https://o.example/api/..;x/admin",
+            "https://o.example/api/.%2E%3Bx/admin",
+            // An encoded separator, and an empty segment.
+            "https://o.example/api/..%2fadmin",
+            "https://o.example/api/%5C..%5Cadmin",
+            "https://o.example/api//admin",
         ] {
             assert!(caller.check_htu(refused).is_err(), "{refused}");
         }

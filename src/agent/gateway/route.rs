@@ -246,7 +246,8 @@ impl Pattern {
     }
 }
 
-/// The path after `/gw/<route>`, made safe to match and to send, or why it is refused:
+/// The path after `/gw/<route>` (and an htu's path under a rule's `htu_prefixes`), made
+/// safe to match and to send, or why it is refused:
 /// dot segments (`.`, `..`, percent-encoded too, and with path parameters: `..;x`, which
 /// servers that split at `;` resolve), segments empty before a `;`, encoded `/` or `\`
 /// (`%2F`, `%5C`), empty segments (`//`; one trailing `/` is kept), an encoded NUL, bytes
