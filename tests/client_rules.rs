@@ -506,6 +506,37 @@ async fn bearer_token_is_refused_as_a_downgrade() {
     assert_eq!(rig.received().token.len(), 1);
 }
 
+/// A success answer that is not an RFC 6749 §5.1 token response (here `expires_in` as a
+/// string, as Azure AD v1 sends it) is an error that names what is wrong and never quotes
+/// the body: it holds the token, and the error goes to logs and to the gateway's callers.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_token_response_is_reported_without_its_token() {
+    let rig = Rig::start("").await;
+    rig.server.script(
+        TOKEN_PATH,
+        [Reply::json(
+            200,
+            &json!({
+                "token_type": "DPoP",
+                "expires_in": "3600",
+                "access_token": rig.access_token,
+            }),
+        )],
+    );
+
+    let out = rig.keybound(&["token", "--json"]).await;
+
+    let line = error_line(&out, 1);
+    assert_mentions(&line, &["expires_in is a string", "RFC 6749 §5.1"]);
+    let token = &rig.access_token;
+    for (what, text) in [("stdout", stdout(&out)), ("stderr", stderr(&out))] {
+        for part in [token.as_str(), &token[..token.len().min(24)]] {
+            assert!(!text.contains(part), "the token is on {what}:\n{text}");
+        }
+    }
+    assert_eq!(rig.received().token.len(), 1);
+}
+
 /// Rule 4: a token granting a scope outside allowed_scopes is discarded.
 #[tokio::test(flavor = "multi_thread")]
 async fn scope_guard_discards_an_overbroad_token() {

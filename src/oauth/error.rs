@@ -94,6 +94,16 @@ pub enum OAuthError {
         reason: String,
         body: String,
     },
+    /// A success answer of a token endpoint that is not a token response: described by
+    /// its shape only, since its body may hold the token.
+    #[error(
+        "{url} answered HTTP {status} with a body that is not an RFC 6749 §5.1 token response: {reason} (the body is not shown: it may hold an access token)"
+    )]
+    TokenResponse {
+        url: String,
+        status: u16,
+        reason: String,
+    },
     #[error(
         "{url} answered with a redirect (HTTP {status} to {location}); keybound does not follow redirects on token requests: configure the final URL"
     )]
@@ -188,6 +198,7 @@ impl OAuthError {
             E::Transport(_)
             | E::Status { .. }
             | E::Parse { .. }
+            | E::TokenResponse { .. }
             | E::Redirected { .. }
             | E::NonceLoop { .. }
             | E::Metadata { .. }

@@ -16,6 +16,102 @@ pub struct TokenResponse {
     pub scope: Option<String>,
 }
 
+/// Why `body`, a success answer of a token endpoint, is not a [`TokenResponse`] (`error`,
+/// serde's), in words that quote none of its values: the body may hold the access token,
+/// and this text goes to logs and to callers that may not see the token. The members'
+/// names and JSON types are said, and what RFC 6749 §5.1 wants instead.
+pub fn token_response_problem(
+    body: &[u8],
+    headers: &HeaderMap,
+    error: &serde_json::Error,
+) -> String {
+    use serde_json::Value;
+    let kind = |v: &Value| match v {
+        Value::Null => "null",
+        Value::Bool(_) => "true or false",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    let value: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            let media = headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map_or("none".to_owned(), |t| {
+                    format!("'{}'", t.chars().take(60).collect::<String>())
+                });
+            return format!(
+                "it is not JSON ({:?} error at line {} column {}; {} bytes, Content-Type {media}); \
+                 the endpoint must answer application/json",
+                e.classify(),
+                e.line(),
+                e.column(),
+                body.len(),
+            );
+        }
+    };
+    let Value::Object(members) = &value else {
+        return format!("it is {}, not a JSON object", kind(&value));
+    };
+    let mut problems = Vec::new();
+    for (name, wanted, required) in [
+        ("access_token", "a string", true),
+        ("token_type", "a string", true),
+        ("expires_in", "a whole number of seconds", false),
+        ("scope", "a string", false),
+    ] {
+        let fits = |v: &Value| match name {
+            "expires_in" => v.as_u64().is_some(),
+            _ => v.is_string(),
+        };
+        match members.get(name) {
+            None if required => problems.push(format!("{name} is missing")),
+            Some(Value::Null) if required => problems.push(format!("{name} is null")),
+            None | Some(Value::Null) => {}
+            Some(v) if fits(v) => {}
+            Some(v) => problems.push(format!("{name} is {}, not {wanted}", kind(v))),
+        }
+    }
+    if problems.is_empty() {
+        // Not a member's type: a duplicate member (serde names it, a name of ours), or
+        // else serde's category and place only.
+        let said = error.to_string();
+        problems.push(
+            said.strip_prefix("duplicate field `")
+                .and_then(|rest| rest.split_once('`'))
+                .map_or_else(
+                    || {
+                        format!(
+                            "{:?} error at line {} column {}",
+                            error.classify(),
+                            error.line(),
+                            error.column()
+                        )
+                    },
+                    |(name, _)| format!("{name} is given twice"),
+                ),
+        );
+    }
+    let names: Vec<String> = members
+        .keys()
+        .take(12)
+        .map(|k| k.chars().take(40).collect())
+        .collect();
+    let more = if members.len() > names.len() {
+        ", …"
+    } else {
+        ""
+    };
+    format!(
+        "{} (its members: {}{more})",
+        problems.join("; "),
+        names.join(", ")
+    )
+}
+
 /// RFC 6749 §5.2.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ErrorBody {
@@ -236,6 +332,54 @@ pub fn excerpt(body: &[u8]) -> String {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    /// What a success answer that does not parse says: its shape, never a value (an
+    /// opaque token here, as a 200 with `expires_in` as a string carries it).
+    #[test]
+    fn an_unreadable_token_response_is_described_without_its_values() {
+        let problem = |body: &str, media: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(m) = media {
+                h.insert("content-type", HeaderValue::from_str(m).unwrap());
+            }
+            let e = serde_json::from_str::<TokenResponse>(body).unwrap_err();
+            token_response_problem(body.as_bytes(), &h, &e)
+        };
+        let secret = "opaque-abc123";
+        let p = problem(
+            &format!(r#"{{"access_token":"{secret}","token_type":"DPoP","expires_in":"3600"}}"#),
+            Some("application/json"),
+        );
+        assert!(!p.contains(secret) && !p.contains("3600"), "{p}");
+        assert!(
+            p.contains("expires_in is a string, not a whole number of seconds"),
+            "{p}"
+        );
+        assert!(
+            p.contains("its members: access_token, token_type, expires_in"),
+            "{p}"
+        );
+        let p = problem(&format!(r#"{{"accessToken":"{secret}"}}"#), None);
+        assert!(!p.contains(secret), "{p}");
+        assert!(
+            p.contains("access_token is missing; token_type is missing"),
+            "{p}"
+        );
+        for body in [
+            format!("access_token={secret}&token_type=bearer"),
+            format!(r#"["{secret}"]"#),
+            format!(r#"{{"access_token":"{secret}","access_token":"{secret}","token_type":"x"}}"#),
+            format!(r#"{{"access_token":"{secret}","token_type":"DPoP","expires_in":1.5}}"#),
+        ] {
+            let p = problem(&body, Some("text/plain"));
+            assert!(!p.contains(secret), "{p}");
+        }
+        let p = problem(
+            r#"{"access_token":"a","access_token":"b","token_type":"x"}"#,
+            None,
+        );
+        assert!(p.starts_with("access_token is given twice"), "{p}");
+    }
 
     #[test]
     fn dpop_challenges() {

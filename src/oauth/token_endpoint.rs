@@ -8,7 +8,7 @@ use url::Url;
 use super::cache::AccessToken;
 use super::client::OAuthClient;
 use super::nonce::{Ask, Budget, NonceAnswer};
-use super::response::{ErrorBody, TokenResponse, excerpt, retry_after};
+use super::response::{ErrorBody, TokenResponse, excerpt, retry_after, token_response_problem};
 use super::retry::AttemptFailure;
 use super::server::AudienceRule;
 use super::settings::origin;
@@ -75,11 +75,10 @@ impl OAuthClient {
         };
         if status.is_success() {
             let parsed: TokenResponse =
-                serde_json::from_slice(body).map_err(|e| OAuthError::Parse {
+                serde_json::from_slice(body).map_err(|e| OAuthError::TokenResponse {
                     url: endpoint.to_string(),
                     status: status.as_u16(),
-                    reason: e.to_string(),
-                    body: excerpt(body),
+                    reason: token_response_problem(body, &headers, &e),
                 })?;
             let key = proven_by
                 .into_inner()
