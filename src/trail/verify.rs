@@ -8,9 +8,10 @@
 //!
 //! An intact chain can still be incomplete ([`Report::incomplete`]): no line at all, a
 //! first line that continues a file not given (the head cut off, rotated files missing),
-//! or more lines after the last checkpoint than `checkpoint_every` / `checkpoint_secs`
-//! allow with no `gap` line saying why (the checkpoint that was due, and what came after
-//! it, cut off).
+//! more lines after the last checkpoint than `checkpoint_every` / `checkpoint_secs` allow
+//! (the checkpoint that was due, and what came after it, cut off; a `gap` or `open` line
+//! there is not signed, so it is shown but excuses nothing), or a last line cut off
+//! mid-write (a crash; not checked).
 //!
 //! What it cannot see: lines after the last checkpoint are chained but not signed, so up
 //! to a checkpoint's worth of them can be cut off (or the whole tail rewritten) without a
@@ -218,6 +219,7 @@ struct Line {
 pub fn verify(files: &[PathBuf], keys: &Keys, options: &Options) -> Result<Report, String> {
     let mut lines = Vec::new();
     let mut torn = None;
+    let mut torn_end = None;
     for (f, path) in files.iter().enumerate() {
         let text =
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -227,6 +229,13 @@ pub fn verify(files: &[PathBuf], keys: &Keys, options: &Options) -> Result<Repor
             number += 1;
             let (line, after) = match rest.iter().position(|b| *b == b'\n') {
                 Some(i) => (&rest[..i], &rest[i + 1..]),
+                // The end of the trail cut mid-line: what a crash in a write leaves (the
+                // agent cuts it off when it starts again). Not a line of the chain.
+                None if f + 1 == files.len() => {
+                    torn_end = Some(rest.len());
+                    break;
+                }
+                // A file that the writer had finished before it rotated.
                 None => {
                     torn.get_or_insert((f, number));
                     (rest, &[][..])
@@ -278,7 +287,9 @@ pub fn verify(files: &[PathBuf], keys: &Keys, options: &Options) -> Result<Repor
             report.broken = Some(at(
                 l,
                 Kind::Malformed,
-                "the last line has no newline: it was cut off mid-line or edited".into(),
+                "the file's last line has no newline, yet a later file follows it: it was \
+                 cut off mid-line or edited"
+                    .into(),
             ));
             break;
         }
@@ -333,6 +344,13 @@ pub fn verify(files: &[PathBuf], keys: &Keys, options: &Options) -> Result<Repor
     }
     if report.broken.is_none() {
         completeness(&mut report, &parsed, options);
+        if let Some(bytes) = torn_end {
+            report.incomplete.push(format!(
+                "the last file ends in {bytes} byte(s) without a newline: a line cut off \
+                 mid-write (a crash; the agent cuts it off when it starts again) or by an \
+                 edit; it is not checked"
+            ));
+        }
     }
     Ok(report)
 }
@@ -376,51 +394,53 @@ fn completeness(report: &mut Report, parsed: &[Option<(u64, String, Value)>], op
             ));
         }
     }
-    // The lines after the last checkpoint, in runs the writer counted from 0: after the
-    // checkpoint, and from each start of the agent.
-    let tail = &values[values.len() - report.uncovered..];
-    if report.uncovered == 0 || tail.iter().any(|v| event(v) == "gap") {
+    // The lines after the last checkpoint. The writer signs one as soon as
+    // `checkpoint_every` lines follow the last, at least every `checkpoint_secs` while
+    // lines come, and as soon as it starts; so a longer tail is a checkpoint cut off, or
+    // one the device did not sign. A `gap` or `open` line there may say why, but it is not
+    // signed: it is shown, and the tail stays incomplete.
+    if report.uncovered == 0 {
         return;
     }
-    let mut start = values
+    let tail = &values[values.len() - report.uncovered..];
+    let from = values
         .len()
         .checked_sub(report.uncovered + 1)
-        .map(|i| values[i]);
-    let mut count = 0u64;
-    let mut worst: Option<String> = None;
-    for v in tail {
-        if event(v) == "open" && reason(v).starts_with("agent started") {
-            start = Some(v);
-            count = 0;
-        }
-        count += 1;
-        let from = start.or(Some(tail[0])).and_then(time_ms);
-        let late = match (from, time_ms(v)) {
-            (Some(a), Some(b)) => b.saturating_sub(a),
-            _ => 0,
-        };
-        if count >= options.checkpoint_every {
-            worst.get_or_insert_with(|| {
-                format!(
-                    "{count} line(s) in a row come after the last checkpoint, where one is \
-                     signed every {} line(s), and no gap line says why: the checkpoint that \
-                     was due (and what came after it) is missing",
-                    options.checkpoint_every
-                )
-            });
-        } else if late > options.checkpoint_secs * 1000 + CHECKPOINT_SLACK_MS {
-            worst.get_or_insert_with(|| {
-                format!(
-                    "lines after the last checkpoint span {} s, where one is signed at least \
-                     every {} s, and no gap line says why: the checkpoint that was due (and \
-                     what came after it) is missing",
-                    late / 1000,
-                    options.checkpoint_secs
-                )
-            });
-        }
+        .map_or(tail[0], |i| values[i]);
+    let late = match (time_ms(from), tail.iter().rev().find_map(|v| time_ms(v))) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => 0,
+    };
+    let count = tail.len() as u64;
+    let mut worst = if count >= options.checkpoint_every {
+        format!(
+            "{count} line(s) in a row come after the last checkpoint, where one is signed \
+             every {} line(s): the checkpoint that was due (and what came after it) is missing",
+            options.checkpoint_every
+        )
+    } else if late > options.checkpoint_secs * 1000 + CHECKPOINT_SLACK_MS {
+        format!(
+            "lines after the last checkpoint span {} s, where one is signed at least every \
+             {} s: the checkpoint that was due (and what came after it) is missing",
+            late / 1000,
+            options.checkpoint_secs
+        )
+    } else {
+        return;
+    };
+    let said: Vec<String> = tail
+        .iter()
+        .filter(|v| matches!(event(v), "gap" | "open"))
+        .take(3)
+        .map(|v| format!("{} \"{}\"", event(v), reason(v)))
+        .collect();
+    if !said.is_empty() {
+        worst.push_str(&format!(
+            "; unsigned lines there say: {} (they prove nothing until a checkpoint covers them)",
+            said.join(", ")
+        ));
     }
-    report.incomplete.extend(worst);
+    report.incomplete.push(worst);
 }
 
 /// A line's `time` (`2026-12-01T04:24:14.123Z`) in milliseconds since 1970.
@@ -684,17 +704,63 @@ mod tests {
         let r = verdict(&[("open", 0), ("signature", 100)]);
         assert_eq!(r.status(), Status::Incomplete, "{r}");
         assert!(r.to_string().contains("span 100 s"), "{r}");
-        // A gap line says why.
+        // A gap line, or an agent's start, may say why, but it is not signed: anyone who
+        // can write the file can add one where they cut a checkpoint off. (The writer
+        // signs a checkpoint as soon as it starts.)
         let r = verdict(&[("open", 0), ("gap", 1), ("signature", 100)]);
-        assert_eq!(r.status(), Status::Intact, "{r}");
-        // A restart starts the count again.
+        assert_eq!(r.status(), Status::Incomplete, "{r}");
+        assert!(
+            r.to_string()
+                .contains("unsigned lines there say: open \"agent started\", gap"),
+            "{r}"
+        );
         let r = verdict(&[
             ("open", 0),
             ("signature", 1),
             ("open", 500),
             ("signature", 501),
         ]);
-        assert_eq!(r.status(), Status::Intact, "{r}");
+        assert_eq!(r.status(), Status::Incomplete, "{r}");
+        assert!(r.to_string().contains("open \"agent started\""), "{r}");
+        let r = verdict(&[
+            ("open", 0),
+            ("open", 1),
+            ("signature", 1),
+            ("open", 2),
+            ("signature", 2),
+        ]);
+        assert_eq!(r.status(), Status::Incomplete, "{r}");
+    }
+
+    /// A line cut off at the end of the trail is what a crash in a write leaves: not
+    /// checked, incomplete (exit 2). At the end of a file a later file follows, it is not.
+    #[test]
+    fn a_torn_last_line_is_incomplete_and_a_torn_earlier_file_is_tampered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = trail(dir.path(), &[("open", 0), ("signature", 1)]);
+        let whole = std::fs::read(&path).unwrap();
+        let mut torn = whole.clone();
+        torn.extend_from_slice(br#"{"seq":2,"prev":"ab"#);
+        std::fs::write(&path, &torn).unwrap();
+        let r = verify(
+            std::slice::from_ref(&path),
+            &dummy_keys(),
+            &Options::default(),
+        )
+        .unwrap();
+        assert_eq!(r.status(), Status::Incomplete, "{r}");
+        assert_eq!(r.lines, 2, "{r}");
+        assert!(r.to_string().contains("without a newline"), "{r}");
+        let next = dir.path().join("audit.log.next");
+        std::fs::write(&next, b"").unwrap();
+        let r = verify(&[path, next], &dummy_keys(), &Options::default()).unwrap();
+        let broken = r.broken.expect("tampered");
+        assert_eq!(
+            (broken.line, broken.kind),
+            (3, Kind::Malformed),
+            "{}",
+            broken.message
+        );
     }
 
     #[test]

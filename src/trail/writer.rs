@@ -101,8 +101,12 @@ impl Writer {
             "agent started".to_owned()
         };
         let open = w.open_line(&reason);
-        if let Err(e) = w.append(&[open]) {
-            w.failed(e, 0);
+        match w.append(&[open]) {
+            // Signed at once: the lines a crash left after the last run's last checkpoint,
+            // and this start, are covered, so `verify` holds the tail to the settings
+            // without taking an unsigned `open` line's word that a new run began.
+            Ok(()) => w.checkpoint(),
+            Err(e) => w.failed(e, 0),
         }
         Ok(w)
     }
@@ -369,7 +373,9 @@ impl Writer {
         {
             return;
         }
-        let time = SystemTime::now();
+        // The next one is due `checkpoint_secs` after this one's `time`, which `verify`
+        // measures from, not after the device took its time to sign it.
+        let (started, time) = (Instant::now(), SystemTime::now());
         let mut signed = self.sign_head(time);
         if signed.is_err() {
             // The key may be gone because its slot rotated (a retired generation
@@ -404,7 +410,7 @@ impl Writer {
         match self.append(&[("checkpoint", fields.to_string().into_bytes(), time)]) {
             Ok(()) => {
                 self.since_checkpoint = 0;
-                self.last_checkpoint = Instant::now();
+                self.last_checkpoint = started;
                 self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
                 if self.checkpoint_retry.take().is_some() {
                     self.recovered();
