@@ -73,7 +73,12 @@ impl Writer {
     ) -> Result<Writer, String> {
         let path = settings.path.clone();
         let (file, size, id) = open_file(&path)?;
-        let (seq, head, torn) = continue_chain(&path, &file, size)?;
+        let Resume {
+            seq,
+            head,
+            torn,
+            rotated,
+        } = resume(&path, &file, size)?;
         let size = size - torn;
         let mut w = Writer {
             path,
@@ -95,11 +100,18 @@ impl Writer {
             checkpoint_retry: None,
             held: Vec::new(),
         };
-        let reason = if torn > 0 {
-            format!("agent started; {torn} bytes of a torn last line were cut off")
-        } else {
-            "agent started".to_owned()
+        let mut reason = match &rotated {
+            // `verify` reads "rotated" as a rotation's first line (`--from-rotation`).
+            Some(old) => format!(
+                "rotated; the previous file is {}; agent started (the rotation was cut \
+                 short before this file's first line)",
+                old.display()
+            ),
+            None => "agent started".to_owned(),
         };
+        if torn > 0 {
+            reason.push_str(&format!("; {torn} bytes of a torn last line were cut off"));
+        }
         let open = w.open_line(&reason);
         match w.append(&[open]) {
             // Signed at once: the lines a crash left after the last run's last checkpoint,
@@ -452,7 +464,17 @@ impl Writer {
         let mut old = self.path.clone().into_os_string();
         old.push(format!(".{last}"));
         let old = PathBuf::from(old);
-        if let Err(e) = std::fs::rename(&self.path, &old) {
+        // Never over an earlier file of history (only this writer names them, each by the
+        // seq of its last line, so one is there only if the chain was started again).
+        let renamed = match std::fs::symlink_metadata(&old) {
+            Ok(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "that file already exists",
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::rename(&self.path, &old),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = renamed {
             tracing::warn!(
                 "cannot rotate the audit trail to {}: {e}; keeping one file",
                 old.display()
@@ -484,12 +506,114 @@ fn open_file(path: &Path) -> Result<(File, u64, (u64, u64)), String> {
     Ok((file, size, (meta.dev(), meta.ino())))
 }
 
-/// The next `seq` and `prev` after the file's last line (genesis for an empty file), and
-/// how many bytes of a torn last line (no newline) were cut off.
-fn continue_chain(path: &Path, file: &File, size: u64) -> Result<(u64, String, u64), String> {
-    if size == 0 {
-        return Ok((0, GENESIS.to_owned(), 0));
+/// Where a writer that opens the trail goes on from.
+#[derive(Debug)]
+struct Resume {
+    /// The next `seq` and `prev`.
+    seq: u64,
+    head: String,
+    /// Bytes of a torn last line (no newline) cut off the file.
+    torn: u64,
+    /// The rotated file the chain goes on from, when the file holds no line: a rotation
+    /// that a crash cut short after its rename.
+    rotated: Option<PathBuf>,
+}
+
+/// Where the chain goes on: after the file's last line; for a file with no whole line,
+/// after the newest rotated file's (`<path>.<seq>`, a rotation cut short between its
+/// rename and the new file's first line); genesis when there is none. A torn last line
+/// (no newline: a crash mid-write) is cut off the file first.
+fn resume(path: &Path, file: &File, size: u64) -> Result<Resume, String> {
+    let (end, torn) = if size == 0 {
+        (None, 0)
+    } else {
+        chain_end(path, size)?
+    };
+    if torn > 0 {
+        file.set_len(size - torn).map_err(|e| {
+            format!(
+                "the audit trail {} ends in a torn line, which cannot be cut off: {e}",
+                path.display()
+            )
+        })?;
     }
+    if let Some((seq, head)) = end {
+        return Ok(Resume {
+            seq,
+            head,
+            torn,
+            rotated: None,
+        });
+    }
+    Ok(match newest_rotated(path)? {
+        Some(old) => {
+            let size = std::fs::metadata(&old)
+                .map_err(|e| format!("cannot read {}: {e}", old.display()))?
+                .len();
+            match chain_end(&old, size)? {
+                (Some((seq, head)), 0) => Resume {
+                    seq,
+                    head,
+                    torn,
+                    rotated: Some(old),
+                },
+                _ => {
+                    return Err(format!(
+                        "the audit trail {} is empty, and the rotated file {} does not end \
+                         in a whole trail line: move them aside and start a new trail \
+                         (`keybound audit verify` tells what they hold)",
+                        path.display(),
+                        old.display()
+                    ));
+                }
+            }
+        }
+        None => Resume {
+            seq: 0,
+            head: GENESIS.to_owned(),
+            torn,
+            rotated: None,
+        },
+    })
+}
+
+/// The rotated file of `path` with the largest seq (`<path>.<seq>`), if any.
+fn newest_rotated(path: &Path) -> Result<Option<PathBuf>, String> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Ok(None);
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        format!(
+            "cannot list the audit trail's directory {}: {e}",
+            dir.display()
+        )
+    })?;
+    let mut newest: Option<(u64, PathBuf)> = None;
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(seq) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(name)?.strip_prefix('.'))
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if newest.as_ref().is_none_or(|(s, _)| seq > *s) {
+            newest = Some((seq, entry.path()));
+        }
+    }
+    Ok(newest.map(|(_, p)| p))
+}
+
+/// The next `seq` and `prev` after the last whole line of `path`'s `size` bytes (`None`
+/// when it holds no whole line), and how many bytes follow that line (a torn line).
+fn chain_end(path: &Path, size: u64) -> Result<(Option<(u64, String)>, u64), String> {
     let bad = |why: String| {
         format!(
             "the audit trail {} does not end in a trail line ({why}); move it aside and \
@@ -504,15 +628,17 @@ fn continue_chain(path: &Path, file: &File, size: u64) -> Result<(u64, String, u
         .map_err(|e| bad(e.to_string()))?;
     let mut tail = Vec::new();
     reader
+        .take(size - start)
         .read_to_end(&mut tail)
         .map_err(|e| bad(e.to_string()))?;
-    let complete = tail.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let complete = match tail.iter().rposition(|b| *b == b'\n') {
+        Some(i) => i + 1,
+        // The whole file is one torn line: nothing of the chain is in it.
+        None if start == 0 => return Ok((None, size)),
+        None => return Err(bad("no newline in its last MiB".into())),
+    };
     let torn = u64::try_from(tail.len() - complete).unwrap_or(0);
-    if torn > 0 {
-        file.set_len(size - torn)
-            .map_err(|e| bad(format!("cannot cut off a torn last line: {e}")))?;
-    }
-    let body = &tail[..complete.saturating_sub(1)];
+    let body = &tail[..complete - 1];
     let last = body
         .iter()
         .rposition(|b| *b == b'\n')
@@ -524,7 +650,7 @@ fn continue_chain(path: &Path, file: &File, size: u64) -> Result<(u64, String, u
     let next = seq
         .checked_add(1)
         .ok_or_else(|| bad("its last line's seq is the largest there is".into()))?;
-    Ok((next, line_hash(last), torn))
+    Ok((Some((next, line_hash(last))), torn))
 }
 
 #[cfg(test)]
@@ -539,7 +665,56 @@ mod tests {
         line.push(b'\n');
         std::fs::write(&path, &line).unwrap();
         let (file, size, _) = open_file(&path).unwrap();
-        let err = continue_chain(&path, &file, size).unwrap_err();
+        let err = resume(&path, &file, size).unwrap_err();
         assert!(err.contains("largest"), "{err}");
+    }
+
+    /// Lines chained from genesis, the last `n - 1`, as the writer writes them.
+    fn chain(n: u64) -> (Vec<u8>, String) {
+        let (mut prev, mut text) = (GENESIS.to_owned(), Vec::new());
+        for seq in 0..n {
+            let l = line::build(seq, &prev, SystemTime::now(), "signature", b"{}");
+            prev = line_hash(&l);
+            text.extend_from_slice(&l);
+            text.push(b'\n');
+        }
+        (text, prev)
+    }
+
+    /// A crash between a rotation's rename and the new file's first line (or in that
+    /// line's write) leaves no file, or a torn line alone, at the path: the chain goes on
+    /// from the rotated file, never from genesis (which `verify` would call a splice).
+    #[test]
+    fn a_rotation_cut_short_goes_on_from_the_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (text, head) = chain(5);
+        std::fs::write(dir.path().join("audit.log.4"), &text).unwrap();
+        let (older, _) = chain(2);
+        std::fs::write(dir.path().join("audit.log.1"), &older).unwrap();
+        std::fs::write(dir.path().join("audit.log.4x"), b"not a rotated file").unwrap();
+        for torn in [&b""[..], br#"{"seq":5,"prev":"#] {
+            std::fs::write(&path, torn).unwrap();
+            let (file, size, _) = open_file(&path).unwrap();
+            let r = resume(&path, &file, size).unwrap();
+            assert_eq!(
+                (r.seq, &r.head, r.torn),
+                (5, &head, torn.len() as u64),
+                "{r:?}"
+            );
+            assert_eq!(r.rotated, Some(dir.path().join("audit.log.4")));
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        }
+        // No rotated file: genesis.
+        let alone = tempfile::tempdir().unwrap();
+        let path = alone.path().join("audit.log");
+        let (file, size, _) = open_file(&path).unwrap();
+        let r = resume(&path, &file, size).unwrap();
+        assert_eq!((r.seq, r.head.as_str(), r.rotated), (0, GENESIS, None));
+        // A whole file goes on after its own last line.
+        std::fs::write(&path, &text).unwrap();
+        let (file, size, _) = open_file(&path).unwrap();
+        let r = resume(&path, &file, size).unwrap();
+        assert_eq!((r.seq, &r.head, r.rotated), (5, &head, None));
     }
 }
