@@ -416,6 +416,43 @@ async fn the_pin_from_a_pin_file_never_enters_the_agent_process() {
     );
 }
 
+/// A descriptor the agent inherited without close-on-exec (what `exec 5<file; keybound
+/// serve` leaves open) stays in the agent and never reaches a signer process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_descriptor_the_agent_inherited_stays_out_of_its_signers() {
+    if !root_or_skip("the signers' inherited descriptors") {
+        return;
+    }
+    let (token, _) = token_with_keys(&[("dpop", "ES256")]);
+    token.write_config(&format!("{}\n[agent]\n", Config::default().render()));
+    let marker = token.write_file("inherited-marker", "not for a signer");
+    // Opened without O_CLOEXEC: every process this test binary starts inherits it.
+    let fd = rustix::fs::open(
+        &marker,
+        rustix::fs::OFlags::RDONLY,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("open the marker");
+    let dir = SocketDir::new();
+    let agent = Agent::start(&token, &dir.socket());
+    let (_, _, pids, _) = signers(agent.socket()).await;
+    drop(fd);
+    let holds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fds")
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == marker))
+    };
+    assert!(
+        holds(agent.pid()),
+        "the agent inherited the marker (else this proves nothing)"
+    );
+    assert!(!pids.is_empty());
+    for pid in pids {
+        assert!(!holds(pid), "signer {pid} inherited the agent's descriptor");
+    }
+}
+
 /// The state letter of `/proc/<pid>/stat` (`T` stopped, `Z` zombie), `None` once it is gone.
 fn state_of(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

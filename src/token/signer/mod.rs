@@ -57,6 +57,8 @@ pub const PASSED_ENV: &[&str] = &[
     "ChrystokiConfigurationPath",
     "LD_LIBRARY_PATH",
     "HOME",
+    // Where a TPM's key blobs and records are when `state_dir` is not set.
+    "XDG_STATE_HOME",
     "TMPDIR",
     "RUST_LOG",
 ];
@@ -793,6 +795,10 @@ fn launch(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    // Nothing but its stdio goes to the signer: std opens its own descriptors
+    // close-on-exec, and this marks the others so, those the agent inherited from whoever
+    // started it (`exec 5<file`, a service manager's socket). They stay open in the agent.
+    close_fds::set_fds_cloexec_threadsafe(3, &[]);
     let mut child = cmd.spawn().map_err(|e| failed(e.to_string()))?;
     let pid = child.id();
     spawned(pid);
@@ -850,19 +856,27 @@ fn launch(
 /// The hidden subcommand a signer process runs.
 pub const CHILD_COMMAND: &str = "__signer";
 
-/// The variables a signer process starts with.
+/// The variables a signer process starts with: those of [`passed_names`] that are set.
 fn environment(device: &DeviceSettings) -> Vec<(OsString, OsString)> {
+    passed_names(device)
+        .into_iter()
+        .filter_map(|n| std::env::var_os(&n).map(|v| (OsString::from(n), v)))
+        .collect()
+}
+
+/// [`PASSED_ENV`], and the PIN's or the TPM key auth's variable when no file gives it.
+fn passed_names(device: &DeviceSettings) -> Vec<String> {
     let mut names: Vec<String> = PASSED_ENV.iter().map(|s| s.to_string()).collect();
     match device {
         DeviceSettings::Pkcs11(s) if s.pin_file.is_none() => names.push(s.pin_env.clone()),
         DeviceSettings::Pkcs11(_) => {}
+        // As for the PIN: the file wins, so the variable is not passed on.
         #[cfg(feature = "tpm")]
-        DeviceSettings::Tpm(s) => names.extend(s.key_auth_env.clone()),
+        DeviceSettings::Tpm(s) if s.key_auth_file.is_none() => names.extend(s.key_auth_env.clone()),
+        #[cfg(feature = "tpm")]
+        DeviceSettings::Tpm(_) => {}
     }
     names
-        .into_iter()
-        .filter_map(|n| std::env::var_os(&n).map(|v| (OsString::from(n), v)))
-        .collect()
 }
 
 /// A process and the reading end of its answers.
@@ -1396,5 +1410,36 @@ impl Backend for Signers {
             }
         }
         Some(Ok(made))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A secret's variable goes to the signer only when no file gives the secret: the
+    /// signer would never read it, and it is one more copy of it in a process.
+    #[cfg(feature = "tpm")]
+    #[test]
+    fn a_key_auth_from_a_file_leaves_its_variable_behind() {
+        let tpm = |file: Option<&str>| {
+            DeviceSettings::Tpm(crate::token::tpm::TpmSettings {
+                tcti: "swtpm:host=127.0.0.1,port=2321".into(),
+                state_dir: None,
+                primary_handle: None,
+                key_auth_env: Some("KEYBOUND_KEY_AUTH".into()),
+                key_auth_file: file.map(std::path::PathBuf::from),
+                rsa_bits: 2048,
+            })
+        };
+        let has = |d: &DeviceSettings, n: &str| passed_names(d).iter().any(|p| p == n);
+        assert!(has(&tpm(None), "KEYBOUND_KEY_AUTH"));
+        assert!(!has(
+            &tpm(Some("/etc/keybound/key-auth")),
+            "KEYBOUND_KEY_AUTH"
+        ));
+        // Where the TPM's state is when `state_dir` is not set: the same for the signer
+        // as for the CLI, which reads it in-process.
+        assert!(has(&tpm(None), "XDG_STATE_HOME"));
     }
 }
