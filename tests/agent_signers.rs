@@ -453,6 +453,86 @@ async fn a_descriptor_the_agent_inherited_stays_out_of_its_signers() {
     }
 }
 
+/// A signer that crashed and whose replacement hangs while it opens the device (here SoftHSM
+/// blocked on its configuration file, a FIFO no one writes: what an unreachable network HSM
+/// does) is killed after `signer_timeout_secs` and started again, until it comes up: its
+/// slot is not down for good. The other signer serves meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signer_that_hangs_while_it_starts_is_killed_and_started_again() {
+    let (token, kids) = token_with_keys(&[("dpop", "ES256")]);
+    token.write_config(&format!(
+        "{}\n[agent]\nsigner_timeout_secs = 2\n",
+        Config {
+            sessions: "2".into(),
+            ..Config::default()
+        }
+        .render()
+    ));
+    let dir = SocketDir::new();
+    let mut agent = Agent::start(&token, &dir.socket());
+    let jwks = published_jwks(&token, &agent).await;
+    let health = || async { get(agent.socket(), "/healthz").await.json()["signers"].clone() };
+    let before = health().await;
+    assert_eq!(before["up"], 2, "{before}");
+    let victim = before["pids"][1].as_u64().expect("signer 1's pid") as u32;
+
+    // From now on a SoftHSM that starts blocks reading its configuration.
+    let conf = token.softhsm_conf();
+    let aside = conf.with_extension("real");
+    std::fs::rename(&conf, &aside).expect("move the configuration aside");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &conf,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    signal(victim, "KILL");
+    let guard = Instant::now();
+    loop {
+        let s = health().await;
+        if s["hung"].as_u64().unwrap_or(0) >= 1 {
+            assert_eq!(s["up"], 1, "{s}");
+            break;
+        }
+        assert!(
+            guard.elapsed() < GUARD,
+            "the hanging signer was never killed: {s}\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        agent.log().contains("neither ready nor ended"),
+        "{}",
+        agent.log()
+    );
+    // The other signer serves meanwhile.
+    let mut conn = Conn::open(agent.socket()).await;
+    assert_still_signs(&mut conn, &jwks, &kids["dpop"]).await;
+
+    // The device answers again: the next try comes up.
+    std::fs::remove_file(&conf).expect("remove the fifo");
+    std::fs::rename(&aside, &conf).expect("put the configuration back");
+    let guard = Instant::now();
+    loop {
+        let s = health().await;
+        if s["up"] == 2 {
+            assert_ne!(s["pids"][1].as_u64(), Some(u64::from(victim)), "{s}");
+            break;
+        }
+        assert!(
+            guard.elapsed() < GUARD,
+            "the signer did not come back: {s}\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_still_signs(&mut conn, &jwks, &kids["dpop"]).await;
+    assert!(agent.running());
+}
+
 /// The state letter of `/proc/<pid>/stat` (`T` stopped, `Z` zombie), `None` once it is gone.
 fn state_of(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

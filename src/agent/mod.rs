@@ -73,7 +73,8 @@ pub struct AgentSettings {
     #[serde(default)]
     pub signers: Signers,
     /// Seconds a signer process may hold signatures without answering any before it is
-    /// taken for hung (a module stuck in the device), killed and restarted.
+    /// taken for hung (a module stuck in the device), killed and restarted; also how long
+    /// one may take to open the device when it starts, or to end when it was stopped.
     #[serde(default = "defaults::signer_timeout_secs")]
     pub signer_timeout_secs: u64,
 }

@@ -539,6 +539,14 @@ impl Shared {
             p.link = None;
             p.in_flight = 0;
             p.told.clear();
+            // From now on its stdin closes and it should end: the watchdog gives it
+            // `hung_after` for that (lock order: state, then pids).
+            if let Some(kill) = lock(&self.pids)[link.index]
+                .as_mut()
+                .filter(|k| k.pid == link.pid)
+            {
+                kill.since = Instant::now();
+            }
         }
     }
 
@@ -1006,10 +1014,44 @@ fn supervise(shared: Arc<Shared>, i: usize, mut link: Arc<Link>, mut io: ChildIo
 
 /// Every second: a process that holds signatures and has answered none for `hung_after`
 /// is stuck in its module; it is killed, so its supervisor fails or retries what it held
-/// and starts it again.
+/// and starts it again. So is a process that is not serving (starting: its supervisor
+/// waits for its `Ready`; or ending: it waits for it to exit) `hung_after` after it was
+/// started or taken out of service: stuck opening the device (a network HSM that does not
+/// answer, a TPM resource manager that hangs) or in its module, it would hold its slot
+/// down for good.
 fn watchdog(shared: &Arc<Shared>) {
     let every = Duration::from_secs(1).min(shared.spawn.hung_after);
     while shared.pause(every) {
+        let idle: Vec<(usize, u32)> = {
+            let st = lock(&shared.state);
+            let pids = lock(&shared.pids);
+            st.procs
+                .iter()
+                .zip(pids.iter())
+                .enumerate()
+                .filter_map(|(i, (p, kill))| {
+                    let kill = kill.as_ref()?;
+                    (p.link.is_none() && kill.since.elapsed() >= shared.spawn.hung_after)
+                        .then_some((i, kill.pid))
+                })
+                .collect()
+        };
+        for (i, pid) in idle {
+            tracing::error!(
+                process = i,
+                pid,
+                "signer process is neither ready nor ended {:?} after it was started or \
+                 stopped (stuck opening the device, or in its module?); killing it \
+                 (agent.signer_timeout_secs)",
+                shared.spawn.hung_after
+            );
+            shared.stats.hung.fetch_add(1, Ordering::Relaxed);
+            if let Some(kill) = lock(&shared.pids)[i].as_mut().filter(|k| k.pid == pid) {
+                kill.kill();
+                // Once: it ends, and its supervisor takes it from there.
+                kill.since = Instant::now() + Duration::from_secs(3600);
+            }
+        }
         let stuck: Vec<(usize, u32, usize)> = lock(&shared.state)
             .procs
             .iter()
@@ -1045,6 +1087,9 @@ fn watchdog(shared: &Arc<Shared>) {
 struct Kill {
     pid: u32,
     fd: Option<std::os::fd::OwnedFd>,
+    /// When it was started, or taken out of service: what the watchdog times a process
+    /// that is not serving from.
+    since: Instant,
 }
 
 impl Kill {
@@ -1055,7 +1100,11 @@ impl Kill {
         if fd.is_none() {
             tracing::warn!(pid, "no pidfd for the signer process (Linux before 5.3?)");
         }
-        Kill { pid, fd }
+        Kill {
+            pid,
+            fd,
+            since: Instant::now(),
+        }
     }
 
     fn kill(&self) {
