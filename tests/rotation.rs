@@ -699,6 +699,54 @@ fn a_generation_key_deleted_outside_keybound_is_named() {
     );
 }
 
+/// A generation's key deleted and made again outside keybound under the same label and
+/// `CKA_ID` is another key (another kid): never published nor signing, although its label
+/// and id still match the record.
+#[test]
+fn a_generation_key_made_again_under_its_label_and_id_is_not_published() {
+    let (token, kid1) = setup();
+    let kid2 = prepare(&token, "dpop", 2);
+    let id = entry(&list_json(&token), "dpop#2")["id"]
+        .as_str()
+        .expect("dpop#2's id")
+        .to_owned();
+    for class in ["privkey", "pubkey"] {
+        let out = token.pkcs11_tool(&["--delete-object", "--type", class, "--label", "dpop#2"]);
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let out = token.pkcs11_tool(&[
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--label",
+        "dpop#2",
+        "--id",
+        &id,
+        "--usage-sign",
+        "--sensitive",
+        "--private",
+    ]);
+    assert!(out.status.success(), "pkcs11-tool\n{}", describe(&out));
+    let list = list_json(&token);
+    let again = list
+        .iter()
+        .find(|e| e["label"] == "dpop#2" && e["policy"] == "fail")
+        .unwrap_or_else(|| panic!("dpop#2 is not a problem: {list:#?}"));
+    let reason = again["reasons"][0].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("replaced outside keybound") && reason.contains(&format!("id {id} kid ")),
+        "{again}"
+    );
+    let jwks = published(&token);
+    assert!(jwks.contains(&kid1) && !jwks.contains(&kid2), "{jwks:?}");
+    assert_eq!(
+        jwks.len(),
+        2,
+        "client-auth and dpop (generation 1) only: {jwks:?}"
+    );
+    assert_eq!(dpop_kid(&token, "dpop"), kid1);
+}
+
 // ---------------------------------------------------------------------------
 // Two processes at once
 // ---------------------------------------------------------------------------

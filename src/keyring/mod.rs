@@ -436,8 +436,14 @@ impl Keyring {
                 continue;
             }
             let generation = rotations.iter().find(|r| r.slot == slot).map(|r| {
+                // Its label, its id and, once recorded, its kid: a key made again outside
+                // keybound under the same label and id is another key.
                 let g = r.generations.iter().find(|g| {
-                    g.label == key.label() && g.id.as_deref() == Some(&crate::token::hex(key.id()))
+                    g.label == key.label()
+                        && g.id.as_deref() == Some(&crate::token::hex(key.id()))
+                        && g.kid
+                            .as_deref()
+                            .is_none_or(|k| k == key.public().thumbprint())
                 });
                 (r.slot.clone(), g.cloned())
             });
@@ -463,10 +469,11 @@ impl Keyring {
                         // Same label, another key: replaced outside keybound.
                         Some(g) => format!(
                             "the rotation record of '{slot}' says {}, id {}, but this key \
-                             is id {}: it was replaced outside keybound; never published",
+                             is id {} kid {}: it was replaced outside keybound; never published",
                             g.describe(),
                             g.id.as_deref().unwrap_or("?"),
-                            crate::token::hex(key.id())
+                            crate::token::hex(key.id()),
+                            key.public().thumbprint()
                         ),
                         // A key a stopped `prepare` generated before recording it.
                         None => format!(
