@@ -247,6 +247,9 @@ async fn htu_prefixes_match_origins_exactly_and_paths_by_segment() {
         "https://api.example/v1/..%2f..%2fadmin",
         "https://api.example/v1/x%5C..%5C..%5Cadmin",
         "https://api.example/v1/%2e%2e/admin",
+        // Path parameters on a dot segment: Tomcat and Jetty resolve `..;` as `..`.
+        "https://api.example/v1/..;/admin",
+        "https://api.example/v1/%2e%2e;x/admin",
     ] {
         conn.post("/v1/dpop", &dpop_request("dpop", "POST", htu))
             .await

@@ -454,6 +454,10 @@ impl Caller {
         let Some(prefixes) = &self.rule.htu_prefixes else {
             return Ok(());
         };
+        let list = || {
+            let all: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
+            all.join(", ")
+        };
         let parsed = Url::parse(htu).ok();
         // Matched by segments, so a path a server could resolve otherwise than its
         // segments read is refused, as the gateway refuses it: `url` resolves `.`/`..`
@@ -463,17 +467,17 @@ impl Caller {
         if let Some(url) = &parsed {
             if let Err(why) = safe_path(url.path()) {
                 return Err(NotAllowed(format!(
-                    "htu '{htu}' is refused under this caller's htu_prefixes: {why}"
+                    "htu '{htu}' is refused under this caller's htu_prefixes ({}): {why}",
+                    list()
                 )));
             }
             if prefixes.iter().any(|p| p.matches(url)) {
                 return Ok(());
             }
         }
-        let list: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
         Err(NotAllowed(format!(
             "htu '{htu}' is outside this caller's htu_prefixes ({})",
-            list.join(", ")
+            list()
         )))
     }
 
