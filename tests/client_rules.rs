@@ -537,6 +537,51 @@ async fn an_unreadable_token_response_is_reported_without_its_token() {
     assert_eq!(rig.received().token.len(), 1);
 }
 
+/// Discovery (RFC 8414 §3.3): metadata that names another issuer, or a token endpoint on
+/// another origin than the issuer's, is refused before any assertion is signed for it or
+/// sent; the issuer's own metadata works.
+#[tokio::test(flavor = "multi_thread")]
+async fn discovery_refuses_metadata_of_another_issuer_or_origin() {
+    let rig = Rig::start("").await;
+    let hsm = rig.hsm.as_ref().expect("a SoftHSM2 rig");
+    let base = rig.server.url("");
+    let token_endpoint = rig.server.url(TOKEN_PATH);
+    let section = client_section(&token_endpoint, "").replace(
+        &format!("token_endpoint = \"{token_endpoint}\""),
+        &format!("issuer = \"{base}/\""),
+    );
+    hsm.write_config(&format!("{}{section}", Config::default().render()));
+    const METADATA: &str = "/.well-known/oauth-authorization-server";
+    for (meta, needle) in [
+        (
+            json!({"issuer": "https://evil.example", "token_endpoint": token_endpoint}),
+            "names the issuer 'https://evil.example'",
+        ),
+        (
+            json!({"issuer": base, "token_endpoint": "http://127.0.0.1:1/token"}),
+            "on another origin than the issuer's",
+        ),
+    ] {
+        rig.server.script(METADATA, [Reply::json(200, &meta)]);
+        let out = rig.keybound(&["token", "--json"]).await;
+        assert!(!out.status.success(), "{}", describe(&out));
+        assert_mentions(&stderr(&out), &[needle]);
+        assert!(
+            rig.server.requests_to(TOKEN_PATH).is_empty(),
+            "a token request was sent"
+        );
+    }
+    rig.server.script(
+        METADATA,
+        [Reply::json(
+            200,
+            &json!({"issuer": base, "token_endpoint": token_endpoint}),
+        )],
+    );
+    let out = rig.keybound(&["token", "--json"]).await;
+    rig.assert_token_json(&out);
+}
+
 /// Rule 4: a token granting a scope outside allowed_scopes is discarded.
 #[tokio::test(flavor = "multi_thread")]
 async fn scope_guard_discards_an_overbroad_token() {

@@ -47,11 +47,35 @@ impl OAuthClient {
             };
             let meta: serde_json::Value = serde_json::from_slice(response.body())
                 .map_err(|e| metadata(format!("is not JSON metadata: {e}")))?;
+            // RFC 8414 §3.3, OpenID Connect Discovery §4.3: the metadata is the issuer's own
+            // (one trailing `/` aside, as the URL above was made without it). Else it is a
+            // mix-up, and the assertion signed for this issuer would go to another server.
+            let named = meta["issuer"]
+                .as_str()
+                .ok_or_else(|| metadata("has no issuer (RFC 8414 §2)".into()))?;
+            if named.trim_end_matches('/') != base {
+                return Err(metadata(format!(
+                    "names the issuer '{named}', not '{issuer}' whose metadata it should be \
+                     (RFC 8414 §3.3); configure the issuer exactly as the server names itself"
+                )));
+            }
             let endpoint = meta["token_endpoint"]
                 .as_str()
                 .ok_or_else(|| metadata("has no token_endpoint".into()))?;
-            return endpoint_url(endpoint)
-                .map_err(|e| metadata(format!("names a token_endpoint keybound cannot use: {e}")));
+            let endpoint = endpoint_url(endpoint).map_err(|e| {
+                metadata(format!("names a token_endpoint keybound cannot use: {e}"))
+            })?;
+            // Signed assertions and proofs go where the issuer is, unless the config says
+            // otherwise.
+            if origin(&endpoint) != origin(issuer) {
+                return Err(metadata(format!(
+                    "names a token_endpoint ({endpoint}) on another origin than the issuer's \
+                     ({}); if the server really takes tokens there, set token_endpoint in \
+                     the [[client]] section",
+                    origin(issuer)
+                )));
+            }
+            return Ok(endpoint);
         }
         Err(OAuthError::Discovery {
             issuer: issuer.to_string(),
