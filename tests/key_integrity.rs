@@ -139,6 +139,60 @@ fn public_object_replaced_without_the_pin_is_refused_and_never_published() {
     assert_verifies(&token.jwk("other"), &jws);
 }
 
+/// A key pair generated in a session that never logged in, marked `CKA_PRIVATE=false`
+/// (SoftHSM allows it): local, always sensitive, never extractable, and the device proves
+/// possession, but anyone who can open the token signs with it. Refused, never published.
+#[test]
+fn a_key_usable_without_the_pin_is_refused_and_never_published() {
+    let token = DevToken::new();
+    let other = token.generate("other", "ES256");
+    with_public_session(&token, |s| {
+        generate_pair(
+            s,
+            &cryptoki::mechanism::Mechanism::EccKeyPairGen,
+            "planted",
+            &[7; 16],
+            &[Attribute::EcParams(P256_PARAMS.to_vec())],
+            &[Attribute::Private(false)],
+        )
+    });
+    let listed = json_array(&token, &["keys", "list", "--json"], 0);
+    assert_eq!(entry(&listed, "planted")["policy"], "fail", "{listed:#?}");
+    let audited = json_array(
+        &token,
+        &["keys", "audit", "--label", "planted", "--json"],
+        3,
+    );
+    let planted = entry(&audited, "planted");
+    assert!(has_finding(planted, "fail", "CKA_PRIVATE"), "{planted:#}");
+    assert_eq!(published_kids(&token), std::slice::from_ref(&other));
+    assert_signing_refused(&token, "planted", &["planted", "CKA_PRIVATE=false"]);
+}
+
+/// A rotation record planted without the PIN (a public data object under the record's
+/// application and label) is never read: not even garbage stops a key that has no record.
+#[test]
+fn a_rotation_record_planted_without_the_pin_is_ignored() {
+    let token = DevToken::new();
+    let victim = token.generate("victim", "ES256");
+    with_public_session(&token, |s| {
+        s.create_object(&[
+            Attribute::Class(cryptoki::object::ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Application(b"keybound rotation".to_vec()),
+            Attribute::Label(b"keybound rotation: victim".to_vec()),
+            Attribute::Value(b"x".to_vec()),
+        ])
+        .expect("C_CreateObject of a public data object without C_Login")
+    });
+    let jws = token.sign(&dpop_args("victim"));
+    assert_eq!(jwk_thumbprint(&jws.header["jwk"]), victim);
+    assert_verifies(&token.jwk("victim"), &jws);
+    let listed = json_array(&token, &["keys", "list", "--json"], 0);
+    assert_eq!(entry(&listed, "victim")["policy"], "pass", "{listed:#?}");
+}
+
 #[test]
 fn a_second_public_object_with_the_same_id_is_refused() {
     let token = DevToken::new();

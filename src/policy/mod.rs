@@ -133,6 +133,15 @@ pub fn evaluate(facts: &KeyFacts, rules: &Rules) -> Verdict {
         false,
         "the key is not allowed to sign",
     );
+    if let Some(login) = &facts.needs_login {
+        require(
+            login,
+            true,
+            false,
+            "the key can be used without logging in, so anyone who can open the token signs \
+             with it (and SoftHSM lets anyone create such a key without the PIN)",
+        );
+    }
 
     let origin = &facts.generated_on_device;
     if origin.value != Some(true) {
@@ -254,6 +263,7 @@ mod tests {
             generated_on_device: fact(Some(true), "CKA_LOCAL"),
             public_generated_on_device: Some(fact(Some(true), "public CKA_LOCAL")),
             can_sign: fact(Some(true), "CKA_SIGN"),
+            needs_login: Some(fact(Some(true), "CKA_PRIVATE")),
             other_usages: vec![fact(Some(false), "CKA_DECRYPT")],
             attributes: vec![],
             meanings: vec![],
@@ -265,6 +275,28 @@ mod tests {
         let v = evaluate(&good(), &Rules::default());
         assert_eq!(v.outcome(), Outcome::Pass);
         assert!(v.refusal("k").is_none());
+    }
+
+    /// A key usable without the PIN (`CKA_PRIVATE=false`, which SoftHSM lets a session that
+    /// never logged in generate) fails, imported keys allowed or not; a device without the
+    /// attribute (a TPM) is not judged on it.
+    #[test]
+    fn a_key_usable_without_login_is_refused_even_with_the_danger_switch() {
+        let mut f = good();
+        f.needs_login = Some(fact(Some(false), "CKA_PRIVATE"));
+        for danger_allow_imported_keys in [false, true] {
+            let rules = Rules {
+                danger_allow_imported_keys,
+                ..Rules::default()
+            };
+            let v = evaluate(&f, &rules);
+            assert_eq!(v.outcome(), Outcome::Fail, "{v:?}");
+            assert!(format!("{v:?}").contains("CKA_PRIVATE=false"), "{v:?}");
+        }
+        f.needs_login = Some(fact(None, "CKA_PRIVATE"));
+        assert_eq!(evaluate(&f, &Rules::default()).outcome(), Outcome::Fail);
+        f.needs_login = None;
+        assert_eq!(evaluate(&f, &Rules::default()).outcome(), Outcome::Pass);
     }
 
     #[test]

@@ -141,6 +141,10 @@ pub struct KeyFacts {
     /// public area is bound to the key blob).
     pub public_generated_on_device: Option<Fact>,
     pub can_sign: Fact,
+    /// Usable only in a session that logged in (PKCS#11 `CKA_PRIVATE`): else anyone who can
+    /// open the token signs with it, and SoftHSM lets a session that never logged in create
+    /// such a key. `None` where the device has no such attribute (TPM: the key's own auth).
+    pub needs_login: Option<Fact>,
     /// Usages beyond signing; keybound generates keys without them.
     pub other_usages: Vec<Fact>,
     /// Every attribute read, in the device's terms, for `keys audit`.

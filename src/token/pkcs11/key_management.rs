@@ -180,6 +180,7 @@ pub(super) fn facts(conn: &Connection, key: &KeyInfo) -> Result<KeyFacts, TokenE
         generated_on_device: fact(4),
         public_generated_on_device: Some(public_fact),
         can_sign: fact(5),
+        needs_login: Some(fact(9)),
         other_usages: vec![fact(6), fact(7), fact(8)],
         attributes: READ
             .iter()

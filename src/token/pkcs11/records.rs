@@ -16,10 +16,15 @@ use crate::token::{KeyInfo, TokenError};
 
 const APPLICATION: &[u8] = b"keybound rotation";
 
+/// A record's attributes, searched by and created with. `CKA_PRIVATE` among them: SoftHSM
+/// lets a session that never logged in create public data objects, and a record planted so
+/// (a well-formed one naming another key active, or garbage that breaks the slot) must
+/// never be read.
 fn template(slot: &str) -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::DATA),
         Attribute::Token(true),
+        Attribute::Private(true),
         Attribute::Application(APPLICATION.to_vec()),
         Attribute::Label(format!("keybound rotation: {slot}").into_bytes()),
     ]
@@ -55,7 +60,6 @@ pub(super) fn put(conn: &Connection, slot: &str, bytes: &[u8]) -> Result<(), Tok
     conn.with_session(|s| {
         let mut attributes = template(slot);
         attributes.extend([
-            Attribute::Private(true),
             Attribute::Modifiable(false),
             Attribute::Value(bytes.to_vec()),
         ]);

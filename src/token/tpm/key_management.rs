@@ -170,6 +170,8 @@ pub(super) fn facts_of(a: ObjectAttributes) -> KeyFacts {
         // The public area is part of the key blob, checked by TPM2_Load: no separate object.
         public_generated_on_device: None,
         can_sign: fact(a.sign_encrypt(), "sign"),
+        // A TPM key is used with its own auth value (key_auth_*), not a login.
+        needs_login: None,
         other_usages: vec![fact(a.decrypt(), "decrypt")],
         attributes: vec![
             ("fixedTPM", Some(a.fixed_tpm())),
