@@ -394,6 +394,19 @@ fn completeness(report: &mut Report, parsed: &[Option<(u64, String, Value)>], op
             ));
         }
     }
+    // A file the agent found empty when it started, and went on after the previous one's
+    // last checkpoint: a rotation cut short by a crash, or the file's lines removed. The
+    // line is the agent's, and signed by the checkpoint after it.
+    for v in &values {
+        if event(v) == "open" && reason(v).contains(super::writer::CUT_SHORT) {
+            let seq = v.get("seq").and_then(Value::as_u64).unwrap_or(0);
+            report.incomplete.push(format!(
+                "line seq {seq}: {}: what was written after the previous file's last \
+                 checkpoint may be missing",
+                super::writer::CUT_SHORT
+            ));
+        }
+    }
     // The lines after the last checkpoint. The writer signs one as soon as
     // `checkpoint_every` lines follow the last, at least every `checkpoint_secs` while
     // lines come, and as soon as it starts; so a longer tail is a checkpoint cut off, or
@@ -407,7 +420,9 @@ fn completeness(report: &mut Report, parsed: &[Option<(u64, String, Value)>], op
         .len()
         .checked_sub(report.uncovered + 1)
         .map_or(tail[0], |i| values[i]);
-    let late = match (time_ms(from), tail.iter().rev().find_map(|v| time_ms(v))) {
+    // The latest time: events held through an outage keep the time they were queued,
+    // earlier than the gap line before them.
+    let late = match (time_ms(from), tail.iter().filter_map(|v| time_ms(v)).max()) {
         (Some(a), Some(b)) => b.saturating_sub(a),
         _ => 0,
     };
@@ -730,6 +745,34 @@ mod tests {
             ("signature", 2),
         ]);
         assert_eq!(r.status(), Status::Incomplete, "{r}");
+    }
+
+    /// A file the agent found empty when it started says so in its first line, and verify
+    /// reports it: a rotation cut short by a crash, or the file's lines removed.
+    #[test]
+    fn a_file_found_empty_at_start_is_incomplete() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let t = std::time::SystemTime::now();
+        let fields = serde_json::json!({
+            "reason": format!("rotated; the previous file is x.4; agent started ({})",
+                super::super::writer::CUT_SHORT)
+        })
+        .to_string();
+        let first = super::super::line::build(5, "ab", t, "open", fields.as_bytes());
+        let second = super::super::line::build(6, &line_hash(&first), t, "signature", b"{}");
+        std::fs::write(
+            &path,
+            [first, b"\n".to_vec(), second, b"\n".to_vec()].concat(),
+        )
+        .unwrap();
+        let options = Options {
+            from_rotation: true,
+            ..Options::default()
+        };
+        let r = verify(&[path], &dummy_keys(), &options).unwrap();
+        assert_eq!(r.status(), Status::Incomplete, "{r}");
+        assert!(r.to_string().contains("may be missing"), "{r}");
     }
 
     /// A line cut off at the end of the trail is what a crash in a write leaves: not

@@ -103,8 +103,7 @@ impl Writer {
         let mut reason = match &rotated {
             // `verify` reads "rotated" as a rotation's first line (`--from-rotation`).
             Some(old) => format!(
-                "rotated; the previous file is {}; agent started (the rotation was cut \
-                 short before this file's first line)",
+                "rotated; the previous file is {}; agent started ({CUT_SHORT})",
                 old.display()
             ),
             None => "agent started".to_owned(),
@@ -196,8 +195,10 @@ impl Writer {
 
     /// Checkpoints and rotations that are due.
     fn after_write(&mut self) {
+        // A failed one is tried again on its own schedule (`checkpoint` keeps to it).
         if self.since_checkpoint >= self.every
-            || (self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.secs)
+            || (self.since_checkpoint > 0
+                && (self.checkpoint_retry.is_some() || self.last_checkpoint.elapsed() >= self.secs))
         {
             self.checkpoint();
         }
@@ -506,6 +507,12 @@ fn open_file(path: &Path) -> Result<(File, u64, (u64, u64)), String> {
     Ok((file, size, (meta.dev(), meta.ino())))
 }
 
+/// What the first line of a file says when the writer found it empty and went on from the
+/// newest rotated file: `verify` reports it (an attacker who empties the file, its lines
+/// after the rotated file's last checkpoint gone, leaves the same trace).
+pub(super) const CUT_SHORT: &str = "the file was empty at start: a rotation cut short before \
+     its first line, or its lines were removed";
+
 /// Where a writer that opens the trail goes on from.
 #[derive(Debug)]
 struct Resume {
@@ -545,54 +552,80 @@ fn resume(path: &Path, file: &File, size: u64) -> Result<Resume, String> {
             rotated: None,
         });
     }
-    Ok(match newest_rotated(path)? {
-        Some(old) => {
-            let size = std::fs::metadata(&old)
-                .map_err(|e| format!("cannot read {}: {e}", old.display()))?
-                .len();
-            match chain_end(&old, size)? {
-                (Some((seq, head)), 0) => Resume {
-                    seq,
-                    head,
-                    torn,
-                    rotated: Some(old),
-                },
-                _ => {
-                    return Err(format!(
-                        "the audit trail {} is empty, and the rotated file {} does not end \
-                         in a whole trail line: move them aside and start a new trail \
-                         (`keybound audit verify` tells what they hold)",
-                        path.display(),
-                        old.display()
-                    ));
-                }
-            }
-        }
-        None => Resume {
-            seq: 0,
-            head: GENESIS.to_owned(),
+    let genesis = Resume {
+        seq: 0,
+        head: GENESIS.to_owned(),
+        torn,
+        rotated: None,
+    };
+    let Some((number, old)) = newest_rotated(path) else {
+        return Ok(genesis);
+    };
+    // Only a file this writer rotated: named by the seq of its last line, a checkpoint
+    // (`rotate` signs one first). Another (logrotate's `.1`, a file of another trail) is
+    // left alone, and the chain starts again.
+    match rotated_end(&old, number) {
+        Ok((seq, head)) => Ok(Resume {
+            seq,
+            head,
             torn,
-            rotated: None,
-        },
-    })
+            rotated: Some(old),
+        }),
+        Err(why) => {
+            tracing::warn!(
+                "the audit trail {} is empty; not going on from {}: {why}; the chain starts \
+                 again",
+                path.display(),
+                old.display()
+            );
+            Ok(genesis)
+        }
+    }
 }
 
-/// The rotated file of `path` with the largest seq (`<path>.<seq>`), if any.
-fn newest_rotated(path: &Path) -> Result<Option<PathBuf>, String> {
+/// The next `seq` and `prev` after `old`, a file [`Writer::rotate`] named `<path>.<number>`:
+/// its last line is a checkpoint with that seq.
+fn rotated_end(old: &Path, number: u64) -> Result<(u64, String), String> {
+    let size = std::fs::metadata(old).map_err(|e| e.to_string())?.len();
+    let (Some((next, head)), 0) = chain_end(old, size)? else {
+        return Err("it does not end in a whole trail line".into());
+    };
+    let text = std::fs::read(old).map_err(|e| e.to_string())?;
+    let body = text.strip_suffix(b"\n").unwrap_or(&text);
+    let last = body.rsplit(|b| *b == b'\n').next().unwrap_or_default();
+    let checkpoint = serde_json::from_slice::<Value>(last)
+        .ok()
+        .is_some_and(|v| v.get("event").and_then(Value::as_str) == Some("checkpoint"));
+    if !checkpoint || next != number.saturating_add(1) {
+        return Err(format!(
+            "its last line is not the checkpoint of seq {number} a rotation ends with"
+        ));
+    }
+    Ok((next, head))
+}
+
+/// The rotated file of `path` with the largest seq (`<path>.<seq>`), if any (none when the
+/// directory cannot be listed: the chain starts again, as it did before rotated files were
+/// looked for).
+fn newest_rotated(path: &Path) -> Option<(u64, PathBuf)> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return Ok(None);
+        return None;
     };
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {
         dir
     };
-    let entries = std::fs::read_dir(dir).map_err(|e| {
-        format!(
-            "cannot list the audit trail's directory {}: {e}",
-            dir.display()
-        )
-    })?;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!(
+                "cannot list the audit trail's directory {} for rotated files: {e}",
+                dir.display()
+            );
+            return None;
+        }
+    };
     let mut newest: Option<(u64, PathBuf)> = None;
     for entry in entries.flatten() {
         let file_name = entry.file_name();
@@ -608,7 +641,7 @@ fn newest_rotated(path: &Path) -> Result<Option<PathBuf>, String> {
             newest = Some((seq, entry.path()));
         }
     }
-    Ok(newest.map(|(_, p)| p))
+    newest
 }
 
 /// The next `seq` and `prev` after the last whole line of `path`'s `size` bytes (`None`
@@ -633,9 +666,10 @@ fn chain_end(path: &Path, size: u64) -> Result<(Option<(u64, String)>, u64), Str
         .map_err(|e| bad(e.to_string()))?;
     let complete = match tail.iter().rposition(|b| *b == b'\n') {
         Some(i) => i + 1,
-        // The whole file is one torn line: nothing of the chain is in it.
-        None if start == 0 => return Ok((None, size)),
-        None => return Err(bad("no newline in its last MiB".into())),
+        // The whole file is one torn line (a crash in its first write): nothing of the
+        // chain is in it. Anything else is no trail: never cut.
+        None if start == 0 && tail.starts_with(b"{\"seq\":") => return Ok((None, size)),
+        None => return Err(bad("no whole line, and no trail line begun".into())),
     };
     let torn = u64::try_from(tail.len() - complete).unwrap_or(0);
     let body = &tail[..complete - 1];
@@ -669,11 +703,12 @@ mod tests {
         assert!(err.contains("largest"), "{err}");
     }
 
-    /// Lines chained from genesis, the last `n - 1`, as the writer writes them.
-    fn chain(n: u64) -> (Vec<u8>, String) {
+    /// `n` lines chained from genesis, the last a `last` event; and the last one's hash.
+    fn chain(n: u64, last: &str) -> (Vec<u8>, String) {
         let (mut prev, mut text) = (GENESIS.to_owned(), Vec::new());
         for seq in 0..n {
-            let l = line::build(seq, &prev, SystemTime::now(), "signature", b"{}");
+            let event = if seq + 1 == n { last } else { "signature" };
+            let l = line::build(seq, &prev, SystemTime::now(), event, b"{}");
             prev = line_hash(&l);
             text.extend_from_slice(&l);
             text.push(b'\n');
@@ -688,9 +723,9 @@ mod tests {
     fn a_rotation_cut_short_goes_on_from_the_rotated_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let (text, head) = chain(5);
+        let (text, head) = chain(5, "checkpoint");
         std::fs::write(dir.path().join("audit.log.4"), &text).unwrap();
-        let (older, _) = chain(2);
+        let (older, _) = chain(2, "checkpoint");
         std::fs::write(dir.path().join("audit.log.1"), &older).unwrap();
         std::fs::write(dir.path().join("audit.log.4x"), b"not a rotated file").unwrap();
         for torn in [&b""[..], br#"{"seq":5,"prev":"#] {
@@ -705,6 +740,22 @@ mod tests {
             assert_eq!(r.rotated, Some(dir.path().join("audit.log.4")));
             assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
         }
+        // A newest file that no rotation of this writer ended (a checkpoint of another seq
+        // than its name, as with logrotate's numbering; or no checkpoint last): genesis.
+        for (n, last) in [(3, "checkpoint"), (10, "signature")] {
+            let (other, _) = chain(n, last);
+            std::fs::write(dir.path().join("audit.log.9"), &other).unwrap();
+            std::fs::write(&path, b"").unwrap();
+            let (file, size, _) = open_file(&path).unwrap();
+            let r = resume(&path, &file, size).unwrap();
+            assert_eq!((r.seq, r.rotated), (0, None), "{n} lines ending in {last}");
+        }
+        // A file with no line and no trail line begun (the wrong path) is not cut.
+        std::fs::write(&path, b"0001secret").unwrap();
+        let (file, size, _) = open_file(&path).unwrap();
+        let err = resume(&path, &file, size).unwrap_err();
+        assert!(err.contains("no trail line begun"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"0001secret");
         // No rotated file: genesis.
         let alone = tempfile::tempdir().unwrap();
         let path = alone.path().join("audit.log");
@@ -712,6 +763,7 @@ mod tests {
         let r = resume(&path, &file, size).unwrap();
         assert_eq!((r.seq, r.head.as_str(), r.rotated), (0, GENESIS, None));
         // A whole file goes on after its own last line.
+        let (text, head) = chain(5, "signature");
         std::fs::write(&path, &text).unwrap();
         let (file, size, _) = open_file(&path).unwrap();
         let r = resume(&path, &file, size).unwrap();
