@@ -504,7 +504,7 @@ async fn a_signer_that_hangs_while_it_starts_is_killed_and_started_again() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        agent.log().contains("neither ready nor ended"),
+        agent.log().contains("is not ready after it was started"),
         "{}",
         agent.log()
     );

@@ -439,7 +439,7 @@ fn render_signers(s: &crate::token::signer::SignerReport, out: &mut String) {
         (
             "keybound_signer_hung_total",
             "counter",
-            "Signer processes killed for holding signatures without answering (agent.signer_timeout_secs).",
+            "Signer processes killed as stuck (agent.signer_timeout_secs): holding signatures without answering, not ready after a restart, or not ended after being stopped.",
             s.hung,
         ),
     ];

@@ -74,7 +74,7 @@ pub struct AgentSettings {
     pub signers: Signers,
     /// Seconds a signer process may hold signatures without answering any before it is
     /// taken for hung (a module stuck in the device), killed and restarted; also how long
-    /// one may take to open the device when it starts, or to end when it was stopped.
+    /// a restarted one may take to open the device (plus 15 s), or to end when stopped.
     #[serde(default = "defaults::signer_timeout_secs")]
     pub signer_timeout_secs: u64,
 }

@@ -68,6 +68,9 @@ pub const PASSED_ENV: &[&str] = &[
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const STABLE: Duration = Duration::from_secs(30);
+/// What a restarted process has to get ready beyond `hung_after`: its start may wait for
+/// the host lock first (`host_lock::PATIENCE`, 10 s).
+const START_GRACE: Duration = Duration::from_secs(15);
 
 /// How signer processes are started.
 #[derive(Clone, Debug)]
@@ -546,6 +549,7 @@ impl Shared {
                 .filter(|k| k.pid == link.pid)
             {
                 kill.since = Instant::now();
+                kill.ending = true;
             }
         }
     }
@@ -1014,43 +1018,50 @@ fn supervise(shared: Arc<Shared>, i: usize, mut link: Arc<Link>, mut io: ChildIo
 
 /// Every second: a process that holds signatures and has answered none for `hung_after`
 /// is stuck in its module; it is killed, so its supervisor fails or retries what it held
-/// and starts it again. So is a process that is not serving (starting: its supervisor
-/// waits for its `Ready`; or ending: it waits for it to exit) `hung_after` after it was
-/// started or taken out of service: stuck opening the device (a network HSM that does not
-/// answer, a TPM resource manager that hangs) or in its module, it would hold its slot
-/// down for good.
+/// and starts it again. So is a process that is not serving: restarted and not ready
+/// `hung_after` + [`START_GRACE`] later (stuck opening the device: a network HSM that does
+/// not answer, a TPM resource manager that hangs), or taken out of service and not ended
+/// `hung_after` later (stuck in its module); either would hold its slot down for good.
+/// (The first start, before the agent serves, is not timed: it fails the start.)
 fn watchdog(shared: &Arc<Shared>) {
     let every = Duration::from_secs(1).min(shared.spawn.hung_after);
     while shared.pause(every) {
-        let idle: Vec<(usize, u32)> = {
+        // Killed under the locks that say it is not serving, so a process that its
+        // supervisor put in service meanwhile is never killed for it.
+        let mut idle: Vec<(usize, u32, bool, Duration)> = Vec::new();
+        {
             let st = lock(&shared.state);
-            let pids = lock(&shared.pids);
-            st.procs
-                .iter()
-                .zip(pids.iter())
-                .enumerate()
-                .filter_map(|(i, (p, kill))| {
-                    let kill = kill.as_ref()?;
-                    (p.link.is_none() && kill.since.elapsed() >= shared.spawn.hung_after)
-                        .then_some((i, kill.pid))
-                })
-                .collect()
-        };
-        for (i, pid) in idle {
+            let mut pids = lock(&shared.pids);
+            for (i, (p, kill)) in st.procs.iter().zip(pids.iter_mut()).enumerate() {
+                let Some(kill) = kill.as_mut().filter(|_| p.link.is_none()) else {
+                    continue;
+                };
+                // A start may first wait for the host lock (`host_lock::PATIENCE`).
+                let limit = if kill.ending {
+                    shared.spawn.hung_after
+                } else {
+                    shared.spawn.hung_after + START_GRACE
+                };
+                if kill.since.elapsed() >= limit {
+                    kill.kill();
+                    // Once: it ends, and its supervisor takes it from there.
+                    kill.since = Instant::now() + Duration::from_secs(3600);
+                    shared.stats.hung.fetch_add(1, Ordering::Relaxed);
+                    idle.push((i, kill.pid, kill.ending, limit));
+                }
+            }
+        }
+        for (i, pid, ending, limit) in idle {
+            let what = if ending {
+                "has not ended, although taken out of service (stuck in its module?)"
+            } else {
+                "is not ready after it was started (stuck opening the device?)"
+            };
             tracing::error!(
                 process = i,
                 pid,
-                "signer process is neither ready nor ended {:?} after it was started or \
-                 stopped (stuck opening the device, or in its module?); killing it \
-                 (agent.signer_timeout_secs)",
-                shared.spawn.hung_after
+                "signer process {what} for {limit:?}; killed it (agent.signer_timeout_secs)"
             );
-            shared.stats.hung.fetch_add(1, Ordering::Relaxed);
-            if let Some(kill) = lock(&shared.pids)[i].as_mut().filter(|k| k.pid == pid) {
-                kill.kill();
-                // Once: it ends, and its supervisor takes it from there.
-                kill.since = Instant::now() + Duration::from_secs(3600);
-            }
         }
         let stuck: Vec<(usize, u32, usize)> = lock(&shared.state)
             .procs
@@ -1090,6 +1101,8 @@ struct Kill {
     /// When it was started, or taken out of service: what the watchdog times a process
     /// that is not serving from.
     since: Instant,
+    /// Taken out of service (else starting).
+    ending: bool,
 }
 
 impl Kill {
@@ -1104,6 +1117,7 @@ impl Kill {
             pid,
             fd,
             since: Instant::now(),
+            ending: false,
         }
     }
 
