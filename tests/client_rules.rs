@@ -993,6 +993,57 @@ async fn paginate_follows_next_links_within_the_origin() {
     );
 }
 
+/// A next link that leads back to a page already fetched ends `--paginate` with an error
+/// naming it, instead of a walk that never ends (holding the token, items growing).
+#[tokio::test(flavor = "multi_thread")]
+async fn paginate_stops_at_a_next_link_it_followed_before() {
+    let rig = Rig::start("").await;
+    let path = "/api/v1/users";
+    let first_url = rig.server.url(&format!("{path}?limit=2"));
+    let second_url = rig.server.url(&format!("{path}?after=2&limit=2"));
+    rig.server.script(
+        path,
+        [
+            Reply::json(200, &json!([{"id": 1}]))
+                .header("Link", &format!(r#"<{second_url}>; rel="next""#)),
+            Reply::json(200, &json!([{"id": 2}]))
+                .header("Link", &format!(r#"<{first_url}>; rel="next""#)),
+        ],
+    );
+
+    let out = rig.keybound(&["call", "--paginate", &first_url]).await;
+
+    let line = error_line(&out, 1);
+    assert_mentions(
+        &line,
+        &["--paginate stopped", "already fetched", &first_url],
+    );
+    assert_eq!(rig.received().api.len(), 2);
+}
+
+/// A token whose `expires_in` is past what the clock can hold (2^64 - 1) is a token
+/// without an expiry, not a panic.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_that_never_expires_is_no_panic() {
+    let rig = Rig::start("").await;
+    rig.server.script(
+        TOKEN_PATH,
+        [Reply::json(
+            200,
+            &json!({
+                "token_type": "DPoP",
+                "expires_in": u64::MAX,
+                "access_token": rig.access_token,
+                "scope": SCOPE,
+            }),
+        )],
+    );
+    let out = rig.keybound(&["token", "--json"]).await;
+    let stdout = assert_success(&out, &"token --json");
+    let printed: Value = serde_json::from_str(&stdout).expect("token --json prints JSON");
+    assert_eq!(printed["access_token"], rig.access_token.as_str(), "{printed}");
+}
+
 /// Rule 12: an API error is exit 4 with Okta's errorCode/errorSummary and the
 /// WWW-Authenticate error on stderr, and the body on stdout.
 #[tokio::test(flavor = "multi_thread")]

@@ -229,7 +229,23 @@ impl OAuthClient {
         let mut request = first;
         let mut items = Vec::new();
         let mut total: usize = 0;
+        // Every page asked for: a server whose next link leads back to one (or to a page
+        // after page, for ever) never ends the walk, and keybound would hold its token
+        // and its items growing all the while.
+        let mut seen = std::collections::HashSet::new();
         loop {
+            if !seen.insert(request.url.to_string()) {
+                return Err(OAuthError::EndlessPages {
+                    url: request.url.to_string(),
+                    reason: "the next link leads to a page already fetched".into(),
+                });
+            }
+            if seen.len() > MAX_PAGES {
+                return Err(OAuthError::EndlessPages {
+                    url: request.url.to_string(),
+                    reason: format!("more than {MAX_PAGES} pages"),
+                });
+            }
             allowed(&request.url)?;
             let response = self.call(&request).await?;
             if !response.status.is_success() {
@@ -270,6 +286,10 @@ impl OAuthClient {
         }
     }
 }
+
+/// Pages one `--paginate` follows at most (Okta's largest listings are a few hundred
+/// pages of 200).
+const MAX_PAGES: usize = 10_000;
 
 /// Longest challenge body read before a retry; a longer one is not a challenge's.
 const MAX_CHALLENGE_BODY: usize = 64 * 1024;

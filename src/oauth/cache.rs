@@ -28,15 +28,20 @@ pub struct AccessToken {
 }
 
 impl AccessToken {
+    /// `None`: no expiry given, or one past what an `Instant` holds (a server's
+    /// `expires_in` of 2^64 - 1), which is no expiry either.
     fn expires_at(&self) -> Option<Instant> {
         self.expires_in
-            .map(|s| self.received + Duration::from_secs(s))
+            .and_then(|s| self.received.checked_add(Duration::from_secs(s)))
     }
 
     /// Still usable `margin` from now.
     pub fn valid_for(&self, margin: Duration) -> bool {
-        self.expires_at()
-            .is_none_or(|e| Instant::now() + margin < e)
+        self.expires_at().is_none_or(|e| {
+            Instant::now()
+                .checked_add(margin)
+                .is_some_and(|then| then < e)
+        })
     }
 }
 

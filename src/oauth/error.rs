@@ -68,6 +68,9 @@ pub enum OAuthError {
     Discovery { issuer: String, last: String },
     #[error("the next link '{link}' is not a URL: {reason}")]
     BadLink { link: String, reason: String },
+    /// Pagination that would not end: a page linked again, or more pages than any listing.
+    #[error("--paginate stopped at {url}: {reason}")]
+    EndlessPages { url: String, reason: String },
     #[error("{what} stopped before it finished: {reason}")]
     Stopped { what: &'static str, reason: String },
     #[error("{url} answered HTTP {status}: {error}{}{}",
@@ -203,7 +206,8 @@ impl OAuthError {
             | E::NonceLoop { .. }
             | E::Metadata { .. }
             | E::Discovery { .. }
-            | E::BadLink { .. } => ErrorKind::Upstream,
+            | E::BadLink { .. }
+            | E::EndlessPages { .. } => ErrorKind::Upstream,
         }
     }
 

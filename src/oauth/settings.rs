@@ -220,6 +220,14 @@ impl ClientSettings {
         if self.breaker_failures == 0 {
             return Err(err("breaker_failures", "must be at least 1".into()));
         }
+        for (key, v) in [
+            ("breaker_cooldown_secs", self.breaker_cooldown_secs),
+            ("refresh_ahead_secs", self.refresh_ahead_secs),
+        ] {
+            if v > 86_400 {
+                return Err(err(key, format!("{v} is out of range 0 to 86400 seconds")));
+            }
+        }
         Ok(ClientConfig {
             connect_timeout: secs("connect_timeout_secs", self.connect_timeout_secs)?,
             timeout: secs("timeout_secs", self.timeout_secs)?,
