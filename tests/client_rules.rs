@@ -1041,7 +1041,11 @@ async fn a_token_that_never_expires_is_no_panic() {
     let out = rig.keybound(&["token", "--json"]).await;
     let stdout = assert_success(&out, &"token --json");
     let printed: Value = serde_json::from_str(&stdout).expect("token --json prints JSON");
-    assert_eq!(printed["access_token"], rig.access_token.as_str(), "{printed}");
+    assert_eq!(
+        printed["access_token"],
+        rig.access_token.as_str(),
+        "{printed}"
+    );
 }
 
 /// Rule 12: an API error is exit 4 with Okta's errorCode/errorSummary and the

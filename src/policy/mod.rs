@@ -287,7 +287,6 @@ mod tests {
         for danger_allow_imported_keys in [false, true] {
             let rules = Rules {
                 danger_allow_imported_keys,
-                ..Rules::default()
             };
             let v = evaluate(&f, &rules);
             assert_eq!(v.outcome(), Outcome::Fail, "{v:?}");
