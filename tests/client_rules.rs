@@ -1019,6 +1019,23 @@ async fn paginate_stops_at_a_next_link_it_followed_before() {
         &["--paginate stopped", "already fetched", &first_url],
     );
     assert_eq!(rig.received().api.len(), 2);
+
+    // An empty page that links to itself ends a listing that grows (a log polled with
+    // `since`): the items so far, no error.
+    rig.reset();
+    rig.server.script(
+        path,
+        [
+            Reply::json(200, &json!([{"id": 1}]))
+                .header("Link", &format!(r#"<{second_url}>; rel="next""#)),
+            Reply::json(200, &json!([])).header("Link", &format!(r#"<{second_url}>; rel="next""#)),
+        ],
+    );
+    let out = rig.keybound(&["call", "--paginate", &first_url]).await;
+    let stdout = assert_success(&out, &"call --paginate to an empty last page");
+    let printed: Value = serde_json::from_str(&stdout).expect("--paginate prints JSON");
+    assert_eq!(printed, json!([{"id": 1}]));
+    assert_eq!(rig.received().api.len(), 2);
 }
 
 /// A token whose `expires_in` is past what the clock can hold (2^64 - 1) is a token

@@ -230,22 +230,10 @@ impl OAuthClient {
         let mut items = Vec::new();
         let mut total: usize = 0;
         // Every page asked for: a server whose next link leads back to one (or to a page
-        // after page, for ever) never ends the walk, and keybound would hold its token
-        // and its items growing all the while.
-        let mut seen = std::collections::HashSet::new();
+        // after page, for ever) would never end the walk, and keybound would hold its
+        // token and its items growing all the while.
+        let mut seen = std::collections::HashSet::from([request.url.to_string()]);
         loop {
-            if !seen.insert(request.url.to_string()) {
-                return Err(OAuthError::EndlessPages {
-                    url: request.url.to_string(),
-                    reason: "the next link leads to a page already fetched".into(),
-                });
-            }
-            if seen.len() > MAX_PAGES {
-                return Err(OAuthError::EndlessPages {
-                    url: request.url.to_string(),
-                    reason: format!("more than {MAX_PAGES} pages"),
-                });
-            }
             allowed(&request.url)?;
             let response = self.call(&request).await?;
             if !response.status.is_success() {
@@ -265,6 +253,7 @@ impl OAuthClient {
                     reason: format!("--paginate needs a JSON array: {e}"),
                     body: excerpt(&response.body),
                 })?;
+            let empty = page.is_empty();
             items.extend(page);
             let Some(next) = next_link(&response.headers) else {
                 return Ok((items, response));
@@ -279,6 +268,24 @@ impl OAuthClient {
                     to: origin(&next),
                 });
             }
+            if seen.contains(next.as_str()) {
+                // An empty page that links to itself is the end of a listing that grows
+                // (Okta's System Log polled with `since` and no `until`).
+                if empty {
+                    return Ok((items, response));
+                }
+                return Err(OAuthError::EndlessPages {
+                    url: next.to_string(),
+                    reason: "the next link leads to a page already fetched".into(),
+                });
+            }
+            if seen.len() >= MAX_PAGES {
+                return Err(OAuthError::EndlessPages {
+                    url: next.to_string(),
+                    reason: format!("more than {MAX_PAGES} pages"),
+                });
+            }
+            seen.insert(next.to_string());
             request = ApiRequest {
                 url: next,
                 ..request

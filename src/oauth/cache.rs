@@ -30,7 +30,7 @@ pub struct AccessToken {
 impl AccessToken {
     /// `None`: no expiry given, or one past what an `Instant` holds (a server's
     /// `expires_in` of 2^64 - 1), which is no expiry either.
-    fn expires_at(&self) -> Option<Instant> {
+    pub fn expires_at(&self) -> Option<Instant> {
         self.expires_in
             .and_then(|s| self.received.checked_add(Duration::from_secs(s)))
     }

@@ -271,7 +271,9 @@ impl OAuthClient {
         if self.pinned {
             return;
         }
-        if !token.valid_for(std::time::Duration::ZERO) {
+        // An expiry past what the clock holds is none: nothing to hold the key for (a
+        // record saying "until the end of time" would stop its rotation for good).
+        if token.expires_at().is_none() || !token.valid_for(std::time::Duration::ZERO) {
             return;
         }
         let (keyring, key) = (self.keyring.clone(), key.clone());

@@ -53,7 +53,10 @@ impl OAuthClient {
             let named = meta["issuer"]
                 .as_str()
                 .ok_or_else(|| metadata("has no issuer (RFC 8414 §2)".into()))?;
-            if named.trim_end_matches('/') != base {
+            // Both as URLs (the configured one is one: host lower-cased, a default port
+            // dropped), one trailing `/` aside.
+            let same = Url::parse(named).is_ok_and(|n| n.as_str().trim_end_matches('/') == base);
+            if !same {
                 return Err(metadata(format!(
                     "names the issuer '{named}', not '{issuer}' whose metadata it should be \
                      (RFC 8414 §3.3); configure the issuer exactly as the server names itself"

@@ -133,14 +133,28 @@ pub fn evaluate(facts: &KeyFacts, rules: &Rules) -> Verdict {
         false,
         "the key is not allowed to sign",
     );
-    if let Some(login) = &facts.needs_login {
-        require(
-            login,
-            true,
-            false,
-            "the key can be used without logging in, so anyone who can open the token signs \
-             with it (and SoftHSM lets anyone create such a key without the PIN)",
-        );
+    match facts.needs_login {
+        Some(Fact {
+            value: Some(true), ..
+        })
+        | None => {}
+        Some(login @ Fact { value: Some(v), .. }) => findings.push(fail(
+            &login,
+            format!(
+                "{}={v}: the key can be used without logging in, so anyone who can open the \
+                 token signs with it (and SoftHSM lets anyone create such a key without the \
+                 PIN); {REGENERATE}",
+                login.source
+            ),
+        )),
+        Some(login @ Fact { value: None, .. }) => findings.push(fail(
+            &login,
+            format!(
+                "the token did not report {}, so keybound cannot tell that the key needs \
+                 the login to be used",
+                login.source
+            ),
+        )),
     }
 
     let origin = &facts.generated_on_device;

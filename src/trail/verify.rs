@@ -397,14 +397,21 @@ fn completeness(report: &mut Report, parsed: &[Option<(u64, String, Value)>], op
     // A file the agent found empty when it started, and went on after the previous one's
     // last checkpoint: a rotation cut short by a crash, or the file's lines removed. The
     // line is the agent's, and signed by the checkpoint after it.
+    // And one that found no rotated file to go on from, beside rotated files: its chain
+    // begins at genesis, and the files before it are another chain.
     for v in &values {
-        if event(v) == "open" && reason(v).contains(super::writer::CUT_SHORT) {
-            let seq = v.get("seq").and_then(Value::as_u64).unwrap_or(0);
+        let seq = v.get("seq").and_then(Value::as_u64).unwrap_or(0);
+        if event(v) != "open" {
+            continue;
+        }
+        if reason(v).contains(super::writer::CUT_SHORT) {
             report.incomplete.push(format!(
                 "line seq {seq}: {}: what was written after the previous file's last \
                  checkpoint may be missing",
                 super::writer::CUT_SHORT
             ));
+        } else if reason(v).contains(super::writer::CHAIN_RESTARTED) {
+            report.notes.push(format!("line seq {seq}: {}", reason(v)));
         }
     }
     // The lines after the last checkpoint. The writer signs one as soon as

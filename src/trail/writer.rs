@@ -78,6 +78,7 @@ impl Writer {
             head,
             torn,
             rotated,
+            restarted,
         } = resume(&path, &file, size)?;
         let size = size - torn;
         let mut w = Writer {
@@ -106,7 +107,10 @@ impl Writer {
                 "rotated; the previous file is {}; agent started ({CUT_SHORT})",
                 old.display()
             ),
-            None => "agent started".to_owned(),
+            None => match &restarted {
+                Some(why) => format!("agent started; {why}"),
+                None => "agent started".to_owned(),
+            },
         };
         if torn > 0 {
             reason.push_str(&format!("; {torn} bytes of a torn last line were cut off"));
@@ -513,6 +517,10 @@ fn open_file(path: &Path) -> Result<(File, u64, (u64, u64)), String> {
 pub(super) const CUT_SHORT: &str = "the file was empty at start: a rotation cut short before \
      its first line, or its lines were removed";
 
+/// What the first line of a file says when the writer found it empty and no rotated file
+/// beside it ends in the checkpoint its name says: `verify` shows it.
+pub(super) const CHAIN_RESTARTED: &str = "the chain starts again";
+
 /// Where a writer that opens the trail goes on from.
 #[derive(Debug)]
 struct Resume {
@@ -524,6 +532,8 @@ struct Resume {
     /// The rotated file the chain goes on from, when the file holds no line: a rotation
     /// that a crash cut short after its rename.
     rotated: Option<PathBuf>,
+    /// Why the chain starts again although rotated files are there.
+    restarted: Option<String>,
 }
 
 /// Where the chain goes on: after the file's last line; for a file with no whole line,
@@ -544,72 +554,61 @@ fn resume(path: &Path, file: &File, size: u64) -> Result<Resume, String> {
             )
         })?;
     }
-    if let Some((seq, head)) = end {
+    if let Some(end) = end {
         return Ok(Resume {
-            seq,
-            head,
+            seq: end.next,
+            head: end.head,
             torn,
             rotated: None,
+            restarted: None,
         });
     }
-    let genesis = Resume {
+    // Only a file this writer rotated: named by the seq of its last line, a checkpoint
+    // (`rotate` signs one first); the newest such. Another (logrotate's `.1`, a file of
+    // another trail) is passed over.
+    let rotated = rotated_files(path);
+    for (number, old) in &rotated {
+        let size = std::fs::metadata(old).map_or(0, |m| m.len());
+        if let Ok((Some(end), 0)) = chain_end(old, size)
+            && end.checkpoint
+            && end.next == number.saturating_add(1)
+        {
+            return Ok(Resume {
+                seq: end.next,
+                head: end.head,
+                torn,
+                rotated: Some(old.clone()),
+                restarted: None,
+            });
+        }
+    }
+    // Said in the new file's first line, so `verify` of these files shows it.
+    let restarted = (!rotated.is_empty()).then(|| {
+        let names: Vec<String> = rotated
+            .iter()
+            .map(|(_, p)| p.display().to_string())
+            .collect();
+        format!(
+            "the file was empty at start, and no rotated file beside it ({}) ends in the \
+             checkpoint its name says: {CHAIN_RESTARTED}",
+            names.join(", ")
+        )
+    });
+    Ok(Resume {
         seq: 0,
         head: GENESIS.to_owned(),
         torn,
         rotated: None,
-    };
-    let Some((number, old)) = newest_rotated(path) else {
-        return Ok(genesis);
-    };
-    // Only a file this writer rotated: named by the seq of its last line, a checkpoint
-    // (`rotate` signs one first). Another (logrotate's `.1`, a file of another trail) is
-    // left alone, and the chain starts again.
-    match rotated_end(&old, number) {
-        Ok((seq, head)) => Ok(Resume {
-            seq,
-            head,
-            torn,
-            rotated: Some(old),
-        }),
-        Err(why) => {
-            tracing::warn!(
-                "the audit trail {} is empty; not going on from {}: {why}; the chain starts \
-                 again",
-                path.display(),
-                old.display()
-            );
-            Ok(genesis)
-        }
-    }
+        restarted,
+    })
 }
 
-/// The next `seq` and `prev` after `old`, a file [`Writer::rotate`] named `<path>.<number>`:
-/// its last line is a checkpoint with that seq.
-fn rotated_end(old: &Path, number: u64) -> Result<(u64, String), String> {
-    let size = std::fs::metadata(old).map_err(|e| e.to_string())?.len();
-    let (Some((next, head)), 0) = chain_end(old, size)? else {
-        return Err("it does not end in a whole trail line".into());
-    };
-    let text = std::fs::read(old).map_err(|e| e.to_string())?;
-    let body = text.strip_suffix(b"\n").unwrap_or(&text);
-    let last = body.rsplit(|b| *b == b'\n').next().unwrap_or_default();
-    let checkpoint = serde_json::from_slice::<Value>(last)
-        .ok()
-        .is_some_and(|v| v.get("event").and_then(Value::as_str) == Some("checkpoint"));
-    if !checkpoint || next != number.saturating_add(1) {
-        return Err(format!(
-            "its last line is not the checkpoint of seq {number} a rotation ends with"
-        ));
-    }
-    Ok((next, head))
-}
-
-/// The rotated file of `path` with the largest seq (`<path>.<seq>`), if any (none when the
+/// The rotated files of `path` (`<path>.<seq>`), the largest seq first (none when the
 /// directory cannot be listed: the chain starts again, as it did before rotated files were
 /// looked for).
-fn newest_rotated(path: &Path) -> Option<(u64, PathBuf)> {
+fn rotated_files(path: &Path) -> Vec<(u64, PathBuf)> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return None;
+        return Vec::new();
     };
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
@@ -623,30 +622,39 @@ fn newest_rotated(path: &Path) -> Option<(u64, PathBuf)> {
                 "cannot list the audit trail's directory {} for rotated files: {e}",
                 dir.display()
             );
-            return None;
+            return Vec::new();
         }
     };
-    let mut newest: Option<(u64, PathBuf)> = None;
-    for entry in entries.flatten() {
-        let file_name = entry.file_name();
-        let Some(seq) = file_name
-            .to_str()
-            .and_then(|n| n.strip_prefix(name)?.strip_prefix('.'))
-            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if newest.as_ref().is_none_or(|(s, _)| seq > *s) {
-            newest = Some((seq, entry.path()));
-        }
-    }
-    newest
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let seq = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(name)?.strip_prefix('.'))
+                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|n| n.parse::<u64>().ok())?;
+            Some((seq, entry.path()))
+        })
+        .collect();
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found
 }
 
-/// The next `seq` and `prev` after the last whole line of `path`'s `size` bytes (`None`
-/// when it holds no whole line), and how many bytes follow that line (a torn line).
-fn chain_end(path: &Path, size: u64) -> Result<(Option<(u64, String)>, u64), String> {
+/// Where a file's chain ends: the next `seq` and `prev`, and whether its last line is a
+/// checkpoint.
+struct End {
+    next: u64,
+    head: String,
+    checkpoint: bool,
+}
+
+/// A trail line begins so ([`line::build`]).
+const LINE_START: &[u8] = b"{\"seq\":";
+
+/// Where the chain of `path`'s `size` bytes ends (`None` when they hold no whole line), and
+/// how many bytes follow its last whole line (a torn line).
+fn chain_end(path: &Path, size: u64) -> Result<(Option<End>, u64), String> {
     let bad = |why: String| {
         format!(
             "the audit trail {} does not end in a trail line ({why}); move it aside and \
@@ -666,9 +674,16 @@ fn chain_end(path: &Path, size: u64) -> Result<(Option<(u64, String)>, u64), Str
         .map_err(|e| bad(e.to_string()))?;
     let complete = match tail.iter().rposition(|b| *b == b'\n') {
         Some(i) => i + 1,
-        // The whole file is one torn line (a crash in its first write): nothing of the
-        // chain is in it. Anything else is no trail: never cut.
-        None if start == 0 && tail.starts_with(b"{\"seq\":") => return Ok((None, size)),
+        // The whole file is one torn line (a crash in its first write, or the zeros a
+        // file system can leave after a power loss): nothing of the chain is in it.
+        // Anything else is no trail, and never cut.
+        None if start == 0
+            && (tail.starts_with(LINE_START)
+                || LINE_START.starts_with(&tail)
+                || tail.iter().all(|b| *b == 0)) =>
+        {
+            return Ok((None, size));
+        }
         None => return Err(bad("no whole line, and no trail line begun".into())),
     };
     let torn = u64::try_from(tail.len() - complete).unwrap_or(0);
@@ -677,14 +692,21 @@ fn chain_end(path: &Path, size: u64) -> Result<(Option<(u64, String)>, u64), Str
         .iter()
         .rposition(|b| *b == b'\n')
         .map_or(body, |i| &body[i + 1..]);
-    let seq = serde_json::from_slice::<Value>(last)
-        .ok()
-        .and_then(|v| v.get("seq").and_then(Value::as_u64))
+    let line: Value =
+        serde_json::from_slice(last).map_err(|_| bad("its last line is not JSON".into()))?;
+    let seq = line
+        .get("seq")
+        .and_then(Value::as_u64)
         .ok_or_else(|| bad("its last line has no seq".into()))?;
     let next = seq
         .checked_add(1)
         .ok_or_else(|| bad("its last line's seq is the largest there is".into()))?;
-    Ok((Some((next, line_hash(last))), torn))
+    let end = End {
+        next,
+        head: line_hash(last),
+        checkpoint: line.get("event").and_then(Value::as_str) == Some("checkpoint"),
+    };
+    Ok((Some(end), torn))
 }
 
 #[cfg(test)]
@@ -728,7 +750,9 @@ mod tests {
         let (older, _) = chain(2, "checkpoint");
         std::fs::write(dir.path().join("audit.log.1"), &older).unwrap();
         std::fs::write(dir.path().join("audit.log.4x"), b"not a rotated file").unwrap();
-        for torn in [&b""[..], br#"{"seq":5,"prev":"#] {
+        // Nothing, a torn first line, a shorter start of one, the zeros a power loss can
+        // leave.
+        for torn in [&b""[..], br#"{"seq":5,"prev":"#, b"{\"se", &[0u8; 40][..]] {
             std::fs::write(&path, torn).unwrap();
             let (file, size, _) = open_file(&path).unwrap();
             let r = resume(&path, &file, size).unwrap();
@@ -740,16 +764,32 @@ mod tests {
             assert_eq!(r.rotated, Some(dir.path().join("audit.log.4")));
             assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
         }
-        // A newest file that no rotation of this writer ended (a checkpoint of another seq
-        // than its name, as with logrotate's numbering; or no checkpoint last): genesis.
+        // A newer file that no rotation of this writer ended (a checkpoint of another seq
+        // than its name, as with logrotate's numbering; or no checkpoint last) is passed
+        // over for the newest one that one did.
         for (n, last) in [(3, "checkpoint"), (10, "signature")] {
             let (other, _) = chain(n, last);
             std::fs::write(dir.path().join("audit.log.9"), &other).unwrap();
             std::fs::write(&path, b"").unwrap();
             let (file, size, _) = open_file(&path).unwrap();
             let r = resume(&path, &file, size).unwrap();
-            assert_eq!((r.seq, r.rotated), (0, None), "{n} lines ending in {last}");
+            assert_eq!(
+                (r.seq, r.rotated.clone()),
+                (5, Some(dir.path().join("audit.log.4"))),
+                "{n} lines ending in {last}"
+            );
         }
+        // None that one did: the chain starts again, and the first line will say why.
+        std::fs::remove_file(dir.path().join("audit.log.4")).unwrap();
+        std::fs::remove_file(dir.path().join("audit.log.1")).unwrap();
+        let (file, size, _) = open_file(&path).unwrap();
+        let r = resume(&path, &file, size).unwrap();
+        assert_eq!((r.seq, r.rotated), (0, None));
+        let why = r.restarted.expect("why the chain starts again");
+        assert!(
+            why.contains("audit.log.9") && why.contains("starts again"),
+            "{why}"
+        );
         // A file with no line and no trail line begun (the wrong path) is not cut.
         std::fs::write(&path, b"0001secret").unwrap();
         let (file, size, _) = open_file(&path).unwrap();

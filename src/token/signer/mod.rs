@@ -1042,8 +1042,7 @@ fn watchdog(shared: &Arc<Shared>) {
                 } else {
                     shared.spawn.hung_after + START_GRACE
                 };
-                if kill.since.elapsed() >= limit {
-                    kill.kill();
+                if kill.since.elapsed() >= limit && kill.kill() {
                     // Once: it ends, and its supervisor takes it from there.
                     kill.since = Instant::now() + Duration::from_secs(3600);
                     shared.stats.hung.fetch_add(1, Ordering::Relaxed);
@@ -1121,10 +1120,11 @@ impl Kill {
         }
     }
 
-    fn kill(&self) {
-        if let Some(fd) = &self.fd {
-            let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
-        }
+    /// Whether a signal went out (none without a pidfd).
+    fn kill(&self) -> bool {
+        self.fd.as_ref().is_some_and(|fd| {
+            rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL).is_ok()
+        })
     }
 }
 
