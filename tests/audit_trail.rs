@@ -53,18 +53,20 @@ fn parse(line: &str) -> Value {
 }
 
 /// Waits (bounded) until `path` holds at least `n` lines.
-fn wait_lines(path: &Path, n: usize) -> Vec<String> {
+/// The file's lines once one of them holds `needle` (the line of a request just made:
+/// the writer appends it a moment after the answer).
+fn wait_for_line(path: &Path, needle: &str) -> Vec<String> {
     let deadline = Instant::now() + GUARD;
     loop {
         let lines = std::fs::read_to_string(path)
             .map(|t| t.lines().map(str::to_owned).collect::<Vec<_>>())
             .unwrap_or_default();
-        if lines.len() >= n {
+        if lines.iter().any(|l| l.contains(needle)) {
             return lines;
         }
         assert!(
             Instant::now() < deadline,
-            "{} never reached {n} lines: {lines:#?}",
+            "{} never had a line with {needle}: {lines:#?}",
             path.display()
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -646,14 +648,14 @@ async fn a_removed_file_is_recreated_with_a_note_and_a_removed_directory_refuses
     conn.post("/v1/dpop", &sign(0))
         .await
         .ok_member("dpop", "proof");
-    wait_lines(&trail, 2);
+    wait_for_line(&trail, "rs.example/0");
 
     // The file removed: a new file whose first line says so and chains on.
     std::fs::remove_file(&trail).unwrap();
     conn.post("/v1/dpop", &sign(1))
         .await
         .ok_member("dpop", "proof");
-    let lines = wait_lines(&trail, 2);
+    let lines = wait_for_line(&trail, "rs.example/1");
     let open = parse(&lines[0]);
     assert_eq!(open["event"], "open", "{lines:#?}");
     assert!(
@@ -689,7 +691,7 @@ async fn a_removed_file_is_recreated_with_a_note_and_a_removed_directory_refuses
     conn.post("/v1/dpop", &sign(3))
         .await
         .ok_member("dpop", "proof");
-    let lines = wait_lines(&trail, 3);
+    let lines = wait_for_line(&trail, "rs.example/3");
     let events: Vec<Value> = lines.iter().map(|l| parse(l)).collect();
     assert_eq!(events[0]["event"], "open", "{lines:#?}");
     assert!(

@@ -637,7 +637,7 @@ fn rotated_files(path: &Path) -> Vec<(u64, PathBuf)> {
             Some((seq, entry.path()))
         })
         .collect();
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
     found
 }
 
