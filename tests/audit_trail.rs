@@ -1205,6 +1205,38 @@ fn a_trail_that_cannot_be_opened_stops_the_agent_at_start() {
     );
 }
 
+/// A second agent given the same trail is refused at start: two writers would fork the
+/// chain (both going on from the same last line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_on_the_same_trail_is_refused_at_start() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let trail = work.path().join("audit.log");
+    let (token, _, _) = audit_token(&format!("path = \"{}\"", trail.display()));
+    let dir = SocketDir::new();
+    let first = Agent::start(&token, &dir.socket());
+    let mut conn = Conn::open(first.socket()).await;
+    conn.post(
+        "/v1/dpop",
+        &dpop_request("dpop", "GET", "https://rs.example/0"),
+    )
+    .await
+    .ok_member("dpop", "proof");
+    let other = SocketDir::new();
+    assert_serve_refuses(
+        &token,
+        &other,
+        &["audit trail", "being written by another process"],
+    );
+    // The first one writes on.
+    conn.post(
+        "/v1/dpop",
+        &dpop_request("dpop", "GET", "https://rs.example/1"),
+    )
+    .await
+    .ok_member("dpop", "proof");
+    wait_for_line(&trail, "rs.example/1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_writer_that_cannot_keep_up_fills_the_bounded_queue_and_signing_is_refused() {
     // The trail is a FIFO the test reads only when told: once the pipe's buffer is full

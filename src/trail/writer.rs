@@ -508,6 +508,25 @@ fn open_file(path: &Path) -> Result<(File, u64, (u64, u64)), String> {
         .metadata()
         .map_err(|e| format!("cannot stat the audit trail {}: {e}", path.display()))?;
     let size = if meta.is_file() { meta.len() } else { 0 };
+    // One writer per trail: a second agent given the same path would fork the chain
+    // (both go on from the same last line). Held while the file is open.
+    if meta.is_file() {
+        use rustix::fs::{FlockOperation, flock};
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(format!(
+                    "the audit trail {} is being written by another process (another keybound \
+                     agent with the same [audit] path?): give each agent its own trail",
+                    path.display()
+                ));
+            }
+            Err(e) => tracing::warn!(
+                "cannot lock the audit trail {} against a second writer: {e}",
+                path.display()
+            ),
+        }
+    }
     Ok((file, size, (meta.dev(), meta.ino())))
 }
 
