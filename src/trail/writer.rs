@@ -732,6 +732,13 @@ fn chain_end(path: &Path, size: u64) -> Result<(Option<End>, u64), String> {
 mod tests {
     use super::*;
 
+    /// [`resume`] on `path` opened as the writer opens it, and closed again (the writer's
+    /// lock with it).
+    fn resume_at(path: &Path) -> Result<Resume, String> {
+        let (file, size, _) = open_file(path)?;
+        resume(path, &file, size)
+    }
+
     #[test]
     fn a_last_line_with_the_largest_seq_does_not_continue() {
         let dir = tempfile::tempdir().unwrap();
@@ -739,8 +746,7 @@ mod tests {
         let mut line = line::build(u64::MAX, GENESIS, SystemTime::now(), "open", b"{}");
         line.push(b'\n');
         std::fs::write(&path, &line).unwrap();
-        let (file, size, _) = open_file(&path).unwrap();
-        let err = resume(&path, &file, size).unwrap_err();
+        let err = resume_at(&path).unwrap_err();
         assert!(err.contains("largest"), "{err}");
     }
 
@@ -773,8 +779,7 @@ mod tests {
         // leave.
         for torn in [&b""[..], br#"{"seq":5,"prev":"#, b"{\"se", &[0u8; 40][..]] {
             std::fs::write(&path, torn).unwrap();
-            let (file, size, _) = open_file(&path).unwrap();
-            let r = resume(&path, &file, size).unwrap();
+            let r = resume_at(&path).unwrap();
             assert_eq!(
                 (r.seq, &r.head, r.torn),
                 (5, &head, torn.len() as u64),
@@ -790,8 +795,7 @@ mod tests {
             let (other, _) = chain(n, last);
             std::fs::write(dir.path().join("audit.log.9"), &other).unwrap();
             std::fs::write(&path, b"").unwrap();
-            let (file, size, _) = open_file(&path).unwrap();
-            let r = resume(&path, &file, size).unwrap();
+            let r = resume_at(&path).unwrap();
             assert_eq!(
                 (r.seq, r.rotated.clone()),
                 (5, Some(dir.path().join("audit.log.4"))),
@@ -801,8 +805,7 @@ mod tests {
         // None that one did: the chain starts again, and the first line will say why.
         std::fs::remove_file(dir.path().join("audit.log.4")).unwrap();
         std::fs::remove_file(dir.path().join("audit.log.1")).unwrap();
-        let (file, size, _) = open_file(&path).unwrap();
-        let r = resume(&path, &file, size).unwrap();
+        let r = resume_at(&path).unwrap();
         assert_eq!((r.seq, r.rotated), (0, None));
         let why = r.restarted.expect("why the chain starts again");
         assert!(
@@ -811,21 +814,18 @@ mod tests {
         );
         // A file with no line and no trail line begun (the wrong path) is not cut.
         std::fs::write(&path, b"0001secret").unwrap();
-        let (file, size, _) = open_file(&path).unwrap();
-        let err = resume(&path, &file, size).unwrap_err();
+        let err = resume_at(&path).unwrap_err();
         assert!(err.contains("no trail line begun"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"0001secret");
         // No rotated file: genesis.
         let alone = tempfile::tempdir().unwrap();
         let path = alone.path().join("audit.log");
-        let (file, size, _) = open_file(&path).unwrap();
-        let r = resume(&path, &file, size).unwrap();
+        let r = resume_at(&path).unwrap();
         assert_eq!((r.seq, r.head.as_str(), r.rotated), (0, GENESIS, None));
         // A whole file goes on after its own last line.
         let (text, head) = chain(5, "signature");
         std::fs::write(&path, &text).unwrap();
-        let (file, size, _) = open_file(&path).unwrap();
-        let r = resume(&path, &file, size).unwrap();
+        let r = resume_at(&path).unwrap();
         assert_eq!((r.seq, &r.head, r.rotated), (5, &head, None));
     }
 }
