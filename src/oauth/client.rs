@@ -278,7 +278,10 @@ impl OAuthClient {
         }
         let (keyring, key) = (self.keyring.clone(), key.clone());
         // The token's own expiry, the same however often this runs.
-        let left = secs.saturating_sub(token.received.elapsed().as_secs());
+        // A lifetime past any real token's (400 days) would hold the key for good.
+        let left = secs
+            .saturating_sub(token.received.elapsed().as_secs())
+            .min(400 * 86_400);
         let until = unix_now().saturating_add(left);
         tokio::task::spawn_blocking(move || {
             if let Err(e) = keyring.note_bound_token(&key, until) {

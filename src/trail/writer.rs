@@ -504,13 +504,14 @@ fn open_file(path: &Path) -> Result<(File, u64, (u64, u64)), String> {
         .mode(0o600)
         .open(path)
         .map_err(|e| format!("cannot open the audit trail {}: {e}", path.display()))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot stat the audit trail {}: {e}", path.display()))?;
-    let size = if meta.is_file() { meta.len() } else { 0 };
+    let stat = || {
+        file.metadata()
+            .map_err(|e| format!("cannot stat the audit trail {}: {e}", path.display()))
+    };
     // One writer per trail: a second agent given the same path would fork the chain
-    // (both go on from the same last line). Held while the file is open.
-    if meta.is_file() {
+    // (both go on from the same last line). Held while the file is open; taken before
+    // the file is measured, so an agent that is still stopping has written its last line.
+    if stat()?.is_file() {
         use rustix::fs::{FlockOperation, flock};
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
@@ -527,6 +528,8 @@ fn open_file(path: &Path) -> Result<(File, u64, (u64, u64)), String> {
             ),
         }
     }
+    let meta = stat()?;
+    let size = if meta.is_file() { meta.len() } else { 0 };
     Ok((file, size, (meta.dev(), meta.ino())))
 }
 
