@@ -471,7 +471,20 @@ async fn a_signer_that_hangs_while_it_starts_is_killed_and_started_again() {
     let dir = SocketDir::new();
     let mut agent = Agent::start(&token, &dir.socket());
     let jwks = published_jwks(&token, &agent).await;
-    let health = || async { get(agent.socket(), "/healthz").await.json()["signers"].clone() };
+    let a = &agent;
+    let health = move || async move { get(a.socket(), "/healthz").await.json()["signers"].clone() };
+    // `/healthz`'s signers once `done` holds of them, polled until GUARD.
+    let until = |what: &'static str, done: fn(&Value) -> bool| async move {
+        let guard = Instant::now();
+        loop {
+            let s = health().await;
+            if done(&s) {
+                return s;
+            }
+            assert!(guard.elapsed() < GUARD, "{what}: {s}\n{}", a.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
     let before = health().await;
     assert_eq!(before["up"], 2, "{before}");
     let victim = before["pids"][1].as_u64().expect("signer 1's pid") as u32;
@@ -480,29 +493,13 @@ async fn a_signer_that_hangs_while_it_starts_is_killed_and_started_again() {
     let conf = token.softhsm_conf();
     let aside = conf.with_extension("real");
     std::fs::rename(&conf, &aside).expect("move the configuration aside");
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        &conf,
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o600),
-        0,
-    )
-    .expect("mkfifo");
+    mkfifo(&conf);
     signal(victim, "KILL");
-    let guard = Instant::now();
-    loop {
-        let s = health().await;
-        if s["hung"].as_u64().unwrap_or(0) >= 1 {
-            assert_eq!(s["up"], 1, "{s}");
-            break;
-        }
-        assert!(
-            guard.elapsed() < GUARD,
-            "the hanging signer was never killed: {s}\n{}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let s = until("the hanging signer was never killed", |s| {
+        s["hung"].as_u64().unwrap_or(0) >= 1
+    })
+    .await;
+    assert_eq!(s["up"], 1, "{s}");
     assert!(
         agent.log().contains("is not ready after it was started"),
         "{}",
@@ -515,20 +512,8 @@ async fn a_signer_that_hangs_while_it_starts_is_killed_and_started_again() {
     // The device answers again: the next try comes up.
     std::fs::remove_file(&conf).expect("remove the fifo");
     std::fs::rename(&aside, &conf).expect("put the configuration back");
-    let guard = Instant::now();
-    loop {
-        let s = health().await;
-        if s["up"] == 2 {
-            assert_ne!(s["pids"][1].as_u64(), Some(u64::from(victim)), "{s}");
-            break;
-        }
-        assert!(
-            guard.elapsed() < GUARD,
-            "the signer did not come back: {s}\n{}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let s = until("the signer did not come back", |s| s["up"] == 2).await;
+    assert_ne!(s["pids"][1].as_u64(), Some(u64::from(victim)), "{s}");
     assert_still_signs(&mut conn, &jwks, &kids["dpop"]).await;
     assert!(agent.running());
 }

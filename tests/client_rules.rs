@@ -93,15 +93,17 @@ impl Rig {
     }
 
     fn token_reply_with(&self, token_type: &str, scope: &str) -> Reply {
-        Reply::json(
-            200,
-            &json!({
-                "token_type": token_type,
-                "expires_in": 3600,
-                "access_token": self.access_token,
-                "scope": scope,
-            }),
-        )
+        Reply::json(200, &self.token_body(token_type, scope))
+    }
+
+    /// The JSON of [`Rig::token_reply_with`], for a test to change a member of.
+    fn token_body(&self, token_type: &str, scope: &str) -> Value {
+        json!({
+            "token_type": token_type,
+            "expires_in": 3600,
+            "access_token": self.access_token,
+            "scope": scope,
+        })
     }
 
     /// Runs the real binary on a blocking thread, so the fake server keeps serving.
@@ -512,17 +514,9 @@ async fn bearer_token_is_refused_as_a_downgrade() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreadable_token_response_is_reported_without_its_token() {
     let rig = Rig::start("").await;
-    rig.server.script(
-        TOKEN_PATH,
-        [Reply::json(
-            200,
-            &json!({
-                "token_type": "DPoP",
-                "expires_in": "3600",
-                "access_token": rig.access_token,
-            }),
-        )],
-    );
+    let mut body = rig.token_body("DPoP", SCOPE);
+    body["expires_in"] = json!("3600");
+    rig.server.script(TOKEN_PATH, [Reply::json(200, &body)]);
 
     let out = rig.keybound(&["token", "--json"]).await;
 
@@ -1043,18 +1037,9 @@ async fn paginate_stops_at_a_next_link_it_followed_before() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_that_never_expires_is_no_panic() {
     let rig = Rig::start("").await;
-    rig.server.script(
-        TOKEN_PATH,
-        [Reply::json(
-            200,
-            &json!({
-                "token_type": "DPoP",
-                "expires_in": u64::MAX,
-                "access_token": rig.access_token,
-                "scope": SCOPE,
-            }),
-        )],
-    );
+    let mut body = rig.token_body("DPoP", SCOPE);
+    body["expires_in"] = json!(u64::MAX);
+    rig.server.script(TOKEN_PATH, [Reply::json(200, &body)]);
     let out = rig.keybound(&["token", "--json"]).await;
     let stdout = assert_success(&out, &"token --json");
     let printed: Value = serde_json::from_str(&stdout).expect("token --json prints JSON");

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::{Config, DevToken, MODULE, assert_error, assert_mentions, assert_success};
+use support::{Config, DevToken, MODULE, assert_error, assert_mentions, assert_success, mkfifo};
 
 const NOBODY: u32 = 65534;
 
@@ -381,14 +381,7 @@ fn pin_file_readable_by_group_is_refused() {
 fn pin_file_fifo_is_refused_without_hanging() {
     let token = DevToken::new();
     let fifo = token.path("pin-fifo");
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        &fifo,
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o600),
-        0,
-    )
-    .expect("mkfifo");
+    mkfifo(&fifo);
     with_pin_file(&token, &fifo);
     let child = token
         .command(&["keys", "list"])

@@ -855,6 +855,18 @@ pub fn int_claim(claims: &Value, name: &str) -> i64 {
         .unwrap_or_else(|| panic!("claim {name} is an integer: {claims}"))
 }
 
+/// Makes a FIFO (mode 0600) at `path`, with mknod(2): no `mkfifo` program needed.
+pub fn mkfifo(path: &std::path::Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap_or_else(|e| panic!("mkfifo {}: {e}", path.display()));
+}
+
 /// Sends `sig` (`"TERM"`, `"INT"`, `"KILL"`, `"STOP"`) to `pid` with kill(2): the tests run no `kill`
 /// program, so a machine without procps runs them too.
 pub fn send_signal(pid: u32, sig: &str) {
